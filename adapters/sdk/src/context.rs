@@ -1,6 +1,6 @@
 //! What a handler knows about the unit of work it runs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -32,9 +32,54 @@ pub struct WorkContext {
     pub deadline: Instant,
     /// Durable at-most-once records for side effects that cannot be made idempotent.
     pub journal: Arc<dyn Journal>,
+    /// Adapter calls made by this attempt, recorded in the unit's history when it ends.
+    calls: Arc<Mutex<Vec<String>>>,
 }
 
 impl WorkContext {
+    /// A context for one attempt of a unit. The engine builds these; adapter tests build their
+    /// own (with a [`crate::MemoryJournal`]).
+    pub fn new(
+        work_id: i64,
+        kind: impl Into<String>,
+        token: IdempotencyToken,
+        attempt: i32,
+        deadline: Instant,
+        journal: Arc<dyn Journal>,
+    ) -> Self {
+        Self {
+            work_id,
+            kind: kind.into(),
+            token,
+            resource_id: None,
+            tenant: None,
+            attempt,
+            deadline,
+            journal,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Sets the resource the unit works on.
+    pub fn with_resource(mut self, resource_id: Uuid, tenant: Option<String>) -> Self {
+        self.resource_id = Some(resource_id);
+        self.tenant = tenant;
+        self
+    }
+
+    /// Records that the adapter is about to call `call` (e.g. `"ec2:RunInstances"`) with this
+    /// unit's token; the engine writes the list into the unit's history (`work_events`).
+    pub fn record_call(&self, call: impl Into<String>) {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(call.into());
+        }
+    }
+
+    /// The calls recorded so far by [`WorkContext::record_call`].
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     /// Time left before [`WorkContext::deadline`] (zero once it has passed).
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
