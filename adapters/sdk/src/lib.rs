@@ -49,6 +49,7 @@
 //! The per-domain traits (compute, cluster, mail) are what the engine's KVX
 //! workflows call; an alternative cloud or mail provider implements them.
 
+pub mod cluster;
 pub mod context;
 pub mod error;
 pub mod failpoint;
@@ -56,6 +57,10 @@ pub mod handler;
 pub mod journal;
 pub mod token;
 
+pub use cluster::{
+    BackendAddress, Cluster, ClusterFns, ClusterInstanceSpec, ClusterObject, ClusterObservation,
+    DeleteOutcome, NopCluster, SecretData,
+};
 pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};
 pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, typed};
