@@ -50,6 +50,7 @@
 //! workflows call; an alternative cloud or mail provider implements them.
 
 pub mod cluster;
+pub mod compute;
 pub mod context;
 pub mod error;
 pub mod failpoint;
@@ -60,6 +61,10 @@ pub mod token;
 pub use cluster::{
     BackendAddress, Cluster, ClusterFns, ClusterInstanceSpec, ClusterObject, ClusterObservation,
     DeleteOutcome, NopCluster, SecretData,
+};
+pub use compute::{
+    Compute, ComputeFns, InstanceObservation, InstanceRequest, InstanceState, NopCompute,
+    TerminateOutcome, TerminateRequest,
 };
 pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};

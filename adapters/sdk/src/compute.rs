@@ -1,0 +1,512 @@
+//! The compute domain: virtual machines that the engine's workflows create, watch and delete.
+//!
+//! [`Compute`] is what the engine's KVX workflows call for a machine; `setpoint-ec2` implements
+//! it on Amazon EC2, and another cloud implements it in its own crate. The request and result
+//! types are plain named structs so a workflow reads `observation.private_ip`, not JSON.
+//! [`NopCompute`] and [`ComputeFns`] are test doubles for code that only needs *a* compute.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::AdapterError;
+use crate::handler::BoxFuture;
+use crate::token::IdempotencyToken;
+
+/// What machine to ensure for a resource.
+///
+/// Everything a provider needs to make the *same* machine on every retry is in here or derived
+/// from the token; a provider must not add anything that varies between attempts (a randomly
+/// picked subnet, a timestamp in a name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRequest {
+    /// The setpoint resource (row of `instances`) the machine belongs to; providers tag the
+    /// machine with it so that deleting the resource finds every machine it ever had.
+    pub resource_id: Uuid,
+    /// The tenant owning the resource; recorded on the machine (tag) for cost and audit.
+    pub tenant: String,
+    /// The KVX plan (e.g. `kvx.small`); the provider maps it to an image and a machine size.
+    pub plan: String,
+    /// A display name for the machine (EC2 `Name` tag); the provider picks one when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Overrides the plan's image (AMI id on EC2).
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// Overrides the plan's machine size (instance type on EC2).
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// Pins the network placement (subnet id on EC2). When absent the provider derives it from
+    /// its configuration and the token, so every retry of a token lands in the same place.
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+}
+
+/// The life-cycle state of a machine, as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// Launched, not yet running.
+    Pending,
+    /// Running.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Stopped (exists, not running).
+    Stopped,
+    /// Being terminated; will not run again.
+    ShuttingDown,
+    /// Terminated; gone for good.
+    Terminated,
+    /// A state this crate does not know; treated as existing.
+    Unknown,
+}
+
+impl InstanceState {
+    /// The provider-neutral name: `pending`, `running`, `stopping`, `stopped`, `shutting-down`,
+    /// `terminated` or `unknown` (the same strings as EC2's state names).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a state name as [`InstanceState::as_str`] writes it; anything else is `Unknown`.
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "pending" => InstanceState::Pending,
+            "running" => InstanceState::Running,
+            "stopping" => InstanceState::Stopping,
+            "stopped" => InstanceState::Stopped,
+            "shutting-down" => InstanceState::ShuttingDown,
+            "terminated" => InstanceState::Terminated,
+            _ => InstanceState::Unknown,
+        }
+    }
+
+    /// True for `shutting-down` and `terminated`: the machine is gone or going, and a new one
+    /// must be launched to satisfy an ensure.
+    pub fn is_gone(self) -> bool {
+        matches!(
+            self,
+            InstanceState::ShuttingDown | InstanceState::Terminated
+        )
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the provider knows about one machine. The engine records these fields on the resource
+/// (observed state) when the unit completes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceObservation {
+    /// The provider's id of the machine (EC2 instance id `i-…`).
+    pub instance_id: String,
+    /// Its state when observed.
+    pub state: InstanceState,
+    /// Its private IPv4 address, once assigned.
+    pub private_ip: Option<String>,
+    /// Its availability zone, once placed.
+    pub availability_zone: Option<String>,
+    /// Its subnet, once placed.
+    pub subnet_id: Option<String>,
+    /// True when the machine was made by an earlier attempt with the same token and this call
+    /// adopted it instead of creating one; false when this call created it. Only informative:
+    /// the engine treats both the same.
+    pub adopted: bool,
+}
+
+/// Which machines a [`Compute::terminate_instance`] call removes.
+///
+/// The provider terminates the union of: `instance_id`, every managed machine tagged with
+/// `resource_id`, and every managed machine tagged with `launch_token`. Deleting by resource is
+/// what makes "a create crashed before it recorded the id, then the user deleted" safe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminateRequest {
+    /// The machine id recorded on the resource, if any.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// The resource whose machines to terminate.
+    #[serde(default)]
+    pub resource_id: Option<Uuid>,
+    /// The token of the unit that launched the machine, if known.
+    #[serde(default)]
+    pub launch_token: Option<IdempotencyToken>,
+}
+
+impl TerminateRequest {
+    /// True when the request names nothing to terminate (a caller bug; providers reject it as a
+    /// permanent error rather than guess).
+    pub fn is_empty(&self) -> bool {
+        self.instance_id.is_none() && self.resource_id.is_none() && self.launch_token.is_none()
+    }
+}
+
+/// The result of [`Compute::terminate_instance`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminateOutcome {
+    /// Machines this call asked the provider to terminate (they were still there).
+    pub terminated: Vec<String>,
+    /// Machines that were already terminated or unknown to the provider ("already gone").
+    pub already_gone: Vec<String>,
+}
+
+/// Virtual machines, one per resource, identified by the idempotency token that launched them.
+///
+/// # Rules every implementation keeps
+/// - **Idempotent.** Every method may be called any number of times with the same arguments,
+///   concurrently with itself after a crash, and must leave the world as one call would.
+/// - **Observe before act.** A mutating method first looks for what an earlier attempt with the
+///   same token made (EC2: a tag `setpoint:token=<token>`) and adopts it; only then creates.
+/// - **Create tolerates "already exists"**: finding the machine is success, not an error.
+/// - **Terminate tolerates "absent"**: already terminated or unknown is success.
+/// - **Bounded.** No method blocks past the deadline it is given (or, without one, past the
+///   provider's configured timeouts); a machine still starting is reported as `pending`.
+/// - **Classified errors.** Every failure is an [`AdapterError`] that says whether a retry can
+///   help; messages are for a person and never contain credentials.
+/// - **Cancel-safe.** The engine may drop a returned future at any await point (shutdown); the
+///   next attempt with the same token must still converge.
+pub trait Compute: Send + Sync + 'static {
+    /// Makes sure one machine exists for `token`, launching it only if no earlier attempt did.
+    ///
+    /// Called by the create workflow's `ensure-instance` unit, on its first run and on every
+    /// retry, always with that unit's token. May launch exactly one machine per token (and tag
+    /// it with the token, the resource and the tenant); changes nothing else. Waits for the
+    /// machine to run until `deadline` at the latest, then returns what it sees (possibly
+    /// [`InstanceState::Pending`]) so the engine can check again later.
+    ///
+    /// # Errors
+    /// Transient for throttling, capacity, timeouts, 5xx and connection failures; permanent for
+    /// a request the provider will never accept (bad image, bad size, no permission).
+    fn ensure_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a InstanceRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>>;
+
+    /// The machine launched with `token`, if one exists and is not terminated.
+    ///
+    /// Called by workflows that need the current state (e.g. before configuring the cluster).
+    /// Changes nothing.
+    ///
+    /// # Errors
+    /// Only transport and permission failures; "not found" is `Ok(None)`.
+    fn describe_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+    ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>>;
+
+    /// Terminates the machines `request` names; already gone is success.
+    ///
+    /// Called by the delete workflow's `terminate-instance` unit with that unit's `token` (for
+    /// logs and providers that take one). May terminate only managed machines the request
+    /// names; changes nothing else. Does not wait for `terminated`.
+    ///
+    /// # Errors
+    /// Transient for transport failures; permanent for an empty request or no permission.
+    fn terminate_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a TerminateRequest,
+    ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>>;
+}
+
+impl<C: Compute + ?Sized> Compute for Arc<C> {
+    fn ensure_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a InstanceRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        (**self).ensure_instance(token, request, deadline)
+    }
+
+    fn describe_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+    ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
+        (**self).describe_instance(token)
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a TerminateRequest,
+    ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
+        (**self).terminate_instance(token, request)
+    }
+}
+
+/// A [`Compute`] that makes nothing: ensure reports a running machine `i-nop-<token>`, describe
+/// finds nothing, terminate reports everything as already gone. For engine tests that do not
+/// exercise compute.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NopCompute;
+
+impl Compute for NopCompute {
+    fn ensure_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        _request: &'a InstanceRequest,
+        _deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        Box::pin(async move {
+            Ok(InstanceObservation {
+                instance_id: format!("i-nop-{token}"),
+                state: InstanceState::Running,
+                private_ip: None,
+                availability_zone: None,
+                subnet_id: None,
+                adopted: false,
+            })
+        })
+    }
+
+    fn describe_instance<'a>(
+        &'a self,
+        _token: &'a IdempotencyToken,
+    ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        _token: &'a IdempotencyToken,
+        request: &'a TerminateRequest,
+    ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
+        Box::pin(async move {
+            Ok(TerminateOutcome {
+                terminated: Vec::new(),
+                already_gone: request.instance_id.iter().cloned().collect(),
+            })
+        })
+    }
+}
+
+type EnsureFn = dyn Fn(&IdempotencyToken, &InstanceRequest) -> Result<InstanceObservation, AdapterError>
+    + Send
+    + Sync;
+type DescribeFn =
+    dyn Fn(&IdempotencyToken) -> Result<Option<InstanceObservation>, AdapterError> + Send + Sync;
+type TerminateFn = dyn Fn(&IdempotencyToken, &TerminateRequest) -> Result<TerminateOutcome, AdapterError>
+    + Send
+    + Sync;
+
+/// A [`Compute`] made of closures, for tests: each method calls its closure, or behaves like
+/// [`NopCompute`] when none is set. The closures are synchronous; keep state in an `Arc<Mutex>`
+/// to count calls or simulate a provider.
+#[derive(Clone, Default)]
+pub struct ComputeFns {
+    ensure: Option<Arc<EnsureFn>>,
+    describe: Option<Arc<DescribeFn>>,
+    terminate: Option<Arc<TerminateFn>>,
+}
+
+impl ComputeFns {
+    /// A double that behaves like [`NopCompute`] until closures are set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets what [`Compute::ensure_instance`] does.
+    pub fn on_ensure(
+        mut self,
+        f: impl Fn(&IdempotencyToken, &InstanceRequest) -> Result<InstanceObservation, AdapterError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.ensure = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets what [`Compute::describe_instance`] does.
+    pub fn on_describe(
+        mut self,
+        f: impl Fn(&IdempotencyToken) -> Result<Option<InstanceObservation>, AdapterError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.describe = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets what [`Compute::terminate_instance`] does.
+    pub fn on_terminate(
+        mut self,
+        f: impl Fn(&IdempotencyToken, &TerminateRequest) -> Result<TerminateOutcome, AdapterError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.terminate = Some(Arc::new(f));
+        self
+    }
+}
+
+impl fmt::Debug for ComputeFns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ComputeFns")
+            .field("ensure", &self.ensure.is_some())
+            .field("describe", &self.describe.is_some())
+            .field("terminate", &self.terminate.is_some())
+            .finish()
+    }
+}
+
+impl Compute for ComputeFns {
+    fn ensure_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a InstanceRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        match &self.ensure {
+            Some(f) => {
+                let result = f(token, request);
+                Box::pin(async move { result })
+            }
+            None => NopCompute.ensure_instance(token, request, deadline),
+        }
+    }
+
+    fn describe_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+    ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
+        match &self.describe {
+            Some(f) => {
+                let result = f(token);
+                Box::pin(async move { result })
+            }
+            None => NopCompute.describe_instance(token),
+        }
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a TerminateRequest,
+    ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
+        match &self.terminate {
+            Some(f) => {
+                let result = f(token, request);
+                Box::pin(async move { result })
+            }
+            None => NopCompute.terminate_instance(token, request),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn request() -> InstanceRequest {
+        InstanceRequest {
+            resource_id: Uuid::nil(),
+            tenant: "acme".into(),
+            plan: "kvx.small".into(),
+            name: None,
+            image_id: None,
+            instance_type: None,
+            subnet_id: None,
+        }
+    }
+
+    #[test]
+    fn the_trait_is_object_safe_and_arc_forwards() {
+        let c: Arc<dyn Compute> = Arc::new(NopCompute);
+        let _also: Box<dyn Compute> = Box::new(c);
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in [
+            InstanceState::Pending,
+            InstanceState::Running,
+            InstanceState::Stopping,
+            InstanceState::Stopped,
+            InstanceState::ShuttingDown,
+            InstanceState::Terminated,
+            InstanceState::Unknown,
+        ] {
+            assert_eq!(InstanceState::parse(s.as_str()), s);
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        assert!(InstanceState::ShuttingDown.is_gone());
+        assert!(!InstanceState::Stopped.is_gone());
+        assert_eq!(InstanceState::parse("rebooting"), InstanceState::Unknown);
+    }
+
+    #[test]
+    fn request_deserializes_with_optional_fields_absent() {
+        let r: InstanceRequest = serde_json::from_value(serde_json::json!({
+            "resource_id": Uuid::nil(), "tenant": "acme", "plan": "kvx.small"
+        }))
+        .unwrap();
+        assert_eq!(r, request());
+        assert!(TerminateRequest::default().is_empty());
+    }
+
+    #[tokio::test]
+    async fn fns_double_simulates_an_idempotent_provider() {
+        let made: Arc<Mutex<HashMap<IdempotencyToken, String>>> = Arc::default();
+        let m = made.clone();
+        let compute = ComputeFns::new().on_ensure(move |token, _req| {
+            let mut made = m.lock().unwrap();
+            let n = made.len();
+            let (adopted, id) = match made.get(token) {
+                Some(id) => (true, id.clone()),
+                None => (
+                    false,
+                    made.entry(token.clone())
+                        .or_insert(format!("i-{n}"))
+                        .clone(),
+                ),
+            };
+            Ok(InstanceObservation {
+                instance_id: id,
+                state: InstanceState::Running,
+                private_ip: None,
+                availability_zone: None,
+                subnet_id: None,
+                adopted,
+            })
+        });
+        let token = IdempotencyToken::parse("t-1").unwrap();
+        let first = compute
+            .ensure_instance(&token, &request(), Instant::now())
+            .await
+            .unwrap();
+        let second = compute
+            .ensure_instance(&token, &request(), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(first.instance_id, second.instance_id);
+        assert!(!first.adopted && second.adopted);
+        assert_eq!(made.lock().unwrap().len(), 1);
+        assert_eq!(compute.describe_instance(&token).await.unwrap(), None);
+    }
+}
