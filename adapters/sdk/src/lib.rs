@@ -56,6 +56,7 @@ pub mod error;
 pub mod failpoint;
 pub mod handler;
 pub mod journal;
+pub mod mail;
 pub mod token;
 
 pub use cluster::{
@@ -70,4 +71,5 @@ pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};
 pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, typed};
 pub use journal::{Begun, Journal, MemoryJournal};
+pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};
 pub use token::{IdempotencyToken, MAX_TOKEN_LEN, TokenError};
