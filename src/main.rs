@@ -1,1 +1,499 @@
-fn main() {}
+//! The `setpoint` binary: the engine (`serve`), migrations, operator commands and benchmarks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::json;
+use setpoint::cli::{BenchCommand, Cli, Command, DbArgs, ServeArgs, WorkCommand};
+use setpoint::config::{FileConfig, database_url_from_parts, redact_url};
+use setpoint::dev::postgres::{ClusterOptions, Durability, TempCluster};
+use setpoint::queue::{self, NewWork, WorkFilter, WorkRow};
+use setpoint::worker::builtin::{Noop, Probe};
+use setpoint::{Registry, Runtime, store};
+use setpoint_adapter::typed;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(db) => {
+            let (file, url) = resolve_db(&db)?;
+            let url = url.context(NO_DB)?;
+            let pool = connect(&url, &file, 2).await?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Work(cmd) => work(cmd).await,
+        Command::Bench(BenchCommand::Queue(args)) => bench_queue(args).await,
+    }
+}
+
+const NO_DB: &str = "no database given: pass --database-url or set SETPOINT_DATABASE_URL \
+                     (or SETPOINT_DATABASE_HOST and friends, or database_url in the config file)";
+
+fn resolve_db(db: &DbArgs) -> Result<(FileConfig, Option<String>)> {
+    let file = match &db.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let url = db
+        .database_url
+        .clone()
+        .or_else(|| database_url_from_parts(|k| std::env::var(k).ok()))
+        .or_else(|| file.database_url.clone());
+    Ok((file, url))
+}
+
+async fn connect(url: &str, file: &FileConfig, max: u32) -> Result<sqlx::PgPool> {
+    let max = file.database_max_connections.unwrap_or(max);
+    store::connect(url, max)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact_url(url)))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let (file, url) = resolve_db(&args.db)?;
+    let mut worker = file.worker_config();
+    if let Some(v) = args.concurrency {
+        worker.concurrency = v;
+    }
+    if let Some(v) = args.lease {
+        worker.lease = v;
+        if file.worker.heartbeat_interval.is_none() {
+            worker.heartbeat_interval = v / 3;
+        }
+    }
+    if let Some(v) = args.poll_interval {
+        worker.poll_interval = v;
+    }
+    if let Some(v) = args.shutdown_grace {
+        worker.shutdown_grace = v;
+    }
+    if let Some(v) = args.backoff_base {
+        worker.backoff.base = v;
+    }
+    if let Some(v) = args.backoff_cap {
+        worker.backoff.cap = v;
+    }
+    if let Some(v) = args.max_runtime {
+        worker.max_runtime = v;
+    }
+    worker.worker_id = args.worker_id.clone();
+    worker.validate()?;
+
+    // Without a database, run our own and keep it between runs.
+    let mut _embedded = None;
+    let url = match url {
+        Some(url) => url,
+        None => {
+            let dir = args
+                .data_dir
+                .clone()
+                .or(file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(".setpoint/postgres"));
+            tracing::info!(dir = %dir.display(), "no database URL given: starting an embedded PostgreSQL");
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let cluster = tokio::task::spawn_blocking(move || {
+                TempCluster::open_persistent(&dir, ClusterOptions::default())
+            })
+            .await??;
+            let url = cluster.url("postgres");
+            tracing::info!(url = %url, "embedded PostgreSQL is running");
+            _embedded = Some(cluster);
+            url
+        }
+    };
+    let pool_size = (worker.concurrency as u32 / 4).clamp(8, 64);
+    let pool = connect(&url, &file, pool_size).await?;
+    if !(args.no_migrate || file.migrate_on_start == Some(false)) {
+        store::migrate(&pool).await.context("applying migrations")?;
+    }
+    let runtime_worker_id = worker
+        .worker_id
+        .clone()
+        .unwrap_or_else(setpoint::worker::default_worker_id);
+    worker.worker_id = Some(runtime_worker_id.clone());
+    let mut registry = Registry::new();
+    registry.register(typed(Noop))?;
+    if args.enable_probe || file.enable_probe == Some(true) {
+        registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
+    }
+    let runtime = Runtime::new(pool, registry, worker)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        signal.cancel();
+    });
+    runtime.run(shutdown).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn operator() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
+async fn work(cmd: WorkCommand) -> Result<()> {
+    let db = match &cmd {
+        WorkCommand::List { db, .. }
+        | WorkCommand::Show { db, .. }
+        | WorkCommand::Retry { db, .. }
+        | WorkCommand::Cancel { db, .. }
+        | WorkCommand::Enqueue { db, .. } => db.clone(),
+    };
+    let (file, url) = resolve_db(&db)?;
+    let pool = connect(&url.context(NO_DB)?, &file, 2).await?;
+    let mut conn = pool.acquire().await?;
+    match cmd {
+        WorkCommand::List {
+            state,
+            kind,
+            limit,
+            json,
+            ..
+        } => {
+            if !(1..=10_000).contains(&limit) {
+                bail!("--limit must be between 1 and 10000");
+            }
+            let rows = queue::list(
+                &mut conn,
+                &WorkFilter {
+                    state,
+                    kind,
+                    limit,
+                    ..WorkFilter::default()
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_rows(&rows);
+            }
+        }
+        WorkCommand::Show { unit, json, .. } => {
+            let report = queue::show(&mut conn, &unit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                match &report.row {
+                    Some(r) => {
+                        println!(
+                            "unit {}  kind {}  state {}  attempt {}/{}",
+                            r.id, r.kind, r.state, r.attempt, r.max_attempts
+                        );
+                        println!(
+                            "token {}  resource {}",
+                            r.token,
+                            r.resource_id
+                                .map(|u| u.to_string())
+                                .unwrap_or_else(|| "-".into())
+                        );
+                        if let Some(e) = &r.last_error {
+                            println!(
+                                "last error ({}): {e}",
+                                r.last_error_class.as_deref().unwrap_or("?")
+                            );
+                        }
+                        if r.state == "parked" {
+                            println!(
+                                "operator: `setpoint work retry {0}` after fixing the cause, or `setpoint work cancel {0}`",
+                                r.id
+                            );
+                        }
+                    }
+                    None => println!("unit {} has finished; its history:", report.id),
+                }
+                let table: Vec<Vec<String>> = report
+                    .events
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+                            e.event.clone(),
+                            e.attempt.map(|a| a.to_string()).unwrap_or_default(),
+                            e.worker.clone().unwrap_or_default(),
+                            e.error_class.clone().unwrap_or_default(),
+                            e.message.clone().unwrap_or_default(),
+                            e.detail.as_ref().map(|d| d.to_string()).unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["AT", "EVENT", "ATTEMPT", "BY", "CLASS", "MESSAGE", "DETAIL"],
+                    &table,
+                );
+            }
+        }
+        WorkCommand::Retry {
+            id, attempts, json, ..
+        } => {
+            let mut tx = pool.begin().await?;
+            let row = queue::retry_parked(&mut tx, id, &operator(), attempts).await?;
+            tx.commit().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&row)?);
+            } else {
+                println!(
+                    "unit {id} is pending again (attempt {} of at most {})",
+                    row.attempt, row.max_attempts
+                );
+            }
+        }
+        WorkCommand::Cancel {
+            id, reason, json, ..
+        } => {
+            let mut tx = pool.begin().await?;
+            let row = queue::cancel_parked(&mut tx, id, &operator(), &reason).await?;
+            tx.commit().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&row)?);
+            } else {
+                println!("unit {id} cancelled");
+            }
+        }
+        WorkCommand::Enqueue {
+            kind,
+            spec,
+            count,
+            max_attempts,
+            json,
+            ..
+        } => {
+            let spec: serde_json::Value =
+                serde_json::from_str(&spec).context("--spec is not valid JSON")?;
+            if kind.is_empty() || kind.len() > 128 {
+                bail!("--kind must have 1 to 128 characters");
+            }
+            let units: Vec<NewWork> = (0..count)
+                .map(|_| {
+                    let mut u = NewWork::new(kind.clone(), spec.clone());
+                    u.max_attempts = max_attempts;
+                    u
+                })
+                .collect();
+            let mut tx = pool.begin().await?;
+            let done = queue::enqueue_many(&mut tx, &units).await?;
+            tx.commit().await?;
+            if json {
+                let v: Vec<_> = done
+                    .iter()
+                    .map(|e| json!({"id": e.id, "token": e.token}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in &done {
+                    println!("enqueued unit {} (token {})", e.id, e.token);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[WorkRow]) {
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.kind.clone(),
+                r.state.clone(),
+                format!("{}/{}", r.attempt, r.max_attempts),
+                r.run_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                r.token.clone(),
+                r.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "KIND",
+            "STATE",
+            "ATTEMPT",
+            "RUN AT",
+            "TOKEN",
+            "LAST ERROR",
+        ],
+        &table,
+    );
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count().min(80));
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let c: String = c.chars().take(80).collect();
+                format!("{c:<w$}", w = widths[i])
+            })
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
+    let mut _cluster = None;
+    let url = match args.database_url.clone() {
+        Some(u) => u,
+        None => {
+            eprintln!(
+                "starting a throw-away PostgreSQL with durable settings (fsync and synchronous_commit on)"
+            );
+            let c = tokio::task::spawn_blocking(|| {
+                TempCluster::start(ClusterOptions {
+                    durability: Durability::Durable,
+                    ..ClusterOptions::default()
+                })
+            })
+            .await??;
+            let u = c.url("postgres");
+            _cluster = Some(c);
+            u
+        }
+    };
+    let pool = store::connect(&url, 40)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact_url(&url)))?;
+    store::migrate(&pool).await?;
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'server_version')",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let opts = setpoint::bench::QueueBenchOptions {
+        jobs: args.jobs.clone(),
+        workers: args.workers,
+        enqueue_batch: args.enqueue_batch,
+        claim_batch: args.claim_batch,
+        latency_rate: args.latency_rate,
+        latency_duration: args.latency_duration,
+        baseline_cycles: args.baseline_cycles,
+        baseline_clients: args.baseline_clients,
+    };
+    let report =
+        setpoint::bench::run_queue_bench(&pool, &opts, |m| eprintln!("bench: {m}")).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"settings": settings, "report": report}))?
+        );
+        return Ok(());
+    }
+    let s: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "setpoint bench queue  ({}; {} workers, claim batch {})",
+        s.join(", "),
+        args.workers,
+        args.claim_batch
+    );
+    println!("{:>10}  {:>14}  {:>14}", "jobs", "enqueue/s", "drain/s");
+    for d in &report.drains {
+        println!(
+            "{:>10}  {:>14.0}  {:>14.0}",
+            d.jobs, d.enqueue_per_sec, d.drain_per_sec
+        );
+    }
+    if let (Some(p50), Some(p99), Some(max)) = (
+        report.pickup_p50_ms,
+        report.pickup_p99_ms,
+        report.pickup_max_ms,
+    ) {
+        println!(
+            "pickup latency at {} units/s: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms ({} samples)",
+            report.latency_rate, report.latency_samples
+        );
+    }
+    if let Some(b) = report.baseline_cycles_per_sec {
+        println!(
+            "naive one-row queue (insert; claim 1 with SKIP LOCKED + delete), {} clients: {b:.0} cycles/s",
+            args.baseline_clients
+        );
+        for d in &report.drains {
+            println!(
+                "  drain of {} units: {:.1}x the naive cycle rate",
+                d.jobs,
+                d.drain_per_sec / b
+            );
+        }
+    }
+    if report.drains.len() >= 2 {
+        let first = &report.drains[0];
+        for d in &report.drains[1..] {
+            println!(
+                "  drain rate at {} vs {}: {:+.1}%",
+                d.jobs,
+                first.jobs,
+                (d.drain_per_sec / first.drain_per_sec - 1.0) * 100.0
+            );
+        }
+    }
+    let _ = Duration::ZERO;
+    Ok(())
+}

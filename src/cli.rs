@@ -1,0 +1,218 @@
+//! The command line of the `setpoint` binary. Every flag also reads an environment variable
+//! (shown in `--help`); flags and environment override the configuration file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::parse_duration;
+
+/// setpoint: a provisioning engine. Desired state and work in PostgreSQL; workers drive the
+/// real world until it matches.
+#[derive(Debug, Parser)]
+#[command(name = "setpoint", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, env = "SETPOINT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://user:password@host:5432/setpoint. Without it,
+    /// SETPOINT_DATABASE_HOST/_PORT/_NAME/_USER/_PASSWORD are used, then the file's
+    /// `database_url`.
+    #[arg(long, env = "SETPOINT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// A TOML configuration file.
+    #[arg(long, env = "SETPOINT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the engine: apply migrations, then run workers until SIGTERM or Ctrl-C. Without a
+    /// database URL it starts (and keeps) its own PostgreSQL under --data-dir.
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate(DbArgs),
+    /// Operate on units of work.
+    #[command(subcommand)]
+    Work(WorkCommand),
+    /// Measure the engine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `setpoint serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Do not apply migrations on start.
+    #[arg(long, env = "SETPOINT_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// Where the embedded PostgreSQL keeps its data when no database URL is given.
+    #[arg(long, env = "SETPOINT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Units run at once by this process.
+    #[arg(long, env = "SETPOINT_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Lease length of a claimed unit (e.g. 30s).
+    #[arg(long, env = "SETPOINT_LEASE", value_parser = parse_duration)]
+    pub lease: Option<Duration>,
+    /// How often to look for due units without a notification (e.g. 1s).
+    #[arg(long, env = "SETPOINT_POLL_INTERVAL", value_parser = parse_duration)]
+    pub poll_interval: Option<Duration>,
+    /// On SIGTERM, how long running units may take to finish (e.g. 30s).
+    #[arg(long, env = "SETPOINT_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    /// Scale of the first retry delay after a transient failure (e.g. 1s).
+    #[arg(long, env = "SETPOINT_BACKOFF_BASE", value_parser = parse_duration)]
+    pub backoff_base: Option<Duration>,
+    /// Longest retry delay (e.g. 10m).
+    #[arg(long, env = "SETPOINT_BACKOFF_CAP", value_parser = parse_duration)]
+    pub backoff_cap: Option<Duration>,
+    /// Longest single attempt (e.g. 10m).
+    #[arg(long, env = "SETPOINT_MAX_RUNTIME", value_parser = parse_duration)]
+    pub max_runtime: Option<Duration>,
+    /// Register the `setpoint.probe` kind (for tests and deployment checks).
+    #[arg(long, env = "SETPOINT_ENABLE_PROBE")]
+    pub enable_probe: bool,
+    /// This worker's name in leases and events (default: host-pid-random).
+    #[arg(long, env = "SETPOINT_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+/// `setpoint work …`.
+#[derive(Debug, Subcommand)]
+pub enum WorkCommand {
+    /// List unfinished units, oldest first.
+    List {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only units in this state.
+        #[arg(long, value_parser = ["pending", "running", "parked"])]
+        state: Option<String>,
+        /// Only units of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one unit (by id or token) and its history.
+    Show {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Unit id or idempotency token.
+        unit: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a parked unit pending again (after the cause was fixed).
+    Retry {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Unit id.
+        id: i64,
+        /// Further attempts granted.
+        #[arg(long, default_value_t = 5)]
+        attempts: i32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a parked unit for good.
+    Cancel {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Unit id.
+        id: i64,
+        /// Why (kept in the unit's history).
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enqueue a unit by hand (for smoke tests: `--kind setpoint.noop`).
+    Enqueue {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Work kind.
+        #[arg(long)]
+        kind: String,
+        /// JSON spec.
+        #[arg(long, default_value = "{}")]
+        spec: String,
+        /// How many identical units (each with its own token).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Attempt limit.
+        #[arg(long)]
+        max_attempts: Option<i32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `setpoint bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Queue throughput and pickup latency on a durable PostgreSQL, with a naive baseline.
+    Queue(BenchQueueArgs),
+}
+
+/// `setpoint bench queue`.
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    /// PostgreSQL URL of a scratch database (its work tables are truncated!). Without it, a
+    /// throw-away durable cluster is started.
+    #[arg(long, env = "SETPOINT_BENCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Backlog sizes to drain, comma-separated (one run each).
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    pub jobs: Vec<usize>,
+    /// Units run at once.
+    #[arg(long, default_value_t = 1000)]
+    pub workers: usize,
+    /// Units per claim statement.
+    #[arg(long, default_value_t = 1000)]
+    pub claim_batch: usize,
+    /// Units per enqueue statement.
+    #[arg(long, default_value_t = 5000)]
+    pub enqueue_batch: usize,
+    /// Steady arrival rate of the pickup-latency run (units/s; 0 skips it).
+    #[arg(long, default_value_t = 500)]
+    pub latency_rate: u32,
+    /// Length of the pickup-latency run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub latency_duration: Duration,
+    /// Cycles of the naive one-row baseline (0 skips it).
+    #[arg(long, default_value_t = 20000)]
+    pub baseline_cycles: usize,
+    /// Connections of the naive baseline.
+    #[arg(long, default_value_t = 8)]
+    pub baseline_clients: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,257 @@
+//! Configuration: defaults, then an optional TOML file, then environment variables, then
+//! flags — each overriding the one before. Durations are written `250ms`, `30s`, `5m`, `1h`
+//! (a bare number means seconds).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::worker::{Backoff, WorkerConfig};
+
+/// A configuration problem, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for setpoint.
+    #[error("the configuration file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A duration as written in configuration (`250ms`, `30s`, `5m`, `1h`, or seconds).
+///
+/// # Errors
+/// When the text is not a number with one of those units.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (write e.g. 250ms, 30s, 5m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?} has an unknown unit {other:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{text:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// The `[worker]` table of the configuration file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerFile {
+    /// Units run at once by one process.
+    pub concurrency: Option<usize>,
+    /// Most units claimed per statement.
+    pub claim_batch: Option<usize>,
+    /// Most units completed per transaction.
+    pub completion_batch: Option<usize>,
+    /// Lease length.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub lease: Option<Duration>,
+    /// Heartbeat interval.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Poll interval.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub poll_interval: Option<Duration>,
+    /// Shutdown grace.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub shutdown_grace: Option<Duration>,
+    /// Longest attempt.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub max_runtime: Option<Duration>,
+    /// First retry delay scale.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub backoff_base: Option<Duration>,
+    /// Longest retry delay.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub backoff_cap: Option<Duration>,
+}
+
+/// The configuration file (`--config` / `SETPOINT_CONFIG`). Every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// PostgreSQL URL.
+    pub database_url: Option<String>,
+    /// Apply migrations when `serve` starts (default true).
+    pub migrate_on_start: Option<bool>,
+    /// Register the `setpoint.probe` kind.
+    pub enable_probe: Option<bool>,
+    /// Largest database pool of one process.
+    pub database_max_connections: Option<u32>,
+    /// Folder of the embedded PostgreSQL used when no database URL is given.
+    pub data_dir: Option<PathBuf>,
+    /// Worker settings.
+    #[serde(default)]
+    pub worker: WorkerFile,
+}
+
+impl FileConfig {
+    /// Reads `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or holds unknown keys or bad values.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The worker configuration: defaults overridden by this file.
+    pub fn worker_config(&self) -> WorkerConfig {
+        let d = WorkerConfig::default();
+        let w = &self.worker;
+        let lease = w.lease.unwrap_or(d.lease);
+        WorkerConfig {
+            concurrency: w.concurrency.unwrap_or(d.concurrency),
+            claim_batch: w.claim_batch.unwrap_or(d.claim_batch),
+            completion_batch: w.completion_batch.unwrap_or(d.completion_batch),
+            lease,
+            // Renew three times per lease unless told otherwise.
+            heartbeat_interval: w.heartbeat_interval.unwrap_or(lease / 3),
+            poll_interval: w.poll_interval.unwrap_or(d.poll_interval),
+            shutdown_grace: w.shutdown_grace.unwrap_or(d.shutdown_grace),
+            max_runtime: w.max_runtime.unwrap_or(d.max_runtime),
+            backoff: Backoff {
+                base: w.backoff_base.unwrap_or(d.backoff.base),
+                cap: w.backoff_cap.unwrap_or(d.backoff.cap),
+            },
+            worker_id: None,
+        }
+    }
+}
+
+/// Builds a PostgreSQL URL from its parts (`SETPOINT_DATABASE_HOST`, `_PORT`, `_NAME`, `_USER`,
+/// `_PASSWORD`), as a deployment that keeps the password in a secret store passes them.
+/// Returns `None` when no host is set.
+pub fn database_url_from_parts(get: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let host = get("SETPOINT_DATABASE_HOST")?;
+    let port = get("SETPOINT_DATABASE_PORT").unwrap_or_else(|| "5432".into());
+    let name = get("SETPOINT_DATABASE_NAME").unwrap_or_else(|| "setpoint".into());
+    let user = get("SETPOINT_DATABASE_USER").unwrap_or_else(|| "setpoint".into());
+    let auth = match get("SETPOINT_DATABASE_PASSWORD") {
+        Some(p) => format!("{}:{}", encode(&user), encode(&p)),
+        None => encode(&user),
+    };
+    let sslmode = get("SETPOINT_DATABASE_SSLMODE").unwrap_or_else(|| "prefer".into());
+    Some(format!(
+        "postgres://{auth}@{host}:{port}/{}?sslmode={sslmode}",
+        encode(&name)
+    ))
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A database URL with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let f: FileConfig = toml::from_str("[worker]\nconcurrency = 7\nlease = \"9s\"\n").unwrap();
+        let w = f.worker_config();
+        assert_eq!(w.concurrency, 7);
+        assert_eq!(w.lease, Duration::from_secs(9));
+        assert_eq!(w.heartbeat_interval, Duration::from_secs(3));
+        let bad = toml::from_str::<FileConfig>("[worker]\nconcurency = 7\n");
+        assert!(bad.unwrap_err().to_string().contains("concurency"));
+    }
+
+    #[test]
+    fn url_from_parts_encodes_and_redacts() {
+        let env = |k: &str| match k {
+            "SETPOINT_DATABASE_HOST" => Some("db.internal".to_string()),
+            "SETPOINT_DATABASE_PASSWORD" => Some("p@ss/word".to_string()),
+            _ => None,
+        };
+        let url = database_url_from_parts(env).unwrap();
+        assert_eq!(
+            url,
+            "postgres://setpoint:p%40ss%2Fword@db.internal:5432/setpoint?sslmode=prefer"
+        );
+        assert_eq!(
+            redact_url(&url),
+            "postgres://setpoint:***@db.internal:5432/setpoint?sslmode=prefer"
+        );
+        assert!(database_url_from_parts(|_| None).is_none());
+    }
+}

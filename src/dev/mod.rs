@@ -1,0 +1,3 @@
+//! Local stand-ins for the real peers, so setpoint runs on one machine with no cloud account.
+
+pub mod postgres;

@@ -1,0 +1,180 @@
+//! The work queue's public face: enqueue units inside the caller's transaction, and the
+//! operator actions on parked units. The worker runtime ([`crate::worker`]) is the other half.
+//!
+//! ```no_run
+//! # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use setpoint::queue::{self, NewWork};
+//! let mut tx = pool.begin().await?;
+//! // ... write the desired state in `tx` ...
+//! queue::enqueue(&mut tx, NewWork::new("setpoint.noop", serde_json::json!({}))).await?;
+//! tx.commit().await?; // the unit exists if and only if the desired state does
+//! # Ok(()) }
+//! ```
+
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use crate::store::StoreError;
+use crate::store::events::{WorkEvent, events_for_work, work_id_for_token};
+use crate::store::instances::{instance_mark_active, instances_clear_active_work};
+pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
+use crate::store::work::{
+    work_cancel_parked, work_enqueue, work_get, work_get_by_token, work_list, work_retry_parked,
+};
+
+/// Why a queue operation did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// A unit with this token is already in the table.
+    #[error("a unit with token {0} is already queued")]
+    DuplicateToken(String),
+    /// No unit has this id (or token), now or in the history.
+    #[error("no unit of work {0} exists")]
+    NotFound(String),
+    /// The unit is not parked, so the operator action does not apply.
+    #[error(
+        "unit {id} is {state}, not parked; only parked units can be retried or cancelled \
+         (a pending or running unit is still being worked on)"
+    )]
+    NotParked {
+        /// The unit.
+        id: i64,
+        /// Its state.
+        state: String,
+    },
+    /// The unit finished; only its history remains.
+    #[error("unit {0} has already finished; see its history with `setpoint work show {0}`")]
+    Finished(i64),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Enqueues one unit in the caller's transaction. It becomes visible to workers when the
+/// transaction commits, and workers are woken then.
+///
+/// # Errors
+/// [`QueueError::DuplicateToken`] when its token is taken; database errors.
+pub async fn enqueue(conn: &mut PgConnection, unit: NewWork) -> Result<Enqueued, QueueError> {
+    let token = unit.token.to_string();
+    work_enqueue(conn, std::slice::from_ref(&unit))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(QueueError::DuplicateToken(token))
+}
+
+/// Enqueues many units with one statement in the caller's transaction. Units whose token is
+/// already queued are skipped (not returned).
+///
+/// # Errors
+/// Database errors.
+pub async fn enqueue_many(
+    conn: &mut PgConnection,
+    units: &[NewWork],
+) -> Result<Vec<Enqueued>, QueueError> {
+    Ok(work_enqueue(conn, units).await?)
+}
+
+/// A unit and its history.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitReport {
+    /// The unit's id.
+    pub id: i64,
+    /// The row, while the unit is unfinished.
+    pub row: Option<WorkRow>,
+    /// Every event, oldest first.
+    pub events: Vec<WorkEvent>,
+}
+
+/// Finds a unit by id (digits) or token, with its history.
+///
+/// # Errors
+/// [`QueueError::NotFound`] when neither the table nor the history knows it.
+pub async fn show(conn: &mut PgConnection, id_or_token: &str) -> Result<UnitReport, QueueError> {
+    let (id, row) = match id_or_token.parse::<i64>() {
+        Ok(id) => (Some(id), work_get(conn, id).await?),
+        Err(_) => match work_get_by_token(conn, id_or_token).await? {
+            Some(row) => (Some(row.id), Some(row)),
+            None => (work_id_for_token(conn, id_or_token).await?, None),
+        },
+    };
+    let Some(id) = id else {
+        return Err(QueueError::NotFound(id_or_token.to_owned()));
+    };
+    let events = events_for_work(conn, id).await?;
+    if row.is_none() && events.is_empty() {
+        return Err(QueueError::NotFound(id_or_token.to_owned()));
+    }
+    Ok(UnitReport { id, row, events })
+}
+
+/// Lists unfinished units.
+///
+/// # Errors
+/// Database errors.
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: &WorkFilter,
+) -> Result<Vec<WorkRow>, QueueError> {
+    Ok(work_list(conn, filter).await?)
+}
+
+async fn explain_not_parked(conn: &mut PgConnection, id: i64) -> QueueError {
+    match work_get(conn, id).await {
+        Ok(Some(row)) => QueueError::NotParked {
+            id,
+            state: row.state,
+        },
+        Ok(None) => match events_for_work(conn, id).await {
+            Ok(ev) if !ev.is_empty() => QueueError::Finished(id),
+            Ok(_) => QueueError::NotFound(id.to_string()),
+            Err(e) => e.into(),
+        },
+        Err(e) => e.into(),
+    }
+}
+
+/// Makes parked unit `id` pending again (after a fix was deployed), granting it
+/// `extra_attempts` more attempts, in the caller's transaction.
+///
+/// # Errors
+/// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
+pub async fn retry_parked(
+    conn: &mut PgConnection,
+    id: i64,
+    operator: &str,
+    extra_attempts: i32,
+) -> Result<WorkRow, QueueError> {
+    match work_retry_parked(conn, id, operator, extra_attempts).await? {
+        Some(row) => {
+            if let Some(resource) = row.resource_id {
+                // The chain is active again.
+                instance_mark_active(conn, resource).await?;
+            }
+            Ok(row)
+        }
+        None => Err(explain_not_parked(conn, id).await),
+    }
+}
+
+/// Removes parked unit `id` for good, recording `reason`, in the caller's transaction.
+///
+/// # Errors
+/// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
+pub async fn cancel_parked(
+    conn: &mut PgConnection,
+    id: i64,
+    operator: &str,
+    reason: &str,
+) -> Result<WorkRow, QueueError> {
+    match work_cancel_parked(conn, id, operator, reason).await? {
+        Some(row) => {
+            if let Some(resource) = row.resource_id {
+                instances_clear_active_work(conn, &[resource]).await?;
+            }
+            Ok(row)
+        }
+        None => Err(explain_not_parked(conn, id).await),
+    }
+}

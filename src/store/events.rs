@@ -1,0 +1,78 @@
+//! SQL of the `work_events` table: the append-only history of every unit. Rows are written by
+//! the statements in [`super::work`] that change a unit; this module reads them.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+
+use super::StoreError;
+
+/// One event in a unit's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkEvent {
+    /// Event id (orders events).
+    pub id: i64,
+    /// The unit.
+    pub work_id: i64,
+    /// The unit's token.
+    pub token: String,
+    /// `enqueued`, `claimed`, `rescued`, `succeeded`, `failed`, `parked`, `retried`,
+    /// `cancelled`.
+    pub event: String,
+    /// The attempt it belongs to.
+    pub attempt: Option<i32>,
+    /// The worker (or operator) that wrote it.
+    pub worker: Option<String>,
+    /// `transient` or `permanent`, for failures.
+    pub error_class: Option<String>,
+    /// A message a person can read.
+    pub message: Option<String>,
+    /// Extra facts: adapter calls made with the token, backoff, parent.
+    pub detail: Option<Value>,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+}
+
+/// The history of unit `work_id`, oldest first.
+pub async fn events_for_work(
+    conn: &mut PgConnection,
+    work_id: i64,
+) -> Result<Vec<WorkEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, work_id, token, event, attempt, worker, error_class, message, detail, at
+         FROM work_events WHERE work_id = $1 ORDER BY id",
+    )
+    .bind(work_id)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(event_row).collect()
+}
+
+/// The id of the unit that carried `token`, from its history (the work row may be gone).
+pub async fn work_id_for_token(
+    conn: &mut PgConnection,
+    token: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT work_id FROM work_events WHERE token = $1 LIMIT 1")
+            .bind(token)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+fn event_row(r: sqlx::postgres::PgRow) -> Result<WorkEvent, StoreError> {
+    Ok(WorkEvent {
+        id: r.try_get("id")?,
+        work_id: r.try_get("work_id")?,
+        token: r.try_get("token")?,
+        event: r.try_get("event")?,
+        attempt: r.try_get("attempt")?,
+        worker: r.try_get("worker")?,
+        error_class: r.try_get("error_class")?,
+        message: r.try_get("message")?,
+        detail: r.try_get("detail")?,
+        at: r.try_get("at")?,
+    })
+}

@@ -1,0 +1,66 @@
+//! SQL of the `side_effects` table: the durable at-most-once journal adapters use for side
+//! effects no peer makes idempotent (see `setpoint_adapter::Journal`).
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::StoreError;
+
+/// What the table held for a key before [`side_effect_begin`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SideEffectState {
+    /// Nothing: the start is now recorded.
+    Fresh,
+    /// Started earlier, no result recorded.
+    Started,
+    /// Finished earlier with this result.
+    Finished(Value),
+}
+
+/// Records that side effect `key` starts now, committed at once (autocommit), unless a record
+/// exists, which is returned instead.
+pub async fn side_effect_begin(
+    pool: &PgPool,
+    key: &str,
+    work_id: i64,
+    token: &str,
+) -> Result<SideEffectState, StoreError> {
+    let inserted: Option<String> = sqlx::query_scalar(
+        "INSERT INTO side_effects (key, work_id, token) VALUES ($1, $2, $3)
+         ON CONFLICT (key) DO NOTHING RETURNING key",
+    )
+    .bind(key)
+    .bind(work_id)
+    .bind(token)
+    .fetch_optional(pool)
+    .await?;
+    if inserted.is_some() {
+        return Ok(SideEffectState::Fresh);
+    }
+    let result: Option<Option<Value>> =
+        sqlx::query_scalar("SELECT result FROM side_effects WHERE key = $1")
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match result.flatten() {
+        Some(v) => SideEffectState::Finished(v),
+        None => SideEffectState::Started,
+    })
+}
+
+/// Records the result of side effect `key`, committed at once.
+pub async fn side_effect_finish(
+    pool: &PgPool,
+    key: &str,
+    result: &Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO side_effects (key, finished_at, result) VALUES ($1, now(), $2)
+         ON CONFLICT (key) DO UPDATE SET finished_at = now(), result = EXCLUDED.result",
+    )
+    .bind(key)
+    .bind(result)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

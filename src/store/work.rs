@@ -1,0 +1,637 @@
+//! SQL of the `work` table: enqueue, claim, heartbeat, fenced completion and failure, operator
+//! retry and cancel. One function per statement (or per statement group run in one
+//! transaction). Every state change writes its `work_events` row in the same statement.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use setpoint_adapter::IdempotencyToken;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// The NOTIFY channel that wakes idle workers when work is enqueued or made due.
+pub const WORK_CHANNEL: &str = "setpoint_work";
+
+/// A unit of work to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewWork {
+    /// The work kind; a handler registered under it runs the unit.
+    pub kind: String,
+    /// The unit's spec, checked by its handler.
+    pub spec: Value,
+    /// The unit's idempotency token (unique in the table).
+    pub token: IdempotencyToken,
+    /// The resource the unit works on.
+    pub resource_id: Option<Uuid>,
+    /// The tenant owning the resource.
+    pub tenant: Option<String>,
+    /// The unit whose completion enqueued this one.
+    pub parent_id: Option<i64>,
+    /// Not before this time (default: now).
+    pub run_at: Option<DateTime<Utc>>,
+    /// How many claims it may take before it is parked (default: the table's default, 20).
+    pub max_attempts: Option<i32>,
+}
+
+impl NewWork {
+    /// A unit of `kind` with a fresh token.
+    pub fn new(kind: impl Into<String>, spec: Value) -> Self {
+        Self {
+            kind: kind.into(),
+            spec,
+            token: IdempotencyToken::generate(),
+            resource_id: None,
+            tenant: None,
+            parent_id: None,
+            run_at: None,
+            max_attempts: None,
+        }
+    }
+
+    /// Sets the token (e.g. a derived one).
+    pub fn with_token(mut self, token: IdempotencyToken) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Sets the resource and its tenant.
+    pub fn for_resource(mut self, resource_id: Uuid, tenant: impl Into<String>) -> Self {
+        self.resource_id = Some(resource_id);
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Sets the earliest run time.
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Sets the attempt limit.
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+}
+
+/// One enqueued unit: its id and token. Units whose token was already present are not
+/// returned (they were not inserted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The new row's id.
+    pub id: i64,
+    /// Its token.
+    pub token: String,
+}
+
+/// Inserts `units` in one statement, with their `enqueued` events, and notifies idle workers
+/// when the caller's transaction commits. A unit whose token is already in the table is
+/// skipped, which is what makes a follow-up impossible to enqueue twice.
+///
+/// # Errors
+/// Database errors; a violated constraint (bad token, empty kind) fails the whole statement.
+pub async fn work_enqueue(
+    conn: &mut PgConnection,
+    units: &[NewWork],
+) -> Result<Vec<Enqueued>, StoreError> {
+    if units.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = units.len();
+    let mut kinds = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut resources = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut parents = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    for u in units {
+        kinds.push(u.kind.as_str());
+        specs.push(&u.spec);
+        tokens.push(u.token.as_str());
+        resources.push(u.resource_id);
+        tenants.push(u.tenant.as_deref());
+        parents.push(u.parent_id);
+        run_ats.push(u.run_at);
+        max_attempts.push(u.max_attempts);
+    }
+    let rows = sqlx::query(
+        "WITH ins AS (
+             INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at, max_attempts)
+             SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20)
+             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::uuid[], $5::text[],
+                         $6::bigint[], $7::timestamptz[], $8::int[]) AS u(k, s, t, r, tn, p, ra, m)
+             ON CONFLICT (token) DO NOTHING
+             RETURNING id, token, parent_id
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, detail)
+             SELECT id, token, 'enqueued',
+                    CASE WHEN parent_id IS NULL THEN NULL ELSE jsonb_build_object('parent_id', parent_id) END
+             FROM ins
+         )
+         SELECT id, token FROM ins",
+    )
+    .bind(&kinds)
+    .bind(&specs)
+    .bind(&tokens)
+    .bind(&resources)
+    .bind(&tenants)
+    .bind(&parents)
+    .bind(&run_ats)
+    .bind(&max_attempts)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !rows.is_empty() {
+        notify_workers(conn).await?;
+    }
+    rows.into_iter()
+        .map(|r| {
+            Ok(Enqueued {
+                id: r.try_get("id")?,
+                token: r.try_get("token")?,
+            })
+        })
+        .collect()
+}
+
+/// Wakes idle workers once the surrounding transaction commits (PostgreSQL folds identical
+/// notifications of one transaction into one).
+pub async fn notify_workers(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WORK_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A unit a worker has claimed: it holds the lease until `lease_expires_at` (renewed by
+/// heartbeats) and must complete or fail it with the same `attempt`.
+#[derive(Debug, Clone)]
+pub struct ClaimedWork {
+    /// Row id.
+    pub id: i64,
+    /// Work kind.
+    pub kind: String,
+    /// Spec as enqueued.
+    pub spec: Value,
+    /// Idempotency token.
+    pub token: String,
+    /// Resource worked on.
+    pub resource_id: Option<Uuid>,
+    /// Tenant of the resource.
+    pub tenant: Option<String>,
+    /// This claim's attempt number (1 for the first), the completion fence.
+    pub attempt: i32,
+    /// The attempt limit.
+    pub max_attempts: i32,
+    /// When the unit became due.
+    pub run_at: DateTime<Utc>,
+    /// True when the unit was taken over from a worker whose lease expired.
+    pub rescued: bool,
+}
+
+/// Claims up to `limit` due units for `worker` in one short transaction: pending units whose
+/// `run_at` has passed, oldest first, and running units whose lease has expired (their worker
+/// died), skipping rows other workers are claiming. Each claim increments `attempt`, sets the
+/// lease, and writes a `claimed` (or `rescued`) event.
+pub async fn work_claim(
+    conn: &mut PgConnection,
+    worker: &str,
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedWork>, StoreError> {
+    let rows = sqlx::query(
+        "WITH due AS (
+             SELECT id FROM work
+             WHERE state = 'pending' AND run_at <= now()
+             ORDER BY run_at, id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), expired AS (
+             SELECT id FROM work
+             WHERE state = 'running' AND lease_expires_at < now()
+             ORDER BY lease_expires_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), picked AS (
+             SELECT id, rescued FROM (
+                 SELECT id, false AS rescued FROM due
+                 UNION ALL
+                 SELECT id, true AS rescued FROM expired
+             ) AS u
+             LIMIT $2
+         ), claimed AS (
+             UPDATE work w
+             SET state = 'running', attempt = w.attempt + 1, lease_owner = $1,
+                 lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
+             FROM picked p
+             WHERE w.id = p.id
+             RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
+                       w.max_attempts, w.run_at, p.rescued
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker)
+             SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt, $1
+             FROM claimed
+         )
+         SELECT * FROM claimed",
+    )
+    .bind(worker)
+    .bind(limit)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ClaimedWork {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                spec: r.try_get("spec")?,
+                token: r.try_get("token")?,
+                resource_id: r.try_get("resource_id")?,
+                tenant: r.try_get("tenant")?,
+                attempt: r.try_get("attempt")?,
+                max_attempts: r.try_get("max_attempts")?,
+                run_at: r.try_get("run_at")?,
+                rescued: r.try_get("rescued")?,
+            })
+        })
+        .collect()
+}
+
+/// Extends the leases of `units` (id, attempt) held by `worker`. Returns the ids whose lease
+/// was extended; a unit missing from the answer was lost (taken over or cancelled).
+pub async fn work_heartbeat(
+    conn: &mut PgConnection,
+    worker: &str,
+    units: &[(i64, i32)],
+    lease_ms: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = units.iter().copied().unzip();
+    let rows = sqlx::query_scalar(
+        "UPDATE work w
+         SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
+         FROM unnest($2::bigint[], $3::int[]) AS h(id, attempt)
+         WHERE w.id = h.id AND w.attempt = h.attempt AND w.state = 'running' AND w.lease_owner = $1
+         RETURNING w.id",
+    )
+    .bind(worker)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(lease_ms)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// A unit that finished successfully, to be completed under its fence.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Row id.
+    pub id: i64,
+    /// The attempt that ran it.
+    pub attempt: i32,
+    /// What goes into the `succeeded` event's detail (adapter calls, duration).
+    pub detail: Value,
+}
+
+/// A unit whose completion applied.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    /// Row id.
+    pub id: i64,
+    /// Token.
+    pub token: String,
+    /// Resource worked on.
+    pub resource_id: Option<Uuid>,
+    /// Tenant of the resource.
+    pub tenant: Option<String>,
+}
+
+/// Deletes the units of `batch` that `worker` still holds at the same attempt, writing their
+/// `succeeded` events. Units not returned were fenced off: their lease was lost, and this
+/// completion must change nothing else either.
+pub async fn work_complete_if_leased(
+    conn: &mut PgConnection,
+    worker: &str,
+    batch: &[Completion],
+) -> Result<Vec<Completed>, StoreError> {
+    let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+    let attempts: Vec<i32> = batch.iter().map(|c| c.attempt).collect();
+    let details: Vec<&Value> = batch.iter().map(|c| &c.detail).collect();
+    let rows = sqlx::query(
+        "WITH c AS (
+             SELECT * FROM unnest($2::bigint[], $3::int[], $4::jsonb[]) AS c(id, attempt, detail)
+         ), done AS (
+             DELETE FROM work w USING c
+             WHERE w.id = c.id AND w.attempt = c.attempt AND w.state = 'running'
+               AND w.lease_owner = $1
+             RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant, c.detail
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, detail)
+             SELECT id, token, 'succeeded', attempt, $1, detail FROM done
+         )
+         SELECT id, token, resource_id, tenant FROM done",
+    )
+    .bind(worker)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&details)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Completed {
+                id: r.try_get("id")?,
+                token: r.try_get("token")?,
+                resource_id: r.try_get("resource_id")?,
+                tenant: r.try_get("tenant")?,
+            })
+        })
+        .collect()
+}
+
+/// What a failed attempt turns into.
+#[derive(Debug, Clone)]
+pub enum FailureAction {
+    /// Back to pending, due again after `delay_ms`.
+    Retry {
+        /// Backoff before the next attempt.
+        delay_ms: i64,
+    },
+    /// Parked for an operator.
+    Park,
+}
+
+/// A failed attempt to record under its fence.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Row id.
+    pub id: i64,
+    /// The attempt that failed.
+    pub attempt: i32,
+    /// `transient` or `permanent`.
+    pub class: String,
+    /// What went wrong.
+    pub message: String,
+    /// Event detail (adapter calls, error code).
+    pub detail: Value,
+    /// Retry later or park.
+    pub action: FailureAction,
+}
+
+/// Records a failed attempt if `worker` still holds the unit at the same attempt: back to
+/// pending with backoff, or parked. Writes `failed` (and `parked`) events. Returns the
+/// unit's resource (id, tenant) when the failure applied, `None` when it was fenced off.
+pub async fn work_fail_if_leased(
+    conn: &mut PgConnection,
+    worker: &str,
+    f: &Failure,
+) -> Result<Option<(Option<Uuid>, Option<String>)>, StoreError> {
+    let (state, delay_ms) = match f.action {
+        FailureAction::Retry { delay_ms } => ("pending", delay_ms),
+        FailureAction::Park => ("parked", 0),
+    };
+    let row = sqlx::query(
+        "WITH upd AS (
+             UPDATE work
+             SET state = $4::work_state, lease_owner = NULL, lease_expires_at = NULL,
+                 run_at = now() + make_interval(secs => $5::float8 / 1000),
+                 last_error = $6, last_error_class = $7
+             WHERE id = $2 AND attempt = $3 AND state = 'running' AND lease_owner = $1
+             RETURNING id, token, attempt, resource_id, tenant
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message, detail)
+             SELECT id, token, 'failed', attempt, $1, $7, $6,
+                    $8::jsonb || jsonb_build_object('retry_in_ms', CASE WHEN $4 = 'pending' THEN $5 END)
+             FROM upd
+             UNION ALL
+             SELECT id, token, 'parked', attempt, $1, $7, $6, NULL FROM upd WHERE $4 = 'parked'
+         )
+         SELECT resource_id, tenant FROM upd",
+    )
+    .bind(worker)
+    .bind(f.id)
+    .bind(f.attempt)
+    .bind(state)
+    .bind(delay_ms)
+    .bind(&f.message)
+    .bind(&f.class)
+    .bind(&f.detail)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| Ok((r.try_get("resource_id")?, r.try_get("tenant")?)))
+        .transpose()
+}
+
+/// A row of the work table, as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkRow {
+    /// Row id.
+    pub id: i64,
+    /// Work kind.
+    pub kind: String,
+    /// `pending`, `running` or `parked`.
+    pub state: String,
+    /// Idempotency token.
+    pub token: String,
+    /// Resource worked on.
+    pub resource_id: Option<Uuid>,
+    /// Tenant of the resource.
+    pub tenant: Option<String>,
+    /// Claims so far.
+    pub attempt: i32,
+    /// Attempt limit.
+    pub max_attempts: i32,
+    /// When it is (or was) due.
+    pub run_at: DateTime<Utc>,
+    /// Worker holding the lease.
+    pub lease_owner: Option<String>,
+    /// Lease expiry.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Class of the last failure.
+    pub last_error_class: Option<String>,
+    /// The unit that enqueued this one.
+    pub parent_id: Option<i64>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// Spec as enqueued.
+    pub spec: Value,
+}
+
+const WORK_COLUMNS: &str = "id, kind, state::text AS state, token, resource_id, tenant, attempt, \
+     max_attempts, run_at, lease_owner, lease_expires_at, last_error, last_error_class, \
+     parent_id, created_at, spec";
+
+fn work_row(r: sqlx::postgres::PgRow) -> Result<WorkRow, StoreError> {
+    Ok(WorkRow {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        state: r.try_get("state")?,
+        token: r.try_get("token")?,
+        resource_id: r.try_get("resource_id")?,
+        tenant: r.try_get("tenant")?,
+        attempt: r.try_get("attempt")?,
+        max_attempts: r.try_get("max_attempts")?,
+        run_at: r.try_get("run_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        last_error: r.try_get("last_error")?,
+        last_error_class: r.try_get("last_error_class")?,
+        parent_id: r.try_get("parent_id")?,
+        created_at: r.try_get("created_at")?,
+        spec: r.try_get("spec")?,
+    })
+}
+
+/// Filters for [`work_list`].
+#[derive(Debug, Clone, Default)]
+pub struct WorkFilter {
+    /// Only this state.
+    pub state: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this resource.
+    pub resource_id: Option<Uuid>,
+    /// Only ids greater than this (paging).
+    pub after_id: Option<i64>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+/// Units still in the table, oldest first.
+pub async fn work_list(
+    conn: &mut PgConnection,
+    filter: &WorkFilter,
+) -> Result<Vec<WorkRow>, StoreError> {
+    let sql = format!(
+        "SELECT {WORK_COLUMNS} FROM work
+         WHERE ($1::text IS NULL OR state::text = $1)
+           AND ($2::text IS NULL OR kind = $2)
+           AND ($3::uuid IS NULL OR resource_id = $3)
+           AND ($4::bigint IS NULL OR id > $4)
+         ORDER BY id LIMIT $5"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&filter.state)
+        .bind(&filter.kind)
+        .bind(filter.resource_id)
+        .bind(filter.after_id)
+        .bind(filter.limit)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(work_row).collect()
+}
+
+/// One unit by id, if it is still in the table.
+pub async fn work_get(conn: &mut PgConnection, id: i64) -> Result<Option<WorkRow>, StoreError> {
+    let sql = format!("SELECT {WORK_COLUMNS} FROM work WHERE id = $1");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(work_row)
+        .transpose()
+}
+
+/// One unit by token, if it is still in the table.
+pub async fn work_get_by_token(
+    conn: &mut PgConnection,
+    token: &str,
+) -> Result<Option<WorkRow>, StoreError> {
+    let sql = format!("SELECT {WORK_COLUMNS} FROM work WHERE token = $1");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(token)
+        .fetch_optional(conn)
+        .await?
+        .map(work_row)
+        .transpose()
+}
+
+/// Makes a parked unit pending again, due now, with `extra_attempts` more attempts, and writes
+/// a `retried` event naming `operator`. Returns the row after the change, or `None` if no
+/// parked unit has this id.
+pub async fn work_retry_parked(
+    conn: &mut PgConnection,
+    id: i64,
+    operator: &str,
+    extra_attempts: i32,
+) -> Result<Option<WorkRow>, StoreError> {
+    let sql = format!(
+        "WITH upd AS (
+             UPDATE work SET state = 'pending', run_at = now(),
+                 max_attempts = greatest(max_attempts, attempt + $3)
+             WHERE id = $1 AND state = 'parked'
+             RETURNING *
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, message)
+             SELECT id, token, 'retried', attempt, $2, 'retried by an operator' FROM upd
+         ), n AS (SELECT pg_notify('{WORK_CHANNEL}', '') FROM upd)
+         SELECT {WORK_COLUMNS} FROM upd"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(operator)
+        .bind(extra_attempts)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(work_row).transpose()
+}
+
+/// Removes a parked unit, writing a `cancelled` event naming `operator` and `reason`.
+/// Returns the removed row, or `None` if no parked unit has this id.
+pub async fn work_cancel_parked(
+    conn: &mut PgConnection,
+    id: i64,
+    operator: &str,
+    reason: &str,
+) -> Result<Option<WorkRow>, StoreError> {
+    let sql = format!(
+        "WITH del AS (
+             DELETE FROM work WHERE id = $1 AND state = 'parked' RETURNING *
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, message)
+             SELECT id, token, 'cancelled', attempt, $2, $3 FROM del
+         )
+         SELECT {WORK_COLUMNS} FROM del"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(operator)
+        .bind(reason)
+        .fetch_optional(conn)
+        .await?;
+    row.map(work_row).transpose()
+}
+
+/// Counts of units by state and kind, and the age of the oldest due pending unit.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    /// (state, kind, count).
+    pub counts: Vec<(String, String, i64)>,
+    /// Seconds since the oldest due pending unit became due.
+    pub oldest_pending_age_secs: f64,
+}
+
+/// The queue's current shape, for metrics and `setpoint work list --stats`.
+pub async fn work_stats(conn: &mut PgConnection) -> Result<QueueStats, StoreError> {
+    let counts = sqlx::query_as::<_, (String, String, i64)>(
+        "SELECT state::text, kind, count(*) FROM work GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let age: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(run_at))::float8 FROM work
+         WHERE state = 'pending' AND run_at <= now()",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(QueueStats {
+        counts,
+        oldest_pending_age_secs: age.unwrap_or(0.0).max(0.0),
+    })
+}
