@@ -1,0 +1,88 @@
+variable "region" {
+  description = "AWS region to deploy into."
+  type        = string
+  default     = "eu-west-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9]$", var.region))
+    error_message = "region must be an AWS region code such as eu-west-1."
+  }
+}
+
+variable "environment" {
+  description = "Environment name; also the name prefix of every resource (setpoint-<environment>)."
+  type        = string
+  default     = "example"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,20}$", var.environment))
+    error_message = "environment must be 2-21 characters of a-z, 0-9 and '-', starting with a letter."
+  }
+}
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC the example creates (a /16 to /20; split into two public, two private and one workload subnet)."
+  type        = string
+  default     = "10.40.0.0/16"
+
+  validation {
+    condition     = can(cidrhost(var.vpc_cidr, 0)) && tonumber(split("/", var.vpc_cidr)[1]) >= 16 && tonumber(split("/", var.vpc_cidr)[1]) <= 20
+    error_message = "vpc_cidr must be a valid CIDR block between /16 and /20."
+  }
+}
+
+variable "engine_image" {
+  description = "setpoint engine image with a tag or digest (build it from the repository's Dockerfile and push it to ECR)."
+  type        = string
+  default     = "ghcr.io/example/setpoint:0.1.0"
+
+  validation {
+    condition     = can(regex("[:@][A-Za-z0-9._:-]+$", var.engine_image)) && !endswith(var.engine_image, ":latest")
+    error_message = "engine_image must name a tag (not latest) or a digest."
+  }
+}
+
+variable "engine_desired_count" {
+  description = "Number of engine tasks."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.engine_desired_count >= 0 && var.engine_desired_count <= 10
+    error_message = "engine_desired_count must be between 0 and 10 in this example."
+  }
+}
+
+variable "ses_identity" {
+  description = "Domain or e-mail address setpoint sends from (SES identity)."
+  type        = string
+  default     = "setpoint@example.com"
+
+  validation {
+    condition     = can(regex("^([^@\\s]+@)?([A-Za-z0-9-]+\\.)+[A-Za-z]{2,}$", var.ses_identity))
+    error_message = "ses_identity must be a domain or an e-mail address."
+  }
+}
+
+variable "alarm_email_addresses" {
+  description = "E-mail addresses that receive alarm notifications."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for a in var.alarm_email_addresses : can(regex("^[^@\\s]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", a))])
+    error_message = "alarm_email_addresses must be e-mail addresses."
+  }
+}
+
+variable "production" {
+  description = "Production safety switches: deletion protection on the database and load balancer, Multi-AZ database, final snapshot on destroy. Keep false only for throw-away environments."
+  type        = bool
+  default     = true
+}
+
+variable "create_load_balancer" {
+  description = "Create the internal Network Load Balancer for the gRPC API."
+  type        = bool
+  default     = true
+}

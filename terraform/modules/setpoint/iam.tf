@@ -1,0 +1,151 @@
+data "aws_iam_policy_document" "ecs_tasks_assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["ecs-tasks.amazonaws.com"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Execution role: what ECS itself needs to start a task (pull the image, write logs, read secrets).
+# ---------------------------------------------------------------------------------------------
+resource "aws_iam_role" "execution" {
+  name_prefix        = "${var.name}-exec-"
+  description        = "ECS task execution role of setpoint ${var.name}"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+  tags               = local.tags
+}
+
+resource "aws_iam_role_policy_attachment" "execution" {
+  role       = aws_iam_role.execution.name
+  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
+}
+
+data "aws_iam_policy_document" "execution_secrets" {
+  statement {
+    sid       = "ReadEngineSecrets"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = compact([aws_secretsmanager_secret.db_password.arn, var.smtp_url_secret_arn])
+  }
+  statement {
+    sid       = "DecryptEngineSecrets"
+    actions   = ["kms:Decrypt"]
+    resources = [aws_kms_key.this.arn]
+  }
+}
+
+resource "aws_iam_role_policy" "execution_secrets" {
+  name_prefix = "secrets-"
+  role        = aws_iam_role.execution.id
+  policy      = data.aws_iam_policy_document.execution_secrets.json
+}
+
+# ---------------------------------------------------------------------------------------------
+# Task role: what the engine (and its metrics sidecar) may do in AWS. Least privilege for EC2:
+#  - launch only instances that carry the request tag setpoint:managed=true, only into the
+#    configured subnet and security groups;
+#  - create tags only as part of RunInstances (ec2:CreateAction), never on existing resources;
+#  - terminate only instances that carry setpoint:managed=true;
+#  - describe anything (Describe* cannot be scoped to resources).
+# ---------------------------------------------------------------------------------------------
+resource "aws_iam_role" "engine" {
+  name_prefix        = "${var.name}-engine-"
+  description        = "Task role of the setpoint ${var.name} engine"
+  assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+  tags               = local.tags
+}
+
+locals {
+  ec2_arn = "arn:${local.partition}:ec2:${local.region}:${local.account_id}"
+}
+
+data "aws_iam_policy_document" "engine" {
+  statement {
+    sid       = "Ec2Describe"
+    actions   = ["ec2:Describe*"]
+    resources = ["*"]
+  }
+
+  statement {
+    sid       = "Ec2LaunchOnlyTaggedInstances"
+    actions   = ["ec2:RunInstances"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:RequestTag/setpoint:managed"
+      values   = ["true"]
+    }
+  }
+
+  statement {
+    sid     = "Ec2LaunchOnlyIntoConfiguredNetwork"
+    actions = ["ec2:RunInstances"]
+    resources = concat(
+      ["${local.ec2_arn}:subnet/${var.ec2_subnet_id}"],
+      [for sg in var.ec2_security_group_ids : "${local.ec2_arn}:security-group/${sg}"],
+    )
+  }
+
+  statement {
+    sid     = "Ec2LaunchSupportingResources"
+    actions = ["ec2:RunInstances"]
+    resources = [
+      "${local.ec2_arn}:network-interface/*",
+      "${local.ec2_arn}:volume/*",
+      "${local.ec2_arn}:key-pair/*",
+      "${local.ec2_arn}:launch-template/*",
+      "arn:${local.partition}:ec2:${local.region}::image/*",
+      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
+    ]
+  }
+
+  statement {
+    sid       = "Ec2TagOnlyOnLaunch"
+    actions   = ["ec2:CreateTags"]
+    resources = ["${local.ec2_arn}:instance/*", "${local.ec2_arn}:volume/*", "${local.ec2_arn}:network-interface/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:CreateAction"
+      values   = ["RunInstances"]
+    }
+  }
+
+  statement {
+    sid       = "Ec2TerminateOnlyManagedInstances"
+    actions   = ["ec2:TerminateInstances"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/setpoint:managed"
+      values   = ["true"]
+    }
+  }
+
+  statement {
+    sid       = "SesSendFromIdentity"
+    actions   = ["ses:SendEmail", "ses:SendRawEmail"]
+    resources = [aws_sesv2_email_identity.this.arn]
+  }
+
+  dynamic "statement" {
+    for_each = var.enable_prometheus_metrics ? [1] : []
+    content {
+      sid       = "PrometheusSidecarPublishesMetrics"
+      actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
+      resources = ["${aws_cloudwatch_log_group.metrics[0].arn}:*"]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "engine" {
+  name_prefix = "engine-"
+  role        = aws_iam_role.engine.id
+  policy      = data.aws_iam_policy_document.engine.json
+}

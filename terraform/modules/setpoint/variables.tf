@@ -1,0 +1,456 @@
+# ---------------------------------------------------------------------------------------------
+# Naming and placement
+# ---------------------------------------------------------------------------------------------
+variable "name" {
+  description = "Name prefix for every resource (also the RDS identifier, ECS cluster and service name). Lower case letters, digits and hyphens, 3-32 characters, starting with a letter."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.name))
+    error_message = "name must be 3-32 characters of a-z, 0-9 and '-', start with a letter and not end with '-'."
+  }
+}
+
+variable "tags" {
+  description = "Tags added to every resource the module creates (merged with the provider's default_tags)."
+  type        = map(string)
+  default     = {}
+}
+
+variable "vpc_id" {
+  description = "VPC that holds the database, the engine tasks and the internal load balancer."
+  type        = string
+
+  validation {
+    condition     = can(regex("^vpc-[0-9a-f]+$", var.vpc_id))
+    error_message = "vpc_id must look like vpc-0123456789abcdef0."
+  }
+}
+
+variable "private_subnet_ids" {
+  description = "Private subnets (at least two, in different availability zones) for the database, the engine tasks and the internal load balancer. They need a route to AWS APIs and the container registry (NAT gateway or VPC endpoints)."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.private_subnet_ids) >= 2 && alltrue([for s in var.private_subnet_ids : can(regex("^subnet-[0-9a-f]+$", s))])
+    error_message = "private_subnet_ids needs at least two subnet ids (RDS subnet groups span two availability zones)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Engine service (ECS Fargate)
+# ---------------------------------------------------------------------------------------------
+variable "engine_image" {
+  description = "Container image of the setpoint engine, with a tag or digest (for example 123456789012.dkr.ecr.eu-west-1.amazonaws.com/setpoint:1.4.0)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9._/:-]*[:@][A-Za-z0-9._:-]+$", var.engine_image)) && !endswith(var.engine_image, ":latest")
+    error_message = "engine_image must name a tag or a digest, and not ':latest' (deployments must be reproducible)."
+  }
+}
+
+variable "engine_desired_count" {
+  description = "Number of engine tasks. Any number of engines may share one database (Postgres is the only coordinator); use 2 or more for availability."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.engine_desired_count >= 0 && var.engine_desired_count <= 50 && floor(var.engine_desired_count) == var.engine_desired_count
+    error_message = "engine_desired_count must be a whole number between 0 and 50."
+  }
+}
+
+variable "engine_cpu" {
+  description = "Fargate task CPU units (256, 512, 1024, 2048 or 4096)."
+  type        = number
+  default     = 512
+
+  validation {
+    condition     = contains([256, 512, 1024, 2048, 4096], var.engine_cpu)
+    error_message = "engine_cpu must be one of 256, 512, 1024, 2048, 4096."
+  }
+}
+
+variable "engine_memory" {
+  description = "Fargate task memory in MiB; must be a valid combination with engine_cpu (for example 512 CPU: 1024-4096 MiB)."
+  type        = number
+  default     = 1024
+
+  validation {
+    condition     = var.engine_memory >= 512 && var.engine_memory <= 30720 && var.engine_memory % 512 == 0
+    error_message = "engine_memory must be a multiple of 512 between 512 and 30720 MiB."
+  }
+}
+
+variable "engine_cpu_architecture" {
+  description = "CPU architecture of the engine image: X86_64 or ARM64 (Graviton)."
+  type        = string
+  default     = "X86_64"
+
+  validation {
+    condition     = contains(["X86_64", "ARM64"], var.engine_cpu_architecture)
+    error_message = "engine_cpu_architecture must be X86_64 or ARM64."
+  }
+}
+
+variable "engine_stop_timeout" {
+  description = "Seconds between SIGTERM and SIGKILL on a task stop: the engine's shutdown grace for in-flight work units (Fargate allows at most 120)."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.engine_stop_timeout >= 2 && var.engine_stop_timeout <= 120
+    error_message = "engine_stop_timeout must be between 2 and 120 seconds."
+  }
+}
+
+variable "grpc_port" {
+  description = "Port of the engine's gRPC API (SETPOINT_LISTEN)."
+  type        = number
+  default     = 50051
+
+  validation {
+    condition     = var.grpc_port >= 1024 && var.grpc_port <= 65535
+    error_message = "grpc_port must be between 1024 and 65535."
+  }
+}
+
+variable "metrics_port" {
+  description = "Port of the engine's Prometheus metrics endpoint (SETPOINT_METRICS_LISTEN)."
+  type        = number
+  default     = 9090
+
+  validation {
+    condition     = var.metrics_port >= 1024 && var.metrics_port <= 65535
+    error_message = "metrics_port must be between 1024 and 65535."
+  }
+}
+
+variable "grpc_allowed_cidrs" {
+  description = "CIDR blocks of gRPC clients allowed to reach the internal load balancer (and the tasks). Keep it to your private ranges."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.grpc_allowed_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "grpc_allowed_cidrs must hold valid CIDR blocks and not 0.0.0.0/0 (the API is internal)."
+  }
+}
+
+variable "metrics_allowed_cidrs" {
+  description = "CIDR blocks of Prometheus scrapers allowed to reach the metrics port on the tasks (the built-in CloudWatch agent sidecar needs none)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.metrics_allowed_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "metrics_allowed_cidrs must hold valid CIDR blocks and not 0.0.0.0/0."
+  }
+}
+
+variable "create_load_balancer" {
+  description = "Create an internal Network Load Balancer in front of the gRPC port (TCP, so HTTP/2 passes through untouched)."
+  type        = bool
+  default     = true
+}
+
+variable "load_balancer_deletion_protection" {
+  description = "Deletion protection of the internal load balancer."
+  type        = bool
+  default     = true
+}
+
+variable "rust_log" {
+  description = "RUST_LOG filter for the engine (for example info or setpoint=debug,info)."
+  type        = string
+  default     = "info"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_:=,.-]+$", var.rust_log))
+    error_message = "rust_log must be a tracing filter such as info or setpoint=debug,info."
+  }
+}
+
+variable "extra_environment" {
+  description = "Extra environment variables for the engine container (must not override the SETPOINT_DATABASE_* variables the module sets)."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for k in keys(var.extra_environment) : can(regex("^[A-Z_][A-Z0-9_]*$", k)) && !startswith(k, "SETPOINT_DATABASE_")])
+    error_message = "extra_environment keys must be upper-case environment names and must not start with SETPOINT_DATABASE_."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# What the engine manages: EC2 and e-mail
+# ---------------------------------------------------------------------------------------------
+variable "ec2_subnet_id" {
+  description = "Subnet in which setpoint launches the EC2 instances it manages (SETPOINT_EC2_SUBNET_ID). The engine role may launch only into this subnet."
+  type        = string
+
+  validation {
+    condition     = can(regex("^subnet-[0-9a-f]+$", var.ec2_subnet_id))
+    error_message = "ec2_subnet_id must look like subnet-0123456789abcdef0."
+  }
+}
+
+variable "ec2_security_group_ids" {
+  description = "Security groups attached to the EC2 instances setpoint launches (SETPOINT_EC2_SECURITY_GROUP_IDS). The engine role may use only these."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.ec2_security_group_ids) >= 1 && alltrue([for s in var.ec2_security_group_ids : can(regex("^sg-[0-9a-f]+$", s))])
+    error_message = "ec2_security_group_ids needs at least one security group id (sg-...)."
+  }
+}
+
+variable "ses_identity" {
+  description = "SES sending identity: a domain (example.com; publish the DKIM records from the ses_dkim_tokens output) or a single e-mail address (verified by the link SES mails to it)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[^@\\s]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", var.ses_identity)) || can(regex("^([A-Za-z0-9-]+\\.)+[A-Za-z]{2,}$", var.ses_identity))
+    error_message = "ses_identity must be a domain name or an e-mail address."
+  }
+}
+
+variable "email_from" {
+  description = "From address of the mails setpoint sends; must belong to ses_identity. Defaults to setpoint@<domain> (or the identity itself when it is an address)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.email_from == null || can(regex("^[^@\\s]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", var.email_from))
+    error_message = "email_from must be an e-mail address."
+  }
+}
+
+variable "smtp_url_secret_arn" {
+  description = "Optional Secrets Manager secret holding a full SMTP URL (smtp://user:password@email-smtp.REGION.amazonaws.com:587, from SES SMTP credentials). Passed as SETPOINT_SMTP_URL; when null the engine gets the SES identity and sends through the SES API with its task role."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.smtp_url_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.smtp_url_secret_arn))
+    error_message = "smtp_url_secret_arn must be a Secrets Manager secret ARN."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Database
+# ---------------------------------------------------------------------------------------------
+variable "db_engine_version" {
+  description = "PostgreSQL major (or major.minor) version on RDS."
+  type        = string
+  default     = "15"
+
+  validation {
+    condition     = can(regex("^1[4-7](\\.[0-9]+)?$", var.db_engine_version))
+    error_message = "db_engine_version must be PostgreSQL 14 to 17, for example 15 or 15.7."
+  }
+}
+
+variable "db_instance_class" {
+  description = "RDS instance class."
+  type        = string
+  default     = "db.t4g.small"
+
+  validation {
+    condition     = can(regex("^db\\.[a-z0-9]+\\.[a-z0-9]+$", var.db_instance_class))
+    error_message = "db_instance_class must look like db.t4g.small."
+  }
+}
+
+variable "db_allocated_storage" {
+  description = "Initial storage in GiB (gp3)."
+  type        = number
+  default     = 20
+
+  validation {
+    condition     = var.db_allocated_storage >= 20 && var.db_allocated_storage <= 65536
+    error_message = "db_allocated_storage must be between 20 and 65536 GiB."
+  }
+}
+
+variable "db_max_allocated_storage" {
+  description = "Storage autoscaling ceiling in GiB (0 turns autoscaling off)."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.db_max_allocated_storage == 0 || (var.db_max_allocated_storage >= 20 && var.db_max_allocated_storage <= 65536)
+    error_message = "db_max_allocated_storage must be 0 or between 20 and 65536 GiB."
+  }
+}
+
+variable "db_name" {
+  description = "Name of the setpoint database (SETPOINT_DATABASE_NAME)."
+  type        = string
+  default     = "setpoint"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9_]{0,62}$", var.db_name))
+    error_message = "db_name must start with a letter and hold only a-z, 0-9 and '_' (at most 63 characters)."
+  }
+}
+
+variable "db_username" {
+  description = "Master user of the database (SETPOINT_DATABASE_USER)."
+  type        = string
+  default     = "setpoint"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9_]{0,62}$", var.db_username)) && !contains(["admin", "postgres", "rdsadmin"], var.db_username)
+    error_message = "db_username must start with a letter, hold only a-z, 0-9 and '_', and not be a reserved name (admin, postgres, rdsadmin)."
+  }
+}
+
+variable "db_password_version" {
+  description = "Version of the generated database password. Raise it by one to rotate: Terraform makes a new password, writes it to RDS and to the secret; then redeploy the service so tasks read it."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.db_password_version >= 1 && floor(var.db_password_version) == var.db_password_version
+    error_message = "db_password_version must be a whole number >= 1."
+  }
+}
+
+variable "db_multi_az" {
+  description = "Run the database Multi-AZ (a standby in a second zone)."
+  type        = bool
+  default     = true
+}
+
+variable "db_backup_retention_days" {
+  description = "Days of automated backups (point-in-time recovery window)."
+  type        = number
+  default     = 14
+
+  validation {
+    condition     = var.db_backup_retention_days >= 1 && var.db_backup_retention_days <= 35
+    error_message = "db_backup_retention_days must be between 1 and 35 (0 would turn automated backups off)."
+  }
+}
+
+variable "db_deletion_protection" {
+  description = "Deletion protection of the database. Keep true in production; turn off only to tear an environment down."
+  type        = bool
+  default     = true
+}
+
+variable "db_skip_final_snapshot" {
+  description = "Skip the final snapshot when the database is destroyed (only for throw-away environments)."
+  type        = bool
+  default     = false
+}
+
+variable "db_max_connections_alarm" {
+  description = "Alarm threshold for DatabaseConnections (size it to engine_desired_count times the engine's pool size, below the instance's max_connections)."
+  type        = number
+  default     = 150
+
+  validation {
+    condition     = var.db_max_connections_alarm > 0
+    error_message = "db_max_connections_alarm must be positive."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Logs, metrics and alarms
+# ---------------------------------------------------------------------------------------------
+variable "log_retention_days" {
+  description = "Retention of the engine and metrics log groups, in days (a value CloudWatch Logs accepts)."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be one of the values CloudWatch Logs accepts (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, ...)."
+  }
+}
+
+variable "alarm_email_addresses" {
+  description = "E-mail addresses subscribed to the alarm topic (each must confirm the subscription)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for a in var.alarm_email_addresses : can(regex("^[^@\\s]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", a))])
+    error_message = "alarm_email_addresses must be e-mail addresses."
+  }
+}
+
+variable "enable_prometheus_metrics" {
+  description = "Run a CloudWatch agent sidecar that scrapes the engine's Prometheus endpoint and publishes the queue metrics to CloudWatch (namespace metrics_namespace), and alarm on them."
+  type        = bool
+  default     = true
+}
+
+variable "cloudwatch_agent_image" {
+  description = "Image of the CloudWatch agent sidecar (pin a version)."
+  type        = string
+  default     = "public.ecr.aws/cloudwatch-agent/cloudwatch-agent:1.300053.0b1046"
+
+  validation {
+    condition     = can(regex("[:@][A-Za-z0-9._:-]+$", var.cloudwatch_agent_image)) && !endswith(var.cloudwatch_agent_image, ":latest")
+    error_message = "cloudwatch_agent_image must name a tag or digest other than latest."
+  }
+}
+
+variable "metrics_namespace" {
+  description = "CloudWatch namespace of the engine's Prometheus metrics."
+  type        = string
+  default     = "Setpoint"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9._/#:-]{1,255}$", var.metrics_namespace)) && !startswith(var.metrics_namespace, "AWS/")
+    error_message = "metrics_namespace must be a valid custom CloudWatch namespace (not AWS/...)."
+  }
+}
+
+variable "queue_age_metric_name" {
+  description = "Prometheus gauge: age in seconds of the oldest pending (runnable) work unit."
+  type        = string
+  default     = "setpoint_work_oldest_pending_age_seconds"
+
+  validation {
+    condition     = can(regex("^[a-zA-Z_:][a-zA-Z0-9_:]*$", var.queue_age_metric_name))
+    error_message = "queue_age_metric_name must be a Prometheus metric name."
+  }
+}
+
+variable "parked_units_metric_name" {
+  description = "Prometheus gauge: number of parked work units (waiting for an operator)."
+  type        = string
+  default     = "setpoint_work_parked"
+
+  validation {
+    condition     = can(regex("^[a-zA-Z_:][a-zA-Z0-9_:]*$", var.parked_units_metric_name))
+    error_message = "parked_units_metric_name must be a Prometheus metric name."
+  }
+}
+
+variable "queue_age_alarm_seconds" {
+  description = "Alarm when the oldest runnable work unit has waited longer than this many seconds (workers are not keeping up, or none are running)."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.queue_age_alarm_seconds >= 10
+    error_message = "queue_age_alarm_seconds must be at least 10."
+  }
+}
+
+variable "parked_units_alarm_threshold" {
+  description = "Alarm when more than this many work units are parked (0: any parked unit pages an operator)."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.parked_units_alarm_threshold >= 0
+    error_message = "parked_units_alarm_threshold must be >= 0."
+  }
+}
