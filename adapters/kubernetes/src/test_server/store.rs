@@ -1,0 +1,762 @@
+//! The test server's object store and the API semantics on top of it: get, list by label,
+//! server-side apply with field managers and conflicts, delete — and the `Status` answers the
+//! real API server gives when they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+
+use super::fields::{self, FieldSet, ManagerEntry};
+use super::validate;
+
+/// A resource type the server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    /// API group (`""` for the core group).
+    pub group: &'static str,
+    /// The plural resource name in URLs, e.g. `deployments`.
+    pub resource: &'static str,
+    /// The object kind, e.g. `Deployment`.
+    pub kind: &'static str,
+    /// Whether objects live in a namespace.
+    pub namespaced: bool,
+}
+
+impl Kind {
+    /// `v1` or `apps/v1`.
+    pub fn api_version(&self) -> &'static str {
+        if self.group.is_empty() {
+            "v1"
+        } else {
+            "apps/v1"
+        }
+    }
+
+    /// `deployments.apps` or `secrets`, as messages name a resource.
+    fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.to_owned()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+
+    /// `Deployment.apps` or `Secret`, as validation messages name a kind.
+    fn qualified_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.to_owned()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+}
+
+/// Every resource type served.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        group: "",
+        resource: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+    },
+    Kind {
+        group: "",
+        resource: "services",
+        kind: "Service",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        resource: "secrets",
+        kind: "Secret",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        resource: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+    },
+    Kind {
+        group: "apps",
+        resource: "deployments",
+        kind: "Deployment",
+        namespaced: true,
+    },
+    Kind {
+        group: "apps",
+        resource: "statefulsets",
+        kind: "StatefulSet",
+        namespaced: true,
+    },
+];
+
+/// The kind served at `group`/`resource`, if any.
+pub fn kind(group: &str, resource: &str) -> Option<Kind> {
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| k.group == group && k.resource == resource)
+}
+
+/// An HTTP answer: status code and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// HTTP status.
+    pub code: u16,
+    /// The body (an object or a `Status`).
+    pub body: Value,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Self { code: 200, body }
+    }
+}
+
+/// A failure `Status` object as the API server sends it.
+pub fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Reply {
+    let mut body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    });
+    if let Some(d) = details {
+        body["details"] = d;
+    }
+    Reply { code, body }
+}
+
+fn not_found(kind: &Kind, name: &str) -> Reply {
+    status(
+        404,
+        "NotFound",
+        &format!("{} {name:?} not found", kind.qualified()),
+        Some(json!({"name": name, "group": kind.group, "kind": kind.resource})),
+    )
+}
+
+/// A request's selector term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Term {
+    Eq(String, String),
+    Ne(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+/// Parses an equality-based label selector (`a=b,c!=d,e,!f`).
+fn parse_selector(s: &str) -> Result<Vec<Term>, String> {
+    let mut terms = Vec::new();
+    for raw in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if raw.contains('(') || raw.contains(' ') {
+            return Err(format!(
+                "unable to parse requirement {raw:?}: set-based selectors are not supported by this test server"
+            ));
+        }
+        let term = if let Some((k, v)) = raw.split_once("!=") {
+            Term::Ne(k.to_owned(), v.to_owned())
+        } else if let Some((k, v)) = raw.split_once("==") {
+            Term::Eq(k.to_owned(), v.to_owned())
+        } else if let Some((k, v)) = raw.split_once('=') {
+            Term::Eq(k.to_owned(), v.to_owned())
+        } else if let Some(k) = raw.strip_prefix('!') {
+            Term::NotExists(k.to_owned())
+        } else {
+            Term::Exists(raw.to_owned())
+        };
+        terms.push(term);
+    }
+    Ok(terms)
+}
+
+fn selects(terms: &[Term], obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    let label = |k: &str| labels.get(k).and_then(Value::as_str);
+    terms.iter().all(|t| match t {
+        Term::Eq(k, v) => label(k) == Some(v.as_str()),
+        Term::Ne(k, v) => label(k) != Some(v.as_str()),
+        Term::Exists(k) => label(k).is_some(),
+        Term::NotExists(k) => label(k).is_none(),
+    })
+}
+
+/// One stored object and its field managers.
+#[derive(Debug, Clone)]
+struct Entry {
+    object: Value,
+    managers: BTreeMap<String, ManagerEntry>,
+}
+
+type Key = (&'static str, String, String);
+
+/// All objects, keyed by (resource, namespace or "", name), and the resource version counter.
+#[derive(Debug, Default)]
+pub struct Store {
+    objects: BTreeMap<Key, Entry>,
+    revision: u64,
+    cluster_ips: u32,
+}
+
+/// The parameters of an apply request.
+#[derive(Debug, Clone)]
+pub struct ApplyRequest<'a> {
+    /// What is applied.
+    pub kind: Kind,
+    /// The namespace in the URL (empty for cluster-scoped kinds).
+    pub namespace: &'a str,
+    /// The name in the URL.
+    pub name: &'a str,
+    /// The `fieldManager` query parameter.
+    pub manager: &'a str,
+    /// The `force` query parameter.
+    pub force: bool,
+    /// The request body, parsed.
+    pub intent: Value,
+}
+
+/// Top-level sections that are content (a change bumps `generation`); metadata and status
+/// are not.
+fn content(obj: &Value) -> Value {
+    let mut out = obj.clone();
+    if let Some(map) = out.as_object_mut() {
+        map.remove("metadata");
+        map.remove("status");
+    }
+    out
+}
+
+/// Metadata that users write (labels, annotations, …), without server-owned fields.
+fn user_metadata(obj: &Value) -> Value {
+    let mut meta = obj["metadata"].clone();
+    if let Some(map) = meta.as_object_mut() {
+        for k in [
+            "resourceVersion",
+            "generation",
+            "managedFields",
+            "uid",
+            "creationTimestamp",
+        ] {
+            map.remove(k);
+        }
+    }
+    meta
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Store {
+    fn key(kind: &Kind, namespace: &str, name: &str) -> Key {
+        (kind.resource, namespace.to_owned(), name.to_owned())
+    }
+
+    fn namespace_exists(&self, ns: &str) -> bool {
+        self.objects
+            .contains_key(&("namespaces", String::new(), ns.to_owned()))
+    }
+
+    /// GET one object.
+    pub fn get(&self, kind: &Kind, namespace: &str, name: &str) -> Reply {
+        match self.objects.get(&Self::key(kind, namespace, name)) {
+            Some(e) => Reply::ok(e.object.clone()),
+            None => not_found(kind, name),
+        }
+    }
+
+    /// LIST objects of `kind` in `namespace` (all namespaces when `None`) matching
+    /// `label_selector`. A missing namespace lists as empty, as on a real server.
+    pub fn list(&self, kind: &Kind, namespace: Option<&str>, label_selector: &str) -> Reply {
+        let terms = match parse_selector(label_selector) {
+            Ok(t) => t,
+            Err(m) => return status(400, "BadRequest", &m, None),
+        };
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|((r, ns, _), _)| *r == kind.resource && namespace.is_none_or(|n| n == ns))
+            .filter(|(_, e)| selects(&terms, &e.object))
+            .map(|(_, e)| {
+                // List items carry no apiVersion/kind of their own.
+                let mut o = e.object.clone();
+                if let Some(m) = o.as_object_mut() {
+                    m.remove("apiVersion");
+                    m.remove("kind");
+                }
+                o
+            })
+            .collect();
+        Reply::ok(json!({
+            "kind": format!("{}List", kind.kind),
+            "apiVersion": kind.api_version(),
+            "metadata": {"resourceVersion": self.revision.to_string()},
+            "items": items,
+        }))
+    }
+
+    /// DELETE one object. Deleting a namespace deletes everything in it (at once: the real
+    /// server finalizes namespaces asynchronously).
+    pub fn delete(&mut self, kind: &Kind, namespace: &str, name: &str) -> Reply {
+        let Some(entry) = self.objects.remove(&Self::key(kind, namespace, name)) else {
+            return not_found(kind, name);
+        };
+        self.revision += 1;
+        if kind.resource == "namespaces" {
+            self.objects.retain(|(_, ns, _), _| ns != name);
+            let mut obj = entry.object;
+            obj["status"] = json!({"phase": "Terminating"});
+            return Reply::ok(obj);
+        }
+        Reply::ok(json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {
+                "name": name,
+                "group": kind.group,
+                "kind": kind.resource,
+                "uid": entry.object["metadata"]["uid"],
+            },
+        }))
+    }
+
+    /// Server-side apply: creates or updates, tracks field managers, reports conflicts.
+    pub fn apply(&mut self, req: ApplyRequest<'_>) -> Reply {
+        let ApplyRequest {
+            kind,
+            namespace,
+            name,
+            manager,
+            force,
+            mut intent,
+        } = req;
+
+        // 1. The intent must be an object of this kind, with this name and namespace.
+        if !intent.is_object() {
+            return status(400, "BadRequest", "the apply patch must be an object", None);
+        }
+        if intent["apiVersion"].as_str() != Some(kind.api_version())
+            || intent["kind"].as_str() != Some(kind.kind)
+        {
+            return status(
+                400,
+                "BadRequest",
+                &format!(
+                    "the apply patch must have apiVersion {:?} and kind {:?} (got {} and {})",
+                    kind.api_version(),
+                    kind.kind,
+                    intent["apiVersion"],
+                    intent["kind"]
+                ),
+                None,
+            );
+        }
+        if let Some(n) = intent["metadata"]["name"].as_str()
+            && n != name
+        {
+            return status(
+                400,
+                "BadRequest",
+                &format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                ),
+                None,
+            );
+        }
+        if let Some(n) = intent["metadata"]["namespace"].as_str()
+            && kind.namespaced
+            && n != namespace
+        {
+            return status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+                None,
+            );
+        }
+        // Status is not applied through the main resource.
+        if let Some(m) = intent.as_object_mut() {
+            m.remove("status");
+        }
+
+        // 2. A namespaced object needs its namespace.
+        if kind.namespaced && !self.namespace_exists(namespace) {
+            return status(
+                404,
+                "NotFound",
+                &format!("namespaces {namespace:?} not found"),
+                Some(json!({"name": namespace, "kind": "namespaces"})),
+            );
+        }
+
+        let key = Self::key(&kind, namespace, name);
+        let existing = self.objects.get(&key).cloned();
+        let wanted = fields::leaves(&intent);
+
+        // 3. Conflicts: fields another manager owns whose value would change.
+        let mut managers = existing
+            .as_ref()
+            .map(|e| e.managers.clone())
+            .unwrap_or_default();
+        let live = existing.as_ref().map(|e| &e.object);
+        let mut conflicts: Vec<(String, fields::Path)> = Vec::new();
+        for (other, entry) in &managers {
+            if other == manager {
+                continue;
+            }
+            for path in wanted.intersection(&entry.fields) {
+                let current = live.and_then(|l| fields::get(l, path));
+                if current != fields::get(&intent, path) {
+                    conflicts.push((other.clone(), path.clone()));
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            if !force {
+                return conflict(&kind, name, &conflicts);
+            }
+            for (other, path) in &conflicts {
+                if let Some(e) = managers.get_mut(other) {
+                    e.fields.remove(path);
+                }
+            }
+        }
+
+        // 4. Merge: drop fields only this manager owned and no longer wants, set the rest.
+        let mut object = match &existing {
+            Some(e) => e.object.clone(),
+            None => json!({
+                "apiVersion": kind.api_version(),
+                "kind": kind.kind,
+                "metadata": {"name": name},
+            }),
+        };
+        if kind.namespaced {
+            object["metadata"]["namespace"] = json!(namespace);
+        }
+        let previously: FieldSet = managers
+            .get(manager)
+            .map(|e| e.fields.clone())
+            .unwrap_or_default();
+        let others: BTreeSet<&fields::Path> = managers
+            .iter()
+            .filter(|(m, _)| m.as_str() != manager)
+            .flat_map(|(_, e)| e.fields.iter())
+            .collect();
+        for path in previously.difference(&wanted) {
+            if !others.contains(path) {
+                fields::remove(&mut object, path);
+            }
+        }
+        for path in &wanted {
+            if let Some(v) = fields::get(&intent, path) {
+                fields::set(&mut object, path, v.clone());
+            }
+        }
+        let time = now();
+        let kept_time = managers
+            .get(manager)
+            .filter(|_| previously == wanted)
+            .map(|e| e.time.clone());
+        managers.insert(
+            manager.to_owned(),
+            ManagerEntry {
+                fields: wanted,
+                api_version: kind.api_version().to_owned(),
+                time: kept_time.unwrap_or_else(|| time.clone()),
+            },
+        );
+        managers.retain(|_, e| !e.fields.is_empty());
+
+        // 5. Validate the result.
+        let violations = validate::validate(kind.kind, &object, live);
+        if !violations.is_empty() {
+            return invalid(&kind, name, &violations);
+        }
+
+        // 6. No change at all: answer with the stored object as it is.
+        if let Some(e) = &existing
+            && content(&e.object) == content(&object)
+            && user_metadata(&e.object) == user_metadata(&object)
+            && field_sets(&e.managers) == field_sets(&managers)
+        {
+            return Reply::ok(e.object.clone());
+        }
+
+        // 7. Write: bump resourceVersion, and generation when content changed.
+        self.revision += 1;
+        let meta = &mut object["metadata"];
+        meta["resourceVersion"] = json!(self.revision.to_string());
+        meta["managedFields"] = fields::managed_fields(&managers);
+        match &existing {
+            None => {
+                meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+                meta["creationTimestamp"] = json!(time);
+                meta["generation"] = json!(1);
+                self.server_defaults(&kind, &mut object);
+            }
+            Some(e) => {
+                let generation = e.object["metadata"]["generation"].as_i64().unwrap_or(1);
+                let bumped = if content(&e.object) != content(&object) {
+                    generation + 1
+                } else {
+                    generation
+                };
+                object["metadata"]["generation"] = json!(bumped);
+            }
+        }
+        Self::simulate_controllers(&kind, &mut object);
+        let created = existing.is_none();
+        self.objects.insert(
+            key,
+            Entry {
+                object: object.clone(),
+                managers,
+            },
+        );
+        Reply {
+            code: if created { 201 } else { 200 },
+            body: object,
+        }
+    }
+
+    /// What the server fills in on create: a Service's cluster IP, a Secret's type, a
+    /// Namespace's phase.
+    fn server_defaults(&mut self, kind: &Kind, object: &mut Value) {
+        match kind.kind {
+            "Service" if object["spec"]["type"].as_str() != Some("ExternalName") => {
+                self.cluster_ips += 1;
+                let n = self.cluster_ips;
+                let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+                object["spec"]["clusterIP"] = json!(ip);
+                object["spec"]["clusterIPs"] = json!([ip]);
+            }
+            "Secret" if object["type"].is_null() => object["type"] = json!("Opaque"),
+            "Namespace" => object["status"] = json!({"phase": "Active"}),
+            _ => {}
+        }
+    }
+
+    /// Stands in for the workload controllers: a Deployment or StatefulSet is immediately
+    /// observed and fully ready at its desired replica count.
+    fn simulate_controllers(kind: &Kind, object: &mut Value) {
+        if matches!(kind.kind, "Deployment" | "StatefulSet") {
+            let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+            object["status"] = json!({
+                "observedGeneration": object["metadata"]["generation"],
+                "replicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+                "updatedReplicas": replicas,
+            });
+        }
+    }
+}
+
+fn field_sets(managers: &BTreeMap<String, ManagerEntry>) -> BTreeMap<&String, &FieldSet> {
+    managers.iter().map(|(m, e)| (m, &e.fields)).collect()
+}
+
+/// 409 Conflict as server-side apply reports it.
+fn conflict(kind: &Kind, name: &str, conflicts: &[(String, fields::Path)]) -> Reply {
+    let n = conflicts.len();
+    let lines: Vec<String> = conflicts
+        .iter()
+        .map(|(m, p)| format!("conflict with {m:?}: {}", fields::render(p)))
+        .collect();
+    let causes: Vec<Value> = conflicts
+        .iter()
+        .map(|(m, p)| {
+            json!({
+                "reason": "FieldManagerConflict",
+                "message": format!("conflict with {m:?}"),
+                "field": fields::render(p),
+            })
+        })
+        .collect();
+    let message = if n == 1 {
+        format!("Apply failed with 1 conflict: {}", lines.join(""))
+    } else {
+        format!("Apply failed with {n} conflicts: {}", lines.join("\n"))
+    };
+    status(
+        409,
+        "Conflict",
+        &message,
+        Some(json!({"name": name, "group": kind.group, "kind": kind.resource, "causes": causes})),
+    )
+}
+
+/// 422 Invalid with one cause per violation.
+fn invalid(kind: &Kind, name: &str, violations: &[validate::Violation]) -> Reply {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.message))
+        .collect();
+    let message = format!(
+        "{} {name:?} is invalid: {}",
+        kind.qualified_kind(),
+        if parts.len() == 1 {
+            parts.join("")
+        } else {
+            format!("[{}]", parts.join(", "))
+        }
+    );
+    let causes: Vec<Value> = violations
+        .iter()
+        .map(|v| json!({"reason": v.reason, "message": v.message, "field": v.field}))
+        .collect();
+    status(
+        422,
+        "Invalid",
+        &message,
+        Some(json!({"name": name, "group": kind.group, "kind": kind.kind, "causes": causes})),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEPLOY: Kind = KINDS[4];
+    const NS: Kind = KINDS[0];
+
+    fn deploy(replicas: i64) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "labels": {"app": "x"}},
+            "spec": {"replicas": replicas,
+                     "selector": {"matchLabels": {"app": "x"}},
+                     "template": {"metadata": {"labels": {"app": "x"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i"}]}}},
+        })
+    }
+
+    fn apply(s: &mut Store, manager: &str, force: bool, intent: Value) -> Reply {
+        s.apply(ApplyRequest {
+            kind: DEPLOY,
+            namespace: "ns",
+            name: "d",
+            manager,
+            force,
+            intent,
+        })
+    }
+
+    fn with_namespace() -> Store {
+        let mut s = Store::default();
+        let r = s.apply(ApplyRequest {
+            kind: NS,
+            namespace: "",
+            name: "ns",
+            manager: "m",
+            force: false,
+            intent: json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns"}}),
+        });
+        assert_eq!(r.code, 201, "{r:?}");
+        s
+    }
+
+    #[test]
+    fn missing_namespace_is_not_found() {
+        let mut s = Store::default();
+        let r = apply(&mut s, "m", false, deploy(1));
+        assert_eq!(r.code, 404);
+        assert_eq!(r.body["details"]["kind"], "namespaces");
+    }
+
+    #[test]
+    fn apply_creates_then_is_a_no_op_then_updates() {
+        let mut s = with_namespace();
+        let r1 = apply(&mut s, "m", false, deploy(1));
+        assert_eq!(r1.code, 201);
+        assert_eq!(r1.body["metadata"]["generation"], 1);
+        assert_eq!(r1.body["metadata"]["managedFields"][0]["manager"], "m");
+        let r2 = apply(&mut s, "m", false, deploy(1));
+        assert_eq!(r2.code, 200);
+        assert_eq!(r1.body, r2.body);
+        let r3 = apply(&mut s, "m", false, deploy(2));
+        assert_ne!(
+            r3.body["metadata"]["resourceVersion"],
+            r1.body["metadata"]["resourceVersion"]
+        );
+        assert_eq!(r3.body["metadata"]["generation"], 2);
+        assert_eq!(r3.body["spec"]["replicas"], 2);
+    }
+
+    #[test]
+    fn another_manager_conflicts_unless_forced_and_co_owns_equal_values() {
+        let mut s = with_namespace();
+        apply(&mut s, "setpoint", false, deploy(1));
+        // Same value: no conflict, shared ownership.
+        assert_eq!(apply(&mut s, "kubectl", false, deploy(1)).code, 200);
+        // Different value: conflict naming the manager and the field.
+        let r = apply(&mut s, "kubectl", false, deploy(3));
+        assert_eq!(r.code, 409, "{r:?}");
+        assert_eq!(r.body["reason"], "Conflict");
+        let msg = r.body["message"].as_str().unwrap();
+        assert!(
+            msg.contains("conflict with \"setpoint\": .spec.replicas"),
+            "{msg}"
+        );
+        // Forced: kubectl takes the field over; now setpoint conflicts.
+        assert_eq!(apply(&mut s, "kubectl", true, deploy(3)).code, 200);
+        let r = apply(&mut s, "setpoint", false, deploy(1));
+        assert_eq!(r.code, 409);
+        assert_eq!(r.body["details"]["causes"][0]["field"], ".spec.replicas");
+    }
+
+    #[test]
+    fn fields_a_manager_stops_applying_are_removed() {
+        let mut s = with_namespace();
+        let mut with_label = deploy(1);
+        with_label["metadata"]["labels"]["extra"] = json!("y");
+        apply(&mut s, "m", false, with_label);
+        let r = apply(&mut s, "m", false, deploy(1));
+        assert!(r.body["metadata"]["labels"].get("extra").is_none(), "{r:?}");
+    }
+
+    #[test]
+    fn list_filters_by_label_and_delete_reports_not_found() {
+        let mut s = with_namespace();
+        apply(&mut s, "m", false, deploy(1));
+        assert_eq!(
+            s.list(&DEPLOY, Some("ns"), "app=x").body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.list(&DEPLOY, Some("ns"), "app!=x").body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            s.list(&DEPLOY, Some("other"), "").body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(s.delete(&DEPLOY, "ns", "d").code, 200);
+        assert_eq!(s.delete(&DEPLOY, "ns", "d").code, 404);
+        assert_eq!(s.get(&DEPLOY, "ns", "d").body["reason"], "NotFound");
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_objects() {
+        let mut s = with_namespace();
+        apply(&mut s, "m", false, deploy(1));
+        assert_eq!(s.delete(&NS, "", "ns").code, 200);
+        assert_eq!(s.get(&DEPLOY, "ns", "d").code, 404);
+    }
+}

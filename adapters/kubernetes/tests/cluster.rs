@@ -1,0 +1,379 @@
+//! The Kubernetes adapter end to end: against the test server, or a real cluster when
+//! `SETPOINT_TEST_KUBECONFIG` (or `KUBECONFIG` with `SETPOINT_TEST_REAL_CLUSTER=1`) is set.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, token};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use setpoint_adapter::{Cluster, ErrorClass, SecretData};
+use setpoint_kubernetes::names::{self, LABEL_INSTANCE, LABEL_TENANT, LABEL_TOKEN};
+use setpoint_kubernetes::{FIELD_MANAGER, Fault};
+
+fn managers<K: Resource>(k: &K) -> Vec<(String, String)> {
+    k.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn apply_creates_every_object_with_names_labels_and_field_manager() {
+    let env = Env::new().await;
+    let spec = env.spec();
+    let tok = token();
+    let obs = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+
+    let name = names::object_name(spec.resource_id);
+    let ns = names::namespace_name(&env.tenant);
+    assert_eq!(obs.namespace, ns);
+    assert!(obs.complete && obs.changed, "{obs:?}");
+    assert_eq!(
+        obs.service_host.as_deref(),
+        Some(&*format!("{name}.{ns}.svc"))
+    );
+    assert_eq!(obs.objects.len(), 3);
+
+    let namespace = Api::<Namespace>::all(env.client.clone())
+        .get(&ns)
+        .await
+        .unwrap();
+    assert_eq!(namespace.labels().get(LABEL_TENANT), Some(&env.tenant));
+
+    let d: Deployment = env.api().get(&name).await.unwrap();
+    let s: Service = env.api().get(&name).await.unwrap();
+    let sec: Secret = env.api().get(&name).await.unwrap();
+    for (labels, mf) in [
+        (d.labels().clone(), managers(&d)),
+        (s.labels().clone(), managers(&s)),
+        (sec.labels().clone(), managers(&sec)),
+    ] {
+        assert_eq!(
+            labels.get(LABEL_INSTANCE),
+            Some(&spec.resource_id.to_string())
+        );
+        assert_eq!(labels.get(LABEL_TENANT), Some(&env.tenant));
+        assert_eq!(
+            labels.get(LABEL_TOKEN).map(String::as_str),
+            Some(tok.as_str())
+        );
+        assert!(
+            mf.contains(&(FIELD_MANAGER.to_owned(), "Apply".to_owned())),
+            "{mf:?}"
+        );
+    }
+    let data = sec.data.unwrap();
+    assert_eq!(data["KVX_PASSWORD"].0, b"s3cr3t-value");
+    let dspec = d.spec.unwrap();
+    assert_eq!(dspec.replicas, Some(1));
+    let env_vars = dspec.template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(
+        env_vars
+            .iter()
+            .any(|e| e.name == "KVX_BACKEND_IP" && e.value.as_deref() == Some("10.0.3.17"))
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn applying_twice_is_a_no_op() {
+    let env = Env::new().await;
+    let spec = env.spec();
+    let tok = token();
+    let first = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    let second = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    assert!(!second.changed, "{second:?}");
+    assert_eq!(
+        first.objects, second.objects,
+        "resourceVersions must not move"
+    );
+    let observed = env
+        .cluster
+        .observe_instance(spec.resource_id, &spec.tenant)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(observed.objects, first.objects);
+    assert!(!observed.changed);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn apply_after_a_spec_change_updates_the_objects() {
+    let env = Env::new().await;
+    let mut spec = env.spec();
+    let first = env.cluster.apply_instance(&token(), &spec).await.unwrap();
+    spec.replicas = 2;
+    spec.backend.private_ip = Some("10.0.9.9".to_owned());
+    spec.credentials = SecretData::from_pairs([("KVX_PASSWORD", "rotated")]);
+    let tok = token();
+    let second = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    assert!(second.changed);
+    assert_eq!(second.desired_replicas, 2);
+    for (a, b) in first.objects.iter().zip(&second.objects) {
+        assert_eq!(a.name, b.name);
+        assert_ne!(a.version, b.version, "{} must change", a.kind);
+    }
+    let name = names::object_name(spec.resource_id);
+    let d: Deployment = env.api().get(&name).await.unwrap();
+    assert_eq!(
+        d.labels().get(LABEL_TOKEN).map(String::as_str),
+        Some(tok.as_str())
+    );
+    assert_eq!(d.spec.unwrap().replicas, Some(2));
+    let sec: Secret = env.api().get(&name).await.unwrap();
+    assert_eq!(sec.data.unwrap()["KVX_PASSWORD"].0, b"rotated");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn delete_removes_everything_labelled_and_is_idempotent() {
+    let env = Env::new().await;
+    let spec = env.spec();
+    let mut other = env.spec();
+    other.resource_id = uuid::Uuid::new_v4();
+    env.cluster.apply_instance(&token(), &spec).await.unwrap();
+    env.cluster.apply_instance(&token(), &other).await.unwrap();
+
+    let tok = token();
+    let out = env
+        .cluster
+        .delete_instance(&tok, spec.resource_id, &spec.tenant)
+        .await
+        .unwrap();
+    assert!(!out.already_absent);
+    assert_eq!(out.deleted.len(), 3, "{out:?}");
+
+    let selector = format!("{LABEL_INSTANCE}={}", spec.resource_id);
+    let lp = ListParams::default().labels(&selector);
+    assert!(
+        env.api::<Deployment>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        env.api::<Service>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        env.api::<Secret>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        env.cluster
+            .observe_instance(spec.resource_id, &spec.tenant)
+            .await
+            .unwrap(),
+        None
+    );
+    // The other instance of the tenant is untouched.
+    assert!(
+        env.cluster
+            .observe_instance(other.resource_id, &other.tenant)
+            .await
+            .unwrap()
+            .is_some_and(|o| o.complete)
+    );
+
+    // Twice: success, nothing left.
+    let again = env
+        .cluster
+        .delete_instance(&tok, spec.resource_id, &spec.tenant)
+        .await
+        .unwrap();
+    assert!(again.already_absent && again.deleted.is_empty());
+    // A tenant that never had a namespace: success too.
+    let none = env
+        .cluster
+        .delete_instance(&tok, uuid::Uuid::new_v4(), "never-existed-tenant")
+        .await
+        .unwrap();
+    assert!(none.already_absent);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_field_owned_by_another_manager_is_a_clear_permanent_error() {
+    let env = Env::new().await;
+    let spec = env.spec();
+    env.cluster.apply_instance(&token(), &spec).await.unwrap();
+
+    // Someone scales the Deployment by hand with their own apply, forcing ownership.
+    let name = names::object_name(spec.resource_id);
+    let manual = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": 5},
+    });
+    env.api::<Deployment>()
+        .patch(
+            &name,
+            &PatchParams::apply("ops-team").force(),
+            &Patch::Apply(&manual),
+        )
+        .await
+        .unwrap();
+
+    let err = env
+        .cluster
+        .apply_instance(&token(), &spec)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code.as_deref(), Some("FieldManagerConflict"));
+    assert!(err.message.contains("ops-team"), "{err}");
+    assert!(err.message.contains(".spec.replicas"), "{err}");
+    assert!(err.message.contains("force_conflicts"), "{err}");
+
+    // With force_conflicts, setpoint takes the field back.
+    let mut forced_cfg = env.config.clone();
+    forced_cfg.force_conflicts = true;
+    let forced =
+        setpoint_kubernetes::KubernetesCluster::with_client(env.client.clone(), &forced_cfg);
+    let obs = forced.apply_instance(&token(), &spec).await.unwrap();
+    assert_eq!(obs.desired_replicas, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_invalid_object_is_permanent() {
+    let env = Env::new().await;
+    let mut spec = env.spec();
+    spec.credentials = SecretData::from_pairs([("not a valid key!", "x")]);
+    let err = env
+        .cluster
+        .apply_instance(&token(), &spec)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code.as_deref(), Some("Invalid"));
+    assert!(err.message.contains("not a valid key!"), "{err}");
+    assert!(
+        !err.message.contains("\"x\""),
+        "no secret values in errors: {err}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn throttling_is_transient_and_carries_retry_after() {
+    let env = Env::new().await;
+    let Some(server) = &env.server else {
+        eprintln!("skipped: fault injection needs the test server");
+        return;
+    };
+    server.inject(
+        Fault::Status {
+            code: 429,
+            retry_after: Some(7),
+        },
+        1,
+    );
+    let err = env
+        .cluster
+        .apply_instance(&token(), &env.spec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
+    // The fault is used up: the retry succeeds.
+    env.cluster
+        .apply_instance(&token(), &env.spec())
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn server_errors_and_dropped_connections_are_transient() {
+    let env = Env::new().await;
+    let Some(server) = &env.server else {
+        eprintln!("skipped: fault injection needs the test server");
+        return;
+    };
+    for code in [500, 503] {
+        server.inject(
+            Fault::Status {
+                code,
+                retry_after: None,
+            },
+            1,
+        );
+        let err = env
+            .cluster
+            .apply_instance(&token(), &env.spec())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Transient, "{code}: {err}");
+    }
+    server.inject(Fault::Hangup, 1);
+    let err = env
+        .cluster
+        .delete_instance(&token(), uuid::Uuid::new_v4(), &env.tenant)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn timeouts_are_transient() {
+    let env = Env::with(|c| c.request_timeout_secs = 1).await;
+    let Some(server) = &env.server else {
+        eprintln!("skipped: fault injection needs the test server");
+        return;
+    };
+    // Far longer than the client's timeout, so the outcome does not depend on machine speed.
+    server.inject(Fault::Delay(Duration::from_secs(120)), 1);
+    let err = env
+        .cluster
+        .observe_instance(uuid::Uuid::new_v4(), &env.tenant)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert_eq!(err.code.as_deref(), Some("timeout"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn connection_refused_is_transient() {
+    let mut env = Env::new().await;
+    let Some(server) = env.server.as_mut() else {
+        eprintln!("skipped: needs the test server");
+        return;
+    };
+    server.stop().await;
+    let err = env
+        .cluster
+        .apply_instance(&token(), &env.spec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert_eq!(err.code.as_deref(), Some("connection"), "{err}");
+}
