@@ -350,6 +350,34 @@ impl TempCluster {
         Ok(())
     }
 
+    /// Stops and removes the cluster when process `pid` ends, even if this handle is never
+    /// dropped (a `static` in a test binary): a small shell watchdog outlives nothing else.
+    pub fn stop_when_process_exits(&self, pid: u32) -> Result<(), ClusterError> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+             {runas}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            runas = if is_root() {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            },
+            pg_ctl = pg_ctl.display(),
+            data = data.display(),
+            dir = self.dir.display(),
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io("starting the cluster watchdog"))?;
+        Ok(())
+    }
+
     /// The port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port

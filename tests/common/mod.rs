@@ -1,0 +1,218 @@
+//! Helpers shared by the engine's integration tests: databases, runtimes, child engine
+//! processes, and waiting for a condition (with a generous limit that only guards against a
+//! hung test; no test asserts on speed).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use setpoint::dev::testdb::{TestDb, test_db};
+use setpoint::worker::builtin::Probe;
+use setpoint::{Registry, Runtime, WorkerConfig};
+use setpoint_adapter::typed;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any wait may take before the test is declared hung.
+pub const HUNG: Duration = Duration::from_secs(120);
+
+/// A fresh database with the `probe_runs` table the probe kind records into.
+pub async fn db() -> TestDb {
+    let db = test_db().await.expect("test database");
+    sqlx::query(
+        "CREATE TABLE probe_runs (work_id bigint, token text, attempt int, worker text,
+                                  phase text, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("probe_runs");
+    db
+}
+
+/// Polls `f` until it returns `Some`, panicking after [`HUNG`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < HUNG, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the work table is empty.
+pub async fn wait_drained(pool: &PgPool) {
+    wait_for("the queue to drain", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM work")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await
+}
+
+/// A worker config for tests: short intervals so tests run fast.
+pub fn fast_config(worker_id: &str) -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 16,
+        claim_batch: 16,
+        lease: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(10),
+        backoff: setpoint::worker::Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+        },
+        worker_id: Some(worker_id.to_owned()),
+        ..WorkerConfig::default()
+    }
+}
+
+/// A runtime running in this process; stop it with [`InProcess::stop`].
+pub struct InProcess {
+    pub stop: CancellationToken,
+    pub handle: JoinHandle<()>,
+}
+
+impl InProcess {
+    /// Cancels the runtime and waits for its graceful shutdown.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.expect("runtime task");
+    }
+}
+
+/// Starts a runtime with the probe kind and `extra` handlers.
+pub fn start_runtime(pool: &PgPool, config: WorkerConfig, extra: Registry) -> InProcess {
+    let mut registry = extra;
+    let id = config.worker_id.clone().expect("worker id");
+    registry
+        .register(typed(Probe::new(pool.clone(), id)))
+        .expect("register probe");
+    registry
+        .register(typed(setpoint::worker::builtin::Noop))
+        .expect("register noop");
+    let runtime = Runtime::new(pool.clone(), registry, config).expect("runtime");
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(runtime.run(stop.clone()));
+    InProcess { stop, handle }
+}
+
+/// A `setpoint serve` child process; killed (SIGKILL) when dropped.
+pub struct EngineProcess {
+    pub child: Child,
+    pub worker_id: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl EngineProcess {
+    /// Starts `setpoint serve` against `url` with the probe kind, extra env and args.
+    pub fn start(url: &str, worker_id: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+        cmd.args([
+            "serve",
+            "--enable-probe",
+            "--poll-interval",
+            "100ms",
+            "--lease",
+            "2s",
+        ])
+        .args(["--worker-id", worker_id, "--backoff-base", "100ms"])
+        .args(args)
+        .env("SETPOINT_DATABASE_URL", url)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env_remove("SETPOINT_FAILPOINTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn setpoint serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Self {
+            child,
+            worker_id: worker_id.to_owned(),
+            lines,
+        }
+    }
+
+    /// True once the process printed a line containing `needle`.
+    pub fn printed(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+
+    /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM").
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit and returns whether it exited successfully.
+    pub async fn wait_exit(&mut self) -> bool {
+        wait_for("the engine process to exit", || {
+            let r = self.child.try_wait().expect("try_wait");
+            async move { r }
+        })
+        .await
+        .success()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Events of `event` kind per unit: (work_id, count).
+pub async fn event_counts(pool: &PgPool, event: &str) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT work_id, count(*) FROM work_events WHERE event = $1 GROUP BY work_id ORDER BY work_id",
+    )
+    .bind(event)
+    .fetch_all(pool)
+    .await
+    .expect("event counts")
+}
+
+/// The events of one unit as (event, attempt, worker).
+pub async fn history(pool: &PgPool, work_id: i64) -> Vec<(String, Option<i32>, Option<String>)> {
+    sqlx::query_as("SELECT event, attempt, worker FROM work_events WHERE work_id = $1 ORDER BY id")
+        .bind(work_id)
+        .fetch_all(pool)
+        .await
+        .expect("history")
+}

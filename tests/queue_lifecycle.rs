@@ -1,0 +1,463 @@
+//! The work-row life cycle against a real PostgreSQL, in one process: retries and backoff,
+//! parking, operator retry and cancel, bad units, fencing, follow-ups, resource updates,
+//! heartbeats and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use setpoint::Registry;
+use setpoint::queue::{self, NewWork, QueueError};
+use setpoint::store::work::{
+    Completion, work_claim, work_complete_if_leased, work_enqueue, work_heartbeat,
+};
+use setpoint_adapter::{AdapterError, BoxFuture, Handler, IdempotencyToken, Outcome, WorkContext};
+use uuid::Uuid;
+
+async fn enqueue(pool: &sqlx::PgPool, unit: NewWork) -> i64 {
+    let mut tx = pool.begin().await.unwrap();
+    let e = queue::enqueue(&mut tx, unit).await.unwrap();
+    tx.commit().await.unwrap();
+    e.id
+}
+
+async fn state(pool: &sqlx::PgPool, id: i64) -> Option<String> {
+    sqlx::query_scalar("SELECT state::text FROM work WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_state(pool: &sqlx::PgPool, id: i64, want: Option<&str>) {
+    wait_for(&format!("unit {id} to be {want:?}"), || async {
+        (state(pool, id).await.as_deref() == want).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn transient_errors_retry_with_growing_delays_then_succeed() {
+    let db = db().await;
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"fail_transient_until_attempt": 3})),
+    )
+    .await;
+    wait_state(&db.pool, id, None).await;
+    rt.stop().await;
+
+    let h = history(&db.pool, id).await;
+    let events: Vec<&str> = h.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "enqueued",
+            "claimed",
+            "failed",
+            "claimed",
+            "failed",
+            "claimed",
+            "failed",
+            "claimed",
+            "succeeded"
+        ]
+    );
+    // The delays asked for never shrink, and each retry waited at least that long.
+    let rows: Vec<(String, Option<Value>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT event, detail, at FROM work_events WHERE work_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut delays = Vec::new();
+    for (i, (event, detail, at)) in rows.iter().enumerate() {
+        if event == "failed" {
+            let ms = detail.as_ref().unwrap()["retry_in_ms"].as_i64().unwrap();
+            let next_claim = &rows[i + 1];
+            assert_eq!(next_claim.0, "claimed");
+            assert!(
+                (next_claim.2 - *at).num_milliseconds() >= ms - 5,
+                "retried before its backoff"
+            );
+            delays.push(ms);
+        }
+    }
+    assert_eq!(delays.len(), 3);
+    assert!(
+        delays.windows(2).all(|w| w[0] <= w[1]),
+        "delays {delays:?} shrank"
+    );
+    assert!(
+        delays[2] >= 200,
+        "third delay {delays:?} should be at least 2x base/2"
+    );
+}
+
+#[tokio::test]
+async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
+    let db = db().await;
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new(
+            "setpoint.probe",
+            json!({"fail_permanent": "AMI ami-123 does not exist"}),
+        ),
+    )
+    .await;
+    wait_state(&db.pool, id, Some("parked")).await;
+    let row = setpoint::store::work::work_get(&mut *db.pool.acquire().await.unwrap(), id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.attempt, 1, "a permanent error must not be retried");
+    assert_eq!(
+        row.last_error.as_deref(),
+        Some("AMI ami-123 does not exist")
+    );
+    assert_eq!(row.last_error_class.as_deref(), Some("permanent"));
+
+    // Retry: runs again (and parks again, the cause being unchanged).
+    let mut tx = db.pool.begin().await.unwrap();
+    queue::retry_parked(&mut tx, id, "alice", 3).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_for("the retried unit to run and park again", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM work_events WHERE work_id = $1 AND event = 'parked'",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (n == 2).then_some(())
+    })
+    .await;
+
+    // Cancel removes it; retry and cancel of a finished unit explain themselves.
+    let mut tx = db.pool.begin().await.unwrap();
+    queue::cancel_parked(&mut tx, id, "alice", "AMI retired")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(state(&db.pool, id).await, None);
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(matches!(
+        queue::retry_parked(&mut conn, id, "alice", 1).await,
+        Err(QueueError::Finished(_))
+    ));
+    assert!(matches!(
+        queue::cancel_parked(&mut conn, 999_999, "alice", "x").await,
+        Err(QueueError::NotFound(_))
+    ));
+    let report = queue::show(&mut conn, &id.to_string()).await.unwrap();
+    let last = report.events.last().unwrap();
+    assert_eq!(last.event, "cancelled");
+    assert_eq!(last.message.as_deref(), Some("AMI retired"));
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| e.event == "retried" && e.worker.as_deref() == Some("alice"))
+    );
+    rt.stop().await;
+}
+
+#[tokio::test]
+async fn retry_of_a_pending_unit_is_refused() {
+    let db = db().await;
+    let id = enqueue(&db.pool, NewWork::new("setpoint.noop", json!({}))).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    match queue::retry_parked(&mut conn, id, "op", 1).await {
+        Err(QueueError::NotParked { state, .. }) => assert_eq!(state, "pending"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn attempts_run_out_then_the_unit_parks() {
+    let db = db().await;
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new(
+            "setpoint.probe",
+            json!({"fail_transient_until_attempt": 100}),
+        )
+        .max_attempts(2),
+    )
+    .await;
+    wait_state(&db.pool, id, Some("parked")).await;
+    rt.stop().await;
+    let msg: String = sqlx::query_scalar("SELECT last_error FROM work WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(msg.starts_with("gave up after 2 attempts"), "{msg}");
+}
+
+struct Panics;
+impl Handler for Panics {
+    fn kind(&self) -> &str {
+        "test.panics"
+    }
+    fn handle<'a>(
+        &'a self,
+        _: &'a WorkContext,
+        _: &'a Value,
+    ) -> BoxFuture<'a, Result<Outcome, AdapterError>> {
+        Box::pin(async { panic!("boom") })
+    }
+}
+
+#[tokio::test]
+async fn bad_units_park_with_a_clear_error_and_the_worker_keeps_running() {
+    let db = db().await;
+    let mut extra = Registry::new();
+    extra.register(Panics).unwrap();
+    let rt = start_runtime(&db.pool, fast_config("w1"), extra);
+    let bad_spec = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"sleep_ms": "soon"})),
+    )
+    .await;
+    let unknown = enqueue(&db.pool, NewWork::new("dns.ensure-record", json!({}))).await;
+    let panics = enqueue(&db.pool, NewWork::new("test.panics", json!({}))).await;
+    for id in [bad_spec, unknown, panics] {
+        wait_state(&db.pool, id, Some("parked")).await;
+    }
+    let err = |id: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT last_error FROM work WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let e = err(bad_spec).await;
+    assert!(
+        e.contains("not valid for its kind") && e.contains("setpoint.probe"),
+        "{e}"
+    );
+    let e = err(unknown).await;
+    assert!(
+        e.contains("no handler is registered for work kind \"dns.ensure-record\""),
+        "{e}"
+    );
+    let e = err(panics).await;
+    assert!(e.contains("panicked: boom"), "{e}");
+    // Still working.
+    let ok = enqueue(&db.pool, NewWork::new("setpoint.noop", json!({}))).await;
+    wait_state(&db.pool, ok, None).await;
+    rt.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_worker_commits_nothing() {
+    let db = db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let token = IdempotencyToken::generate();
+    let unit = NewWork::new("setpoint.noop", json!({})).with_token(token.clone());
+    work_enqueue(&mut conn, &[unit]).await.unwrap();
+    let a = work_claim(&mut conn, "A", 10, 60_000).await.unwrap();
+    assert_eq!(a.len(), 1);
+    // A stalls; its lease runs out and B takes the unit over.
+    sqlx::query("UPDATE work SET lease_expires_at = now() - interval '1 second'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let b = work_claim(&mut conn, "B", 10, 60_000).await.unwrap();
+    assert_eq!(b.len(), 1);
+    assert!(b[0].rescued);
+    assert_eq!(b[0].attempt, 2);
+    // A wakes up: its heartbeat, completion and failure change nothing.
+    assert!(
+        work_heartbeat(&mut conn, "A", &[(a[0].id, 1)], 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stale = [Completion {
+        id: a[0].id,
+        attempt: 1,
+        detail: json!({}),
+    }];
+    assert!(
+        work_complete_if_leased(&mut conn, "A", &stale)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let f = setpoint::store::work::Failure {
+        id: a[0].id,
+        attempt: 1,
+        class: "transient".into(),
+        message: "late".into(),
+        detail: json!({}),
+        action: setpoint::store::work::FailureAction::Retry { delay_ms: 0 },
+    };
+    assert!(
+        setpoint::store::work::work_fail_if_leased(&mut conn, "A", &f)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(state(&db.pool, a[0].id).await.as_deref(), Some("running"));
+    // B's completion applies, once.
+    let fresh = [Completion {
+        id: b[0].id,
+        attempt: 2,
+        detail: json!({}),
+    }];
+    assert_eq!(
+        work_complete_if_leased(&mut conn, "B", &fresh)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        work_complete_if_leased(&mut conn, "B", &fresh)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        event_counts(&db.pool, "succeeded").await,
+        vec![(a[0].id, 1)]
+    );
+}
+
+#[tokio::test]
+async fn a_follow_up_token_can_be_enqueued_only_once() {
+    let db = db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let parent = IdempotencyToken::generate();
+    let child = || NewWork::new("setpoint.noop", json!({})).with_token(parent.derive("next"));
+    assert_eq!(work_enqueue(&mut conn, &[child()]).await.unwrap().len(), 1);
+    assert_eq!(
+        work_enqueue(&mut conn, &[child(), child()])
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM work")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn completion_records_observed_state_follow_ups_and_ends_active_work() {
+    let db = db().await;
+    let resource = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO instances (id, tenant, name, spec, has_active_work) VALUES ($1, 'acme', 'cache-1', '{}', true)",
+    )
+    .bind(resource)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let token = IdempotencyToken::generate();
+    let id = enqueue(
+        &db.pool,
+        NewWork::new(
+            "setpoint.probe",
+            json!({"observed": {"ec2_instance_id": "i-1"}, "then": "step-2", "record": true}),
+        )
+        .with_token(token.clone())
+        .for_resource(resource, "acme"),
+    )
+    .await;
+    wait_drained(&db.pool).await;
+    rt.stop().await;
+    let (observed, active): (Value, bool) =
+        sqlx::query_as("SELECT observed, has_active_work FROM instances WHERE id = $1")
+            .bind(resource)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(observed, json!({"ec2_instance_id": "i-1"}));
+    assert!(
+        !active,
+        "the chain ended, so has_active_work must be cleared"
+    );
+    // The follow-up ran with the derived token, for the same resource.
+    let (follow_token, parent): (String, Value) = sqlx::query_as(
+        "SELECT p.token, e.detail FROM probe_runs p
+         JOIN work_events e ON e.work_id = p.work_id AND e.event = 'enqueued'
+         WHERE p.phase = 'end' AND p.work_id <> $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(follow_token, token.derive("step-2").to_string());
+    assert_eq!(parent, json!({"parent_id": id}));
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_long_unit_from_being_taken_over() {
+    let db = db().await;
+    let cfg = |id: &str| {
+        let mut c = fast_config(id);
+        c.lease = Duration::from_millis(600);
+        c.heartbeat_interval = Duration::from_millis(150);
+        c
+    };
+    let a = start_runtime(&db.pool, cfg("A"), Registry::new());
+    let b = start_runtime(&db.pool, cfg("B"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"sleep_ms": 2500, "record": true})),
+    )
+    .await;
+    wait_state(&db.pool, id, None).await;
+    a.stop().await;
+    b.stop().await;
+    let starts: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs WHERE phase = 'start'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        starts,
+        1,
+        "the unit ran twice: {:?}",
+        history(&db.pool, id).await
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_running_units_finish() {
+    let db = db().await;
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"sleep_ms": 700, "record": true})),
+    )
+    .await;
+    wait_for("the unit to start", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    rt.stop().await;
+    assert_eq!(
+        state(&db.pool, id).await,
+        None,
+        "the running unit should have completed"
+    );
+    assert_eq!(event_counts(&db.pool, "succeeded").await, vec![(id, 1)]);
+}

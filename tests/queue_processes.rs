@@ -1,0 +1,247 @@
+//! The queue across processes and failures, against a real PostgreSQL: several workers and
+//! engine processes draining one queue, an engine killed mid-unit, a stalled worker whose lease
+//! was taken over, and PostgreSQL restarted under running workers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use setpoint::Registry;
+use setpoint::dev::postgres::{ClusterOptions, TempCluster};
+use setpoint::queue::NewWork;
+use setpoint::store::work::work_enqueue;
+use setpoint_adapter::failpoint;
+
+async fn enqueue_probes(pool: &sqlx::PgPool, n: usize, spec: serde_json::Value) -> Vec<i64> {
+    let units: Vec<NewWork> = (0..n)
+        .map(|_| NewWork::new("setpoint.probe", spec.clone()))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    let ids = work_enqueue(&mut tx, &units)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// Every unit has exactly one `succeeded` event and exactly one recorded run that ended.
+async fn assert_exactly_once(pool: &sqlx::PgPool, ids: &[i64]) {
+    let succeeded = event_counts(pool, "succeeded").await;
+    assert_eq!(succeeded.len(), ids.len(), "every unit must succeed");
+    assert!(
+        succeeded.iter().all(|(_, n)| *n == 1),
+        "a completion applied twice"
+    );
+    let ends: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT work_id, count(*) FROM probe_runs WHERE phase = 'end' GROUP BY 1 HAVING count(*) <> 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        ends.is_empty(),
+        "units that ran to the end more than once: {ends:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_workers_and_two_processes_drain_one_queue_exactly_once() {
+    let db = db().await;
+    let ids = enqueue_probes(&db.pool, 3000, json!({"record": true, "sleep_ms": 1})).await;
+    let p1 = EngineProcess::start(&db.url, "proc-1", &[], &["--concurrency", "8"]);
+    let p2 = EngineProcess::start(&db.url, "proc-2", &[], &["--concurrency", "8"]);
+    let a = start_runtime(&db.pool, fast_config("task-a"), Registry::new());
+    let b = start_runtime(&db.pool, fast_config("task-b"), Registry::new());
+    wait_drained(&db.pool).await;
+    a.stop().await;
+    b.stop().await;
+    assert_exactly_once(&db.pool, &ids).await;
+    // Everyone took part, and no unit ran twice at once: one start per unit (no lease expired).
+    let workers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT worker FROM probe_runs ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        workers,
+        ["proc-1", "proc-2", "task-a", "task-b"],
+        "{}",
+        p1.output()
+    );
+    let doubles: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT work_id FROM probe_runs WHERE phase = 'start' GROUP BY 1 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(doubles, 0, "a unit started twice while its lease was valid");
+    drop((p1, p2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_engine_was_killed_is_completed_once_by_another() {
+    let db = db().await;
+    let ids = enqueue_probes(
+        &db.pool,
+        1,
+        json!({"record": true, "failpoint": "probe.mid"}),
+    )
+    .await;
+    let mut victim = EngineProcess::start(
+        &db.url,
+        "victim",
+        &[("SETPOINT_FAILPOINTS", "probe.mid")],
+        &[],
+    );
+    wait_for("the victim to reach the failpoint", || async {
+        victim
+            .printed(&failpoint::marker("probe.mid"))
+            .then_some(())
+    })
+    .await;
+    victim.signal("KILL");
+    assert!(!victim.wait_exit().await);
+    let rescuer = EngineProcess::start(&db.url, "rescuer", &[], &[]);
+    wait_drained(&db.pool).await;
+    assert_exactly_once(&db.pool, &ids).await;
+    let h = history(&db.pool, ids[0]).await;
+    let h: Vec<(&str, Option<i32>, Option<&str>)> = h
+        .iter()
+        .map(|(e, a, w)| (e.as_str(), *a, w.as_deref()))
+        .collect();
+    assert_eq!(
+        h,
+        [
+            ("enqueued", None, None),
+            ("claimed", Some(1), Some("victim")),
+            ("rescued", Some(2), Some("rescuer")),
+            ("succeeded", Some(2), Some("rescuer")),
+        ]
+    );
+    drop(rescuer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_worker_finishing_after_takeover_commits_nothing() {
+    let db = db().await;
+    let ids = enqueue_probes(
+        &db.pool,
+        1,
+        json!({"record": true, "sleep_ms": 1500, "then": "next"}),
+    )
+    .await;
+    let mut stale = EngineProcess::start(&db.url, "stale", &[], &[]);
+    wait_for("the stale worker to start the unit", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs WHERE worker = 'stale'")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    // Freeze it: no heartbeats, so its 2 s lease runs out and another engine takes over.
+    stale.signal("STOP");
+    let fresh = EngineProcess::start(&db.url, "fresh", &[], &[]);
+    wait_drained(&db.pool).await;
+    // Thaw it: it finishes the unit and tries to complete it (with its follow-up), then stops.
+    stale.signal("CONT");
+    wait_for("the stale worker to finish its run", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM probe_runs WHERE worker = 'stale' AND phase = 'end'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (n >= 1).then_some(())
+    })
+    .await;
+    stale.signal("TERM");
+    assert!(stale.wait_exit().await, "{}", stale.output());
+    wait_drained(&db.pool).await;
+    drop(fresh);
+
+    let parent = ids[0];
+    let succeeded = event_counts(&db.pool, "succeeded").await;
+    assert_eq!(
+        succeeded.len(),
+        2,
+        "the parent and exactly one follow-up: {succeeded:?}"
+    );
+    assert!(succeeded.iter().all(|(_, n)| *n == 1));
+    let by: Vec<String> = sqlx::query_scalar(
+        "SELECT worker FROM work_events WHERE work_id = $1 AND event = 'succeeded'",
+    )
+    .bind(parent)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by,
+        ["fresh"],
+        "only the worker holding the lease may complete"
+    );
+    let children: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM work_events WHERE event = 'enqueued' AND detail->>'parent_id' = $1::text",
+    )
+    .bind(parent)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(children, 1, "the follow-up was enqueued more than once");
+    assert!(stale.printed("completions discarded"), "{}", stale.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_carry_on_after_postgresql_restarts() {
+    // Its own cluster: this test stops the server.
+    let mut cluster = tokio::task::spawn_blocking(|| TempCluster::start(ClusterOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.url("postgres");
+    let pool = setpoint::store::connect(&url, 20).await.unwrap();
+    setpoint::store::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE probe_runs (work_id bigint, token text, attempt int, worker text,
+                                  phase text, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ids = enqueue_probes(&pool, 1500, json!({"record": true, "sleep_ms": 2})).await;
+    let mut cfg = fast_config("survivor");
+    cfg.lease = std::time::Duration::from_secs(60);
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let rt = start_runtime(&pool, cfg, Registry::new());
+    let proc_ = EngineProcess::start(&url, "proc", &[], &["--lease", "60s", "--concurrency", "4"]);
+    wait_for("some progress", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs WHERE phase = 'end'")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (n >= 100).then_some(())
+    })
+    .await;
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop_server().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster.start_server().unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    wait_drained(&pool).await;
+    rt.stop().await;
+    assert_exactly_once(&pool, &ids).await;
+    drop(proc_);
+    pool.close().await;
+    tokio::task::spawn_blocking(move || cluster.stop_server())
+        .await
+        .unwrap()
+        .unwrap();
+}
