@@ -1,1 +1,49 @@
-//! setpoint-ec2: placeholder, built in its own issue.
+//! # setpoint-ec2: the EC2 adapter of setpoint
+//!
+//! Implements the SDK's [`Compute`](setpoint_adapter::Compute) trait on Amazon EC2 with
+//! aws-sdk-ec2 (rustls + ring, hyper 1), and the work kinds `ec2.ensure-instance` and
+//! `ec2.terminate-instance`. The same code talks to AWS or to a moto server: only
+//! [`Ec2Config::endpoint_url`] differs.
+//!
+//! ## A retry never launches a second instance
+//! `ensure` first looks for a live instance tagged `setpoint:token=<token>` and adopts it; only
+//! if there is none does it call `RunInstances`, with `ClientToken = token` and the tags set in
+//! the same call. A retry uses the same subnet (chosen from the token), since EC2 scopes client
+//! tokens to an AZ. Terminate treats "already terminated" and "not found" as success.
+//!
+//! ## Using it in the engine
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config: setpoint_ec2::Ec2Config = toml::from_str(r#"region = "us-east-1""#)?;
+//! let compute = setpoint_ec2::Ec2Compute::connect(config).await?;
+//! for handler in setpoint_ec2::handlers(&compute) {
+//!     // registry.register_arc(handler)?;
+//!     let _ = handler;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: [`Ec2Config`] (the `[ec2]` TOML table) and building the client.
+//! - [`compute`]: [`Ec2Compute`], tags, failpoints, waiting for `running`.
+//! - [`classify`]: the one function that makes EC2 failures transient or permanent.
+//! - [`handlers`](mod@handlers): the `ec2.*` work kinds.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod compute;
+pub mod config;
+pub mod handlers;
+
+pub use classify::{CAPACITY_RETRY_AFTER, THROTTLE_RETRY_AFTER, classify, classify_code};
+pub use compute::{
+    Ec2Compute, FAILPOINT_AFTER_RUN, FAILPOINT_BEFORE_RUN, TAG_MANAGED, TAG_RESOURCE, TAG_TENANT,
+    TAG_TOKEN,
+};
+pub use config::{ConfigError, DEFAULT_INSTANCE_TYPE, Ec2Config, PlanConfig, TimeoutsConfig};
+pub use handlers::{
+    EnsureInstance, EnsureInstanceSpec, KIND_ENSURE_INSTANCE, KIND_TERMINATE_INSTANCE,
+    PENDING_RETRY_AFTER, TerminateInstance, TerminateInstanceSpec, handlers,
+};

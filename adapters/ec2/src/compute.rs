@@ -1,0 +1,673 @@
+//! [`Ec2Compute`]: the SDK's [`Compute`] trait on Amazon EC2 (or moto).
+//!
+//! Every instance it launches carries four tags, set atomically by `RunInstances`:
+//! [`TAG_TOKEN`] (the launching unit's token), [`TAG_RESOURCE`] (the setpoint resource id),
+//! [`TAG_TENANT`] and [`TAG_MANAGED`]`=true`, plus `Name`. `ensure` looks for the token tag
+//! before it launches anything and passes the token as `ClientToken` too: the tag lookup works
+//! forever and on moto, the client token covers EC2's eventually consistent `DescribeInstances`
+//! right after a launch.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::{Filter, Instance, InstanceType, ResourceType, Tag, TagSpecification};
+use setpoint_adapter::failpoint;
+use setpoint_adapter::{
+    AdapterError, BoxFuture, Compute, ErrorClass, IdempotencyToken, InstanceObservation,
+    InstanceRequest, InstanceState, TerminateOutcome, TerminateRequest,
+};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::classify::classify;
+use crate::config::{ConfigError, Ec2Config};
+
+/// Tag holding the token of the unit that launched the instance.
+pub const TAG_TOKEN: &str = "setpoint:token";
+/// Tag holding the setpoint resource id (the `instances` row) the instance belongs to.
+pub const TAG_RESOURCE: &str = "setpoint:instance-id";
+/// Tag holding the tenant owning the resource.
+pub const TAG_TENANT: &str = "setpoint:tenant";
+/// Tag marking instances setpoint manages (value `true`); terminate touches nothing else.
+pub const TAG_MANAGED: &str = "setpoint:managed";
+
+/// Failpoint reached right before `RunInstances` is sent.
+pub const FAILPOINT_BEFORE_RUN: &str = "ec2.before-run-instances";
+/// Failpoint reached right after `RunInstances` returned successfully.
+pub const FAILPOINT_AFTER_RUN: &str = "ec2.after-run-instances";
+
+/// States in which an instance still exists (what `ensure` adopts).
+const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+/// Keeps this much of the deadline free when polling, for the last call to return.
+const POLL_MARGIN: Duration = Duration::from_millis(500);
+
+/// The EC2 implementation of [`Compute`]. Cheap to clone (the client is shared).
+#[derive(Debug, Clone)]
+pub struct Ec2Compute {
+    client: Client,
+    config: Arc<Ec2Config>,
+}
+
+/// How to wait for `running`: pauses start at `initial` and double up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PollPolicy {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Ec2Compute {
+    /// Connects with the standard AWS credential chain.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the configuration is invalid; nothing is sent to AWS yet.
+    pub async fn connect(config: Ec2Config) -> Result<Self, ConfigError> {
+        let client = config.client().await?;
+        Ok(Self::from_client(client, config))
+    }
+
+    /// Uses an already built client (e.g. from
+    /// [`Ec2Config::client_with_credentials`]) with `config`'s launch settings.
+    pub fn from_client(client: Client, config: Ec2Config) -> Self {
+        Self {
+            client,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The EC2 client, for tools and tests.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The configuration this adapter launches with.
+    pub fn config(&self) -> &Ec2Config {
+        &self.config
+    }
+
+    fn poll_policy(&self) -> PollPolicy {
+        PollPolicy {
+            initial: Duration::from_millis(self.config.timeouts.poll_initial_ms),
+            max: Duration::from_millis(self.config.timeouts.poll_max_ms),
+        }
+    }
+
+    /// Every instance matching `filters` (all pages).
+    async fn describe(
+        &self,
+        filters: Vec<Filter>,
+        ids: Vec<String>,
+    ) -> Result<Vec<Instance>, AdapterError> {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_instances()
+                .set_filters(Some(filters.clone()).filter(|f| !f.is_empty()))
+                .set_instance_ids(Some(ids.clone()).filter(|i| !i.is_empty()))
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| classify("DescribeInstances", &e))?;
+            for reservation in page.reservations() {
+                out.extend(reservation.instances().iter().cloned());
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Live (not terminated, not shutting down) managed instances carrying `tag=value`,
+    /// oldest first.
+    async fn live_tagged(&self, tag: &str, value: &str) -> Result<Vec<Instance>, AdapterError> {
+        let mut found = self
+            .describe(
+                vec![
+                    filter(&format!("tag:{tag}"), [value]),
+                    filter(&format!("tag:{TAG_MANAGED}"), ["true"]),
+                    filter("instance-state-name", LIVE_STATES),
+                ],
+                Vec::new(),
+            )
+            .await?;
+        found.sort_by_key(|i| {
+            (
+                i.launch_time().map(|t| (t.secs(), t.subsec_nanos())),
+                i.instance_id().map(str::to_owned),
+            )
+        });
+        Ok(found)
+    }
+
+    /// The instance launched with `token`, if any is live.
+    async fn observe_by_token(
+        &self,
+        token: &IdempotencyToken,
+    ) -> Result<Option<InstanceObservation>, AdapterError> {
+        let found = self.live_tagged(TAG_TOKEN, token.as_str()).await?;
+        if found.len() > 1 {
+            // Only possible where ClientToken is not honoured (moto) and two launches raced;
+            // adopt the oldest, leave the rest visible to an operator (and to terminate by
+            // resource, which removes them all).
+            warn!(
+                %token,
+                count = found.len(),
+                "more than one live instance carries this token; adopting the oldest"
+            );
+        }
+        Ok(found.first().and_then(|i| observation(i, true)))
+    }
+
+    /// The instance `id` as EC2 reports it now; `None` if EC2 does not know it.
+    async fn observe_by_id(&self, id: &str) -> Result<Option<Instance>, AdapterError> {
+        match self.describe(Vec::new(), vec![id.to_owned()]).await {
+            Ok(found) => Ok(found.into_iter().next()),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Image, instance type and subnet for a launch, from the request, its plan and defaults.
+    fn launch_params(
+        &self,
+        token: &IdempotencyToken,
+        req: &InstanceRequest,
+    ) -> Result<LaunchParams, AdapterError> {
+        let plan = self.config.plans.get(&req.plan);
+        if plan.is_none() {
+            warn!(%token, plan = %req.plan, "plan not configured in [ec2.plans]; using defaults");
+        }
+        let image_id = req
+            .image_id
+            .clone()
+            .or_else(|| plan.and_then(|p| p.image_id.clone()))
+            .or_else(|| self.config.default_image_id.clone())
+            .ok_or_else(|| {
+                AdapterError::permanent(format!(
+                    "no AMI configured for plan {:?}: set ec2.plans.\"{}\".image_id or \
+                     ec2.default_image_id, then retry the unit",
+                    req.plan, req.plan
+                ))
+                .with_code("ec2-no-image")
+            })?;
+        let instance_type = req
+            .instance_type
+            .clone()
+            .or_else(|| plan.and_then(|p| p.instance_type.clone()))
+            .unwrap_or_else(|| self.config.default_instance_type.clone());
+        let subnet_id = self
+            .config
+            .subnet_for(token.as_str(), req.subnet_id.as_deref());
+        Ok(LaunchParams {
+            image_id,
+            instance_type,
+            subnet_id,
+        })
+    }
+
+    async fn run_instance(
+        &self,
+        token: &IdempotencyToken,
+        req: &InstanceRequest,
+        launch: &LaunchParams,
+    ) -> Result<InstanceObservation, AdapterError> {
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("setpoint-{}", req.resource_id));
+        let resource_id = req.resource_id.to_string();
+        let tags = TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .tags(tag(TAG_TOKEN, token.as_str()))
+            .tags(tag(TAG_RESOURCE, &resource_id))
+            .tags(tag(TAG_TENANT, &req.tenant))
+            .tags(tag(TAG_MANAGED, "true"))
+            .tags(tag("Name", &name))
+            .build();
+        let call = self
+            .client
+            .run_instances()
+            .client_token(token.as_str())
+            .image_id(&launch.image_id)
+            .instance_type(InstanceType::from(launch.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .set_subnet_id(launch.subnet_id.clone())
+            .set_security_group_ids(
+                Some(self.config.security_group_ids.clone()).filter(|g| !g.is_empty()),
+            )
+            .tag_specifications(tags);
+
+        info!(
+            image_id = %launch.image_id,
+            instance_type = %launch.instance_type,
+            subnet_id = launch.subnet_id.as_deref().unwrap_or("(default)"),
+            "launching instance (RunInstances)"
+        );
+        failpoint::hit(FAILPOINT_BEFORE_RUN);
+        let out = call.send().await.map_err(|e| {
+            let e = classify("RunInstances", &e);
+            warn!(error = %e, "RunInstances failed");
+            e
+        })?;
+        failpoint::hit(FAILPOINT_AFTER_RUN);
+
+        let obs = out
+            .instances()
+            .first()
+            .and_then(|i| observation(i, false))
+            .ok_or_else(|| {
+                AdapterError::transient("RunInstances succeeded but returned no instance")
+            })?;
+        if obs.state.is_gone() {
+            return Err(gone_while_starting(&obs));
+        }
+        info!(instance_id = %obs.instance_id, state = %obs.state, "instance launched");
+        Ok(obs)
+    }
+
+    async fn ensure(
+        &self,
+        token: &IdempotencyToken,
+        req: &InstanceRequest,
+        deadline: Instant,
+    ) -> Result<InstanceObservation, AdapterError> {
+        // Observe before act: an earlier attempt may have launched the instance already.
+        let obs = match self.observe_by_token(token).await? {
+            Some(obs) => {
+                info!(
+                    instance_id = %obs.instance_id,
+                    state = %obs.state,
+                    "adopting the instance an earlier attempt launched"
+                );
+                obs
+            }
+            None => {
+                // Resolve parameters only now: a bad plan must not hide an existing instance.
+                let launch = self.launch_params(token, req)?;
+                self.run_instance(token, req, &launch).await?
+            }
+        };
+        if !self.config.wait_for_running {
+            return Ok(obs);
+        }
+        let id = obs.instance_id.clone();
+        let adopted = obs.adopted;
+        wait_until_running(obs, deadline, self.poll_policy(), || async {
+            Ok(self
+                .observe_by_id(&id)
+                .await?
+                .and_then(|i| observation(&i, adopted)))
+        })
+        .await
+    }
+
+    async fn terminate(&self, req: &TerminateRequest) -> Result<TerminateOutcome, AdapterError> {
+        if req.is_empty() {
+            return Err(AdapterError::permanent(
+                "terminate names no instance: give instance_id, resource_id or launch_token",
+            )
+            .with_code("ec2-empty-terminate"));
+        }
+        let mut outcome = TerminateOutcome::default();
+        let mut targets = BTreeSet::new();
+
+        if let Some(id) = &req.instance_id {
+            match self.observe_by_id(id).await? {
+                None => outcome.already_gone.push(id.clone()),
+                Some(i) if observation(&i, true).is_some_and(|o| o.state.is_gone()) => {
+                    outcome.already_gone.push(id.clone());
+                }
+                Some(i) if !has_tag(&i, TAG_MANAGED, "true") => {
+                    return Err(AdapterError::permanent(format!(
+                        "refusing to terminate {id}: it is not tagged {TAG_MANAGED}=true, so \
+                         setpoint did not launch it; check the id recorded on the resource"
+                    ))
+                    .with_code("ec2-unmanaged"));
+                }
+                Some(_) => {
+                    targets.insert(id.clone());
+                }
+            }
+        }
+        if let Some(resource_id) = req.resource_id {
+            for i in self
+                .live_tagged(TAG_RESOURCE, &resource_id.to_string())
+                .await?
+            {
+                targets.extend(i.instance_id().map(str::to_owned));
+            }
+        }
+        if let Some(launch_token) = &req.launch_token {
+            for i in self.live_tagged(TAG_TOKEN, launch_token.as_str()).await? {
+                targets.extend(i.instance_id().map(str::to_owned));
+            }
+        }
+        if targets.is_empty() {
+            info!("nothing to terminate: already gone");
+            return Ok(outcome);
+        }
+
+        let ids: Vec<String> = targets.into_iter().collect();
+        info!(instance_ids = ?ids, "terminating (TerminateInstances)");
+        match self.terminate_ids(&ids).await {
+            Ok(()) => outcome.terminated.extend(ids),
+            // One unknown id fails the whole call; fall back to one call per id.
+            Err(e) if is_not_found(&e) && ids.len() > 1 => {
+                for id in ids {
+                    match self.terminate_ids(std::slice::from_ref(&id)).await {
+                        Ok(()) => outcome.terminated.push(id),
+                        Err(e) if is_not_found(&e) => outcome.already_gone.push(id),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) if is_not_found(&e) => outcome.already_gone.extend(ids),
+            Err(e) => return Err(e),
+        }
+        Ok(outcome)
+    }
+
+    async fn terminate_ids(&self, ids: &[String]) -> Result<(), AdapterError> {
+        self.client
+            .terminate_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("TerminateInstances", &e))
+    }
+}
+
+impl Compute for Ec2Compute {
+    fn ensure_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a InstanceRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        let span = info_span!(
+            "ec2.ensure_instance",
+            %token,
+            resource_id = %request.resource_id,
+            tenant = %request.tenant,
+            plan = %request.plan,
+        );
+        Box::pin(self.ensure(token, request, deadline).instrument(span))
+    }
+
+    fn describe_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+    ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
+        let span = info_span!("ec2.describe_instance", %token);
+        Box::pin(self.observe_by_token(token).instrument(span))
+    }
+
+    fn terminate_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a TerminateRequest,
+    ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
+        let span = info_span!(
+            "ec2.terminate_instance",
+            %token,
+            instance_id = request.instance_id.as_deref().unwrap_or(""),
+            resource_id = request.resource_id.map(|r| r.to_string()).unwrap_or_default(),
+        );
+        Box::pin(self.terminate(request).instrument(span))
+    }
+}
+
+/// What `RunInstances` is called with, resolved once per attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LaunchParams {
+    image_id: String,
+    instance_type: String,
+    subnet_id: Option<String>,
+}
+
+/// Polls `describe` while the instance is `pending`, with pauses doubling from
+/// `policy.initial` to `policy.max`, and returns the last observation no later than `deadline`
+/// (still `pending` if time ran out: the engine checks again on its next attempt).
+///
+/// A failed poll ends the wait with the last good observation (the instance exists; a poll is
+/// not worth failing the unit for). An instance that goes away while starting is a permanent
+/// error: EC2 would answer the same token with the same dead instance.
+pub(crate) async fn wait_until_running<F, Fut>(
+    mut obs: InstanceObservation,
+    deadline: Instant,
+    policy: PollPolicy,
+    mut describe: F,
+) -> Result<InstanceObservation, AdapterError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<InstanceObservation>, AdapterError>>,
+{
+    // tokio's clock (not std's), so tests with a paused clock run this loop instantly.
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let mut pause = policy.initial;
+    while obs.state == InstanceState::Pending {
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        if left <= POLL_MARGIN {
+            info!(instance_id = %obs.instance_id, "deadline reached while pending; returning");
+            break;
+        }
+        tokio::time::sleep(pause.min(left - POLL_MARGIN)).await;
+        pause = (pause * 2).min(policy.max);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, describe()).await {
+            Ok(Ok(Some(next))) => {
+                if next.state.is_gone() {
+                    return Err(gone_while_starting(&next));
+                }
+                obs = next;
+            }
+            // Not visible yet (EC2's describe is eventually consistent right after a launch).
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                warn!(instance_id = %obs.instance_id, error = %e, "poll failed; returning");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(obs)
+}
+
+fn gone_while_starting(obs: &InstanceObservation) -> AdapterError {
+    AdapterError::permanent(format!(
+        "instance {} went to {} while starting (capacity or a failed launch); EC2 answers this \
+         unit's token with the same instance, so retrying cannot help: cancel the unit and \
+         recreate the resource",
+        obs.instance_id, obs.state
+    ))
+    .with_code("ec2-instance-lost")
+}
+
+fn is_not_found(e: &AdapterError) -> bool {
+    e.class == ErrorClass::Permanent && e.code.as_deref() == Some("InvalidInstanceID.NotFound")
+}
+
+fn filter<const N: usize>(name: &str, values: [&str; N]) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.iter().map(|v| (*v).to_owned()).collect()))
+        .build()
+}
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder().key(key).value(value).build()
+}
+
+fn has_tag(i: &Instance, key: &str, value: &str) -> bool {
+    i.tags()
+        .iter()
+        .any(|t| t.key() == Some(key) && t.value() == Some(value))
+}
+
+/// The SDK-neutral view of an EC2 instance; `None` if it has no id.
+pub(crate) fn observation(i: &Instance, adopted: bool) -> Option<InstanceObservation> {
+    Some(InstanceObservation {
+        instance_id: i.instance_id()?.to_owned(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| InstanceState::parse(n.as_str()))
+            .unwrap_or(InstanceState::Unknown),
+        private_ip: i.private_ip_address().map(str::to_owned),
+        availability_zone: i
+            .placement()
+            .and_then(|p| p.availability_zone())
+            .map(str::to_owned),
+        subnet_id: i.subnet_id().map(str::to_owned),
+        adopted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn obs(state: InstanceState) -> InstanceObservation {
+        InstanceObservation {
+            instance_id: "i-1".into(),
+            state,
+            private_ip: None,
+            availability_zone: None,
+            subnet_id: None,
+            adopted: false,
+        }
+    }
+
+    const POLICY: PollPolicy = PollPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(8),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_deadline_returns_pending_without_polling() {
+        let polls = Mutex::new(0);
+        let got = wait_until_running(obs(InstanceState::Pending), Instant::now(), POLICY, || {
+            *polls.lock().unwrap() += 1;
+            async { Ok(Some(obs(InstanceState::Running))) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.state, InstanceState::Pending);
+        assert_eq!(*polls.lock().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_with_capped_backoff_until_running() {
+        let polls = Mutex::new(Vec::new());
+        let start = tokio::time::Instant::now();
+        let got = wait_until_running(
+            obs(InstanceState::Pending),
+            Instant::now() + Duration::from_secs(600),
+            POLICY,
+            || {
+                let mut p = polls.lock().unwrap();
+                p.push(start.elapsed().as_secs());
+                let state = if p.len() < 6 {
+                    InstanceState::Pending
+                } else {
+                    InstanceState::Running
+                };
+                async move { Ok(Some(obs(state))) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.state, InstanceState::Running);
+        // Pauses 1, 2, 4, 8, 8, 8 (virtual time): doubling, capped at 8.
+        assert_eq!(*polls.lock().unwrap(), vec![1, 3, 7, 15, 23, 31]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_pending_instance_is_returned_pending_at_the_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let got = wait_until_running(obs(InstanceState::Pending), deadline, POLICY, || async {
+            Ok(Some(obs(InstanceState::Pending)))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.state, InstanceState::Pending);
+        assert!(tokio::time::Instant::now() <= tokio::time::Instant::from_std(deadline));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_errors_keep_the_last_observation_and_lost_instances_are_permanent() {
+        let far = Instant::now() + Duration::from_secs(600);
+        let got = wait_until_running(obs(InstanceState::Pending), far, POLICY, || async {
+            Err(AdapterError::transient("throttled"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.state, InstanceState::Pending);
+
+        let err = wait_until_running(obs(InstanceState::Pending), far, POLICY, || async {
+            Ok(Some(obs(InstanceState::Terminated)))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Permanent);
+        assert_eq!(err.code.as_deref(), Some("ec2-instance-lost"));
+    }
+
+    #[test]
+    fn launch_params_follow_spec_then_plan_then_defaults() {
+        let mut config = Ec2Config::new("us-east-1");
+        config.default_image_id = Some("ami-default".into());
+        config.plans.insert(
+            "kvx.large".into(),
+            crate::PlanConfig {
+                image_id: Some("ami-large".into()),
+                instance_type: Some("m6i.large".into()),
+            },
+        );
+        let client = Client::from_conf(
+            aws_sdk_ec2::Config::builder()
+                .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+                .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+                .build(),
+        );
+        let c = Ec2Compute::from_client(client, config);
+        let token = IdempotencyToken::parse("t").unwrap();
+        let mut req = InstanceRequest {
+            resource_id: uuid::Uuid::nil(),
+            tenant: "acme".into(),
+            plan: "kvx.large".into(),
+            name: None,
+            image_id: None,
+            instance_type: None,
+            subnet_id: Some("subnet-pinned".into()),
+        };
+        let p = c.launch_params(&token, &req).unwrap();
+        assert_eq!(
+            (p.image_id.as_str(), p.instance_type.as_str()),
+            ("ami-large", "m6i.large")
+        );
+        assert_eq!(p.subnet_id.as_deref(), Some("subnet-pinned"));
+        req.plan = "kvx.unknown".into();
+        req.instance_type = Some("t3.nano".into());
+        let p = c.launch_params(&token, &req).unwrap();
+        assert_eq!(
+            (p.image_id.as_str(), p.instance_type.as_str()),
+            ("ami-default", "t3.nano")
+        );
+
+        let c = Ec2Compute::from_client(c.client.clone(), Ec2Config::new("us-east-1"));
+        let e = c.launch_params(&token, &req).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Permanent);
+        assert!(e.message.contains("default_image_id"), "{e}");
+    }
+}
