@@ -172,8 +172,26 @@ fn object<K: Resource<DynamicType = ()>>(k: &K) -> ClusterObject {
     }
 }
 
-fn version<K: Resource>(k: Option<&K>) -> Option<String> {
-    k.and_then(|k| k.meta().resource_version.clone())
+/// True when every field of `intent` is present in `live` with the same value (objects by
+/// key, arrays item by item, so server defaults inside list items do not count).
+fn contains<K: Serialize>(live: Option<&K>, intent: &K) -> bool {
+    let (Some(live), Ok(intent)) = (live, serde_json::to_value(intent)) else {
+        return false;
+    };
+    serde_json::to_value(live).is_ok_and(|live| subset(&intent, &live))
+}
+
+fn subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| subset(v, hv))),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| subset(a, b))
+        }
+        (w, h) => w == h,
+    }
 }
 
 fn observation(
@@ -241,39 +259,34 @@ impl Cluster for KubernetesCluster {
                     "instance objects exist; applying over them");
             }
 
-            let ns = self
-                .apply(
-                    &Api::<Namespace>::all(self.client.clone()),
-                    &id.namespace,
-                    &objects::namespace(&id, &spec.tenant),
-                )
-                .await?;
+            let ns_intent = objects::namespace(&id, &spec.tenant);
+            let secret_intent = objects::secret(&id, spec, token);
+            let service_intent = objects::service(&id, spec, token, &self.workload);
+            let deployment_intent = objects::deployment(&id, spec, token, &self.workload);
+            // Whether this apply changes anything: some intent is not already contained in
+            // what the server holds. (Comparing resourceVersions instead would count the
+            // controllers' own status writes as our changes.)
+            let changed = !(contains(before.namespace.as_ref(), &ns_intent)
+                && contains(before.secret.as_ref(), &secret_intent)
+                && contains(before.service.as_ref(), &service_intent)
+                && contains(before.deployment.as_ref(), &deployment_intent));
+
+            let namespaces = Api::<Namespace>::all(self.client.clone());
+            let ns = self.apply(&namespaces, &id.namespace, &ns_intent).await?;
             let secret = self
-                .apply(
-                    &self.namespaced::<Secret>(&id),
-                    &id.name,
-                    &objects::secret(&id, spec, token),
-                )
+                .apply(&self.namespaced::<Secret>(&id), &id.name, &secret_intent)
                 .await?;
             let service = self
-                .apply(
-                    &self.namespaced::<Service>(&id),
-                    &id.name,
-                    &objects::service(&id, spec, token, &self.workload),
-                )
+                .apply(&self.namespaced::<Service>(&id), &id.name, &service_intent)
                 .await?;
             let deployment = self
                 .apply(
                     &self.namespaced::<Deployment>(&id),
                     &id.name,
-                    &objects::deployment(&id, spec, token, &self.workload),
+                    &deployment_intent,
                 )
                 .await?;
 
-            let changed = version(before.namespace.as_ref()) != version(Some(&ns))
-                || version(before.secret.as_ref()) != version(Some(&secret))
-                || version(before.service.as_ref()) != version(Some(&service))
-                || version(before.deployment.as_ref()) != version(Some(&deployment));
             let after = Current {
                 namespace: Some(ns),
                 secret: Some(secret),
@@ -331,5 +344,22 @@ impl Cluster for KubernetesCluster {
                 already_absent,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::subset;
+
+    #[test]
+    fn subset_ignores_server_additions_but_not_changes() {
+        let want = json!({"a": 1, "l": [{"name": "c", "image": "i"}]});
+        let have = json!({"a": 1, "b": 2, "l": [{"name": "c", "image": "i", "pull": "Always"}]});
+        assert!(subset(&want, &have));
+        assert!(!subset(&json!({"a": 2}), &have));
+        assert!(!subset(&json!({"l": []}), &have));
+        assert!(!subset(&json!({"z": 1}), &have));
     }
 }

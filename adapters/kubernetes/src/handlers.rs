@@ -41,6 +41,10 @@ impl TypedHandler for ApplyInstance {
         ctx: &WorkContext,
         spec: ClusterInstanceSpec,
     ) -> Result<Outcome, AdapterError> {
+        ctx.record_call(format!(
+            "kubernetes:apply-instance {} (tenant {})",
+            spec.resource_id, spec.tenant
+        ));
         let obs = self.cluster.apply_instance(&ctx.token, &spec).await?;
         let observed = serde_json::to_value(&obs).map_err(|e| {
             AdapterError::permanent(format!("cannot record the cluster observation: {e}"))
@@ -96,6 +100,9 @@ impl TypedHandler for DeleteInstance {
             ))
             .with_code("invalid-spec")
         })?;
+        ctx.record_call(format!(
+            "kubernetes:delete-instance {resource_id} (tenant {tenant})"
+        ));
         let out = self
             .cluster
             .delete_instance(&ctx.token, resource_id, &tenant)
