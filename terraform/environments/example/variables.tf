@@ -20,6 +20,17 @@ variable "environment" {
   }
 }
 
+variable "availability_zones" {
+  description = "Exactly two availability zones for the subnets; empty means <region>a and <region>b."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(var.availability_zones) == 0 || (length(var.availability_zones) == 2 && alltrue([for z in var.availability_zones : can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$", z))]))
+    error_message = "availability_zones must be empty or name exactly two zones such as eu-west-1a."
+  }
+}
+
 variable "vpc_cidr" {
   description = "CIDR block of the VPC the example creates (a /16 to /20; split into two public, two private and one workload subnet)."
   type        = string

@@ -228,7 +228,7 @@ variable "email_from" {
 }
 
 variable "smtp_url_secret_arn" {
-  description = "Optional Secrets Manager secret holding a full SMTP URL (smtp://user:password@email-smtp.REGION.amazonaws.com:587, from SES SMTP credentials). Passed as SETPOINT_SMTP_URL; when null the engine gets the SES identity and sends through the SES API with its task role."
+  description = "Optional Secrets Manager secret holding a full SMTP URL built from SES SMTP credentials (scheme smtp, host email-smtp.REGION.amazonaws.com, port 587, STARTTLS). Passed as SETPOINT_SMTP_URL; when null the engine gets the SES identity and sends through the SES API with its task role."
   type        = string
   default     = null
 

@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# Terraform test of setpoint's AWS deployment. Run from the repository root:
+#   bash terraform/tests/run.sh
+# Offline except for package registries (pip, when moto or checkov are missing). It:
+#   1. writes a Terraform CLI config pointing at the local provider mirror (hashicorp/aws 5.100.0),
+#   2. works on a copy of terraform/ in a temp dir (never writes into the git tree),
+#   3. init (offline, committed lock files must match), fmt -check, validate: module and example,
+#   4. checks that invalid inputs are refused by the validation blocks,
+#   5. plans the example with its production defaults,
+#   6. starts moto, applies the example to it, reads every promise back through the AWS APIs,
+#      re-plans (nothing may be replaced), destroys, checks nothing is left,
+#   7. runs checkov over terraform/ (skips only inline, with reasons).
+# Last line: "terraform: N passed, M failed"; exit status non-zero on any failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+TF_SRC="$ROOT/terraform"
+CACHE="${SETPOINT_CACHE:-/var/cache/setpoint}"
+CHECKOV_VERSION="${CHECKOV_VERSION:-3.3.30}"
+
+START=$SECONDS
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/setpoint-tf.XXXXXX")"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+MOTO_PID=""
+cleanup() {
+  if [ -n "$MOTO_PID" ]; then kill "$MOTO_PID" 2>/dev/null || true; wait "$MOTO_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+passed=0
+failed=0
+failed_names=()
+
+# step NAME CMD...: runs CMD with errexit in a subshell, logs its output, counts the result.
+step() {
+  local name="$1"
+  shift
+  local log="$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9' '_').log" t0=$SECONDS rc
+  set +e
+  (set -euo pipefail; "$@") >"$log" 2>&1
+  rc=$?
+  set -e
+  if [ $rc -eq 0 ]; then
+    passed=$((passed + 1))
+    printf 'terraform: ok   %-58s %3ss\n' "$name" $((SECONDS - t0))
+    grep -h '^summary: ' "$log" | sed 's/^summary: /terraform:        /' || true
+  else
+    failed=$((failed + 1))
+    failed_names+=("$name")
+    printf 'terraform: FAIL %-58s %3ss\n' "$name" $((SECONDS - t0))
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | tail -n 40 | sed 's/^/    | /'
+  fi
+  return $rc
+}
+
+finish() {
+  echo "terraform: took $((SECONDS - START))s"
+  [ $failed -eq 0 ] || echo "terraform: failed steps: ${failed_names[*]}"
+  echo "terraform: $passed passed, $failed failed"
+  [ $failed -eq 0 ]
+  exit $?
+}
+
+# --- the provider mirror and the CLI config ------------------------------------------------
+command -v terraform >/dev/null || { echo "terraform: terraform is not on PATH" >&2; failed=1; finish; }
+# The mirror root is the folder above registry.terraform.io: $SETPOINT_TF_MIRROR, the usual
+# places, or wherever a search of the file system finds the 5.100.0 binary.
+find_provider() {
+  local d f
+  for d in ${SETPOINT_TF_MIRROR:-} /opt/tf-plugins /usr/share/terraform/plugins /usr/local/share/terraform/plugins \
+    "$HOME/.terraform.d/plugins" "$HOME/.local/share/terraform/plugins"; do
+    f="$(ls "$d"/registry.terraform.io/hashicorp/aws/5.100.0/*/terraform-provider-aws_* 2>/dev/null | head -n 1 || true)"
+    if [ -n "$f" ]; then echo "$f"; return 0; fi
+  done
+  find / -name 'terraform-provider-aws_*' -path '*registry.terraform.io/hashicorp/aws/5.100.0/*' \
+    -not -path '/proc/*' -not -path "$WORK/*" -not -path '*/.terraform/*' -not -path "$CACHE/terraform-plugin-cache/*" \
+    2>/dev/null | head -n 1 || true
+}
+PROVIDER_BIN="$(find_provider)"
+if [ -z "$PROVIDER_BIN" ]; then
+  echo "terraform: no offline mirror of hashicorp/aws 5.100.0 found (looked for" \
+    "*/registry.terraform.io/hashicorp/aws/5.100.0/*/terraform-provider-aws_*); see shared/PEERS.md" >&2
+  failed=1
+  finish
+fi
+MIRROR="${PROVIDER_BIN%%/registry.terraform.io/*}"
+PLUGIN_CACHE="$CACHE/terraform-plugin-cache"
+mkdir -p "$PLUGIN_CACHE" 2>/dev/null || PLUGIN_CACHE="$WORK/plugin-cache" && mkdir -p "$PLUGIN_CACHE"
+cat >"$WORK/terraformrc" <<CFG
+provider_installation {
+  filesystem_mirror {
+    path    = "$MIRROR"
+    include = ["registry.terraform.io/hashicorp/*"]
+  }
+  direct {
+    exclude = ["registry.terraform.io/hashicorp/*"]
+  }
+}
+plugin_cache_dir = "$PLUGIN_CACHE"
+CFG
+export TF_CLI_CONFIG_FILE="$WORK/terraformrc"
+export TF_IN_AUTOMATION=1 TF_INPUT=0 CHECKPOINT_DISABLE=1
+echo "terraform: $(terraform version | head -n 1), provider mirror $MIRROR, work dir $WORK"
+
+# A copy of terraform/ without local state or .terraform dirs; the git tree stays untouched.
+mkdir -p "$WORK/src"
+tar -C "$ROOT" --exclude='.terraform' --exclude='*.tfstate*' --exclude='terraform.tfvars' -cf - terraform | tar -C "$WORK/src" -xf -
+MODULE="$WORK/src/terraform/modules/setpoint"
+EXAMPLE="$WORK/src/terraform/environments/example"
+
+tf() { # tf DIR ARGS...: terraform in DIR with its .terraform in the work dir
+  local dir="$1"
+  shift
+  TF_DATA_DIR="$WORK/data/$(basename "$dir")" terraform -chdir="$dir" "$@"
+}
+
+init_offline() {
+  local dir="$1" committed="$2"
+  tf "$dir" init -input=false -backend=false -lockfile=readonly
+  # The committed lock file must be the one an offline init produces (a stale or missing lock
+  # would make `terraform init` in a fresh clone reach for the registry).
+  cmp "$committed" "$dir/.terraform.lock.hcl"
+  local providers
+  providers="$(tf "$dir" providers -no-color)"
+  echo "$providers"
+  grep -q 'provider\[registry.terraform.io/hashicorp/aws\] 5.100.0' <<<"$providers"
+}
+
+# --- static checks ---------------------------------------------------------------------------
+step "fmt -check -recursive terraform/" terraform fmt -check -recursive -diff "$WORK/src/terraform" || true
+mod_ok=0
+step "init (offline mirror, committed lock) modules/setpoint" init_offline "$MODULE" "$TF_SRC/modules/setpoint/.terraform.lock.hcl" && mod_ok=1 || true
+[ $mod_ok -eq 1 ] && { step "validate modules/setpoint" tf "$MODULE" validate -no-color || true; }
+ex_ok=0
+step "init (offline mirror, committed lock) environments/example" init_offline "$EXAMPLE" "$TF_SRC/environments/example/.terraform.lock.hcl" && ex_ok=1 || true
+[ $ex_ok -eq 1 ] && { step "validate environments/example" tf "$EXAMPLE" validate -no-color || true; }
+
+descriptions_everywhere() {
+  # every variable and output block has a description, every module variable has a validation
+  # block or is a bool/map/free-form kind listed here.
+  python3 - "$WORK/src/terraform" <<'PY'
+import pathlib, re, sys
+bad = []
+for f in pathlib.Path(sys.argv[1]).rglob("*.tf"):
+    text = f.read_text()
+    for kind, name, body in re.findall(r'^(variable|output) "([^"]+)" \{\n(.*?)^\}', text, re.S | re.M):
+        if not re.search(r'^\s+description\s+=\s+"[^"]{10,}', body, re.M):
+            bad.append(f"{f.name}: {kind} {name} has no description")
+        if kind == "variable" and "validation {" not in body and not re.search(r'type\s+=\s+(bool|map\(string\))', body):
+            bad.append(f"{f.name}: variable {name} has no validation block")
+for b in bad:
+    print(b)
+sys.exit(1 if bad else 0)
+PY
+}
+step "every variable/output described, non-bool variables validated" descriptions_everywhere || true
+
+# --- moto ------------------------------------------------------------------------------------
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+  echo "terraform: installing moto[server] with pip"
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+fi
+PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+ENDPOINT="http://127.0.0.1:$PORT"
+# AWS managed policies (AmazonECSTaskExecutionRolePolicy, ...) exist in moto only when loaded.
+MOTO_IAM_LOAD_MANAGED_POLICIES=true python3 -m moto.server -H 127.0.0.1 -p "$PORT" >"$LOGS/moto.log" 2>&1 &
+MOTO_PID=$!
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=eu-west-1 AWS_EC2_METADATA_DISABLED=true
+unset AWS_PROFILE AWS_SESSION_TOKEN || true
+moto_ready() {
+  for _ in $(seq 1 100); do
+    python3 -c "import urllib.request; urllib.request.urlopen('$ENDPOINT/moto-api/', timeout=1)" 2>/dev/null && return 0
+    kill -0 "$MOTO_PID" 2>/dev/null || { cat "$LOGS/moto.log"; return 1; }
+    sleep 0.2
+  done
+  return 1
+}
+moto_ok=0
+step "moto server on 127.0.0.1:$PORT" moto_ready && moto_ok=1 || true
+
+# Provider settings for moto live in an override file of the copy: the example stays as a user
+# would run it. Every AWS API the example uses points at moto.
+SERVICES=(cloudwatch ec2 ecs elbv2 iam kms logs rds secretsmanager ses sesv2 sns sts)
+{
+  echo 'provider "aws" {'
+  echo '  access_key                  = "test"'
+  echo '  secret_key                  = "test"'
+  echo '  skip_credentials_validation = true'
+  echo '  skip_metadata_api_check     = true'
+  echo '  skip_requesting_account_id  = false'
+  echo '  endpoints {'
+  for s in "${SERVICES[@]}"; do printf '    %-14s = "%s"\n' "$s" "$ENDPOINT"; done
+  echo '  }'
+  echo '}'
+} >"$EXAMPLE/moto_override.tf"
+
+NAME="setpoint-moto"
+VARS=(-var "environment=moto" -var "region=eu-west-1")
+STATE="$WORK/example.tfstate"
+
+invalid_inputs_refused() {
+  local out rc
+  set +e
+  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" \
+    -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' -var 'vpc_cidr=10.0.0.0/8' 2>&1)"
+  rc=$?
+  set -e
+  echo "$out"
+  [ $rc -ne 0 ] || { echo "plan accepted invalid inputs"; return 1; }
+  grep -q 'engine_image must name a tag' <<<"$out"
+  grep -q 'environment must be' <<<"$out"
+  grep -q 'vpc_cidr must be' <<<"$out"
+}
+
+plan_production_defaults() {
+  # The example as a user runs it (deletion protection, Multi-AZ, final snapshot), planned
+  # against moto: refresh-free, nothing applied.
+  tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" -out="$WORK/prod.tfplan"
+  tf "$EXAMPLE" show -json "$WORK/prod.tfplan" >"$WORK/prod.json"
+  python3 - "$WORK/prod.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+rc = [r for r in plan["resource_changes"] if r["mode"] == "managed"]
+assert all(r["change"]["actions"] == ["create"] for r in rc), "a fresh plan only creates"
+db = [r for r in rc if r["type"] == "aws_db_instance"][0]["change"]["after"]
+assert db["deletion_protection"] is True and db["multi_az"] is True and db["skip_final_snapshot"] is False, db
+assert db["storage_encrypted"] is True and db["publicly_accessible"] is False and db["backup_retention_period"] >= 7
+assert db.get("password") is None and db.get("password_wo") is None, "the password is write-only, never in a plan"
+lb = [r for r in rc if r["type"] == "aws_lb"][0]["change"]["after"]
+assert lb["enable_deletion_protection"] is True and lb["internal"] is True
+print(f"summary: {len(rc)} resources to create, production safety switches on")
+PY
+}
+
+resource_types_in_plan=""
+if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ]; then
+  step "invalid inputs are refused (validation blocks)" invalid_inputs_refused || true
+  step "plan example (production defaults)" plan_production_defaults || true
+
+  # Apply a throw-away variant: production=false turns deletion protection off so destroy works.
+  APPLY_VARS=("${VARS[@]}" -var "production=false")
+
+  apply_example() {
+    tf "$EXAMPLE" plan -input=false -no-color -state="$STATE" "${APPLY_VARS[@]}" -out="$WORK/apply.tfplan"
+    tf "$EXAMPLE" apply -input=false -no-color -state="$STATE" "$WORK/apply.tfplan"
+    tf "$EXAMPLE" output -state="$STATE" -json >"$WORK/outputs.json"
+    python3 -c "import json,sys; o=json.load(open(sys.argv[1])); assert o['engine_environment']['value']['SETPOINT_LISTEN']=='0.0.0.0:50051'" "$WORK/outputs.json"
+  }
+  applied=0
+  step "apply example to moto" apply_example && applied=1 || true
+  if [ $applied -eq 1 ]; then
+    resource_types_in_plan="$(tf "$EXAMPLE" state list -state="$STATE" | grep -v '^data\.\|\.data\.' | sed -E 's/\[[^]]*\]$//' | awk -F. '{print $(NF-1)}' | sort -u | tr '\n' ' ')"
+    # Every resource type of the example is applied: moto 5.2 serves them all (RDS, ECS, ELBv2,
+    # Secrets Manager, SESv2, CloudWatch, Logs, KMS, SNS, IAM, EC2/VPC). Nothing is plan-only; if a
+    # moto release drops one, this apply fails and says which.
+    echo "terraform: plan-only resource types (moto cannot serve): none"
+    echo "terraform: applied to moto: $(tf "$EXAMPLE" state list -state="$STATE" | grep -vc '^data\.\|\.data\.') resources of types: $resource_types_in_plan"
+    step "read back from moto: DB private+encrypted, password only in Secrets Manager, IAM, env" \
+      python3 "$TF_SRC/tests/verify_moto.py" applied "$ENDPOINT" eu-west-1 "$NAME" "$STATE" || true
+
+    replan_no_replacements() {
+      # A second plan must not replace anything (no create/delete). moto does not round-trip a
+      # few attributes (RDS monitoring/Performance Insights, parameter-group parameters, ECS
+      # managed tags, SESv2 tags, cross-SG references as "account/sg-..."), so in-place updates
+      # are listed, not failed.
+      tf "$EXAMPLE" plan -input=false -no-color -state="$STATE" "${APPLY_VARS[@]}" -out="$WORK/replan.tfplan"
+      tf "$EXAMPLE" show -json "$WORK/replan.tfplan" >"$WORK/replan.json"
+      python3 - "$WORK/replan.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+changes = [r for r in plan["resource_changes"] if r["mode"] == "managed" and r["change"]["actions"] != ["no-op"]]
+replaced = [r["address"] for r in changes if "delete" in r["change"]["actions"] or "create" in r["change"]["actions"]]
+for r in changes:
+    print(f"in-place drift from moto round-trip gaps: {r['address']}")
+assert not replaced, f"second plan would replace: {replaced}"
+print(f"summary: second plan replaces nothing ({len(changes)} in-place moto round-trip gaps)")
+PY
+    }
+    step "re-plan after apply: nothing would be replaced" replan_no_replacements || true
+    grep -h 'in-place drift' "$LOGS"/re_plan*.log 2>/dev/null | sed 's/^/terraform:   /' || true
+  fi
+
+  destroy_example() {
+    tf "$EXAMPLE" destroy -input=false -no-color -auto-approve -state="$STATE" "${APPLY_VARS[@]}"
+    left="$(tf "$EXAMPLE" state list -state="$STATE" | grep -v '^data\.\|\.data\.' || true)"
+    [ -z "$left" ] || { echo "left in state: $left"; return 1; }
+    python3 "$TF_SRC/tests/verify_moto.py" destroyed "$ENDPOINT" eu-west-1 "$NAME" "$STATE"
+  }
+  step "destroy example on moto, nothing left" destroy_example || true
+fi
+
+# --- checkov ---------------------------------------------------------------------------------
+checkov_scan() {
+  local venv="$CACHE/checkov-venv"
+  if ! "$venv/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
+    mkdir -p "$CACHE" 2>/dev/null || venv="$WORK/checkov-venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
+  fi
+  # Scan the copy without the moto override (that file is the test's, not the project's).
+  rm -f "$EXAMPLE/moto_override.tf"
+  (cd "$WORK/src" && "$venv/bin/checkov" -d terraform --skip-download --compact --quiet)
+  # Every skip is inline with a reason.
+  ! grep -rnE '#checkov:skip=CKV[A-Z0-9_]+(:\s*)?$' "$WORK/src/terraform" --include='*.tf'
+}
+step "checkov $CHECKOV_VERSION over terraform/ (inline skips with reasons)" checkov_scan || true
+
+finish
