@@ -386,7 +386,7 @@ fn classify(e: &lettre::transport::smtp::Error, step: &str) -> AdapterError {
     }
     if e.is_timeout() {
         AdapterError::transient(format!("{step}: {e}")).with_code("smtp-timeout")
-    } else if e.is_tls() {
+    } else if e.is_tls() || tls_rejected(e) {
         AdapterError::permanent(format!(
             "{step}: TLS failed ({e}); check the relay's certificate, smtp.host and smtp.ca_file"
         ))
@@ -396,6 +396,22 @@ fn classify(e: &lettre::transport::smtp::Error, step: &str) -> AdapterError {
     } else {
         AdapterError::transient(format!("{step}: {e}")).with_code("smtp-connection")
     }
+}
+
+/// True when a TLS handshake failed on its merits (untrusted or mismatched certificate, protocol
+/// mismatch): tokio-rustls reports those as an `io::Error` of kind `InvalidData`, which lettre
+/// wraps as a connection error.
+fn tls_rejected(e: &lettre::transport::smtp::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// `250 2.0.0 OK …`: the reply's code and its lines joined by spaces.

@@ -10,7 +10,8 @@ Stores every accepted message in a Maildir and behaves by the recipient's local 
 
 Options: --port (0 picks a free one), --auth USER:PASSWORD (AUTH required, PLAIN and LOGIN
 over plain text), --mechanisms PLAIN,LOGIN (offer only these), --tls-cert/--tls-key (offer and
-require STARTTLS). Prints "PORT <n>" on stdout once it listens.
+require STARTTLS; with --implicit-tls, TLS from the first byte instead). Prints "PORT <n>" on
+stdout once it listens.
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--mechanisms")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
+    p.add_argument("--implicit-tls", action="store_true")
     a = p.parse_args()
 
     handler = Handler(a.maildir)
@@ -76,15 +78,18 @@ def main():
         if a.mechanisms:
             offered = set(a.mechanisms.upper().split(","))
             kwargs["auth_exclude_mechanism"] = [m for m in ("PLAIN", "LOGIN") if m not in offered]
+    ctx = None
     if a.tls_cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(a.tls_cert, a.tls_key)
-        kwargs.update(tls_context=ctx, require_starttls=True)
+        if not a.implicit_tls:
+            kwargs.update(tls_context=ctx, require_starttls=True)
 
+    server_ssl = ctx if a.tls_cert and a.implicit_tls else None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = loop.run_until_complete(
-        loop.create_server(lambda: SMTP(handler, **kwargs), host="127.0.0.1", port=a.port)
+        loop.create_server(lambda: SMTP(handler, **kwargs), host="127.0.0.1", port=a.port, ssl=server_ssl)
     )
     print("PORT", server.sockets[0].getsockname()[1], flush=True)
     try:

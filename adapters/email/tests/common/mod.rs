@@ -26,6 +26,8 @@ pub struct ServerOptions {
     pub mechanisms: Option<String>,
     /// Offer and require STARTTLS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: TLS from the first byte (SMTPS) instead of STARTTLS.
+    pub implicit_tls: bool,
 }
 
 /// A running aiosmtpd; killed (by its pid) and its directory removed on drop.
@@ -91,6 +93,9 @@ impl SmtpServer {
         }
         if let Some((cert, key)) = &options.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            if options.implicit_tls {
+                cmd.arg("--implicit-tls");
+            }
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -219,4 +224,83 @@ impl Journal for CrashBeforeFinish<'_> {
 /// `begin` would start it.
 pub async fn journal_value(journal: &MemoryJournal, key: &str) -> Begun {
     journal.begin(key).await.expect("journal begin")
+}
+
+/// A throw-away CA and a server certificate for `IP:127.0.0.1` signed by it, made with the
+/// `openssl` command in `dir`: returns `(ca.pem, server.pem, server.key)`.
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("these tests need the openssl command (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=setpoint test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
