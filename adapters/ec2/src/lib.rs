@@ -26,7 +26,7 @@
 //! # Layout
 //! - [`config`]: [`Ec2Config`] (the `[ec2]` TOML table) and building the client.
 //! - [`compute`]: [`Ec2Compute`], tags, failpoints, waiting for `running`.
-//! - [`classify`]: the one function that makes EC2 failures transient or permanent.
+//! - [`classify`](mod@classify): the one function that makes EC2 failures transient or permanent.
 //! - [`handlers`](mod@handlers): the `ec2.*` work kinds.
 
 #![deny(unsafe_code)]
