@@ -150,6 +150,9 @@ check(env.get("SETPOINT_LISTEN") == "0.0.0.0:50051" and env.get("SETPOINT_METRIC
 check(env.get("SETPOINT_AWS_REGION") == region, "SETPOINT_AWS_REGION is the deployment region")
 check(secrets_env.get("SETPOINT_DATABASE_PASSWORD") == secret["ARN"], "SETPOINT_DATABASE_PASSWORD comes from the secret (ECS secrets)")
 check(not any("PASSWORD" in k for k in env), "no password in the plain environment")
+grace = env.get("SETPOINT_SHUTDOWN_GRACE", "")
+check(grace.endswith("s") and 0 < int(grace[:-1]) < engine.get("stopTimeout", 30),
+      f"shutdown grace {grace} ends before ECS kills the task (stopTimeout {engine.get('stopTimeout')}s)")
 check(engine.get("readonlyRootFilesystem") is True, "engine container has a read-only root file system")
 check(td.get("taskRoleArn", "").split("/")[-1] == role, "task runs as the engine role")
 

@@ -10,6 +10,8 @@ locals {
     SETPOINT_DATABASE_NAME          = var.db_name
     SETPOINT_DATABASE_USER          = var.db_username
     SETPOINT_DATABASE_SSLMODE       = "require"
+    SETPOINT_SHUTDOWN_GRACE         = "${var.engine_stop_timeout - 15}s"
+    SETPOINT_LOG_FORMAT             = "json"
     SETPOINT_LISTEN                 = "0.0.0.0:${var.grpc_port}"
     SETPOINT_METRICS_LISTEN         = "0.0.0.0:${var.metrics_port}"
     SETPOINT_AWS_REGION             = local.region
@@ -62,6 +64,7 @@ locals {
     essential              = true
     readonlyRootFilesystem = true
     stopTimeout            = var.engine_stop_timeout
+    command                = var.engine_command
     portMappings = [
       { name = "grpc", containerPort = var.grpc_port, protocol = "tcp" },
       { name = "metrics", containerPort = var.metrics_port, protocol = "tcp" },

@@ -95,13 +95,24 @@ variable "engine_cpu_architecture" {
 }
 
 variable "engine_stop_timeout" {
-  description = "Seconds between SIGTERM and SIGKILL on a task stop: the engine's shutdown grace for in-flight work units (Fargate allows at most 120)."
+  description = "Seconds between SIGTERM and SIGKILL on a task stop (Fargate allows at most 120). The engine gets SETPOINT_SHUTDOWN_GRACE = this minus 15 s to let in-flight work units finish; what does not finish is rescued by lease expiry."
   type        = number
   default     = 90
 
   validation {
-    condition     = var.engine_stop_timeout >= 2 && var.engine_stop_timeout <= 120
-    error_message = "engine_stop_timeout must be between 2 and 120 seconds."
+    condition     = var.engine_stop_timeout >= 20 && var.engine_stop_timeout <= 120
+    error_message = "engine_stop_timeout must be between 20 and 120 seconds."
+  }
+}
+
+variable "engine_command" {
+  description = "Command of the engine container (overrides the image's CMD), for example [\"serve\"] when the image's ENTRYPOINT is the setpoint binary; null keeps the image's own."
+  type        = list(string)
+  default     = null
+
+  validation {
+    condition     = try(length(var.engine_command) > 0, true)
+    error_message = "engine_command must be null or a non-empty list."
   }
 }
 
