@@ -159,9 +159,15 @@ PY
 step "every variable/output described, non-bool variables validated" descriptions_everywhere || true
 
 # --- moto ------------------------------------------------------------------------------------
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+pip_install() { # a Debian system Python refuses plain pip installs (PEP 668); say so and go on
+  python3 -m pip install -q --disable-pip-version-check "$@" ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+}
 if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
   echo "terraform: installing moto[server] with pip"
-  python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+  python3 -m pip --version >/dev/null 2>&1 || as_root apt-get install -y -qq python3-pip >/dev/null
+  pip_install 'moto[server]'
 fi
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 ENDPOINT="http://127.0.0.1:$PORT"
@@ -318,7 +324,11 @@ checkov_scan() {
   local venv="$CACHE/checkov-venv"
   if ! "$venv/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
     mkdir -p "$CACHE" 2>/dev/null || venv="$WORK/checkov-venv"
-    python3 -m venv "$venv"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv"; then # Debian ships venv separately
+      as_root apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    fi
     "$venv/bin/pip" install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
   fi
   # Scan the copy without the moto override (that file is the test's, not the project's).
