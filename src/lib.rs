@@ -13,6 +13,8 @@
 //! - [`config`]: configuration from flags, environment and a TOML file.
 //! - [`dev`]: throw-away local peers (PostgreSQL) for `setpoint dev`, benchmarks and tests.
 //! - [`bench`]: the benchmarks behind `setpoint bench`.
+//! - [`workflows`]: the KVX steps of create, update, delete and drift resync.
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 
 #![deny(unsafe_code)]
 
@@ -20,9 +22,11 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod metrics;
 pub mod queue;
 pub mod store;
 pub mod worker;
+pub mod workflows;
 
 pub use queue::NewWork;
 pub use worker::{Registry, Runtime, WorkerConfig};

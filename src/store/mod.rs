@@ -6,6 +6,7 @@ pub mod events;
 pub mod instances;
 pub mod journal;
 pub mod work;
+pub mod workflows;
 
 use std::time::Duration;
 

@@ -278,6 +278,7 @@ async fn fetch_loop(
         };
         let got = units.len();
         for (unit, permit) in units.into_iter().zip(permits.drain(..)) {
+            crate::metrics::unit_claimed(&unit.kind);
             shared.inflight.insert(unit.id, unit.attempt);
             let shared = shared.clone();
             tasks.spawn(async move {
@@ -371,6 +372,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
             .with_code("timeout")),
         };
         let calls = ctx.calls();
+        crate::metrics::unit_finished(&unit.kind, result.as_ref().map_or_else(|e| e.class.as_str(), |_| "ok"), started.elapsed());
         match result {
             Ok(outcome) => {
                 let detail = json!({
@@ -421,6 +423,7 @@ async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec
         ),
         ErrorClass::Permanent => (FailureAction::Park, err.message.clone()),
     };
+    crate::metrics::unit_failed(&unit.kind, err.class.as_str(), if matches!(action, FailureAction::Park) { "park" } else { "retry" });
     match &action {
         FailureAction::Retry { delay_ms } => {
             tracing::warn!(error = %err, retry_in_ms = delay_ms, "attempt failed; will retry")
@@ -460,6 +463,8 @@ async fn record_failure(shared: &Shared, failure: &Failure) -> Result<(), StoreE
     match applied {
         Some((Some(resource), _)) if matches!(failure.action, FailureAction::Park) => {
             instances_clear_active_work(&mut tx, &[resource]).await?;
+            // Hook (workflows): the instance shows the failure and the operator's options.
+            crate::workflows::conditions::record_parked(&mut tx, resource, failure.id, &failure.message).await?;
         }
         Some(_) => {}
         None => tracing::warn!("failure discarded: the lease was lost"),

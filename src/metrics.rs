@@ -1,0 +1,241 @@
+//! Prometheus metrics, `/healthz` and `/readyz` on one HTTP port (`--metrics-listen`).
+//!
+//! Metric names (all prefixed `setpoint_`):
+//!
+//! | metric                                   | type      | labels                          |
+//! |------------------------------------------|-----------|---------------------------------|
+//! | `units`                                  | gauge     | `kind`, `state`                 |
+//! | `oldest_pending_age_seconds`             | gauge     |                                 |
+//! | `units_claimed_total`                    | counter   | `kind`                          |
+//! | `units_succeeded_total`                  | counter   | `kind`                          |
+//! | `units_failed_total`                     | counter   | `kind`, `class`, `action`       |
+//! | `unit_duration_seconds`                  | histogram | `kind`, `result`                |
+//! | `adapter_calls_total`                    | counter   | `adapter`, `operation`, `result`|
+//! | `adapter_call_duration_seconds`          | histogram | `adapter`, `operation`, `result`|
+//! | `api_requests_total`                     | counter   | `method`, `code`                |
+//!
+//! `result` is `ok`, `transient` or `permanent`; `action` is `retry` or `park`. The queue
+//! gauges are refreshed from the database every few seconds by [`serve`]. The recording
+//! functions are cheap no-ops until a recorder is installed ([`install`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use setpoint_adapter::AdapterError;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::work::work_stats;
+use crate::store::workflows::migrations_pending;
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The Prometheus recorder could not be built or installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(String),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+///
+/// # Errors
+/// When another recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        .map_err(|e| MetricsError::Recorder(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| MetricsError::Recorder(e.to_string()))?;
+    let _ = HANDLE.set(handle.clone());
+    Ok(handle)
+}
+
+/// A unit was claimed.
+pub fn unit_claimed(kind: &str) {
+    metrics::counter!("setpoint_units_claimed_total", "kind" => kind.to_owned()).increment(1);
+}
+
+/// A unit's handler finished: `result` is `ok`, `transient` or `permanent`.
+pub fn unit_finished(kind: &str, result: &'static str, took: Duration) {
+    if result == "ok" {
+        metrics::counter!("setpoint_units_succeeded_total", "kind" => kind.to_owned()).increment(1);
+    }
+    metrics::histogram!("setpoint_unit_duration_seconds", "kind" => kind.to_owned(), "result" => result)
+        .record(took.as_secs_f64());
+}
+
+/// A unit failed and was retried (`action` `retry`) or parked (`park`).
+pub fn unit_failed(kind: &str, class: &'static str, action: &'static str) {
+    metrics::counter!("setpoint_units_failed_total", "kind" => kind.to_owned(), "class" => class, "action" => action)
+        .increment(1);
+}
+
+/// An API call ended with gRPC status `code`.
+pub fn api_request(method: &str, code: &str) {
+    metrics::counter!("setpoint_api_requests_total", "method" => method.to_owned(), "code" => code.to_owned())
+        .increment(1);
+}
+
+/// Runs an adapter call, recording its latency and result class.
+pub async fn adapter_call<T>(
+    adapter: &'static str,
+    operation: &'static str,
+    call: impl Future<Output = Result<T, AdapterError>>,
+) -> Result<T, AdapterError> {
+    let started = Instant::now();
+    let result = call.await;
+    let class = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.class.as_str(),
+    };
+    metrics::counter!("setpoint_adapter_calls_total", "adapter" => adapter, "operation" => operation, "result" => class)
+        .increment(1);
+    metrics::histogram!("setpoint_adapter_call_duration_seconds", "adapter" => adapter, "operation" => operation, "result" => class)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Refreshes the queue gauges from the database once.
+async fn refresh_queue_gauges(pool: &PgPool, seen: &mut Vec<(String, String)>) {
+    let Ok(mut conn) = pool.acquire().await else {
+        return;
+    };
+    let Ok(stats) = work_stats(&mut conn).await else {
+        return;
+    };
+    let now: Vec<(String, String)> = stats
+        .counts
+        .iter()
+        .map(|(s, k, _)| (s.clone(), k.clone()))
+        .collect();
+    for (state, kind) in seen.iter().filter(|p| !now.contains(p)) {
+        metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone()).set(0.0);
+    }
+    for (state, kind, n) in &stats.counts {
+        metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone())
+            .set(*n as f64);
+    }
+    metrics::gauge!("setpoint_oldest_pending_age_seconds").set(stats.oldest_pending_age_secs);
+    *seen = now;
+}
+
+/// Whether the engine can serve: the database answers and every migration is applied.
+async fn ready(pool: &PgPool) -> Result<(), String> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), pool.acquire())
+        .await
+        .map_err(|_| "database: no connection within 2s".to_owned())?
+        .map_err(|e| format!("database: {e}"))?;
+    match migrations_pending(&mut conn).await {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} migration(s) not applied")),
+        Err(e) => Err(format!("database: {e}")),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(req: Request<hyper::body::Incoming>, pool: PgPool) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => match HANDLE.get() {
+            Some(h) => text(StatusCode::OK, h.render()),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no recorder\n".into()),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match ready(&pool).await {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Installs the recorder, serves `/metrics`, `/healthz` and `/readyz` on `addr` and refreshes
+/// the queue gauges, until `shutdown`. Returns the bound address (port 0 picks one).
+///
+/// # Errors
+/// When the recorder cannot be installed or the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, MetricsError> {
+    let handle = install()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let stop = shutdown.clone();
+    let gauge_pool = pool.clone();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            refresh_queue_gauges(&gauge_pool, &mut seen).await;
+            handle.run_upkeep();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let pool = pool.clone();
+                    async move { Ok::<_, Infallible>(route(req, pool).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    tracing::info!(addr = %bound, "metrics, /healthz and /readyz listening");
+    Ok(bound)
+}
