@@ -40,6 +40,9 @@ pub enum Command {
     /// Run the engine: apply migrations, then run workers until SIGTERM or Ctrl-C. Without a
     /// database URL it starts (and keeps) its own PostgreSQL under --data-dir.
     Serve(ServeArgs),
+    /// The whole stack on this machine, no cloud account: PostgreSQL, moto, an SMTP server, a
+    /// Kubernetes test server, the workers, the API and metrics. Ctrl-C stops it all.
+    Dev(crate::dev::stack::DevArgs),
     /// Apply the database migrations and exit.
     Migrate(DbArgs),
     /// Operate on units of work.

@@ -53,6 +53,7 @@ fn init_tracing(format: &str) {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
         Command::Migrate(db) => {
             let (file, url) = resolve_db(&db)?;
             let url = url.context(NO_DB)?;

@@ -2,3 +2,4 @@
 
 pub mod postgres;
 pub mod testdb;
+pub mod stack;

@@ -1,0 +1,355 @@
+//! End to end through the gRPC API on the dev stack (`setpoint dev` as a child process, with
+//! real moto, aiosmtpd and PostgreSQL): 20 instances created and deleted; a change during
+//! active work refused, then accepted; and 50 creates surviving repeated SIGKILLs of the engine
+//! with exactly one machine and at most one "ready" mail each.
+//!
+//! Nothing here asserts on speed: every wait polls for a condition (with a generous limit that
+//! only guards against a hung test).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use setpoint::api::proto::instance_service_client::InstanceServiceClient;
+use setpoint::api::proto::{
+    CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
+    InstanceStatus, UpdateInstanceRequest,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Api = InstanceServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(150);
+
+/// A child process killed (its whole process group) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    setpoint::dev::postgres::free_port().expect("free port")
+}
+
+fn spawn(script: &str, log: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(log).expect("log");
+    Proc(
+        Command::new("sh")
+            .args(["-c", script])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+async fn wait_port(port: u16) {
+    common::wait_for("a peer to listen", || async move {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+}
+
+/// `setpoint dev` with `extra` flags; returns the process and its info file.
+async fn start_dev(dir: &Path, extra: &[String]) -> (Proc, Value) {
+    let info = dir.join("info.json");
+    let _ = std::fs::remove_file(&info);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dev.log"))
+        .expect("log");
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .arg("dev")
+        .arg("--dir")
+        .arg(dir.join("stack"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .arg("--info-file")
+        .arg(&info)
+        .args(extra)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("setpoint dev");
+    let proc = Proc(child);
+    let value = common::wait_for("setpoint dev to start", || {
+        let info = info.clone();
+        async move {
+            let text = std::fs::read_to_string(&info).ok()?;
+            serde_json::from_str::<Value>(&text).ok()
+        }
+    })
+    .await;
+    (proc, value)
+}
+
+async fn client(info: &Value) -> Api {
+    let server = info["server"].as_str().expect("server").to_owned();
+    let token = info["tenant_token"].as_str().expect("token").to_owned();
+    let channel = Channel::from_shared(server).expect("url").connect().await.expect("connect");
+    let header = format!("Bearer {token}").parse().expect("header");
+    InstanceServiceClient::with_interceptor(channel, Bearer(header))
+}
+
+fn full(name: &str) -> String {
+    format!("tenants/demo/instances/{name}")
+}
+
+fn spec(plan: &str) -> InstanceSpec {
+    InstanceSpec {
+        plan: plan.into(),
+        region: "us-east-1".into(),
+        size_gb: 10,
+        owner_email: "owner@example.com".into(),
+    }
+}
+
+async fn create(api: &mut Api, name: &str) -> Result<Instance, tonic::Status> {
+    api.create_instance(CreateInstanceRequest {
+        parent: "tenants/demo".into(),
+        instance_id: name.into(),
+        instance: Some(Instance {
+            spec: Some(spec("kvx.small")),
+            ..Instance::default()
+        }),
+        request_id: format!("create-{name}"),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn get(api: &mut Api, name: &str) -> Option<Instance> {
+    api.get_instance(GetInstanceRequest { name: full(name) })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Waits until every instance of `names` has status `want`.
+async fn wait_status(api: &mut Api, names: &[String], want: InstanceStatus) {
+    let start = Instant::now();
+    loop {
+        let mut pending = Vec::new();
+        for n in names {
+            match get(api, n).await {
+                Some(i) if i.status == want as i32 => {}
+                other => pending.push((n.clone(), other.map(|i| (i.status, i.last_error)))),
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < LIMIT, "still waiting for {want:?}: {pending:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// EC2 machines in moto by the setpoint instance id tag: id → states.
+fn machines(endpoint: &str) -> BTreeMap<String, Vec<String>> {
+    let script = r#"
+import boto3, json, sys
+ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',
+                   aws_access_key_id='testing', aws_secret_access_key='testing')
+out = {}
+for page in ec2.get_paginator('describe_instances').paginate():
+    for r in page['Reservations']:
+        for i in r['Instances']:
+            tags = {t['Key']: t['Value'] for t in i.get('Tags', [])}
+            out.setdefault(tags.get('setpoint:instance-id', '?'), []).append(i['State']['Name'])
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, endpoint])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Terminates machine(s) of a resource behind setpoint's back.
+fn terminate_behind_our_back(endpoint: &str, resource: &str) {
+    let script = r#"
+import boto3, sys
+ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',
+                   aws_access_key_id='testing', aws_secret_access_key='testing')
+ids = [i['InstanceId'] for r in ec2.describe_instances(Filters=[{'Name': 'tag:setpoint:instance-id', 'Values': [sys.argv[2]]}])['Reservations'] for i in r['Instances']]
+ec2.terminate_instances(InstanceIds=ids)
+"#;
+    let s = Command::new("python3")
+        .args(["-c", script, endpoint, resource])
+        .status()
+        .expect("python3");
+    assert!(s.success());
+}
+
+/// Subjects of the mails in the Maildir.
+fn subjects(maildir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["new", "cur"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+                out.push(s.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+fn count(subjects: &[String], name: &str, what: &str) -> usize {
+    let needle = format!("\"{name}\" {what}");
+    subjects.iter().filter(|s| s.contains(&needle)).count()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("setpoint-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
+    let dir = tmp("twenty");
+    let (_dev, info) = start_dev(&dir, &["--listen".into(), "127.0.0.1:0".into()]).await;
+    let mut api = client(&info).await;
+    let moto = info["ec2_endpoint"].as_str().expect("moto").to_owned();
+    let maildir = PathBuf::from(info["maildir"].as_str().expect("maildir"));
+
+    let names: Vec<String> = (0..20).map(|i| format!("db-{i:02}")).collect();
+    for n in &names {
+        create(&mut api, n).await.expect("create");
+    }
+    wait_status(&mut api, &names, InstanceStatus::Ready).await;
+    let mut uids = BTreeSet::new();
+    for n in &names {
+        let i = get(&mut api, n).await.expect("instance");
+        let observed = format!("{:?}", i.observed);
+        assert!(observed.contains("Available"), "Ready condition of {n}: {observed}");
+        uids.insert(i.uid);
+    }
+    let m = machines(&moto);
+    assert_eq!(m.len(), 20, "one machine per instance: {m:?}");
+    for uid in &uids {
+        assert_eq!(m.get(uid).map(Vec::len), Some(1), "machines of {uid}: {m:?}");
+    }
+    let s = common::wait_for("20 ready mails", || {
+        let s = subjects(&maildir);
+        async move { (s.iter().filter(|x| x.ends_with("is ready")).count() >= 20).then_some(s) }
+    })
+    .await;
+    for n in &names {
+        assert_eq!(count(&s, n, "is ready"), 1, "ready mails of {n}");
+    }
+
+    for n in &names {
+        api.delete_instance(DeleteInstanceRequest {
+            name: full(n),
+            request_id: format!("delete-{n}"),
+        })
+        .await
+        .expect("delete");
+    }
+    common::wait_for("every instance deleted", || {
+        let mut api = api.clone();
+        let names = names.clone();
+        async move {
+            for n in &names {
+                if get(&mut api, n).await.is_some_and(|i| i.status != InstanceStatus::Deleted as i32) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let m = machines(&moto);
+    assert!(
+        m.values().flatten().all(|s| s == "terminated" || s == "shutting-down"),
+        "every machine terminated: {m:?}"
+    );
+    let s = common::wait_for("20 deleted mails", || {
+        let s = subjects(&maildir);
+        async move { (s.iter().filter(|x| x.ends_with("has been deleted")).count() >= 20).then_some(s) }
+    })
+    .await;
+    for n in &names {
+        assert_eq!(count(&s, n, "has been deleted"), 1, "deleted mails of {n}");
+    }
+    let pool = setpoint::store::connect(info["database_url"].as_str().expect("db"), 2)
+        .await
+        .expect("db");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM work")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0, "no unit left");
+
+    // A change while the create chain runs is refused; after it ends it is accepted.
+    create(&mut api, "chg").await.expect("create chg");
+    let mut changed = Instance {
+        name: full("chg"),
+        spec: Some(spec("kvx.medium")),
+        ..Instance::default()
+    };
+    let refused = api
+        .update_instance(UpdateInstanceRequest {
+            instance: Some(changed.clone()),
+            update_mask: None,
+            request_id: "update-chg-1".into(),
+        })
+        .await
+        .expect_err("refused while active");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    wait_status(&mut api, &["chg".to_owned()], InstanceStatus::Ready).await;
+    changed.spec = Some(spec("kvx.medium"));
+    api.update_instance(UpdateInstanceRequest {
+        instance: Some(changed),
+        update_mask: None,
+        request_id: "update-chg-2".into(),
+    })
+    .await
+    .expect("accepted after the chain");
+    common::wait_for("the update to finish", || {
+        let mut api = api.clone();
+        async move {
+            get(&mut api, "chg")
+                .await
+                .filter(|i| i.status == InstanceStatus::Ready as i32 && i.generation == 2)
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
