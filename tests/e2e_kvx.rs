@@ -353,3 +353,123 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts `setpoint dev` against the test's own peers, on a fixed API port.
+async fn start_engine(dir: &Path, db: &str, moto: &str, smtp: &str, k8s: &str, port: u16, resync: bool) -> (Proc, Api) {
+    let mut extra: Vec<String> = [
+        "--database-url", db, "--ec2-endpoint", moto, "--smtp", smtp, "--kubernetes-url", k8s,
+        "--lease", "2s", "--poll-interval", "100ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    extra.extend(["--listen".to_owned(), format!("127.0.0.1:{port}")]);
+    if resync {
+        extra.extend(["--resync-interval".to_owned(), "1s".to_owned()]);
+    }
+    let (proc, info) = start_dev(dir, &extra).await;
+    let api = client(&info).await;
+    (proc, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
+    use rand::Rng;
+    let dir = tmp("crash");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let moto_port = free_port();
+    let _moto = spawn(
+        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
+        &dir.join("moto.log"),
+    );
+    let smtp_port = free_port();
+    let maildir = dir.join("mail");
+    let _smtp = spawn(
+        &format!(
+            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
+            maildir.display()
+        ),
+        &dir.join("smtp.log"),
+    );
+    let k8s = setpoint_kubernetes::TestApiServer::start().await.expect("k8s");
+    wait_port(moto_port).await;
+    wait_port(smtp_port).await;
+    let moto = format!("http://127.0.0.1:{moto_port}");
+    let smtp = format!("127.0.0.1:{smtp_port}");
+    let api_port = free_port();
+
+    let (mut engine, mut api) =
+        start_engine(&dir, &db.url, &moto, &smtp, &k8s.url(), api_port, false).await;
+    let names: Vec<String> = (0..50).map(|i| format!("c-{i:02}")).collect();
+    for n in &names {
+        create(&mut api, n).await.expect("create");
+    }
+    for round in 0..3 {
+        let pause = rand::rng().random_range(200..1500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let pid = engine.0.id();
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = engine.0.wait();
+        drop(engine);
+        eprintln!("round {round}: killed the engine after {pause} ms");
+        (engine, api) =
+            start_engine(&dir, &db.url, &moto, &smtp, &k8s.url(), api_port, round == 2).await;
+    }
+
+    // Every chain ends: READY, or FAILED on a parked "outcome unknown" mail.
+    let start = Instant::now();
+    let mut failed = BTreeSet::new();
+    loop {
+        let mut open = Vec::new();
+        failed.clear();
+        for n in &names {
+            let i = get(&mut api, n).await.expect("instance");
+            if i.status == InstanceStatus::Failed as i32 {
+                assert!(i.last_error.contains("outcome") || i.last_error.contains("may have"),
+                    "{n} failed for another reason: {}", i.last_error);
+                failed.insert(n.clone());
+            } else if i.status != InstanceStatus::Ready as i32 {
+                open.push(n.clone());
+            }
+        }
+        if open.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "chains still open: {open:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let m = machines(&moto);
+    let mut uids = BTreeMap::new();
+    for n in &names {
+        let i = get(&mut api, n).await.expect("instance");
+        assert_eq!(m.get(&i.uid).map(Vec::len), Some(1), "exactly one machine for {n}: {m:?}");
+        uids.insert(n.clone(), i.uid);
+    }
+    let s = subjects(&maildir);
+    for n in &names {
+        let ready = count(&s, n, "is ready");
+        assert!(ready <= 1, "duplicate ready mail for {n}");
+        if !failed.contains(n) {
+            assert_eq!(ready, 1, "ready mail of {n}");
+        }
+    }
+    eprintln!("{} of 50 ended with an outcome-unknown mail parked", failed.len());
+
+    // Drift: a machine terminated behind our back is replaced by the resync.
+    let victim = names.iter().find(|n| !failed.contains(*n)).expect("a ready instance").clone();
+    let uid = uids[&victim].clone();
+    terminate_behind_our_back(&moto, &uid);
+    common::wait_for("the machine to be replaced", || {
+        let moto = moto.clone();
+        let uid = uid.clone();
+        async move {
+            let m = machines(&moto);
+            let states = m.get(&uid)?;
+            (states.len() == 2 && states.iter().any(|s| s == "running")).then_some(())
+        }
+    })
+    .await;
+    wait_status(&mut api, &[victim.clone()], InstanceStatus::Ready).await;
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
