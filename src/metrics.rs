@@ -133,7 +133,8 @@ async fn refresh_queue_gauges(pool: &PgPool, seen: &mut Vec<(String, String)>) {
         .map(|(s, k, _)| (s.clone(), k.clone()))
         .collect();
     for (state, kind) in seen.iter().filter(|p| !now.contains(p)) {
-        metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone()).set(0.0);
+        metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone())
+            .set(0.0);
     }
     for (state, kind, n) in &stats.counts {
         metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone())
@@ -171,7 +172,10 @@ async fn route(req: Request<hyper::body::Incoming>, pool: PgPool) -> Response<Fu
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match ready(&pool).await {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         _ => text(
             StatusCode::NOT_FOUND,

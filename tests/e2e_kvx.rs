@@ -71,7 +71,9 @@ fn spawn(script: &str, log: &Path) -> Proc {
 
 async fn wait_port(port: u16) {
     common::wait_for("a peer to listen", || async move {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
     })
     .await;
 }
@@ -115,7 +117,11 @@ async fn start_dev(dir: &Path, extra: &[String]) -> (Proc, Value) {
 async fn client(info: &Value) -> Api {
     let server = info["server"].as_str().expect("server").to_owned();
     let token = info["tenant_token"].as_str().expect("token").to_owned();
-    let channel = Channel::from_shared(server).expect("url").connect().await.expect("connect");
+    let channel = Channel::from_shared(server)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
     let header = format!("Bearer {token}").parse().expect("header");
     InstanceServiceClient::with_interceptor(channel, Bearer(header))
 }
@@ -168,7 +174,10 @@ async fn wait_status(api: &mut Api, names: &[String], want: InstanceStatus) {
         if pending.is_empty() {
             return;
         }
-        assert!(start.elapsed() < LIMIT, "still waiting for {want:?}: {pending:?}");
+        assert!(
+            start.elapsed() < LIMIT,
+            "still waiting for {want:?}: {pending:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -191,7 +200,11 @@ print(json.dumps(out))
         .args(["-c", script, endpoint])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -257,13 +270,20 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     for n in &names {
         let i = get(&mut api, n).await.expect("instance");
         let observed = format!("{:?}", i.observed);
-        assert!(observed.contains("Available"), "Ready condition of {n}: {observed}");
+        assert!(
+            observed.contains("Available"),
+            "Ready condition of {n}: {observed}"
+        );
         uids.insert(i.uid);
     }
     let m = machines(&moto);
     assert_eq!(m.len(), 20, "one machine per instance: {m:?}");
     for uid in &uids {
-        assert_eq!(m.get(uid).map(Vec::len), Some(1), "machines of {uid}: {m:?}");
+        assert_eq!(
+            m.get(uid).map(Vec::len),
+            Some(1),
+            "machines of {uid}: {m:?}"
+        );
     }
     let s = common::wait_for("20 ready mails", || {
         let s = subjects(&maildir);
@@ -287,7 +307,10 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         let names = names.clone();
         async move {
             for n in &names {
-                if get(&mut api, n).await.is_some_and(|i| i.status != InstanceStatus::Deleted as i32) {
+                if get(&mut api, n)
+                    .await
+                    .is_some_and(|i| i.status != InstanceStatus::Deleted as i32)
+                {
                     return None;
                 }
             }
@@ -297,14 +320,19 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     .await;
     let m = machines(&moto);
     assert!(
-        m.values().flatten().all(|s| s == "terminated" || s == "shutting-down"),
+        m.values()
+            .flatten()
+            .all(|s| s == "terminated" || s == "shutting-down"),
         "every machine terminated: {m:?}"
     );
-    let s = common::wait_for("20 deleted mails", || {
-        let s = subjects(&maildir);
-        async move { (s.iter().filter(|x| x.ends_with("has been deleted")).count() >= 20).then_some(s) }
-    })
-    .await;
+    let s =
+        common::wait_for("20 deleted mails", || {
+            let s = subjects(&maildir);
+            async move {
+                (s.iter().filter(|x| x.ends_with("has been deleted")).count() >= 20).then_some(s)
+            }
+        })
+        .await;
     for n in &names {
         assert_eq!(count(&s, n, "has been deleted"), 1, "deleted mails of {n}");
     }
@@ -332,7 +360,11 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         })
         .await
         .expect_err("refused while active");
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
     wait_status(&mut api, &["chg".to_owned()], InstanceStatus::Ready).await;
     changed.spec = Some(spec("kvx.medium"));
     api.update_instance(UpdateInstanceRequest {
@@ -355,10 +387,28 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
 }
 
 /// Starts `setpoint dev` against the test's own peers, on a fixed API port.
-async fn start_engine(dir: &Path, db: &str, moto: &str, smtp: &str, k8s: &str, port: u16, resync: bool) -> (Proc, Api) {
+async fn start_engine(
+    dir: &Path,
+    db: &str,
+    moto: &str,
+    smtp: &str,
+    k8s: &str,
+    port: u16,
+    resync: bool,
+) -> (Proc, Api) {
     let mut extra: Vec<String> = [
-        "--database-url", db, "--ec2-endpoint", moto, "--smtp", smtp, "--kubernetes-url", k8s,
-        "--lease", "2s", "--poll-interval", "100ms",
+        "--database-url",
+        db,
+        "--ec2-endpoint",
+        moto,
+        "--smtp",
+        smtp,
+        "--kubernetes-url",
+        k8s,
+        "--lease",
+        "2s",
+        "--poll-interval",
+        "100ms",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -391,7 +441,9 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         ),
         &dir.join("smtp.log"),
     );
-    let k8s = setpoint_kubernetes::TestApiServer::start().await.expect("k8s");
+    let k8s = setpoint_kubernetes::TestApiServer::start()
+        .await
+        .expect("k8s");
     wait_port(moto_port).await;
     wait_port(smtp_port).await;
     let moto = format!("http://127.0.0.1:{moto_port}");
@@ -408,12 +460,22 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         let pause = rand::rng().random_range(200..1500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let pid = engine.0.id();
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
         let _ = engine.0.wait();
         drop(engine);
         eprintln!("round {round}: killed the engine after {pause} ms");
-        (engine, api) =
-            start_engine(&dir, &db.url, &moto, &smtp, &k8s.url(), api_port, round == 2).await;
+        (engine, api) = start_engine(
+            &dir,
+            &db.url,
+            &moto,
+            &smtp,
+            &k8s.url(),
+            api_port,
+            round == 2,
+        )
+        .await;
     }
 
     // Every chain ends: READY, or FAILED on a parked "outcome unknown" mail.
@@ -425,8 +487,11 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         for n in &names {
             let i = get(&mut api, n).await.expect("instance");
             if i.status == InstanceStatus::Failed as i32 {
-                assert!(i.last_error.contains("outcome") || i.last_error.contains("may have"),
-                    "{n} failed for another reason: {}", i.last_error);
+                assert!(
+                    i.last_error.contains("outcome") || i.last_error.contains("may have"),
+                    "{n} failed for another reason: {}",
+                    i.last_error
+                );
                 failed.insert(n.clone());
             } else if i.status != InstanceStatus::Ready as i32 {
                 open.push(n.clone());
@@ -442,7 +507,11 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
     let mut uids = BTreeMap::new();
     for n in &names {
         let i = get(&mut api, n).await.expect("instance");
-        assert_eq!(m.get(&i.uid).map(Vec::len), Some(1), "exactly one machine for {n}: {m:?}");
+        assert_eq!(
+            m.get(&i.uid).map(Vec::len),
+            Some(1),
+            "exactly one machine for {n}: {m:?}"
+        );
         uids.insert(n.clone(), i.uid);
     }
     let s = subjects(&maildir);
@@ -453,10 +522,17 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
             assert_eq!(ready, 1, "ready mail of {n}");
         }
     }
-    eprintln!("{} of 50 ended with an outcome-unknown mail parked", failed.len());
+    eprintln!(
+        "{} of 50 ended with an outcome-unknown mail parked",
+        failed.len()
+    );
 
     // Drift: a machine terminated behind our back is replaced by the resync.
-    let victim = names.iter().find(|n| !failed.contains(*n)).expect("a ready instance").clone();
+    let victim = names
+        .iter()
+        .find(|n| !failed.contains(*n))
+        .expect("a ready instance")
+        .clone();
     let uid = uids[&victim].clone();
     terminate_behind_our_back(&moto, &uid);
     common::wait_for("the machine to be replaced", || {
@@ -469,7 +545,7 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         }
     })
     .await;
-    wait_status(&mut api, &[victim.clone()], InstanceStatus::Ready).await;
+    wait_status(&mut api, std::slice::from_ref(&victim), InstanceStatus::Ready).await;
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -40,7 +40,11 @@ pub struct DevArgs {
     #[arg(long, env = "SETPOINT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "SETPOINT_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "SETPOINT_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     pub metrics_listen: SocketAddr,
     /// Use this database instead of starting one.
     #[arg(long)]
@@ -135,7 +139,9 @@ fn ensure_python_module(module: &str, package: &str) -> Result<(), DevError> {
     if ok(module) {
         return Ok(());
     }
-    eprintln!("setpoint dev: Python module {module} is missing; installing {package} with pip (first use only)…");
+    eprintln!(
+        "setpoint dev: Python module {module} is missing; installing {package} with pip (first use only)…"
+    );
     for extra in [&[][..], &["--break-system-packages"][..]] {
         let status = Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", package])
@@ -181,10 +187,14 @@ async fn wait_port(name: &str, port: u16, peer: &mut Peer) -> Result<(), DevErro
             return Ok(());
         }
         if let Ok(Some(status)) = peer.child.try_wait() {
-            return Err(DevError::Peer(format!("{name} exited at start ({status}); see its log")));
+            return Err(DevError::Peer(format!(
+                "{name} exited at start ({status}); see its log"
+            )));
         }
         if start.elapsed() > Duration::from_secs(60) {
-            return Err(DevError::Peer(format!("{name} did not listen on {addr} within 60s")));
+            return Err(DevError::Peer(format!(
+                "{name} did not listen on {addr} within 60s"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -277,12 +287,21 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     ec2.timeouts.poll_initial_ms = 200;
     ec2.timeouts.poll_max_ms = 1_000;
     let client = ec2
-        .client_with_credentials(Credentials::new("testing", "testing", None, None, "setpoint-dev"))
+        .client_with_credentials(Credentials::new(
+            "testing",
+            "testing",
+            None,
+            None,
+            "setpoint-dev",
+        ))
         .await
         .map_err(other)?;
     let compute: Arc<dyn Compute> = Arc::new(Ec2Compute::from_client(client, ec2));
-    let cluster: Arc<dyn Cluster> =
-        Arc::new(KubernetesCluster::connect(&k8s_config).await.map_err(other)?);
+    let cluster: Arc<dyn Cluster> = Arc::new(
+        KubernetesCluster::connect(&k8s_config)
+            .await
+            .map_err(other)?,
+    );
     let (smtp_host, smtp_port) = smtp
         .rsplit_once(':')
         .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))

@@ -107,16 +107,15 @@ pub async fn resync_claim_ready(
 /// # Errors
 /// Database errors (unreachable, no migrations table yet counts as all pending).
 pub async fn migrations_pending(conn: &mut PgConnection) -> Result<usize, StoreError> {
-    let applied: Vec<i64> = match sqlx::query_scalar(
-        "SELECT version FROM _sqlx_migrations WHERE success",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    {
-        Ok(v) => v,
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(v) => v,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
     Ok(super::MIGRATOR
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())

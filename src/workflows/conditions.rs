@@ -147,7 +147,14 @@ mod tests {
     #[test]
     fn set_keeps_the_transition_time_while_the_status_holds() {
         let mut c = Vec::new();
-        set(&mut c, READY, ConditionStatus::False, "Provisioning", "a", 1);
+        set(
+            &mut c,
+            READY,
+            ConditionStatus::False,
+            "Provisioning",
+            "a",
+            1,
+        );
         let first = c[0].last_transition_time;
         set(&mut c, READY, ConditionStatus::False, "Configuring", "b", 1);
         assert_eq!(c.len(), 1);

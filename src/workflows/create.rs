@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, BackendAddress, ClusterInstanceSpec, InstanceRequest, InstanceState,
-    MailRequest, Outcome, SecretData, Template, WorkContext,
+    AdapterError, BackendAddress, ClusterInstanceSpec, InstanceRequest, InstanceState, MailRequest,
+    Outcome, SecretData, Template, WorkContext,
 };
 
 use super::conditions::{ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
@@ -44,9 +44,7 @@ pub(super) async fn ensure_machine(
         instance_type: None,
         subnet_id: None,
     };
-    let deadline = ctx
-        .deadline
-        .min(Instant::now() + wf.config.machine_wait);
+    let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
     let seen = adapter_call(
         "compute",
         "ensure_instance",
@@ -84,7 +82,11 @@ pub(super) async fn ensure_machine(
     chain.set(
         READY,
         ConditionStatus::False,
-        if mode == Mode::Heal { "Healing" } else { "Provisioning" },
+        if mode == Mode::Heal {
+            "Healing"
+        } else {
+            "Provisioning"
+        },
         "configuring the Kubernetes objects",
     );
     chain.machine = Some(machine.clone());

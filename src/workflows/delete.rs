@@ -2,7 +2,9 @@
 //! machine, then the "deleted" mail. Every step treats "already gone" as success.
 
 use serde_json::json;
-use setpoint_adapter::{AdapterError, MailRequest, Outcome, Template, TerminateRequest, WorkContext};
+use setpoint_adapter::{
+    AdapterError, MailRequest, Outcome, Template, TerminateRequest, WorkContext,
+};
 
 use super::conditions::{ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
 use super::{ChainSpec, Workflows};
@@ -27,7 +29,12 @@ pub(super) async fn delete_cluster(
         "Deleted",
         format!("{} Kubernetes object(s) deleted", done.deleted.len()),
     );
-    chain.set(READY, ConditionStatus::False, "Deleting", "terminating the machine");
+    chain.set(
+        READY,
+        ConditionStatus::False,
+        "Deleting",
+        "terminating the machine",
+    );
     Ok(Outcome::done()
         .observed(json!({ "conditions": chain.observed_conditions() }))
         .then(chain.next("ec2", "kvx.delete.ec2")))
@@ -61,7 +68,9 @@ pub(super) async fn terminate_machine(
         ),
     );
     Ok(Outcome::done()
-        .observed(json!({ "conditions": chain.observed_conditions(), "terminated": done.terminated }))
+        .observed(
+            json!({ "conditions": chain.observed_conditions(), "terminated": done.terminated }),
+        )
         .then(chain.next("notify", "kvx.delete.notify")))
 }
 
@@ -84,7 +93,12 @@ pub(super) async fn notify_deleted(
         wf.mailer.send(&ctx.token, &request, ctx.journal.as_ref()),
     )
     .await?;
-    chain.set(READY, ConditionStatus::False, "Deleted", "the instance is gone");
+    chain.set(
+        READY,
+        ConditionStatus::False,
+        "Deleted",
+        "the instance is gone",
+    );
     Ok(Outcome::done().observed(json!({
         "conditions": chain.observed_conditions(),
         "deleted_mail": delivery.message_id,

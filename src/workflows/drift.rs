@@ -75,7 +75,12 @@ pub(super) async fn observe(
             let mut outcome = Outcome::done();
             match wf.config.drift {
                 DriftAction::Heal => {
-                    chain.set(READY, ConditionStatus::False, "Healing", "launching a new machine");
+                    chain.set(
+                        READY,
+                        ConditionStatus::False,
+                        "Healing",
+                        "launching a new machine",
+                    );
                     chain.machine = None;
                     outcome = outcome.then(chain.next("heal-ec2", "kvx.heal.ec2"));
                 }
@@ -153,8 +158,7 @@ impl Resync {
                         name: f.name.clone(),
                         operation: "resync".into(),
                         generation: f.generation,
-                        spec: serde_json::from_value::<KvxSpec>(f.spec.clone())
-                            .unwrap_or_default(),
+                        spec: serde_json::from_value::<KvxSpec>(f.spec.clone()).unwrap_or_default(),
                         machine: f
                             .observed
                             .get("machine")
@@ -162,8 +166,11 @@ impl Resync {
                             .and_then(|m| serde_json::from_value(m).ok()),
                         conditions: conditions::from_observed(&f.observed),
                     };
-                    NewWork::new(OBSERVE_KIND, serde_json::to_value(&chain).unwrap_or_default())
-                        .for_resource(f.id, f.tenant.clone())
+                    NewWork::new(
+                        OBSERVE_KIND,
+                        serde_json::to_value(&chain).unwrap_or_default(),
+                    )
+                    .for_resource(f.id, f.tenant.clone())
                 })
                 .collect();
             work_enqueue(&mut tx, &units).await?;

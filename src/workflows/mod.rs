@@ -243,7 +243,11 @@ impl ChainSpec {
 
     /// The follow-up unit `kind` at `step`, carrying this chain.
     fn next(&self, step: &str, kind: &str) -> FollowUp {
-        FollowUp::new(step, kind, serde_json::to_value(self).unwrap_or(Value::Null))
+        FollowUp::new(
+            step,
+            kind,
+            serde_json::to_value(self).unwrap_or(Value::Null),
+        )
     }
 
     /// The `conditions` key of the observed state.
@@ -279,8 +283,12 @@ impl Handler for Step {
             let wf = &self.workflows;
             tracing::debug!(work_id = ctx.work_id, token = %ctx.token, instance = %chain.instance_id, "KVX step");
             match self.kind {
-                "kvx.create.ec2" => create::ensure_machine(wf, ctx, chain, create::Mode::Create).await,
-                "kvx.create.k8s" => create::apply_cluster(wf, ctx, chain, create::Mode::Create).await,
+                "kvx.create.ec2" => {
+                    create::ensure_machine(wf, ctx, chain, create::Mode::Create).await
+                }
+                "kvx.create.k8s" => {
+                    create::apply_cluster(wf, ctx, chain, create::Mode::Create).await
+                }
                 "kvx.create.notify" => create::notify_ready(wf, ctx, chain).await,
                 "kvx.update.k8s" => update::start(wf, ctx, chain).await,
                 "kvx.update.notify" => create::notify_ready(wf, ctx, chain).await,
