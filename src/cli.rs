@@ -51,6 +51,12 @@ pub enum Command {
     /// Measure the engine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Instances through the gRPC API (--server, --token).
+    #[command(subcommand)]
+    Instances(crate::client::InstancesCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Tokens(crate::client::TokensCommand),
 }
 
 /// `setpoint serve`.
@@ -92,6 +98,9 @@ pub struct ServeArgs {
     /// This worker's name in leases and events (default: host-pid-random).
     #[arg(long, env = "SETPOINT_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// The gRPC API.
+    #[command(flatten)]
+    pub api: crate::api::ApiArgs,
 }
 
 /// `setpoint work …`.
@@ -182,6 +191,8 @@ pub enum WorkCommand {
 pub enum BenchCommand {
     /// Queue throughput and pickup latency on a durable PostgreSQL, with a naive baseline.
     Queue(BenchQueueArgs),
+    /// API Create calls/s next to PostgreSQL's single-insert commit rate (durable cluster).
+    Api(crate::api::bench::BenchApiArgs),
 }
 
 /// `setpoint bench queue`.

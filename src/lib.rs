@@ -18,8 +18,10 @@
 
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod metrics;

@@ -64,6 +64,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Work(cmd) => work(cmd).await,
         Command::Bench(BenchCommand::Queue(args)) => bench_queue(args).await,
+        Command::Bench(BenchCommand::Api(args)) => setpoint::api::bench::run(args)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Instances(cmd) => Ok(setpoint::client::run_instances(cmd).await?),
+        Command::Tokens(cmd) => {
+            let (file, url) = resolve_db(cmd.db())?;
+            let pool = connect(&url.context(NO_DB)?, &file, 2).await?;
+            Ok(setpoint::client::run_tokens(&pool, cmd).await?)
+        }
     }
 }
 
@@ -157,7 +167,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.enable_probe || file.enable_probe == Some(true) {
         registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
     }
-    let runtime = Runtime::new(pool, registry, worker)?;
+    let runtime = Runtime::new(pool.clone(), registry, worker)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -165,7 +175,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("shutdown requested");
         signal.cancel();
     });
+    let api = setpoint::api::start(pool, args.api.config(), args.api.listen, shutdown.clone())
+        .await
+        .context("starting the gRPC API")?;
     runtime.run(shutdown).await;
+    api.wait().await?;
     Ok(())
 }
 

@@ -1,8 +1,11 @@
-//! SQL of the `instances` table that the work life cycle owns: recording what workers
-//! observed, and clearing `has_active_work` when a resource's chain of units ends.
+//! SQL of the `instances` table: what the work life cycle owns (recording what workers
+//! observed, clearing `has_active_work` when a resource's chain of units ends) and what the
+//! gRPC API owns (create, read, list, change). `status` is derived by the trigger of
+//! `migrations/0002_api.sql` from `operation` and `has_active_work`; nothing here sets it.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -51,3 +54,183 @@ pub async fn instance_mark_active(conn: &mut PgConnection, id: Uuid) -> Result<(
         .await?;
     Ok(())
 }
+
+/// An instance as the API shows it, with the newest unit of work still queued for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    /// Id (the API's `uid`).
+    pub id: Uuid,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Short name, unique among the tenant's live instances.
+    pub name: String,
+    /// Desired spec.
+    pub spec: Value,
+    /// Version of the spec.
+    pub generation: i64,
+    /// What workers observed.
+    pub observed: Value,
+    /// The generation the observed state was brought to.
+    pub observed_generation: i64,
+    /// `CREATING`, `READY`, `UPDATING`, `DELETING`, `DELETED`, `FAILED`.
+    pub status: String,
+    /// A unit of this instance is pending or running.
+    pub has_active_work: bool,
+    /// The operation in progress (`create`, `update`, `delete`), if any.
+    pub operation: Option<String>,
+    /// The newest unit of this instance still in the work table.
+    pub active_work_id: Option<i64>,
+    /// That unit's last error.
+    pub last_error: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Deletion time (tombstone).
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+const INSTANCE_SELECT: &str = "SELECT i.id, i.tenant, i.name, i.spec, i.generation, i.observed,
+        i.observed_generation, i.status, i.has_active_work, i.operation, i.created_at,
+        i.updated_at, i.deleted_at, w.id AS active_work_id, w.last_error
+     FROM instances i
+     LEFT JOIN LATERAL (SELECT id, last_error FROM work WHERE resource_id = i.id
+                        ORDER BY id DESC LIMIT 1) w ON true";
+
+const INSTANCE_RETURNING: &str = "RETURNING id, tenant, name, spec, generation, observed,
+        observed_generation, status, has_active_work, operation, created_at, updated_at,
+        deleted_at, NULL::bigint AS active_work_id, NULL::text AS last_error";
+
+fn instance_row(r: sqlx::postgres::PgRow) -> Result<InstanceRow, StoreError> {
+    Ok(InstanceRow {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        name: r.try_get("name")?,
+        spec: r.try_get("spec")?,
+        generation: r.try_get("generation")?,
+        observed: r.try_get("observed")?,
+        observed_generation: r.try_get("observed_generation")?,
+        status: r.try_get("status")?,
+        has_active_work: r.try_get("has_active_work")?,
+        operation: r.try_get("operation")?,
+        active_work_id: r.try_get("active_work_id")?,
+        last_error: r.try_get("last_error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        deleted_at: r.try_get("deleted_at")?,
+    })
+}
+
+/// Inserts a live instance with `operation = 'create'` and active work. Returns `None` when
+/// the tenant already has a live instance of that name.
+pub async fn instance_insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    tenant: &str,
+    name: &str,
+    spec: &Value,
+) -> Result<Option<InstanceRow>, StoreError> {
+    let sql = format!(
+        "INSERT INTO instances (id, tenant, name, spec, operation, has_active_work)
+         VALUES ($1, $2, $3, $4, 'create', true)
+         ON CONFLICT (tenant, name) WHERE deleted_at IS NULL DO NOTHING
+         {INSTANCE_RETURNING}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(tenant)
+        .bind(name)
+        .bind(spec)
+        .fetch_optional(conn)
+        .await?
+        .map(instance_row)
+        .transpose()
+}
+
+/// The tenant's live instance `name`; with `lock`, the row is locked for update until the
+/// transaction ends.
+pub async fn instance_get(
+    conn: &mut PgConnection,
+    tenant: &str,
+    name: &str,
+    lock: bool,
+) -> Result<Option<InstanceRow>, StoreError> {
+    let sql = format!(
+        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.name = $2 AND i.deleted_at IS NULL{}",
+        if lock { " FOR UPDATE OF i" } else { "" }
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(conn)
+        .await?
+        .map(instance_row)
+        .transpose()
+}
+
+/// Instance `id`, live or deleted.
+pub async fn instance_get_by_id(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<InstanceRow>, StoreError> {
+    let sql = format!("{INSTANCE_SELECT} WHERE i.id = $1");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(instance_row)
+        .transpose()
+}
+
+/// The tenant's live instances ordered by name, after `after_name`, optionally only those in
+/// `status`; at most `limit`.
+pub async fn instance_list(
+    conn: &mut PgConnection,
+    tenant: &str,
+    status: Option<&str>,
+    after_name: Option<&str>,
+    limit: i64,
+) -> Result<Vec<InstanceRow>, StoreError> {
+    let sql = format!(
+        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.deleted_at IS NULL
+           AND ($2::text IS NULL OR i.status = $2)
+           AND ($3::text IS NULL OR i.name > $3)
+         ORDER BY i.name LIMIT $4"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(status)
+        .bind(after_name)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(instance_row).collect()
+}
+
+/// Starts `operation` (`update` or `delete`) on instance `id`: sets the new spec (bumping the
+/// generation) when one is given, and marks the instance active. The trigger sets the status.
+pub async fn instance_start_operation(
+    conn: &mut PgConnection,
+    id: Uuid,
+    operation: &str,
+    new_spec: Option<&Value>,
+) -> Result<InstanceRow, StoreError> {
+    let sql = format!(
+        "UPDATE instances SET spec = coalesce($3, spec),
+                generation = generation + CASE WHEN $3::jsonb IS NULL THEN 0 ELSE 1 END,
+                operation = $2, has_active_work = true, updated_at = now()
+         WHERE id = $1
+         {INSTANCE_RETURNING}"
+    );
+    let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(operation)
+        .bind(new_spec)
+        .fetch_one(conn)
+        .await?;
+    instance_row(r)
+}
+
+/// The NOTIFY channel on which the `instances_notify` trigger announces every change of an
+/// instance (payload: the instance id).
+pub const INSTANCE_CHANNEL: &str = "setpoint_instances";

@@ -2,9 +2,11 @@
 //! SQL; every function takes a connection (or a transaction, which derefs to one), so callers
 //! choose what commits together.
 
+pub mod api_requests;
 pub mod events;
 pub mod instances;
 pub mod journal;
+pub mod tokens;
 pub mod work;
 pub mod workflows;
 

@@ -1,0 +1,263 @@
+//! `setpoint bench api`: CreateInstance calls per second with many concurrent clients against
+//! a durable PostgreSQL, next to PostgreSQL's own single-row INSERT commit rate on the same
+//! cluster in the same run (the same number of connections, each committing one-row INSERTs
+//! into a scratch table). Each Create commits one transaction (request id, instance, unit of
+//! work and its event, stored answer), so the commit rate is its ceiling. Workers do not run
+//! during the measurement: it measures the API's write path alone.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::Endpoint;
+
+use super::proto::instance_service_client::InstanceServiceClient;
+use super::proto::{CreateInstanceRequest, Instance, InstanceSpec};
+use super::{ApiConfig, ApiError, ServeError, auth};
+use crate::config::parse_duration;
+use crate::dev::postgres::{ClusterError, ClusterOptions, Durability, TempCluster};
+use crate::store::{self, StoreError};
+
+/// `setpoint bench api`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchApiArgs {
+    /// Concurrent API clients (and baseline connections).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Length of each measurement.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why the benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The cluster did not start.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// A database statement failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The API failed to start.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// Token creation failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A client failed to connect.
+    #[error("client: {0}")]
+    Client(#[from] tonic::transport::Error),
+    /// A task failed.
+    #[error("task failed: {0}")]
+    Join(String),
+}
+
+/// The figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchApiReport {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds per measurement.
+    pub duration_secs: f64,
+    /// PostgreSQL single-row INSERT commits per second.
+    pub baseline_commits_per_sec: f64,
+    /// Successful CreateInstance calls per second.
+    pub creates_per_sec: f64,
+    /// Failed calls during the measurement.
+    pub create_errors: u64,
+    /// `creates_per_sec / baseline_commits_per_sec`.
+    pub ratio: f64,
+    /// Median Create latency (ms).
+    pub create_p50_ms: f64,
+    /// 99th percentile Create latency (ms).
+    pub create_p99_ms: f64,
+}
+
+async fn baseline(url: &str, clients: usize, duration: Duration) -> Result<f64, BenchError> {
+    let pool = store::connect(url, clients as u32 + 2).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_scratch (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())")
+        .execute(&pool)
+        .await
+        .map_err(StoreError::from)?;
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let pool = pool.clone();
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let mut i = 0u64;
+            while start.elapsed() < duration {
+                sqlx::query("INSERT INTO bench_scratch (payload) VALUES ($1)")
+                    .bind(format!("client {c} row {i}"))
+                    .execute(&mut *conn)
+                    .await?;
+                i += 1;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), sqlx::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| BenchError::Join(e.to_string()))?
+            .map_err(StoreError::from)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(count.load(Ordering::Relaxed) as f64 / secs)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints the figures.
+///
+/// # Errors
+/// When the cluster, the server or a client cannot start.
+pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
+    let clients = args.clients.max(1);
+    let cluster = tokio::task::spawn_blocking(move || {
+        TempCluster::start(ClusterOptions {
+            durability: Durability::Durable,
+            max_connections: (clients as u32) * 2 + 40,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .map_err(|e| BenchError::Join(e.to_string()))??;
+    let url = cluster.url("postgres");
+    let pool = store::connect(&url, clients as u32 + 8).await?;
+    store::migrate(&pool).await?;
+
+    let baseline_rate = baseline(&url, clients, args.duration).await?;
+
+    let shutdown = CancellationToken::new();
+    let api = super::start(
+        pool.clone(),
+        ApiConfig::default(),
+        "127.0.0.1:0"
+            .parse()
+            .map_err(|e: std::net::AddrParseError| BenchError::Join(e.to_string()))?,
+        shutdown.clone(),
+    )
+    .await?;
+    let token = auth::create_token(&pool, "bench", false, None).await?.token;
+    let endpoint = Endpoint::from_shared(format!("http://{}", api.addr))?;
+    // A few HTTP/2 connections, many streams each.
+    let channels = (clients / 16).max(1);
+    let mut chans = Vec::new();
+    for _ in 0..channels {
+        chans.push(endpoint.connect().await?);
+    }
+    let auth_header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| BenchError::Join("token is not ASCII".into()))?;
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut client = InstanceServiceClient::new(chans[c % channels].clone());
+        let auth_header = auth_header.clone();
+        let errors = errors.clone();
+        let duration = args.duration;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = 0u64;
+            while start.elapsed() < duration {
+                let mut req = Request::new(CreateInstanceRequest {
+                    parent: String::new(),
+                    instance_id: format!("b{c}-{i}"),
+                    instance: Some(Instance {
+                        spec: Some(InstanceSpec {
+                            plan: "kvx.small".into(),
+                            region: "eu-west-1".into(),
+                            size_gb: 10,
+                            owner_email: "bench@example.com".into(),
+                        }),
+                        ..Instance::default()
+                    }),
+                    request_id: format!("bench-{c}-{i}"),
+                });
+                req.metadata_mut()
+                    .insert("authorization", auth_header.clone());
+                let t = Instant::now();
+                match client.create_instance(req).await {
+                    Ok(_) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            tracing::warn!(error = %e, "create failed");
+                        }
+                    }
+                }
+                i += 1;
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.map_err(|e| BenchError::Join(e.to_string()))?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    api.wait().await?;
+    latencies.sort_by(f64::total_cmp);
+    let creates = latencies.len() as f64 / secs;
+    let report = BenchApiReport {
+        clients,
+        duration_secs: args.duration.as_secs_f64(),
+        baseline_commits_per_sec: baseline_rate,
+        creates_per_sec: creates,
+        create_errors: errors.load(Ordering::Relaxed),
+        ratio: if baseline_rate > 0.0 {
+            creates / baseline_rate
+        } else {
+            0.0
+        },
+        create_p50_ms: percentile(&latencies, 0.5),
+        create_p99_ms: percentile(&latencies, 0.99),
+    };
+    pool.close().await;
+    drop(cluster);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "setpoint bench api  (durable PostgreSQL, {} concurrent clients, {:.0}s each)",
+            report.clients, report.duration_secs
+        );
+        println!(
+            "  PostgreSQL single-row INSERT commits: {:>8.0} /s",
+            report.baseline_commits_per_sec
+        );
+        println!(
+            "  API CreateInstance calls:             {:>8.0} /s  (p50 {:.1} ms, p99 {:.1} ms, {} errors)",
+            report.creates_per_sec,
+            report.create_p50_ms,
+            report.create_p99_ms,
+            report.create_errors
+        );
+        println!(
+            "  ratio: {:.0}% of the commit rate (target >= 70%)",
+            report.ratio * 100.0
+        );
+    }
+    Ok(report)
+}

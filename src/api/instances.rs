@@ -1,0 +1,521 @@
+//! `setpoint.v1.InstanceService`: the user-facing resource. Create, Update and Delete write
+//! the desired state, the first unit of work and `has_active_work = true` in one transaction
+//! (together with the request id's stored answer), then answer. Status changes after that are
+//! the trigger's (see [`super::status`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::ApiConfig;
+use super::auth::Caller;
+use super::convert::{self, instance_name};
+use super::errors::{ApiError, Violation};
+use super::idempotency::{self, Begun};
+use super::proto::instance_service_server::InstanceService;
+use super::proto::{
+    CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
+    InstanceStatus, ListInstancesRequest, ListInstancesResponse, UpdateInstanceRequest,
+    WatchInstanceRequest,
+};
+use super::status::InstanceState;
+use super::validate::{self, SpecFields};
+use super::watch::InstanceEvents;
+use crate::queue::{self, NewWork};
+use crate::store::StoreError;
+use crate::store::instances::{
+    InstanceRow, instance_get, instance_get_by_id, instance_insert, instance_list,
+    instance_start_operation,
+};
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Instances {
+    pool: PgPool,
+    config: Arc<ApiConfig>,
+    events: Arc<InstanceEvents>,
+    /// Ends every Watch stream when the server shuts down (a graceful shutdown waits for open
+    /// streams).
+    shutdown: CancellationToken,
+}
+
+impl Instances {
+    /// The service on `pool`, fed by `events` for Watch; Watch streams end at `shutdown`.
+    pub fn new(
+        pool: PgPool,
+        config: Arc<ApiConfig>,
+        events: Arc<InstanceEvents>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            pool,
+            config,
+            events,
+            shutdown,
+        }
+    }
+}
+
+/// The spec a unit of `operation` is enqueued with: everything a workflow needs to find and
+/// change the instance.
+fn work_spec(row: &InstanceRow, operation: &str) -> Value {
+    json!({
+        "instance_id": row.id,
+        "tenant": row.tenant,
+        "name": row.name,
+        "operation": operation,
+        "generation": row.generation,
+        "spec": row.spec,
+    })
+}
+
+/// FAILED_PRECONDITION when a unit of the instance is still in the queue.
+fn ensure_idle(row: &InstanceRow) -> Result<(), ApiError> {
+    if row.has_active_work || row.active_work_id.is_some() {
+        return Err(ApiError::Busy {
+            resource: instance_name(&row.tenant, &row.name),
+            work_id: row.active_work_id.unwrap_or(0),
+            parked: !row.has_active_work,
+        });
+    }
+    Ok(())
+}
+
+async fn lock_live(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    name: &str,
+) -> Result<InstanceRow, ApiError> {
+    instance_get(tx, tenant, name, true)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(instance_name(tenant, name)))
+}
+
+/// The page token of ListInstances: the filter and the last name, hex-encoded.
+fn page_token(status: i32, last: &str) -> String {
+    hex::encode(format!("v1\n{status}\n{last}"))
+}
+
+fn parse_page_token(token: &str, status: i32) -> Option<String> {
+    let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    (parts.next()? == "v1" && parts.next()?.parse::<i32>().ok()? == status)
+        .then(|| parts.next().map(str::to_owned))
+        .flatten()
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<Instance, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl InstanceService for Instances {
+    async fn create_instance(
+        &self,
+        request: Request<CreateInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        validate::dns_label("instance_id", &r.instance_id, &mut v);
+        validate::request_id(&r.request_id, &mut v);
+        let spec = r.instance.as_ref().and_then(|i| i.spec.clone());
+        match &spec {
+            Some(s) => validate::spec("instance.spec", s, SpecFields::ALL, &mut v),
+            None => v.push(Violation::new("instance.spec", "required")),
+        }
+        validate::finish(v)?;
+        let spec = spec.unwrap_or_default();
+        let hash = idempotency::body_hash(
+            "CreateInstance",
+            &CreateInstanceRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
+        let tenant = caller.tenant.as_str();
+        let mut tx = match idempotency::begin::<Instance>(
+            &self.pool,
+            tenant,
+            &r.request_id,
+            "CreateInstance",
+            &hash,
+        )
+        .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
+        let id = Uuid::new_v4();
+        let Some(mut row) = instance_insert(
+            &mut tx,
+            id,
+            tenant,
+            &r.instance_id,
+            &convert::spec_to_json(&spec),
+        )
+        .await?
+        else {
+            return Err(ApiError::AlreadyExists(instance_name(tenant, &r.instance_id)).into());
+        };
+        let unit = queue::enqueue(
+            &mut tx,
+            NewWork::new(self.config.create_kind.clone(), work_spec(&row, "create"))
+                .for_resource(id, tenant),
+        )
+        .await
+        .map_err(ApiError::from)?;
+        row.active_work_id = Some(unit.id);
+        let answer = convert::instance(&row);
+        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        tracing::info!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
+        Ok(Response::new(answer))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<GetInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        validate::finish(v)?;
+        let name = name.unwrap_or_default();
+        let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
+        let row = instance_get(&mut conn, &caller.tenant, &name, false)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
+        Ok(Response::new(convert::instance(&row)))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        let limit = validate::page_size(r.page_size, 50, &mut v);
+        let status = match InstanceStatus::try_from(r.status_filter) {
+            Ok(s) => InstanceState::from_proto(s).and_then(InstanceState::db),
+            Err(_) => {
+                v.push(Violation::new("status_filter", "unknown status"));
+                None
+            }
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            let t = parse_page_token(&r.page_token, r.status_filter);
+            if t.is_none() {
+                v.push(Violation::new(
+                    "page_token",
+                    "not a page token of this listing (it must come from next_page_token of \
+                     the same query)",
+                ));
+            }
+            t
+        };
+        validate::finish(v)?;
+        let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
+        let mut rows = instance_list(
+            &mut conn,
+            &caller.tenant,
+            status,
+            after.as_deref(),
+            limit + 1,
+        )
+        .await
+        .map_err(ApiError::from)?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(0));
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page_token(r.status_filter, &last.name),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListInstancesResponse {
+            instances: rows.iter().map(convert::instance).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_instance(
+        &self,
+        request: Request<UpdateInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let instance = r.instance.clone().unwrap_or_default();
+        let name =
+            validate::instance_name("instance.name", &instance.name, &caller.tenant, &mut v)?;
+        validate::request_id(&r.request_id, &mut v);
+        let paths = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
+        let mut which = SpecFields {
+            plan: false,
+            region: false,
+            size_gb: false,
+            owner_email: false,
+        };
+        if paths.is_empty() {
+            which = SpecFields {
+                region: false,
+                ..SpecFields::ALL
+            };
+        }
+        for p in &paths {
+            match p.as_str() {
+                "spec" => {
+                    which.plan = true;
+                    which.size_gb = true;
+                    which.owner_email = true;
+                }
+                "spec.plan" => which.plan = true,
+                "spec.size_gb" => which.size_gb = true,
+                "spec.owner_email" => which.owner_email = true,
+                "spec.region" => v.push(Violation::new(
+                    "update_mask",
+                    "spec.region cannot be changed; create a new instance in the other region",
+                )),
+                other => v.push(Violation::new(
+                    "update_mask",
+                    format!(
+                        "unknown or read-only field {other:?}; allowed: spec, spec.plan, \
+                         spec.size_gb, spec.owner_email"
+                    ),
+                )),
+            }
+        }
+        let spec = instance.spec.clone();
+        match &spec {
+            Some(s) => validate::spec("instance.spec", s, which, &mut v),
+            None => v.push(Violation::new("instance.spec", "required")),
+        }
+        validate::finish(v)?;
+        let spec = spec.unwrap_or_default();
+        let name = name.unwrap_or_default();
+        let hash = idempotency::body_hash(
+            "UpdateInstance",
+            &UpdateInstanceRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
+        let tenant = caller.tenant.as_str();
+        let mut tx = match idempotency::begin::<Instance>(
+            &self.pool,
+            tenant,
+            &r.request_id,
+            "UpdateInstance",
+            &hash,
+        )
+        .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
+        let row = lock_live(&mut tx, tenant, &name).await?;
+        let current = convert::spec_from_json(&row.spec);
+        if paths.is_empty() && !spec.region.is_empty() && spec.region != current.region {
+            return Err(ApiError::Invalid(vec![Violation::new(
+                "instance.spec.region",
+                "cannot be changed; create a new instance in the other region",
+            )])
+            .into());
+        }
+        ensure_idle(&row)?;
+        let new = InstanceSpec {
+            plan: if which.plan {
+                spec.plan
+            } else {
+                current.plan.clone()
+            },
+            region: current.region.clone(),
+            size_gb: if which.size_gb {
+                spec.size_gb
+            } else {
+                current.size_gb
+            },
+            owner_email: if which.owner_email {
+                spec.owner_email
+            } else {
+                current.owner_email.clone()
+            },
+        };
+        let answer = if new == current {
+            // Nothing to change: no new generation, no work.
+            convert::instance(&row)
+        } else {
+            let mut row = instance_start_operation(
+                &mut tx,
+                row.id,
+                "update",
+                Some(&convert::spec_to_json(&new)),
+            )
+            .await
+            .map_err(ApiError::from)?;
+            let unit = queue::enqueue(
+                &mut tx,
+                NewWork::new(self.config.update_kind.clone(), work_spec(&row, "update"))
+                    .for_resource(row.id, tenant),
+            )
+            .await
+            .map_err(ApiError::from)?;
+            row.active_work_id = Some(unit.id);
+            tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance update accepted");
+            convert::instance(&row)
+        };
+        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn delete_instance(
+        &self,
+        request: Request<DeleteInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        validate::request_id(&r.request_id, &mut v);
+        validate::finish(v)?;
+        let name = name.unwrap_or_default();
+        let hash = idempotency::body_hash(
+            "DeleteInstance",
+            &DeleteInstanceRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
+        let tenant = caller.tenant.as_str();
+        let mut tx = match idempotency::begin::<Instance>(
+            &self.pool,
+            tenant,
+            &r.request_id,
+            "DeleteInstance",
+            &hash,
+        )
+        .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
+        let row = lock_live(&mut tx, tenant, &name).await?;
+        ensure_idle(&row)?;
+        let mut row = instance_start_operation(&mut tx, row.id, "delete", None)
+            .await
+            .map_err(ApiError::from)?;
+        let unit = queue::enqueue(
+            &mut tx,
+            NewWork::new(self.config.delete_kind.clone(), work_spec(&row, "delete"))
+                .for_resource(row.id, tenant),
+        )
+        .await
+        .map_err(ApiError::from)?;
+        row.active_work_id = Some(unit.id);
+        let answer = convert::instance(&row);
+        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance delete accepted");
+        Ok(Response::new(answer))
+    }
+
+    type WatchInstanceStream = WatchStream;
+
+    async fn watch_instance(
+        &self,
+        request: Request<WatchInstanceRequest>,
+    ) -> Result<Response<Self::WatchInstanceStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        validate::finish(v)?;
+        let name = name.unwrap_or_default();
+        // Subscribe before reading, so that no change after the first read is missed.
+        let mut changes = self.events.subscribe();
+        let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
+        let first = instance_get(&mut conn, &caller.tenant, &name, false)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
+        drop(conn);
+        let (tx, rx) = mpsc::channel::<Result<Instance, Status>>(16);
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let id = first.id;
+            let mut last = convert::instance(&first);
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down; watch again"))).await;
+                        return;
+                    }
+                    n = changes.recv() => n,
+                };
+                match next {
+                    Ok(changed) if changed == id || changed.is_nil() => {}
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let row = match pool.acquire().await {
+                    Ok(mut c) => instance_get_by_id(&mut c, id).await,
+                    Err(e) => Err(StoreError::from(e)),
+                };
+                match row {
+                    Ok(Some(row)) => {
+                        let now = convert::instance(&row);
+                        let gone = row.deleted_at.is_some();
+                        if now != last {
+                            last = now.clone();
+                            if tx.send(Ok(now)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if gone {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(ApiError::from(e).into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_bind_the_filter() {
+        let t = page_token(2, "web-1");
+        assert_eq!(parse_page_token(&t, 2).as_deref(), Some("web-1"));
+        assert_eq!(parse_page_token(&t, 0), None);
+        assert_eq!(parse_page_token("zz", 0), None);
+    }
+}

@@ -1,0 +1,286 @@
+//! The gRPC API (`setpoint.v1`, see `proto/setpoint/v1/`), served by `setpoint serve` next to
+//! the workers.
+//!
+//! # Layout
+//! - [`proto`]: the generated messages, clients and servers, and the descriptor set.
+//! - [`instances`]: `InstanceService` (create, get, list, update, delete, watch).
+//! - [`work`]: `WorkService` for operators (admin tokens only).
+//! - [`auth`]: bearer tokens → [`auth::Caller`]; the wrapper that checks every call but health.
+//! - [`validate`]: input rules → `INVALID_ARGUMENT` with `BadRequest` field violations.
+//! - [`errors`]: [`ApiError`] and its mapping to gRPC statuses with `google.rpc` details.
+//! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
+//! - [`status`]: the instance life cycle (the transitions live in one SQL trigger).
+//! - [`watch`]: the LISTEN/NOTIFY feed behind `WatchInstance`.
+//! - [`convert`]: rows ↔ messages.
+//! - [`bench`]: `setpoint bench api`.
+//!
+//! Besides `setpoint.v1` the server offers `grpc.health.v1` (no token needed) and server
+//! reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha).
+
+pub mod auth;
+pub mod bench;
+pub mod convert;
+pub mod errors;
+pub mod idempotency;
+pub mod instances;
+pub mod proto;
+pub mod status;
+pub mod validate;
+pub mod watch;
+pub mod work;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+pub use errors::ApiError;
+
+use proto::instance_service_server::InstanceServiceServer;
+use proto::work_service_server::WorkServiceServer;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default largest request message (bytes); larger ones are refused by tonic with
+/// `OUT_OF_RANGE` before any handler runs.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Server certificate, key and optional client CA (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key.
+    pub key: PathBuf,
+    /// CA whose certificates clients must present (mutual TLS); `None` accepts any client.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// API settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Kind of the first unit of a Create (a later issue sets `kvx.create`).
+    pub create_kind: String,
+    /// Kind of the first unit of an Update.
+    pub update_kind: String,
+    /// Kind of the first unit of a Delete.
+    pub delete_kind: String,
+    /// Largest request message in bytes.
+    pub max_message_bytes: usize,
+    /// TLS; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            create_kind: "setpoint.noop".into(),
+            update_kind: "setpoint.noop".into(),
+            delete_kind: "setpoint.noop".into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tls: None,
+        }
+    }
+}
+
+/// The API flags of `setpoint serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "SETPOINT_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Server certificate (PEM) for TLS; with --tls-key.
+    #[arg(long, env = "SETPOINT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for TLS; with --tls-cert.
+    #[arg(long, env = "SETPOINT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that client certificates must chain to (mutual TLS).
+    #[arg(long, env = "SETPOINT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Work kind of the first unit of a Create.
+    #[arg(long, env = "SETPOINT_CREATE_KIND", default_value = "setpoint.noop")]
+    pub create_kind: String,
+    /// Work kind of the first unit of an Update.
+    #[arg(long, env = "SETPOINT_UPDATE_KIND", default_value = "setpoint.noop")]
+    pub update_kind: String,
+    /// Work kind of the first unit of a Delete.
+    #[arg(long, env = "SETPOINT_DELETE_KIND", default_value = "setpoint.noop")]
+    pub delete_kind: String,
+    /// Largest request message in bytes.
+    #[arg(long, env = "SETPOINT_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+impl ApiArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> ApiConfig {
+        ApiConfig {
+            create_kind: self.create_kind.clone(),
+            update_kind: self.update_kind.clone(),
+            delete_kind: self.delete_kind.clone(),
+            max_message_bytes: self.max_message_bytes,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The transport failed (bad TLS material, I/O).
+    #[error("gRPC server error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Server reflection could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The notification listener could not start.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The server task panicked.
+    #[error("the API server task failed: {0}")]
+    Join(String),
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct RunningApi {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningApi {
+    /// Waits until the server has stopped (after the shutdown token fired).
+    ///
+    /// # Errors
+    /// When the server failed.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task
+            .await
+            .map_err(|e| ServeError::Join(e.to_string()))?
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::TlsFile {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Starts the API on `listen` (port 0 picks a free port) until `shutdown` fires. Returns once
+/// the socket is bound and the Watch feed is listening.
+///
+/// # Errors
+/// When the address cannot be bound, TLS files cannot be read, or the database is unreachable.
+pub async fn start(
+    pool: PgPool,
+    config: ApiConfig,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<RunningApi, ServeError> {
+    let config = Arc::new(config);
+    let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
+    let auth = Arc::new(auth::Authenticator::new(pool.clone()));
+    let max = config.max_message_bytes;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<InstanceServiceServer<instances::Instances>>()
+        .await;
+    reporter
+        .set_serving::<WorkServiceServer<work::Work>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let mut routes = Routes::builder();
+    routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            InstanceServiceServer::new(instances::Instances::new(
+                pool.clone(),
+                config.clone(),
+                events,
+                shutdown.clone(),
+            ))
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            WorkServiceServer::new(work::Work::new(pool.clone())).max_decoding_message_size(max),
+        );
+    let service = auth::AuthService::new(routes.routes().prepare(), auth);
+
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        let mut tls_config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &tls.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        server = server.tls_config(tls_config)?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(%addr, tls = config.tls.is_some(), "gRPC API listening");
+    let task = tokio::spawn(async move {
+        let stop = shutdown.clone();
+        server
+            .serve_with_incoming_shutdown(service, incoming, async move { stop.cancelled().await })
+            .await?;
+        reporter
+            .set_not_serving::<InstanceServiceServer<instances::Instances>>()
+            .await;
+        tracing::info!("gRPC API stopped");
+        Ok(())
+    });
+    Ok(RunningApi { addr, task })
+}

@@ -1,0 +1,237 @@
+//! Input rules of the API. Each check adds [`Violation`]s instead of failing at the first, so a
+//! client learns every problem of a request at once; a request with any violation is refused
+//! with `INVALID_ARGUMENT` before anything is written.
+
+use super::errors::{ApiError, Violation};
+use super::proto::InstanceSpec;
+
+/// The plans an instance may have.
+pub const PLANS: &[&str] = &["kvx.small", "kvx.medium", "kvx.large"];
+/// The regions an instance may live in.
+pub const REGIONS: &[&str] = &[
+    "eu-west-1",
+    "eu-central-1",
+    "us-east-1",
+    "us-west-2",
+    "ap-southeast-1",
+];
+/// Smallest and largest storage size (GiB).
+pub const SIZE_GB: std::ops::RangeInclusive<i32> = 1..=16384;
+/// Largest page.
+pub const MAX_PAGE_SIZE: i32 = 1000;
+/// Longest request id.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// True for a DNS label: 1–63 of `a-z0-9-`, starting with a letter, not ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Checks a DNS-label-like name.
+pub fn dns_label(field: &str, s: &str, out: &mut Vec<Violation>) {
+    if !is_dns_label(s) {
+        out.push(Violation::new(
+            field,
+            "must be 1 to 63 lower-case letters, digits or '-', start with a letter and not end \
+             with '-'",
+        ));
+    }
+}
+
+/// True for a plausible e-mail address (`local@domain.tld`, at most 254 characters).
+pub fn is_email(s: &str) -> bool {
+    if s.len() > 254 {
+        return false;
+    }
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    local_ok && domain_ok
+}
+
+/// Which spec fields a request sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecFields {
+    /// `plan`.
+    pub plan: bool,
+    /// `region`.
+    pub region: bool,
+    /// `size_gb`.
+    pub size_gb: bool,
+    /// `owner_email`.
+    pub owner_email: bool,
+}
+
+impl SpecFields {
+    /// Every field.
+    pub const ALL: SpecFields = SpecFields {
+        plan: true,
+        region: true,
+        size_gb: true,
+        owner_email: true,
+    };
+}
+
+/// Checks the fields of `spec` named by `which`, as `{prefix}.plan` etc.
+pub fn spec(prefix: &str, spec: &InstanceSpec, which: SpecFields, out: &mut Vec<Violation>) {
+    if which.plan && !PLANS.contains(&spec.plan.as_str()) {
+        out.push(Violation::new(
+            format!("{prefix}.plan"),
+            format!("must be one of {}", PLANS.join(", ")),
+        ));
+    }
+    if which.region && !REGIONS.contains(&spec.region.as_str()) {
+        out.push(Violation::new(
+            format!("{prefix}.region"),
+            format!("must be one of {}", REGIONS.join(", ")),
+        ));
+    }
+    if which.size_gb && !SIZE_GB.contains(&spec.size_gb) {
+        out.push(Violation::new(
+            format!("{prefix}.size_gb"),
+            format!(
+                "must be between {} and {} (GiB)",
+                SIZE_GB.start(),
+                SIZE_GB.end()
+            ),
+        ));
+    }
+    if which.owner_email && !is_email(&spec.owner_email) {
+        out.push(Violation::new(
+            format!("{prefix}.owner_email"),
+            "must be an e-mail address such as ops@example.com (at most 254 characters)",
+        ));
+    }
+}
+
+/// Checks a client request id (required on mutating calls).
+pub fn request_id(id: &str, out: &mut Vec<Violation>) {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+    if !ok {
+        out.push(Violation::new(
+            "request_id",
+            "required: 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-' (a UUID is \
+             best); repeat it only to retry the same request",
+        ));
+    }
+}
+
+/// Checks a page size and returns the effective one (`default` for 0).
+pub fn page_size(n: i32, default: i32, out: &mut Vec<Violation>) -> i64 {
+    if !(0..=MAX_PAGE_SIZE).contains(&n) {
+        out.push(Violation::new(
+            "page_size",
+            format!("must be between 0 and {MAX_PAGE_SIZE} (0 means {default})"),
+        ));
+        return i64::from(default);
+    }
+    i64::from(if n == 0 { default } else { n })
+}
+
+/// Checks `parent` (`tenants/{tenant}`, or empty for the caller's own). Another tenant is
+/// `NOT_FOUND`: a caller learns nothing about tenants that are not its own.
+pub fn parent(parent: &str, caller_tenant: &str, out: &mut Vec<Violation>) -> Result<(), ApiError> {
+    if parent.is_empty() {
+        return Ok(());
+    }
+    match parent.strip_prefix("tenants/") {
+        Some(t) if is_dns_label(t) => {
+            if t == caller_tenant {
+                Ok(())
+            } else {
+                Err(ApiError::NotFound(parent.to_owned()))
+            }
+        }
+        _ => {
+            out.push(Violation::new(
+                "parent",
+                "must be tenants/{tenant} (or empty for the caller's tenant)",
+            ));
+            Ok(())
+        }
+    }
+}
+
+/// Parses `tenants/{tenant}/instances/{instance}` of field `field` (`tenants/-/…` means the
+/// caller's tenant). Returns the instance's short name, or `None` after recording a violation.
+/// Another tenant is `NOT_FOUND`.
+pub fn instance_name(
+    field: &str,
+    name: &str,
+    caller_tenant: &str,
+    out: &mut Vec<Violation>,
+) -> Result<Option<String>, ApiError> {
+    let parts: Vec<&str> = name.split('/').collect();
+    match parts.as_slice() {
+        ["tenants", t, "instances", n] if (*t == "-" || is_dns_label(t)) && is_dns_label(n) => {
+            if *t == caller_tenant || *t == "-" {
+                Ok(Some((*n).to_owned()))
+            } else {
+                Err(ApiError::NotFound(name.to_owned()))
+            }
+        }
+        _ => {
+            out.push(Violation::new(
+                field,
+                "must be tenants/{tenant}/instances/{instance}, both DNS labels",
+            ));
+            Ok(None)
+        }
+    }
+}
+
+/// `Err(Invalid)` when `out` holds violations.
+pub fn finish(out: Vec<Violation>) -> Result<(), ApiError> {
+    if out.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_emails() {
+        assert!(is_dns_label("web-1"));
+        assert!(!is_dns_label("1web"));
+        assert!(!is_dns_label("web-"));
+        assert!(!is_dns_label("Web"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(is_email("ops@example.com"));
+        assert!(is_email("a.b+c@mail.example.co"));
+        assert!(!is_email("ops@example"));
+        assert!(!is_email("ops.example.com"));
+        assert!(!is_email("a@@example.com"));
+        assert!(!is_email(&format!("{}@example.com", "a".repeat(250))));
+    }
+}

@@ -1,0 +1,676 @@
+//! The client side of the `setpoint` binary: `setpoint instances …` against a running server
+//! (with a live progress display for `watch` and `--wait`, and `--json`), and
+//! `setpoint tokens create`, which writes to the database directly.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use sqlx::PgPool;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::api::auth::create_token;
+use crate::api::proto::instance_service_client::InstanceServiceClient;
+use crate::api::proto::{
+    CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
+    InstanceStatus, ListInstancesRequest, UpdateInstanceRequest, WatchInstanceRequest,
+};
+use crate::api::{ApiError, convert};
+use crate::cli::DbArgs;
+
+/// A client failure, printed for a person.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the server: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The server refused or failed the call.
+    #[error("{}", describe_status(.0))]
+    Call(Box<Status>),
+    /// A local file or terminal problem.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A bad flag.
+    #[error("{0}")]
+    Usage(String),
+    /// The operation ended with the instance FAILED.
+    #[error("{0} failed: {1}")]
+    Failed(String, String),
+    /// Token creation failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Call(Box::new(s))
+    }
+}
+
+fn describe_status(s: &Status) -> String {
+    let mut out = format!("{:?}: {}", s.code(), s.message());
+    let d = s.get_error_details();
+    if let Some(br) = d.bad_request() {
+        for v in &br.field_violations {
+            out.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+    }
+    out
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server URL (`https://…` for TLS).
+    #[arg(
+        long,
+        env = "SETPOINT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// Bearer token (from `setpoint tokens create`).
+    #[arg(long, env = "SETPOINT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for the server's certificate.
+    #[arg(long, env = "SETPOINT_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; with --client-key.
+    #[arg(long, env = "SETPOINT_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "SETPOINT_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `setpoint instances …`.
+#[derive(Debug, Subcommand)]
+pub enum InstancesCommand {
+    /// Create an instance.
+    Create {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name (a DNS label).
+        name: String,
+        /// Plan: kvx.small, kvx.medium or kvx.large.
+        #[arg(long)]
+        plan: String,
+        /// Region, e.g. eu-west-1.
+        #[arg(long)]
+        region: String,
+        /// Storage size in GiB.
+        #[arg(long)]
+        size_gb: i32,
+        /// The owner's e-mail address.
+        #[arg(long)]
+        owner_email: String,
+        /// Request id (default: a new UUID; pass the same one to retry safely).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow progress until the instance is READY or FAILED.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show an instance.
+    Get {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or `tenants/{t}/instances/{name}`.
+        name: String,
+    },
+    /// List instances.
+    List {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Only this status (creating, ready, updating, deleting, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// Instances per page (all pages are fetched).
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+    },
+    /// Change an instance's plan, size or owner.
+    Update {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or full resource name.
+        name: String,
+        /// New plan.
+        #[arg(long)]
+        plan: Option<String>,
+        /// New size in GiB.
+        #[arg(long)]
+        size_gb: Option<i32>,
+        /// New owner e-mail.
+        #[arg(long)]
+        owner_email: Option<String>,
+        /// Request id (default: a new UUID).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow progress until READY or FAILED.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete an instance.
+    Delete {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or full resource name.
+        name: String,
+        /// Request id (default: a new UUID).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow progress until it is gone.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Follow an instance's state changes until it is deleted (Ctrl-C to stop).
+    Watch {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or full resource name.
+        name: String,
+        /// Stop when the instance is READY, FAILED or DELETED.
+        #[arg(long)]
+        until_done: bool,
+    },
+}
+
+/// `setpoint tokens …`.
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Create an API token for a tenant and print it (once; only its hash is stored).
+    Create {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// The tenant (a DNS label).
+        #[arg(long)]
+        tenant: String,
+        /// May use the operators' WorkService.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime, e.g. 12h, 30d (default: no expiry).
+        #[arg(long, value_parser = parse_lifetime)]
+        expires_in: Option<Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl TokensCommand {
+    /// The database flags.
+    pub fn db(&self) -> &DbArgs {
+        match self {
+            TokensCommand::Create { db, .. } => db,
+        }
+    }
+}
+
+/// A lifetime: `30d`, `12h`, `90m`, `45s`.
+///
+/// # Errors
+/// For anything else.
+pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: write e.g. 30d, 12h, 90m"))?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        "s" | "" => n,
+        _ => return Err(format!("{text:?}: unit must be d, h, m or s")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Runs `setpoint tokens …` on `pool`.
+///
+/// # Errors
+/// Bad tenant names, database errors.
+pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientError> {
+    match cmd {
+        TokensCommand::Create {
+            tenant,
+            admin,
+            expires_in,
+            json,
+            ..
+        } => {
+            let t = create_token(pool, &tenant, admin, expires_in).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "token": t.token, "id": t.id, "tenant": t.tenant, "admin": t.admin,
+                        "expires_at": t.expires_at,
+                    })
+                );
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "token {} for tenant {}{}{} — shown once; store it now (only its hash is kept)",
+                    t.id,
+                    t.tenant,
+                    if t.admin { " (admin)" } else { "" },
+                    t.expires_at
+                        .map(|e| format!(", expires {}", e.to_rfc3339()))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A connected client that adds the bearer token to every call.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: InstanceServiceClient<Channel>,
+    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Client {
+    /// Connects as `args` say.
+    ///
+    /// # Errors
+    /// Unreadable TLS files, bad URL, unreachable server, a token that is not ASCII.
+    pub async fn connect(args: &ClientArgs) -> Result<Self, ClientError> {
+        let mut ep = Endpoint::from_shared(args.server.clone())?;
+        if args.server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &args.ca_cert {
+                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+            }
+            if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
+                tls = tls.identity(Identity::from_pem(std::fs::read(c)?, std::fs::read(k)?));
+            }
+            ep = ep.tls_config(tls)?;
+        }
+        let channel = ep.connect().await?;
+        let auth = match &args.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::Usage("the token is not ASCII text".into()))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            inner: InstanceServiceClient::new(channel),
+            auth,
+        })
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(a) = &self.auth {
+            r.metadata_mut().insert("authorization", a.clone());
+        }
+        r
+    }
+
+    /// The generated client (for calls not wrapped here).
+    pub fn raw(&mut self) -> &mut InstanceServiceClient<Channel> {
+        &mut self.inner
+    }
+}
+
+/// `tenants/-/instances/{name}` for a short name (the server reads `-` as the caller's tenant).
+pub fn full_name(name: &str) -> String {
+    if name.starts_with("tenants/") {
+        name.to_owned()
+    } else {
+        format!("tenants/-/instances/{name}")
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    InstanceStatus::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn is_done(i: &Instance) -> bool {
+    matches!(
+        InstanceStatus::try_from(i.status),
+        Ok(InstanceStatus::Ready | InstanceStatus::Failed | InstanceStatus::Deleted)
+    ) && !i.has_active_work
+}
+
+fn instance_json(i: &Instance) -> serde_json::Value {
+    let spec = i.spec.clone().unwrap_or_default();
+    serde_json::json!({
+        "name": i.name,
+        "uid": i.uid,
+        "spec": convert::spec_to_json(&spec),
+        "status": status_name(i.status),
+        "generation": i.generation,
+        "observed_generation": i.observed_generation,
+        "observed": i.observed.as_ref().map(convert::struct_to_json),
+        "has_active_work": i.has_active_work,
+        "active_work_id": i.active_work_id,
+        "last_error": i.last_error,
+        "create_time": i.create_time.as_ref().map(|t| t.to_string()),
+        "update_time": i.update_time.as_ref().map(|t| t.to_string()),
+    })
+}
+
+fn print_instance(i: &Instance, json: bool) {
+    if json {
+        println!("{}", instance_json(i));
+        return;
+    }
+    let spec = i.spec.clone().unwrap_or_default();
+    println!("{}  {}", i.name, status_name(i.status));
+    println!(
+        "  plan {}  region {}  size {} GiB  owner {}",
+        spec.plan, spec.region, spec.size_gb, spec.owner_email
+    );
+    println!(
+        "  uid {}  generation {} (observed {}){}",
+        i.uid,
+        i.generation,
+        i.observed_generation,
+        if i.active_work_id != 0 {
+            format!("  work {}", i.active_work_id)
+        } else {
+            String::new()
+        }
+    );
+    if !i.last_error.is_empty() {
+        println!("  last error: {}", i.last_error);
+    }
+}
+
+/// Follows `name` until it is done (or deleted, or forever without `until_done`), printing a
+/// line per change; on a terminal a spinner line shows the time spent.
+async fn follow(
+    client: &mut Client,
+    name: &str,
+    until_done: bool,
+    json: bool,
+) -> Result<Option<Instance>, ClientError> {
+    let req = client.req(WatchInstanceRequest {
+        name: name.to_owned(),
+    });
+    let mut stream = client.inner.watch_instance(req).await?.into_inner();
+    let live = !json && std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last: Option<Instance> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(120));
+    let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut frame = 0usize;
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m?,
+            _ = tick.tick() => {
+                if live && let Some(i) = &last {
+                    frame += 1;
+                    eprint!("\r{} {} {}  {:.1}s   ", spinner[frame % spinner.len()], i.name,
+                            status_name(i.status), start.elapsed().as_secs_f64());
+                    let _ = std::io::stderr().flush();
+                }
+                continue;
+            }
+        };
+        let Some(i) = msg else { break };
+        if live {
+            eprint!("\r\x1b[2K");
+        }
+        if json {
+            println!("{}", instance_json(&i));
+        } else {
+            println!(
+                "{:>7.1}s  {}  {}  generation {}/{}{}{}",
+                start.elapsed().as_secs_f64(),
+                i.name,
+                status_name(i.status),
+                i.observed_generation,
+                i.generation,
+                if i.has_active_work {
+                    format!("  work {} running", i.active_work_id)
+                } else {
+                    String::new()
+                },
+                if i.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!("  error: {}", i.last_error)
+                }
+            );
+        }
+        let done = is_done(&i);
+        last = Some(i);
+        if until_done && done {
+            break;
+        }
+    }
+    if live {
+        eprint!("\r\x1b[2K");
+    }
+    Ok(last)
+}
+
+fn new_request_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn finish_change(
+    client: &mut Client,
+    answer: Instance,
+    wait: bool,
+    json: bool,
+) -> Result<(), ClientError> {
+    if !wait {
+        print_instance(&answer, json);
+        return Ok(());
+    }
+    let last = match follow(client, &answer.name, true, json).await {
+        Ok(l) => l,
+        // Deleted and gone before the watch started.
+        Err(ClientError::Call(s)) if s.code() == Code::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    match last {
+        Some(i) if i.status == InstanceStatus::Failed as i32 => {
+            Err(ClientError::Failed(i.name.clone(), i.last_error.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs `setpoint instances …`.
+///
+/// # Errors
+/// Connection failures, refused calls (printed with their field violations), a FAILED
+/// instance after `--wait`.
+pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
+    match cmd {
+        InstancesCommand::Create {
+            conn,
+            name,
+            plan,
+            region,
+            size_gb,
+            owner_email,
+            request_id,
+            wait,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            let req = c.req(CreateInstanceRequest {
+                parent: String::new(),
+                instance_id: name,
+                instance: Some(Instance {
+                    spec: Some(InstanceSpec {
+                        plan,
+                        region,
+                        size_gb,
+                        owner_email,
+                    }),
+                    ..Instance::default()
+                }),
+                request_id: new_request_id(request_id),
+            });
+            let answer = c.inner.create_instance(req).await?.into_inner();
+            finish_change(&mut c, answer, wait, conn.json).await
+        }
+        InstancesCommand::Get { conn, name } => {
+            let mut c = Client::connect(&conn).await?;
+            let req = c.req(GetInstanceRequest {
+                name: full_name(&name),
+            });
+            print_instance(&c.inner.get_instance(req).await?.into_inner(), conn.json);
+            Ok(())
+        }
+        InstancesCommand::List {
+            conn,
+            status,
+            page_size,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            let status_filter = match status {
+                None => 0,
+                Some(s) => InstanceStatus::from_str_name(&s.to_ascii_uppercase())
+                    .ok_or_else(|| ClientError::Usage(format!("unknown status {s:?}")))?
+                    as i32,
+            };
+            let mut page_token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let req = c.req(ListInstancesRequest {
+                    parent: String::new(),
+                    page_size,
+                    page_token: page_token.clone(),
+                    status_filter,
+                });
+                let page = c.inner.list_instances(req).await?.into_inner();
+                all.extend(page.instances);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if conn.json {
+                let v: Vec<_> = all.iter().map(instance_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<40} {:<10} {:<11} {:<15} {:>8}",
+                    "NAME", "STATUS", "PLAN", "REGION", "SIZE_GB"
+                );
+                for i in &all {
+                    let s = i.spec.clone().unwrap_or_default();
+                    println!(
+                        "{:<40} {:<10} {:<11} {:<15} {:>8}",
+                        i.name,
+                        status_name(i.status),
+                        s.plan,
+                        s.region,
+                        s.size_gb
+                    );
+                }
+            }
+            Ok(())
+        }
+        InstancesCommand::Update {
+            conn,
+            name,
+            plan,
+            size_gb,
+            owner_email,
+            request_id,
+            wait,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            let mut paths = Vec::new();
+            if plan.is_some() {
+                paths.push("spec.plan".to_owned());
+            }
+            if size_gb.is_some() {
+                paths.push("spec.size_gb".to_owned());
+            }
+            if owner_email.is_some() {
+                paths.push("spec.owner_email".to_owned());
+            }
+            if paths.is_empty() {
+                return Err(ClientError::Usage(
+                    "nothing to change: pass --plan, --size-gb or --owner-email".into(),
+                ));
+            }
+            let req = c.req(UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: full_name(&name),
+                    spec: Some(InstanceSpec {
+                        plan: plan.unwrap_or_default(),
+                        region: String::new(),
+                        size_gb: size_gb.unwrap_or_default(),
+                        owner_email: owner_email.unwrap_or_default(),
+                    }),
+                    ..Instance::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths }),
+                request_id: new_request_id(request_id),
+            });
+            let answer = c.inner.update_instance(req).await?.into_inner();
+            finish_change(&mut c, answer, wait, conn.json).await
+        }
+        InstancesCommand::Delete {
+            conn,
+            name,
+            request_id,
+            wait,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            let req = c.req(DeleteInstanceRequest {
+                name: full_name(&name),
+                request_id: new_request_id(request_id),
+            });
+            let answer = c.inner.delete_instance(req).await?.into_inner();
+            finish_change(&mut c, answer, wait, conn.json).await
+        }
+        InstancesCommand::Watch {
+            conn,
+            name,
+            until_done,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            follow(&mut c, &full_name(&name), until_done, conn.json).await?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes() {
+        assert_eq!(
+            parse_lifetime("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            parse_lifetime("12h").unwrap(),
+            Duration::from_secs(12 * 3_600)
+        );
+        assert!(parse_lifetime("3w").is_err());
+    }
+}

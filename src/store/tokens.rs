@@ -1,0 +1,77 @@
+//! SQL of the `api_tokens` table: bearer tokens of the gRPC API, stored as sha256 hashes.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+
+use super::StoreError;
+
+/// A stored token (its hash is the key; the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Row id (names the token in logs without revealing it).
+    pub id: i64,
+    /// The tenant the token acts for.
+    pub tenant: String,
+    /// Whether the token may use the operators' `WorkService`.
+    pub admin: bool,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Stores a new token's hash. Returns the row id.
+pub async fn token_insert(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+    tenant: &str,
+    admin: bool,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<i64, StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO api_tokens (token_hash, tenant, admin, expires_at) VALUES ($1, $2, $3, $4)
+         RETURNING id",
+    )
+    .bind(token_hash)
+    .bind(tenant)
+    .bind(admin)
+    .bind(expires_at)
+    .fetch_one(conn)
+    .await?;
+    Ok(id)
+}
+
+/// The token whose hash is `token_hash`, if any (expired and revoked ones included: the
+/// caller decides).
+pub async fn token_get_by_hash(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+) -> Result<Option<TokenRow>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, tenant, admin, expires_at, revoked_at FROM api_tokens WHERE token_hash = $1",
+    )
+    .bind(token_hash)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| {
+        Ok(TokenRow {
+            id: r.try_get("id")?,
+            tenant: r.try_get("tenant")?,
+            admin: r.try_get("admin")?,
+            expires_at: r.try_get("expires_at")?,
+            revoked_at: r.try_get("revoked_at")?,
+        })
+    })
+    .transpose()
+}
+
+/// Revokes token `id`. Returns false when no such token exists.
+pub async fn token_revoke(conn: &mut PgConnection, id: i64) -> Result<bool, StoreError> {
+    let n =
+        sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
+            .bind(id)
+            .execute(conn)
+            .await?
+            .rows_affected();
+    Ok(n == 1)
+}
