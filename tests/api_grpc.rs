@@ -81,3 +81,786 @@ async fn create_then_watch_sees_every_state_until_ready() {
     assert_eq!(err.code(), Code::NotFound);
     env.stop().await;
 }
+
+use setpoint::api::ApiConfig;
+use setpoint::api::auth::create_token;
+use setpoint::api::proto::{
+    CancelWorkRequest, DeleteInstanceRequest, GetWorkRequest, Instance, InstanceSpec,
+    ListInstancesRequest, ListWorkRequest, RetryWorkRequest, UpdateInstanceRequest,
+};
+use tonic_types::StatusExt;
+
+fn violations(s: &tonic::Status) -> Vec<String> {
+    s.get_details_bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Follows `name` until its status is `want` (or the stream ends), returning every status
+/// seen (consecutive repeats folded).
+async fn follow_until(env: &Env, name: &str, want: InstanceStatus) -> Vec<i32> {
+    let mut c = env.instances().await;
+    let mut s = c
+        .watch_instance(authed(
+            &env.acme,
+            WatchInstanceRequest { name: name.into() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: Vec<i32> = Vec::new();
+    while let Some(i) = tokio::time::timeout(HUNG, s.message())
+        .await
+        .expect("hung")
+        .unwrap()
+    {
+        if seen.last() != Some(&i.status) {
+            seen.push(i.status);
+        }
+        if i.status == want as i32 && !i.has_active_work {
+            break;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn request_id_replays_the_first_answer_and_refuses_a_different_body() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "rid-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = c
+        .create_instance(authed(&env.acme, create_req("web-1", "rid-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a, b, "the replay is the first answer");
+    let err = c
+        .create_instance(authed(&env.acme, create_req("web-2", "rid-1")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), vec!["request_id"]);
+    assert_eq!(
+        err.get_details_error_info().unwrap().reason,
+        "REQUEST_ID_REUSED"
+    );
+    // The same id under another tenant is another request.
+    c.create_instance(authed(&env.globex, create_req("web-1", "rid-1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &env.db,
+            "SELECT count(*) FROM instances WHERE tenant = 'acme'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_make_one_instance_and_one_unit() {
+    let env = Env::default().await;
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut c = env.instances().await;
+        let token = env.acme.clone();
+        calls.push(tokio::spawn(async move {
+            c.create_instance(authed(&token, create_req("db-1", "same")))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    let mut uids = Vec::new();
+    for call in calls {
+        uids.push(call.await.unwrap().expect("every duplicate succeeds").uid);
+    }
+    uids.dedup();
+    assert_eq!(uids.len(), 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
+    // Concurrent different bodies under one id: exactly one wins, the others are refused.
+    let mut calls = Vec::new();
+    for n in 0..6 {
+        let mut c = env.instances().await;
+        let token = env.acme.clone();
+        calls.push(tokio::spawn(async move {
+            c.create_instance(authed(&token, create_req(&format!("x-{n}"), "contested")))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::InvalidArgument),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn changes_during_active_work_fail_with_details_naming_the_unit() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "r1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let update = UpdateInstanceRequest {
+        instance: Some(Instance {
+            name: a.name.clone(),
+            spec: Some(InstanceSpec {
+                plan: "kvx.large".into(),
+                ..spec()
+            }),
+            ..Instance::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.plan".into()],
+        }),
+        request_id: "r2".into(),
+    };
+    let err = c
+        .update_instance(authed(&env.acme, update.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("try again"), "{}", err.message());
+    let info = err.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "ACTIVE_WORK");
+    assert_eq!(info.metadata["work_id"], a.active_work_id.to_string());
+    let pf = err.get_details_precondition_failure().unwrap();
+    assert_eq!(pf.violations[0].subject, a.name);
+    let err = c
+        .delete_instance(authed(
+            &env.acme,
+            DeleteInstanceRequest {
+                name: a.name.clone(),
+                request_id: "r3".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Nothing was written by the refused calls; after the chain ends the same update works.
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
+    env.start_workers();
+    follow_until(&env, &a.name, InstanceStatus::Ready).await;
+    let u = c
+        .update_instance(authed(&env.acme, update))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.status, InstanceStatus::Updating as i32);
+    assert_eq!(u.generation, 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn every_validation_rule_refuses_with_field_violations_and_writes_nothing() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let cases: Vec<(&str, setpoint::api::proto::CreateInstanceRequest)> = vec![
+        ("instance_id", create_req("Bad_Name", "v1")),
+        ("instance_id", create_req("-x", "v2")),
+        ("instance_id", create_req(&"a".repeat(64), "v3")),
+        ("request_id", create_req("ok", "")),
+        ("request_id", create_req("ok", "has space")),
+        ("parent", {
+            let mut r = create_req("ok", "v4");
+            r.parent = "projects/x".into();
+            r
+        }),
+        ("instance.spec", {
+            let mut r = create_req("ok", "v5");
+            r.instance = None;
+            r
+        }),
+    ];
+    let spec_cases: Vec<(&str, InstanceSpec)> = vec![
+        (
+            "instance.spec.plan",
+            InstanceSpec {
+                plan: "kvx.huge".into(),
+                ..spec()
+            },
+        ),
+        (
+            "instance.spec.region",
+            InstanceSpec {
+                region: "mars-1".into(),
+                ..spec()
+            },
+        ),
+        (
+            "instance.spec.size_gb",
+            InstanceSpec {
+                size_gb: 0,
+                ..spec()
+            },
+        ),
+        (
+            "instance.spec.size_gb",
+            InstanceSpec {
+                size_gb: 20000,
+                ..spec()
+            },
+        ),
+        (
+            "instance.spec.owner_email",
+            InstanceSpec {
+                owner_email: "nobody".into(),
+                ..spec()
+            },
+        ),
+        (
+            "instance.spec.owner_email",
+            InstanceSpec {
+                owner_email: "a@b".into(),
+                ..spec()
+            },
+        ),
+    ];
+    let mut all = cases;
+    for (i, (field, s)) in spec_cases.into_iter().enumerate() {
+        let mut r = create_req("ok", &format!("s{i}"));
+        r.instance = Some(Instance {
+            spec: Some(s),
+            ..Instance::default()
+        });
+        all.push((field, r));
+    }
+    for (field, req) in all {
+        let err = c.create_instance(authed(&env.acme, req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            violations(&err).contains(&field.to_owned()),
+            "{field}: {err:?}"
+        );
+    }
+    // Several problems at once are all reported.
+    let mut r = create_req("Bad", "");
+    r.instance = Some(Instance {
+        spec: Some(InstanceSpec {
+            plan: "x".into(),
+            region: "y".into(),
+            size_gb: -1,
+            owner_email: "z".into(),
+        }),
+        ..Instance::default()
+    });
+    let err = c.create_instance(authed(&env.acme, r)).await.unwrap_err();
+    assert_eq!(violations(&err).len(), 6);
+    // Page sizes, page tokens and update masks.
+    let err = c
+        .list_instances(authed(
+            &env.acme,
+            ListInstancesRequest {
+                page_size: 5000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["page_size"]);
+    let err = c
+        .list_instances(authed(
+            &env.acme,
+            ListInstancesRequest {
+                page_token: "nonsense".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["page_token"]);
+    let err = c
+        .update_instance(authed(
+            &env.acme,
+            UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: "tenants/acme/instances/web".into(),
+                    spec: Some(spec()),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec.region".into(), "uid".into()],
+                }),
+                request_id: "u1".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["update_mask", "update_mask"]);
+    let err = c
+        .get_instance(authed(
+            &env.acme,
+            GetInstanceRequest {
+                name: "instances/web".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["name"]);
+    // An oversized message is refused by the decoder before any handler runs.
+    let err = c
+        .create_instance(authed(&env.acme, create_req(&"a".repeat(100_000), "big")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 0);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 0);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_see_and_change_only_their_own_instances() {
+    let env = Env::default().await;
+    env.start_workers();
+    let mut c = env.instances().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "r1")))
+        .await
+        .unwrap()
+        .into_inner();
+    follow_until(&env, &a.name, InstanceStatus::Ready).await;
+    let g = &env.globex;
+    let nf = |r: Result<_, tonic::Status>| {
+        let e = r.err().expect("refused");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(!e.message().contains(&a.uid));
+    };
+    nf(c.get_instance(authed(
+        g,
+        GetInstanceRequest {
+            name: a.name.clone(),
+        },
+    ))
+    .await
+    .map(|_| ()));
+    nf(c.update_instance(authed(
+        g,
+        UpdateInstanceRequest {
+            instance: Some(Instance {
+                name: a.name.clone(),
+                spec: Some(spec()),
+                ..Default::default()
+            }),
+            update_mask: None,
+            request_id: "g1".into(),
+        },
+    ))
+    .await
+    .map(|_| ()));
+    nf(c.delete_instance(authed(
+        g,
+        DeleteInstanceRequest {
+            name: a.name.clone(),
+            request_id: "g2".into(),
+        },
+    ))
+    .await
+    .map(|_| ()));
+    nf(c.watch_instance(authed(
+        g,
+        WatchInstanceRequest {
+            name: a.name.clone(),
+        },
+    ))
+    .await
+    .map(|_| ()));
+    nf(c.list_instances(authed(
+        g,
+        ListInstancesRequest {
+            parent: "tenants/acme".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .map(|_| ()));
+    let mine = c
+        .list_instances(authed(g, ListInstancesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(mine.instances.is_empty());
+    // `tenants/-/…` is the caller's own tenant: globex's web-1 does not exist.
+    nf(c.get_instance(authed(
+        g,
+        GetInstanceRequest {
+            name: "tenants/-/instances/web-1".into(),
+        },
+    ))
+    .await
+    .map(|_| ()));
+    // Creating into another tenant is refused the same way.
+    let mut r = create_req("web-1", "g3");
+    r.parent = "tenants/acme".into();
+    nf(c.create_instance(authed(g, r)).await.map(|_| ()));
+    let got = c
+        .get_instance(authed(
+            &env.acme,
+            GetInstanceRequest {
+                name: "tenants/-/instances/web-1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.uid, a.uid);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn missing_invalid_expired_tokens_are_unauthenticated_and_health_needs_none() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let get = || GetInstanceRequest {
+        name: "tenants/acme/instances/web".into(),
+    };
+    let e = c
+        .get_instance(tonic::Request::new(get()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c.get_instance(authed("spt_0000", get())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(
+        !e.message().contains("spt_0000"),
+        "the token is never echoed"
+    );
+    let mut r = tonic::Request::new(get());
+    r.metadata_mut()
+        .insert("authorization", "Basic abc".parse().unwrap());
+    assert_eq!(
+        c.get_instance(r).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let expired = create_token(&env.db.pool, "acme", false, Some(std::time::Duration::ZERO))
+        .await
+        .unwrap()
+        .token;
+    let e = c.get_instance(authed(&expired, get())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"));
+    // Tokens are stored hashed.
+    let stored: i64 = count(
+        &env.db,
+        &format!(
+            "SELECT count(*) FROM api_tokens WHERE token_hash::text LIKE '%{}%'",
+            &env.acme[4..20]
+        ),
+    )
+    .await;
+    assert_eq!(stored, 0);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel().await);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn work_service_is_admin_only_and_operates_parked_units() {
+    // The first unit of a create is a probe whose spec (the API's) it does not accept: it
+    // fails permanently and parks, and the instance shows FAILED.
+    let env = Env::start(ApiConfig {
+        create_kind: "setpoint.probe".into(),
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut c = env.instances().await;
+    let mut w = env.work().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "r1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = w
+        .list_work(authed(&env.acme, ListWorkRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = w
+        .get_work(authed(
+            &env.acme,
+            GetWorkRequest {
+                id: a.active_work_id,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = w
+        .list_work(tonic::Request::new(ListWorkRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let list = w
+        .list_work(authed(&env.admin, ListWorkRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.units.len(), 1);
+    assert_eq!(list.units[0].resource_id, a.uid);
+    // Not parked yet: retry is refused.
+    let e = w
+        .retry_work(authed(
+            &env.admin,
+            RetryWorkRequest {
+                id: a.active_work_id,
+                extra_attempts: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    env.start_workers();
+    let seen = follow_until(&env, &a.name, InstanceStatus::Failed).await;
+    assert_eq!(
+        seen,
+        vec![
+            InstanceStatus::Creating as i32,
+            InstanceStatus::Failed as i32
+        ]
+    );
+    let got = c
+        .get_instance(authed(
+            &env.acme,
+            GetInstanceRequest {
+                name: a.name.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.last_error.is_empty());
+    // A parked unit blocks changes too, naming the unit.
+    let e = c
+        .delete_instance(authed(
+            &env.acme,
+            DeleteInstanceRequest {
+                name: a.name.clone(),
+                request_id: "d1".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(e.get_details_error_info().unwrap().reason, "WORK_PARKED");
+    let unit = w
+        .get_work(authed(
+            &env.admin,
+            GetWorkRequest {
+                id: a.active_work_id,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unit.state, "parked");
+    let events: Vec<_> = unit.events.iter().map(|e| e.event.as_str()).collect();
+    assert!(
+        events.contains(&"enqueued") && events.contains(&"parked"),
+        "{events:?}"
+    );
+    let cancelled = w
+        .cancel_work(authed(
+            &env.admin,
+            CancelWorkRequest {
+                id: a.active_work_id,
+                reason: "bad spec".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, "finished");
+    assert!(
+        cancelled
+            .events
+            .iter()
+            .any(|e| e.event == "cancelled" && e.message == "bad spec")
+    );
+    let e = w
+        .get_work(authed(&env.admin, GetWorkRequest { id: 999_999 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // With the unit gone the user may delete (the delete kind is the noop).
+    let d = c
+        .delete_instance(authed(
+            &env.acme,
+            DeleteInstanceRequest {
+                name: a.name.clone(),
+                request_id: "d2".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.status, InstanceStatus::Deleting as i32);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn update_delete_and_paged_list_through_the_life_cycle() {
+    let env = Env::default().await;
+    env.start_workers();
+    let mut c = env.instances().await;
+    for n in 0..5 {
+        c.create_instance(authed(
+            &env.acme,
+            create_req(&format!("n{n}"), &format!("c{n}")),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_instances(authed(
+                &env.acme,
+                ListInstancesRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        names.extend(page.instances.into_iter().map(|i| i.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names.len(), 5);
+    let name = "tenants/acme/instances/n0".to_owned();
+    follow_until(&env, &name, InstanceStatus::Ready).await;
+    let u = c
+        .update_instance(authed(
+            &env.acme,
+            UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: name.clone(),
+                    spec: Some(InstanceSpec {
+                        size_gb: 40,
+                        ..InstanceSpec::default()
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec.size_gb".into()],
+                }),
+                request_id: "u1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.generation, 2);
+    assert_eq!(u.spec.as_ref().unwrap().size_gb, 40);
+    assert_eq!(
+        u.spec.as_ref().unwrap().plan,
+        "kvx.small",
+        "fields outside the mask are kept"
+    );
+    follow_until(&env, &name, InstanceStatus::Ready).await;
+    let ready = c
+        .get_instance(authed(&env.acme, GetInstanceRequest { name: name.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ready.observed_generation, 2);
+    // Filter by status.
+    let ready_list = c
+        .list_instances(authed(
+            &env.acme,
+            ListInstancesRequest {
+                status_filter: InstanceStatus::Ready as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        ready_list
+            .instances
+            .iter()
+            .all(|i| i.status == InstanceStatus::Ready as i32)
+    );
+    let d = c
+        .delete_instance(authed(
+            &env.acme,
+            DeleteInstanceRequest {
+                name: name.clone(),
+                request_id: "d1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.status, InstanceStatus::Deleting as i32);
+    // The watch ends with DELETED (it may start after the delete finished: then NOT_FOUND).
+    match c
+        .watch_instance(authed(
+            &env.acme,
+            WatchInstanceRequest { name: name.clone() },
+        ))
+        .await
+    {
+        Ok(s) => {
+            let mut s = s.into_inner();
+            let mut last = None;
+            while let Some(i) = tokio::time::timeout(HUNG, s.message())
+                .await
+                .expect("hung")
+                .unwrap()
+            {
+                last = Some(i.status);
+            }
+            assert_eq!(last, Some(InstanceStatus::Deleted as i32));
+        }
+        Err(e) => assert_eq!(e.code(), Code::NotFound),
+    }
+    // The watch ended, so the delete chain has ended: the instance is gone, its name free.
+    let e = c
+        .get_instance(authed(&env.acme, GetInstanceRequest { name: name.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    c.create_instance(authed(&env.acme, create_req("n0", "again")))
+        .await
+        .unwrap();
+    env.stop().await;
+}
