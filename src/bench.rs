@@ -148,16 +148,32 @@ pub async fn run_queue_bench(
         reset(pool).await?;
         progress(&format!("enqueueing {jobs} units"));
         let t0 = Instant::now();
-        let mut left = jobs;
-        while left > 0 {
-            let n = left.min(opts.enqueue_batch);
-            let units: Vec<NewWork> = (0..n)
-                .map(|_| NewWork::new(Counting::KIND, json!({})))
-                .collect();
-            let mut tx = pool.begin().await?;
-            work_enqueue(&mut tx, &units).await?;
-            tx.commit().await?;
-            left -= n;
+        // Two writers: one statement keeps one PostgreSQL backend busy, and there are two cores.
+        let writers = 2;
+        let mut handles = Vec::new();
+        for w in 0..writers {
+            let pool = pool.clone();
+            let share = jobs / writers + usize::from(w < jobs % writers);
+            let batch = opts.enqueue_batch;
+            handles.push(tokio::spawn(async move {
+                let mut left = share;
+                while left > 0 {
+                    let n = left.min(batch);
+                    let units: Vec<NewWork> = (0..n)
+                        .map(|_| NewWork::new(Counting::KIND, json!({})))
+                        .collect();
+                    let mut tx = pool.begin().await?;
+                    work_enqueue(&mut tx, &units).await?;
+                    tx.commit().await?;
+                    left -= n;
+                }
+                Ok::<(), StoreError>(())
+            }));
+        }
+        for h in handles {
+            if let Ok(r) = h.await {
+                r?;
+            }
         }
         let enqueue_secs = t0.elapsed().as_secs_f64();
         sqlx::query("ANALYZE work").execute(pool).await?;

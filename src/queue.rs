@@ -17,6 +17,7 @@ use sqlx::PgConnection;
 use crate::store::StoreError;
 use crate::store::events::{WorkEvent, events_for_work, work_id_for_token};
 use crate::store::instances::{instance_mark_active, instances_clear_active_work};
+use crate::store::journal::side_effects_resolve_unknown;
 pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
 use crate::store::work::{
     work_cancel_parked, work_enqueue, work_get, work_get_by_token, work_list, work_retry_parked,
@@ -136,7 +137,9 @@ async fn explain_not_parked(conn: &mut PgConnection, id: i64) -> QueueError {
 }
 
 /// Makes parked unit `id` pending again (after a fix was deployed), granting it
-/// `extra_attempts` more attempts, in the caller's transaction.
+/// `extra_attempts` more attempts, in the caller's transaction. Side effects of the unit whose
+/// outcome is unknown (started, no result) are recorded as not having happened: the operator
+/// checked the peer before retrying.
 ///
 /// # Errors
 /// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
@@ -148,6 +151,9 @@ pub async fn retry_parked(
 ) -> Result<WorkRow, QueueError> {
     match work_retry_parked(conn, id, operator, extra_attempts).await? {
         Some(row) => {
+            // Retrying a unit parked with "outcome unknown" is the operator's word that the
+            // side effect did not happen; without this the next attempt would park again.
+            side_effects_resolve_unknown(conn, id).await?;
             if let Some(resource) = row.resource_id {
                 // The chain is active again.
                 instance_mark_active(conn, resource).await?;

@@ -110,7 +110,7 @@ async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
     )
     .await;
     wait_state(&db.pool, id, Some("parked")).await;
-    let row = setpoint::store::work::work_get(&mut *db.pool.acquire().await.unwrap(), id)
+    let row = setpoint::store::work::work_get(&mut db.pool.acquire().await.unwrap(), id)
         .await
         .unwrap()
         .unwrap();

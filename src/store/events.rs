@@ -54,12 +54,12 @@ pub async fn work_id_for_token(
     conn: &mut PgConnection,
     token: &str,
 ) -> Result<Option<i64>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT work_id FROM work_events WHERE token = $1 LIMIT 1")
-            .bind(token)
-            .fetch_optional(conn)
-            .await?,
+    Ok(sqlx::query_scalar(
+        "SELECT work_id FROM work_events WHERE token = $1 AND event = 'enqueued' LIMIT 1",
     )
+    .bind(token)
+    .fetch_optional(conn)
+    .await?)
 }
 
 fn event_row(r: sqlx::postgres::PgRow) -> Result<WorkEvent, StoreError> {

@@ -64,3 +64,22 @@ pub async fn side_effect_finish(
     .await?;
     Ok(())
 }
+
+/// Marks every side effect of unit `work_id` that started and recorded no result as not having
+/// happened (`{"sent": false, "resolved_by": "operator"}`), in the caller's transaction. An
+/// operator retrying a unit parked with "outcome unknown" asserts exactly that (after checking
+/// the peer), so the next attempt may act once more. Returns how many records were resolved.
+pub async fn side_effects_resolve_unknown(
+    conn: &mut sqlx::PgConnection,
+    work_id: i64,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE side_effects
+         SET finished_at = now(), result = '{\"sent\": false, \"resolved_by\": \"operator\"}'::jsonb
+         WHERE work_id = $1 AND result IS NULL",
+    )
+    .bind(work_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

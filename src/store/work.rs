@@ -228,7 +228,9 @@ pub async fn work_claim(
              SET state = 'running', attempt = w.attempt + 1, lease_owner = $1,
                  lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
              FROM picked p
-             WHERE w.id = p.id
+             -- The = ANY makes the planner fetch the picked rows through the primary key
+             -- instead of hashing the whole table (a seq scan per claim on a big backlog).
+             WHERE w.id = p.id AND w.id = ANY(ARRAY(SELECT id FROM picked))
              RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
                        w.max_attempts, w.run_at, p.rescued
          ), ev AS (
@@ -262,7 +264,8 @@ pub async fn work_claim(
 }
 
 /// Extends the leases of `units` (id, attempt) held by `worker`. Returns the ids whose lease
-/// was extended; a unit missing from the answer was lost (taken over or cancelled).
+/// was extended; a unit missing from the answer was lost (taken over), or is being completed
+/// at this moment (its row was locked).
 pub async fn work_heartbeat(
     conn: &mut PgConnection,
     worker: &str,
@@ -270,11 +273,19 @@ pub async fn work_heartbeat(
     lease_ms: i64,
 ) -> Result<Vec<i64>, StoreError> {
     let (ids, attempts): (Vec<i64>, Vec<i32>) = units.iter().copied().unzip();
+    // SKIP LOCKED: a row locked right now is being completed or failed; waiting for it would
+    // only delay the heartbeats of the others (and could deadlock with a batch completion).
     let rows = sqlx::query_scalar(
-        "UPDATE work w
+        "WITH h AS (
+             SELECT * FROM unnest($2::bigint[], $3::int[]) AS h(id, attempt)
+         ), mine AS (
+             SELECT w.id FROM work w JOIN h ON h.id = w.id AND h.attempt = w.attempt
+             WHERE w.id = ANY($2) AND w.state = 'running' AND w.lease_owner = $1
+             FOR UPDATE OF w SKIP LOCKED
+         )
+         UPDATE work w
          SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
-         FROM unnest($2::bigint[], $3::int[]) AS h(id, attempt)
-         WHERE w.id = h.id AND w.attempt = h.attempt AND w.state = 'running' AND w.lease_owner = $1
+         WHERE w.id = ANY(ARRAY(SELECT id FROM mine))
          RETURNING w.id",
     )
     .bind(worker)
@@ -326,8 +337,9 @@ pub async fn work_complete_if_leased(
              SELECT * FROM unnest($2::bigint[], $3::int[], $4::jsonb[]) AS c(id, attempt, detail)
          ), done AS (
              DELETE FROM work w USING c
-             WHERE w.id = c.id AND w.attempt = c.attempt AND w.state = 'running'
-               AND w.lease_owner = $1
+             -- = ANY($2) keeps the lookup on the primary key whatever the statistics say.
+             WHERE w.id = c.id AND w.id = ANY($2) AND w.attempt = c.attempt
+               AND w.state = 'running' AND w.lease_owner = $1
              RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant, c.detail
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, detail)

@@ -26,7 +26,9 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let units = inflight.snapshot();
+        // Only units whose lease is at least one interval old: a lease set by the claim is
+        // fresh, so units shorter than the interval never need a heartbeat.
+        let units = inflight.older_than(interval);
         if units.is_empty() {
             continue;
         }
@@ -36,17 +38,18 @@ pub async fn run(
         }
         .await;
         match result {
-            Ok(kept) if kept.len() < units.len() => {
-                let kept: std::collections::HashSet<i64> = kept.into_iter().collect();
-                for (id, attempt) in units.iter().filter(|(id, _)| !kept.contains(id)) {
-                    tracing::warn!(
-                        work_id = id,
-                        attempt,
-                        "lease lost; this attempt's result will be discarded"
+            Ok(kept) => {
+                inflight.renewed(&kept);
+                if kept.len() < units.len() {
+                    // Taken over by another worker (its completion will be fenced off), or
+                    // being completed right now (row locked); the next beat tells them apart.
+                    tracing::debug!(
+                        asked = units.len(),
+                        renewed = kept.len(),
+                        "some leases were not renewed"
                     );
                 }
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, units = units.len(), "heartbeat failed; will retry")
             }

@@ -129,6 +129,8 @@ impl EngineProcess {
             "2s",
         ])
         .args(["--worker-id", worker_id, "--backoff-base", "100ms"])
+        // Several engines run at once: each API on a port of its own.
+        .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .env("SETPOINT_DATABASE_URL", url)
         .env("RUST_LOG", "info,sqlx=warn")
@@ -139,7 +141,14 @@ impl EngineProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn setpoint serve");
+        let mut this = Self::from_command(cmd);
+        this.worker_id = worker_id.to_owned();
+        this
+    }
+
+    /// Runs `cmd` (whose stderr must be piped) as an engine process.
+    pub fn from_command(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn setpoint");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -150,7 +159,7 @@ impl EngineProcess {
         });
         Self {
             child,
-            worker_id: worker_id.to_owned(),
+            worker_id: String::new(),
             lines,
         }
     }

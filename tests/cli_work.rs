@@ -1,0 +1,142 @@
+//! The operator commands of the binary (`setpoint work …`, `setpoint migrate`) and `serve` on
+//! embedded defaults, run as a user would.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn setpoint(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .args(args)
+        .env("SETPOINT_DATABASE_URL", url)
+        .output()
+        .expect("run setpoint");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_show_retry_and_cancel_parked_units() {
+    let db = db().await;
+    let (ok, _, err) = setpoint(&db.url, &["migrate"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = setpoint(
+        &db.url,
+        &[
+            "work",
+            "enqueue",
+            "--kind",
+            "setpoint.probe",
+            "--spec",
+            r#"{"fail_permanent":"quota exceeded"}"#,
+            "--count",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let enqueued: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let ids: Vec<i64> = enqueued.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    let engine = EngineProcess::start(&db.url, "ops", &[], &[]);
+    wait_for("both units to park", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM work WHERE state = 'parked'")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (n == 2).then_some(())
+    })
+    .await;
+    drop(engine);
+
+    let (ok, out, _) = setpoint(&db.url, &["work", "list", "--state", "parked"]);
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    assert!(out.contains("quota exceeded"), "{out}");
+    let (ok, out, _) = setpoint(&db.url, &["work", "show", &ids[0].to_string()]);
+    assert!(ok);
+    assert!(
+        out.contains("parked") && out.contains("setpoint work retry"),
+        "{out}"
+    );
+    let token = enqueued[0]["token"].as_str().unwrap();
+    let (ok, out, _) = setpoint(&db.url, &["work", "show", token, "--json"]);
+    assert!(ok);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["id"].as_i64(), Some(ids[0]));
+
+    let (ok, out, _) = setpoint(&db.url, &["work", "retry", &ids[0].to_string()]);
+    assert!(ok, "{out}");
+    let (ok, _, _) = setpoint(
+        &db.url,
+        &[
+            "work",
+            "cancel",
+            &ids[1].to_string(),
+            "--reason",
+            "no quota this month",
+        ],
+    );
+    assert!(ok);
+    let (ok, _, err) = setpoint(&db.url, &["work", "cancel", &ids[1].to_string()]);
+    assert!(!ok);
+    assert!(err.contains("has already finished"), "{err}");
+    let (ok, _, err) = setpoint(&db.url, &["work", "retry", &ids[0].to_string()]);
+    assert!(!ok);
+    assert!(err.contains("is pending, not parked"), "{err}");
+    let (ok, _, err) = setpoint(
+        &db.url,
+        &["work", "enqueue", "--kind", "x", "--spec", "{nope"],
+    );
+    assert!(!ok);
+    assert!(err.contains("--spec is not valid JSON"), "{err}");
+}
+
+#[tokio::test]
+async fn commands_without_a_database_say_how_to_give_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .args(["work", "list"])
+        .env_remove("SETPOINT_DATABASE_URL")
+        .env_remove("SETPOINT_DATABASE_HOST")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SETPOINT_DATABASE_URL"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_database_runs_its_own_and_stops_on_sigterm() {
+    let dir =
+        std::env::temp_dir().join(format!("setpoint-serve-{}", uuid::Uuid::new_v4().simple()));
+    let data = dir.join("pg");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ])
+    .env_remove("SETPOINT_DATABASE_URL")
+    .env_remove("SETPOINT_DATABASE_HOST")
+    .stderr(std::process::Stdio::piped());
+    let mut engine = EngineProcess::from_command(cmd);
+    wait_for("the embedded engine to start", || async {
+        engine.printed("worker started").then_some(())
+    })
+    .await;
+    engine.signal("TERM");
+    assert!(engine.wait_exit().await, "{}", engine.output());
+    assert!(engine.printed("worker stopped"), "{}", engine.output());
+    assert!(
+        data.join("data/PG_VERSION").exists(),
+        "the embedded data is kept"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
