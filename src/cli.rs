@@ -98,6 +98,17 @@ pub struct ServeArgs {
     /// This worker's name in leases and events (default: host-pid-random).
     #[arg(long, env = "SETPOINT_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Address of /metrics, /healthz and /readyz (e.g. 0.0.0.0:9090); off when unset.
+    #[arg(long, env = "SETPOINT_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Enqueue an observe unit per ready instance this often (drift detection; needs the KVX
+    /// workflows); overrides `workflows.resync_interval`.
+    #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", value_parser = parse_duration)]
+    pub resync_interval: Option<Duration>,
+    /// What to do with a machine terminated behind setpoint's back: heal or mark; overrides
+    /// `workflows.drift`.
+    #[arg(long, env = "SETPOINT_DRIFT")]
+    pub drift: Option<crate::workflows::DriftAction>,
     /// The gRPC API.
     #[command(flatten)]
     pub api: crate::api::ApiArgs,

@@ -2,12 +2,17 @@
 //! flags — each overriding the one before. Durations are written `250ms`, `30s`, `5m`, `1h`
 //! (a bare number means seconds).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use setpoint_ec2::Ec2Config;
+use setpoint_email::{Password, Security, SmtpConfig};
+use setpoint_kubernetes::KubernetesConfig;
 
 use crate::worker::{Backoff, WorkerConfig};
+use crate::workflows::{DriftAction, WorkflowConfig};
 
 /// A configuration problem, with what to change.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +107,31 @@ pub struct WorkerFile {
     pub backoff_cap: Option<Duration>,
 }
 
+/// The `[workflows]` table of the configuration file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowsFile {
+    /// Enqueue an observe unit per ready instance this often (drift detection); off when unset.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub resync_interval: Option<Duration>,
+    /// What to do with a machine terminated behind setpoint's back: `heal` (default) or `mark`.
+    pub drift: Option<DriftAction>,
+    /// How long a create step waits for its machine to run before the unit retries.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub machine_wait: Option<Duration>,
+}
+
+impl WorkflowsFile {
+    /// The workflow configuration: defaults overridden by this table.
+    pub fn workflow_config(&self) -> WorkflowConfig {
+        let d = WorkflowConfig::default();
+        WorkflowConfig {
+            drift: self.drift.unwrap_or(d.drift),
+            machine_wait: self.machine_wait.unwrap_or(d.machine_wait),
+        }
+    }
+}
+
 /// The configuration file (`--config` / `SETPOINT_CONFIG`). Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,9 +146,20 @@ pub struct FileConfig {
     pub database_max_connections: Option<u32>,
     /// Folder of the embedded PostgreSQL used when no database URL is given.
     pub data_dir: Option<PathBuf>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Worker settings.
     #[serde(default)]
     pub worker: WorkerFile,
+    /// The EC2 adapter. With `[kubernetes]` and `[smtp]` it turns on the KVX workflows.
+    pub ec2: Option<Ec2Config>,
+    /// The Kubernetes adapter.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// The SMTP adapter.
+    pub smtp: Option<SmtpConfig>,
+    /// Workflow settings (resync, drift).
+    #[serde(default)]
+    pub workflows: WorkflowsFile,
 }
 
 impl FileConfig {
@@ -135,6 +176,70 @@ impl FileConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })
+    }
+
+    /// Applies the environment variables a deployment passes (see the README): `SETPOINT_AWS_REGION`
+    /// (sets `ec2.region`, creating `[ec2]` when absent), `SETPOINT_EC2_SUBNET_ID` and
+    /// `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists), `SETPOINT_SMTP_URL` (host, port,
+    /// security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
+    /// (`smtp.from`). Empty values count as unset. `get` reads one variable.
+    ///
+    /// # Errors
+    /// When a value is malformed or refines a section that does not exist. The messages never
+    /// contain the SMTP password.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let list = |v: String| -> Vec<String> {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        if let Some(region) = get("SETPOINT_AWS_REGION") {
+            match &mut self.ec2 {
+                Some(ec2) => ec2.region = region.trim().to_owned(),
+                None => self.ec2 = Some(Ec2Config::new(region.trim())),
+            }
+        }
+        for (var, subnets) in [
+            ("SETPOINT_EC2_SUBNET_ID", true),
+            ("SETPOINT_EC2_SECURITY_GROUP_IDS", false),
+        ] {
+            let Some(value) = get(var) else { continue };
+            let ec2 = self.ec2.as_mut().ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "{var} is set but EC2 is not configured: set SETPOINT_AWS_REGION or add an \
+                     [ec2] section"
+                ))
+            })?;
+            if subnets {
+                ec2.subnet_ids = list(value);
+            } else {
+                ec2.security_group_ids = list(value);
+            }
+        }
+        let from = get("SETPOINT_EMAIL_FROM");
+        if let Some(url) = get("SETPOINT_SMTP_URL") {
+            let endpoint = SmtpEndpoint::parse(&url)?;
+            let smtp = match self.smtp.take() {
+                Some(s) => s,
+                None => {
+                    let sender = from.clone().ok_or_else(|| {
+                        ConfigError::Invalid(
+                            "SETPOINT_SMTP_URL is set but there is no sender: set \
+                             SETPOINT_EMAIL_FROM or smtp.from"
+                                .into(),
+                        )
+                    })?;
+                    SmtpConfig::new(endpoint.host.clone(), sender)
+                }
+            };
+            self.smtp = Some(endpoint.apply(smtp));
+        }
+        if let (Some(from), Some(smtp)) = (from, self.smtp.as_mut()) {
+            smtp.from = from;
+        }
+        Ok(())
     }
 
     /// The worker configuration: defaults overridden by this file.
@@ -159,6 +264,141 @@ impl FileConfig {
             worker_id: None,
         }
     }
+}
+
+/// An SMTP relay as given by `SETPOINT_SMTP_URL`:
+/// `smtp://[user[:password]@]host[:port][?security=none|starttls|tls]` (default STARTTLS) or
+/// `smtps://…` (TLS from the first byte). User and password are percent-decoded. `Debug` and
+/// every error leave the password out.
+#[derive(Debug, Clone)]
+pub struct SmtpEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port; `None` for the security's usual port.
+    pub port: Option<u16>,
+    /// How the connection is secured.
+    pub security: Security,
+    /// The AUTH user.
+    pub username: Option<String>,
+    /// The AUTH password.
+    pub password: Option<Password>,
+}
+
+impl SmtpEndpoint {
+    /// Parses an SMTP URL.
+    ///
+    /// # Errors
+    /// When it is not of the form above. The message never contains the password.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::Invalid(format!(
+                "SETPOINT_SMTP_URL is not smtp://[user[:password]@]host[:port] or \
+                 smtps://…: {why}"
+            ))
+        };
+        let (scheme, rest) = url
+            .trim()
+            .split_once("://")
+            .ok_or_else(|| bad("no scheme"))?;
+        let mut security = match scheme.to_ascii_lowercase().as_str() {
+            "smtp" => Security::Starttls,
+            "smtps" => Security::Tls,
+            _ => return Err(bad("the scheme must be smtp or smtps")),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => {
+                let (user, pass) = match u.split_once(':') {
+                    Some((user, pass)) => (user, Some(pass)),
+                    None => (u, None),
+                };
+                let user = percent_decode(user).ok_or_else(|| bad("bad escape in the user"))?;
+                let pass = pass
+                    .map(|p| percent_decode(p).ok_or_else(|| bad("bad escape in the password")))
+                    .transpose()?;
+                if user.is_empty() {
+                    return Err(bad("empty user"));
+                }
+                (Some(user), pass.map(Password::new))
+            }
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed [ in host"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("no host"));
+        }
+        let port = port
+            .map(|p| {
+                p.parse::<u16>()
+                    .map_err(|_| bad("the port is not a number"))
+            })
+            .transpose()?;
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            match pair.split_once('=') {
+                Some(("security", v)) => {
+                    security = match v {
+                        "none" => Security::None,
+                        "starttls" => Security::Starttls,
+                        "tls" => Security::Tls,
+                        _ => return Err(bad("security must be none, starttls or tls")),
+                    }
+                }
+                _ => return Err(bad("the only query parameter is security")),
+            }
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            security,
+            username,
+            password,
+        })
+    }
+
+    /// `config` with this relay's host, port, security and AUTH.
+    pub fn apply(self, mut config: SmtpConfig) -> SmtpConfig {
+        config.host = self.host;
+        config.port = self.port;
+        config.security = self.security;
+        config.username = self.username;
+        config.password = self.password;
+        config
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Builds a PostgreSQL URL from its parts (`SETPOINT_DATABASE_HOST`, `_PORT`, `_NAME`, `_USER`,

@@ -14,6 +14,7 @@
 //! - [`dev`]: throw-away local peers (PostgreSQL) for `setpoint dev`, benchmarks and tests.
 //! - [`bench`]: the benchmarks behind `setpoint bench`.
 //! - [`workflows`]: the KVX steps of create, update, delete and drift resync.
+//! - [`engine`]: the adapters and workflows built from configuration (`serve` and `dev`).
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 
 #![deny(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod engine;
 pub mod metrics;
 pub mod queue;
 pub mod store;

@@ -9,6 +9,7 @@ use serde_json::json;
 use setpoint::cli::{BenchCommand, Cli, Command, DbArgs, ServeArgs, WorkCommand};
 use setpoint::config::{FileConfig, database_url_from_parts, redact_url};
 use setpoint::dev::postgres::{ClusterOptions, Durability, TempCluster};
+use setpoint::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
 use setpoint::queue::{self, NewWork, WorkFilter, WorkRow};
 use setpoint::worker::builtin::{Noop, Probe};
 use setpoint::{Registry, Runtime, store};
@@ -101,7 +102,16 @@ async fn connect(url: &str, file: &FileConfig, max: u32) -> Result<sqlx::PgPool>
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let (file, url) = resolve_db(&args.db)?;
+    let (mut file, url) = resolve_db(&args.db)?;
+    file.apply_env(|k| std::env::var(k).ok())?;
+    // Checked before anything starts: all three adapters, or none.
+    let adapters =
+        AdapterConfigs::select(file.ec2.take(), file.kubernetes.take(), file.smtp.take())?;
+    let mut workflow_config = file.workflows.workflow_config();
+    if let Some(d) = args.drift {
+        workflow_config.drift = d;
+    }
+    let resync_interval = args.resync_interval.or(file.workflows.resync_interval);
     let mut worker = file.worker_config();
     if let Some(v) = args.concurrency {
         worker.concurrency = v;
@@ -167,6 +177,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.enable_probe || file.enable_probe == Some(true) {
         registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
     }
+    let mut api_config = args.api.config();
+    let workflows_on = adapters.is_some();
+    match adapters {
+        Some(configs) => {
+            Adapters::build(configs, None).await?.register_workflows(
+                &mut registry,
+                pool.clone(),
+                workflow_config,
+            )?;
+            api_config = with_workflow_kinds(api_config);
+            tracing::info!(
+                create = %api_config.create_kind,
+                update = %api_config.update_kind,
+                delete = %api_config.delete_kind,
+                "KVX workflows on: [ec2], [kubernetes] and [smtp] are configured"
+            );
+        }
+        None => tracing::info!(
+            create = %api_config.create_kind,
+            "KVX workflows off: no [ec2], [kubernetes] or [smtp] configured, so the API \
+             enqueues its configured kinds (setpoint.noop unless --create-kind etc. are set)"
+        ),
+    }
     let runtime = Runtime::new(pool.clone(), registry, worker)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -175,11 +208,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("shutdown requested");
         signal.cancel();
     });
-    let api = setpoint::api::start(pool, args.api.config(), args.api.listen, shutdown.clone())
+    if let Some(addr) = args.metrics_listen.or(file.metrics_listen) {
+        setpoint::metrics::serve(addr, pool.clone(), shutdown.clone())
+            .await
+            .context("starting the metrics endpoint")?;
+    }
+    let resync = match (workflows_on, resync_interval) {
+        (true, every) => spawn_resync(&pool, every, &shutdown),
+        (false, Some(_)) => {
+            tracing::warn!("resync interval ignored: the KVX workflows are off");
+            None
+        }
+        (false, None) => None,
+    };
+    let api = setpoint::api::start(pool, api_config, args.api.listen, shutdown.clone())
         .await
         .context("starting the gRPC API")?;
     runtime.run(shutdown).await;
     api.wait().await?;
+    if let Some(r) = resync {
+        let _ = r.await;
+    }
     Ok(())
 }
 

@@ -11,23 +11,23 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::config::Credentials;
 use clap::Args;
 use serde_json::json;
-use setpoint_adapter::{Cluster, Compute, Mailer, typed};
-use setpoint_ec2::{Ec2Compute, Ec2Config};
-use setpoint_email::{Security, SmtpConfig, SmtpMailer};
-use setpoint_kubernetes::{KubernetesCluster, KubernetesConfig, TestApiServer};
+use setpoint_adapter::typed;
+use setpoint_ec2::Ec2Config;
+use setpoint_email::{Security, SmtpConfig};
+use setpoint_kubernetes::{KubernetesConfig, TestApiServer};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig};
 use crate::config::parse_duration;
 use crate::dev::postgres::{ClusterOptions, TempCluster, free_port};
+use crate::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
 use crate::worker::builtin::Noop;
-use crate::workflows::{self, DriftAction, WorkflowConfig, Workflows};
+use crate::workflows::{DriftAction, WorkflowConfig};
 use crate::{Registry, Runtime, WorkerConfig, metrics, store};
 
 /// The flags of `setpoint dev`.
@@ -286,22 +286,6 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     ec2.default_image_id = Some("ami-12c6146b".into());
     ec2.timeouts.poll_initial_ms = 200;
     ec2.timeouts.poll_max_ms = 1_000;
-    let client = ec2
-        .client_with_credentials(Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "setpoint-dev",
-        ))
-        .await
-        .map_err(other)?;
-    let compute: Arc<dyn Compute> = Arc::new(Ec2Compute::from_client(client, ec2));
-    let cluster: Arc<dyn Cluster> = Arc::new(
-        KubernetesCluster::connect(&k8s_config)
-            .await
-            .map_err(other)?,
-    );
     let (smtp_host, smtp_port) = smtp
         .rsplit_once(':')
         .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
@@ -309,23 +293,31 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let mut smtp_config = SmtpConfig::new(smtp_host, "setpoint <noreply@setpoint.dev>");
     smtp_config.port = Some(smtp_port);
     smtp_config.security = Security::None;
-    let mailer: Arc<dyn Mailer> = Arc::new(SmtpMailer::new(smtp_config).map_err(other)?);
+    let credentials = Credentials::new("testing", "testing", None, None, "setpoint-dev");
+    let adapters = Adapters::build(
+        AdapterConfigs {
+            ec2,
+            kubernetes: k8s_config,
+            smtp: smtp_config,
+        },
+        Some(credentials),
+    )
+    .await
+    .map_err(other)?;
 
     // Workers.
     let mut registry = Registry::new();
     registry.register(typed(Noop)).map_err(other)?;
-    Workflows::new(
-        compute,
-        cluster,
-        mailer,
-        pool.clone(),
-        WorkflowConfig {
-            drift: args.drift,
-            ..WorkflowConfig::default()
-        },
-    )
-    .register(&mut registry)
-    .map_err(other)?;
+    adapters
+        .register_workflows(
+            &mut registry,
+            pool.clone(),
+            WorkflowConfig {
+                drift: args.drift,
+                ..WorkflowConfig::default()
+            },
+        )
+        .map_err(other)?;
     let worker = WorkerConfig {
         concurrency: args.concurrency,
         claim_batch: args.concurrency,
@@ -338,17 +330,10 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let runtime = Runtime::new(pool.clone(), registry, worker).map_err(other)?;
     let shutdown = CancellationToken::new();
     let workers = tokio::spawn(runtime.run(shutdown.clone()));
-    let resync = args.resync_interval.map(|every| {
-        tokio::spawn(workflows::drift::Resync::new(pool.clone(), every, 500).run(shutdown.clone()))
-    });
+    let resync = spawn_resync(&pool, args.resync_interval, &shutdown);
 
     // API, metrics, tokens.
-    let api_config = ApiConfig {
-        create_kind: workflows::CREATE_KIND.into(),
-        update_kind: workflows::UPDATE_KIND.into(),
-        delete_kind: workflows::DELETE_KIND.into(),
-        ..ApiConfig::default()
-    };
+    let api_config = with_workflow_kinds(ApiConfig::default());
     let running = api::start(pool.clone(), api_config, args.listen, shutdown.clone()).await?;
     let metrics_addr = metrics::serve(args.metrics_listen, pool.clone(), shutdown.clone()).await?;
     let admin = api::auth::create_token(&pool, &args.tenant, true, None)
