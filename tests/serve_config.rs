@@ -1,0 +1,566 @@
+//! `setpoint serve` with the KVX workflows: the `[ec2]`, `[kubernetes]`, `[smtp]` and
+//! `[workflows]` configuration (file and environment, the SMTP URL and its password), a real
+//! create through the gRPC API to READY against moto, aiosmtpd and the Kubernetes test server,
+//! and the refusal to start with only some adapter sections.
+//!
+//! Nothing here asserts on speed: every wait polls for a condition (with a generous limit that
+//! only guards against a hung test).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use setpoint::api::proto::instance_service_client::InstanceServiceClient;
+use setpoint::api::proto::{
+    CreateInstanceRequest, GetInstanceRequest, Instance, InstanceSpec, InstanceStatus,
+};
+use setpoint::config::{FileConfig, SmtpEndpoint};
+use setpoint::engine::AdapterConfigs;
+use setpoint::workflows::DriftAction;
+use setpoint_email::Security;
+use setpoint_kubernetes::ClusterAccess;
+
+use common::{EngineProcess, wait_for};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration parsing.
+
+const FULL: &str = r#"
+[ec2]
+region = "eu-west-1"
+subnet_ids = ["subnet-file"]
+default_image_id = "ami-1"
+
+[kubernetes]
+access = { mode = "url", url = "http://127.0.0.1:8001" }
+
+[smtp]
+host = "mail.internal"
+security = "none"
+username = "u"
+password = "file-secret"
+from = "setpoint <noreply@example.com>"
+
+[workflows]
+resync_interval = "5m"
+drift = "mark"
+machine_wait = "30s"
+"#;
+
+fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
+#[test]
+fn file_sections_parse() {
+    let f: FileConfig = toml::from_str(FULL).expect("parse");
+    let ec2 = f.ec2.as_ref().expect("ec2");
+    assert_eq!(ec2.region, "eu-west-1");
+    assert_eq!(ec2.subnet_ids, ["subnet-file"]);
+    let k8s = f.kubernetes.as_ref().expect("kubernetes");
+    assert!(matches!(&k8s.access, ClusterAccess::Url { url } if url == "http://127.0.0.1:8001"));
+    let smtp = f.smtp.as_ref().expect("smtp");
+    assert_eq!(smtp.host, "mail.internal");
+    assert_eq!(smtp.security, Security::None);
+    assert_eq!(f.workflows.resync_interval, Some(Duration::from_secs(300)));
+    let wf = f.workflows.workflow_config();
+    assert_eq!(wf.drift, DriftAction::Mark);
+    assert_eq!(wf.machine_wait, Duration::from_secs(30));
+    // The password never shows in Debug.
+    let debug = format!("{f:?}");
+    assert!(!debug.contains("file-secret"), "{debug}");
+    assert!(
+        AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp)
+            .expect("complete")
+            .is_some()
+    );
+
+    // Unknown keys in a section are refused with the key's name.
+    let bad = toml::from_str::<FileConfig>("[workflows]\ndrfit = \"heal\"\n").unwrap_err();
+    assert!(bad.to_string().contains("drfit"), "{bad}");
+    let bad = toml::from_str::<FileConfig>("[workflows]\ndrift = \"ignore\"\n").unwrap_err();
+    assert!(bad.to_string().contains("ignore"), "{bad}");
+    // No section: workflows off, defaults for the rest.
+    let empty: FileConfig = toml::from_str("").expect("empty");
+    assert!(
+        AdapterConfigs::select(empty.ec2, empty.kubernetes, empty.smtp)
+            .expect("none")
+            .is_none()
+    );
+}
+
+#[test]
+fn environment_overrides_and_creates_sections() {
+    // Over a file: the environment wins field by field.
+    let mut f: FileConfig = toml::from_str(FULL).expect("parse");
+    f.apply_env(env(&[
+        ("SETPOINT_AWS_REGION", "us-west-2"),
+        ("SETPOINT_EC2_SUBNET_ID", "subnet-a"),
+        ("SETPOINT_EC2_SECURITY_GROUP_IDS", "sg-1, sg-2,,"),
+        (
+            "SETPOINT_SMTP_URL",
+            "smtps://AKIA%2Fx:env%40secret@email-smtp.eu-west-1.amazonaws.com",
+        ),
+        ("SETPOINT_EMAIL_FROM", "ops@example.com"),
+        ("SETPOINT_SES_IDENTITY", "example.com"),
+    ]))
+    .expect("env");
+    let ec2 = f.ec2.as_ref().expect("ec2");
+    assert_eq!(ec2.region, "us-west-2");
+    assert_eq!(ec2.subnet_ids, ["subnet-a"]);
+    assert_eq!(ec2.security_group_ids, ["sg-1", "sg-2"]);
+    assert_eq!(
+        ec2.default_image_id.as_deref(),
+        Some("ami-1"),
+        "file value kept"
+    );
+    let smtp = f.smtp.as_ref().expect("smtp");
+    assert_eq!(smtp.host, "email-smtp.eu-west-1.amazonaws.com");
+    assert_eq!(smtp.security, Security::Tls);
+    assert_eq!(smtp.effective_port(), 465);
+    assert_eq!(smtp.username.as_deref(), Some("AKIA/x"));
+    assert_eq!(smtp.from, "ops@example.com");
+    let debug = format!("{f:?}");
+    assert!(
+        !debug.contains("env@secret") && !debug.contains("env%40secret"),
+        "{debug}"
+    );
+
+    // Without a file: the environment alone makes [ec2] and [smtp]; [kubernetes] is missing
+    // and the check names it.
+    let mut f = FileConfig::default();
+    f.apply_env(env(&[
+        ("SETPOINT_AWS_REGION", "us-east-1"),
+        ("SETPOINT_SMTP_URL", "smtp://user:pw@relay:2525"),
+        ("SETPOINT_EMAIL_FROM", "noreply@example.com"),
+        ("SETPOINT_EC2_SUBNET_ID", ""),
+    ]))
+    .expect("env");
+    assert!(f.ec2.as_ref().expect("ec2").subnet_ids.is_empty());
+    let smtp = f.smtp.as_ref().expect("smtp");
+    assert_eq!((smtp.host.as_str(), smtp.port), ("relay", Some(2525)));
+    assert_eq!(smtp.security, Security::Starttls);
+    let err = AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("[kubernetes] missing"), "{msg}");
+    assert!(msg.contains("[ec2], [smtp] given"), "{msg}");
+
+    // Refining a section that does not exist is an error, not silently ignored.
+    let mut f = FileConfig::default();
+    let err = f
+        .apply_env(env(&[("SETPOINT_EC2_SUBNET_ID", "subnet-a")]))
+        .unwrap_err();
+    assert!(err.to_string().contains("SETPOINT_AWS_REGION"), "{err}");
+    // A URL without a sender cannot make [smtp]; the error does not show the password.
+    let mut f = FileConfig::default();
+    let err = f
+        .apply_env(env(&[("SETPOINT_SMTP_URL", "smtp://u:hunter2@relay")]))
+        .unwrap_err();
+    assert!(err.to_string().contains("SETPOINT_EMAIL_FROM"), "{err}");
+    assert!(!err.to_string().contains("hunter2"));
+    // SETPOINT_EMAIL_FROM alone (no relay) leaves the workflows off.
+    let mut f = FileConfig::default();
+    f.apply_env(env(&[("SETPOINT_EMAIL_FROM", "noreply@example.com")]))
+        .expect("env");
+    assert!(f.smtp.is_none());
+}
+
+#[test]
+fn smtp_url_parses_and_never_shows_the_password() {
+    let e = SmtpEndpoint::parse("smtp://relay.internal").expect("plain");
+    assert_eq!(e.host, "relay.internal");
+    assert_eq!((e.port, e.security), (None, Security::Starttls));
+    assert!(e.username.is_none() && e.password.is_none());
+
+    let e = SmtpEndpoint::parse("smtp://127.0.0.1:1025?security=none").expect("none");
+    assert_eq!((e.port, e.security), (Some(1025), Security::None));
+
+    let e = SmtpEndpoint::parse("SMTPS://me:p%3Ass:w@[::1]:4650/").expect("v6");
+    assert_eq!(e.host, "::1");
+    assert_eq!((e.port, e.security), (Some(4650), Security::Tls));
+    assert_eq!(e.username.as_deref(), Some("me"));
+    assert!(e.password.is_some());
+    let debug = format!("{e:?}");
+    assert!(
+        !debug.contains("p:ss") && !debug.contains("p%3Ass"),
+        "{debug}"
+    );
+    assert!(debug.contains("***"), "{debug}");
+
+    for bad in [
+        "relay:25",
+        "http://u:topsecret@relay",
+        "smtp://u:topsecret@relay:port",
+        "smtp://u:topsecret@",
+        "smtp://u:top%zzsecret@relay",
+        "smtp://u:topsecret@relay?security=maybe",
+        "smtp://u:topsecret@relay?tls=1",
+        "smtp://:topsecret@relay",
+    ] {
+        let err = SmtpEndpoint::parse(bad).expect_err(bad).to_string();
+        assert!(err.contains("SETPOINT_SMTP_URL"), "{bad}: {err}");
+        assert!(
+            !err.contains("topsecret") && !err.contains("top%zz"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `setpoint serve` as a process.
+
+const LIMIT: Duration = Duration::from_secs(150);
+
+/// A child process killed (its whole process group) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_peer(script: &str, log: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(log).expect("log");
+    Proc(
+        Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+fn free_port() -> u16 {
+    setpoint::dev::postgres::free_port().expect("free port")
+}
+
+async fn wait_port(port: u16) {
+    wait_for("a peer to listen", || async move {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("setpoint-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+/// `setpoint serve --config <file>` with JSON logs and none of the caller's SETPOINT_* or AWS
+/// settings, so only the file (and `env`) configure it.
+fn serve(config: &Path, env: &[(&str, &str)], args: &[&str]) -> EngineProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("SETPOINT_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env("NO_COLOR", "1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SETPOINT_") && k != "SETPOINT_LOG_FORMAT" {
+            cmd.env_remove(&k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    EngineProcess::from_command(cmd)
+}
+
+/// The `addr` field of the first JSON log line whose message is `message`.
+async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
+    wait_for(message, || {
+        let out = engine.output();
+        async move {
+            out.lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == message)
+                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        }
+    })
+    .await
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Subjects of the mails in the Maildir.
+fn subjects(maildir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["new", "cur"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+                out.push(s.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// GET `path` over plain HTTP/1.0; the status line and body.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_a_create_to_ready_against_real_peers() {
+    let dir = tmp("create");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let moto_port = free_port();
+    let _moto = spawn_peer(
+        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
+        &dir.join("moto.log"),
+    );
+    let smtp_port = free_port();
+    let maildir = dir.join("mail");
+    let _smtp = spawn_peer(
+        &format!(
+            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
+            maildir.display()
+        ),
+        &dir.join("smtp.log"),
+    );
+    let k8s = setpoint_kubernetes::TestApiServer::start()
+        .await
+        .expect("k8s test server");
+    wait_port(moto_port).await;
+    wait_port(smtp_port).await;
+
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+database_url = "{db_url}"
+
+[worker]
+poll_interval = "100ms"
+lease = "10s"
+backoff_base = "200ms"
+backoff_cap = "2s"
+
+[ec2]
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:{moto_port}"
+default_image_id = "ami-12c6146b"
+
+[ec2.timeouts]
+poll_initial_ms = 200
+poll_max_ms = 1000
+
+[kubernetes]
+access = {{ mode = "url", url = "http://{k8s_addr}" }}
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+from = "setpoint <noreply@setpoint.test>"
+
+[workflows]
+drift = "mark"
+"#,
+            db_url = db.url,
+            k8s_addr = k8s.addr(),
+        ),
+    )
+    .expect("config");
+
+    let engine = serve(&config, &[], &["--metrics-listen", "127.0.0.1:0"]);
+    let api_addr = logged_addr(&engine, "gRPC API listening").await;
+    let metrics_addr = logged_addr(&engine, "metrics, /healthz and /readyz listening").await;
+    assert!(engine.printed("KVX workflows on"), "{}", engine.output());
+
+    let token = setpoint::api::auth::create_token(&db.pool, "demo", false, None)
+        .await
+        .expect("token");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{api_addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let header = format!("Bearer {}", token.token).parse().expect("header");
+    let mut api = InstanceServiceClient::with_interceptor(channel, Bearer(header));
+    let created = api
+        .create_instance(CreateInstanceRequest {
+            parent: "tenants/demo".into(),
+            instance_id: "db-1".into(),
+            instance: Some(Instance {
+                spec: Some(InstanceSpec {
+                    plan: "kvx.small".into(),
+                    region: "us-east-1".into(),
+                    size_gb: 10,
+                    owner_email: "owner@example.com".into(),
+                }),
+                ..Instance::default()
+            }),
+            request_id: "create-db-1".into(),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert_ne!(created.status, InstanceStatus::Ready as i32);
+
+    let start = std::time::Instant::now();
+    loop {
+        let got = api
+            .get_instance(GetInstanceRequest {
+                name: "tenants/demo/instances/db-1".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if got.status == InstanceStatus::Ready as i32 {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "instance not ready: {got:?}\n{}",
+            engine.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The "ready" mail arrived (setpoint.noop sends none): the KVX steps ran.
+    wait_for("the ready mail", || {
+        let s = subjects(&maildir);
+        async move { s.iter().any(|s| s.contains("db-1")).then_some(()) }
+    })
+    .await;
+
+    // Metrics and health are served.
+    let metrics_addr2 = metrics_addr.clone();
+    let health = tokio::task::spawn_blocking(move || http_get(&metrics_addr2, "/healthz"))
+        .await
+        .expect("join")
+        .expect("healthz");
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
+    let metrics = tokio::task::spawn_blocking(move || http_get(&metrics_addr, "/metrics"))
+        .await
+        .expect("join")
+        .expect("metrics");
+    assert!(metrics.contains("setpoint_"), "{metrics}");
+
+    drop(engine);
+    drop(k8s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_start_with_only_some_adapters() {
+    let dir = tmp("partial");
+    let config = dir.join("setpoint.toml");
+    // The check comes before the database: an unreachable one proves it.
+    std::fs::write(
+        &config,
+        "database_url = \"postgres://setpoint:dbsecret@127.0.0.1:1/setpoint\"\n\
+         [ec2]\nregion = \"us-east-1\"\n",
+    )
+    .expect("config");
+    let mut engine = serve(&config, &[], &[]);
+    assert!(!engine.wait_exit().await, "serve must fail");
+    let out = engine.output();
+    assert!(
+        out.contains("[ec2] given but [kubernetes], [smtp] missing"),
+        "{out}"
+    );
+    assert!(!out.contains("dbsecret"), "{out}");
+
+    // The environment can make a section too; the message still names what is missing.
+    std::fs::write(
+        &config,
+        "database_url = \"postgres://setpoint@127.0.0.1:1/setpoint\"\n\
+         [kubernetes]\naccess = { mode = \"in-cluster\" }\n",
+    )
+    .expect("config");
+    let mut engine = serve(
+        &config,
+        &[
+            ("SETPOINT_AWS_REGION", "us-east-1"),
+            (
+                "SETPOINT_SMTP_URL",
+                "smtp://u:smtpsecret@relay:587?security=maybe",
+            ),
+            ("SETPOINT_EMAIL_FROM", "noreply@example.com"),
+        ],
+        &[],
+    );
+    assert!(!engine.wait_exit().await, "serve must fail");
+    let out = engine.output();
+    assert!(out.contains("SETPOINT_SMTP_URL"), "{out}");
+    assert!(!out.contains("smtpsecret"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
+    let dir = tmp("none");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let config = dir.join("setpoint.toml");
+    std::fs::write(&config, format!("database_url = \"{}\"\n", db.url)).expect("config");
+    let engine = serve(&config, &[], &[]);
+    logged_addr(&engine, "gRPC API listening").await;
+    let out = engine.output();
+    let off: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("KVX workflows off"))
+        .collect();
+    assert_eq!(off.len(), 1, "{out}");
+    assert!(off[0].contains("setpoint.noop"), "{out}");
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
