@@ -175,7 +175,7 @@ impl InstanceService for Instances {
         row.active_work_id = Some(unit.id);
         let answer = convert::instance(&row);
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
-        tracing::info!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
+        tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
         Ok(Response::new(answer))
     }
 
