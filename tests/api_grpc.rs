@@ -440,7 +440,7 @@ async fn tenants_see_and_change_only_their_own_instances() {
     follow_until(&env, &a.name, InstanceStatus::Ready).await;
     let g = &env.globex;
     let nf = |r: Result<_, tonic::Status>| {
-        let e = r.err().expect("refused");
+        let e = r.expect_err("refused");
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         assert!(!e.message().contains(&a.uid));
     };
