@@ -545,7 +545,12 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         }
     })
     .await;
-    wait_status(&mut api, std::slice::from_ref(&victim), InstanceStatus::Ready).await;
+    wait_status(
+        &mut api,
+        std::slice::from_ref(&victim),
+        InstanceStatus::Ready,
+    )
+    .await;
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -276,12 +276,11 @@ pub async fn work_heartbeat(
     // SKIP LOCKED: a row locked right now is being completed or failed; waiting for it would
     // only delay the heartbeats of the others (and could deadlock with a batch completion).
     let rows = sqlx::query_scalar(
-        "WITH h AS (
-             SELECT * FROM unnest($2::bigint[], $3::int[]) AS h(id, attempt)
-         ), mine AS (
-             SELECT w.id FROM work w JOIN h ON h.id = w.id AND h.attempt = w.attempt
-             WHERE w.id = ANY($2) AND w.state = 'running' AND w.lease_owner = $1
-             FOR UPDATE OF w SKIP LOCKED
+        "WITH mine AS (
+             SELECT w.id FROM work w
+             WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
+               AND w.state = 'running' AND w.lease_owner = $1
+             FOR UPDATE SKIP LOCKED
          )
          UPDATE work w
          SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
@@ -333,14 +332,15 @@ pub async fn work_complete_if_leased(
     let attempts: Vec<i32> = batch.iter().map(|c| c.attempt).collect();
     let details: Vec<&Value> = batch.iter().map(|c| &c.detail).collect();
     let rows = sqlx::query(
-        "WITH c AS (
-             SELECT * FROM unnest($2::bigint[], $3::int[], $4::jsonb[]) AS c(id, attempt, detail)
-         ), done AS (
-             DELETE FROM work w USING c
-             -- = ANY($2) keeps the lookup on the primary key whatever the statistics say.
-             WHERE w.id = c.id AND w.id = ANY($2) AND w.attempt = c.attempt
+        // No join with the unnested arrays: with a batch on both sides the planner picks a
+        // nested loop that re-reads the arrays once per row (quadratic in the batch, ~0.6 s for
+        // 1000 units). array_position is a linear search in a few KB of integers instead.
+        "WITH done AS (
+             DELETE FROM work w
+             WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
                AND w.state = 'running' AND w.lease_owner = $1
-             RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant, c.detail
+             RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant,
+                       ($4::jsonb[])[array_position($2, w.id)] AS detail
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, detail)
              SELECT id, token, 'succeeded', attempt, $1, detail FROM done

@@ -423,7 +423,15 @@ async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec
         ),
         ErrorClass::Permanent => (FailureAction::Park, err.message.clone()),
     };
-    crate::metrics::unit_failed(&unit.kind, err.class.as_str(), if matches!(action, FailureAction::Park) { "park" } else { "retry" });
+    crate::metrics::unit_failed(
+        &unit.kind,
+        err.class.as_str(),
+        if matches!(action, FailureAction::Park) {
+            "park"
+        } else {
+            "retry"
+        },
+    );
     match &action {
         FailureAction::Retry { delay_ms } => {
             tracing::warn!(error = %err, retry_in_ms = delay_ms, "attempt failed; will retry")
@@ -464,7 +472,13 @@ async fn record_failure(shared: &Shared, failure: &Failure) -> Result<(), StoreE
         Some((Some(resource), _)) if matches!(failure.action, FailureAction::Park) => {
             instances_clear_active_work(&mut tx, &[resource]).await?;
             // Hook (workflows): the instance shows the failure and the operator's options.
-            crate::workflows::conditions::record_parked(&mut tx, resource, failure.id, &failure.message).await?;
+            crate::workflows::conditions::record_parked(
+                &mut tx,
+                resource,
+                failure.id,
+                &failure.message,
+            )
+            .await?;
         }
         Some(_) => {}
         None => tracing::warn!("failure discarded: the lease was lost"),
