@@ -80,6 +80,11 @@ async fn wait_port(port: u16) {
 
 /// `setpoint dev` with `extra` flags; returns the process and its info file.
 async fn start_dev(dir: &Path, extra: &[String]) -> (Proc, Value) {
+    start_dev_env(dir, extra, &[]).await
+}
+
+/// `setpoint dev` with `extra` flags and environment.
+async fn start_dev_env(dir: &Path, extra: &[String], env: &[(&str, &str)]) -> (Proc, Value) {
     let info = dir.join("info.json");
     let _ = std::fs::remove_file(&info);
     let log = std::fs::OpenOptions::new()
@@ -97,6 +102,7 @@ async fn start_dev(dir: &Path, extra: &[String]) -> (Proc, Value) {
         .arg(&info)
         .args(extra)
         .env("RUST_LOG", "info,sqlx=warn")
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .process_group(0)
@@ -552,5 +558,106 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
     )
     .await;
     drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The engine killed (SIGKILL) at exact points of the EC2 step: before `RunInstances`, right
+/// after it returned, and after the handler finished but before its completion committed. Each
+/// time the retry adopts what the killed attempt made: exactly one EC2 instance, recorded on
+/// the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_at_each_point_of_the_ec2_step_leaves_exactly_one_machine() {
+    let dir = tmp("failpoints");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let moto_port = free_port();
+    let _moto = spawn(
+        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
+        &dir.join("moto.log"),
+    );
+    let smtp_port = free_port();
+    let _smtp = spawn(
+        &format!(
+            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
+            dir.join("mail").display()
+        ),
+        &dir.join("smtp.log"),
+    );
+    let k8s = setpoint_kubernetes::TestApiServer::start()
+        .await
+        .expect("k8s");
+    wait_port(moto_port).await;
+    wait_port(smtp_port).await;
+    let moto = format!("http://127.0.0.1:{moto_port}");
+    let smtp = format!("127.0.0.1:{smtp_port}");
+    let api_port = free_port();
+    let flags: Vec<String> = [
+        "--database-url",
+        &db.url,
+        "--ec2-endpoint",
+        &moto,
+        "--smtp",
+        &smtp,
+        "--kubernetes-url",
+        &k8s.url(),
+        "--lease",
+        "2s",
+        "--poll-interval",
+        "100ms",
+        "--listen",
+        &format!("127.0.0.1:{api_port}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (i, point) in [
+        "ec2.before-run-instances",
+        "ec2.after-run-instances",
+        "worker.before-complete",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (engine, info) = start_dev_env(&dir, &flags, &[("SETPOINT_FAILPOINTS", point)]).await;
+        let mut api = client(&info).await;
+        let name = format!("fp-{i}");
+        let created = create(&mut api, &name).await.expect("create");
+        let marker = setpoint_adapter::failpoint::marker(point);
+        common::wait_for(&format!("the engine to reach {point}"), || {
+            let log = dir.join("dev.log");
+            let marker = marker.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains(&marker))
+                    .map(|_| ())
+            }
+        })
+        .await;
+        drop(engine); // SIGKILL to the whole process group
+        let _ = std::fs::write(dir.join("dev.log"), "");
+        let (engine, info) = start_dev(&dir, &flags).await;
+        let mut api = client(&info).await;
+        wait_status(&mut api, std::slice::from_ref(&name), InstanceStatus::Ready).await;
+        let got = get(&mut api, &name).await.expect("instance");
+        let machines = machines(&moto);
+        let mine = machines.get(&created.uid).cloned().unwrap_or_default();
+        assert_eq!(mine.len(), 1, "{point}: machines of {name}: {mine:?}");
+        let observed = got.observed.expect("observed");
+        use prost_types::value::Kind;
+        let recorded = match observed.fields.get("machine").and_then(|m| m.kind.as_ref()) {
+            Some(Kind::StructValue(m)) => {
+                match m.fields.get("instance_id").and_then(|v| v.kind.as_ref()) {
+                    Some(Kind::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        assert!(
+            recorded.as_deref().is_some_and(|id| id.starts_with("i-")),
+            "{point}: the machine is not recorded on the resource: {observed:?}"
+        );
+        drop(engine);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -390,6 +390,9 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                     detail,
                     lease_deadline,
                 };
+                // Crash tests stop here: the handler's side effects happened, the completion
+                // did not commit.
+                setpoint_adapter::failpoint::hit("worker.before-complete");
                 if shared.completions.send(finished).await.is_err() {
                     tracing::warn!("completer gone; the unit will be rescued");
                 }
