@@ -20,7 +20,8 @@ use crate::store::instances::{instance_mark_active, instances_clear_active_work}
 use crate::store::journal::side_effects_resolve_unknown;
 pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
 use crate::store::work::{
-    work_cancel_parked, work_enqueue, work_get, work_get_by_token, work_list, work_retry_parked,
+    notify_workers, work_cancel_parked, work_enqueue, work_enqueue_quiet, work_get,
+    work_get_by_token, work_list, work_retry_parked,
 };
 
 /// Why a queue operation did nothing.
@@ -63,6 +64,32 @@ pub async fn enqueue(conn: &mut PgConnection, unit: NewWork) -> Result<Enqueued,
         .into_iter()
         .next()
         .ok_or(QueueError::DuplicateToken(token))
+}
+
+/// Enqueues one unit in the caller's transaction without waking workers: call
+/// [`wake_workers`] after the commit. Workers poll too, so a missed wake-up costs at most one
+/// poll interval. For callers committing many small transactions concurrently (see
+/// [`crate::store::work::work_enqueue_quiet`] for why).
+///
+/// # Errors
+/// [`QueueError::DuplicateToken`] when its token is taken; database errors.
+pub async fn enqueue_quiet(conn: &mut PgConnection, unit: NewWork) -> Result<Enqueued, QueueError> {
+    let token = unit.token.to_string();
+    work_enqueue_quiet(conn, std::slice::from_ref(&unit))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(QueueError::DuplicateToken(token))
+}
+
+/// Wakes idle workers in every engine process now (a NOTIFY in its own short transaction).
+///
+/// # Errors
+/// Database errors.
+pub async fn wake_workers(pool: &sqlx::PgPool) -> Result<(), QueueError> {
+    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+    notify_workers(&mut conn).await?;
+    Ok(())
 }
 
 /// Enqueues many units with one statement in the caller's transaction. Units whose token is

@@ -48,6 +48,19 @@ pub struct Instances {
 }
 
 impl Instances {
+    /// Wakes the workers after a committed change, off the request's path. The unit was
+    /// enqueued without a NOTIFY in the request's transaction (which would make concurrent
+    /// commits queue up behind one another); workers also poll, so a lost wake-up only costs
+    /// latency.
+    fn wake(&self) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            if let Err(e) = queue::wake_workers(&pool).await {
+                tracing::debug!(error = %e, "waking workers failed; they will poll");
+            }
+        });
+    }
+
     /// The service on `pool`, fed by `events` for Watch; Watch streams end at `shutdown`.
     pub fn new(
         pool: PgPool,
@@ -165,7 +178,7 @@ impl InstanceService for Instances {
         else {
             return Err(ApiError::AlreadyExists(instance_name(tenant, &r.instance_id)).into());
         };
-        let unit = queue::enqueue(
+        let unit = queue::enqueue_quiet(
             &mut tx,
             NewWork::new(self.config.create_kind.clone(), work_spec(&row, "create"))
                 .for_resource(id, tenant),
@@ -175,6 +188,7 @@ impl InstanceService for Instances {
         row.active_work_id = Some(unit.id);
         let answer = convert::instance(&row);
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        self.wake();
         tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
         Ok(Response::new(answer))
     }
@@ -368,7 +382,7 @@ impl InstanceService for Instances {
             )
             .await
             .map_err(ApiError::from)?;
-            let unit = queue::enqueue(
+            let unit = queue::enqueue_quiet(
                 &mut tx,
                 NewWork::new(self.config.update_kind.clone(), work_spec(&row, "update"))
                     .for_resource(row.id, tenant),
@@ -380,6 +394,7 @@ impl InstanceService for Instances {
             convert::instance(&row)
         };
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        self.wake();
         Ok(Response::new(answer))
     }
 
@@ -419,7 +434,7 @@ impl InstanceService for Instances {
         let mut row = instance_start_operation(&mut tx, row.id, "delete", None)
             .await
             .map_err(ApiError::from)?;
-        let unit = queue::enqueue(
+        let unit = queue::enqueue_quiet(
             &mut tx,
             NewWork::new(self.config.delete_kind.clone(), work_spec(&row, "delete"))
                 .for_resource(row.id, tenant),
@@ -429,6 +444,7 @@ impl InstanceService for Instances {
         row.active_work_id = Some(unit.id);
         let answer = convert::instance(&row);
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        self.wake();
         tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance delete accepted");
         Ok(Response::new(answer))
     }

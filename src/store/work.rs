@@ -96,6 +96,21 @@ pub async fn work_enqueue(
     conn: &mut PgConnection,
     units: &[NewWork],
 ) -> Result<Vec<Enqueued>, StoreError> {
+    let done = work_enqueue_quiet(conn, units).await?;
+    if !done.is_empty() {
+        notify_workers(conn).await?;
+    }
+    Ok(done)
+}
+
+/// [`work_enqueue`] without the notification: for callers that commit many small transactions
+/// at once (API requests). A transaction that has sent a NOTIFY holds a database-wide lock
+/// through its commit's disk flush, so such commits cannot share flushes; these callers wake
+/// the workers after commit instead ([`notify_workers`] outside the transaction).
+pub async fn work_enqueue_quiet(
+    conn: &mut PgConnection,
+    units: &[NewWork],
+) -> Result<Vec<Enqueued>, StoreError> {
     if units.is_empty() {
         return Ok(Vec::new());
     }
@@ -144,9 +159,6 @@ pub async fn work_enqueue(
     .bind(&max_attempts)
     .fetch_all(&mut *conn)
     .await?;
-    if !rows.is_empty() {
-        notify_workers(conn).await?;
-    }
     rows.into_iter()
         .map(|r| {
             Ok(Enqueued {
@@ -158,7 +170,7 @@ pub async fn work_enqueue(
 }
 
 /// Wakes idle workers once the surrounding transaction commits (PostgreSQL folds identical
-/// notifications of one transaction into one).
+/// notifications of one transaction into one); outside a transaction, at once.
 pub async fn notify_workers(conn: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(WORK_CHANNEL)
