@@ -393,6 +393,52 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
 }
 
 /// Starts `setpoint dev` against the test's own peers, on a fixed API port.
+/// The peers an engine under test talks to, started by the test: moto, aiosmtpd and the
+/// Kubernetes test server. Stopped when dropped.
+struct Peers {
+    _moto: Proc,
+    _smtp: Proc,
+    k8s: setpoint_kubernetes::TestApiServer,
+    /// moto's endpoint URL.
+    moto: String,
+    /// The SMTP server's host:port.
+    smtp: String,
+    /// Where delivered mail lands.
+    maildir: PathBuf,
+}
+
+impl Peers {
+    async fn start(dir: &Path) -> Self {
+        let moto_port = free_port();
+        let moto = spawn(
+            &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
+            &dir.join("moto.log"),
+        );
+        let smtp_port = free_port();
+        let maildir = dir.join("mail");
+        let smtp = spawn(
+            &format!(
+                "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
+                maildir.display()
+            ),
+            &dir.join("smtp.log"),
+        );
+        let k8s = setpoint_kubernetes::TestApiServer::start()
+            .await
+            .expect("k8s");
+        wait_port(moto_port).await;
+        wait_port(smtp_port).await;
+        Self {
+            _moto: moto,
+            _smtp: smtp,
+            k8s,
+            moto: format!("http://127.0.0.1:{moto_port}"),
+            smtp: format!("127.0.0.1:{smtp_port}"),
+            maildir,
+        }
+    }
+}
+
 async fn start_engine(
     dir: &Path,
     db: &str,
@@ -433,27 +479,13 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
     use rand::Rng;
     let dir = tmp("crash");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
-    let moto_port = free_port();
-    let _moto = spawn(
-        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
-        &dir.join("moto.log"),
+    let peers = Peers::start(&dir).await;
+    let (moto, smtp, k8s, maildir) = (
+        peers.moto.clone(),
+        peers.smtp.clone(),
+        &peers.k8s,
+        peers.maildir.clone(),
     );
-    let smtp_port = free_port();
-    let maildir = dir.join("mail");
-    let _smtp = spawn(
-        &format!(
-            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
-            maildir.display()
-        ),
-        &dir.join("smtp.log"),
-    );
-    let k8s = setpoint_kubernetes::TestApiServer::start()
-        .await
-        .expect("k8s");
-    wait_port(moto_port).await;
-    wait_port(smtp_port).await;
-    let moto = format!("http://127.0.0.1:{moto_port}");
-    let smtp = format!("127.0.0.1:{smtp_port}");
     let api_port = free_port();
 
     let (mut engine, mut api) =
@@ -569,26 +601,8 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
 async fn an_engine_killed_at_each_point_of_the_ec2_step_leaves_exactly_one_machine() {
     let dir = tmp("failpoints");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
-    let moto_port = free_port();
-    let _moto = spawn(
-        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
-        &dir.join("moto.log"),
-    );
-    let smtp_port = free_port();
-    let _smtp = spawn(
-        &format!(
-            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
-            dir.join("mail").display()
-        ),
-        &dir.join("smtp.log"),
-    );
-    let k8s = setpoint_kubernetes::TestApiServer::start()
-        .await
-        .expect("k8s");
-    wait_port(moto_port).await;
-    wait_port(smtp_port).await;
-    let moto = format!("http://127.0.0.1:{moto_port}");
-    let smtp = format!("127.0.0.1:{smtp_port}");
+    let peers = Peers::start(&dir).await;
+    let (moto, smtp, k8s) = (peers.moto.clone(), peers.smtp.clone(), &peers.k8s);
     let api_port = free_port();
     let flags: Vec<String> = [
         "--database-url",
