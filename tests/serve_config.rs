@@ -494,6 +494,11 @@ drift = "mark"
         .expect("join")
         .expect("metrics");
     assert!(metrics.contains("setpoint_"), "{metrics}");
+    assert!(
+        metrics.contains("setpoint_api_requests_total")
+            && metrics.contains("/setpoint.v1.InstanceService/CreateInstance"),
+        "API calls are counted by method and code: {metrics}"
+    );
 
     drop(engine);
     drop(k8s);

@@ -225,21 +225,64 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
+        let method = req.uri().path().to_owned();
         Box::pin(async move {
-            if req.uri().path().starts_with("/grpc.health.v1.") {
-                return inner.call(req).await;
-            }
-            let header = req
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            match auth.authenticate(header).await {
-                Ok(caller) => {
-                    req.extensions_mut().insert(caller);
-                    inner.call(req).await
+            let answer = if method.starts_with("/grpc.health.v1.") {
+                inner.call(req).await
+            } else {
+                let header = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok());
+                match auth.authenticate(header).await {
+                    Ok(caller) => {
+                        req.extensions_mut().insert(caller);
+                        inner.call(req).await
+                    }
+                    Err(e) => Ok(tonic::Status::from(e).into_http()),
                 }
-                Err(e) => Ok(tonic::Status::from(e).into_http()),
+            };
+            if let Ok(response) = &answer {
+                crate::metrics::api_request(&method, response_code(response));
             }
+            answer
         })
+    }
+}
+
+/// The gRPC status of a response as far as its headers tell: failures are sent "trailers-only",
+/// with `grpc-status` in the headers; a response without it carries its status in the trailers,
+/// which for unary calls and healthy streams is OK.
+fn response_code(response: &Response<Body>) -> &'static str {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+        .unwrap_or(tonic::Code::Ok);
+    code_name(code)
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
