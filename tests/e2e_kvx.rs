@@ -10,9 +10,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::peers::{Peers, Proc, free_port};
 use serde_json::Value;
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
 use setpoint::api::proto::{
@@ -36,47 +37,6 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 const LIMIT: Duration = Duration::from_secs(150);
-
-/// A child process killed (its whole process group) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    setpoint::dev::postgres::free_port().expect("free port")
-}
-
-fn spawn(script: &str, log: &Path) -> Proc {
-    use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(log).expect("log");
-    Proc(
-        Command::new("sh")
-            .args(["-c", script])
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn"),
-    )
-}
-
-async fn wait_port(port: u16) {
-    common::wait_for("a peer to listen", || async move {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
 
 /// `setpoint dev` with `extra` flags; returns the process and its info file.
 async fn start_dev(dir: &Path, extra: &[String]) -> (Proc, Value) {
@@ -393,52 +353,6 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
 }
 
 /// Starts `setpoint dev` against the test's own peers, on a fixed API port.
-/// The peers an engine under test talks to, started by the test: moto, aiosmtpd and the
-/// Kubernetes test server. Stopped when dropped.
-struct Peers {
-    _moto: Proc,
-    _smtp: Proc,
-    k8s: setpoint_kubernetes::TestApiServer,
-    /// moto's endpoint URL.
-    moto: String,
-    /// The SMTP server's host:port.
-    smtp: String,
-    /// Where delivered mail lands.
-    maildir: PathBuf,
-}
-
-impl Peers {
-    async fn start(dir: &Path) -> Self {
-        let moto_port = free_port();
-        let moto = spawn(
-            &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
-            &dir.join("moto.log"),
-        );
-        let smtp_port = free_port();
-        let maildir = dir.join("mail");
-        let smtp = spawn(
-            &format!(
-                "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
-                maildir.display()
-            ),
-            &dir.join("smtp.log"),
-        );
-        let k8s = setpoint_kubernetes::TestApiServer::start()
-            .await
-            .expect("k8s");
-        wait_port(moto_port).await;
-        wait_port(smtp_port).await;
-        Self {
-            _moto: moto,
-            _smtp: smtp,
-            k8s,
-            moto: format!("http://127.0.0.1:{moto_port}"),
-            smtp: format!("127.0.0.1:{smtp_port}"),
-            maildir,
-        }
-    }
-}
-
 async fn start_engine(
     dir: &Path,
     db: &str,

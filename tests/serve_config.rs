@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
@@ -24,6 +24,7 @@ use setpoint::workflows::DriftAction;
 use setpoint_email::Security;
 use setpoint_kubernetes::ClusterAccess;
 
+use common::peers::Peers;
 use common::{EngineProcess, wait_for};
 
 // ---------------------------------------------------------------------------------------------
@@ -219,48 +220,6 @@ fn smtp_url_parses_and_never_shows_the_password() {
 
 const LIMIT: Duration = Duration::from_secs(150);
 
-/// A child process killed (its whole process group) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_peer(script: &str, log: &Path) -> Proc {
-    use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(log).expect("log");
-    Proc(
-        Command::new("sh")
-            .args(["-c", script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn"),
-    )
-}
-
-fn free_port() -> u16 {
-    setpoint::dev::postgres::free_port().expect("free port")
-}
-
-async fn wait_port(port: u16) {
-    wait_for("a peer to listen", || async move {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("setpoint-serve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -357,25 +316,13 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 async fn serve_runs_a_create_to_ready_against_real_peers() {
     let dir = tmp("create");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
-    let moto_port = free_port();
-    let _moto = spawn_peer(
-        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
-        &dir.join("moto.log"),
+    let peers = Peers::start(&dir).await;
+    let (moto_port, smtp_port, maildir, k8s) = (
+        peers.moto_port,
+        peers.smtp_port,
+        peers.maildir.clone(),
+        &peers.k8s,
     );
-    let smtp_port = free_port();
-    let maildir = dir.join("mail");
-    let _smtp = spawn_peer(
-        &format!(
-            "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
-            maildir.display()
-        ),
-        &dir.join("smtp.log"),
-    );
-    let k8s = setpoint_kubernetes::TestApiServer::start()
-        .await
-        .expect("k8s test server");
-    wait_port(moto_port).await;
-    wait_port(smtp_port).await;
 
     let config = dir.join("setpoint.toml");
     std::fs::write(
@@ -501,7 +448,7 @@ drift = "mark"
     );
 
     drop(engine);
-    drop(k8s);
+    drop(peers);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,0 +1,102 @@
+//! Peers started by tests as child processes: moto, aiosmtpd, and the Kubernetes test server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A child process killed (its whole process group) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    setpoint::dev::postgres::free_port().expect("free port")
+}
+
+/// Runs `script` with `sh` in a process group of its own, output into `log`.
+pub fn spawn(script: &str, log: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(log).expect("log");
+    Proc(
+        Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16) {
+    super::wait_for("a peer to listen", || async move {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// The peers an engine under test talks to, started by the test: moto, aiosmtpd and the
+/// Kubernetes test server. Stopped when dropped.
+pub struct Peers {
+    _moto: Proc,
+    _smtp: Proc,
+    pub k8s: setpoint_kubernetes::TestApiServer,
+    /// moto's endpoint URL.
+    pub moto: String,
+    /// The SMTP server's host:port.
+    pub smtp: String,
+    /// Where delivered mail lands.
+    pub maildir: PathBuf,
+    /// moto's port.
+    pub moto_port: u16,
+    /// The SMTP server's port.
+    pub smtp_port: u16,
+}
+
+impl Peers {
+    /// Starts the peers, logging into `dir`, and waits until they listen.
+    pub async fn start(dir: &Path) -> Self {
+        let moto_port = free_port();
+        let moto = spawn(
+            &format!("exec python3 -m moto.server -H 127.0.0.1 -p {moto_port}"),
+            &dir.join("moto.log"),
+        );
+        let smtp_port = free_port();
+        let maildir = dir.join("mail");
+        let smtp = spawn(
+            &format!(
+                "exec python3 -m aiosmtpd -n -l 127.0.0.1:{smtp_port} -c aiosmtpd.handlers.Mailbox '{}'",
+                maildir.display()
+            ),
+            &dir.join("smtp.log"),
+        );
+        let k8s = setpoint_kubernetes::TestApiServer::start()
+            .await
+            .expect("k8s");
+        wait_port(moto_port).await;
+        wait_port(smtp_port).await;
+        Self {
+            _moto: moto,
+            _smtp: smtp,
+            k8s,
+            moto: format!("http://127.0.0.1:{moto_port}"),
+            smtp: format!("127.0.0.1:{smtp_port}"),
+            maildir,
+            moto_port,
+            smtp_port,
+        }
+    }
+}
