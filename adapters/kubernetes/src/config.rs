@@ -27,6 +27,52 @@ pub enum ClusterAccess {
         /// The API server's base URL, e.g. `http://127.0.0.1:8001`.
         url: String,
     },
+    /// An API server URL with a bearer token (e.g. a service account's token) and, optionally,
+    /// the cluster's CA bundle: how a process outside the cluster reaches an EKS (or any)
+    /// API server without a kubeconfig file.
+    ///
+    /// The URL must be `https://`; plain `http://` is accepted only for a loopback host (a
+    /// `kubectl proxy`, the test server), so the token never crosses a network in the clear.
+    Token {
+        /// The API server's base URL, e.g. `https://ABC.gr7.eu-west-1.eks.amazonaws.com`.
+        url: String,
+        /// The bearer token sent on every request. Never logged: `Debug` shows `***`.
+        token: BearerToken,
+        /// The CA bundle that signs the server's certificate, as base64 of the PEM text
+        /// (kubeconfig's `certificate-authority-data`, EKS's `certificateAuthority.data`).
+        /// Without it the system's trust store is used.
+        #[serde(default)]
+        certificate_authority_data: Option<String>,
+    },
+}
+
+/// A bearer token: `Debug` and `Display` show `***`, never the value.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Configuration of the Kubernetes adapter, read from setpoint's configuration file.
@@ -129,6 +175,11 @@ impl KubernetesConfig {
                 })?;
                 kube::Config::new(uri)
             }
+            ClusterAccess::Token {
+                url,
+                token,
+                certificate_authority_data,
+            } => token_config(url, token, certificate_authority_data.as_deref()).await?,
         };
         config.default_retry = false;
         config.connect_timeout = Some(self.request_timeout());
@@ -137,6 +188,85 @@ impl KubernetesConfig {
         config.reset_reader_on_write = true;
         kube::Client::try_from(config).map_err(|e| ConfigError::Client(e.to_string()))
     }
+}
+
+/// The scheme rule of [`ClusterAccess::Token`]: `https`, or `http` to a loopback host only.
+fn check_token_url(url: &str, with_ca: bool) -> Result<(), ConfigError> {
+    let bad = |message: &str| ConfigError::Url {
+        url: url.to_owned(),
+        message: message.to_owned(),
+    };
+    let uri = url.parse::<hyper::Uri>().map_err(|e| bad(&e.to_string()))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("it has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if with_ca => Err(bad(
+            "a CA bundle is given but the URL is plain http; use https://",
+        )),
+        Some("http")
+            if host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            Ok(())
+        }
+        Some("http") => Err(bad(
+            "a bearer token is sent only over https:// (plain http only to a loopback host)",
+        )),
+        _ => Err(bad("the scheme must be https")),
+    }
+}
+
+/// A kube configuration for [`ClusterAccess::Token`], built through an in-memory kubeconfig so
+/// that kube parses the CA bundle exactly as it would from a file.
+async fn token_config(
+    url: &str,
+    token: &BearerToken,
+    certificate_authority_data: Option<&str>,
+) -> Result<kube::Config, ConfigError> {
+    use kube::config::{AuthInfo, Cluster, Context, NamedAuthInfo, NamedCluster, NamedContext};
+    check_token_url(url, certificate_authority_data.is_some())?;
+    const NAME: &str = "setpoint";
+    let kubeconfig = Kubeconfig {
+        clusters: vec![NamedCluster {
+            name: NAME.into(),
+            cluster: Some(Cluster {
+                server: Some(url.to_owned()),
+                certificate_authority_data: certificate_authority_data.map(str::to_owned),
+                ..Cluster::default()
+            }),
+            ..NamedCluster::default()
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: NAME.into(),
+            auth_info: Some(AuthInfo {
+                token: Some(secrecy::SecretString::from(token.expose().to_owned())),
+                ..AuthInfo::default()
+            }),
+            ..NamedAuthInfo::default()
+        }],
+        contexts: vec![NamedContext {
+            name: NAME.into(),
+            context: Some(Context {
+                cluster: NAME.into(),
+                user: Some(NAME.into()),
+                ..Context::default()
+            }),
+            ..NamedContext::default()
+        }],
+        current_context: Some(NAME.into()),
+        ..Kubeconfig::default()
+    };
+    // kube's errors here concern the URL or the CA bundle; the token is a `SecretString` and
+    // never part of them.
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| ConfigError::Client(e.to_string()))
 }
 
 /// Why a Kubernetes client could not be built. Always permanent: the configuration must change.
@@ -193,6 +323,107 @@ mod tests {
 
     fn toml_like(json: &str) -> KubernetesConfig {
         serde_json::from_str(json).unwrap()
+    }
+
+    /// A self-signed CA certificate (no private key anywhere), base64 of its PEM text.
+    const CA_DATA: &str = concat!(
+        "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJnVENDQVNlZ0F3SUJBZ0lVYWh0VGpFQktW",
+        "Y3A0WWptMlhvdXZoU2ROM29Rd0NnWUlLb1pJemowRUF3SXcKRlRFVE1CRUdBMVVFQXd3S2EzVmla",
+        "WEp1WlhSbGN6QWdGdzB5TmpFeE1qY3hNakV6TURGYUdBOHlNVEkyTVRFdwpNekV5TVRNd01Wb3dG",
+        "VEVUTUJFR0ExVUVBd3dLYTNWaVpYSnVaWFJsY3pCWk1CTUdCeXFHU000OUFnRUdDQ3FHClNNNDlB",
+        "d0VIQTBJQUJDTW5lc3dOSHQzdWVybFJ4d0s5MnpwOWZsbG9nODdkT1FQbmFrVnpYbkdTK2dPTjQ5",
+        "KzcKMzBERjdYUHl3YkhCS2oxU1pOZTcyUVJlSnpVa1hSb3lVTEdqVXpCUk1CMEdBMVVkRGdRV0JC",
+        "UStXQ1ZycVZwYwp0a2FzWlpYbmJycTR4bG5zQVRBZkJnTlZIU01FR0RBV2dCUStXQ1ZycVZwY3Rr",
+        "YXNaWlhuYnJxNHhsbnNBVEFQCkJnTlZIUk1CQWY4RUJUQURBUUgvTUFvR0NDcUdTTTQ5QkFNQ0Ew",
+        "Z0FNRVVDSVFDUm5LMlhHN0hiL05lVFMxWUwKZU1NV1NJa2EvbFlvSDR1a0UwOEdvMEFuOUFJZ0x3",
+        "U0U0dXgzQy93R1Zodng0Ri90ak5RR0RWbkhLM3FuT1puNwphRmNXL0RVPQotLS0tLUVORCBDRVJU",
+        "SUZJQ0FURS0tLS0tCg==",
+    );
+
+    fn token_access(url: &str, ca: Option<&str>) -> KubernetesConfig {
+        KubernetesConfig::new(ClusterAccess::Token {
+            url: url.into(),
+            token: BearerToken::new("tok-s3cret"),
+            certificate_authority_data: ca.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn token_mode_deserializes_and_never_shows_the_token() {
+        let c: KubernetesConfig = toml_like(
+            r#"{"access": {"mode": "token", "url": "https://k8s.example:443", "token": "tok-s3cret",
+                "certificate_authority_data": "LS0t"}}"#,
+        );
+        match &c.access {
+            ClusterAccess::Token {
+                url,
+                token,
+                certificate_authority_data,
+            } => {
+                assert_eq!(url, "https://k8s.example:443");
+                assert_eq!(token.expose(), "tok-s3cret");
+                assert_eq!(certificate_authority_data.as_deref(), Some("LS0t"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("tok-s3cret") && debug.contains("***"),
+            "{debug}"
+        );
+        // The CA is optional; the token is not.
+        let c: KubernetesConfig =
+            toml_like(r#"{"access": {"mode": "token", "url": "https://k", "token": "t"}}"#);
+        assert!(matches!(
+            c.access,
+            ClusterAccess::Token {
+                certificate_authority_data: None,
+                ..
+            }
+        ));
+        let missing = serde_json::from_str::<KubernetesConfig>(
+            r#"{"access": {"mode": "token", "url": "https://k"}}"#,
+        );
+        assert!(missing.unwrap_err().to_string().contains("token"));
+    }
+
+    #[tokio::test]
+    async fn token_mode_builds_a_client_over_https_with_a_ca_bundle() {
+        token_access("https://abc.gr7.eu-west-1.eks.amazonaws.com", Some(CA_DATA))
+            .client()
+            .await
+            .expect("https with a CA bundle");
+        token_access("https://k8s.example:6443", None)
+            .client()
+            .await
+            .expect("https with the system trust store");
+        // Plain http only to a loopback host (kubectl proxy, the test server).
+        for url in [
+            "http://127.0.0.1:8001",
+            "http://localhost:8001",
+            "http://[::1]:8001",
+        ] {
+            token_access(url, None).client().await.expect(url);
+        }
+    }
+
+    #[tokio::test]
+    async fn token_mode_refuses_what_would_leak_or_cannot_verify() {
+        let cases = [
+            ("http://k8s.example:8080", None, "only over https"),
+            ("http://10.0.0.1", None, "only over https"),
+            ("http://127.0.0.1:8001", Some(CA_DATA), "plain http"),
+            ("ftp://k8s.example", None, "scheme must be https"),
+            ("https://k8s.example", Some("%%not base64%%"), "certificate"),
+        ];
+        for (url, ca, why) in cases {
+            let Err(err) = token_access(url, ca).client().await else {
+                panic!("{url} was accepted");
+            };
+            let msg = err.to_string();
+            assert!(msg.to_lowercase().contains(why), "{url}: {msg}");
+            assert!(!msg.contains("tok-s3cret"), "{url}: {msg}");
+        }
     }
 
     #[tokio::test]

@@ -29,7 +29,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`]: [`KubernetesConfig`] — in-cluster, kubeconfig + context, or a plain URL.
+//! - [`config`]: [`KubernetesConfig`] — in-cluster, kubeconfig + context, a plain URL, or a URL
+//!   with a bearer token and CA bundle.
 //! - [`cluster`]: [`KubernetesCluster`], the [`setpoint_adapter::Cluster`] implementation.
 //! - [`objects`]: the apply intents (Namespace, Secret, Service, Deployment).
 //! - [`names`]: deterministic, DNS-safe names and valid label values.
@@ -49,7 +50,7 @@ pub mod objects;
 pub mod test_server;
 
 pub use cluster::KubernetesCluster;
-pub use config::{ClusterAccess, ConfigError, KubernetesConfig};
+pub use config::{BearerToken, ClusterAccess, ConfigError, KubernetesConfig};
 pub use error::classify;
 pub use handlers::{
     ApplyInstance, DeleteInstance, DeleteInstanceSpec, KIND_APPLY_INSTANCE, KIND_DELETE_INSTANCE,

@@ -193,3 +193,37 @@ async fn stop_closes_the_port_and_is_idempotent() {
     server.stop().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_required_token_is_checked_and_token_access_sends_it() {
+    use setpoint_kubernetes::config::BearerToken;
+    use setpoint_kubernetes::{ClusterAccess, KubernetesConfig};
+    let server = TestApiServer::start().await.unwrap();
+    server.require_token(Some("sa-token"));
+    let with = |token: &str| {
+        KubernetesConfig::new(ClusterAccess::Token {
+            url: server.url(),
+            token: BearerToken::new(token),
+            certificate_authority_data: None,
+        })
+    };
+    // Without a token, or with a wrong one: 401, a permanent error.
+    for config in [server.config(), with("wrong")] {
+        let client = config.client().await.unwrap();
+        let err = Api::<Namespace>::all(client)
+            .get("default")
+            .await
+            .unwrap_err();
+        let kube::Error::Api(status) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!((status.code, status.reason.as_str()), (401, "Unauthorized"));
+        assert!(!classify("get", &err).is_transient());
+    }
+    // Token access sends `Authorization: Bearer <token>`.
+    let client = with("sa-token").client().await.unwrap();
+    make_namespace(&client, "ns").await;
+    server.require_token(None);
+    let anyone = server.config().client().await.unwrap();
+    Api::<Namespace>::all(anyone).get("ns").await.unwrap();
+}

@@ -30,7 +30,8 @@
 //! server tracks keyed lists such as `containers` item by item); no defaulting beyond a
 //! Service's cluster IP, a Secret's type and a Namespace's phase; workload controllers are
 //! simulated by marking Deployments and StatefulSets fully ready at once; no watch, no
-//! authentication, no admission. Tests that need those run against a real cluster (see the
+//! authentication beyond an optional bearer token ([`TestApiServer::require_token`]: 401
+//! without it), no authorization, no admission. Tests that need those run against a real cluster (see the
 //! crate README).
 //!
 //! Faults can be injected ([`TestApiServer::inject`]) to exercise error classes end to end:
@@ -84,6 +85,8 @@ pub enum Fault {
 struct Shared {
     store: Mutex<Store>,
     faults: Mutex<VecDeque<Fault>>,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    token: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +167,13 @@ impl TestApiServer {
         }
     }
 
+    /// From now on, answers **401 Unauthorized** (a `Status` as the real server sends) to every
+    /// request that does not carry `Authorization: Bearer <token>`; `None` accepts any request
+    /// again (the default: no authentication).
+    pub fn require_token(&self, token: Option<&str>) {
+        *lock(&self.shared.token) = token.map(str::to_owned);
+    }
+
     /// Drops all queued faults.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
@@ -230,6 +240,20 @@ async fn handle(
         None => {}
     }
     let (parts, body) = req.into_parts();
+    if let Some(token) = lock(&shared.token).as_deref() {
+        let sent = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if sent != Some(token) {
+            debug!(method = %parts.method, path = parts.uri.path(), "test API request without the required token");
+            return Ok(respond(
+                store::status(401, "Unauthorized", "Unauthorized", None),
+                None,
+            ));
+        }
+    }
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(Hangup),
