@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use setpoint_ec2::Ec2Config;
 use setpoint_email::{Password, Security, SmtpConfig};
-use setpoint_kubernetes::KubernetesConfig;
+use setpoint_kubernetes::{BearerToken, ClusterAccess, KubernetesConfig};
 
 use crate::worker::{Backoff, WorkerConfig};
 use crate::workflows::{DriftAction, WorkflowConfig};
@@ -180,13 +180,17 @@ impl FileConfig {
 
     /// Applies the environment variables a deployment passes (see the README): `SETPOINT_AWS_REGION`
     /// (sets `ec2.region`, creating `[ec2]` when absent), `SETPOINT_EC2_SUBNET_ID` and
-    /// `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists), `SETPOINT_SMTP_URL` (host, port,
-    /// security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
+    /// `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists), `SETPOINT_EC2_IMAGE_ID`
+    /// (`ec2.default_image_id`), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
+    /// `SETPOINT_KUBERNETES_CA_DATA` (`kubernetes.access`, creating `[kubernetes]` when
+    /// absent), `SETPOINT_KUBERNETES_IMAGE` (`kubernetes.image`), `SETPOINT_SMTP_URL` (host,
+    /// port, security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
     /// (`smtp.from`). Empty values count as unset. `get` reads one variable.
     ///
     /// # Errors
-    /// When a value is malformed or refines a section that does not exist. The messages never
-    /// contain the SMTP password.
+    /// When a value is malformed, a setting comes without the one it needs, or a value refines
+    /// a section that does not exist. The messages never contain the SMTP password or the
+    /// Kubernetes token.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let list = |v: String| -> Vec<String> {
@@ -218,6 +222,17 @@ impl FileConfig {
                 ec2.security_group_ids = list(value);
             }
         }
+        if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
+            let ec2 = self.ec2.as_mut().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "SETPOINT_EC2_IMAGE_ID is set but EC2 is not configured: set \
+                     SETPOINT_AWS_REGION or add an [ec2] section"
+                        .into(),
+                )
+            })?;
+            ec2.default_image_id = Some(image.trim().to_owned());
+        }
+        self.apply_kubernetes_env(&get)?;
         let from = get("SETPOINT_EMAIL_FROM");
         if let Some(url) = get("SETPOINT_SMTP_URL") {
             let endpoint = SmtpEndpoint::parse(&url)?;
@@ -238,6 +253,65 @@ impl FileConfig {
         }
         if let (Some(from), Some(smtp)) = (from, self.smtp.as_mut()) {
             smtp.from = from;
+        }
+        Ok(())
+    }
+
+    /// The Kubernetes part of [`FileConfig::apply_env`]. `SETPOINT_KUBERNETES_URL` replaces
+    /// `kubernetes.access`: with `SETPOINT_KUBERNETES_TOKEN` (and optionally
+    /// `SETPOINT_KUBERNETES_CA_DATA`) it is token access, without them a plain URL.
+    fn apply_kubernetes_env(
+        &mut self,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let url = get("SETPOINT_KUBERNETES_URL").map(|u| u.trim().to_owned());
+        // Secrets stores and `kubectl create token` often end the value with a newline.
+        let token = get("SETPOINT_KUBERNETES_TOKEN").map(|t| BearerToken::new(t.trim()));
+        let ca = get("SETPOINT_KUBERNETES_CA_DATA")
+            .map(|c| ca_data(&c))
+            .transpose()?;
+        let access = match (url, token, ca) {
+            (Some(url), Some(token), ca) => Some(ClusterAccess::Token {
+                url,
+                token,
+                certificate_authority_data: ca,
+            }),
+            (Some(_), None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "SETPOINT_KUBERNETES_CA_DATA is set but SETPOINT_KUBERNETES_TOKEN is not: a \
+                     CA bundle is used only with token access (set the token, or unset the CA)"
+                        .into(),
+                ));
+            }
+            (Some(url), None, None) => Some(ClusterAccess::Url { url }),
+            (None, token, ca) if token.is_some() || ca.is_some() => {
+                let given = match (token.is_some(), ca.is_some()) {
+                    (true, true) => "SETPOINT_KUBERNETES_TOKEN and SETPOINT_KUBERNETES_CA_DATA are",
+                    (true, false) => "SETPOINT_KUBERNETES_TOKEN is",
+                    _ => "SETPOINT_KUBERNETES_CA_DATA is",
+                };
+                return Err(ConfigError::Invalid(format!(
+                    "{given} set but SETPOINT_KUBERNETES_URL is not: set the Kubernetes API \
+                     server URL (e.g. https://ABC.gr7.eu-west-1.eks.amazonaws.com)"
+                )));
+            }
+            (None, _, _) => None,
+        };
+        if let Some(access) = access {
+            match &mut self.kubernetes {
+                Some(k) => k.access = access,
+                None => self.kubernetes = Some(KubernetesConfig::new(access)),
+            }
+        }
+        if let Some(image) = get("SETPOINT_KUBERNETES_IMAGE") {
+            let k = self.kubernetes.as_mut().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "SETPOINT_KUBERNETES_IMAGE is set but Kubernetes is not configured: set \
+                     SETPOINT_KUBERNETES_URL or add a [kubernetes] section"
+                        .into(),
+                )
+            })?;
+            k.image = image.trim().to_owned();
         }
         Ok(())
     }
@@ -263,6 +337,35 @@ impl FileConfig {
             },
             worker_id: None,
         }
+    }
+}
+
+/// `SETPOINT_KUBERNETES_CA_DATA` as the adapter takes it (base64 of the PEM text): accepts that
+/// form (what kubeconfig files and EKS give) or the PEM text itself, and checks that it holds at
+/// least one certificate.
+fn ca_data(value: &str) -> Result<String, ConfigError> {
+    use base64::Engine as _;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    let engine = base64::engine::general_purpose::STANDARD;
+    let value = value.trim();
+    if value.starts_with("-----BEGIN") {
+        return if value.contains(BEGIN) {
+            Ok(engine.encode(format!("{value}\n")))
+        } else {
+            Err(ConfigError::Invalid(
+                "SETPOINT_KUBERNETES_CA_DATA is PEM but holds no CERTIFICATE block".into(),
+            ))
+        };
+    }
+    let compact: String = value.split_whitespace().collect();
+    match engine.decode(&compact) {
+        Ok(pem) if String::from_utf8_lossy(&pem).contains(BEGIN) => Ok(compact),
+        _ => Err(ConfigError::Invalid(
+            "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle: PEM certificates, or \
+             base64 of them (kubeconfig's certificate-authority-data, EKS's \
+             certificateAuthority.data)"
+                .into(),
+        )),
     }
 }
 
@@ -474,6 +577,204 @@ mod tests {
         assert_eq!(w.heartbeat_interval, Duration::from_secs(3));
         let bad = toml::from_str::<FileConfig>("[worker]\nconcurency = 7\n");
         assert!(bad.unwrap_err().to_string().contains("concurency"));
+    }
+
+    /// A self-signed CA certificate (public; its key was thrown away).
+    const CA_PEM: &str = concat!(
+        "-----BEGIN CERTIFICATE-----\n",
+        "MIIBgTCCASegAwIBAgIUahtTjEBKVcp4Yjm2XouvhSdN3oQwCgYIKoZIzj0EAwIw\n",
+        "FTETMBEGA1UEAwwKa3ViZXJuZXRlczAgFw0yNjExMjcxMjEzMDFaGA8yMTI2MTEw\n",
+        "MzEyMTMwMVowFTETMBEGA1UEAwwKa3ViZXJuZXRlczBZMBMGByqGSM49AgEGCCqG\n",
+        "SM49AwEHA0IABCMneswNHt3uerlRxwK92zp9fllog87dOQPnakVzXnGS+gON49+7\n",
+        "30DF7XPywbHBKj1SZNe72QReJzUkXRoyULGjUzBRMB0GA1UdDgQWBBQ+WCVrqVpc\n",
+        "tkasZZXnbrq4xlnsATAfBgNVHSMEGDAWgBQ+WCVrqVpctkasZZXnbrq4xlnsATAP\n",
+        "BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCRnK2XG7Hb/NeTS1YL\n",
+        "eMMWSIka/lYoH4ukE08Go0An9AIgLwSE4ux3C/wGVhvx4F/tjNQGDVnHK3qnOZn7\n",
+        "aFcW/DU=\n",
+        "-----END CERTIFICATE-----\n",
+    );
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn b64(text: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn kubernetes_token_access_from_the_environment() {
+        let url = "https://ABC.gr7.eu-west-1.eks.amazonaws.com";
+        let mut f = FileConfig::default();
+        f.apply_env(vars(&[
+            ("SETPOINT_KUBERNETES_URL", url),
+            ("SETPOINT_KUBERNETES_TOKEN", "eyJhbGciOi.s3cret-token\n"),
+            ("SETPOINT_KUBERNETES_CA_DATA", &b64(CA_PEM)),
+            (
+                "SETPOINT_KUBERNETES_IMAGE",
+                "registry.example.com/kvx-proxy:1.4",
+            ),
+        ]))
+        .expect("env");
+        let k = f
+            .kubernetes
+            .as_ref()
+            .expect("[kubernetes] made from the environment");
+        let ClusterAccess::Token {
+            url: got_url,
+            token,
+            certificate_authority_data,
+        } = &k.access
+        else {
+            panic!("{:?}", k.access)
+        };
+        assert_eq!(got_url, url);
+        assert_eq!(token.expose(), "eyJhbGciOi.s3cret-token", "trimmed");
+        assert_eq!(
+            certificate_authority_data.as_deref(),
+            Some(b64(CA_PEM).as_str())
+        );
+        assert_eq!(k.image, "registry.example.com/kvx-proxy:1.4");
+        let debug = format!("{f:?}");
+        assert!(!debug.contains("s3cret-token"), "{debug}");
+
+        // The PEM text itself is accepted and handed on as base64, as is base64 with line breaks.
+        for ca in [CA_PEM.to_owned(), b64(CA_PEM).replace('A', "A\n")] {
+            let mut f = FileConfig::default();
+            f.apply_env(vars(&[
+                ("SETPOINT_KUBERNETES_URL", url),
+                ("SETPOINT_KUBERNETES_TOKEN", "t"),
+                ("SETPOINT_KUBERNETES_CA_DATA", &ca),
+            ]))
+            .expect("env");
+            let Some(ClusterAccess::Token {
+                certificate_authority_data: Some(data),
+                ..
+            }) = f.kubernetes.map(|k| k.access)
+            else {
+                panic!("token access")
+            };
+            use base64::Engine as _;
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(&data)
+                .expect("base64");
+            assert_eq!(String::from_utf8(pem).expect("utf-8").trim(), CA_PEM.trim());
+        }
+
+        // Over a file: the URL replaces the access, the file's other settings stay.
+        let mut f: FileConfig = toml::from_str(
+            "[kubernetes]\naccess = { mode = \"in-cluster\" }\nimage = \"file/image:1\"\nport = 9000\n",
+        )
+        .expect("file");
+        f.apply_env(vars(&[(
+            "SETPOINT_KUBERNETES_URL",
+            "http://127.0.0.1:8001",
+        )]))
+        .expect("env");
+        let k = f.kubernetes.expect("kubernetes");
+        assert_eq!(
+            k.access,
+            ClusterAccess::Url {
+                url: "http://127.0.0.1:8001".into()
+            }
+        );
+        assert_eq!((k.image.as_str(), k.port), ("file/image:1", 9000));
+
+        // Nothing set: nothing made.
+        let mut f = FileConfig::default();
+        f.apply_env(vars(&[])).expect("env");
+        assert!(f.kubernetes.is_none());
+    }
+
+    #[test]
+    fn partial_kubernetes_settings_are_refused_clearly_without_the_token() {
+        let token = "s3cret-token";
+        let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+            (
+                vec![("SETPOINT_KUBERNETES_TOKEN", token.into())],
+                "SETPOINT_KUBERNETES_TOKEN is set but SETPOINT_KUBERNETES_URL is not",
+            ),
+            (
+                vec![("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM))],
+                "SETPOINT_KUBERNETES_CA_DATA is set but SETPOINT_KUBERNETES_URL is not",
+            ),
+            (
+                vec![
+                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
+                    ("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM)),
+                ],
+                "SETPOINT_KUBERNETES_TOKEN and SETPOINT_KUBERNETES_CA_DATA are set but \
+                 SETPOINT_KUBERNETES_URL is not",
+            ),
+            (
+                vec![
+                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
+                    ("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM)),
+                ],
+                "SETPOINT_KUBERNETES_TOKEN is not",
+            ),
+            (
+                vec![
+                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
+                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
+                    ("SETPOINT_KUBERNETES_CA_DATA", "not a certificate".into()),
+                ],
+                "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle",
+            ),
+            (
+                vec![
+                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
+                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
+                    ("SETPOINT_KUBERNETES_CA_DATA", b64("hello")),
+                ],
+                "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle",
+            ),
+            (
+                vec![
+                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
+                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
+                    (
+                        "SETPOINT_KUBERNETES_CA_DATA",
+                        "-----BEGIN PRIVATE KEY-----".into(),
+                    ),
+                ],
+                "holds no CERTIFICATE block",
+            ),
+            (
+                vec![("SETPOINT_KUBERNETES_IMAGE", "kvx:1".into())],
+                "SETPOINT_KUBERNETES_IMAGE is set but Kubernetes is not configured",
+            ),
+            (
+                vec![("SETPOINT_EC2_IMAGE_ID", "ami-1".into())],
+                "SETPOINT_EC2_IMAGE_ID is set but EC2 is not configured",
+            ),
+        ];
+        for (pairs, want) in cases {
+            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut f = FileConfig::default();
+            let err = f.apply_env(vars(&pairs)).expect_err(want).to_string();
+            assert!(err.contains(want), "{pairs:?}: {err}");
+            assert!(!err.contains(token), "{err}");
+        }
+    }
+
+    #[test]
+    fn ec2_image_from_the_environment() {
+        let mut f = FileConfig::default();
+        f.apply_env(vars(&[
+            ("SETPOINT_AWS_REGION", "eu-west-1"),
+            ("SETPOINT_EC2_IMAGE_ID", " ami-0123456789abcdef0 "),
+        ]))
+        .expect("env");
+        assert_eq!(
+            f.ec2.expect("ec2").default_image_id.as_deref(),
+            Some("ami-0123456789abcdef0")
+        );
     }
 
     #[test]

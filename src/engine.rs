@@ -26,8 +26,8 @@ pub enum EngineError {
     #[error(
         "incomplete adapter configuration: [{present}] given but [{missing}] missing. The KVX \
          workflows need all of [ec2], [kubernetes] and [smtp] (in the configuration file, or \
-         through SETPOINT_AWS_REGION / SETPOINT_SMTP_URL with SETPOINT_EMAIL_FROM); configure \
-         none of them to run only the setpoint.noop kind"
+         through SETPOINT_AWS_REGION / SETPOINT_KUBERNETES_URL / SETPOINT_SMTP_URL with \
+         SETPOINT_EMAIL_FROM); configure none of them to run only the setpoint.noop kind"
     )]
     Incomplete {
         /// The sections that are configured, comma-separated.
