@@ -3,6 +3,8 @@
 //! [`Compute`] is what the engine's KVX workflows call for a machine; `setpoint-ec2` implements
 //! it on Amazon EC2, and another cloud implements it in its own crate. The request and result
 //! types are plain named structs so a workflow reads `observation.private_ip`, not JSON.
+//! Four operations: ensure (launch once per token), describe, resize (change the size of the
+//! machine a token launched) and terminate.
 //! [`NopCompute`] and [`ComputeFns`] are test doubles for code that only needs *a* compute.
 
 use std::fmt;
@@ -123,10 +125,32 @@ pub struct InstanceObservation {
     pub availability_zone: Option<String>,
     /// Its subnet, once placed.
     pub subnet_id: Option<String>,
+    /// Its size (EC2 instance type, e.g. `t3.small`), when the provider reports one.
+    #[serde(default)]
+    pub instance_type: Option<String>,
     /// True when the machine was made by an earlier attempt with the same token and this call
     /// adopted it instead of creating one; false when this call created it. Only informative:
     /// the engine treats both the same.
     pub adopted: bool,
+}
+
+/// The error code of a [`Compute::resize_instance`] that finds no live machine for its token.
+pub const CODE_MACHINE_NOT_FOUND: &str = "machine-not-found";
+
+/// What size a [`Compute::resize_instance`] call gives a machine.
+///
+/// The size is resolved the way [`Compute::ensure_instance`] resolves it for a launch:
+/// `instance_type` if set, else the provider's size for `plan`, else its default. So a plan
+/// change resizes to exactly the size a new launch of that plan would get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    /// The setpoint resource the machine belongs to (for logs and errors).
+    pub resource_id: Uuid,
+    /// The KVX plan whose machine size is wanted (e.g. `kvx.medium`).
+    pub plan: String,
+    /// Overrides the plan's machine size (instance type on EC2).
+    #[serde(default)]
+    pub instance_type: Option<String>,
 }
 
 /// Which machines a [`Compute::terminate_instance`] call removes.
@@ -210,6 +234,41 @@ pub trait Compute: Send + Sync + 'static {
         token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>>;
 
+    /// Gives the machine launched with `token` the size `request` asks for, and leaves it
+    /// running.
+    ///
+    /// Called by the update workflow's resize unit on every run and retry, with the token that
+    /// *launched* the machine (recorded on the resource), not the unit's own token.
+    ///
+    /// - **Idempotent by target state.** It observes first; a machine that already has the
+    ///   wanted size and runs is left alone (a no-op costs one describe). Otherwise it does only
+    ///   the steps still missing (EC2: stop, change the type while stopped, start).
+    /// - **Re-entrant.** Each step is chosen from what it observes, never from what an earlier
+    ///   attempt meant to do, so a retry after a crash at any point (stopping, stopped with
+    ///   the old size, stopped with the new size, starting) converges.
+    /// - **Touches one machine.** It may stop, resize and start only the live managed machine
+    ///   launched with `token`; it never launches or terminates anything.
+    /// - **Bounded.** It returns no later than `deadline` (plus one provider call) with what it
+    ///   sees. The result is [`InstanceState::Running`] only once the machine runs with the
+    ///   wanted size; any other state means the resize is under way and the caller should call
+    ///   again later (the engine: a transient error with a `retry_after`).
+    ///
+    /// The machine is unavailable while it is stopped: callers resize only when the size
+    /// changes or a machine was left stopped.
+    ///
+    /// # Errors
+    /// Permanent with code [`CODE_MACHINE_NOT_FOUND`] when no live managed machine carries
+    /// `token` (terminated outside setpoint: the resync heals it); permanent for a size the
+    /// provider does not offer or no permission; transient for throttling, capacity (the new
+    /// size may be unavailable in the zone), a state that forbids a step right now, timeouts,
+    /// 5xx and connection failures.
+    fn resize_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a ResizeRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>>;
+
     /// Terminates the machines `request` names; already gone is success.
     ///
     /// Called by the delete workflow's `terminate-instance` unit with that unit's `token` (for
@@ -242,6 +301,15 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
         (**self).describe_instance(token)
     }
 
+    fn resize_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a ResizeRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        (**self).resize_instance(token, request, deadline)
+    }
+
     fn terminate_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -252,8 +320,9 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
 }
 
 /// A [`Compute`] that makes nothing: ensure reports a running machine `i-nop-<token>`, describe
-/// finds nothing, terminate reports everything as already gone. For engine tests that do not
-/// exercise compute.
+/// finds nothing, resize reports `i-nop-<token>` running with the asked size (the request's
+/// `instance_type`, or none when only a plan is given), terminate reports everything as already
+/// gone. For engine tests that do not exercise compute.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NopCompute;
 
@@ -271,6 +340,7 @@ impl Compute for NopCompute {
                 private_ip: None,
                 availability_zone: None,
                 subnet_id: None,
+                instance_type: None,
                 adopted: false,
             })
         })
@@ -281,6 +351,25 @@ impl Compute for NopCompute {
         _token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
         Box::pin(async { Ok(None) })
+    }
+
+    fn resize_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a ResizeRequest,
+        _deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        Box::pin(async move {
+            Ok(InstanceObservation {
+                instance_id: format!("i-nop-{token}"),
+                state: InstanceState::Running,
+                private_ip: None,
+                availability_zone: None,
+                subnet_id: None,
+                instance_type: request.instance_type.clone(),
+                adopted: true,
+            })
+        })
     }
 
     fn terminate_instance<'a>(
@@ -302,6 +391,9 @@ type EnsureFn = dyn Fn(&IdempotencyToken, &InstanceRequest) -> Result<InstanceOb
     + Sync;
 type DescribeFn =
     dyn Fn(&IdempotencyToken) -> Result<Option<InstanceObservation>, AdapterError> + Send + Sync;
+type ResizeFn = dyn Fn(&IdempotencyToken, &ResizeRequest) -> Result<InstanceObservation, AdapterError>
+    + Send
+    + Sync;
 type TerminateFn = dyn Fn(&IdempotencyToken, &TerminateRequest) -> Result<TerminateOutcome, AdapterError>
     + Send
     + Sync;
@@ -313,6 +405,7 @@ type TerminateFn = dyn Fn(&IdempotencyToken, &TerminateRequest) -> Result<Termin
 pub struct ComputeFns {
     ensure: Option<Arc<EnsureFn>>,
     describe: Option<Arc<DescribeFn>>,
+    resize: Option<Arc<ResizeFn>>,
     terminate: Option<Arc<TerminateFn>>,
 }
 
@@ -346,6 +439,20 @@ impl ComputeFns {
         self
     }
 
+    /// Sets what [`Compute::resize_instance`] does. A closure that simulates a provider should
+    /// keep the trait's rules: change nothing when the machine already has the wanted size and
+    /// runs, and fail with [`CODE_MACHINE_NOT_FOUND`] for a token that launched nothing.
+    pub fn on_resize(
+        mut self,
+        f: impl Fn(&IdempotencyToken, &ResizeRequest) -> Result<InstanceObservation, AdapterError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.resize = Some(Arc::new(f));
+        self
+    }
+
     /// Sets what [`Compute::terminate_instance`] does.
     pub fn on_terminate(
         mut self,
@@ -364,6 +471,7 @@ impl fmt::Debug for ComputeFns {
         f.debug_struct("ComputeFns")
             .field("ensure", &self.ensure.is_some())
             .field("describe", &self.describe.is_some())
+            .field("resize", &self.resize.is_some())
             .field("terminate", &self.terminate.is_some())
             .finish()
     }
@@ -398,6 +506,21 @@ impl Compute for ComputeFns {
         }
     }
 
+    fn resize_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a ResizeRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        match &self.resize {
+            Some(f) => {
+                let result = f(token, request);
+                Box::pin(async move { result })
+            }
+            None => NopCompute.resize_instance(token, request, deadline),
+        }
+    }
+
     fn terminate_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -419,6 +542,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::error::ErrorClass;
 
     fn request() -> InstanceRequest {
         InstanceRequest {
@@ -492,6 +616,7 @@ mod tests {
                 private_ip: None,
                 availability_zone: None,
                 subnet_id: None,
+                instance_type: None,
                 adopted,
             })
         });
@@ -508,5 +633,80 @@ mod tests {
         assert!(!first.adopted && second.adopted);
         assert_eq!(made.lock().unwrap().len(), 1);
         assert_eq!(compute.describe_instance(&token).await.unwrap(), None);
+    }
+
+    /// A provider simulated with the double, keeping the resize rules: observe first, change
+    /// nothing at the target state, only the machine of the token, not-found is permanent.
+    #[tokio::test]
+    async fn fns_double_simulates_a_resize_idempotent_by_target_state() {
+        // token -> (instance type, running); plus a count of changes made.
+        type Machines = HashMap<IdempotencyToken, (String, bool)>;
+        let machines: Arc<Mutex<Machines>> = Arc::default();
+        let changes = Arc::new(Mutex::new(0));
+        let (m, c) = (machines.clone(), changes.clone());
+        let compute = ComputeFns::new().on_resize(move |token, req| {
+            let mut machines = m.lock().unwrap();
+            let Some((size, running)) = machines.get_mut(token) else {
+                return Err(AdapterError::permanent("no machine").with_code(CODE_MACHINE_NOT_FOUND));
+            };
+            let wanted = req
+                .instance_type
+                .clone()
+                .unwrap_or_else(|| req.plan.clone());
+            if *size != wanted || !*running {
+                *size = wanted;
+                *running = true;
+                *c.lock().unwrap() += 1;
+            }
+            Ok(InstanceObservation {
+                instance_id: format!("i-{token}"),
+                state: InstanceState::Running,
+                private_ip: None,
+                availability_zone: None,
+                subnet_id: None,
+                instance_type: Some(size.clone()),
+                adopted: true,
+            })
+        });
+        let token = IdempotencyToken::parse("launch-1").unwrap();
+        machines
+            .lock()
+            .unwrap()
+            .insert(token.clone(), ("t3.small".into(), true));
+        let req = ResizeRequest {
+            resource_id: Uuid::nil(),
+            plan: "kvx.medium".into(),
+            instance_type: Some("t3.medium".into()),
+        };
+        for _ in 0..2 {
+            let seen = compute
+                .resize_instance(&token, &req, Instant::now())
+                .await
+                .unwrap();
+            assert_eq!(seen.state, InstanceState::Running);
+            assert_eq!(seen.instance_type.as_deref(), Some("t3.medium"));
+        }
+        assert_eq!(
+            *changes.lock().unwrap(),
+            1,
+            "the second call changed nothing"
+        );
+
+        let other = IdempotencyToken::parse("launch-2").unwrap();
+        let e = compute
+            .resize_instance(&other, &req, Instant::now())
+            .await
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Permanent);
+        assert_eq!(e.code.as_deref(), Some(CODE_MACHINE_NOT_FOUND));
+        assert_eq!(machines.lock().unwrap().len(), 1, "nothing launched");
+
+        // Without a closure the double behaves like NopCompute: running, at the asked size.
+        let nop = ComputeFns::new()
+            .resize_instance(&token, &req, Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(nop.instance_id, "i-nop-launch-1");
+        assert_eq!(nop.instance_type.as_deref(), Some("t3.medium"));
     }
 }

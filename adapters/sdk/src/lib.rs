@@ -64,8 +64,8 @@ pub use cluster::{
     DeleteOutcome, NopCluster, SecretData,
 };
 pub use compute::{
-    Compute, ComputeFns, InstanceObservation, InstanceRequest, InstanceState, NopCompute,
-    TerminateOutcome, TerminateRequest,
+    CODE_MACHINE_NOT_FOUND, Compute, ComputeFns, InstanceObservation, InstanceRequest,
+    InstanceState, NopCompute, ResizeRequest, TerminateOutcome, TerminateRequest,
 };
 pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};
