@@ -135,10 +135,12 @@ pub fn classify_code(
              fix ec2.plans.<plan>.image_id, ec2.default_image_id or the spec's image_id, then \
              retry the unit"
         )),
-        c if c.starts_with("InvalidInstanceType") => AdapterError::permanent(format!(
-            "{operation}: the instance type is not offered here ({aws}); fix \
-             ec2.plans.<plan>.instance_type or the spec's instance_type, then retry the unit"
-        )),
+        c if c.starts_with("InvalidInstanceType") || c == "InvalidInstanceAttributeValue" => {
+            AdapterError::permanent(format!(
+                "{operation}: the instance type is not offered here ({aws}); fix \
+                 ec2.plans.<plan>.instance_type or the spec's instance_type, then retry the unit"
+            ))
+        }
         "InvalidParameterValue"
         | "InvalidParameterCombination"
         | "InvalidParameter"
@@ -161,8 +163,9 @@ pub fn classify_code(
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch" => AdapterError::permanent(format!(
             "{operation}: AWS refused the engine's credentials or permissions ({aws}); grant the \
-             engine's IAM identity ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances and \
-             ec2:TerminateInstances (or fix its credentials), then retry the unit"
+             engine's IAM identity ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances, \
+             ec2:TerminateInstances and, for resizes, ec2:StopInstances, ec2:StartInstances and \
+             ec2:ModifyInstanceAttribute (or fix its credentials), then retry the unit"
         )),
         "IdempotentParameterMismatch" => AdapterError::permanent(format!(
             "{operation}: EC2 already used this unit's client token with different parameters \
@@ -312,6 +315,7 @@ mod tests {
             ("InvalidParameterCombination", "fix the plan or spec"),
             ("InvalidInstanceType", "instance_type"),
             ("InvalidInstanceType.NotFound", "instance_type"),
+            ("InvalidInstanceAttributeValue", "instance_type"),
             ("InvalidSubnetID.NotFound", "subnet_ids"),
             ("UnauthorizedOperation", "IAM"),
             ("AuthFailure", "credentials"),

@@ -6,6 +6,11 @@
 //! before it launches anything and passes the token as `ClientToken` too: the tag lookup works
 //! forever and on moto, the client token covers EC2's eventually consistent `DescribeInstances`
 //! right after a launch.
+//!
+//! `resize` finds the instance by the same token tag and walks it to the wanted instance type
+//! one observed step at a time: `StopInstances`, wait for `stopped`, `ModifyInstanceAttribute`
+//! (`InstanceType`), `StartInstances`, wait for `running`. Each step is chosen from the state it
+//! observes, so a retry after a crash anywhere in between picks up where the instance is.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -13,11 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{Filter, Instance, InstanceType, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    AttributeValue, Filter, Instance, InstanceStateChange, InstanceType, ResourceType, Tag,
+    TagSpecification,
+};
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Compute, ErrorClass, IdempotencyToken, InstanceObservation,
-    InstanceRequest, InstanceState, TerminateOutcome, TerminateRequest,
+    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, Compute, ErrorClass, IdempotencyToken,
+    InstanceObservation, InstanceRequest, InstanceState, ResizeRequest, TerminateOutcome,
+    TerminateRequest,
 };
 use tracing::{Instrument, info, info_span, warn};
 
@@ -195,11 +204,7 @@ impl Ec2Compute {
                 ))
                 .with_code("ec2-no-image")
             })?;
-        let instance_type = req
-            .instance_type
-            .clone()
-            .or_else(|| plan.and_then(|p| p.instance_type.clone()))
-            .unwrap_or_else(|| self.config.default_instance_type.clone());
+        let instance_type = self.instance_type_for(&req.plan, req.instance_type.as_deref());
         let subnet_id = self
             .config
             .subnet_for(token.as_str(), req.subnet_id.as_deref());
@@ -208,6 +213,20 @@ impl Ec2Compute {
             instance_type,
             subnet_id,
         })
+    }
+
+    /// The instance type for `plan`: `override_type` if given, else the plan's, else the
+    /// default. Launch and resize share it, so a resize gives the size a new launch would get.
+    fn instance_type_for(&self, plan: &str, override_type: Option<&str>) -> String {
+        override_type
+            .map(str::to_owned)
+            .or_else(|| {
+                self.config
+                    .plans
+                    .get(plan)
+                    .and_then(|p| p.instance_type.clone())
+            })
+            .unwrap_or_else(|| self.config.default_instance_type.clone())
     }
 
     async fn run_instance(
@@ -305,6 +324,112 @@ impl Ec2Compute {
                 .and_then(|i| observation(&i, adopted)))
         })
         .await
+    }
+
+    async fn resize(
+        &self,
+        token: &IdempotencyToken,
+        req: &ResizeRequest,
+        deadline: Instant,
+    ) -> Result<InstanceObservation, AdapterError> {
+        let wanted = self.instance_type_for(&req.plan, req.instance_type.as_deref());
+        // Observe first: by the token tag, so only the machine this token launched is touched.
+        let mut obs = self.observe_by_token(token).await?.ok_or_else(|| {
+            AdapterError::permanent(format!(
+                "no live managed instance carries {TAG_TOKEN}={token} (resource {}): it was \
+                 terminated outside setpoint. The resync heals the resource with a new machine \
+                 of the new plan; cancel this unit",
+                req.resource_id
+            ))
+            .with_code(CODE_MACHINE_NOT_FOUND)
+        })?;
+        let id = obs.instance_id.clone();
+        // tokio's clock (not std's), like `wait_until_running`.
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let policy = self.poll_policy();
+        let mut pause = policy.initial;
+        loop {
+            let step = resize_step(obs.state, obs.instance_type.as_deref() == Some(&wanted));
+            match step {
+                ResizeStep::Done => {
+                    info!(instance_id = %id, instance_type = %wanted, "instance runs with the wanted type");
+                    return Ok(obs);
+                }
+                ResizeStep::Lost => {
+                    return Err(AdapterError::permanent(format!(
+                        "instance {id} went to {} during the resize (terminated outside \
+                         setpoint); the resync heals the resource, cancel this unit",
+                        obs.state
+                    ))
+                    .with_code(CODE_MACHINE_NOT_FOUND));
+                }
+                ResizeStep::Wait => {}
+                ResizeStep::Stop => {
+                    info!(
+                        instance_id = %id,
+                        from = obs.instance_type.as_deref().unwrap_or("?"),
+                        to = %wanted,
+                        "stopping the instance to change its type (StopInstances)"
+                    );
+                    let out = self
+                        .client
+                        .stop_instances()
+                        .instance_ids(&id)
+                        .send()
+                        .await
+                        .map_err(|e| classify("StopInstances", &e))?;
+                    apply_state_change(&mut obs, out.stopping_instances());
+                }
+                ResizeStep::Modify => {
+                    info!(instance_id = %id, to = %wanted, "changing the instance type (ModifyInstanceAttribute)");
+                    self.client
+                        .modify_instance_attribute()
+                        .instance_id(&id)
+                        .instance_type(AttributeValue::builder().value(&wanted).build())
+                        .send()
+                        .await
+                        .map_err(|e| classify("ModifyInstanceAttribute", &e))?;
+                    obs.instance_type = Some(wanted.clone());
+                    // Stopped with the new type: the next step (start) needs no wait.
+                    continue;
+                }
+                ResizeStep::Start => {
+                    info!(instance_id = %id, instance_type = %wanted, "starting the instance (StartInstances)");
+                    let out = self
+                        .client
+                        .start_instances()
+                        .instance_ids(&id)
+                        .send()
+                        .await
+                        .map_err(|e| classify("StartInstances", &e))?;
+                    apply_state_change(&mut obs, out.starting_instances());
+                }
+            }
+            // Wait for the state to move on, within the deadline.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left <= POLL_MARGIN {
+                info!(
+                    instance_id = %id,
+                    state = %obs.state,
+                    "deadline reached during the resize; the retry continues from this state"
+                );
+                return Ok(obs);
+            }
+            tokio::time::sleep(pause.min(left - POLL_MARGIN)).await;
+            pause = (pause * 2).min(policy.max);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.observe_by_id(&id)).await {
+                Ok(Ok(Some(i))) => {
+                    if let Some(next) = observation(&i, true) {
+                        obs = next;
+                    }
+                }
+                // Not visible (eventual consistency): keep the last observation and poll again.
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(obs),
+            }
+        }
     }
 
     async fn terminate(&self, req: &TerminateRequest) -> Result<TerminateOutcome, AdapterError> {
@@ -409,6 +534,21 @@ impl Compute for Ec2Compute {
         Box::pin(self.observe_by_token(token).instrument(span))
     }
 
+    fn resize_instance<'a>(
+        &'a self,
+        token: &'a IdempotencyToken,
+        request: &'a ResizeRequest,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
+        let span = info_span!(
+            "ec2.resize_instance",
+            launch_token = %token,
+            resource_id = %request.resource_id,
+            plan = %request.plan,
+        );
+        Box::pin(self.resize(token, request, deadline).instrument(span))
+    }
+
     fn terminate_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -430,6 +570,49 @@ struct LaunchParams {
     image_id: String,
     instance_type: String,
     subnet_id: Option<String>,
+}
+
+/// The next step of a resize, from the observed state and whether the type is already right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResizeStep {
+    /// Runs with the wanted type: nothing to do.
+    Done,
+    /// Runs with another type: stop it first (the type can only change while stopped).
+    Stop,
+    /// Stopped with another type: change the type.
+    Modify,
+    /// Stopped with the wanted type (resized, or stopped behind setpoint's back): start it.
+    Start,
+    /// Pending or stopping (or a state we do not know): wait for it to settle.
+    Wait,
+    /// Shutting down or terminated: nothing left to resize.
+    Lost,
+}
+
+/// Chooses the resize step from what is observed, never from what an earlier attempt did.
+pub(crate) fn resize_step(state: InstanceState, has_wanted_type: bool) -> ResizeStep {
+    match (state, has_wanted_type) {
+        (InstanceState::Running, true) => ResizeStep::Done,
+        (InstanceState::Running, false) => ResizeStep::Stop,
+        (InstanceState::Stopped, false) => ResizeStep::Modify,
+        (InstanceState::Stopped, true) => ResizeStep::Start,
+        (InstanceState::ShuttingDown | InstanceState::Terminated, _) => ResizeStep::Lost,
+        (InstanceState::Pending | InstanceState::Stopping | InstanceState::Unknown, _) => {
+            ResizeStep::Wait
+        }
+    }
+}
+
+/// Takes the new state from a Stop/StartInstances answer (EC2 reports it for each instance).
+fn apply_state_change(obs: &mut InstanceObservation, changes: &[InstanceStateChange]) {
+    if let Some(name) = changes
+        .iter()
+        .find(|c| c.instance_id() == Some(obs.instance_id.as_str()))
+        .and_then(|c| c.current_state())
+        .and_then(|s| s.name())
+    {
+        obs.state = InstanceState::parse(name.as_str());
+    }
 }
 
 /// Polls `describe` while the instance is `pending`, with pauses doubling from
@@ -527,6 +710,7 @@ pub(crate) fn observation(i: &Instance, adopted: bool) -> Option<InstanceObserva
             .and_then(|p| p.availability_zone())
             .map(str::to_owned),
         subnet_id: i.subnet_id().map(str::to_owned),
+        instance_type: i.instance_type().map(|t| t.as_str().to_owned()),
         adopted,
     })
 }
@@ -544,6 +728,7 @@ mod tests {
             private_ip: None,
             availability_zone: None,
             subnet_id: None,
+            instance_type: None,
             adopted: false,
         }
     }
@@ -621,6 +806,43 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.class, ErrorClass::Permanent);
         assert_eq!(err.code.as_deref(), Some("ec2-instance-lost"));
+    }
+
+    #[test]
+    fn resize_steps_follow_the_observed_state_only() {
+        use InstanceState::*;
+        use ResizeStep::*;
+        for (state, has_type, step) in [
+            (Running, true, Done),
+            (Running, false, Stop),
+            (Stopping, false, Wait),
+            (Stopping, true, Wait),
+            (Stopped, false, Modify),
+            (Stopped, true, Start),
+            (Pending, true, Wait),
+            (Pending, false, Wait),
+            (Unknown, false, Wait),
+            (ShuttingDown, true, Lost),
+            (Terminated, false, Lost),
+        ] {
+            assert_eq!(resize_step(state, has_type), step, "{state} {has_type}");
+        }
+    }
+
+    #[test]
+    fn state_changes_apply_to_the_observed_instance_only() {
+        use aws_sdk_ec2::types::{InstanceState as Ec2State, InstanceStateName};
+        let change = |id: &str, name| {
+            InstanceStateChange::builder()
+                .instance_id(id)
+                .current_state(Ec2State::builder().name(name).build())
+                .build()
+        };
+        let mut o = obs(InstanceState::Running);
+        apply_state_change(&mut o, &[change("i-2", InstanceStateName::Stopped)]);
+        assert_eq!(o.state, InstanceState::Running);
+        apply_state_change(&mut o, &[change("i-1", InstanceStateName::Stopping)]);
+        assert_eq!(o.state, InstanceState::Stopping);
     }
 
     #[test]

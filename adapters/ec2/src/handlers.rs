@@ -239,6 +239,7 @@ mod tests {
                 private_ip: Some("10.0.0.9".into()),
                 availability_zone: Some("us-east-1a".into()),
                 subnet_id: None,
+                instance_type: Some("t3.micro".into()),
                 adopted: true,
             })
         })
