@@ -17,7 +17,7 @@ use aws_sdk_ec2::config::Credentials;
 use clap::Args;
 use serde_json::json;
 use setpoint_adapter::typed;
-use setpoint_ec2::Ec2Config;
+use setpoint_ec2::{Ec2Config, PlanConfig};
 use setpoint_email::{Security, SmtpConfig};
 use setpoint_kubernetes::{KubernetesConfig, TestApiServer};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,13 @@ use crate::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds}
 use crate::worker::builtin::Noop;
 use crate::workflows::{DriftAction, WorkflowConfig};
 use crate::{Registry, Runtime, WorkerConfig, metrics, store};
+
+/// The EC2 instance type of each plan on the dev stack (moto accepts any type).
+pub const DEV_PLAN_SIZES: &[(&str, &str)] = &[
+    ("kvx.small", "t3.small"),
+    ("kvx.medium", "t3.medium"),
+    ("kvx.large", "t3.large"),
+];
 
 /// The flags of `setpoint dev`.
 #[derive(Debug, Clone, Args)]
@@ -286,6 +293,16 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     ec2.default_image_id = Some("ami-12c6146b".into());
     ec2.timeouts.poll_initial_ms = 200;
     ec2.timeouts.poll_max_ms = 1_000;
+    // One size per plan, so a plan change resizes the machine (update chain) here too.
+    for (plan, instance_type) in DEV_PLAN_SIZES {
+        ec2.plans.insert(
+            (*plan).to_owned(),
+            PlanConfig {
+                image_id: None,
+                instance_type: Some((*instance_type).to_owned()),
+            },
+        );
+    }
     let (smtp_host, smtp_port) = smtp
         .rsplit_once(':')
         .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))

@@ -25,7 +25,7 @@ pub(super) enum Mode {
 }
 
 /// How soon a unit whose machine is not running yet is retried.
-const NOT_RUNNING_RETRY: Duration = Duration::from_secs(2);
+pub(super) const NOT_RUNNING_RETRY: Duration = Duration::from_secs(2);
 
 /// Ensures the instance's machine, launched with this unit's token (observe first, adopt what
 /// an earlier attempt made), and waits for it to run. Next: the Kubernetes objects.
@@ -68,6 +68,7 @@ pub(super) async fn ensure_machine(
         availability_zone: seen.availability_zone.clone(),
         launch_token: ctx.token.to_string(),
         state: seen.state.to_string(),
+        instance_type: seen.instance_type.clone(),
     };
     chain.set(
         MACHINE_AVAILABLE,

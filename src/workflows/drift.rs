@@ -53,6 +53,7 @@ pub(super) async fn observe(
                 availability_zone: seen.availability_zone.or(machine.availability_zone),
                 launch_token: machine.launch_token,
                 state: seen.state.to_string(),
+                instance_type: seen.instance_type.or(machine.instance_type),
             };
             Ok(Outcome::done().observed(json!({
                 "machine": machine,

@@ -10,7 +10,7 @@
 //! | operation | steps (kinds)                                                              |
 //! |-----------|-----------------------------------------------------------------------------|
 //! | create    | `kvx.create.ec2` → `kvx.create.k8s` → `kvx.create.notify` ("ready" mail)   |
-//! | update    | `kvx.update.k8s` (new plan, same machine) → `kvx.update.notify`           |
+//! | update    | `kvx.update.ec2` (resize to the plan) → `kvx.update.k8s` → `kvx.update.notify` |
 //! | delete    | `kvx.delete.k8s` → `kvx.delete.ec2` → `kvx.delete.notify` ("deleted" mail) |
 //! | resync    | `kvx.observe` → on drift, per [`DriftAction`]: `kvx.heal.ec2` → `kvx.heal.k8s` |
 //!
@@ -46,8 +46,8 @@ use conditions::Condition;
 
 /// The first unit of a create (the API's `create_kind`).
 pub const CREATE_KIND: &str = "kvx.create.ec2";
-/// The first unit of an update (the API's `update_kind`).
-pub const UPDATE_KIND: &str = "kvx.update.k8s";
+/// The first unit of an update (the API's `update_kind`): resizing the machine to the plan.
+pub const UPDATE_KIND: &str = "kvx.update.ec2";
 /// The first unit of a delete (the API's `delete_kind`).
 pub const DELETE_KIND: &str = "kvx.delete.k8s";
 /// The unit the resync enqueues per ready instance.
@@ -58,6 +58,7 @@ pub const KINDS: &[&str] = &[
     "kvx.create.ec2",
     "kvx.create.k8s",
     "kvx.create.notify",
+    "kvx.update.ec2",
     "kvx.update.k8s",
     "kvx.update.notify",
     "kvx.delete.k8s",
@@ -193,6 +194,9 @@ pub struct Machine {
     /// Its state when last seen.
     #[serde(default)]
     pub state: String,
+    /// Its size (EC2 instance type) when last seen, if the provider reported one.
+    #[serde(default)]
+    pub instance_type: Option<String>,
 }
 
 /// The spec of every KVX unit: what the API enqueued, plus what earlier steps of the chain
@@ -290,7 +294,8 @@ impl Handler for Step {
                     create::apply_cluster(wf, ctx, chain, create::Mode::Create).await
                 }
                 "kvx.create.notify" => create::notify_ready(wf, ctx, chain).await,
-                "kvx.update.k8s" => update::start(wf, ctx, chain).await,
+                "kvx.update.ec2" => update::resize_machine(wf, ctx, chain).await,
+                "kvx.update.k8s" => update::apply_cluster(wf, ctx, chain).await,
                 "kvx.update.notify" => create::notify_ready(wf, ctx, chain).await,
                 "kvx.delete.k8s" => delete::delete_cluster(wf, ctx, chain).await,
                 "kvx.delete.ec2" => delete::terminate_machine(wf, ctx, chain).await,

@@ -1,31 +1,160 @@
-//! The update chain: a plan change reapplies the Kubernetes objects with the new plan and tells
-//! the owner. The machine stays (the compute trait has no resize; a new plan's machine size
-//! applies to machines launched from then on, e.g. by healing).
+//! The update chain: resize the machine to the new plan's size (`kvx.update.ec2`), reapply the
+//! Kubernetes objects with the new spec (`kvx.update.k8s`), then tell the owner
+//! (`kvx.update.notify`).
+//!
+//! The resize keeps the machine (same instance, same private IP): EC2 stops it, changes its
+//! type and starts it, so the instance is unavailable for that time. The Kubernetes step comes
+//! after it so the objects describe a machine that already has the new size.
 
-use setpoint_adapter::{AdapterError, Outcome, WorkContext};
+use std::time::Instant;
 
-use super::conditions;
-use super::create::{Mode, apply_cluster};
+use serde_json::json;
+use setpoint_adapter::{
+    AdapterError, IdempotencyToken, InstanceState, Outcome, ResizeRequest, WorkContext,
+};
+
+use super::conditions::{self, ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
+use super::create::{self, Mode, NOT_RUNNING_RETRY};
 use super::{ChainSpec, Machine, Workflows};
+use crate::metrics::adapter_call;
 use crate::store::workflows::instance_facts_get;
 
-/// First step of an update: reads what the create chain observed (the machine, the conditions),
-/// then applies the objects with the new spec.
-pub(super) async fn start(
+/// First step of an update: makes the machine the size of the (new) plan and running. Next:
+/// the Kubernetes objects.
+///
+/// This step always runs, also when the plan did not change (an update of `size_gb` or
+/// `owner_email` only), and is then a cheap no-op: the adapter observes first and, finding the
+/// machine running at the plan's size, returns after one describe without touching it. Skipping
+/// it here would need two things the workflow does not have: the size the plan maps to (only
+/// the adapter knows it, from `[ec2.plans]`, which may also have changed since the launch) and
+/// the previous plan (the update already replaced it). Running it every time also converges a
+/// machine whose size or state was changed outside setpoint.
+pub(super) async fn resize_machine(
     wf: &Workflows,
     ctx: &WorkContext,
     mut chain: ChainSpec,
 ) -> Result<Outcome, AdapterError> {
+    load_observed(wf, &mut chain).await?;
+    let Some(machine) = chain.machine.clone() else {
+        return Err(AdapterError::permanent(format!(
+            "instance {} has no machine recorded (its create chain did not finish), so there \
+             is nothing to resize; delete the instance and create it again",
+            chain.instance_id
+        ))
+        .with_code("no-machine"));
+    };
+    // The machine is found by the token that launched it, never by this unit's token.
+    let launch_token = IdempotencyToken::parse(machine.launch_token.clone()).map_err(|e| {
+        AdapterError::permanent(format!("the recorded launch token is invalid: {e}"))
+            .with_code("invalid-spec")
+    })?;
+    let request = ResizeRequest {
+        resource_id: chain.instance_id,
+        plan: chain.spec.plan.clone(),
+        instance_type: None,
+    };
+    let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
+    let seen = adapter_call(
+        "compute",
+        "resize_instance",
+        wf.compute
+            .resize_instance(&launch_token, &request, deadline),
+    )
+    .await?;
+    if seen.state != InstanceState::Running || seen.private_ip.is_none() {
+        // The retry continues from whatever state the machine has reached.
+        return Err(AdapterError::transient(format!(
+            "machine {} is {} while being resized to plan {}; checking again shortly",
+            seen.instance_id, seen.state, chain.spec.plan
+        ))
+        .with_code("machine-resizing")
+        .with_retry_after(NOT_RUNNING_RETRY));
+    }
+    let resized = machine.instance_type.is_some() && seen.instance_type != machine.instance_type;
+    let size = seen.instance_type.as_deref().unwrap_or("its size");
+    tracing::info!(
+        work_id = ctx.work_id,
+        token = %ctx.token,
+        launch_token = %launch_token,
+        instance = %chain.instance_id,
+        machine = %seen.instance_id,
+        from = machine.instance_type.as_deref().unwrap_or("?"),
+        to = size,
+        resized,
+        "update: the machine runs at the plan's size"
+    );
+    chain.set(
+        MACHINE_AVAILABLE,
+        ConditionStatus::True,
+        if resized { "Resized" } else { "MachineRunning" },
+        if resized {
+            format!(
+                "machine {} was resized from {} to {size} for plan {}",
+                seen.instance_id,
+                machine.instance_type.as_deref().unwrap_or("?"),
+                chain.spec.plan
+            )
+        } else {
+            format!(
+                "machine {} runs as {size} for plan {}",
+                seen.instance_id, chain.spec.plan
+            )
+        },
+    );
+    chain.set(
+        READY,
+        ConditionStatus::False,
+        "Updating",
+        "configuring the Kubernetes objects",
+    );
+    let machine = Machine {
+        instance_id: seen.instance_id,
+        private_ip: seen.private_ip.or(machine.private_ip),
+        availability_zone: seen.availability_zone.or(machine.availability_zone),
+        launch_token: machine.launch_token,
+        state: seen.state.to_string(),
+        instance_type: seen.instance_type.or(machine.instance_type),
+    };
+    chain.machine = Some(machine.clone());
+    Ok(Outcome::done()
+        .observed(json!({ "machine": machine, "conditions": chain.observed_conditions() }))
+        .then(chain.next("k8s", "kvx.update.k8s")))
+}
+
+/// Second step of an update: applies the objects with the new spec, pointing at the (resized)
+/// machine. Next: the "updated" mail.
+///
+/// A unit enqueued by an engine from before the resize step starts the chain here, with no
+/// machine in its spec; it reads what the create chain observed, as the first step does.
+pub(super) async fn apply_cluster(
+    wf: &Workflows,
+    ctx: &WorkContext,
+    mut chain: ChainSpec,
+) -> Result<Outcome, AdapterError> {
+    load_observed(wf, &mut chain).await?;
+    chain.set(
+        SYNCED,
+        ConditionStatus::False,
+        "Updating",
+        format!("applying generation {}", chain.generation),
+    );
+    create::apply_cluster(wf, ctx, chain, Mode::Update).await
+}
+
+/// Fills in what the chain does not carry yet from the instance's observed state: the machine
+/// and the conditions the earlier chains wrote.
+async fn load_observed(wf: &Workflows, chain: &mut ChainSpec) -> Result<(), AdapterError> {
+    if chain.machine.is_some() && !chain.conditions.is_empty() {
+        return Ok(());
+    }
+    let database = |e: &dyn std::fmt::Display| {
+        AdapterError::transient(format!("cannot read the instance: {e}")).with_code("database")
+    };
     let facts = {
-        let mut conn = wf.pool.acquire().await.map_err(|e| {
-            AdapterError::transient(format!("cannot read the instance: {e}")).with_code("database")
-        })?;
+        let mut conn = wf.pool.acquire().await.map_err(|e| database(&e))?;
         instance_facts_get(&mut conn, chain.instance_id, false)
             .await
-            .map_err(|e| {
-                AdapterError::transient(format!("cannot read the instance: {e}"))
-                    .with_code("database")
-            })?
+            .map_err(|e| database(&e))?
     };
     let Some(facts) = facts else {
         return Err(AdapterError::permanent(format!(
@@ -43,11 +172,5 @@ pub(super) async fn start(
     if chain.conditions.is_empty() {
         chain.conditions = conditions::from_observed(&facts.observed);
     }
-    chain.set(
-        conditions::SYNCED,
-        conditions::ConditionStatus::False,
-        "Updating",
-        format!("applying generation {}", chain.generation),
-    );
-    apply_cluster(wf, ctx, chain, Mode::Update).await
+    Ok(())
 }
