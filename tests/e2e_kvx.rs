@@ -1,6 +1,6 @@
 //! End to end through the gRPC API on the dev stack (`setpoint dev` as a child process, with
 //! real moto, aiosmtpd and PostgreSQL): 20 instances created and deleted; a change during
-//! active work refused, then accepted; and 50 creates surviving repeated SIGKILLs of the engine
+//! active work refused, then accepted, and a plan change resizing the EC2 machine; and 50 creates surviving repeated SIGKILLs of the engine
 //! with exactly one machine and at most one "ready" mail each.
 //!
 //! Nothing here asserts on speed: every wait polls for a condition (with a generous limit that
@@ -174,6 +174,54 @@ print(json.dumps(out))
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
+/// The EC2 machines moto holds for setpoint instance `uid`: (state, instance type) each.
+fn machine_sizes(endpoint: &str, uid: &str) -> Vec<(String, String)> {
+    let script = r#"
+import boto3, json, sys
+ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',
+                   aws_access_key_id='testing', aws_secret_access_key='testing')
+out = []
+for page in ec2.get_paginator('describe_instances').paginate(
+        Filters=[{'Name': 'tag:setpoint:instance-id', 'Values': [sys.argv[2]]}]):
+    for r in page['Reservations']:
+        for i in r['Instances']:
+            out.append([i['State']['Name'], i['InstanceType']])
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, endpoint, uid])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The instance type of the dev stack's machines for `plan`.
+fn plan_size(plan: &str) -> String {
+    setpoint::dev::stack::DEV_PLAN_SIZES
+        .iter()
+        .find(|(p, _)| *p == plan)
+        .map(|(_, t)| (*t).to_owned())
+        .expect("a dev plan")
+}
+
+/// A string field of the `machine` recorded in the instance's observed state.
+fn observed_machine(instance: &Instance, field: &str) -> Option<String> {
+    use prost_types::value::Kind;
+    let observed = instance.observed.as_ref()?;
+    match observed.fields.get("machine")?.kind.as_ref()? {
+        Kind::StructValue(m) => match m.fields.get(field)?.kind.as_ref()? {
+            Kind::StringValue(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Terminates machine(s) of a resource behind setpoint's back.
 fn terminate_behind_our_back(endpoint: &str, resource: &str) {
     let script = r#"
@@ -332,21 +380,88 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         "{refused:?}"
     );
     wait_status(&mut api, &["chg".to_owned()], InstanceStatus::Ready).await;
+    let created = get(&mut api, "chg").await.expect("chg");
+    let uid = created.uid.clone();
+    let machine_id = observed_machine(&created, "instance_id").expect("machine recorded");
+    assert_eq!(
+        machine_sizes(&moto, &uid),
+        vec![("running".to_owned(), plan_size("kvx.small"))],
+        "chg is launched at its plan's size"
+    );
+
+    // A plan change resizes the same machine (EC2 → Kubernetes → "updated" mail).
     changed.spec = Some(spec("kvx.medium"));
     api.update_instance(UpdateInstanceRequest {
-        instance: Some(changed),
+        instance: Some(changed.clone()),
         update_mask: None,
         request_id: "update-chg-2".into(),
     })
     .await
     .expect("accepted after the chain");
-    common::wait_for("the update to finish", || {
+    let updated = common::wait_for("the update to finish", || {
         let mut api = api.clone();
         async move {
             get(&mut api, "chg")
                 .await
                 .filter(|i| i.status == InstanceStatus::Ready as i32 && i.generation == 2)
         }
+    })
+    .await;
+    assert_eq!(
+        machine_sizes(&moto, &uid),
+        vec![("running".to_owned(), plan_size("kvx.medium"))],
+        "still exactly one machine, running at the new plan's size"
+    );
+    assert_eq!(
+        observed_machine(&updated, "instance_id").as_deref(),
+        Some(machine_id.as_str()),
+        "the same machine, resized in place"
+    );
+    assert_eq!(
+        observed_machine(&updated, "instance_type"),
+        Some(plan_size("kvx.medium"))
+    );
+    let observed = format!("{:?}", updated.observed);
+    assert!(observed.contains("Resized"), "MachineAvailable: {observed}");
+    common::wait_for("the updated mail", || {
+        let s = subjects(&maildir);
+        async move { (count(&s, "chg", "is ready") >= 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        count(&subjects(&maildir), "chg", "is ready"),
+        2,
+        "one mail for the create, one for the update"
+    );
+
+    // A change that keeps the plan leaves the machine alone and still ends with a mail.
+    changed.spec = Some(InstanceSpec {
+        size_gb: 20,
+        ..spec("kvx.medium")
+    });
+    api.update_instance(UpdateInstanceRequest {
+        instance: Some(changed),
+        update_mask: None,
+        request_id: "update-chg-3".into(),
+    })
+    .await
+    .expect("a second update");
+    common::wait_for("the second update to finish", || {
+        let mut api = api.clone();
+        async move {
+            get(&mut api, "chg")
+                .await
+                .filter(|i| i.status == InstanceStatus::Ready as i32 && i.generation == 3)
+        }
+    })
+    .await;
+    assert_eq!(
+        machine_sizes(&moto, &uid),
+        vec![("running".to_owned(), plan_size("kvx.medium"))]
+    );
+    common::wait_for("the second updated mail", || {
+        let s = subjects(&maildir);
+        async move { (count(&s, "chg", "is ready") >= 3).then_some(()) }
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
