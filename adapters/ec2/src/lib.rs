@@ -11,6 +11,11 @@
 //! the same call. A retry uses the same subnet (chosen from the token), since EC2 scopes client
 //! tokens to an AZ. Terminate treats "already terminated" and "not found" as success.
 //!
+//! ## A resize changes only the token's machine, one observed step at a time
+//! `resize` finds the instance by the launching token's tag and, from its observed state, stops
+//! it, changes its type while stopped, or starts it; already running at the wanted type, it
+//! does nothing. A retry after a crash continues from the state the instance is in.
+//!
 //! ## Using it in the engine
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
