@@ -24,11 +24,11 @@ async fn enqueue(pool: &sqlx::PgPool, unit: NewWork) -> i64 {
 }
 
 async fn state(pool: &sqlx::PgPool, id: i64) -> Option<String> {
-    sqlx::query_scalar("SELECT state::text FROM work WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
+    let mut conn = pool.acquire().await.unwrap();
+    setpoint::store::work::work_get(&mut conn, id)
         .await
         .unwrap()
+        .map(|row| row.state)
 }
 
 async fn wait_state(pool: &sqlx::PgPool, id: i64, want: Option<&str>) {

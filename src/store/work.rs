@@ -216,33 +216,26 @@ pub async fn work_claim(
     lease_ms: i64,
 ) -> Result<Vec<ClaimedWork>, StoreError> {
     let rows = sqlx::query(
-        "WITH due AS (
-             SELECT id FROM work
+        // A leased unit stays `pending` in work_pending_idx (migration 0004): the scan passes
+        // over the units that are running and takes the due ones and those whose lease has
+        // expired (their worker died), oldest first. The update changes no indexed column,
+        // so it is a HOT update, and it finds its rows by the ctid the locking scan returned
+        // (no second index lookup); the row lock taken by that scan keeps the ctid valid.
+        "WITH picked AS (
+             SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued FROM work
              WHERE state = 'pending' AND run_at <= now()
+               AND (lease_expires_at IS NULL OR lease_expires_at < now())
              ORDER BY run_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
-         ), expired AS (
-             SELECT id FROM work
-             WHERE state = 'running' AND lease_expires_at < now()
-             ORDER BY lease_expires_at
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), picked AS (
-             SELECT id, rescued FROM (
-                 SELECT id, false AS rescued FROM due
-                 UNION ALL
-                 SELECT id, true AS rescued FROM expired
-             ) AS u
-             LIMIT $2
          ), claimed AS (
              UPDATE work w
-             SET state = 'running', attempt = w.attempt + 1, lease_owner = $1,
+             SET attempt = w.attempt + 1, lease_owner = $1,
                  lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
              FROM picked p
-             -- The = ANY makes the planner fetch the picked rows through the primary key
-             -- instead of hashing the whole table (a seq scan per claim on a big backlog).
-             WHERE w.id = p.id AND w.id = ANY(ARRAY(SELECT id FROM picked))
+             -- The = ANY makes the planner fetch the picked rows by ctid instead of hashing
+             -- the whole table (a seq scan per claim on a big backlog).
+             WHERE w.ctid = p.tid AND w.ctid = ANY(ARRAY(SELECT tid FROM picked))
              RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
                        w.max_attempts, w.run_at, p.rescued
          ), ev AS (
@@ -291,7 +284,7 @@ pub async fn work_heartbeat(
         "WITH mine AS (
              SELECT w.id FROM work w
              WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
-               AND w.state = 'running' AND w.lease_owner = $1
+               AND w.lease_owner = $1
              FOR UPDATE SKIP LOCKED
          )
          UPDATE work w
@@ -350,7 +343,7 @@ pub async fn work_complete_if_leased(
         "WITH done AS (
              DELETE FROM work w
              WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
-               AND w.state = 'running' AND w.lease_owner = $1
+               AND w.lease_owner = $1
              RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant,
                        ($4::jsonb[])[array_position($2, w.id)] AS detail
          ), ev AS (
@@ -424,7 +417,7 @@ pub async fn work_fail_if_leased(
              SET state = $4::work_state, lease_owner = NULL, lease_expires_at = NULL,
                  run_at = now() + make_interval(secs => $5::float8 / 1000),
                  last_error = $6, last_error_class = $7
-             WHERE id = $2 AND attempt = $3 AND state = 'running' AND lease_owner = $1
+             WHERE id = $2 AND attempt = $3 AND lease_owner = $1
              RETURNING id, token, attempt, resource_id, tenant
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message, detail)
@@ -487,7 +480,12 @@ pub struct WorkRow {
     pub spec: Value,
 }
 
-const WORK_COLUMNS: &str = "id, kind, state::text AS state, token, resource_id, tenant, attempt, \
+/// The state operators see: a leased unit is `running` (in the table it stays `pending`, see
+/// migration 0004).
+const STATE_EXPR: &str = "CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END";
+
+const WORK_COLUMNS: &str = "id, kind, \
+     CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END AS state, token, resource_id, tenant, attempt, \
      max_attempts, run_at, lease_owner, lease_expires_at, last_error, last_error_class, \
      parent_id, created_at, spec";
 
@@ -534,7 +532,7 @@ pub async fn work_list(
 ) -> Result<Vec<WorkRow>, StoreError> {
     let sql = format!(
         "SELECT {WORK_COLUMNS} FROM work
-         WHERE ($1::text IS NULL OR state::text = $1)
+         WHERE ($1::text IS NULL OR {STATE_EXPR} = $1)
            AND ($2::text IS NULL OR kind = $2)
            AND ($3::uuid IS NULL OR resource_id = $3)
            AND ($4::bigint IS NULL OR id > $4)
@@ -643,14 +641,13 @@ pub struct QueueStats {
 
 /// The queue's current shape, for metrics and `setpoint work list --stats`.
 pub async fn work_stats(conn: &mut PgConnection) -> Result<QueueStats, StoreError> {
-    let counts = sqlx::query_as::<_, (String, String, i64)>(
-        "SELECT state::text, kind, count(*) FROM work GROUP BY 1, 2 ORDER BY 1, 2",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let sql = format!("SELECT {STATE_EXPR}, kind, count(*) FROM work GROUP BY 1, 2 ORDER BY 1, 2");
+    let counts = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
     let age: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - min(run_at))::float8 FROM work
-         WHERE state = 'pending' AND run_at <= now()",
+         WHERE state = 'pending' AND lease_owner IS NULL AND run_at <= now()",
     )
     .fetch_one(conn)
     .await?;

@@ -281,10 +281,13 @@ async fn fetch_loop(
             crate::metrics::unit_claimed(&unit.kind);
             shared.inflight.insert(unit.id, unit.attempt);
             let shared = shared.clone();
-            tasks.spawn(async move {
+            // Boxed: the unit's future is several KB (handler, failure path, completion), and
+            // tokio moves a task's future by value into its cell and again when it finishes;
+            // at tens of thousands of units per second those copies dominated the engine's CPU.
+            tasks.spawn(Box::pin(async move {
                 execute(&shared, unit).await;
                 drop(permit);
-            });
+            }));
         }
         drop(permits);
         if got < wanted {
@@ -320,7 +323,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
             Err(e) => {
                 // The table's CHECK constraint makes this unreachable; park rather than panic.
                 let err = AdapterError::permanent(format!("the unit's token is invalid: {e}"));
-                return fail(shared, &unit, err, Vec::new()).await;
+                return Box::pin(fail(shared, &unit, err, Vec::new())).await;
             }
         };
         let Some(handler) = shared.registry.get(&unit.kind).cloned() else {
@@ -331,7 +334,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                 shared.registry.kinds().join(", ")
             ))
             .with_code("unknown-kind");
-            return fail(shared, &unit, err, Vec::new()).await;
+            return Box::pin(fail(shared, &unit, err, Vec::new())).await;
         };
         let journal = Arc::new(journal::PgJournal::new(
             shared.pool.clone(),
@@ -397,7 +400,8 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                     tracing::warn!("completer gone; the unit will be rescued");
                 }
             }
-            Err(err) => fail(shared, &unit, err, calls).await,
+            // Boxed: the failure path is rare and its future large (see fetch_loop).
+            Err(err) => Box::pin(fail(shared, &unit, err, calls)).await,
         }
     }
     .instrument(span)
