@@ -7,7 +7,8 @@
 #   3. init (offline, committed lock files must match), fmt -check, validate: module and example,
 #   4. checks that invalid inputs are refused by the validation blocks,
 #   5. plans the example with its production defaults,
-#   6. starts moto, applies the example to it, reads every promise back through the AWS APIs,
+#   6. starts moto, makes the cluster inputs a platform team brings (a CA bundle, a secret with a
+#      service account token), applies the example, reads every promise back through the AWS APIs,
 #      re-plans (nothing may be replaced), destroys, checks nothing is left,
 #   7. runs checkov over terraform/ (skips only inline, with reasons).
 # Last line: "terraform: N passed, M failed"; exit status non-zero on any failure.
@@ -204,14 +205,39 @@ SERVICES=(cloudwatch ec2 ecs elbv2 iam kms logs rds secretsmanager ses sesv2 sns
 } >"$EXAMPLE/moto_override.tf"
 
 NAME="setpoint-moto"
-VARS=(-var "environment=moto" -var "region=eu-west-1")
 STATE="$WORK/example.tfstate"
+
+# What a platform team brings: an AMI, an existing cluster's endpoint and CA bundle (a throw-away
+# self-signed certificate here; its key is discarded), and a secret holding the service account's
+# token, made in moto the way the README says to make it in AWS.
+K8S_TOKEN_SECRET_ARN=""
+K8S_CA_DATA=""
+cluster_inputs() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=kubernetes \
+    -keyout /dev/null -out "$WORK/k8s-ca.pem" 2>/dev/null
+  python3 - "$ENDPOINT" >"$WORK/k8s-token-arn" <<'PY'
+import sys, boto3
+sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="eu-west-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+print(sm.create_secret(Name="test/kubernetes-token", SecretString="not-a-real-service-account-token")["ARN"])
+PY
+}
+inputs_ok=0
+if [ $moto_ok -eq 1 ]; then
+  step "cluster inputs: CA bundle, token secret in moto" cluster_inputs && inputs_ok=1 || true
+  K8S_TOKEN_SECRET_ARN="$(cat "$WORK/k8s-token-arn" 2>/dev/null || true)"
+  K8S_CA_DATA="$(base64 -w0 "$WORK/k8s-ca.pem" 2>/dev/null || true)"
+fi
+VARS=(-var "environment=moto" -var "region=eu-west-1" -var "ec2_image_id=ami-12c6146b"
+  -var "kubernetes_api_endpoint=https://0123456789ABCDEF0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com"
+  -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN")
 
 invalid_inputs_refused() {
   local out rc
   set +e
   out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" \
-    -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' -var 'vpc_cidr=10.0.0.0/8' 2>&1)"
+    "${VARS[@]}" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' -var 'vpc_cidr=10.0.0.0/8' \
+    -var 'kubernetes_api_endpoint=http://k8s.example' -var 'kubernetes_token_secret_arn=my-token' 2>&1)"
   rc=$?
   set -e
   echo "$out"
@@ -219,6 +245,8 @@ invalid_inputs_refused() {
   grep -q 'engine_image must name a tag' <<<"$out"
   grep -q 'environment must be' <<<"$out"
   grep -q 'vpc_cidr must be' <<<"$out"
+  grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$out"
+  grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$out"
 }
 
 plan_production_defaults() {
@@ -242,7 +270,7 @@ PY
 }
 
 resource_types_in_plan=""
-if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ]; then
+if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ] && [ $inputs_ok -eq 1 ]; then
   step "invalid inputs are refused (validation blocks)" invalid_inputs_refused || true
   step "plan example (production defaults)" plan_production_defaults || true
 
@@ -287,8 +315,8 @@ MOTO_GAPS = {
     "aws_sesv2_email_identity": {"tags", "tags_all"},
     "aws_vpc_security_group_ingress_rule": {"description", "referenced_security_group_id"},
     "aws_vpc_security_group_egress_rule": {"description", "referenced_security_group_id"},
-    # its document names the SES identity, whose (dropped) tags make it "known after apply"
-    "aws_iam_role_policy": {"policy"},
+    # the SMTP user's policy names the SES identity, whose (dropped) tags make it "known after apply"
+    "aws_iam_user_policy": {"policy"},
 }
 changes = [r for r in plan["resource_changes"] if r["mode"] == "managed" and r["change"]["actions"] != ["no-op"]]
 replaced = [r["address"] for r in changes if "delete" in r["change"]["actions"] or "create" in r["change"]["actions"]]

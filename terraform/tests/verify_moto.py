@@ -48,6 +48,8 @@ if mode == "destroyed":
     check(vpcs == [], "no VPC left but the default one")
     roles = [r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(name)]
     check(roles == [], "no IAM role left")
+    users = [u["UserName"] for u in iam.list_users()["Users"] if u["UserName"].startswith(name)]
+    check(users == [], "no IAM user (SES SMTP) left")
     check([a for a in cw.describe_alarms()["MetricAlarms"] if a["AlarmName"].startswith(name)] == [], "no alarm left")
     check(elb.describe_load_balancers()["LoadBalancers"] == [], "no load balancer left")
     print(f"summary: {len(checks) - len(failures)}/{len(checks)} read-back checks after destroy passed")
@@ -143,22 +145,68 @@ env = {e["name"]: e["value"] for e in engine["environment"]}
 secrets_env = {e["name"]: e["valueFrom"] for e in engine.get("secrets", [])}
 for var in ["SETPOINT_DATABASE_HOST", "SETPOINT_DATABASE_PORT", "SETPOINT_DATABASE_NAME", "SETPOINT_DATABASE_USER",
             "SETPOINT_LISTEN", "SETPOINT_METRICS_LISTEN", "SETPOINT_AWS_REGION", "SETPOINT_EC2_SUBNET_ID",
-            "SETPOINT_EC2_SECURITY_GROUP_IDS", "SETPOINT_SES_IDENTITY", "RUST_LOG"]:
+            "SETPOINT_EC2_SECURITY_GROUP_IDS", "SETPOINT_EC2_IMAGE_ID", "SETPOINT_KUBERNETES_URL",
+            "SETPOINT_KUBERNETES_CA_DATA", "SETPOINT_EMAIL_FROM", "RUST_LOG"]:
     check(bool(env.get(var)), f"engine environment sets {var}")
+check("SETPOINT_SES_IDENTITY" not in env, "no SETPOINT_SES_IDENTITY (the engine sends over SMTP; nothing reads it)")
+check(env.get("SETPOINT_KUBERNETES_URL", "").startswith("https://"), "SETPOINT_KUBERNETES_URL is https")
+check(not any("TOKEN" in k for k in env), "no Kubernetes token in the plain environment")
 check(env.get("SETPOINT_DATABASE_HOST") == db["Endpoint"]["Address"], "SETPOINT_DATABASE_HOST is the RDS endpoint")
 check(env.get("SETPOINT_LISTEN") == "0.0.0.0:50051" and env.get("SETPOINT_METRICS_LISTEN") == "0.0.0.0:9090", "listen addresses")
 check(env.get("SETPOINT_AWS_REGION") == region, "SETPOINT_AWS_REGION is the deployment region")
 check(secrets_env.get("SETPOINT_DATABASE_PASSWORD") == secret["ARN"], "SETPOINT_DATABASE_PASSWORD comes from the secret (ECS secrets)")
 check(not any("PASSWORD" in k for k in env), "no password in the plain environment")
+check(set(secrets_env) == {"SETPOINT_DATABASE_PASSWORD", "SETPOINT_KUBERNETES_TOKEN", "SETPOINT_SMTP_URL"},
+      f"ECS secrets: database password, Kubernetes token, SMTP URL ({sorted(secrets_env)})")
+token_secrets = [x for x in sm.list_secrets()["SecretList"] if x["Name"] == "test/kubernetes-token"]
+check(len(token_secrets) == 1 and secrets_env.get("SETPOINT_KUBERNETES_TOKEN") == token_secrets[0]["ARN"],
+      "SETPOINT_KUBERNETES_TOKEN comes from the given token secret")
+smtp_secrets = [x for x in sm.list_secrets()["SecretList"] if x["Name"].startswith(f"setpoint/{name}/smtp-url-")]
+check(len(smtp_secrets) == 1 and secrets_env.get("SETPOINT_SMTP_URL") == smtp_secrets[0]["ARN"],
+      "SETPOINT_SMTP_URL comes from the module's SMTP secret")
+smtp_url = sm.get_secret_value(SecretId=smtp_secrets[0]["ARN"])["SecretString"] if smtp_secrets else ""
+check(re.fullmatch(rf"smtp://[A-Z0-9]+:[A-Za-z0-9%]+@email-smtp\.{region}\.amazonaws\.com:587", smtp_url) is not None,
+      "SMTP URL: SES SMTP credentials (percent-encoded) for email-smtp.REGION.amazonaws.com:587, STARTTLS")
+check(bool(smtp_secrets) and bool(smtp_secrets[0].get("KmsKeyId")), "SMTP secret encrypted with the module's KMS key")
+
+# The execution role reads exactly the engine's secrets.
+exec_roles = [r for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(f"{name}-exec-")]
+check(len(exec_roles) == 1, "task execution role exists")
+exec_docs = [iam.get_role_policy(RoleName=exec_roles[0]["RoleName"], PolicyName=p)["PolicyDocument"]
+             for p in iam.list_role_policies(RoleName=exec_roles[0]["RoleName"])["PolicyNames"]] if exec_roles else []
+exec_stmts = [st for d in exec_docs for st in (json.loads(d) if isinstance(d, str) else d)["Statement"]]
+readable = {r for st in exec_stmts if "secretsmanager:GetSecretValue" in as_list(st["Action"]) for r in as_list(st["Resource"])}
+check(readable == set(secrets_env.values()), "execution role may read exactly the three engine secrets")
 grace = env.get("SETPOINT_SHUTDOWN_GRACE", "")
 check(grace.endswith("s") and 0 < int(grace[:-1]) < engine.get("stopTimeout", 30),
       f"shutdown grace {grace} ends before ECS kills the task (stopTimeout {engine.get('stopTimeout')}s)")
 check(engine.get("readonlyRootFilesystem") is True, "engine container has a read-only root file system")
 check(td.get("taskRoleArn", "").split("/")[-1] == role, "task runs as the engine role")
 
+# --- the engine role has no SES permission; the SMTP user may only send from the identity -----
+check(not any(a.startswith("ses:") for st in stmts for a in as_list(st["Action"])), "engine role has no SES permission (mail goes over SMTP)")
+image_stmts = [st for st in run if any(":image/" in r for r in as_list(st["Resource"]))]
+check(len(image_stmts) == 1 and as_list(image_stmts[0]["Resource"]) == [f"arn:aws:ec2:{region}::image/{env.get('SETPOINT_EC2_IMAGE_ID')}"],
+      "RunInstances only with the configured AMI")
+smtp_users = [u["UserName"] for u in iam.list_users()["Users"] if u["UserName"] == f"{name}-ses-smtp"]
+check(len(smtp_users) == 1, "SES SMTP user exists")
+if smtp_users:
+    user = smtp_users[0]
+    check(iam.list_attached_user_policies(UserName=user)["AttachedPolicies"] == [], "SMTP user has no managed policy")
+    upols = iam.list_user_policies(UserName=user)["PolicyNames"]
+    udoc = iam.get_user_policy(UserName=user, PolicyName=upols[0])["PolicyDocument"] if len(upols) == 1 else {"Statement": []}
+    udoc = json.loads(udoc) if isinstance(udoc, str) else udoc
+    ust = udoc["Statement"]
+    check(len(ust) == 1 and as_list(ust[0]["Action"]) == ["ses:SendRawEmail"]
+          and ust[0].get("Condition", {}).get("StringEquals", {}).get("ses:FromAddress") == env.get("SETPOINT_EMAIL_FROM"),
+          "SMTP user may only ses:SendRawEmail, only with the engine's From address")
+    keys = iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+    check(len(keys) == 1 and smtp_url.startswith(f"smtp://{keys[0]['AccessKeyId']}:"), "SMTP URL uses the SMTP user's access key")
+
 # --- SES, logs, alarms, load balancer ---------------------------------------------------------
-ident = env.get("SETPOINT_SES_IDENTITY")
-check(ses.get_email_identity(EmailIdentity=ident)["IdentityType"] in ("EMAIL_ADDRESS", "DOMAIN"), f"SES identity {ident} exists")
+idents = [i["IdentityName"] for i in ses.list_email_identities()["EmailIdentities"]]
+sender = env.get("SETPOINT_EMAIL_FROM", "")
+check(any(i in (sender, sender.split("@")[-1]) for i in idents), f"SES identity for {sender} exists ({idents})")
 lg = logs.describe_log_groups(logGroupNamePrefix=f"/setpoint/{name}/")["logGroups"]
 check(len(lg) >= 2 and all(g.get("kmsKeyId") and g.get("retentionInDays") for g in lg), "log groups encrypted, with retention")
 alarms = {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]}

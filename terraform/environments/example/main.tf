@@ -190,7 +190,13 @@ module "setpoint" {
 
   ec2_subnet_id          = aws_subnet.workloads.id
   ec2_security_group_ids = [aws_security_group.workloads.id]
+  ec2_image_id           = var.ec2_image_id
   ses_identity           = var.ses_identity
+
+  kubernetes_api_endpoint     = var.kubernetes_api_endpoint
+  kubernetes_ca_data          = var.kubernetes_ca_data
+  kubernetes_token_secret_arn = var.kubernetes_token_secret_arn
+  kubernetes_workload_image   = var.kubernetes_workload_image
 
   db_multi_az                       = var.production
   db_deletion_protection            = var.production

@@ -39,7 +39,7 @@ output "ecs_service_name" {
 }
 
 output "engine_task_role_arn" {
-  description = "IAM role of the engine (least-privilege EC2 and SES)."
+  description = "IAM role of the engine (least-privilege EC2)."
   value       = module.setpoint.engine_task_role_arn
 }
 
@@ -51,4 +51,9 @@ output "alarm_topic_arn" {
 output "ses_dkim_tokens" {
   description = "DKIM tokens to publish when ses_identity is a domain."
   value       = module.setpoint.ses_dkim_tokens
+}
+
+output "smtp_url_secret_arn" {
+  description = "Secret holding the SMTP URL (SES SMTP credentials) the engine sends mail through."
+  value       = module.setpoint.smtp_url_secret_arn
 }

@@ -75,6 +75,58 @@ variable "ses_identity" {
   }
 }
 
+variable "ec2_image_id" {
+  description = "AMI of the instances setpoint launches for its users (the engine may launch only this one)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.ec2_image_id))
+    error_message = "ec2_image_id must be an AMI id such as ami-0123456789abcdef0."
+  }
+}
+
+variable "kubernetes_api_endpoint" {
+  description = "HTTPS endpoint of the existing Kubernetes (EKS) cluster setpoint runs KVX workloads in: aws eks describe-cluster --name NAME --query cluster.endpoint --output text."
+  type        = string
+
+  validation {
+    condition     = startswith(var.kubernetes_api_endpoint, "https://")
+    error_message = "kubernetes_api_endpoint must be an https:// URL."
+  }
+}
+
+variable "kubernetes_ca_data" {
+  description = "The cluster's CA bundle, base64 as EKS gives it: aws eks describe-cluster --name NAME --query cluster.certificateAuthority.data --output text. Null only if the API server's certificate chains to a public CA."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = try(length(base64decode(var.kubernetes_ca_data)) > 0, var.kubernetes_ca_data == null)
+    error_message = "kubernetes_ca_data must be base64 (the form EKS gives)."
+  }
+}
+
+variable "kubernetes_token_secret_arn" {
+  description = "Full ARN of the Secrets Manager secret holding the token of the service account setpoint acts as in the cluster (a plain string; see the module's kubernetes_token_secret_arn for the permissions it needs)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.kubernetes_token_secret_arn))
+    error_message = "kubernetes_token_secret_arn must be a Secrets Manager secret ARN."
+  }
+}
+
+variable "kubernetes_workload_image" {
+  description = "Image every KVX instance runs in the cluster, with a tag or digest; null keeps the engine's default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = try(can(regex("[:@][A-Za-z0-9._:-]+$", var.kubernetes_workload_image)) && !endswith(var.kubernetes_workload_image, ":latest"), var.kubernetes_workload_image == null)
+    error_message = "kubernetes_workload_image must name a tag (not latest) or a digest."
+  }
+}
+
 variable "alarm_email_addresses" {
   description = "E-mail addresses that receive alarm notifications."
   type        = list(string)

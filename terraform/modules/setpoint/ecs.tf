@@ -4,29 +4,39 @@
 locals {
   # Everything the engine is configured with, taken from the resources above. Exposed as the
   # engine_environment output so other runtimes (a CLI job, a local shell) can use the same values.
-  engine_environment = merge(var.extra_environment, {
-    SETPOINT_DATABASE_HOST          = aws_db_instance.this.address
-    SETPOINT_DATABASE_PORT          = tostring(aws_db_instance.this.port)
-    SETPOINT_DATABASE_NAME          = var.db_name
-    SETPOINT_DATABASE_USER          = var.db_username
-    SETPOINT_DATABASE_SSLMODE       = "require"
-    SETPOINT_SHUTDOWN_GRACE         = "${var.engine_stop_timeout - 15}s"
-    SETPOINT_LOG_FORMAT             = "json"
-    SETPOINT_LISTEN                 = "0.0.0.0:${var.grpc_port}"
-    SETPOINT_METRICS_LISTEN         = "0.0.0.0:${var.metrics_port}"
-    SETPOINT_AWS_REGION             = local.region
-    SETPOINT_EC2_SUBNET_ID          = var.ec2_subnet_id
-    SETPOINT_EC2_SECURITY_GROUP_IDS = join(",", var.ec2_security_group_ids)
-    SETPOINT_SES_IDENTITY           = var.ses_identity
-    SETPOINT_EMAIL_FROM             = local.email_from
-    RUST_LOG                        = var.rust_log
-  })
+  # With engine_secrets below, this is all `setpoint serve` needs: EC2, Kubernetes and SMTP are
+  # all configured, so the KVX workflows run (tests/serve_config.rs starts the engine with exactly
+  # these names).
+  engine_environment = merge(
+    var.extra_environment,
+    {
+      SETPOINT_DATABASE_HOST          = aws_db_instance.this.address
+      SETPOINT_DATABASE_PORT          = tostring(aws_db_instance.this.port)
+      SETPOINT_DATABASE_NAME          = var.db_name
+      SETPOINT_DATABASE_USER          = var.db_username
+      SETPOINT_DATABASE_SSLMODE       = "require"
+      SETPOINT_SHUTDOWN_GRACE         = "${var.engine_stop_timeout - 15}s"
+      SETPOINT_LOG_FORMAT             = "json"
+      SETPOINT_LISTEN                 = "0.0.0.0:${var.grpc_port}"
+      SETPOINT_METRICS_LISTEN         = "0.0.0.0:${var.metrics_port}"
+      SETPOINT_AWS_REGION             = local.region
+      SETPOINT_EC2_SUBNET_ID          = var.ec2_subnet_id
+      SETPOINT_EC2_SECURITY_GROUP_IDS = join(",", var.ec2_security_group_ids)
+      SETPOINT_EC2_IMAGE_ID           = var.ec2_image_id
+      SETPOINT_KUBERNETES_URL         = var.kubernetes_api_endpoint
+      SETPOINT_EMAIL_FROM             = local.email_from
+      RUST_LOG                        = var.rust_log
+    },
+    var.kubernetes_ca_data == null ? {} : { SETPOINT_KUBERNETES_CA_DATA = var.kubernetes_ca_data },
+    var.kubernetes_workload_image == null ? {} : { SETPOINT_KUBERNETES_IMAGE = var.kubernetes_workload_image },
+  )
 
   # Secrets ECS injects as environment at task start (the values never reach the task definition).
-  engine_secrets = merge(
-    { SETPOINT_DATABASE_PASSWORD = aws_secretsmanager_secret.db_password.arn },
-    var.smtp_url_secret_arn == null ? {} : { SETPOINT_SMTP_URL = var.smtp_url_secret_arn },
-  )
+  engine_secrets = {
+    SETPOINT_DATABASE_PASSWORD = aws_secretsmanager_secret.db_password.arn
+    SETPOINT_KUBERNETES_TOKEN  = var.kubernetes_token_secret_arn
+    SETPOINT_SMTP_URL          = local.smtp_url_secret_arn
+  }
 
   prometheus_config = yamlencode({
     global = { scrape_interval = "30s", scrape_timeout = "10s" }
@@ -194,7 +204,7 @@ resource "aws_ecs_service" "engine" {
     }
   }
 
-  depends_on = [aws_iam_role_policy.engine, aws_iam_role_policy.execution_secrets, aws_lb_listener.grpc]
+  depends_on = [aws_iam_role_policy.engine, aws_iam_role_policy.execution_secrets, aws_lb_listener.grpc, aws_secretsmanager_secret_version.smtp_url]
 }
 
 # ---------------------------------------------------------------------------------------------

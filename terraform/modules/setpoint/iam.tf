@@ -32,12 +32,12 @@ data "aws_iam_policy_document" "execution_secrets" {
   statement {
     sid       = "ReadEngineSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = compact([aws_secretsmanager_secret.db_password.arn, var.smtp_url_secret_arn])
+    resources = distinct(values(local.engine_secrets))
   }
   statement {
     sid       = "DecryptEngineSecrets"
     actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.this.arn]
+    resources = concat([aws_kms_key.this.arn], var.secrets_kms_key_arns)
   }
 }
 
@@ -102,9 +102,14 @@ data "aws_iam_policy_document" "engine" {
       "${local.ec2_arn}:volume/*",
       "${local.ec2_arn}:key-pair/*",
       "${local.ec2_arn}:launch-template/*",
-      "arn:${local.partition}:ec2:${local.region}::image/*",
       "arn:${local.partition}:ec2:${local.region}::snapshot/*",
     ]
+  }
+
+  statement {
+    sid       = "Ec2LaunchOnlyTheConfiguredImage"
+    actions   = ["ec2:RunInstances"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::image/${var.ec2_image_id}"]
   }
 
   statement {
@@ -127,12 +132,6 @@ data "aws_iam_policy_document" "engine" {
       variable = "aws:ResourceTag/setpoint:managed"
       values   = ["true"]
     }
-  }
-
-  statement {
-    sid       = "SesSendFromIdentity"
-    actions   = ["ses:SendEmail", "ses:SendRawEmail"]
-    resources = [aws_sesv2_email_identity.this.arn]
   }
 
   dynamic "statement" {

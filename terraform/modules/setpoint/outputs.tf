@@ -1,11 +1,21 @@
 output "engine_environment" {
-  description = "Environment of the engine container (no secrets): database host/port/name/user, listen addresses, AWS region, EC2 subnet and security groups, SES identity, RUST_LOG."
+  description = "Environment of the engine container (no secrets): database host/port/name/user, listen addresses, AWS region, EC2 subnet, security groups and AMI, Kubernetes API URL (and CA bundle, workload image), From address, RUST_LOG."
   value       = local.engine_environment
 }
 
 output "engine_secrets" {
-  description = "Environment names the engine gets from Secrets Manager at task start, mapped to the secret ARNs (SETPOINT_DATABASE_PASSWORD, and SETPOINT_SMTP_URL when set)."
+  description = "Environment names the engine gets from Secrets Manager at task start, mapped to the secret ARNs: SETPOINT_DATABASE_PASSWORD, SETPOINT_KUBERNETES_TOKEN and SETPOINT_SMTP_URL."
   value       = local.engine_secrets
+}
+
+output "smtp_url_secret_arn" {
+  description = "ARN of the secret holding the engine's SMTP URL: the one the module made from SES SMTP credentials, or smtp_url_secret_arn."
+  value       = local.smtp_url_secret_arn
+}
+
+output "ses_smtp_user_name" {
+  description = "IAM user whose access key the SES SMTP credentials derive from (null when smtp_url_secret_arn is given)."
+  value       = local.create_smtp_credentials ? aws_iam_user.smtp[0].name : null
 }
 
 output "database_address" {
@@ -44,7 +54,7 @@ output "engine_security_group_id" {
 }
 
 output "engine_task_role_arn" {
-  description = "IAM role the engine runs as (least-privilege EC2 and SES policy)."
+  description = "IAM role the engine runs as (least-privilege EC2 policy; it needs no SES permission, mail goes over SMTP)."
   value       = aws_iam_role.engine.arn
 }
 

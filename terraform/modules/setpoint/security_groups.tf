@@ -1,6 +1,10 @@
 # Only the engine reaches the database; the gRPC port is open only to the load balancer and to
-# the CIDRs the caller names; the engine may leave the VPC only on 443 (AWS APIs, registry) and 587
-# (SES SMTP).
+# the CIDRs the caller names; the engine may leave the VPC only on 443 (AWS APIs, registry, the
+# Kubernetes API), 587 (SMTP) and the Kubernetes API's port when its URL names one other than 443.
+
+locals {
+  kubernetes_api_port = try(tonumber(regex("^https://[^/:]+:([0-9]+)", var.kubernetes_api_endpoint)[0]), 443)
+}
 
 resource "aws_security_group" "engine" {
   name_prefix = "${var.name}-engine-"
@@ -44,17 +48,26 @@ resource "aws_vpc_security_group_egress_rule" "engine_to_db" {
 
 resource "aws_vpc_security_group_egress_rule" "engine_https" {
   security_group_id = aws_security_group.engine.id
-  description       = "HTTPS to AWS APIs (EC2, SES, Secrets Manager, CloudWatch) and the image registry"
+  description       = "HTTPS to AWS APIs (EC2, Secrets Manager, CloudWatch), the image registry and the Kubernetes API"
   ip_protocol       = "tcp"
   from_port         = 443
   to_port           = 443
   cidr_ipv4         = "0.0.0.0/0"
 }
 
-resource "aws_vpc_security_group_egress_rule" "engine_smtp" {
-  count             = var.smtp_url_secret_arn == null ? 0 : 1
+resource "aws_vpc_security_group_egress_rule" "engine_kubernetes_api" {
+  count             = local.kubernetes_api_port == 443 ? 0 : 1
   security_group_id = aws_security_group.engine.id
-  description       = "SMTP submission (STARTTLS) to SES"
+  description       = "Kubernetes API (HTTPS on port ${local.kubernetes_api_port})"
+  ip_protocol       = "tcp"
+  from_port         = local.kubernetes_api_port
+  to_port           = local.kubernetes_api_port
+  cidr_ipv4         = "0.0.0.0/0"
+}
+
+resource "aws_vpc_security_group_egress_rule" "engine_smtp" {
+  security_group_id = aws_security_group.engine.id
+  description       = "SMTP submission (STARTTLS) to SES or the relay in SETPOINT_SMTP_URL"
   ip_protocol       = "tcp"
   from_port         = 587
   to_port           = 587

@@ -106,7 +106,7 @@ variable "engine_stop_timeout" {
 }
 
 variable "engine_command" {
-  description = "Command of the engine container (overrides the image's CMD), for example [\"serve\"] when the image's ENTRYPOINT is the setpoint binary; null keeps the image's own."
+  description = "Command of the engine container (overrides the image's CMD). The repository's Dockerfile has ENTRYPOINT [\"setpoint\"] and CMD [\"serve\"], so null runs `setpoint serve`; give for example [\"serve\", \"--resync-interval\", \"5m\"] to add flags. One-off tasks of the same task definition override it (for example [\"work\", \"list\"])."
   type        = list(string)
   default     = null
 
@@ -239,13 +239,80 @@ variable "email_from" {
 }
 
 variable "smtp_url_secret_arn" {
-  description = "Optional Secrets Manager secret holding a full SMTP URL built from SES SMTP credentials (scheme smtp, host email-smtp.REGION.amazonaws.com, port 587, STARTTLS). Passed as SETPOINT_SMTP_URL; when null the engine gets the SES identity and sends through the SES API with its task role."
+  description = "Optional full ARN of a Secrets Manager secret holding the SMTP URL the engine sends through (smtp://USER:PASSWORD@HOST:587, user and password percent-encoded; STARTTLS). Passed as SETPOINT_SMTP_URL. When null (the default) the module makes SES SMTP credentials itself (an IAM user that may only send from the SES identity, its access key, and a secret with the URL of email-smtp.REGION.amazonaws.com:587); those credentials are then in the Terraform state. The engine always sends over SMTP, never through the SES API."
   type        = string
   default     = null
 
   validation {
     condition     = var.smtp_url_secret_arn == null || can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.smtp_url_secret_arn))
     error_message = "smtp_url_secret_arn must be a Secrets Manager secret ARN."
+  }
+}
+
+variable "ec2_image_id" {
+  description = "AMI of the instances setpoint launches (SETPOINT_EC2_IMAGE_ID, the engine's ec2.default_image_id). The engine role may launch only this image."
+  type        = string
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.ec2_image_id))
+    error_message = "ec2_image_id must be an AMI id such as ami-0123456789abcdef0."
+  }
+}
+
+variable "secrets_kms_key_arns" {
+  description = "Customer-managed KMS keys that encrypt the secrets you pass in (kubernetes_token_secret_arn, smtp_url_secret_arn); the task execution role may decrypt with them. Leave empty when those secrets use the AWS managed key aws/secretsmanager."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for k in var.secrets_kms_key_arns : can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[0-9a-f-]+$", k))])
+    error_message = "secrets_kms_key_arns must hold KMS key ARNs (arn:aws:kms:REGION:ACCOUNT:key/ID)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# The Kubernetes cluster the engine runs KVX workloads in (for example an existing EKS cluster)
+# ---------------------------------------------------------------------------------------------
+variable "kubernetes_api_endpoint" {
+  description = "HTTPS URL of the Kubernetes API server the engine manages KVX workloads in (SETPOINT_KUBERNETES_URL), for example an EKS cluster's endpoint: aws eks describe-cluster --name NAME --query cluster.endpoint. The engine tasks reach it through their HTTPS egress (any other port in the URL gets its own egress rule)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$", var.kubernetes_api_endpoint))
+    error_message = "kubernetes_api_endpoint must be an https:// URL with a host name and optional port and no path, such as https://ABC123.gr7.eu-west-1.eks.amazonaws.com (the token is never sent over plain http)."
+  }
+}
+
+variable "kubernetes_ca_data" {
+  description = "CA bundle of the Kubernetes API server as base64 of its PEM text (SETPOINT_KUBERNETES_CA_DATA), exactly as EKS gives it (aws_eks_cluster's certificate_authority[0].data, or aws eks describe-cluster --query cluster.certificateAuthority.data) and as kubeconfig's certificate-authority-data holds it. Null: the server's certificate must chain to a public CA."
+  type        = string
+  default     = null
+
+  validation {
+    # try(): null fails base64decode and falls back to "is it null" (true); bad base64 to false.
+    condition     = try(strcontains(base64decode(var.kubernetes_ca_data), "-----BEGIN CERTIFICATE-----"), var.kubernetes_ca_data == null)
+    error_message = "kubernetes_ca_data must be base64 of PEM certificates (the form EKS and kubeconfig files use)."
+  }
+}
+
+variable "kubernetes_token_secret_arn" {
+  description = "Full ARN of a Secrets Manager secret whose plain-string value is the bearer token of the Kubernetes service account the engine acts as (SETPOINT_KUBERNETES_TOKEN, injected by ECS at task start; never in the task definition). The service account needs, cluster-wide: get/create/patch on namespaces, and get/list/create/patch/delete on secrets, services and apps/deployments. The task execution role may read exactly this secret."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.kubernetes_token_secret_arn))
+    error_message = "kubernetes_token_secret_arn must be a Secrets Manager secret ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX)."
+  }
+}
+
+variable "kubernetes_workload_image" {
+  description = "Container image every KVX instance runs in the cluster (SETPOINT_KUBERNETES_IMAGE), with a tag or digest; null keeps the engine's default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = try(can(regex("^[a-z0-9][a-z0-9._/:-]*[:@][A-Za-z0-9._:-]+$", var.kubernetes_workload_image)) && !endswith(var.kubernetes_workload_image, ":latest"), var.kubernetes_workload_image == null)
+    error_message = "kubernetes_workload_image must name a tag or a digest, and not ':latest'."
   }
 }
 
