@@ -111,7 +111,6 @@ fn environment_overrides_and_creates_sections() {
             "smtps://AKIA%2Fx:env%40secret@email-smtp.eu-west-1.amazonaws.com",
         ),
         ("SETPOINT_EMAIL_FROM", "ops@example.com"),
-        ("SETPOINT_SES_IDENTITY", "example.com"),
     ]))
     .expect("env");
     let ec2 = f.ec2.as_ref().expect("ec2");
@@ -230,12 +229,19 @@ fn tmp(name: &str) -> PathBuf {
 /// `setpoint serve --config <file>` with JSON logs and none of the caller's SETPOINT_* or AWS
 /// settings, so only the file (and `env`) configure it.
 fn serve(config: &Path, env: &[(&str, &str)], args: &[&str]) -> EngineProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
-    cmd.arg("serve")
-        .arg("--config")
+    let mut cmd = serve_command(env);
+    cmd.arg("--config")
         .arg(config)
         .args(["--listen", "127.0.0.1:0"])
-        .args(args)
+        .args(args);
+    EngineProcess::from_command(cmd)
+}
+
+/// `setpoint serve` with no flags: JSON logs, test AWS credentials, none of the caller's
+/// SETPOINT_* settings, then `env`.
+fn serve_command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    cmd.arg("serve")
         .env("SETPOINT_LOG_FORMAT", "json")
         .env("RUST_LOG", "info,sqlx=warn")
         .env("NO_COLOR", "1")
@@ -255,7 +261,7 @@ fn serve(config: &Path, env: &[(&str, &str)], args: &[&str]) -> EngineProcess {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    EngineProcess::from_command(cmd)
+    cmd
 }
 
 /// The `addr` field of the first JSON log line whose message is `message`.
@@ -310,6 +316,72 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
+}
+
+/// Creates instance `db-1` through the gRPC API at `api_addr` and waits until it is READY and
+/// its "ready" mail is in `maildir`: every KVX step (EC2, Kubernetes, mail) ran.
+async fn create_to_ready(
+    engine: &EngineProcess,
+    api_addr: &str,
+    pool: &sqlx::PgPool,
+    maildir: &Path,
+) {
+    let token = setpoint::api::auth::create_token(pool, "demo", false, None)
+        .await
+        .expect("token");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{api_addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let header = format!("Bearer {}", token.token).parse().expect("header");
+    let mut api = InstanceServiceClient::with_interceptor(channel, Bearer(header));
+    let created = api
+        .create_instance(CreateInstanceRequest {
+            parent: "tenants/demo".into(),
+            instance_id: "db-1".into(),
+            instance: Some(Instance {
+                spec: Some(InstanceSpec {
+                    plan: "kvx.small".into(),
+                    region: "us-east-1".into(),
+                    size_gb: 10,
+                    owner_email: "owner@example.com".into(),
+                }),
+                ..Instance::default()
+            }),
+            request_id: "create-db-1".into(),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert_ne!(created.status, InstanceStatus::Ready as i32);
+
+    let start = std::time::Instant::now();
+    loop {
+        let got = api
+            .get_instance(GetInstanceRequest {
+                name: "tenants/demo/instances/db-1".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if got.status == InstanceStatus::Ready as i32 {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "instance not ready: {got:?}\n{}",
+            engine.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The "ready" mail arrived (setpoint.noop sends none): the KVX steps ran.
+    wait_for("the ready mail", || {
+        let s = subjects(maildir);
+        async move { s.iter().any(|s| s.contains("db-1")).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,63 +440,7 @@ drift = "mark"
     let api_addr = logged_addr(&engine, "gRPC API listening").await;
     let metrics_addr = logged_addr(&engine, "metrics, /healthz and /readyz listening").await;
     assert!(engine.printed("KVX workflows on"), "{}", engine.output());
-
-    let token = setpoint::api::auth::create_token(&db.pool, "demo", false, None)
-        .await
-        .expect("token");
-    let channel = tonic::transport::Channel::from_shared(format!("http://{api_addr}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let header = format!("Bearer {}", token.token).parse().expect("header");
-    let mut api = InstanceServiceClient::with_interceptor(channel, Bearer(header));
-    let created = api
-        .create_instance(CreateInstanceRequest {
-            parent: "tenants/demo".into(),
-            instance_id: "db-1".into(),
-            instance: Some(Instance {
-                spec: Some(InstanceSpec {
-                    plan: "kvx.small".into(),
-                    region: "us-east-1".into(),
-                    size_gb: 10,
-                    owner_email: "owner@example.com".into(),
-                }),
-                ..Instance::default()
-            }),
-            request_id: "create-db-1".into(),
-        })
-        .await
-        .expect("create")
-        .into_inner();
-    assert_ne!(created.status, InstanceStatus::Ready as i32);
-
-    let start = std::time::Instant::now();
-    loop {
-        let got = api
-            .get_instance(GetInstanceRequest {
-                name: "tenants/demo/instances/db-1".into(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
-        if got.status == InstanceStatus::Ready as i32 {
-            break;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "instance not ready: {got:?}\n{}",
-            engine.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // The "ready" mail arrived (setpoint.noop sends none): the KVX steps ran.
-    wait_for("the ready mail", || {
-        let s = subjects(&maildir);
-        async move { s.iter().any(|s| s.contains("db-1")).then_some(()) }
-    })
-    .await;
+    create_to_ready(&engine, &api_addr, &db.pool, &maildir).await;
 
     // Metrics and health are served.
     let metrics_addr2 = metrics_addr.clone();
@@ -514,5 +530,187 @@ async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
     assert_eq!(off.len(), 1, "{out}");
     assert!(off[0].contains("setpoint.noop"), "{out}");
     drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The environment the Terraform module gives the engine.
+
+/// The environment variable names `terraform/modules/setpoint/ecs.tf` gives the engine
+/// container: (always set, set only when an optional input is given). Secrets (ECS `secrets`)
+/// count as always set.
+fn module_environment_names() -> (Vec<String>, Vec<String>) {
+    let ecs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("terraform/modules/setpoint/ecs.tf"),
+    )
+    .expect("ecs.tf");
+    let start = ecs
+        .find("engine_environment = merge(")
+        .expect("engine_environment");
+    let end = ecs[start..]
+        .find("prometheus_config")
+        .expect("end of the engine's settings")
+        + start;
+    let (mut always, mut optional) = (Vec::new(), Vec::new());
+    for line in ecs[start..end].lines() {
+        let line = line.trim();
+        // `NAME = value` inside a map; an optional one reads `var.x == null ? {} : { NAME = … }`.
+        let (conditional, entry) = match line.split_once("? {} : {") {
+            Some((_, rest)) => (true, rest.trim()),
+            None => (false, line),
+        };
+        let Some((name, _)) = entry.split_once('=') else {
+            continue;
+        };
+        let name = name.trim();
+        if (name.starts_with("SETPOINT_") || name == "RUST_LOG")
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            if conditional {
+                &mut optional
+            } else {
+                &mut always
+            }
+            .push(name.to_owned());
+        }
+    }
+    assert!(
+        always.iter().any(|n| n == "SETPOINT_KUBERNETES_TOKEN"),
+        "ecs.tf parsed: {always:?} {optional:?}"
+    );
+    (always, optional)
+}
+
+/// A subnet and a security group of moto's default VPC (the module passes ids that exist).
+async fn moto_network(moto: &str) -> (String, String) {
+    let mut config = setpoint_ec2::Ec2Config::new("us-east-1");
+    config.endpoint_url = Some(moto.to_owned());
+    let ec2 = config
+        .client_with_credentials(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .await
+        .expect("ec2 client");
+    let subnets = ec2.describe_subnets().send().await.expect("subnets");
+    let subnet = subnets.subnets()[0]
+        .subnet_id()
+        .expect("subnet id")
+        .to_owned();
+    let groups = ec2
+        .describe_security_groups()
+        .send()
+        .await
+        .expect("security groups");
+    let group = groups.security_groups()[0]
+        .group_id()
+        .expect("group id")
+        .to_owned();
+    (subnet, group)
+}
+
+/// `setpoint serve` started the way the module's ECS task starts it (no config file, no flags,
+/// exactly the environment names `ecs.tf` sets) becomes ready and runs a create to READY. The
+/// values point at local peers; where they must differ from AWS, the comments say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_with_exactly_the_terraform_module_environment() {
+    let dir = tmp("module-env");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let peers = Peers::start(&dir).await;
+    // The API server accepts only the service account's token (401 otherwise, a permanent
+    // error that would leave the instance FAILED): READY proves the engine sent it.
+    let k8s_token = "eyJhbGciOiJSUzI1NiJ9.service-account-token";
+    peers.k8s.require_token(Some(k8s_token));
+    let (subnet, group) = moto_network(&peers.moto).await;
+
+    let (always, optional) = module_environment_names();
+    let db_port = db
+        .url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(port, _)| port.to_owned())
+        .expect("port in the test database URL");
+    let listen = format!("127.0.0.1:{}", common::peers::free_port());
+    let metrics = format!("127.0.0.1:{}", common::peers::free_port());
+    let k8s_url = peers.k8s.url();
+    // As an ECS secret arrives: the value as stored, here with the newline `kubectl` prints.
+    let k8s_token_secret = format!("{k8s_token}\n");
+    let smtp_url = format!("smtp://{}?security=none", peers.smtp);
+    let env: Vec<(&str, &str)> = vec![
+        ("SETPOINT_DATABASE_HOST", "127.0.0.1"),
+        ("SETPOINT_DATABASE_PORT", &db_port),
+        ("SETPOINT_DATABASE_NAME", &db.name),
+        ("SETPOINT_DATABASE_USER", "postgres"),
+        // The test cluster trusts local connections, so any password is accepted; it has no TLS,
+        // so `prefer` stands in for the module's `require` (RDS has TLS).
+        ("SETPOINT_DATABASE_PASSWORD", "from-secrets-manager"),
+        ("SETPOINT_DATABASE_SSLMODE", "prefer"),
+        ("SETPOINT_SHUTDOWN_GRACE", "5s"),
+        ("SETPOINT_LOG_FORMAT", "json"),
+        ("SETPOINT_LISTEN", &listen),
+        ("SETPOINT_METRICS_LISTEN", &metrics),
+        ("SETPOINT_AWS_REGION", "us-east-1"),
+        ("SETPOINT_EC2_SUBNET_ID", &subnet),
+        ("SETPOINT_EC2_SECURITY_GROUP_IDS", &group),
+        ("SETPOINT_EC2_IMAGE_ID", "ami-12c6146b"),
+        // The test server speaks plain http on loopback, the one place a token may go without
+        // TLS; so no CA bundle here (it is optional in the module, and only valid with https).
+        ("SETPOINT_KUBERNETES_URL", &k8s_url),
+        ("SETPOINT_KUBERNETES_TOKEN", &k8s_token_secret),
+        (
+            "SETPOINT_KUBERNETES_IMAGE",
+            "registry.example.com/kvx-proxy:1.4",
+        ),
+        // aiosmtpd offers neither STARTTLS nor AUTH; SES SMTP gets smtp://USER:PASS@…:587.
+        ("SETPOINT_SMTP_URL", &smtp_url),
+        ("SETPOINT_EMAIL_FROM", "noreply@setpoint.test"),
+        ("RUST_LOG", "info,sqlx=warn"),
+    ];
+    let names: Vec<&str> = env.iter().map(|(k, _)| *k).collect();
+    for name in &always {
+        assert!(
+            names.contains(&name.as_str()),
+            "the module sets {name}; this test must too"
+        );
+    }
+    for name in &names {
+        assert!(
+            always.iter().chain(&optional).any(|n| n == name),
+            "{name} is not set by the module"
+        );
+    }
+
+    // Not setpoint settings: in ECS the task role gives credentials and EC2 is AWS itself.
+    let mut cmd = serve_command(&env);
+    cmd.env("AWS_ENDPOINT_URL_EC2", &peers.moto);
+    let engine = EngineProcess::from_command(cmd);
+    let api_addr = logged_addr(&engine, "gRPC API listening").await;
+    assert_eq!(api_addr, listen);
+    assert!(engine.printed("KVX workflows on"), "{}", engine.output());
+
+    // Ready, as a load balancer or ECS health check would ask.
+    let ready = wait_for("/readyz to answer 200", || {
+        let metrics = metrics.clone();
+        async move {
+            tokio::task::spawn_blocking(move || http_get(&metrics, "/readyz"))
+                .await
+                .ok()
+                .flatten()
+                .filter(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+        }
+    })
+    .await;
+    assert!(!ready.is_empty());
+
+    create_to_ready(&engine, &api_addr, &db.pool, &peers.maildir).await;
+    let out = engine.output();
+    assert!(
+        !out.contains("service-account-token"),
+        "the token was logged: {out}"
+    );
+
+    drop(engine);
+    drop(peers);
     let _ = std::fs::remove_dir_all(&dir);
 }
