@@ -333,19 +333,25 @@ pub async fn work_complete_if_leased(
     worker: &str,
     batch: &[Completion],
 ) -> Result<Vec<Completed>, StoreError> {
-    let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
-    let attempts: Vec<i32> = batch.iter().map(|c| c.attempt).collect();
-    let details: Vec<&Value> = batch.iter().map(|c| &c.detail).collect();
+    // Sorted by id, so that a row finds its place in the arrays by binary search
+    // (width_bucket) rather than by a linear array_position: with 1000 units a batch, the
+    // linear search was a visible share of the completion's CPU.
+    let mut sorted: Vec<&Completion> = batch.iter().collect();
+    sorted.sort_unstable_by_key(|c| c.id);
+    sorted.dedup_by_key(|c| c.id);
+    let ids: Vec<i64> = sorted.iter().map(|c| c.id).collect();
+    let attempts: Vec<i32> = sorted.iter().map(|c| c.attempt).collect();
+    let details: Vec<&Value> = sorted.iter().map(|c| &c.detail).collect();
     let rows = sqlx::query(
         // No join with the unnested arrays: with a batch on both sides the planner picks a
         // nested loop that re-reads the arrays once per row (quadratic in the batch, ~0.6 s for
-        // 1000 units). array_position is a linear search in a few KB of integers instead.
+        // 1000 units). width_bucket on the sorted ids is the row's index in the arrays.
         "WITH done AS (
              DELETE FROM work w
-             WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
+             WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[width_bucket(w.id, $2)]
                AND w.lease_owner = $1
              RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant,
-                       ($4::jsonb[])[array_position($2, w.id)] AS detail
+                       ($4::jsonb[])[width_bucket(w.id, $2)] AS detail
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, detail)
              SELECT id, token, 'succeeded', attempt, $1, detail FROM done

@@ -33,9 +33,21 @@ pub enum TokenError {
 }
 
 impl IdempotencyToken {
-    /// A fresh random token (32 lowercase hex digits), unique with overwhelming probability.
+    /// A fresh token (32 lowercase hex digits), unique with overwhelming probability: 12
+    /// digits of milliseconds since the Unix epoch, then 20 random digits (80 random bits).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        // Time-ordered rather than fully random (the layout of a UUIDv7): the unique index on
+        // tokens then grows at its right edge like the id index, instead of writing into a
+        // random page of a large index for every enqueued unit.
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self(format!(
+            "{:012x}{}",
+            millis & 0xffff_ffff_ffff,
+            &random[..20]
+        ))
     }
 
     /// Validates `s` as a token.
