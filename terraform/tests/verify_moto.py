@@ -130,6 +130,27 @@ check(len(tags) == 1 and tags[0].get("Condition", {}).get("StringEquals", {}).ge
 term = stmts_for("ec2:TerminateInstances")
 check(len(term) == 1 and term[0].get("Condition", {}).get("StringEquals", {}).get("aws:ResourceTag/setpoint:managed") == "true",
       "TerminateInstances only on instances tagged setpoint:managed=true")
+
+
+def managed_instances_only(s):
+    return (all(r.endswith(":instance/*") for r in as_list(s["Resource"]))
+            and s.get("Condition", {}).get("StringEquals", {}).get("aws:ResourceTag/setpoint:managed") == "true")
+
+
+# Resize on a plan change: stop, change the type, start; only managed instances.
+for action in ["ec2:StopInstances", "ec2:StartInstances", "ec2:ModifyInstanceAttribute"]:
+    found = stmts_for(action)
+    check(len(found) == 1 and managed_instances_only(found[0]),
+          f"{action} only on instances tagged setpoint:managed=true")
+modify = stmts_for("ec2:ModifyInstanceAttribute")
+check(len(modify) == 1 and as_list(modify[0]["Action"]) == ["ec2:ModifyInstanceAttribute"]
+      and {k.lower(): v for k, v in modify[0].get("Condition", {}).get("Null", {}).items()}.get("ec2:attribute/instancetype") == "false",
+      "ModifyInstanceAttribute only when the request sets the instance type (ec2:Attribute/InstanceType present)")
+# Every statement on instances but the launch (request tag) and launch-time tagging needs the tag.
+for s in stmts:
+    if any(r.endswith(":instance/*") for r in as_list(s["Resource"])) and \
+            not set(as_list(s["Action"])) <= {"ec2:RunInstances", "ec2:CreateTags"}:
+        check(managed_instances_only(s), f"statement {s.get('Sid')} on instances requires setpoint:managed=true")
 net = [s for s in run if any(":subnet/" in r for r in as_list(s["Resource"]))]
 check(len(net) == 1 and all(":subnet/subnet-" in r or ":security-group/sg-" in r for r in as_list(net[0]["Resource"])),
       "RunInstances only into the configured subnet and security groups")

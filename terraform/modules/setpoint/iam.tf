@@ -53,6 +53,9 @@ resource "aws_iam_role_policy" "execution_secrets" {
 #    configured subnet and security groups;
 #  - create tags only as part of RunInstances (ec2:CreateAction), never on existing resources;
 #  - terminate only instances that carry setpoint:managed=true;
+#  - resize (a plan change) only instances that carry setpoint:managed=true: stop, start, and
+#    ModifyInstanceAttribute only when the request sets the instance type (not user data,
+#    security groups, termination protection or any other attribute);
 #  - describe anything (Describe* cannot be scoped to resources).
 # ---------------------------------------------------------------------------------------------
 resource "aws_iam_role" "engine" {
@@ -131,6 +134,40 @@ data "aws_iam_policy_document" "engine" {
       test     = "StringEquals"
       variable = "aws:ResourceTag/setpoint:managed"
       values   = ["true"]
+    }
+  }
+
+  # Resizing on a plan change (adapters/ec2 resize_instance): stop, change the type, start.
+  statement {
+    sid       = "Ec2StopStartOnlyManagedInstances"
+    actions   = ["ec2:StopInstances", "ec2:StartInstances"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/setpoint:managed"
+      values   = ["true"]
+    }
+  }
+
+  # ModifyInstanceAttribute changes one attribute per call, and can change user data, security
+  # groups, termination/stop protection, the shutdown behaviour and more. The engine only ever
+  # sets the instance type, so the request must carry ec2:Attribute/InstanceType (a key of this
+  # action in the Service Authorization Reference; present when the request sets the instance
+  # type). Its presence is tested rather than the value of ec2:Attribute: condition key names
+  # are case-insensitive, whereas the exact value ec2:Attribute takes is not documented.
+  statement {
+    sid       = "Ec2ResizeOnlyManagedInstances"
+    actions   = ["ec2:ModifyInstanceAttribute"]
+    resources = ["${local.ec2_arn}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/setpoint:managed"
+      values   = ["true"]
+    }
+    condition {
+      test     = "Null"
+      variable = "ec2:Attribute/InstanceType"
+      values   = ["false"]
     }
   }
 
