@@ -133,6 +133,7 @@ async fn commit(pool: &PgPool, worker: &str, batch: &[Finished]) -> Result<usize
                     .and_then(|d| chrono::Duration::from_std(d).ok())
                     .map(|d| Utc::now() + d),
                 max_attempts: None,
+                fresh_token: false,
             });
         }
     }
