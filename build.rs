@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate!("./migrations") embeds the files it saw when the crate was compiled; a new
+    // migration alone would not recompile the crate without this.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("setpoint_descriptor.bin"), fds.encode_to_vec())?;
