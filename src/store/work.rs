@@ -365,7 +365,10 @@ pub async fn work_complete_if_leased(
     sorted.dedup_by_key(|c| c.id);
     let ids: Vec<i64> = sorted.iter().map(|c| c.id).collect();
     let attempts: Vec<i32> = sorted.iter().map(|c| c.attempt).collect();
-    let details: Vec<&Value> = sorted.iter().map(|c| &c.detail).collect();
+    // One JSON array rather than a jsonb[]: PostgreSQL reaches element i of an array of a
+    // variable-length type by walking the i-1 before it (quadratic over a batch), while a jsonb
+    // array keeps offsets and finds it at once.
+    let details = sqlx::types::Json(sorted.iter().map(|c| &c.detail).collect::<Vec<_>>());
     let rows = sqlx::query(
         // No join with the unnested arrays: with a batch on both sides the planner picks a
         // nested loop that re-reads the arrays once per row (quadratic in the batch, ~0.6 s for
@@ -375,7 +378,7 @@ pub async fn work_complete_if_leased(
              WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[width_bucket(w.id, $2)]
                AND w.lease_owner = $1
              RETURNING w.id, w.token, w.attempt, w.resource_id, w.tenant,
-                       ($4::jsonb[])[width_bucket(w.id, $2)] AS detail
+                       $4::jsonb -> (width_bucket(w.id, $2) - 1) AS detail
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, detail)
              SELECT id, token, 'succeeded', attempt, $1, detail FROM done
