@@ -92,6 +92,15 @@ pub async fn wake_workers(pool: &sqlx::PgPool) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// [`wake_workers`] on a connection the caller holds (outside a transaction).
+///
+/// # Errors
+/// Database errors.
+pub async fn wake_workers_on(conn: &mut PgConnection) -> Result<(), QueueError> {
+    notify_workers(conn).await?;
+    Ok(())
+}
+
 /// Enqueues many units with one statement in the caller's transaction. Units whose token is
 /// already queued are skipped (not returned).
 ///
@@ -102,6 +111,18 @@ pub async fn enqueue_many(
     units: &[NewWork],
 ) -> Result<Vec<Enqueued>, QueueError> {
     Ok(work_enqueue(conn, units).await?)
+}
+
+/// [`enqueue_many`] without waking workers: call [`wake_workers`] after the commit (see
+/// [`enqueue_quiet`]). Units whose token is already queued are skipped (not returned).
+///
+/// # Errors
+/// Database errors.
+pub async fn enqueue_many_quiet(
+    conn: &mut PgConnection,
+    units: &[NewWork],
+) -> Result<Vec<Enqueued>, QueueError> {
+    Ok(work_enqueue_quiet(conn, units).await?)
 }
 
 /// A unit and its history.

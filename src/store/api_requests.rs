@@ -76,3 +76,64 @@ pub async fn api_request_store_response(
         .await?;
     Ok(())
 }
+
+/// A request id claimed by this transaction, and what becomes of it in
+/// [`api_requests_settle`].
+#[derive(Debug, Clone)]
+pub struct Settle<'a> {
+    /// The claim row's ctid, as the claiming statement returned it (as text).
+    pub claim: &'a str,
+    /// The encoded answer to store; `None` releases the claim (the request failed, as if its
+    /// transaction had rolled back, so that a retry runs it again).
+    pub response: Option<&'a [u8]>,
+}
+
+/// Stores the answers of many request ids claimed by this transaction and releases the others,
+/// in one statement. The rows are found by ctid: a join on the key would make the planner
+/// hash the whole table for a large batch.
+///
+/// # Errors
+/// Database errors; a protocol error when a claim was not found.
+pub async fn api_requests_settle(
+    conn: &mut PgConnection,
+    settles: &[Settle<'_>],
+) -> Result<(), StoreError> {
+    if settles.is_empty() {
+        return Ok(());
+    }
+    let (mut stored, mut answers, mut released) = (Vec::new(), Vec::new(), Vec::new());
+    for s in settles {
+        match s.response {
+            Some(b) => {
+                stored.push(s.claim);
+                answers.push(b);
+            }
+            None => released.push(s.claim),
+        }
+    }
+    let touched: i64 = sqlx::query_scalar(
+        // The = ANY makes the planner fetch the rows by ctid (a TID scan).
+        "WITH stored AS (
+             UPDATE api_requests a SET response = u.response
+             FROM unnest($1::text[]::tid[], $2::bytea[]) AS u(claim, response)
+             WHERE a.ctid = u.claim AND a.ctid = ANY($1::text[]::tid[])
+             RETURNING 1
+         ), released AS (
+             DELETE FROM api_requests a WHERE a.ctid = ANY($3::text[]::tid[])
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM stored) + (SELECT count(*) FROM released)",
+    )
+    .bind(&stored)
+    .bind(&answers)
+    .bind(&released)
+    .fetch_one(conn)
+    .await?;
+    if usize::try_from(touched).ok() != Some(settles.len()) {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "settled {touched} of {} claimed request ids",
+            settles.len()
+        ))));
+    }
+    Ok(())
+}

@@ -147,6 +147,133 @@ pub async fn instance_insert(
         .transpose()
 }
 
+/// One create of a batch for [`instances_insert_claimed`].
+#[derive(Debug, Clone)]
+pub struct ClaimedCreate<'a> {
+    /// The owning tenant.
+    pub tenant: &'a str,
+    /// The client's request id.
+    pub request_id: &'a str,
+    /// sha256 of the request's body (see `api_requests`).
+    pub body_hash: &'a [u8],
+    /// The new instance's id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: &'a str,
+    /// Its desired spec.
+    pub spec: &'a Value,
+}
+
+/// What [`instances_insert_claimed`] did with one create.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimedInsert {
+    /// The request id was taken (a repeat or a reuse): nothing of this create was written.
+    Seen,
+    /// The request id is claimed by this transaction (its `api_requests` row is at `claim`),
+    /// but the tenant already has a live instance of that name: the claim must be released
+    /// before committing ([`super::api_requests::api_requests_settle`]).
+    NameTaken {
+        /// The claim row's ctid.
+        claim: String,
+    },
+    /// Claimed (the row at `claim`) and inserted (`active_work_id` is not set yet).
+    Inserted {
+        /// The claim row's ctid.
+        claim: String,
+        /// The new instance.
+        row: Box<InstanceRow>,
+    },
+}
+
+/// Claims the request ids of many CreateInstance calls (as `method`) and inserts their
+/// instances, all in one statement in the caller's transaction; one answer per create, in
+/// order. An instance is inserted only when its request id was claimed.
+///
+/// A request id or a name held by another transaction that has not ended blocks the statement
+/// until it does (as in [`super::api_requests::api_request_claim`] and [`instance_insert`]).
+/// The request ids are claimed in the order given (the caller sorts them), all of them before
+/// the first name (the sort before the instances' insert waits for every claim), and the names
+/// are taken in (tenant, name) order: so two such statements, or one and a single create (which
+/// claims its request id before its name), never wait for each other in a cycle.
+/// Request ids and names must be distinct within one call (per tenant): the statement cannot
+/// tell which of two equal ones won. Each claim comes with its row's ctid, which stays valid
+/// until the transaction ends (no other transaction can change a row it cannot see yet), so
+/// that settling the claims needs no index lookups.
+pub async fn instances_insert_claimed(
+    conn: &mut PgConnection,
+    method: &str,
+    creates: &[ClaimedCreate<'_>],
+) -> Result<Vec<ClaimedInsert>, StoreError> {
+    if creates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = creates.len();
+    let ords: Vec<i32> = (0..n)
+        .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect();
+    let tenants: Vec<&str> = creates.iter().map(|c| c.tenant).collect();
+    let request_ids: Vec<&str> = creates.iter().map(|c| c.request_id).collect();
+    let hashes: Vec<&[u8]> = creates.iter().map(|c| c.body_hash).collect();
+    let ids: Vec<Uuid> = creates.iter().map(|c| c.id).collect();
+    let names: Vec<&str> = creates.iter().map(|c| c.name).collect();
+    let specs: Vec<&Value> = creates.iter().map(|c| c.spec).collect();
+    let sql = format!(
+        "WITH input AS (
+             SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bytea[], $5::uuid[],
+                                  $6::text[], $7::jsonb[])
+                 AS u(ord, tenant, request_id, body_hash, id, name, spec)
+         ), claimed AS (
+             INSERT INTO api_requests (tenant, request_id, method, body_hash)
+             SELECT tenant, request_id, $8, body_hash FROM input ORDER BY ord
+             ON CONFLICT (tenant, request_id) DO NOTHING
+             RETURNING tenant, request_id, ctid::text AS claim
+         ), inserted AS (
+             INSERT INTO instances (id, tenant, name, spec, operation, has_active_work)
+             SELECT i.id, i.tenant, i.name, i.spec, 'create', true
+             FROM input i JOIN claimed c ON c.tenant = i.tenant AND c.request_id = i.request_id
+             ORDER BY i.tenant, i.name
+             ON CONFLICT (tenant, name) WHERE deleted_at IS NULL DO NOTHING
+             {INSTANCE_RETURNING}
+         )
+         SELECT i.ord, c.claim, n.*
+         FROM input i
+         LEFT JOIN claimed c ON c.tenant = i.tenant AND c.request_id = i.request_id
+         LEFT JOIN inserted n ON n.id = i.id
+         ORDER BY i.ord"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&ords)
+        .bind(&tenants)
+        .bind(&request_ids)
+        .bind(&hashes)
+        .bind(&ids)
+        .bind(&names)
+        .bind(&specs)
+        .bind(method)
+        .fetch_all(conn)
+        .await?;
+    let mut out = Vec::with_capacity(n);
+    for r in rows {
+        let claim: Option<String> = r.try_get("claim")?;
+        let inserted: Option<Uuid> = r.try_get("id")?;
+        out.push(match (claim, inserted) {
+            (None, _) => ClaimedInsert::Seen,
+            (Some(claim), None) => ClaimedInsert::NameTaken { claim },
+            (Some(claim), Some(_)) => ClaimedInsert::Inserted {
+                claim,
+                row: Box::new(instance_row(r)?),
+            },
+        });
+    }
+    if out.len() != n {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "batched create returned {} rows for {n} creates",
+            out.len()
+        ))));
+    }
+    Ok(out)
+}
+
 /// The tenant's live instance `name`; with `lock`, the row is locked for update until the
 /// transaction ends.
 pub async fn instance_get(

@@ -13,7 +13,7 @@ pub mod workflows;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, PgConnection, PgPool};
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,33 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// A connection of its own, outside `pool` but with its settings, for a task that keeps it
+/// (a batch executor): it never waits for the pool, and the pool's test before each acquire
+/// (a round trip) is saved.
+///
+/// # Errors
+/// When the connection fails.
+pub async fn connect_dedicated(pool: &PgPool) -> Result<PgConnection, StoreError> {
+    Ok(pool.connect_options().connect().await?)
+}
+
+/// Makes `conn`'s prepared statements use generic plans (`plan_cache_mode =
+/// force_generic_plan`) for the rest of its session.
+///
+/// For batch statements over arrays on a connection of their own: PostgreSQL would otherwise
+/// plan them anew at every call (a custom plan for each array length looks cheaper than the
+/// generic one), and planning a statement of several data-modifying CTEs costs more than
+/// running it for a small batch.
+///
+/// # Errors
+/// Database errors.
+pub async fn use_generic_plans(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Applies every migration not yet applied. Safe to run from several processes at once
