@@ -13,10 +13,14 @@
 //! | `adapter_calls_total`                    | counter   | `adapter`, `operation`, `result`|
 //! | `adapter_call_duration_seconds`          | histogram | `adapter`, `operation`, `result`|
 //! | `api_requests_total`                     | counter   | `method`, `code`                |
+//! | `api_create_batches_total`               | counter   | `result`                        |
+//! | `api_create_batched_total`               | counter   | `result`                        |
 //!
-//! `result` is `ok`, `transient` or `permanent`; `action` is `retry` or `park`. The queue
-//! gauges are refreshed from the database every few seconds by [`serve`]. The recording
-//! functions are cheap no-ops until a recorder is installed ([`install`]).
+//! `result` is `ok`, `transient` or `permanent`; `action` is `retry` or `park`. The API's group
+//! commit counts batches of creates and the creates in them, by `result`: `committed` or
+//! `failed` (a failed batch's creates then run one by one). The queue gauges are refreshed from
+//! the database every few seconds by [`serve`]. The recording functions are cheap no-ops until
+//! a recorder is installed ([`install`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -98,6 +102,14 @@ pub fn unit_failed(kind: &str, class: &'static str, action: &'static str) {
 pub fn api_request(method: &str, code: &str) {
     metrics::counter!("setpoint_api_requests_total", "method" => method.to_owned(), "code" => code.to_owned())
         .increment(1);
+}
+
+/// A batch of `creates` CreateInstance calls was `committed` or `failed` (then each ran on
+/// its own).
+pub fn api_create_batch(result: &'static str, creates: usize) {
+    metrics::counter!("setpoint_api_create_batches_total", "result" => result).increment(1);
+    metrics::counter!("setpoint_api_create_batched_total", "result" => result)
+        .increment(creates as u64);
 }
 
 /// Runs an adapter call, recording its latency and result class.

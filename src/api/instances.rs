@@ -1,7 +1,9 @@
 //! `setpoint.v1.InstanceService`: the user-facing resource. Create, Update and Delete write
 //! the desired state, the first unit of work and `has_active_work = true` in one transaction
-//! (together with the request id's stored answer), then answer. Status changes after that are
-//! the trigger's (see [`super::status`]).
+//! (together with the request id's stored answer), then answer. Concurrent Creates share their
+//! transaction (group commit, see [`super::batch`]); what a batch cannot settle runs on its own
+//! and gets the same answer. Status changes after that are the trigger's (see
+//! [`super::status`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use uuid::Uuid;
 
 use super::ApiConfig;
 use super::auth::Caller;
+use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
@@ -28,6 +31,7 @@ use super::proto::{
 };
 use super::status::InstanceState;
 use super::validate::{self, SpecFields};
+use super::wake::WorkerWaker;
 use super::watch::InstanceEvents;
 use crate::queue::{self, NewWork};
 use crate::store::StoreError;
@@ -45,41 +49,81 @@ pub struct Instances {
     /// Ends every Watch stream when the server shuts down (a graceful shutdown waits for open
     /// streams).
     shutdown: CancellationToken,
+    /// Wakes the workers after a committed change, off the request's path. Units are enqueued
+    /// without a NOTIFY in the request's transaction (which would make concurrent commits
+    /// queue up behind one another); workers also poll, so a lost wake-up only costs latency.
+    waker: WorkerWaker,
+    /// Group commit of Creates; `None` runs every Create on its own.
+    creates: Option<CreateBatcher>,
 }
 
 impl Instances {
-    /// Wakes the workers after a committed change, off the request's path. The unit was
-    /// enqueued without a NOTIFY in the request's transaction (which would make concurrent
-    /// commits queue up behind one another); workers also poll, so a lost wake-up only costs
-    /// latency.
-    fn wake(&self) {
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            if let Err(e) = queue::wake_workers(&pool).await {
-                tracing::debug!(error = %e, "waking workers failed; they will poll");
-            }
-        });
-    }
-
     /// The service on `pool`, fed by `events` for Watch; Watch streams end at `shutdown`.
+    /// Starts the Create batch executors of `config` (none when
+    /// [`ApiConfig::create_batch_executors`] is 0).
     pub fn new(
         pool: PgPool,
         config: Arc<ApiConfig>,
         events: Arc<InstanceEvents>,
         shutdown: CancellationToken,
     ) -> Self {
+        let waker = WorkerWaker::start(pool.clone());
+        let creates = (config.create_batch_executors > 0).then(|| {
+            CreateBatcher::start(
+                pool.clone(),
+                config.create_kind.clone(),
+                config.create_batch_executors,
+                config.create_batch_max,
+                waker.clone(),
+            )
+        });
         Self {
             pool,
             config,
             events,
             shutdown,
+            waker,
+            creates,
         }
+    }
+
+    /// A Create on its own: its own transaction, with the request id claimed first.
+    async fn create_alone(&self, c: &NewCreate) -> Result<Instance, ApiError> {
+        let tenant = c.tenant.as_str();
+        let mut tx = match idempotency::begin::<Instance>(
+            &self.pool,
+            tenant,
+            &c.request_id,
+            CREATE_METHOD,
+            &c.body_hash,
+        )
+        .await?
+        {
+            Begun::Replay(answer) => return Ok(answer),
+            Begun::New(tx) => tx,
+        };
+        let id = Uuid::new_v4();
+        let Some(mut row) = instance_insert(&mut tx, id, tenant, &c.name, &c.spec).await? else {
+            return Err(ApiError::AlreadyExists(instance_name(tenant, &c.name)));
+        };
+        let unit = queue::enqueue_quiet(
+            &mut tx,
+            NewWork::new(self.config.create_kind.clone(), work_spec(&row, "create"))
+                .for_resource(id, tenant),
+        )
+        .await?;
+        row.active_work_id = Some(unit.id);
+        let answer = convert::instance(&row);
+        idempotency::finish(tx, tenant, &c.request_id, &answer).await?;
+        self.waker.wake();
+        tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
+        Ok(answer)
     }
 }
 
 /// The spec a unit of `operation` is enqueued with: everything a workflow needs to find and
 /// change the instance.
-fn work_spec(row: &InstanceRow, operation: &str) -> Value {
+pub(super) fn work_spec(row: &InstanceRow, operation: &str) -> Value {
     json!({
         "instance_id": row.id,
         "tenant": row.tenant,
@@ -146,51 +190,34 @@ impl InstanceService for Instances {
         }
         validate::finish(v)?;
         let spec = spec.unwrap_or_default();
-        let hash = idempotency::body_hash(
-            "CreateInstance",
+        let body_hash = idempotency::body_hash(
+            CREATE_METHOD,
             &CreateInstanceRequest {
                 request_id: String::new(),
                 ..r.clone()
             },
         );
-        let tenant = caller.tenant.as_str();
-        let mut tx = match idempotency::begin::<Instance>(
-            &self.pool,
-            tenant,
-            &r.request_id,
-            "CreateInstance",
-            &hash,
-        )
-        .await?
-        {
-            Begun::Replay(answer) => return Ok(Response::new(answer)),
-            Begun::New(tx) => tx,
+        let create = NewCreate {
+            tenant: caller.tenant,
+            request_id: r.request_id,
+            name: r.instance_id,
+            spec: convert::spec_to_json(&spec),
+            body_hash,
         };
-        let id = Uuid::new_v4();
-        let Some(mut row) = instance_insert(
-            &mut tx,
-            id,
-            tenant,
-            &r.instance_id,
-            &convert::spec_to_json(&spec),
-        )
-        .await?
-        else {
-            return Err(ApiError::AlreadyExists(instance_name(tenant, &r.instance_id)).into());
-        };
-        let unit = queue::enqueue_quiet(
-            &mut tx,
-            NewWork::new(self.config.create_kind.clone(), work_spec(&row, "create"))
-                .for_resource(id, tenant),
-        )
-        .await
-        .map_err(ApiError::from)?;
-        row.active_work_id = Some(unit.id);
-        let answer = convert::instance(&row);
-        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
-        self.wake();
-        tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
-        Ok(Response::new(answer))
+        if let Some(batcher) = &self.creates {
+            match batcher.submit(create.clone()).await {
+                Settled::Created(answer) => return Ok(Response::new(*answer)),
+                Settled::NameTaken => {
+                    return Err(ApiError::AlreadyExists(instance_name(
+                        &create.tenant,
+                        &create.name,
+                    ))
+                    .into());
+                }
+                Settled::Alone => {}
+            }
+        }
+        Ok(Response::new(self.create_alone(&create).await?))
     }
 
     async fn get_instance(
@@ -394,7 +421,7 @@ impl InstanceService for Instances {
             convert::instance(&row)
         };
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
-        self.wake();
+        self.waker.wake();
         Ok(Response::new(answer))
     }
 
@@ -444,7 +471,7 @@ impl InstanceService for Instances {
         row.active_work_id = Some(unit.id);
         let answer = convert::instance(&row);
         idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
-        self.wake();
+        self.waker.wake();
         tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance delete accepted");
         Ok(Response::new(answer))
     }

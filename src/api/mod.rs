@@ -9,6 +9,8 @@
 //! - [`validate`]: input rules → `INVALID_ARGUMENT` with `BadRequest` field violations.
 //! - [`errors`]: [`ApiError`] and its mapping to gRPC statuses with `google.rpc` details.
 //! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
+//! - [`batch`]: group commit of CreateInstance (many creates, one transaction).
+//! - [`wake`]: waking the workers after commits, one NOTIFY at a time.
 //! - [`status`]: the instance life cycle (the transitions live in one SQL trigger).
 //! - [`watch`]: the LISTEN/NOTIFY feed behind `WatchInstance`.
 //! - [`convert`]: rows ↔ messages.
@@ -18,6 +20,7 @@
 //! reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha).
 
 pub mod auth;
+pub mod batch;
 pub mod bench;
 pub mod convert;
 pub mod errors;
@@ -26,6 +29,7 @@ pub mod instances;
 pub mod proto;
 pub mod status;
 pub mod validate;
+pub mod wake;
 pub mod watch;
 pub mod work;
 
@@ -76,6 +80,11 @@ pub struct ApiConfig {
     pub max_message_bytes: usize,
     /// TLS; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
+    /// Concurrent transactions that each commit a batch of Creates (see [`batch`]); 0 runs
+    /// every Create in a transaction of its own.
+    pub create_batch_executors: usize,
+    /// Most Creates in one batch.
+    pub create_batch_max: usize,
 }
 
 impl Default for ApiConfig {
@@ -86,6 +95,8 @@ impl Default for ApiConfig {
             delete_kind: "setpoint.noop".into(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             tls: None,
+            create_batch_executors: batch::DEFAULT_EXECUTORS,
+            create_batch_max: batch::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -117,6 +128,14 @@ pub struct ApiArgs {
     /// Largest request message in bytes.
     #[arg(long, env = "SETPOINT_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Concurrent transactions committing batches of Creates (group commit); 0 commits each
+    /// Create on its own.
+    #[arg(long, env = "SETPOINT_CREATE_BATCH_EXECUTORS", default_value_t = batch::DEFAULT_EXECUTORS)]
+    pub create_batch_executors: usize,
+    /// Most Creates committed in one batch.
+    #[arg(long, env = "SETPOINT_CREATE_BATCH_MAX", default_value_t = batch::DEFAULT_MAX_BATCH,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub create_batch_max: usize,
 }
 
 impl ApiArgs {
@@ -127,6 +146,8 @@ impl ApiArgs {
             update_kind: self.update_kind.clone(),
             delete_kind: self.delete_kind.clone(),
             max_message_bytes: self.max_message_bytes,
+            create_batch_executors: self.create_batch_executors,
+            create_batch_max: self.create_batch_max,
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert: cert.clone(),
