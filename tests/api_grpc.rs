@@ -869,3 +869,223 @@ async fn update_delete_and_paged_list_through_the_life_cycle() {
         .unwrap();
     env.stop().await;
 }
+
+/// What one concurrent Create of [`concurrent_creates_get_the_answer_each_would_get_alone`]
+/// asked and got.
+struct Call {
+    tenant: &'static str,
+    rid: String,
+    name: String,
+    answer: Result<setpoint::api::proto::Instance, tonic::Status>,
+}
+
+/// Fires `reqs` (tenant, name, request id) at once over a few connections.
+async fn fire_creates(env: &Env, reqs: Vec<(&'static str, String, String)>) -> Vec<Call> {
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(env.instances().await);
+    }
+    let mut calls = Vec::new();
+    for (i, (tenant, name, rid)) in reqs.into_iter().enumerate() {
+        let mut c = clients[i % clients.len()].clone();
+        let token = if tenant == "acme" {
+            env.acme.clone()
+        } else {
+            env.globex.clone()
+        };
+        calls.push(tokio::spawn(async move {
+            let answer = c
+                .create_instance(authed(&token, create_req(&name, &rid)))
+                .await
+                .map(|r| r.into_inner());
+            Call {
+                tenant,
+                rid,
+                name,
+                answer,
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for call in calls {
+        out.push(call.await.unwrap());
+    }
+    out
+}
+
+/// Group commit: many concurrent Creates — repeats of one request, one name asked for under
+/// several request ids, one request id reused with another body, two tenants with the same ids
+/// and names — each get the answer they would get alone, and every distinct create makes
+/// exactly one instance, one unit and one stored answer. Run with one batch executor (large
+/// batches holding duplicates) and with four.
+#[tokio::test]
+async fn concurrent_creates_get_the_answer_each_would_get_alone() {
+    for executors in [1, 4] {
+        let env = Env::start(setpoint::api::ApiConfig {
+            create_batch_executors: executors,
+            ..setpoint::api::ApiConfig::default()
+        })
+        .await;
+        let mut reqs = Vec::new();
+        for tenant in ["acme", "globex"] {
+            for i in 0..40 {
+                // r-0 … r-9 three times each.
+                for _ in 0..(if i < 10 { 3 } else { 1 }) {
+                    reqs.push((tenant, format!("n-{i}"), format!("r-{i}")));
+                }
+            }
+            for i in 0..6 {
+                reqs.push((tenant, "clash".to_owned(), format!("c-{i}")));
+            }
+            reqs.push((tenant, "reuse-a".to_owned(), "reused".to_owned()));
+            reqs.push((tenant, "reuse-b".to_owned(), "reused".to_owned()));
+        }
+        // Interleave (a fixed permutation: 7919 is prime to the length).
+        let n = reqs.len();
+        assert_ne!(n % 7919, 0);
+        let reqs: Vec<_> = (0..n).map(|i| reqs[(i * 7919) % n].clone()).collect();
+        let calls = fire_creates(&env, reqs).await;
+
+        for tenant in ["acme", "globex"] {
+            let mine: Vec<&Call> = calls.iter().filter(|c| c.tenant == tenant).collect();
+            for i in 0..40 {
+                let rid = format!("r-{i}");
+                let answers: Vec<_> = mine
+                    .iter()
+                    .filter(|c| c.rid == rid)
+                    .map(|c| c.answer.as_ref().expect("a distinct create succeeds"))
+                    .collect();
+                assert!(
+                    answers.iter().all(|a| *a == answers[0]),
+                    "{rid}: one answer"
+                );
+                assert_eq!(answers[0].name, format!("tenants/{tenant}/instances/n-{i}"));
+                assert!(answers[0].active_work_id > 0);
+            }
+            let clash: Vec<_> = mine.iter().filter(|c| c.name == "clash").collect();
+            assert_eq!(clash.iter().filter(|c| c.answer.is_ok()).count(), 1);
+            for c in clash.iter().filter(|c| c.answer.is_err()) {
+                let e = c.answer.as_ref().unwrap_err();
+                assert_eq!(e.code(), Code::AlreadyExists, "{}: {e:?}", c.rid);
+            }
+            let reuse: Vec<_> = mine.iter().filter(|c| c.rid == "reused").collect();
+            assert_eq!(reuse.iter().filter(|c| c.answer.is_ok()).count(), 1);
+            let refused = reuse.iter().find(|c| c.answer.is_err()).unwrap();
+            let e = refused.answer.as_ref().unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert_eq!(
+                e.get_details_error_info().unwrap().reason,
+                "REQUEST_ID_REUSED"
+            );
+        }
+
+        // Exactly one instance, one unit and one stored answer per distinct create: per
+        // tenant 40 names, the clash and one of the reused request's two bodies.
+        assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 84);
+        assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 84);
+        assert_eq!(
+            count(
+                &env.db,
+                "SELECT count(*) FROM work_events WHERE event = 'enqueued'"
+            )
+            .await,
+            84
+        );
+        assert_eq!(
+            count(
+                &env.db,
+                "SELECT count(*) FROM instances i
+                 WHERE (SELECT count(*) FROM work w WHERE w.resource_id = i.id) <> 1"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &env.db,
+                "SELECT count(*) FROM api_requests WHERE response IS NOT NULL"
+            )
+            .await,
+            84
+        );
+        assert_eq!(
+            count(&env.db, "SELECT count(*) FROM api_requests").await,
+            84
+        );
+        // Every answer names the row and the unit that were written.
+        for call in &calls {
+            if let Ok(a) = &call.answer {
+                let ok: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM instances i JOIN work w ON w.resource_id = i.id
+                     WHERE i.id::text = $1 AND i.tenant = $2 AND w.id = $3)",
+                )
+                .bind(&a.uid)
+                .bind(call.tenant)
+                .bind(a.active_work_id)
+                .fetch_one(&env.db.pool)
+                .await
+                .unwrap();
+                assert!(
+                    ok,
+                    "{} {}: the answer names its instance and unit",
+                    call.tenant, call.rid
+                );
+            }
+        }
+        // Afterwards, on their own: a repeat replays; a loser of the clash left no claim
+        // behind, so it runs again and again finds the name taken.
+        let first = calls
+            .iter()
+            .find(|c| c.tenant == "acme" && c.rid == "r-3")
+            .unwrap()
+            .answer
+            .as_ref()
+            .unwrap()
+            .clone();
+        let mut c = env.instances().await;
+        let again = c
+            .create_instance(authed(&env.acme, create_req("n-3", "r-3")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again, first);
+        let loser = calls
+            .iter()
+            .find(|c| c.tenant == "acme" && c.name == "clash" && c.answer.is_err())
+            .unwrap();
+        let e = c
+            .create_instance(authed(&env.acme, create_req("clash", &loser.rid)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 84);
+        env.stop().await;
+    }
+}
+
+/// A batch whose transaction fails (here: every unit's kind breaks a constraint of the work
+/// table) writes nothing; its creates then run one by one and fail alone, and nothing is
+/// written either.
+#[tokio::test]
+async fn a_failed_batch_writes_nothing() {
+    let env = Env::start(setpoint::api::ApiConfig {
+        create_kind: "k".repeat(200),
+        create_batch_executors: 1,
+        ..setpoint::api::ApiConfig::default()
+    })
+    .await;
+    let reqs = (0..12)
+        .map(|i| ("acme", format!("f-{i}"), format!("f-{i}")))
+        .collect();
+    for call in fire_creates(&env, reqs).await {
+        assert_eq!(call.answer.unwrap_err().code(), Code::Internal);
+    }
+    for table in ["instances", "work", "work_events", "api_requests"] {
+        assert_eq!(
+            count(&env.db, &format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    env.stop().await;
+}
