@@ -1,9 +1,10 @@
 //! `setpoint bench api`: CreateInstance calls per second with many concurrent clients against
 //! a durable PostgreSQL, next to PostgreSQL's own single-row INSERT commit rate on the same
 //! cluster in the same run (the same number of connections, each committing one-row INSERTs
-//! into a scratch table). Each Create commits one transaction (request id, instance, unit of
-//! work and its event, stored answer), so the commit rate is its ceiling. Workers do not run
-//! during the measurement: it measures the API's write path alone.
+//! into a scratch table). Each Create writes its request id, instance, unit of work and its
+//! event, and stored answer; concurrent Creates share a transaction (the API's group commit,
+//! see [`super::batch`]). Workers do not run during the measurement: it measures the API's
+//! write path alone.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,17 @@ pub struct BenchApiArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Use this database (on a durable cluster of yours, e.g. one with pg_stat_statements)
+    /// instead of a throw-away cluster. It is migrated, and the benchmark's instances, units
+    /// and a scratch table `bench_scratch` are left in it.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Concurrent batch transactions of the API's group commit (0: each Create on its own).
+    #[arg(long, default_value_t = super::batch::DEFAULT_EXECUTORS)]
+    pub create_batch_executors: usize,
+    /// Most Creates in one batch.
+    #[arg(long, default_value_t = super::batch::DEFAULT_MAX_BATCH)]
+    pub create_batch_max: usize,
 }
 
 /// Why the benchmark failed.
@@ -78,6 +90,10 @@ pub struct BenchApiReport {
     pub create_p50_ms: f64,
     /// 99th percentile Create latency (ms).
     pub create_p99_ms: f64,
+    /// Concurrent batch transactions of the API (0: each Create on its own).
+    pub create_batch_executors: usize,
+    /// Most Creates per batch.
+    pub create_batch_max: usize,
 }
 
 async fn baseline(url: &str, clients: usize, duration: Duration) -> Result<f64, BenchError> {
@@ -130,16 +146,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// When the cluster, the server or a client cannot start.
 pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     let clients = args.clients.max(1);
-    let cluster = tokio::task::spawn_blocking(move || {
-        TempCluster::start(ClusterOptions {
-            durability: Durability::Durable,
-            max_connections: (clients as u32) * 2 + 40,
-            ..ClusterOptions::default()
-        })
-    })
-    .await
-    .map_err(|e| BenchError::Join(e.to_string()))??;
-    let url = cluster.url("postgres");
+    let (cluster, url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let cluster = tokio::task::spawn_blocking(move || {
+                TempCluster::start(ClusterOptions {
+                    durability: Durability::Durable,
+                    max_connections: (clients as u32) * 2 + 40,
+                    ..ClusterOptions::default()
+                })
+            })
+            .await
+            .map_err(|e| BenchError::Join(e.to_string()))??;
+            let url = cluster.url("postgres");
+            (Some(cluster), url)
+        }
+    };
     let pool = store::connect(&url, clients as u32 + 8).await?;
     store::migrate(&pool).await?;
 
@@ -148,7 +170,11 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     let shutdown = CancellationToken::new();
     let api = super::start(
         pool.clone(),
-        ApiConfig::default(),
+        ApiConfig {
+            create_batch_executors: args.create_batch_executors,
+            create_batch_max: args.create_batch_max.max(1),
+            ..ApiConfig::default()
+        },
         "127.0.0.1:0"
             .parse()
             .map_err(|e: std::net::AddrParseError| BenchError::Join(e.to_string()))?,
@@ -167,6 +193,9 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         .parse()
         .map_err(|_| BenchError::Join("token is not ASCII".into()))?;
     let errors = Arc::new(AtomicU64::new(0));
+    // Names and request ids of this run (a database given with --database-url may hold an
+    // earlier run's).
+    let run = format!("{:08x}", rand::random::<u32>());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -174,13 +203,14 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         let auth_header = auth_header.clone();
         let errors = errors.clone();
         let duration = args.duration;
+        let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut i = 0u64;
             while start.elapsed() < duration {
                 let mut req = Request::new(CreateInstanceRequest {
                     parent: String::new(),
-                    instance_id: format!("b{c}-{i}"),
+                    instance_id: format!("b{run}-{c}-{i}"),
                     instance: Some(Instance {
                         spec: Some(InstanceSpec {
                             plan: "kvx.small".into(),
@@ -190,7 +220,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
                         }),
                         ..Instance::default()
                     }),
-                    request_id: format!("bench-{c}-{i}"),
+                    request_id: format!("bench-{run}-{c}-{i}"),
                 });
                 req.metadata_mut()
                     .insert("authorization", auth_header.clone());
@@ -230,6 +260,8 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         },
         create_p50_ms: percentile(&latencies, 0.5),
         create_p99_ms: percentile(&latencies, 0.99),
+        create_batch_executors: args.create_batch_executors,
+        create_batch_max: args.create_batch_max.max(1),
     };
     pool.close().await;
     drop(cluster);
@@ -257,6 +289,10 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         println!(
             "  ratio: {:.0}% of the commit rate (target >= 70%)",
             report.ratio * 100.0
+        );
+        println!(
+            "  group commit: {} batch executors, at most {} creates per batch",
+            report.create_batch_executors, report.create_batch_max
         );
     }
     Ok(report)
