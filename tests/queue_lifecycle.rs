@@ -403,6 +403,19 @@ async fn completion_records_observed_state_follow_ups_and_ends_active_work() {
     .unwrap();
     assert_eq!(follow_token, token.derive("step-2").to_string());
     assert_eq!(parent, json!({"parent_id": id}));
+    // Each `succeeded` event carries its own unit's detail (the completion matches batch
+    // entries to rows by id).
+    let details: Vec<(i64, Value)> = sqlx::query_as(
+        "SELECT work_id, detail FROM work_events WHERE event = 'succeeded' ORDER BY work_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(details.len(), 2);
+    assert_eq!(details[0].0, id);
+    assert_eq!(details[0].1["follow_ups"], json!(["step-2"]));
+    assert_eq!(details[1].1["follow_ups"], json!([]));
+    assert!(details.iter().all(|(_, d)| d["duration_ms"].is_u64()));
 }
 
 #[tokio::test]
