@@ -48,8 +48,10 @@ use crate::store::{self, StoreError};
 /// The method name stored with a Create's request id (as the one-request path stores it).
 pub const CREATE_METHOD: &str = "CreateInstance";
 
-/// Default number of batch executors (concurrent batch transactions).
-pub const DEFAULT_EXECUTORS: usize = 4;
+/// Default number of batch executors (concurrent batch transactions): one runs its statements
+/// while the other waits for its commit to reach the disk. More executors make smaller batches;
+/// on the 2-core benchmark machine 2 beat 4 (see the README's `bench api` figures).
+pub const DEFAULT_EXECUTORS: usize = 2;
 /// Default largest batch.
 pub const DEFAULT_MAX_BATCH: usize = 256;
 
@@ -82,7 +84,9 @@ pub enum Settled {
 #[derive(Debug)]
 struct Job {
     create: NewCreate,
-    reply: oneshot::Sender<Settled>,
+    /// How the batch settled the create, and the create back (for a Create that runs on its
+    /// own, or an error that names it).
+    reply: oneshot::Sender<(Settled, NewCreate)>,
 }
 
 /// Hands Creates to the batch executors.
@@ -126,15 +130,20 @@ impl CreateBatcher {
         Self { jobs }
     }
 
-    /// Settles `create` in the next batch.
-    pub async fn submit(&self, create: NewCreate) -> Settled {
+    /// Settles `create` in the next batch; returns how, with the create.
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] when the executor stopped before answering (only if it panicked
+    /// or the server is going away): the batch may have committed, so a retry with the same
+    /// request id gets its answer.
+    pub async fn submit(&self, create: NewCreate) -> Result<(Settled, NewCreate), ApiError> {
         let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job { create, reply }).await.is_err() {
-            return Settled::Alone;
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(Job { create, reply }).await {
+            return Ok((Settled::Alone, job.create));
         }
-        // An executor that went away answered nothing: the Create runs on its own, which
-        // replays the answer if the batch did commit.
-        answer.await.unwrap_or(Settled::Alone)
+        answer.await.map_err(|_| {
+            ApiError::Internal("the create batch executor stopped before answering".into())
+        })
     }
 }
 
@@ -208,10 +217,10 @@ async fn run(
         "batch of creates settled"
     );
     for (job, s) in members.into_iter().zip(settled) {
-        let _ = job.reply.send(s);
+        let _ = job.reply.send((s, job.create));
     }
     for job in later {
-        let _ = job.reply.send(Settled::Alone);
+        let _ = job.reply.send((Settled::Alone, job.create));
     }
 }
 

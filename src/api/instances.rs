@@ -204,20 +204,19 @@ impl InstanceService for Instances {
             spec: convert::spec_to_json(&spec),
             body_hash,
         };
-        if let Some(batcher) = &self.creates {
-            match batcher.submit(create.clone()).await {
-                Settled::Created(answer) => return Ok(Response::new(*answer)),
-                Settled::NameTaken => {
-                    return Err(ApiError::AlreadyExists(instance_name(
-                        &create.tenant,
-                        &create.name,
-                    ))
-                    .into());
+        let create = match &self.creates {
+            Some(batcher) => match batcher.submit(create).await? {
+                (Settled::Created(answer), _) => return Ok(Response::new(*answer)),
+                (Settled::NameTaken, c) => {
+                    return Err(ApiError::AlreadyExists(instance_name(&c.tenant, &c.name)).into());
                 }
-                Settled::Alone => {}
-            }
-        }
-        Ok(Response::new(self.create_alone(&create).await?))
+                (Settled::Alone, c) => c,
+            },
+            None => create,
+        };
+        // Boxed: the one-request path's future is large, and this function's own future would
+        // otherwise be as large (and copied) for every Create.
+        Ok(Response::new(Box::pin(self.create_alone(&create)).await?))
     }
 
     async fn get_instance(
