@@ -99,6 +99,10 @@ impl CreateBatcher {
     /// Starts `executors` executors (at least one) on `pool` that enqueue units of
     /// `create_kind`, batches of at most `max_batch`; they end when the last clone of the
     /// batcher is dropped.
+    ///
+    /// The executors run on a thread of their own (one runtime for all of them): each batch
+    /// waits for the database five times, and on the server's runtime every such wake-up would
+    /// queue behind the tasks of all the requests in flight.
     pub fn start(
         pool: PgPool,
         create_kind: String,
@@ -107,25 +111,48 @@ impl CreateBatcher {
         waker: WorkerWaker,
     ) -> Self {
         let max_batch = max_batch.max(1);
-        let (jobs, rx) = mpsc::channel::<Job>(max_batch * executors.max(1) * 4);
+        let executors = executors.max(1);
+        let (jobs, rx) = mpsc::channel::<Job>(max_batch * executors * 4);
         let rx = Arc::new(Mutex::new(rx));
         let kind: Arc<str> = create_kind.into();
-        for _ in 0..executors.max(1) {
-            let (pool, rx, kind, waker) = (pool.clone(), rx.clone(), kind.clone(), waker.clone());
-            tokio::spawn(async move {
-                let mut conn = None;
-                loop {
-                    let mut jobs = Vec::new();
-                    {
-                        // One executor at a time waits for work and takes all that is there.
-                        let mut rx = rx.lock().await;
-                        if rx.recv_many(&mut jobs, max_batch).await == 0 {
-                            return;
+        let loops = move || {
+            (0..executors)
+                .map(|_| {
+                    executor(
+                        pool.clone(),
+                        rx.clone(),
+                        kind.clone(),
+                        max_batch,
+                        waker.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let fallback = loops.clone();
+        let spawned = std::thread::Builder::new()
+            .name("setpoint-create-batches".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async move {
+                        let running: Vec<_> = loops().into_iter().map(tokio::spawn).collect();
+                        for r in running {
+                            let _ = r.await;
                         }
-                    }
-                    run(&pool, &mut conn, &kind, jobs, &waker).await;
+                    }),
+                    // Dropping the executors closes the queue: every Create runs on its own.
+                    Err(e) => tracing::error!(error = %e,
+                        "cannot start the create batch executors; creates run one by one"),
                 }
             });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e,
+                "no thread for the create batch executors; they share the server's runtime");
+            for l in fallback() {
+                tokio::spawn(l);
+            }
         }
         Self { jobs }
     }
@@ -144,6 +171,28 @@ impl CreateBatcher {
         answer.await.map_err(|_| {
             ApiError::Internal("the create batch executor stopped before answering".into())
         })
+    }
+}
+
+/// One executor: takes what is waiting (one executor at a time), runs it as a batch, repeats
+/// until the queue is closed.
+async fn executor(
+    pool: PgPool,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    kind: Arc<str>,
+    max_batch: usize,
+    waker: WorkerWaker,
+) {
+    let mut conn = None;
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            if rx.recv_many(&mut jobs, max_batch).await == 0 {
+                return;
+            }
+        }
+        run(&pool, &mut conn, &kind, jobs, &waker).await;
     }
 }
 
