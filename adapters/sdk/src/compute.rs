@@ -326,6 +326,25 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NopCompute;
 
+impl NopCompute {
+    /// The running machine this double reports for `token`.
+    fn machine(
+        token: &IdempotencyToken,
+        instance_type: Option<String>,
+        adopted: bool,
+    ) -> InstanceObservation {
+        InstanceObservation {
+            instance_id: format!("i-nop-{token}"),
+            state: InstanceState::Running,
+            private_ip: None,
+            availability_zone: None,
+            subnet_id: None,
+            instance_type,
+            adopted,
+        }
+    }
+}
+
 impl Compute for NopCompute {
     fn ensure_instance<'a>(
         &'a self,
@@ -333,17 +352,7 @@ impl Compute for NopCompute {
         _request: &'a InstanceRequest,
         _deadline: Instant,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
-        Box::pin(async move {
-            Ok(InstanceObservation {
-                instance_id: format!("i-nop-{token}"),
-                state: InstanceState::Running,
-                private_ip: None,
-                availability_zone: None,
-                subnet_id: None,
-                instance_type: None,
-                adopted: false,
-            })
-        })
+        Box::pin(async move { Ok(NopCompute::machine(token, None, false)) })
     }
 
     fn describe_instance<'a>(
@@ -360,15 +369,11 @@ impl Compute for NopCompute {
         _deadline: Instant,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         Box::pin(async move {
-            Ok(InstanceObservation {
-                instance_id: format!("i-nop-{token}"),
-                state: InstanceState::Running,
-                private_ip: None,
-                availability_zone: None,
-                subnet_id: None,
-                instance_type: request.instance_type.clone(),
-                adopted: true,
-            })
+            Ok(NopCompute::machine(
+                token,
+                request.instance_type.clone(),
+                true,
+            ))
         })
     }
 
