@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::peers::{Peers, Proc, free_port};
+use common::peers::{Bearer, Peers, Proc, free_port, subjects};
 use serde_json::Value;
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
 use setpoint::api::proto::{
@@ -24,17 +24,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 type Api = InstanceServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
 
 const LIMIT: Duration = Duration::from_secs(150);
 
@@ -236,23 +225,6 @@ ec2.terminate_instances(InstanceIds=ids)
         .status()
         .expect("python3");
     assert!(s.success());
-}
-
-/// Subjects of the mails in the Maildir.
-fn subjects(maildir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for dir in ["new", "cur"] {
-        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
-                out.push(s.trim().to_owned());
-            }
-        }
-    }
-    out
 }
 
 fn count(subjects: &[String], name: &str, what: &str) -> usize {

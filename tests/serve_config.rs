@@ -24,7 +24,7 @@ use setpoint::workflows::DriftAction;
 use setpoint_email::Security;
 use setpoint_kubernetes::ClusterAccess;
 
-use common::peers::Peers;
+use common::peers::{Bearer, Peers, subjects};
 use common::{EngineProcess, wait_for};
 
 // ---------------------------------------------------------------------------------------------
@@ -278,34 +278,6 @@ async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
         }
     })
     .await
-}
-
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-/// Subjects of the mails in the Maildir.
-fn subjects(maildir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for dir in ["new", "cur"] {
-        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
-                out.push(s.trim().to_owned());
-            }
-        }
-    }
-    out
 }
 
 /// GET `path` over plain HTTP/1.0; the status line and body.

@@ -515,12 +515,19 @@ pub struct WorkRow {
 
 /// The state operators see: a leased unit is `running` (in the table it stays `pending`, see
 /// migration 0004).
-const STATE_EXPR: &str = "CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END";
+macro_rules! state_expr {
+    () => {
+        "CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END"
+    };
+}
+const STATE_EXPR: &str = state_expr!();
 
-const WORK_COLUMNS: &str = "id, kind, \
-     CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END AS state, token, resource_id, tenant, attempt, \
-     max_attempts, run_at, lease_owner, lease_expires_at, last_error, last_error_class, \
-     parent_id, created_at, spec";
+const WORK_COLUMNS: &str = concat!(
+    "id, kind, ",
+    state_expr!(),
+    " AS state, token, resource_id, tenant, attempt, max_attempts, run_at, lease_owner, \
+     lease_expires_at, last_error, last_error_class, parent_id, created_at, spec"
+);
 
 fn work_row(r: sqlx::postgres::PgRow) -> Result<WorkRow, StoreError> {
     Ok(WorkRow {

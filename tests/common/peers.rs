@@ -100,3 +100,31 @@ impl Peers {
         }
     }
 }
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Subjects of the mails in the Maildir.
+pub fn subjects(maildir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["new", "cur"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+                out.push(s.trim().to_owned());
+            }
+        }
+    }
+    out
+}
