@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use setpoint::Registry;
 use setpoint::queue::{self, NewWork, QueueError};
 use setpoint::store::work::{
-    Completion, work_claim, work_complete_if_leased, work_enqueue, work_heartbeat,
+    ClaimFrom, Completion, work_claim, work_complete_if_leased, work_enqueue, work_heartbeat,
 };
 use setpoint_adapter::{AdapterError, BoxFuture, Handler, IdempotencyToken, Outcome, WorkContext};
 use uuid::Uuid;
@@ -259,20 +259,65 @@ async fn bad_units_park_with_a_clear_error_and_the_worker_keeps_running() {
 }
 
 #[tokio::test]
+async fn a_claim_after_a_position_skips_what_is_behind_it_and_one_from_the_start_does_not() {
+    let db = db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let units: Vec<NewWork> = (0..3)
+        .map(|_| NewWork::new("setpoint.noop", json!({})))
+        .collect();
+    work_enqueue(&mut conn, &units).await.unwrap();
+    let first = work_claim(&mut conn, "A", 2, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    let next = work_claim(&mut conn, "A", 10, 60_000, ClaimFrom::after_last(&first))
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1, "the unit after the position");
+    // A's first two leases run out: only a scan from the start finds them.
+    let behind: Vec<i64> = first.iter().map(|u| u.id).collect();
+    sqlx::query(
+        "UPDATE work SET lease_expires_at = now() - interval '1 second' WHERE id = ANY($1)",
+    )
+    .bind(&behind)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let after = ClaimFrom::after_last(&next);
+    assert!(
+        work_claim(&mut conn, "B", 10, 60_000, after)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let rescued = work_claim(&mut conn, "B", 10, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = rescued.iter().map(|u| u.id).collect();
+    ids.sort();
+    assert_eq!(ids, behind);
+    assert!(rescued.iter().all(|u| u.rescued));
+}
+
+#[tokio::test]
 async fn a_stale_worker_commits_nothing() {
     let db = db().await;
     let mut conn = db.pool.acquire().await.unwrap();
     let token = IdempotencyToken::generate();
     let unit = NewWork::new("setpoint.noop", json!({})).with_token(token.clone());
     work_enqueue(&mut conn, &[unit]).await.unwrap();
-    let a = work_claim(&mut conn, "A", 10, 60_000).await.unwrap();
+    let a = work_claim(&mut conn, "A", 10, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap();
     assert_eq!(a.len(), 1);
     // A stalls; its lease runs out and B takes the unit over.
     sqlx::query("UPDATE work SET lease_expires_at = now() - interval '1 second'")
         .execute(&mut *conn)
         .await
         .unwrap();
-    let b = work_claim(&mut conn, "B", 10, 60_000).await.unwrap();
+    let b = work_claim(&mut conn, "B", 10, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap();
     assert_eq!(b.len(), 1);
     assert!(b[0].rescued);
     assert_eq!(b[0].attempt, 2);

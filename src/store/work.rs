@@ -229,51 +229,96 @@ pub struct ClaimedWork {
     pub rescued: bool,
 }
 
+/// Where a claim's scan starts: a position in the claim order (`run_at`, then `id`).
+///
+/// A claim that starts after the last unit its worker claimed skips the units that worker
+/// is running and the index entries of units already finished (they stay in the index until
+/// vacuum), which on a large backlog is most of what a scan from the start reads. It also
+/// skips whatever became claimable behind that position: a unit whose lease expired, or one
+/// whose enqueue committed after a later unit was claimed. The caller must therefore scan
+/// from the start regularly; [`ClaimFrom::Start`] sees every claimable unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimFrom {
+    /// The oldest claimable unit: sees every due unit and every expired lease.
+    Start,
+    /// Only units after this (`run_at`, `id`) in the claim order.
+    After(DateTime<Utc>, i64),
+}
+
+impl ClaimFrom {
+    /// The position just after the last of `units` in the claim order; `Start` when empty.
+    pub fn after_last(units: &[ClaimedWork]) -> ClaimFrom {
+        units
+            .iter()
+            .map(|u| (u.run_at, u.id))
+            .max()
+            .map_or(ClaimFrom::Start, |(at, id)| ClaimFrom::After(at, id))
+    }
+}
+
+/// The claim statement; `{bound}` is empty or starts the scan after ($4, $5).
+macro_rules! claim_sql {
+    ($bound:literal) => {
+        concat!(
+            // A leased unit stays `pending` in work_pending_idx (migration 0004): the scan
+            // passes over the units that are running and takes the due ones and those whose
+            // lease has expired (their worker died), oldest first. The update changes no
+            // indexed column, so it is a HOT update, and it finds its rows by the ctid the
+            // locking scan returned (no second index lookup); the row lock taken by that scan
+            // keeps the ctid valid.
+            "WITH picked AS (
+                 SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued FROM work
+                 WHERE state = 'pending' AND run_at <= now() ",
+            $bound,
+            "
+                   AND (lease_expires_at IS NULL OR lease_expires_at < now())
+                 ORDER BY run_at, id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             ), claimed AS (
+                 UPDATE work w
+                 SET attempt = w.attempt + 1, lease_owner = $1,
+                     lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
+                 FROM picked p
+                 -- The = ANY makes the planner fetch the picked rows by ctid instead of hashing
+                 -- the whole table (a seq scan per claim on a big backlog).
+                 WHERE w.ctid = p.tid AND w.ctid = ANY(ARRAY(SELECT tid FROM picked))
+                 RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
+                           w.max_attempts, w.run_at, p.rescued
+             ), ev AS (
+                 INSERT INTO work_events (work_id, token, event, attempt, worker)
+                 SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt, $1
+                 FROM claimed
+             )
+             SELECT * FROM claimed"
+        )
+    };
+}
+const CLAIM_FROM_START: &str = claim_sql!("");
+// A row comparison is a btree scan key: the scan descends straight to the position.
+const CLAIM_AFTER: &str = claim_sql!("AND (run_at, id) > ($4, $5)");
+
 /// Claims up to `limit` due units for `worker` in one short transaction: pending units whose
 /// `run_at` has passed, oldest first, and running units whose lease has expired (their worker
-/// died), skipping rows other workers are claiming. Each claim increments `attempt`, sets the
-/// lease, and writes a `claimed` (or `rescued`) event.
+/// died), skipping rows other workers are claiming; with [`ClaimFrom::After`], only those
+/// after that position. Each claim increments `attempt`, sets the lease, and writes a
+/// `claimed` (or `rescued`) event.
 pub async fn work_claim(
     conn: &mut PgConnection,
     worker: &str,
     limit: i64,
     lease_ms: i64,
+    from: ClaimFrom,
 ) -> Result<Vec<ClaimedWork>, StoreError> {
-    let rows = sqlx::query(
-        // A leased unit stays `pending` in work_pending_idx (migration 0004): the scan passes
-        // over the units that are running and takes the due ones and those whose lease has
-        // expired (their worker died), oldest first. The update changes no indexed column,
-        // so it is a HOT update, and it finds its rows by the ctid the locking scan returned
-        // (no second index lookup); the row lock taken by that scan keeps the ctid valid.
-        "WITH picked AS (
-             SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued FROM work
-             WHERE state = 'pending' AND run_at <= now()
-               AND (lease_expires_at IS NULL OR lease_expires_at < now())
-             ORDER BY run_at, id
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), claimed AS (
-             UPDATE work w
-             SET attempt = w.attempt + 1, lease_owner = $1,
-                 lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
-             FROM picked p
-             -- The = ANY makes the planner fetch the picked rows by ctid instead of hashing
-             -- the whole table (a seq scan per claim on a big backlog).
-             WHERE w.ctid = p.tid AND w.ctid = ANY(ARRAY(SELECT tid FROM picked))
-             RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
-                       w.max_attempts, w.run_at, p.rescued
-         ), ev AS (
-             INSERT INTO work_events (work_id, token, event, attempt, worker)
-             SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt, $1
-             FROM claimed
-         )
-         SELECT * FROM claimed",
-    )
-    .bind(worker)
-    .bind(limit)
-    .bind(lease_ms)
-    .fetch_all(conn)
-    .await?;
+    let query = match from {
+        ClaimFrom::Start => sqlx::query(CLAIM_FROM_START),
+        ClaimFrom::After(..) => sqlx::query(CLAIM_AFTER),
+    };
+    let mut query = query.bind(worker).bind(limit).bind(lease_ms);
+    if let ClaimFrom::After(at, id) = from {
+        query = query.bind(at).bind(id);
+    }
+    let rows = query.fetch_all(conn).await?;
     rows.into_iter()
         .map(|r| {
             Ok(ClaimedWork {

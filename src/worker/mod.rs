@@ -37,7 +37,9 @@ pub use registry::Registry;
 
 use crate::store::StoreError;
 use crate::store::instances::instances_clear_active_work;
-use crate::store::work::{ClaimedWork, Failure, FailureAction, work_claim, work_fail_if_leased};
+use crate::store::work::{
+    ClaimFrom, ClaimedWork, Failure, FailureAction, work_claim, work_fail_if_leased,
+};
 use completer::Finished;
 use inflight::InFlight;
 
@@ -245,6 +247,11 @@ async fn fetch_loop(
     let cfg = &shared.config;
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let mut error_delay = Duration::from_millis(100);
+    // While claims come back full, the next one starts after the last unit claimed (see
+    // `ClaimFrom`); what that skips is found by a scan from the start, which runs at least
+    // once per poll interval and whenever a claim comes back short.
+    let mut from = ClaimFrom::Start;
+    let mut last_full_scan = Instant::now();
     loop {
         // Wait for at least one free slot, then take as many as are free (up to a batch).
         let first = tokio::select! {
@@ -259,7 +266,14 @@ async fn fetch_loop(
             }
         }
         let wanted = permits.len();
-        let claimed = claim(shared, wanted).await;
+        if last_full_scan.elapsed() >= cfg.poll_interval {
+            from = ClaimFrom::Start;
+        }
+        let scanned_from = from;
+        if scanned_from == ClaimFrom::Start {
+            last_full_scan = Instant::now();
+        }
+        let claimed = claim(shared, wanted, scanned_from).await;
         let units = match claimed {
             Ok(units) => {
                 error_delay = Duration::from_millis(100);
@@ -273,10 +287,12 @@ async fn fetch_loop(
                     _ = tokio::time::sleep(error_delay) => {}
                 }
                 error_delay = (error_delay * 2).min(Duration::from_secs(5));
+                from = ClaimFrom::Start;
                 continue;
             }
         };
         let got = units.len();
+        from = ClaimFrom::after_last(&units);
         for (unit, permit) in units.into_iter().zip(permits.drain(..)) {
             crate::metrics::unit_claimed(&unit.kind);
             shared.inflight.insert(unit.id, unit.attempt);
@@ -291,6 +307,11 @@ async fn fetch_loop(
         }
         drop(permits);
         if got < wanted {
+            from = ClaimFrom::Start;
+            if scanned_from != ClaimFrom::Start {
+                // Nothing more after the position: look behind it before going idle.
+                continue;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = wake.notified() => {}
@@ -301,13 +322,14 @@ async fn fetch_loop(
 }
 
 /// Claims at most `n` units: the caller holds exactly `n` free slots.
-async fn claim(shared: &Shared, n: usize) -> Result<Vec<ClaimedWork>, StoreError> {
+async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<ClaimedWork>, StoreError> {
     let mut conn = shared.pool.acquire().await?;
     work_claim(
         &mut conn,
         &shared.worker_id,
         n as i64,
         shared.config.lease.as_millis() as i64,
+        from,
     )
     .await
 }
