@@ -1012,16 +1012,26 @@ async fn concurrent_creates_get_the_answer_each_would_get_alone() {
             count(&env.db, "SELECT count(*) FROM api_requests").await,
             84
         );
-        // Every answer names the row and the unit that were written.
+        // Every answer names the row and the unit that were written, and shows the row as
+        // it was written (the batch builds its answers before its statement runs).
         for call in &calls {
             if let Ok(a) = &call.answer {
+                assert_eq!(a.status, InstanceStatus::Creating as i32);
+                assert_eq!(a.generation, 1);
+                assert!(a.has_active_work);
+                let created = a.create_time.unwrap();
+                assert_eq!(a.update_time, Some(created));
                 let ok: bool = sqlx::query_scalar(
                     "SELECT EXISTS (SELECT 1 FROM instances i JOIN work w ON w.resource_id = i.id
-                     WHERE i.id::text = $1 AND i.tenant = $2 AND w.id = $3)",
+                     WHERE i.id::text = $1 AND i.tenant = $2 AND w.id = $3
+                       AND i.created_at = to_timestamp($4) + make_interval(secs => $5::float8 / 1e9)
+                       AND i.generation = 1)",
                 )
                 .bind(&a.uid)
                 .bind(call.tenant)
                 .bind(a.active_work_id)
+                .bind(created.seconds as f64)
+                .bind(created.nanos as f64)
                 .fetch_one(&env.db.pool)
                 .await
                 .unwrap();

@@ -3,35 +3,34 @@
 //! A Create that passed authentication and validation is handed to the [`CreateBatcher`]. A
 //! few executors, each with a database connection of its own (outside the pool, opened on first
 //! use and again after a failure, statements with generic plans), take everything that is
-//! waiting, up to a cap, and settle it in ONE transaction with multi-row statements:
-//!
-//! 1. claim the request ids and insert the instances
-//!    ([`instances_insert_claimed`]: `api_requests` and `instances`, `ON CONFLICT DO NOTHING`);
-//! 2. enqueue the first unit of every new instance ([`queue::enqueue_many_quiet`]);
-//! 3. store every answer, and release the claims of names that were taken
-//!    ([`api_requests_settle`]);
-//! 4. commit, answer every waiting request, and wake the workers once.
+//! waiting, up to a cap, and write it with ONE statement that commits on its own
+//! ([`instances_create_batch`]): it claims the request ids with their answers, inserts the
+//! instances, and enqueues the first unit of each. The executor decides every value of an
+//! answer beforehand (instance id, creation time, the unit's id from a block of reserved ids,
+//! its token), so the answer can be stored with the claim. Then it answers every waiting
+//! request and wakes the workers once.
 //!
 //! What a batch cannot settle cleanly is answered exactly as a Create on its own would be,
-//! because it then runs on its own ([`Settled::Alone`], after the batch's transaction ended):
-//! a request id that is already taken (a repeat, replayed, or a reuse with another body,
-//! refused), a request id or a name that appears twice in one batch (the second runs after
-//! the first committed), and every create of a batch whose transaction failed (nothing of it
-//! was written; a commit whose outcome is unknown is safe too, since a request that did commit
-//! replays its stored answer). A taken name is `ALREADY_EXISTS`, as on its own, and leaves no
-//! claim behind.
+//! because it then runs on its own ([`Settled::Alone`], after the batch's statement ended): a
+//! request id that is already taken (a repeat, replayed, or a reuse with another body,
+//! refused), a name that is live already (`ALREADY_EXISTS`), a request id or a name that
+//! appears twice in one batch (the second runs after the first committed), and every create of
+//! a batch whose statement failed (nothing of it was written; a commit whose outcome is unknown
+//! is safe too, since a request that did commit replays its stored answer).
 //!
 //! A batch takes its request ids in (tenant, request id) order, all before the first name, and
 //! its names in (tenant, name) order, so batches and single creates never wait for each other
-//! in a cycle. Should a batch fail all the same (a deadlock, a lost connection), its creates run
-//! on their own.
+//! in a cycle. Should a batch fail all the same (a deadlock, a name taken by a transaction that
+//! committed while the batch ran, a lost connection), its creates run on their own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+
+use chrono::{SubsecRound, Utc};
 
 use prost::Message;
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -40,10 +39,11 @@ use super::errors::ApiError;
 use super::instances::work_spec;
 use super::proto::Instance;
 use super::wake::WorkerWaker;
-use crate::queue::{self, NewWork};
-use crate::store::api_requests::{Settle, api_requests_settle};
-use crate::store::instances::{ClaimedCreate, ClaimedInsert, instances_insert_claimed};
-use crate::store::{self, StoreError};
+use crate::queue::NewWork;
+use crate::store;
+use crate::store::create_batch::{BatchCreate, instances_create_batch, prepare_batch_connection};
+use crate::store::instances::InstanceRow;
+use crate::store::work::work_reserve_ids;
 
 /// The method name stored with a Create's request id (as the one-request path stores it).
 pub const CREATE_METHOD: &str = "CreateInstance";
@@ -54,6 +54,8 @@ pub const CREATE_METHOD: &str = "CreateInstance";
 pub const DEFAULT_EXECUTORS: usize = 2;
 /// Default largest batch.
 pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Unit ids an executor reserves at a time (one round trip per this many creates).
+const RESERVED_IDS: usize = 1024;
 
 /// A validated Create, ready to be written.
 #[derive(Debug, Clone)]
@@ -75,8 +77,6 @@ pub struct NewCreate {
 pub enum Settled {
     /// Created and committed: the answer (also stored under the request id).
     Created(Box<Instance>),
-    /// The tenant has a live instance of that name: `ALREADY_EXISTS`; nothing was written.
-    NameTaken,
     /// Not settled by the batch: run the Create on its own.
     Alone,
 }
@@ -183,7 +183,10 @@ async fn executor(
     max_batch: usize,
     waker: WorkerWaker,
 ) {
-    let mut conn = None;
+    let mut conn = Executor {
+        conn: None,
+        work_ids: VecDeque::new(),
+    };
     loop {
         let mut jobs = Vec::new();
         {
@@ -196,11 +199,17 @@ async fn executor(
     }
 }
 
-/// Runs one batch on the executor's connection `conn` (opened first if `None`; dropped after
-/// a failure) and answers each of its jobs.
+/// An executor's database connection (opened on first use; dropped after a failure) and the
+/// unit ids it has reserved and not used yet.
+struct Executor {
+    conn: Option<PgConnection>,
+    work_ids: VecDeque<i64>,
+}
+
+/// Runs one batch on the executor's connection and answers each of its jobs.
 async fn run(
     pool: &PgPool,
-    conn: &mut Option<PgConnection>,
+    conn: &mut Executor,
     kind: &str,
     mut jobs: Vec<Job>,
     waker: &WorkerWaker,
@@ -241,7 +250,7 @@ async fn run(
         }
         Err(e) => {
             // The connection may be broken or in an unknown state: open a new one next time.
-            *conn = None;
+            conn.conn = None;
             crate::metrics::api_create_batch("failed", members.len());
             tracing::warn!(error = %e, creates = members.len(),
                 "a batch of creates failed and was rolled back; each runs on its own");
@@ -253,10 +262,6 @@ async fn run(
         created = settled
             .iter()
             .filter(|s| matches!(s, Settled::Created(_)))
-            .count(),
-        name_taken = settled
-            .iter()
-            .filter(|s| matches!(s, Settled::NameTaken))
             .count(),
         alone = later.len()
             + settled
@@ -273,82 +278,90 @@ async fn run(
     }
 }
 
-/// The batch's transaction; one answer per create, in order. On an error nothing was
-/// committed (the transaction rolls back when dropped), unless the commit itself failed.
+/// The batch's statement; one answer per create, in order. On an error nothing was written,
+/// unless the commit's outcome is unknown.
 async fn settle(
     pool: &PgPool,
-    conn: &mut Option<PgConnection>,
+    conn: &mut Executor,
     kind: &str,
     creates: &[&NewCreate],
 ) -> Result<Vec<Settled>, ApiError> {
-    let ids: Vec<Uuid> = creates.iter().map(|_| Uuid::new_v4()).collect();
-    let claims: Vec<ClaimedCreate<'_>> = creates
-        .iter()
-        .zip(&ids)
-        .map(|(c, id)| ClaimedCreate {
-            tenant: &c.tenant,
-            request_id: &c.request_id,
-            body_hash: &c.body_hash,
-            id: *id,
-            name: &c.name,
-            spec: &c.spec,
-        })
-        .collect();
-    let conn = match conn {
+    let c = match &mut conn.conn {
         Some(c) => c,
         None => {
             let mut c = store::connect_dedicated(pool).await?;
-            store::use_generic_plans(&mut c).await?;
-            conn.insert(c)
+            prepare_batch_connection(&mut c).await?;
+            conn.conn.insert(c)
         }
     };
-    let mut tx = conn.begin().await.map_err(StoreError::from)?;
-    let inserted = instances_insert_claimed(&mut tx, CREATE_METHOD, &claims).await?;
-    let units: Vec<NewWork> = inserted
-        .iter()
-        .filter_map(|i| match i {
-            ClaimedInsert::Inserted { row, .. } => {
-                Some(NewWork::new(kind, work_spec(row, "create")).for_resource(row.id, &row.tenant))
-            }
-            _ => None,
-        })
-        .collect();
-    let enqueued: HashMap<String, i64> = queue::enqueue_many_quiet(&mut tx, &units)
-        .await?
-        .into_iter()
-        .map(|e| (e.token, e.id))
-        .collect();
-    let mut units = units.iter();
-    let mut settled = Vec::with_capacity(creates.len());
-    // (claim, encoded answer or None to release)
-    let mut claims: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(creates.len());
-    for i in inserted {
-        match i {
-            ClaimedInsert::Seen => settled.push(Settled::Alone),
-            ClaimedInsert::NameTaken { claim } => {
-                settled.push(Settled::NameTaken);
-                claims.push((claim, None));
-            }
-            ClaimedInsert::Inserted { claim, mut row } => {
-                let token = units.next().map(|u| u.token.as_str()).unwrap_or_default();
-                let work_id = enqueued.get(token).copied().ok_or_else(|| {
-                    ApiError::Internal(format!("unit {token} of a batched create was not queued"))
-                })?;
-                row.active_work_id = Some(work_id);
-                let answer = convert::instance(&row);
-                claims.push((claim, Some(answer.encode_to_vec())));
-                settled.push(Settled::Created(Box::new(answer)));
-            }
-        }
+    if conn.work_ids.len() < creates.len() {
+        let more = work_reserve_ids(c, RESERVED_IDS.max(creates.len())).await?;
+        conn.work_ids.extend(more);
     }
-    let settles: Vec<Settle<'_>> = claims
+    // PostgreSQL keeps microseconds: the answer must show the time the row will hold.
+    let created_at = Utc::now().trunc_subsecs(6);
+    let mut rows = Vec::with_capacity(creates.len());
+    for create in creates {
+        let work_id = conn
+            .work_ids
+            .pop_front()
+            .ok_or_else(|| ApiError::Internal("no reserved unit id left".into()))?;
+        // The row exactly as the insert (and its status trigger) writes it.
+        rows.push(InstanceRow {
+            id: Uuid::new_v4(),
+            tenant: create.tenant.clone(),
+            name: create.name.clone(),
+            spec: create.spec.clone(),
+            generation: 1,
+            observed: Value::Object(serde_json::Map::new()),
+            observed_generation: 0,
+            status: CREATING.into(),
+            has_active_work: true,
+            operation: Some("create".into()),
+            active_work_id: Some(work_id),
+            last_error: None,
+            created_at,
+            updated_at: created_at,
+            deleted_at: None,
+        });
+    }
+    let units: Vec<NewWork> = rows
         .iter()
-        .map(|(claim, answer)| Settle {
-            claim,
-            response: answer.as_deref(),
+        .map(|row| NewWork::new(kind, work_spec(row, "create")))
+        .collect();
+    let answers: Vec<Instance> = rows.iter().map(convert::instance).collect();
+    let encoded: Vec<Vec<u8>> = answers.iter().map(Message::encode_to_vec).collect();
+    let batch: Vec<BatchCreate<'_>> = creates
+        .iter()
+        .zip(&rows)
+        .zip(&units)
+        .zip(&encoded)
+        .map(|(((create, row), unit), response)| BatchCreate {
+            tenant: &create.tenant,
+            request_id: &create.request_id,
+            body_hash: &create.body_hash,
+            response,
+            id: row.id,
+            name: &create.name,
+            spec: &create.spec,
+            work_id: row.active_work_id.unwrap_or_default(),
+            token: unit.token.as_str(),
+            work_spec: &unit.spec,
         })
         .collect();
-    api_requests_settle(&mut tx, &settles).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(settled)
+    let written = instances_create_batch(c, CREATE_METHOD, kind, created_at, &batch).await?;
+    Ok(written
+        .into_iter()
+        .zip(answers)
+        .map(|(written, answer)| {
+            if written {
+                Settled::Created(Box::new(answer))
+            } else {
+                Settled::Alone
+            }
+        })
+        .collect())
 }
+
+/// The status of an instance whose create has just been accepted.
+const CREATING: &str = "CREATING";

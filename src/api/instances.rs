@@ -207,9 +207,6 @@ impl InstanceService for Instances {
         let create = match &self.creates {
             Some(batcher) => match batcher.submit(create).await? {
                 (Settled::Created(answer), _) => return Ok(Response::new(*answer)),
-                (Settled::NameTaken, c) => {
-                    return Err(ApiError::AlreadyExists(instance_name(&c.tenant, &c.name)).into());
-                }
                 (Settled::Alone, c) => c,
             },
             None => create,

@@ -3,6 +3,7 @@
 //! choose what commits together.
 
 pub mod api_requests;
+pub mod create_batch;
 pub mod events;
 pub mod instances;
 pub mod journal;

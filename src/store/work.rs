@@ -193,6 +193,18 @@ macro_rules! enqueue_sql {
 const ENQUEUE_FRESH: &str = enqueue_sql!("");
 const ENQUEUE_SKIP_EXISTING: &str = enqueue_sql!("ON CONFLICT (token) DO NOTHING");
 
+/// Reserves `n` ids of the work table's id sequence for units inserted with explicit ids (the
+/// API's batched creates, which must know a unit's id before their one statement runs). A
+/// reserved id is never handed out again, whether or not it is used.
+pub async fn work_reserve_ids(conn: &mut PgConnection, n: usize) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT nextval(pg_get_serial_sequence('work', 'id')) FROM generate_series(1, $1)",
+    )
+    .bind(i64::try_from(n).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Wakes idle workers once the surrounding transaction commits (PostgreSQL folds identical
 /// notifications of one transaction into one); outside a transaction, at once.
 pub async fn notify_workers(conn: &mut PgConnection) -> Result<(), StoreError> {
