@@ -1099,3 +1099,111 @@ async fn a_failed_batch_writes_nothing() {
     }
     env.stop().await;
 }
+
+fn batch_create<'a>(
+    request_id: &'a str,
+    name: &'a str,
+    work_id: i64,
+    token: &'a str,
+    spec: &'a serde_json::Value,
+) -> setpoint::store::create_batch::BatchCreate<'a> {
+    setpoint::store::create_batch::BatchCreate {
+        tenant: "acme",
+        request_id,
+        body_hash: &[7; 32],
+        response: b"answer",
+        id: uuid::Uuid::new_v4(),
+        name,
+        spec,
+        work_id,
+        token,
+        work_spec: spec,
+    }
+}
+
+/// The batch statement meets a request id that another transaction holds: it waits, and when
+/// that transaction commits it fails as a whole and writes nothing (the executor then tries
+/// once more); tried again, it leaves out just that create.
+#[tokio::test]
+async fn a_batch_that_loses_a_race_writes_nothing_and_a_second_try_leaves_the_loser_out() {
+    use chrono::SubsecRound;
+    use setpoint::store::create_batch::instances_create_batch;
+    use setpoint::store::work::work_reserve_ids;
+
+    let env = Env::start(ApiConfig::default()).await;
+    let pool = env.db.pool.clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO api_requests (tenant, request_id, method, body_hash, response)
+         VALUES ('acme', 'race-1', 'CreateInstance', '\\x07', 'first')",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let batch = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let ids = work_reserve_ids(&mut conn, 2).await.unwrap();
+            let spec = serde_json::json!({"plan": "kvx.small"});
+            let creates = [
+                batch_create("race-1", "race-a", ids[0], "race-token-1", &spec),
+                batch_create("race-2", "race-b", ids[1], "race-token-2", &spec),
+            ];
+            let now = chrono::Utc::now().trunc_subsecs(6);
+            instances_create_batch(&mut conn, "CreateInstance", "test.none", now, &creates).await
+        }
+    });
+    // Commit only once the statement waits for the holder's row lock.
+    let deadline = std::time::Instant::now() + HUNG;
+    while count(
+        &env.db,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited"
+        );
+        assert!(
+            !batch.is_finished(),
+            "the batch did not wait for the holder"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    holder.commit().await.unwrap();
+    let err = batch.await.unwrap().unwrap_err();
+    assert!(err.is_unique_violation(), "{err}");
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 0);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work_events").await, 0);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
+
+    let mut conn = pool.acquire().await.unwrap();
+    let ids = work_reserve_ids(&mut conn, 2).await.unwrap();
+    let spec = serde_json::json!({"plan": "kvx.small"});
+    let creates = [
+        batch_create("race-1", "race-a", ids[0], "race-token-3", &spec),
+        batch_create("race-2", "race-b", ids[1], "race-token-4", &spec),
+    ];
+    let now = chrono::Utc::now().trunc_subsecs(6);
+    let written = instances_create_batch(&mut conn, "CreateInstance", "test.none", now, &creates)
+        .await
+        .unwrap();
+    assert_eq!(written, [false, true]);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
+    assert_eq!(
+        count(
+            &env.db,
+            &format!("SELECT count(*) FROM work WHERE id = {}", ids[1])
+        )
+        .await,
+        1
+    );
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work_events").await, 1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 2);
+    drop(conn);
+    env.stop().await;
+}

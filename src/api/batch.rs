@@ -240,7 +240,17 @@ async fn run(
         }
     }
     let creates: Vec<&NewCreate> = members.iter().map(|j| &j.create).collect();
-    let settled = match settle(pool, conn, kind, &creates).await {
+    let mut outcome = settle(pool, conn, kind, &creates).await;
+    if let Err(ApiError::Store(e)) = &outcome
+        && e.is_unique_violation()
+    {
+        // A request id or name of the batch was taken by a transaction the statement waited
+        // for (a client retrying while its first try was in another batch, say). That row is
+        // committed now, so a second try leaves just that create out, instead of sending the
+        // whole batch down the one-by-one path.
+        outcome = settle(pool, conn, kind, &creates).await;
+    }
+    let settled = match outcome {
         Ok(settled) => {
             crate::metrics::api_create_batch("committed", members.len());
             if settled.iter().any(|s| matches!(s, Settled::Created(_))) {

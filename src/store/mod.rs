@@ -53,6 +53,12 @@ impl StoreError {
             StoreError::Migrate(_) => false,
         }
     }
+
+    /// True when the statement broke a unique constraint (another transaction wrote the same
+    /// key first).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(db)) if db.is_unique_violation())
+    }
 }
 
 /// The migrations in `migrations/`, embedded in the binary.
