@@ -20,8 +20,10 @@
 //!
 //! A batch takes its request ids in (tenant, request id) order, all before the first name, and
 //! its names in (tenant, name) order, so batches and single creates never wait for each other
-//! in a cycle. Should a batch fail all the same (a deadlock, a name taken by a transaction that
-//! committed while the batch ran, a lost connection), its creates run on their own.
+//! in a cycle. A batch that fails because a transaction it waited for took one of its request
+//! ids or names is tried once more (that row is committed then, so the second try leaves just
+//! that create out); should a batch fail otherwise (a deadlock, a lost connection), its creates
+//! run on their own.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
