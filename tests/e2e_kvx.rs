@@ -137,6 +137,31 @@ async fn wait_status(api: &mut Api, names: &[String], want: InstanceStatus) {
     }
 }
 
+/// Waits until `name` is READY at `generation`; returns it.
+async fn ready_at_generation(api: &Api, name: &str, generation: i64) -> Instance {
+    common::wait_for(
+        &format!("{name} to be ready at generation {generation}"),
+        || {
+            let mut api = api.clone();
+            async move {
+                get(&mut api, name).await.filter(|i| {
+                    i.status == InstanceStatus::Ready as i32 && i.generation == generation
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until at least `n` "is ready" mails about `name` are in `maildir`.
+async fn wait_ready_mails(maildir: &Path, name: &str, n: usize) {
+    common::wait_for(&format!("{n} ready mails about {name}"), || {
+        let s = subjects(maildir);
+        async move { (count(&s, name, "is ready") >= n).then_some(()) }
+    })
+    .await;
+}
+
 /// EC2 machines in moto by the setpoint instance id tag: id → states.
 fn machines(endpoint: &str) -> BTreeMap<String, Vec<String>> {
     let script = r#"
@@ -370,15 +395,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     })
     .await
     .expect("accepted after the chain");
-    let updated = common::wait_for("the update to finish", || {
-        let mut api = api.clone();
-        async move {
-            get(&mut api, "chg")
-                .await
-                .filter(|i| i.status == InstanceStatus::Ready as i32 && i.generation == 2)
-        }
-    })
-    .await;
+    let updated = ready_at_generation(&api, "chg", 2).await;
     assert_eq!(
         machine_sizes(&moto, &uid),
         vec![("running".to_owned(), plan_size("kvx.medium"))],
@@ -395,11 +412,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     );
     let observed = format!("{:?}", updated.observed);
     assert!(observed.contains("Resized"), "MachineAvailable: {observed}");
-    common::wait_for("the updated mail", || {
-        let s = subjects(&maildir);
-        async move { (count(&s, "chg", "is ready") >= 2).then_some(()) }
-    })
-    .await;
+    wait_ready_mails(&maildir, "chg", 2).await;
     assert_eq!(
         count(&subjects(&maildir), "chg", "is ready"),
         2,
@@ -418,24 +431,12 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
     })
     .await
     .expect("a second update");
-    common::wait_for("the second update to finish", || {
-        let mut api = api.clone();
-        async move {
-            get(&mut api, "chg")
-                .await
-                .filter(|i| i.status == InstanceStatus::Ready as i32 && i.generation == 3)
-        }
-    })
-    .await;
+    ready_at_generation(&api, "chg", 3).await;
     assert_eq!(
         machine_sizes(&moto, &uid),
         vec![("running".to_owned(), plan_size("kvx.medium"))]
     );
-    common::wait_for("the second updated mail", || {
-        let s = subjects(&maildir);
-        async move { (count(&s, "chg", "is ready") >= 3).then_some(()) }
-    })
-    .await;
+    wait_ready_mails(&maildir, "chg", 3).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

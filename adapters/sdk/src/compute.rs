@@ -490,10 +490,7 @@ impl Compute for ComputeFns {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         match &self.ensure {
-            Some(f) => {
-                let result = f(token, request);
-                Box::pin(async move { result })
-            }
+            Some(f) => Box::pin(std::future::ready(f(token, request))),
             None => NopCompute.ensure_instance(token, request, deadline),
         }
     }
@@ -503,10 +500,7 @@ impl Compute for ComputeFns {
         token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
         match &self.describe {
-            Some(f) => {
-                let result = f(token);
-                Box::pin(async move { result })
-            }
+            Some(f) => Box::pin(std::future::ready(f(token))),
             None => NopCompute.describe_instance(token),
         }
     }
@@ -518,10 +512,7 @@ impl Compute for ComputeFns {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         match &self.resize {
-            Some(f) => {
-                let result = f(token, request);
-                Box::pin(async move { result })
-            }
+            Some(f) => Box::pin(std::future::ready(f(token, request))),
             None => NopCompute.resize_instance(token, request, deadline),
         }
     }
@@ -532,10 +523,7 @@ impl Compute for ComputeFns {
         request: &'a TerminateRequest,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
         match &self.terminate {
-            Some(f) => {
-                let result = f(token, request);
-                Box::pin(async move { result })
-            }
+            Some(f) => Box::pin(std::future::ready(f(token, request))),
             None => NopCompute.terminate_instance(token, request),
         }
     }
