@@ -210,12 +210,7 @@ impl FileConfig {
             ("SETPOINT_EC2_SECURITY_GROUP_IDS", false),
         ] {
             let Some(value) = get(var) else { continue };
-            let ec2 = self.ec2.as_mut().ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "{var} is set but EC2 is not configured: set SETPOINT_AWS_REGION or add an \
-                     [ec2] section"
-                ))
-            })?;
+            let ec2 = section_for(&mut self.ec2, var, "EC2", EC2_HOW)?;
             if subnets {
                 ec2.subnet_ids = list(value);
             } else {
@@ -223,13 +218,7 @@ impl FileConfig {
             }
         }
         if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
-            let ec2 = self.ec2.as_mut().ok_or_else(|| {
-                ConfigError::Invalid(
-                    "SETPOINT_EC2_IMAGE_ID is set but EC2 is not configured: set \
-                     SETPOINT_AWS_REGION or add an [ec2] section"
-                        .into(),
-                )
-            })?;
+            let ec2 = section_for(&mut self.ec2, "SETPOINT_EC2_IMAGE_ID", "EC2", EC2_HOW)?;
             ec2.default_image_id = Some(image.trim().to_owned());
         }
         self.apply_kubernetes_env(&get)?;
@@ -304,13 +293,12 @@ impl FileConfig {
             }
         }
         if let Some(image) = get("SETPOINT_KUBERNETES_IMAGE") {
-            let k = self.kubernetes.as_mut().ok_or_else(|| {
-                ConfigError::Invalid(
-                    "SETPOINT_KUBERNETES_IMAGE is set but Kubernetes is not configured: set \
-                     SETPOINT_KUBERNETES_URL or add a [kubernetes] section"
-                        .into(),
-                )
-            })?;
+            let k = section_for(
+                &mut self.kubernetes,
+                "SETPOINT_KUBERNETES_IMAGE",
+                "Kubernetes",
+                "SETPOINT_KUBERNETES_URL or add a [kubernetes] section",
+            )?;
             k.image = image.trim().to_owned();
         }
         Ok(())
@@ -551,6 +539,24 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// How an environment variable that refines the EC2 section says to configure it.
+const EC2_HOW: &str = "SETPOINT_AWS_REGION or add an [ec2] section";
+
+/// The configuration section (`what`) that the variable `var` refines; an error saying how to
+/// configure it when it is missing.
+fn section_for<'a, T>(
+    section: &'a mut Option<T>,
+    var: &str,
+    what: &str,
+    how: &str,
+) -> Result<&'a mut T, ConfigError> {
+    section.as_mut().ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{var} is set but {what} is not configured: set {how}"
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -71,6 +71,17 @@ async fn seen(client: &Client, id: &str) -> (String, String) {
     )
 }
 
+/// The error of a resize that must fail.
+async fn refused(
+    ec2: &Ec2Compute,
+    token: &IdempotencyToken,
+    req: &ResizeRequest,
+) -> setpoint_adapter::AdapterError {
+    ec2.resize_instance(token, req, deadline())
+        .await
+        .expect_err("the resize is refused")
+}
+
 fn running(ty: &str) -> (String, String) {
     ("running".to_owned(), ty.to_owned())
 }
@@ -225,10 +236,7 @@ async fn only_the_tokens_managed_machine_is_touched_and_a_missing_one_is_permane
 
     // A token that launched nothing: permanent, nothing launched.
     let nobody = IdempotencyToken::generate();
-    let e = ec2
-        .resize_instance(&nobody, &req, deadline())
-        .await
-        .unwrap_err();
+    let e = refused(&ec2, &nobody, &req).await;
     assert_eq!(e.class, ErrorClass::Permanent, "{e}");
     assert_eq!(e.code.as_deref(), Some(CODE_MACHINE_NOT_FOUND));
     assert!(tagged(ec2.client(), &nobody).await.is_empty());
@@ -240,10 +248,7 @@ async fn only_the_tokens_managed_machine_is_touched_and_a_missing_one_is_permane
         .send()
         .await
         .unwrap();
-    let e = ec2
-        .resize_instance(&token, &req, deadline())
-        .await
-        .unwrap_err();
+    let e = refused(&ec2, &token, &req).await;
     assert_eq!(e.code.as_deref(), Some(CODE_MACHINE_NOT_FOUND), "{e}");
     assert_eq!(seen(ec2.client(), &obs.instance_id).await.0, "terminated");
 
@@ -268,9 +273,6 @@ async fn only_the_tokens_managed_machine_is_touched_and_a_missing_one_is_permane
         .send()
         .await
         .unwrap();
-    let e = ec2
-        .resize_instance(&token, &req, deadline())
-        .await
-        .unwrap_err();
+    let e = refused(&ec2, &token, &req).await;
     assert_eq!(e.code.as_deref(), Some(CODE_MACHINE_NOT_FOUND), "{e}");
 }
