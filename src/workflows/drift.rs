@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::conditions::{self, ConditionStatus, MACHINE_AVAILABLE, READY};
-use super::{ChainSpec, DriftAction, KvxSpec, Machine, OBSERVE_KIND, Workflows};
+use super::{ChainSpec, DriftAction, KvxSpec, OBSERVE_KIND, Workflows};
 use crate::metrics::adapter_call;
 use crate::queue::NewWork;
 use crate::store::StoreError;
@@ -47,14 +47,7 @@ pub(super) async fn observe(
                 "MachineRunning",
                 format!("machine {} is {}", seen.instance_id, seen.state),
             );
-            let machine = Machine {
-                instance_id: seen.instance_id,
-                private_ip: seen.private_ip.or(machine.private_ip),
-                availability_zone: seen.availability_zone.or(machine.availability_zone),
-                launch_token: machine.launch_token,
-                state: seen.state.to_string(),
-                instance_type: seen.instance_type.or(machine.instance_type),
-            };
+            let machine = machine.seen(seen);
             Ok(Outcome::done().observed(json!({
                 "machine": machine,
                 "conditions": chain.observed_conditions(),

@@ -35,7 +35,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Cluster, Compute, FollowUp, Handler, Mailer, Outcome, WorkContext,
+    AdapterError, BoxFuture, Cluster, Compute, FollowUp, Handler, InstanceObservation, Mailer,
+    Outcome, WorkContext,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -197,6 +198,21 @@ pub struct Machine {
     /// Its size (EC2 instance type) when last seen, if the provider reported one.
     #[serde(default)]
     pub instance_type: Option<String>,
+}
+
+impl Machine {
+    /// This machine as `seen` now: what the provider reported replaces what was known, and
+    /// what it left out stays.
+    pub fn seen(self, seen: InstanceObservation) -> Machine {
+        Machine {
+            instance_id: seen.instance_id,
+            private_ip: seen.private_ip.or(self.private_ip),
+            availability_zone: seen.availability_zone.or(self.availability_zone),
+            launch_token: self.launch_token,
+            state: seen.state.to_string(),
+            instance_type: seen.instance_type.or(self.instance_type),
+        }
+    }
 }
 
 /// The spec of every KVX unit: what the API enqueued, plus what earlier steps of the chain

@@ -107,14 +107,7 @@ pub(super) async fn resize_machine(
         "Updating",
         "configuring the Kubernetes objects",
     );
-    let machine = Machine {
-        instance_id: seen.instance_id,
-        private_ip: seen.private_ip.or(machine.private_ip),
-        availability_zone: seen.availability_zone.or(machine.availability_zone),
-        launch_token: machine.launch_token,
-        state: seen.state.to_string(),
-        instance_type: seen.instance_type.or(machine.instance_type),
-    };
+    let machine = machine.seen(seen);
     chain.machine = Some(machine.clone());
     Ok(Outcome::done()
         .observed(json!({ "machine": machine, "conditions": chain.observed_conditions() }))
