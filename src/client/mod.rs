@@ -21,6 +21,8 @@ use crate::api::proto::{
 };
 use crate::api::{ApiError, convert};
 use crate::cli::DbArgs;
+use crate::store::StoreError;
+use crate::store::tokens::{token_revoke, tokens_list};
 
 /// A client failure, printed for a person.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,13 @@ pub enum ClientError {
     /// Token creation failed.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The database failed (commands that use it directly).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn json_error(e: serde_json::Error) -> ClientError {
+    ClientError::Io(std::io::Error::other(e))
 }
 
 impl From<Status> for ClientError {
@@ -209,13 +218,39 @@ pub enum TokensCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List tokens: id, tenant, admin, created, expires, revoked (never the token itself).
+    List {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only this tenant's tokens.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id (see `tokens list`). Servers refuse it within
+    /// 5 seconds (they trust a checked token that long). Revoking twice is harmless.
+    Revoke {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// The token's id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl TokensCommand {
     /// The database flags.
     pub fn db(&self) -> &DbArgs {
         match self {
-            TokensCommand::Create { db, .. } => db,
+            TokensCommand::Create { db, .. }
+            | TokensCommand::List { db, .. }
+            | TokensCommand::Revoke { db, .. } => db,
         }
     }
 }
@@ -272,6 +307,58 @@ pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientE
                     t.expires_at
                         .map(|e| format!(", expires {}", e.to_rfc3339()))
                         .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        TokensCommand::List { tenant, json, .. } => {
+            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            let tokens = tokens_list(&mut conn, tenant.as_deref()).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tokens).map_err(json_error)?
+                );
+                return Ok(());
+            }
+            println!(
+                "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  REVOKED",
+                "ID", "TENANT", "ADMIN", "CREATED", "EXPIRES"
+            );
+            let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            for t in &tokens {
+                println!(
+                    "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  {}",
+                    t.id,
+                    t.tenant,
+                    if t.admin { "yes" } else { "no" },
+                    when(Some(t.created_at)),
+                    when(t.expires_at),
+                    when(t.revoked_at),
+                );
+            }
+            Ok(())
+        }
+        TokensCommand::Revoke { id, json, .. } => {
+            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            let Some(t) = token_revoke(&mut conn, id).await? else {
+                return Err(ClientError::Usage(format!(
+                    "no token with id {id} (setpoint tokens list shows the ids)"
+                )));
+            };
+            tracing::info!(token_id = t.id, tenant = %t.tenant, "API token revoked");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t).map_err(json_error)?);
+            } else {
+                println!(
+                    "token {} of tenant {} revoked at {}; servers refuse it within {} s",
+                    t.id,
+                    t.tenant,
+                    t.revoked_at.map(|r| r.to_rfc3339()).unwrap_or_default(),
+                    crate::api::auth::CACHE_TTL.as_secs()
                 );
             }
             Ok(())

@@ -65,13 +65,61 @@ pub async fn token_get_by_hash(
     .transpose()
 }
 
-/// Revokes token `id`. Returns false when no such token exists.
-pub async fn token_revoke(conn: &mut PgConnection, id: i64) -> Result<bool, StoreError> {
-    let n =
-        sqlx::query("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
-            .bind(id)
-            .execute(conn)
-            .await?
-            .rows_affected();
-    Ok(n == 1)
+/// What an operator may know of a token: everything but the token (which is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TokenEntry {
+    /// Row id: names the token in logs and in `setpoint tokens revoke`.
+    pub id: i64,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Whether it may use the operators' `WorkService`.
+    pub admin: bool,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+fn entry(r: &sqlx::postgres::PgRow) -> Result<TokenEntry, StoreError> {
+    Ok(TokenEntry {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        admin: r.try_get("admin")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+/// Every token (of `tenant` only, when given), oldest first; revoked and expired ones included.
+pub async fn tokens_list(
+    conn: &mut PgConnection,
+    tenant: Option<&str>,
+) -> Result<Vec<TokenEntry>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, tenant, admin, created_at, expires_at, revoked_at FROM api_tokens
+         WHERE $1::text IS NULL OR tenant = $1 ORDER BY id",
+    )
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(entry).collect()
+}
+
+/// Revokes token `id` (a token revoked before keeps its first revocation time). Returns the
+/// token as it is now, or `None` when no such token exists.
+pub async fn token_revoke(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<TokenEntry>, StoreError> {
+    let row = sqlx::query(
+        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
+         RETURNING id, tenant, admin, created_at, expires_at, revoked_at",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(entry).transpose()
 }
