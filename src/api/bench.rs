@@ -20,6 +20,7 @@ use super::proto::instance_service_client::InstanceServiceClient;
 use super::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use super::{ApiConfig, ApiError, ServeError, auth};
 use crate::config::parse_duration;
+use crate::dev::cpu::{PostgresServer, own_cpu, postgres_server_of};
 use crate::dev::postgres::{ClusterError, ClusterOptions, Durability, TempCluster};
 use crate::store::{self, StoreError};
 
@@ -94,15 +95,70 @@ pub struct BenchApiReport {
     pub create_batch_executors: usize,
     /// Most Creates per batch.
     pub create_batch_max: usize,
+    /// CPU per baseline commit and per Create, when the server's processes are readable.
+    pub cpu: Option<CpuReport>,
 }
 
-async fn baseline(url: &str, clients: usize, duration: Duration) -> Result<f64, BenchError> {
+/// Where the CPU went (Linux, PostgreSQL on this machine): per baseline commit and per Create,
+/// PostgreSQL's processes and this one (the API server and its clients, or the baseline's
+/// connections).
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuReport {
+    /// Cores of this machine.
+    pub cores: usize,
+    /// PostgreSQL CPU per baseline commit (µs).
+    pub baseline_postgres_us: f64,
+    /// This process's CPU per baseline commit (µs).
+    pub baseline_process_us: f64,
+    /// PostgreSQL CPU per Create (µs).
+    pub create_postgres_us: f64,
+    /// This process's CPU per Create: the API server, its batch executors and the clients (µs).
+    pub create_process_us: f64,
+    /// Creates/s these costs allow when every core is busy: `cores / (both per Create)`.
+    pub create_ceiling_per_sec: f64,
+}
+
+/// CPU readings at the start of a measurement.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    postgres: Duration,
+    process: Duration,
+}
+
+impl CpuMark {
+    fn now(server: &PostgresServer) -> Option<CpuMark> {
+        Some(CpuMark {
+            postgres: server.cpu(),
+            process: own_cpu()?,
+        })
+    }
+
+    /// (PostgreSQL, this process) CPU in µs per each of `n` operations since this mark.
+    fn per_op(&self, server: &PostgresServer, n: f64) -> Option<(f64, f64)> {
+        let end = CpuMark::now(server)?;
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1.0);
+        Some((
+            us(end.postgres.saturating_sub(self.postgres)),
+            us(end.process.saturating_sub(self.process)),
+        ))
+    }
+}
+
+/// The baseline's commits/s, and its CPU per commit (PostgreSQL, this process) when `server`
+/// is readable.
+async fn baseline(
+    url: &str,
+    clients: usize,
+    duration: Duration,
+    server: Option<&PostgresServer>,
+) -> Result<(f64, Option<(f64, f64)>), BenchError> {
     let pool = store::connect(url, clients as u32 + 2).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_scratch (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())")
         .execute(&pool)
         .await
         .map_err(StoreError::from)?;
     let count = Arc::new(AtomicU64::new(0));
+    let mark = server.and_then(CpuMark::now);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -128,8 +184,12 @@ async fn baseline(url: &str, clients: usize, duration: Duration) -> Result<f64, 
             .map_err(StoreError::from)?;
     }
     let secs = start.elapsed().as_secs_f64();
+    let commits = count.load(Ordering::Relaxed) as f64;
+    let cpu = server
+        .zip(mark)
+        .and_then(|(server, mark)| mark.per_op(server, commits));
     pool.close().await;
-    Ok(count.load(Ordering::Relaxed) as f64 / secs)
+    Ok((commits / secs, cpu))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -165,7 +225,13 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     let pool = store::connect(&url, clients as u32 + 8).await?;
     store::migrate(&pool).await?;
 
-    let baseline_rate = baseline(&url, clients, args.duration).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .map_err(StoreError::from)?;
+    let server = u32::try_from(backend).ok().and_then(postgres_server_of);
+    let (baseline_rate, baseline_cpu) =
+        baseline(&url, clients, args.duration, server.as_ref()).await?;
 
     let shutdown = CancellationToken::new();
     let api = super::start(
@@ -196,6 +262,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     // Names and request ids of this run (a database given with --database-url may hold an
     // earlier run's).
     let run = format!("{:08x}", rand::random::<u32>());
+    let mark = server.as_ref().and_then(CpuMark::now);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -243,6 +310,11 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         latencies.extend(t.await.map_err(|e| BenchError::Join(e.to_string()))?);
     }
     let secs = start.elapsed().as_secs_f64();
+    // Before shutdown: the executors' connections must still be open to be counted.
+    let create_cpu = server
+        .as_ref()
+        .zip(mark)
+        .and_then(|(server, mark)| mark.per_op(server, latencies.len() as f64));
     shutdown.cancel();
     api.wait().await?;
     latencies.sort_by(f64::total_cmp);
@@ -262,6 +334,17 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         create_p99_ms: percentile(&latencies, 0.99),
         create_batch_executors: args.create_batch_executors,
         create_batch_max: args.create_batch_max.max(1),
+        cpu: baseline_cpu.zip(create_cpu).map(|((bp, bs), (cp, cs))| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            CpuReport {
+                cores,
+                baseline_postgres_us: bp,
+                baseline_process_us: bs,
+                create_postgres_us: cp,
+                create_process_us: cs,
+                create_ceiling_per_sec: cores as f64 * 1e6 / (cp + cs).max(1.0),
+            }
+        }),
     };
     pool.close().await;
     drop(cluster);
@@ -294,6 +377,25 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
             "  group commit: {} batch executors, at most {} creates per batch",
             report.create_batch_executors, report.create_batch_max
         );
+        match &report.cpu {
+            Some(cpu) => {
+                println!(
+                    "  CPU per baseline commit: PostgreSQL {:.0} µs, this process {:.0} µs",
+                    cpu.baseline_postgres_us, cpu.baseline_process_us
+                );
+                println!(
+                    "  CPU per Create: PostgreSQL {:.0} µs, this process (server and clients) {:.0} µs",
+                    cpu.create_postgres_us, cpu.create_process_us
+                );
+                println!(
+                    "  with all {} cores busy, at most {:.0} Creates/s ({:.0}% of the commit rate)",
+                    cpu.cores,
+                    cpu.create_ceiling_per_sec,
+                    100.0 * cpu.create_ceiling_per_sec / report.baseline_commits_per_sec.max(1.0)
+                );
+            }
+            None => println!("  CPU per Create: unknown (PostgreSQL is not on this machine)"),
+        }
     }
     Ok(report)
 }

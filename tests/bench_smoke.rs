@@ -1,0 +1,81 @@
+//! The benchmarks run as a user runs them (`setpoint bench …` on a throw-away durable cluster),
+//! briefly: they must keep working and report their figures. No figure is asserted on; speed
+//! is read from the printed figures, never from a test.
+
+use std::process::Command;
+
+fn setpoint(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .args(args)
+        .output()
+        .expect("run setpoint");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
+    let (ok, out, err) = setpoint(&[
+        "bench",
+        "api",
+        "--clients",
+        "4",
+        "--duration",
+        "1s",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert!(
+        report["baseline_commits_per_sec"].as_f64().unwrap() > 0.0,
+        "{out}"
+    );
+    assert!(report["creates_per_sec"].as_f64().unwrap() > 0.0, "{out}");
+    assert_eq!(report["create_errors"], 0, "{out}");
+    // The cluster runs on this machine, so where the CPU went is known.
+    let cpu = &report["cpu"];
+    for field in [
+        "baseline_postgres_us",
+        "baseline_process_us",
+        "create_postgres_us",
+        "create_process_us",
+        "create_ceiling_per_sec",
+    ] {
+        assert!(
+            cpu[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {out}"
+        );
+    }
+}
+
+#[test]
+fn bench_queue_reports_enqueue_and_drain_rates_on_a_durable_cluster() {
+    let (ok, out, err) = setpoint(&[
+        "bench",
+        "queue",
+        "--jobs",
+        "2000",
+        "--workers",
+        "50",
+        "--latency-rate",
+        "0",
+        "--baseline-cycles",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let drain = &v["report"]["drains"][0];
+    assert_eq!(drain["jobs"], 2000, "{out}");
+    assert!(drain["drain_per_sec"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(drain["enqueue_per_sec"].as_f64().unwrap() > 0.0, "{out}");
+    let settings = v["settings"].to_string();
+    assert!(
+        settings.contains(r#"["fsync","on"]"#)
+            && settings.contains(r#"["synchronous_commit","on"]"#),
+        "the benchmark runs durable: {settings}"
+    );
+}
