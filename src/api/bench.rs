@@ -20,7 +20,7 @@ use super::proto::instance_service_client::InstanceServiceClient;
 use super::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use super::{ApiConfig, ApiError, ServeError, auth};
 use crate::config::parse_duration;
-use crate::dev::cpu::{PostgresServer, own_cpu, postgres_server_of};
+use crate::dev::cpu::{CpuSample, PostgresServer, own_cpu, postgres_server_of};
 use crate::dev::postgres::{ClusterError, ClusterOptions, Durability, TempCluster};
 use crate::store::{self, StoreError};
 
@@ -119,16 +119,16 @@ pub struct CpuReport {
 }
 
 /// CPU readings at the start of a measurement.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct CpuMark {
-    postgres: Duration,
+    postgres: CpuSample,
     process: Duration,
 }
 
 impl CpuMark {
     fn now(server: &PostgresServer) -> Option<CpuMark> {
         Some(CpuMark {
-            postgres: server.cpu(),
+            postgres: server.sample(),
             process: own_cpu()?,
         })
     }
@@ -138,7 +138,7 @@ impl CpuMark {
         let end = CpuMark::now(server)?;
         let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1.0);
         Some((
-            us(end.postgres.saturating_sub(self.postgres)),
+            us(end.postgres.since(&self.postgres)),
             us(end.process.saturating_sub(self.process)),
         ))
     }

@@ -4,6 +4,7 @@
 //! Read from `/proc` (Linux). Elsewhere, or for a server on another machine, the figures are
 //! absent rather than wrong.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,20 +50,38 @@ pub struct PostgresServer {
 }
 
 impl PostgresServer {
-    /// CPU time used so far by the server's processes that are running now (backends,
-    /// WAL writer, checkpointer, autovacuum, …). A process that exits between two readings
-    /// drops out of the second: compare readings over a window in which the connections
-    /// that matter stay open.
-    pub fn cpu(&self) -> Duration {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Duration::ZERO;
-        };
+    /// CPU time used so far by each of the server's processes running now (backends, WAL
+    /// writer, checkpointer, autovacuum, …), by pid.
+    pub fn sample(&self) -> CpuSample {
         let proc_dir = Path::new("/proc");
-        entries
+        let by_pid = std::fs::read_dir(proc_dir)
+            .into_iter()
+            .flatten()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter_map(|pid| process_cpu(proc_dir, pid))
-            .filter(|(ppid, _)| *ppid == self.postmaster)
-            .map(|(_, cpu)| cpu)
+            .filter_map(|pid| Some((pid, process_cpu(proc_dir, pid)?)))
+            .filter(|(_, (ppid, _))| *ppid == self.postmaster)
+            .map(|(pid, (_, cpu))| (pid, cpu))
+            .collect();
+        CpuSample { by_pid }
+    }
+}
+
+/// The CPU time of a server's processes at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSample {
+    by_pid: HashMap<u32, Duration>,
+}
+
+impl CpuSample {
+    /// CPU used between `earlier` and this sample by the processes running now. A process
+    /// that exited in between is left out (its last moments are lost, not counted twice);
+    /// one that started in between counts from its start.
+    pub fn since(&self, earlier: &CpuSample) -> Duration {
+        self.by_pid
+            .iter()
+            .map(|(pid, cpu)| {
+                cpu.saturating_sub(earlier.by_pid.get(pid).copied().unwrap_or_default())
+            })
             .sum()
     }
 }
@@ -77,6 +96,19 @@ mod tests {
         assert_eq!(parse_stat(line), Some((17, Duration::from_millis(3250))));
         assert_eq!(parse_stat("4242 (truncated"), None);
         assert_eq!(parse_stat("4242 (x) S notapid"), None);
+    }
+
+    #[test]
+    fn cpu_since_an_earlier_sample_ignores_processes_that_exited() {
+        let ms = Duration::from_millis;
+        let earlier = CpuSample {
+            by_pid: HashMap::from([(1, ms(500)), (2, ms(9000)), (3, ms(40))]),
+        };
+        // 2 exited (a closed connection), 4 started.
+        let now = CpuSample {
+            by_pid: HashMap::from([(1, ms(700)), (3, ms(40)), (4, ms(30))]),
+        };
+        assert_eq!(now.since(&earlier), ms(230));
     }
 
     #[test]
