@@ -230,8 +230,10 @@ pub enum TokensCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a token by its id (see `tokens list`). Servers refuse it within
-    /// 5 seconds (they trust a checked token that long). Revoking twice is harmless.
+    /// Revoke a token by its id (see `tokens list`).
+    ///
+    /// Servers refuse it within 5 seconds (they trust a checked token that long). Revoking
+    /// twice is harmless: the first revocation time stays.
     Revoke {
         /// Database.
         #[command(flatten)]
