@@ -5,19 +5,33 @@ use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 
-/// A stored token (its hash is the key; the token itself is never stored).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored token: everything but the token itself, which is never stored (its hash is the
+/// key and is not shown either).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenRow {
-    /// Row id (names the token in logs without revealing it).
+    /// Row id: names the token in logs and in `setpoint tokens revoke`, without revealing it.
     pub id: i64,
     /// The tenant the token acts for.
     pub tenant: String,
     /// Whether the token may use the operators' `WorkService`.
     pub admin: bool,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
     /// When it stops working, if ever.
     pub expires_at: Option<DateTime<Utc>>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+fn token_row(r: &sqlx::postgres::PgRow) -> Result<TokenRow, StoreError> {
+    Ok(TokenRow {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        admin: r.try_get("admin")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
 }
 
 /// Stores a new token's hash. Returns the row id.
@@ -48,56 +62,20 @@ pub async fn token_get_by_hash(
     token_hash: &[u8],
 ) -> Result<Option<TokenRow>, StoreError> {
     let row = sqlx::query(
-        "SELECT id, tenant, admin, expires_at, revoked_at FROM api_tokens WHERE token_hash = $1",
+        "SELECT id, tenant, admin, created_at, expires_at, revoked_at FROM api_tokens
+         WHERE token_hash = $1",
     )
     .bind(token_hash)
     .fetch_optional(conn)
     .await?;
-    row.map(|r| {
-        Ok(TokenRow {
-            id: r.try_get("id")?,
-            tenant: r.try_get("tenant")?,
-            admin: r.try_get("admin")?,
-            expires_at: r.try_get("expires_at")?,
-            revoked_at: r.try_get("revoked_at")?,
-        })
-    })
-    .transpose()
-}
-
-/// What an operator may know of a token: everything but the token (which is never stored).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TokenEntry {
-    /// Row id: names the token in logs and in `setpoint tokens revoke`.
-    pub id: i64,
-    /// The tenant it acts for.
-    pub tenant: String,
-    /// Whether it may use the operators' `WorkService`.
-    pub admin: bool,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When it stops working, if ever.
-    pub expires_at: Option<DateTime<Utc>>,
-    /// When it was revoked, if it was.
-    pub revoked_at: Option<DateTime<Utc>>,
-}
-
-fn entry(r: &sqlx::postgres::PgRow) -> Result<TokenEntry, StoreError> {
-    Ok(TokenEntry {
-        id: r.try_get("id")?,
-        tenant: r.try_get("tenant")?,
-        admin: r.try_get("admin")?,
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
-        revoked_at: r.try_get("revoked_at")?,
-    })
+    row.as_ref().map(token_row).transpose()
 }
 
 /// Every token (of `tenant` only, when given), oldest first; revoked and expired ones included.
 pub async fn tokens_list(
     conn: &mut PgConnection,
     tenant: Option<&str>,
-) -> Result<Vec<TokenEntry>, StoreError> {
+) -> Result<Vec<TokenRow>, StoreError> {
     let rows = sqlx::query(
         "SELECT id, tenant, admin, created_at, expires_at, revoked_at FROM api_tokens
          WHERE $1::text IS NULL OR tenant = $1 ORDER BY id",
@@ -105,7 +83,7 @@ pub async fn tokens_list(
     .bind(tenant)
     .fetch_all(conn)
     .await?;
-    rows.iter().map(entry).collect()
+    rows.iter().map(token_row).collect()
 }
 
 /// Revokes token `id` (a token revoked before keeps its first revocation time). Returns the
@@ -113,7 +91,7 @@ pub async fn tokens_list(
 pub async fn token_revoke(
     conn: &mut PgConnection,
     id: i64,
-) -> Result<Option<TokenEntry>, StoreError> {
+) -> Result<Option<TokenRow>, StoreError> {
     let row = sqlx::query(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
          RETURNING id, tenant, admin, created_at, expires_at, revoked_at",
@@ -121,5 +99,5 @@ pub async fn token_revoke(
     .bind(id)
     .fetch_optional(conn)
     .await?;
-    row.as_ref().map(entry).transpose()
+    row.as_ref().map(token_row).transpose()
 }
