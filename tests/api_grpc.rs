@@ -2,6 +2,7 @@
 //! request ids, active work, validation, tenant isolation, tokens and admin-only calls.
 
 mod api_support;
+mod common;
 
 use api_support::*;
 use setpoint::api::proto::{GetInstanceRequest, InstanceStatus, WatchInstanceRequest};
@@ -583,25 +584,10 @@ async fn missing_invalid_expired_tokens_are_unauthenticated_and_health_needs_non
     env.stop().await;
 }
 
-/// `setpoint tokens …` as an operator runs it, against the test database.
-fn tokens_cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_setpoint"))
-        .arg("tokens")
-        .args(args)
-        .env("SETPOINT_DATABASE_URL", url)
-        .output()
-        .expect("run setpoint");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused() {
     let env = Env::default().await;
-    let (ok, out, err) = tokens_cli(&env.db.url, &["list", "--json"]);
+    let (ok, out, err) = common::setpoint(Some(&env.db.url), &["tokens", "list", "--json"]);
     assert!(ok, "{err}");
     let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let tenants: Vec<(&str, bool)> = listed
@@ -612,7 +598,7 @@ async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused()
     for secret in [&env.acme, &env.globex, &env.admin] {
         assert!(!out.contains(&secret[4..]), "a listing never shows a token");
     }
-    let (ok, out, _) = tokens_cli(&env.db.url, &["list", "--tenant", "acme"]);
+    let (ok, out, _) = common::setpoint(Some(&env.db.url), &["tokens", "list", "--tenant", "acme"]);
     assert!(ok);
     assert!(out.starts_with("    ID  TENANT"), "{out}");
     assert_eq!(out.lines().count(), 2, "{out}");
@@ -630,7 +616,7 @@ async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused()
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "the token works before: {e:?}");
-    let (ok, out, err) = tokens_cli(&env.db.url, &["revoke", &acme_id]);
+    let (ok, out, err) = common::setpoint(Some(&env.db.url), &["tokens", "revoke", &acme_id]);
     assert!(ok, "{err}");
     assert!(out.contains("revoked") && out.contains("acme"), "{out}");
     let deadline = std::time::Instant::now() + HUNG;
@@ -654,13 +640,17 @@ async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused()
 
     // Revoking again keeps the first revocation; an unknown id is an error that says where
     // the ids are.
-    let (ok, out, _) = tokens_cli(&env.db.url, &["revoke", &acme_id, "--json"]);
+    let (ok, out, _) =
+        common::setpoint(Some(&env.db.url), &["tokens", "revoke", &acme_id, "--json"]);
     assert!(ok);
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let (_, listed, _) = tokens_cli(&env.db.url, &["list", "--json", "--tenant", "acme"]);
+    let (_, listed, _) = common::setpoint(
+        Some(&env.db.url),
+        &["tokens", "list", "--json", "--tenant", "acme"],
+    );
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
     assert_eq!(again["revoked_at"], listed[0]["revoked_at"]);
-    let (ok, _, err) = tokens_cli(&env.db.url, &["revoke", "999999"]);
+    let (ok, _, err) = common::setpoint(Some(&env.db.url), &["tokens", "revoke", "999999"]);
     assert!(!ok);
     assert!(
         err.contains("no token with id 999999") && err.contains("tokens list"),
@@ -1207,15 +1197,39 @@ fn batch_create<'a>(
     }
 }
 
+/// One batch statement of the race test: creates `race-a` (request id `race-1`) and `race-b`
+/// (`race-2`) of tenant acme, their units on two newly reserved ids with `tokens`; the ids and
+/// what the statement answered.
+async fn race_batch(
+    conn: &mut sqlx::PgConnection,
+    tokens: [&str; 2],
+) -> (Vec<i64>, Result<Vec<bool>, setpoint::store::StoreError>) {
+    use chrono::SubsecRound;
+    let ids = setpoint::store::work::work_reserve_ids(conn, 2)
+        .await
+        .unwrap();
+    let spec = serde_json::json!({"plan": "kvx.small"});
+    let creates = [
+        batch_create("race-1", "race-a", ids[0], tokens[0], &spec),
+        batch_create("race-2", "race-b", ids[1], tokens[1], &spec),
+    ];
+    let now = chrono::Utc::now().trunc_subsecs(6);
+    let written = setpoint::store::create_batch::instances_create_batch(
+        conn,
+        "CreateInstance",
+        "test.none",
+        now,
+        &creates,
+    )
+    .await;
+    (ids, written)
+}
+
 /// The batch statement meets a request id that another transaction holds: it waits, and when
 /// that transaction commits it fails as a whole and writes nothing (the executor then tries
 /// once more); tried again, it leaves out just that create.
 #[tokio::test]
 async fn a_batch_that_loses_a_race_writes_nothing_and_a_second_try_leaves_the_loser_out() {
-    use chrono::SubsecRound;
-    use setpoint::store::create_batch::instances_create_batch;
-    use setpoint::store::work::work_reserve_ids;
-
     let env = Env::start(ApiConfig::default()).await;
     let pool = env.db.pool.clone();
     let mut holder = pool.begin().await.unwrap();
@@ -1230,14 +1244,9 @@ async fn a_batch_that_loses_a_race_writes_nothing_and_a_second_try_leaves_the_lo
         let pool = pool.clone();
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let ids = work_reserve_ids(&mut conn, 2).await.unwrap();
-            let spec = serde_json::json!({"plan": "kvx.small"});
-            let creates = [
-                batch_create("race-1", "race-a", ids[0], "race-token-1", &spec),
-                batch_create("race-2", "race-b", ids[1], "race-token-2", &spec),
-            ];
-            let now = chrono::Utc::now().trunc_subsecs(6);
-            instances_create_batch(&mut conn, "CreateInstance", "test.none", now, &creates).await
+            race_batch(&mut conn, ["race-token-1", "race-token-2"])
+                .await
+                .1
         }
     });
     // Commit only once the statement waits for the holder's row lock.
@@ -1268,16 +1277,8 @@ async fn a_batch_that_loses_a_race_writes_nothing_and_a_second_try_leaves_the_lo
     assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
 
     let mut conn = pool.acquire().await.unwrap();
-    let ids = work_reserve_ids(&mut conn, 2).await.unwrap();
-    let spec = serde_json::json!({"plan": "kvx.small"});
-    let creates = [
-        batch_create("race-1", "race-a", ids[0], "race-token-3", &spec),
-        batch_create("race-2", "race-b", ids[1], "race-token-4", &spec),
-    ];
-    let now = chrono::Utc::now().trunc_subsecs(6);
-    let written = instances_create_batch(&mut conn, "CreateInstance", "test.none", now, &creates)
-        .await
-        .unwrap();
+    let (ids, written) = race_batch(&mut conn, ["race-token-3", "race-token-4"]).await;
+    let written = written.unwrap();
     assert_eq!(written, [false, true]);
     assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
     assert_eq!(

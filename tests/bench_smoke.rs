@@ -2,31 +2,24 @@
 //! briefly: they must keep working and report their figures. No figure is asserted on; speed
 //! is read from the printed figures, never from a test.
 
-use std::process::Command;
+mod common;
 
-fn setpoint(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
-        .args(args)
-        .output()
-        .expect("run setpoint");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::setpoint;
 
 #[test]
 fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
-    let (ok, out, err) = setpoint(&[
-        "bench",
-        "api",
-        "--clients",
-        "4",
-        "--duration",
-        "1s",
-        "--json",
-    ]);
+    let (ok, out, err) = setpoint(
+        None,
+        &[
+            "bench",
+            "api",
+            "--clients",
+            "4",
+            "--duration",
+            "1s",
+            "--json",
+        ],
+    );
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
     assert!(
@@ -53,19 +46,22 @@ fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
 
 #[test]
 fn bench_queue_reports_enqueue_and_drain_rates_on_a_durable_cluster() {
-    let (ok, out, err) = setpoint(&[
-        "bench",
-        "queue",
-        "--jobs",
-        "2000",
-        "--workers",
-        "50",
-        "--latency-rate",
-        "0",
-        "--baseline-cycles",
-        "0",
-        "--json",
-    ]);
+    let (ok, out, err) = setpoint(
+        None,
+        &[
+            "bench",
+            "queue",
+            "--jobs",
+            "2000",
+            "--workers",
+            "50",
+            "--latency-rate",
+            "0",
+            "--baseline-cycles",
+            "0",
+            "--json",
+        ],
+    );
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
     let drain = &v["report"]["drains"][0];

@@ -8,26 +8,13 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn setpoint(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
-        .args(args)
-        .env("SETPOINT_DATABASE_URL", url)
-        .output()
-        .expect("run setpoint");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_list_show_retry_and_cancel_parked_units() {
     let db = db().await;
-    let (ok, _, err) = setpoint(&db.url, &["migrate"]);
+    let (ok, _, err) = setpoint(Some(&db.url), &["migrate"]);
     assert!(ok, "{err}");
     let (ok, out, err) = setpoint(
-        &db.url,
+        Some(&db.url),
         &[
             "work",
             "enqueue",
@@ -54,26 +41,26 @@ async fn operators_list_show_retry_and_cancel_parked_units() {
     .await;
     drop(engine);
 
-    let (ok, out, _) = setpoint(&db.url, &["work", "list", "--state", "parked"]);
+    let (ok, out, _) = setpoint(Some(&db.url), &["work", "list", "--state", "parked"]);
     assert!(ok);
     assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
     assert!(out.contains("quota exceeded"), "{out}");
-    let (ok, out, _) = setpoint(&db.url, &["work", "show", &ids[0].to_string()]);
+    let (ok, out, _) = setpoint(Some(&db.url), &["work", "show", &ids[0].to_string()]);
     assert!(ok);
     assert!(
         out.contains("parked") && out.contains("setpoint work retry"),
         "{out}"
     );
     let token = enqueued[0]["token"].as_str().unwrap();
-    let (ok, out, _) = setpoint(&db.url, &["work", "show", token, "--json"]);
+    let (ok, out, _) = setpoint(Some(&db.url), &["work", "show", token, "--json"]);
     assert!(ok);
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["id"].as_i64(), Some(ids[0]));
 
-    let (ok, out, _) = setpoint(&db.url, &["work", "retry", &ids[0].to_string()]);
+    let (ok, out, _) = setpoint(Some(&db.url), &["work", "retry", &ids[0].to_string()]);
     assert!(ok, "{out}");
     let (ok, _, _) = setpoint(
-        &db.url,
+        Some(&db.url),
         &[
             "work",
             "cancel",
@@ -83,14 +70,14 @@ async fn operators_list_show_retry_and_cancel_parked_units() {
         ],
     );
     assert!(ok);
-    let (ok, _, err) = setpoint(&db.url, &["work", "cancel", &ids[1].to_string()]);
+    let (ok, _, err) = setpoint(Some(&db.url), &["work", "cancel", &ids[1].to_string()]);
     assert!(!ok);
     assert!(err.contains("has already finished"), "{err}");
-    let (ok, _, err) = setpoint(&db.url, &["work", "retry", &ids[0].to_string()]);
+    let (ok, _, err) = setpoint(Some(&db.url), &["work", "retry", &ids[0].to_string()]);
     assert!(!ok);
     assert!(err.contains("is pending, not parked"), "{err}");
     let (ok, _, err) = setpoint(
-        &db.url,
+        Some(&db.url),
         &["work", "enqueue", "--kind", "x", "--spec", "{nope"],
     );
     assert!(!ok);

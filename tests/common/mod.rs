@@ -22,6 +22,22 @@ use tokio_util::sync::CancellationToken;
 /// How long any wait may take before the test is declared hung.
 pub const HUNG: Duration = Duration::from_secs(120);
 
+/// Runs the `setpoint` binary under test with `args`, as a user would, against `database`
+/// (as `SETPOINT_DATABASE_URL`) when one is given: (success, stdout, stderr).
+pub fn setpoint(database: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    cmd.args(args);
+    if let Some(url) = database {
+        cmd.env("SETPOINT_DATABASE_URL", url);
+    }
+    let out = cmd.output().expect("run setpoint");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A fresh database with the `probe_runs` table the probe kind records into.
 pub async fn db() -> TestDb {
     let db = test_db().await.expect("test database");
