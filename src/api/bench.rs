@@ -118,24 +118,26 @@ pub struct CpuReport {
     pub create_ceiling_per_sec: f64,
 }
 
-/// CPU readings at the start of a measurement.
+/// CPU readings at the start of a measurement, on a readable local server.
 #[derive(Debug, Clone)]
 struct CpuMark {
+    server: PostgresServer,
     postgres: CpuSample,
     process: Duration,
 }
 
 impl CpuMark {
-    fn now(server: &PostgresServer) -> Option<CpuMark> {
+    fn start(server: PostgresServer) -> Option<CpuMark> {
         Some(CpuMark {
+            server,
             postgres: server.sample(),
             process: own_cpu()?,
         })
     }
 
     /// (PostgreSQL, this process) CPU in µs per each of `n` operations since this mark.
-    fn per_op(&self, server: &PostgresServer, n: f64) -> Option<(f64, f64)> {
-        let end = CpuMark::now(server)?;
+    fn per_op(&self, n: f64) -> Option<(f64, f64)> {
+        let end = CpuMark::start(self.server)?;
         let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1.0);
         Some((
             us(end.postgres.since(&self.postgres)),
@@ -150,7 +152,7 @@ async fn baseline(
     url: &str,
     clients: usize,
     duration: Duration,
-    server: Option<&PostgresServer>,
+    server: Option<PostgresServer>,
 ) -> Result<(f64, Option<(f64, f64)>), BenchError> {
     let pool = store::connect(url, clients as u32 + 2).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_scratch (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())")
@@ -158,7 +160,7 @@ async fn baseline(
         .await
         .map_err(StoreError::from)?;
     let count = Arc::new(AtomicU64::new(0));
-    let mark = server.and_then(CpuMark::now);
+    let mark = server.and_then(CpuMark::start);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -185,9 +187,7 @@ async fn baseline(
     }
     let secs = start.elapsed().as_secs_f64();
     let commits = count.load(Ordering::Relaxed) as f64;
-    let cpu = server
-        .zip(mark)
-        .and_then(|(server, mark)| mark.per_op(server, commits));
+    let cpu = mark.and_then(|m| m.per_op(commits));
     pool.close().await;
     Ok((commits / secs, cpu))
 }
@@ -230,8 +230,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
         .await
         .map_err(StoreError::from)?;
     let server = u32::try_from(backend).ok().and_then(postgres_server_of);
-    let (baseline_rate, baseline_cpu) =
-        baseline(&url, clients, args.duration, server.as_ref()).await?;
+    let (baseline_rate, baseline_cpu) = baseline(&url, clients, args.duration, server).await?;
 
     let shutdown = CancellationToken::new();
     let api = super::start(
@@ -262,7 +261,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     // Names and request ids of this run (a database given with --database-url may hold an
     // earlier run's).
     let run = format!("{:08x}", rand::random::<u32>());
-    let mark = server.as_ref().and_then(CpuMark::now);
+    let mark = server.and_then(CpuMark::start);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -311,10 +310,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     }
     let secs = start.elapsed().as_secs_f64();
     // Before shutdown: the executors' connections must still be open to be counted.
-    let create_cpu = server
-        .as_ref()
-        .zip(mark)
-        .and_then(|(server, mark)| mark.per_op(server, latencies.len() as f64));
+    let create_cpu = mark.and_then(|m| m.per_op(latencies.len() as f64));
     shutdown.cancel();
     api.wait().await?;
     latencies.sort_by(f64::total_cmp);
