@@ -7,7 +7,7 @@ mod common;
 use common::setpoint;
 
 #[test]
-fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
+fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create_and_its_floor() {
     let (ok, out, err) = setpoint(
         None,
         &[
@@ -28,6 +28,16 @@ fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
     );
     assert!(report["creates_per_sec"].as_f64().unwrap() > 0.0, "{out}");
     assert_eq!(report["create_errors"], 0, "{out}");
+    // The two parts every Create holds, measured on their own.
+    assert!(
+        report["batched_writes_per_sec"].as_f64().unwrap() > 0.0,
+        "{out}"
+    );
+    assert!(
+        report["empty_calls_per_sec"].as_f64().unwrap() > 0.0,
+        "{out}"
+    );
+    assert_eq!(report["floor_errors"], 0, "{out}");
     // The cluster runs on this machine, so where the CPU went is known.
     let cpu = &report["cpu"];
     for field in [
@@ -36,6 +46,10 @@ fn bench_api_reports_creates_next_to_the_commit_rate_with_the_cpu_per_create() {
         "create_postgres_us",
         "create_process_us",
         "create_ceiling_per_sec",
+        "batched_write_postgres_us",
+        "batched_write_process_us",
+        "empty_call_process_us",
+        "floor_ceiling_per_sec",
     ] {
         assert!(
             cpu[field].as_f64().is_some_and(|v| v > 0.0),
