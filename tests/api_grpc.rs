@@ -584,6 +584,185 @@ async fn missing_invalid_expired_tokens_are_unauthenticated_and_health_needs_non
     env.stop().await;
 }
 
+/// `setpoint instances ARGS` against `env`'s API with `token`: (success, stdout, stderr). Off
+/// the runtime's threads, so that the API keeps serving while the command runs.
+async fn instances_cli(env: &Env, token: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<String> = vec!["instances".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["--server".into(), env.url(), "--token".into(), token.into()]);
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::setpoint(None, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// The JSON lines a `--json` command printed.
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instances_cli_creates_waits_watches_lists_updates_and_deletes_as_its_tenant() {
+    let env = Env::default().await;
+    env.start_workers();
+    let spec = [
+        "--plan",
+        "kvx.small",
+        "--region",
+        "eu-west-1",
+        "--size-gb",
+        "10",
+        "--owner-email",
+        "ops@example.com",
+    ];
+    let create = |name: &'static str, extra: &'static [&'static str]| {
+        let mut a = vec!["create", name];
+        a.extend(spec);
+        a.extend(extra);
+        a
+    };
+
+    // create --wait follows the instance until READY, one JSON line per change.
+    let (ok, out, err) = instances_cli(
+        &env,
+        &env.acme,
+        &create("web-1", &["--request-id", "cli-1", "--wait", "--json"]),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let seen = json_lines(&out);
+    let last = seen.last().unwrap();
+    assert_eq!(last["name"], "tenants/acme/instances/web-1", "{out}");
+    assert_eq!(last["status"], "READY", "{out}");
+    assert_eq!(last["has_active_work"], false, "{out}");
+    let uid = last["uid"].as_str().unwrap().to_owned();
+
+    // The same request id again is answered with the first answer: no second instance.
+    let (ok, out, err) = instances_cli(
+        &env,
+        &env.acme,
+        &create("web-1", &["--request-id", "cli-1", "--json"]),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let replay = &json_lines(&out)[0];
+    assert_eq!(replay["uid"], uid.as_str());
+    assert_eq!(replay["status"], "CREATING", "the first answer: {out}");
+
+    // get, as text; another tenant is told it does not exist.
+    let (ok, out, err) = instances_cli(&env, &env.acme, &["get", "web-1"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("tenants/acme/instances/web-1  READY\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("plan kvx.small  region eu-west-1  size 10 GiB  owner ops@example.com"),
+        "{out}"
+    );
+    let (ok, out, err) = instances_cli(&env, &env.globex, &["get", "web-1"]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("NotFound"), "{err}");
+    assert!(!err.contains(&uid), "never another tenant's data: {err}");
+
+    // watch --until-done follows an instance made without --wait.
+    let (ok, _, err) = instances_cli(&env, &env.acme, &create("web-2", &["--json"])).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = instances_cli(
+        &env,
+        &env.acme,
+        &["watch", "web-2", "--until-done", "--json"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(json_lines(&out).last().unwrap()["status"], "READY", "{out}");
+
+    // list: a tenant sees its own instances only.
+    let (ok, out, err) = instances_cli(&env, &env.acme, &["list", "--json"]).await;
+    assert!(ok, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = listed.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "tenants/acme/instances/web-1",
+            "tenants/acme/instances/web-2"
+        ]
+    );
+    let (ok, out, err) = instances_cli(&env, &env.globex, &["list", "--json"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "[]");
+
+    // update --wait, as text: the plan changes and the generation is observed.
+    let (ok, out, err) = instances_cli(
+        &env,
+        &env.acme,
+        &["update", "web-1", "--plan", "kvx.medium", "--wait"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.contains("tenants/acme/instances/web-1  READY  generation 2/2"),
+        "{out}"
+    );
+    let (ok, _, err) = instances_cli(&env, &env.acme, &["update", "web-1"]).await;
+    assert!(!ok);
+    assert!(err.contains("nothing to change"), "{err}");
+
+    // Bad input: every violation named, nothing written.
+    let (ok, out, err) = instances_cli(
+        &env,
+        &env.acme,
+        &[
+            "create",
+            "web-3",
+            "--plan",
+            "kvx.huge",
+            "--region",
+            "eu-west-1",
+            "--size-gb",
+            "0",
+            "--owner-email",
+            "nobody",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("InvalidArgument"), "{err}");
+    for field in [
+        "instance.spec.plan",
+        "instance.spec.size_gb",
+        "instance.spec.owner_email",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let (ok, _, _) = instances_cli(&env, &env.acme, &["get", "web-3"]).await;
+    assert!(!ok, "nothing was written");
+
+    // delete --wait ends when the instance is gone.
+    let (ok, out, err) =
+        instances_cli(&env, &env.acme, &["delete", "web-1", "--wait", "--json"]).await;
+    assert!(ok, "{err}");
+    if let Some(last) = json_lines(&out).last() {
+        assert_eq!(last["status"], "DELETED", "{out}");
+    }
+    let (ok, out, err) = instances_cli(&env, &env.acme, &["list", "--json"]).await;
+    assert!(ok, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1, "{out}");
+
+    // Without a valid token, the command says so.
+    let (ok, _, err) = instances_cli(&env, "spt_not-a-token", &["list"]).await;
+    assert!(!ok);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused() {
     let env = Env::default().await;

@@ -464,15 +464,24 @@ fn instance_json(i: &Instance) -> serde_json::Value {
 fn print_instance(i: &Instance, json: bool) {
     if json {
         println!("{}", instance_json(i));
-        return;
+    } else {
+        print!("{}", instance_text(i));
     }
+}
+
+/// An instance as a person reads it: name and status, spec, identity, then what the workers
+/// observed (machine, endpoint, conditions) as far as they got, and the last error.
+fn instance_text(i: &Instance) -> String {
+    use std::fmt::Write;
     let spec = i.spec.clone().unwrap_or_default();
-    println!("{}  {}", i.name, status_name(i.status));
-    println!(
+    let mut out = format!("{}  {}\n", i.name, status_name(i.status));
+    let _ = writeln!(
+        out,
         "  plan {}  region {}  size {} GiB  owner {}",
         spec.plan, spec.region, spec.size_gb, spec.owner_email
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  uid {}  generation {} (observed {}){}",
         i.uid,
         i.generation,
@@ -483,9 +492,48 @@ fn print_instance(i: &Instance, json: bool) {
             String::new()
         }
     );
-    if !i.last_error.is_empty() {
-        println!("  last error: {}", i.last_error);
+    let observed = i
+        .observed
+        .as_ref()
+        .map(convert::struct_to_json)
+        .unwrap_or_default();
+    let text = |v: &serde_json::Value, key: &str| match v.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    };
+    if let Some(m) = observed.get("machine").filter(|m| m.is_object()) {
+        let _ = writeln!(
+            out,
+            "  machine {} ({}, {})  private ip {}",
+            text(m, "instance_id"),
+            text(m, "instance_type"),
+            text(m, "state"),
+            text(m, "private_ip")
+        );
     }
+    if let Some(e) = observed.get("endpoint").and_then(|e| e.as_str()) {
+        let _ = writeln!(out, "  endpoint {e}");
+    }
+    for c in observed
+        .get("conditions")
+        .and_then(|c| c.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let _ = writeln!(
+            out,
+            "  {}={}  {}: {}",
+            text(c, "type"),
+            text(c, "status"),
+            text(c, "reason"),
+            text(c, "message")
+        );
+    }
+    if !i.last_error.is_empty() {
+        let _ = writeln!(out, "  last error: {}", i.last_error);
+    }
+    out
 }
 
 /// Follows `name` until it is done (or deleted, or forever without `until_done`), printing a
@@ -761,5 +809,48 @@ mod tests {
             Duration::from_secs(12 * 3_600)
         );
         assert!(parse_lifetime("3w").is_err());
+    }
+
+    #[test]
+    fn an_instance_shows_its_machine_endpoint_and_conditions_as_far_as_they_are_known() {
+        let observed = serde_json::json!({
+            "machine": { "instance_id": "i-0abc", "instance_type": "t3.small",
+                         "state": "running", "private_ip": "10.0.0.7" },
+            "endpoint": "kvx-1.setpoint-acme.svc:7379",
+            "conditions": [
+                { "type": "MachineAvailable", "status": "True", "reason": "MachineRunning",
+                  "message": "machine i-0abc runs at 10.0.0.7" },
+                { "type": "Ready", "status": "False", "reason": "Parked",
+                  "message": "run setpoint work retry 7" }
+            ]
+        });
+        let i = Instance {
+            name: "tenants/acme/instances/db-1".into(),
+            status: InstanceStatus::Failed as i32,
+            observed: Some(convert::json_to_struct(&observed)),
+            last_error: "quota exceeded".into(),
+            ..Instance::default()
+        };
+        let text = instance_text(&i);
+        assert!(
+            text.starts_with("tenants/acme/instances/db-1  FAILED\n"),
+            "{text}"
+        );
+        for line in [
+            "  machine i-0abc (t3.small, running)  private ip 10.0.0.7\n",
+            "  endpoint kvx-1.setpoint-acme.svc:7379\n",
+            "  MachineAvailable=True  MachineRunning: machine i-0abc runs at 10.0.0.7\n",
+            "  Ready=False  Parked: run setpoint work retry 7\n",
+            "  last error: quota exceeded\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+
+        // Before any worker ran: no machine, no endpoint, no conditions, and no error.
+        let new = Instance {
+            name: "tenants/acme/instances/db-2".into(),
+            ..Instance::default()
+        };
+        assert_eq!(instance_text(&new).lines().count(), 3);
     }
 }
