@@ -2,6 +2,7 @@
 //! grpcio-tools inside this test run, and grpcurl through server reflection (v1alpha).
 
 mod api_support;
+mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,7 +30,7 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 async fn python_client_generated_from_the_protos_exercises_every_rpc() {
     let env = Env::default().await;
     env.start_workers();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = common::package_dir();
     let gen_dir = temp_dir("pygen");
     let (ok, _, err) = run(Command::new("python3")
         .current_dir(&root)

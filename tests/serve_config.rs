@@ -512,10 +512,9 @@ async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
 /// container: (always set, set only when an optional input is given). Secrets (ECS `secrets`)
 /// count as always set.
 fn module_environment_names() -> (Vec<String>, Vec<String>) {
-    let ecs = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("terraform/modules/setpoint/ecs.tf"),
-    )
-    .expect("ecs.tf");
+    let ecs =
+        std::fs::read_to_string(common::package_dir().join("terraform/modules/setpoint/ecs.tf"))
+            .expect("ecs.tf");
     let start = ecs
         .find("engine_environment = merge(")
         .expect("engine_environment");

@@ -243,3 +243,13 @@ pub async fn history(pool: &PgPool, work_id: i64) -> Vec<(String, Option<i32>, O
         .await
         .expect("history")
 }
+
+/// The package's directory, as cargo gives it to the running test: `env!` alone would keep
+/// the directory of the checkout the binary was built in, and cargo reuses a test binary that
+/// another checkout of the same sources built into a shared `CARGO_TARGET_DIR`.
+pub fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
+}

@@ -78,7 +78,7 @@ impl SmtpServer {
         let dir = scratch_dir();
         let maildir = dir.join("maildir");
         let log = std::fs::File::create(dir.join("server.log")).expect("server log");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_server.py");
+        let script = package_dir().join("tests/smtp_server.py");
         let mut cmd = Command::new("python3");
         cmd.arg(&script)
             .arg("--maildir")
@@ -302,5 +302,15 @@ pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("ca.pem"),
         dir.join("server.pem"),
         dir.join("server.key"),
+    )
+}
+
+/// The package's directory, as cargo gives it to the running test: `env!` alone would keep
+/// the directory of the checkout the binary was built in, and cargo reuses a test binary that
+/// another checkout of the same sources built into a shared `CARGO_TARGET_DIR`.
+pub fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
     )
 }
