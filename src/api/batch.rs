@@ -34,7 +34,6 @@ use prost::Message;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use uuid::Uuid;
 
 use super::convert;
 use super::errors::ApiError;
@@ -45,7 +44,7 @@ use super::wake::WorkerWaker;
 use crate::queue::NewWork;
 use crate::store;
 use crate::store::create_batch::{BatchCreate, instances_create_batch, prepare_batch_connection};
-use crate::store::instances::InstanceRow;
+use crate::store::instances::{InstanceRow, new_instance_id};
 use crate::store::work::work_reserve_ids;
 
 /// The method name stored with a Create's request id (as the one-request path stores it).
@@ -322,7 +321,7 @@ async fn settle(
             .ok_or_else(|| ApiError::Internal("no reserved unit id left".into()))?;
         // The row exactly as the insert (and its status trigger) writes it.
         rows.push(InstanceRow {
-            id: Uuid::new_v4(),
+            id: new_instance_id(),
             tenant: create.tenant.clone(),
             name: create.name.clone(),
             spec: create.spec.clone(),

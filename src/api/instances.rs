@@ -15,7 +15,6 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 use super::ApiConfig;
 use super::auth::Caller;
@@ -37,7 +36,7 @@ use crate::queue::{self, NewWork};
 use crate::store::StoreError;
 use crate::store::instances::{
     InstanceRow, instance_get, instance_get_by_id, instance_insert, instance_list,
-    instance_start_operation,
+    instance_start_operation, new_instance_id,
 };
 
 /// The service.
@@ -102,7 +101,7 @@ impl Instances {
             Begun::Replay(answer) => return Ok(answer),
             Begun::New(tx) => tx,
         };
-        let id = Uuid::new_v4();
+        let id = new_instance_id();
         let Some(mut row) = instance_insert(&mut tx, id, tenant, &c.name, &c.spec).await? else {
             return Err(ApiError::AlreadyExists(instance_name(tenant, &c.name)));
         };
