@@ -122,6 +122,33 @@ async fn grpcurl_works_through_reflection() {
     .await
     .unwrap();
     assert!(!ok && err.contains("InvalidArgument"), "{err}");
+    // Reflection serves the google.rpc types, so grpcurl shows the details, not raw bytes.
+    assert!(
+        err.contains(r#""@type":"type.googleapis.com/google.rpc.BadRequest""#)
+            && err.contains(r#""field":"instance_id""#),
+        "{err}"
+    );
+    // A change while the create's unit is queued (no workers run here): FailedPrecondition,
+    // with details naming the unit. grpcurl 1.8 takes a field mask as an object.
+    let update = r#"{"instance":{"name":"tenants/-/instances/curl-1","spec":{"plan":"kvx.large"}},"update_mask":{"paths":["spec.plan"]},"request_id":"c-3"}"#;
+    let (ok, _, err) = grpcurl(vec![
+        "-plaintext".into(),
+        "-H".into(),
+        auth.clone(),
+        "-d".into(),
+        update.into(),
+        addr.clone(),
+        "setpoint.v1.InstanceService/UpdateInstance".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(!ok && err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains("google.rpc.PreconditionFailure")
+            && err.contains("google.rpc.ErrorInfo")
+            && err.contains(r#""reason":"ACTIVE_WORK""#),
+        "{err}"
+    );
     // Reflection needs a token; health does not.
     let (ok, _, err) = grpcurl(vec!["-plaintext".into(), addr.clone(), "list".into()])
         .await

@@ -243,13 +243,25 @@ pub async fn start(
     reporter
         .set_serving::<WorkServiceServer<work::Work>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // The google.rpc types too: a client that learns the API by reflection (grpcurl) can then
+    // show an error's details (BadRequest field violations, PreconditionFailure, ErrorInfo)
+    // instead of their raw bytes.
+    let descriptors = [
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let reflection_v1 = descriptors
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, d| {
+            b.register_encoded_file_descriptor_set(d)
+        })
         .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = descriptors
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, d| {
+            b.register_encoded_file_descriptor_set(d)
+        })
         .build_v1alpha()?;
 
     let mut routes = Routes::builder();
