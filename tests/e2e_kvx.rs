@@ -355,6 +355,37 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         .await
         .expect("count");
     assert_eq!(left, 0, "no unit left");
+    // Each step's history names the adapter call it made, with the unit's token.
+    let done: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT token, detail->'calls' FROM work_events WHERE event = 'succeeded' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    let mut operations = BTreeMap::<String, usize>::new();
+    for (token, calls) in &done {
+        let calls = calls.as_array().cloned().unwrap_or_default();
+        assert!(!calls.is_empty(), "unit with token {token} lists no call");
+        for call in calls {
+            let call = call.as_str().unwrap_or_default().to_owned();
+            let operation = call
+                .strip_suffix(&format!(" token={token}"))
+                .unwrap_or_else(|| panic!("{call:?} does not carry token {token}"));
+            *operations.entry(operation.to_owned()).or_default() += 1;
+        }
+    }
+    for operation in [
+        "compute:ensure_instance",
+        "cluster:apply_instance",
+        "mail:send",
+        "cluster:delete_instance",
+        "compute:terminate_instance",
+    ] {
+        assert!(
+            operations.get(operation).is_some_and(|n| *n >= 20),
+            "{operation} at least once per instance: {operations:?}"
+        );
+    }
 
     // A change while the create chain runs is refused; after it ends it is accepted.
     create(&mut api, "chg").await.expect("create chg");

@@ -9,9 +9,9 @@ use setpoint_adapter::{
     Outcome, SecretData, Template, WorkContext,
 };
 
+use super::adapter_call;
 use super::conditions::{ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
 use super::{ChainSpec, Machine, Workflows};
-use crate::metrics::adapter_call;
 
 /// Which chain a shared step runs in; it decides the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,8 @@ pub(super) async fn ensure_machine(
     };
     let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
     let seen = adapter_call(
+        ctx,
+        &ctx.token,
         "compute",
         "ensure_instance",
         wf.compute.ensure_instance(&ctx.token, &request, deadline),
@@ -123,6 +125,8 @@ pub(super) async fn apply_cluster(
         credentials: SecretData::default(),
     };
     let seen = adapter_call(
+        ctx,
+        &ctx.token,
         "cluster",
         "apply_instance",
         wf.cluster.apply_instance(&ctx.token, &spec),
@@ -199,6 +203,8 @@ pub(super) async fn notify_ready(
         },
     };
     let delivery = adapter_call(
+        ctx,
+        &ctx.token,
         "mail",
         "send",
         wf.mailer.send(&ctx.token, &request, ctx.journal.as_ref()),

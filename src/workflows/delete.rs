@@ -6,9 +6,9 @@ use setpoint_adapter::{
     AdapterError, MailRequest, Outcome, Template, TerminateRequest, WorkContext,
 };
 
+use super::adapter_call;
 use super::conditions::{ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
 use super::{ChainSpec, Workflows};
-use crate::metrics::adapter_call;
 
 /// Deletes the instance's Kubernetes objects. Next: terminate the machine.
 pub(super) async fn delete_cluster(
@@ -17,6 +17,8 @@ pub(super) async fn delete_cluster(
     mut chain: ChainSpec,
 ) -> Result<Outcome, AdapterError> {
     let done = adapter_call(
+        ctx,
+        &ctx.token,
         "cluster",
         "delete_instance",
         wf.cluster
@@ -53,6 +55,8 @@ pub(super) async fn terminate_machine(
         launch_token: None,
     };
     let done = adapter_call(
+        ctx,
+        &ctx.token,
         "compute",
         "terminate_instance",
         wf.compute.terminate_instance(&ctx.token, &request),
@@ -88,6 +92,8 @@ pub(super) async fn notify_deleted(
         },
     };
     let delivery = adapter_call(
+        ctx,
+        &ctx.token,
         "mail",
         "send",
         wf.mailer.send(&ctx.token, &request, ctx.journal.as_ref()),

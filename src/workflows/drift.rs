@@ -10,9 +10,9 @@ use setpoint_adapter::{AdapterError, IdempotencyToken, Outcome, WorkContext};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use super::adapter_call;
 use super::conditions::{self, ConditionStatus, MACHINE_AVAILABLE, READY};
 use super::{ChainSpec, DriftAction, KvxSpec, OBSERVE_KIND, Workflows};
-use crate::metrics::adapter_call;
 use crate::queue::NewWork;
 use crate::store::StoreError;
 use crate::store::work::work_enqueue;
@@ -34,6 +34,8 @@ pub(super) async fn observe(
         AdapterError::permanent(format!("the recorded launch token is invalid: {e}"))
     })?;
     let seen = adapter_call(
+        ctx,
+        &token,
         "compute",
         "describe_instance",
         wf.compute.describe_instance(&token),

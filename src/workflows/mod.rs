@@ -35,8 +35,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Cluster, Compute, FollowUp, Handler, InstanceObservation, Mailer,
-    Outcome, WorkContext,
+    AdapterError, BoxFuture, Cluster, Compute, FollowUp, Handler, IdempotencyToken,
+    InstanceObservation, Mailer, Outcome, WorkContext,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -277,6 +277,21 @@ impl ChainSpec {
 }
 
 /// One registered kind; dispatches to its step function.
+/// Calls an adapter for the unit in `ctx`, with `token` (the unit's own, or the one that
+/// launched the machine): the call is listed in the unit's history (the `calls` of its
+/// `succeeded` or `failed` event) and counted in the metrics.
+async fn adapter_call<T>(
+    ctx: &WorkContext,
+    token: &IdempotencyToken,
+    adapter: &'static str,
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, AdapterError>>,
+) -> Result<T, AdapterError> {
+    // Recorded before the call: an attempt that fails or times out made it all the same.
+    ctx.record_call(format!("{adapter}:{operation} token={token}"));
+    crate::metrics::adapter_call(adapter, operation, call).await
+}
+
 struct Step {
     kind: &'static str,
     workflows: Arc<Workflows>,

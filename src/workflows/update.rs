@@ -13,10 +13,10 @@ use setpoint_adapter::{
     AdapterError, IdempotencyToken, InstanceState, Outcome, ResizeRequest, WorkContext,
 };
 
+use super::adapter_call;
 use super::conditions::{self, ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
 use super::create::{self, Mode, NOT_RUNNING_RETRY};
 use super::{ChainSpec, Machine, Workflows};
-use crate::metrics::adapter_call;
 use crate::store::workflows::instance_facts_get;
 
 /// First step of an update: makes the machine the size of the (new) plan and running. Next:
@@ -55,6 +55,8 @@ pub(super) async fn resize_machine(
     };
     let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
     let seen = adapter_call(
+        ctx,
+        &launch_token,
         "compute",
         "resize_instance",
         wf.compute
