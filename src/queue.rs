@@ -226,6 +226,12 @@ pub async fn cancel_parked(
         Some(row) => {
             if let Some(resource) = row.resource_id {
                 instances_clear_active_work(conn, &[resource]).await?;
+                // Hook (workflows): the instance says the change was given up, and watchers
+                // see it (the row changes, so its NOTIFY fires).
+                crate::workflows::conditions::record_cancelled(
+                    conn, resource, id, operator, reason,
+                )
+                .await?;
             }
             Ok(row)
         }

@@ -140,6 +140,22 @@ async fn request_id_replays_the_first_answer_and_refuses_a_different_body() {
         .unwrap()
         .into_inner();
     assert_eq!(a, b, "the replay is the first answer");
+    // The same request spelled otherwise (the parent named, output-only fields set) is the
+    // same request.
+    for parent in ["tenants/-", "tenants/acme"] {
+        let mut again = create_req("web-1", "rid-1");
+        again.parent = parent.into();
+        if let Some(i) = again.instance.as_mut() {
+            i.status = InstanceStatus::Ready as i32;
+            i.uid = "ignored".into();
+        }
+        let replay = c
+            .create_instance(authed(&env.acme, again))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(a, replay, "parent {parent}");
+    }
     let err = c
         .create_instance(authed(&env.acme, create_req("web-2", "rid-1")))
         .await
@@ -258,6 +274,50 @@ async fn changes_during_active_work_fail_with_details_naming_the_unit() {
     // Nothing was written by the refused calls; after the chain ends the same update works.
     assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
     assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
+    // An update that changes nothing has nothing to wait for: the instance, unchanged. The
+    // same request id with the tenant spelled out replays it.
+    let same = |name: &str| UpdateInstanceRequest {
+        instance: Some(Instance {
+            name: name.into(),
+            spec: Some(spec()),
+            ..Instance::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.plan".into()],
+        }),
+        request_id: "r4".into(),
+    };
+    let unchanged = c
+        .update_instance(authed(&env.acme, same("tenants/-/instances/web-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (unchanged.generation, unchanged.status),
+        (1, InstanceStatus::Creating as i32)
+    );
+    let replay = c
+        .update_instance(authed(&env.acme, same(&a.name)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged, replay);
+    // A mask of the whole spec carries the region: another one is refused, not dropped.
+    let mut moved = same(&a.name);
+    moved.request_id = "r5".into();
+    moved.update_mask = Some(prost_types::FieldMask {
+        paths: vec!["spec".into()],
+    });
+    if let Some(s) = moved.instance.as_mut().and_then(|i| i.spec.as_mut()) {
+        s.region = "us-west-2".into();
+    }
+    let err = c
+        .update_instance(authed(&env.acme, moved))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), vec!["instance.spec.region"]);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
     env.start_workers();
     follow_until(&env, &a.name, InstanceStatus::Ready).await;
     let u = c
@@ -795,9 +855,35 @@ async fn tokens_are_listed_without_their_secret_and_a_revoked_token_is_refused()
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "the token works before: {e:?}");
+    // A watch opened before the revocation ends with it (no workers run: the instance does not
+    // change, so only the token check can end the stream).
+    let watched = c
+        .create_instance(authed(&env.acme, create_req("w-1", "w-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = c
+        .watch_instance(authed(
+            &env.acme,
+            WatchInstanceRequest {
+                name: watched.name.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "the current state"
+    );
     let (ok, out, err) = common::setpoint(Some(&env.db.url), &["tokens", "revoke", &acme_id]);
     assert!(ok, "{err}");
     assert!(out.contains("revoked") && out.contains("acme"), "{out}");
+    let end = tokio::time::timeout(HUNG, stream.message())
+        .await
+        .expect("the watch ends");
+    let e = end.expect_err("an error ends the watch");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let deadline = std::time::Instant::now() + HUNG;
     let e = loop {
         let e = c
@@ -964,6 +1050,38 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
             .events
             .iter()
             .any(|e| e.event == "cancelled" && e.message == "bad spec")
+    );
+    // The answer shows the unit as it was; the instance stays FAILED and says why.
+    assert_eq!(
+        (cancelled.kind.as_str(), cancelled.resource_id.as_str()),
+        ("setpoint.probe", a.uid.as_str())
+    );
+    assert!(cancelled.attempt >= 1 && !cancelled.last_error.is_empty());
+    let got = c
+        .get_instance(authed(
+            &env.acme,
+            GetInstanceRequest {
+                name: a.name.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status, InstanceStatus::Failed as i32);
+    let observed = setpoint::api::convert::struct_to_json(&got.observed.unwrap_or_default());
+    let ready = observed["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ready["status"], "False", "{observed}");
+    assert_eq!(ready["reason"], "WorkCancelled", "{observed}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("bad spec"),
+        "{observed}"
     );
     let e = w
         .get_work(authed(&env.admin, GetWorkRequest { id: 999_999 }))

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::ApiConfig;
-use super::auth::Caller;
+use super::auth::{self, Caller};
 use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
@@ -38,6 +38,7 @@ use crate::store::instances::{
     InstanceRow, instance_get, instance_get_by_id, instance_insert, instance_list,
     instance_start_operation, new_instance_id,
 };
+use crate::store::tokens::token_still_valid;
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -168,6 +169,23 @@ fn parse_page_token(token: &str, status: i32) -> Option<String> {
         .flatten()
 }
 
+/// Whether token `token_id` no longer lets its holder in. A database error counts as "not
+/// known to be revoked": the check runs again, and the stream cannot send anything new
+/// without the database either.
+async fn token_revoked(pool: &PgPool, token_id: i64) -> bool {
+    let valid = match pool.acquire().await {
+        Ok(mut c) => token_still_valid(&mut c, token_id).await,
+        Err(e) => Err(StoreError::from(e)),
+    };
+    match valid {
+        Ok(valid) => !valid,
+        Err(e) => {
+            tracing::debug!(error = %e, token_id, "cannot check a watcher's token now");
+            false
+        }
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<Instance, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -189,11 +207,18 @@ impl InstanceService for Instances {
         }
         validate::finish(v)?;
         let spec = spec.unwrap_or_default();
+        // The hash covers what the request asks for, in one spelling: the parent resolved and
+        // only the instance's spec (the rest of `instance` is output only and ignored).
         let body_hash = idempotency::body_hash(
             CREATE_METHOD,
             &CreateInstanceRequest {
+                parent: String::new(),
+                instance_id: r.instance_id.clone(),
+                instance: Some(Instance {
+                    spec: Some(spec.clone()),
+                    ..Instance::default()
+                }),
                 request_id: String::new(),
-                ..r.clone()
             },
         );
         let create = NewCreate {
@@ -344,11 +369,17 @@ impl InstanceService for Instances {
         validate::finish(v)?;
         let spec = spec.unwrap_or_default();
         let name = name.unwrap_or_default();
+        // As for Create: the name resolved (`tenants/-/…`), and only the spec of `instance`.
         let hash = idempotency::body_hash(
             "UpdateInstance",
             &UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: convert::instance_name(&caller.tenant, &name),
+                    spec: Some(spec.clone()),
+                    ..Instance::default()
+                }),
+                update_mask: r.update_mask.clone(),
                 request_id: String::new(),
-                ..r.clone()
             },
         );
         let tenant = caller.tenant.as_str();
@@ -366,14 +397,16 @@ impl InstanceService for Instances {
         };
         let row = lock_live(&mut tx, tenant, &name).await?;
         let current = convert::spec_from_json(&row.spec);
-        if paths.is_empty() && !spec.region.is_empty() && spec.region != current.region {
+        // A mask that means the whole spec (empty, or `spec`) carries a region too: it must be
+        // the instance's own (or empty), never silently dropped.
+        let whole_spec = paths.is_empty() || paths.iter().any(|p| p == "spec");
+        if whole_spec && !spec.region.is_empty() && spec.region != current.region {
             return Err(ApiError::Invalid(vec![Violation::new(
                 "instance.spec.region",
                 "cannot be changed; create a new instance in the other region",
             )])
             .into());
         }
-        ensure_idle(&row)?;
         let new = InstanceSpec {
             plan: if which.plan {
                 spec.plan
@@ -393,9 +426,10 @@ impl InstanceService for Instances {
             },
         };
         let answer = if new == current {
-            // Nothing to change: no new generation, no work.
+            // Nothing to change: no new generation, no work, and nothing to wait for.
             convert::instance(&row)
         } else {
+            ensure_idle(&row)?;
             let mut row = instance_start_operation(
                 &mut tx,
                 row.id,
@@ -434,8 +468,8 @@ impl InstanceService for Instances {
         let hash = idempotency::body_hash(
             "DeleteInstance",
             &DeleteInstanceRequest {
+                name: convert::instance_name(&caller.tenant, &name),
                 request_id: String::new(),
-                ..r.clone()
             },
         );
         let tenant = caller.tenant.as_str();
@@ -494,18 +528,33 @@ impl InstanceService for Instances {
         let (tx, rx) = mpsc::channel::<Result<Instance, Status>>(16);
         let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
+        let token_id = caller.token_id;
         tokio::spawn(async move {
             let id = first.id;
             let mut last = convert::instance(&first);
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
+            // A stream outlives the check of its first message: the token is checked again as
+            // often as a unary call would check it, so a revoked or expired token ends it.
+            let mut recheck = tokio::time::interval_at(
+                tokio::time::Instant::now() + auth::CACHE_TTL,
+                auth::CACHE_TTL,
+            );
             loop {
                 let next = tokio::select! {
                     _ = tx.closed() => return,
                     _ = shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("the server is shutting down; watch again"))).await;
                         return;
+                    }
+                    _ = recheck.tick() => {
+                        if token_revoked(&pool, token_id).await {
+                            let e = ApiError::Unauthenticated("token revoked or expired: watch again with a valid token");
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                        continue;
                     }
                     n = changes.recv() => n,
                 };

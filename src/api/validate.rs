@@ -155,15 +155,15 @@ pub fn page_size(n: i32, default: i32, out: &mut Vec<Violation>) -> i64 {
     i64::from(if n == 0 { default } else { n })
 }
 
-/// Checks `parent` (`tenants/{tenant}`, or empty for the caller's own). Another tenant is
-/// `NOT_FOUND`: a caller learns nothing about tenants that are not its own.
+/// Checks `parent` (`tenants/{tenant}`; empty or `tenants/-` for the caller's own). Another
+/// tenant is `NOT_FOUND`: a caller learns nothing about tenants that are not its own.
 pub fn parent(parent: &str, caller_tenant: &str, out: &mut Vec<Violation>) -> Result<(), ApiError> {
     if parent.is_empty() {
         return Ok(());
     }
     match parent.strip_prefix("tenants/") {
-        Some(t) if is_dns_label(t) => {
-            if t == caller_tenant {
+        Some(t) if t == "-" || is_dns_label(t) => {
+            if t == caller_tenant || t == "-" {
                 Ok(())
             } else {
                 Err(ApiError::NotFound(parent.to_owned()))
@@ -172,7 +172,7 @@ pub fn parent(parent: &str, caller_tenant: &str, out: &mut Vec<Violation>) -> Re
         _ => {
             out.push(Violation::new(
                 "parent",
-                "must be tenants/{tenant} (or empty for the caller's tenant)",
+                "must be tenants/{tenant} (tenants/- or empty for the caller's tenant)",
             ));
             Ok(())
         }
@@ -233,5 +233,22 @@ mod tests {
         assert!(!is_email("ops.example.com"));
         assert!(!is_email("a@@example.com"));
         assert!(!is_email(&format!("{}@example.com", "a".repeat(250))));
+    }
+
+    #[test]
+    fn parents_name_the_callers_tenant() {
+        let mut v = Vec::new();
+        for own in ["", "tenants/acme", "tenants/-"] {
+            assert!(parent(own, "acme", &mut v).is_ok(), "{own}");
+        }
+        assert!(v.is_empty(), "{v:?}");
+        assert!(matches!(
+            parent("tenants/other", "acme", &mut v),
+            Err(ApiError::NotFound(_))
+        ));
+        for bad in ["acme", "tenants/", "tenants/Acme", "tenants/acme/x"] {
+            parent(bad, "acme", &mut v).ok();
+        }
+        assert_eq!(v.len(), 4, "{v:?}");
     }
 }

@@ -224,7 +224,7 @@ impl WorkService for Work {
             .await
             .map_err(StoreError::from)
             .map_err(ApiError::from)?;
-        queue::cancel_parked(&mut tx, r.id, &operator(&caller), &reason)
+        let row = queue::cancel_parked(&mut tx, r.id, &operator(&caller), &reason)
             .await
             .map_err(ApiError::from)?;
         tx.commit()
@@ -233,9 +233,21 @@ impl WorkService for Work {
             .map_err(ApiError::from)?;
         tracing::info!(
             work_id = r.id,
+            token = %row.token,
             token_id = caller.token_id,
             "parked unit cancelled via the API"
         );
-        Ok(Response::new(self.report(r.id).await?))
+        // The unit as it was when cancelled (its kind, resource, attempts, last error), now
+        // finished, with its history.
+        let mut unit = self.report(r.id).await?;
+        unit = WorkUnit {
+            state: "finished".into(),
+            events: std::mem::take(&mut unit.events),
+            create_time: None,
+            spec: None,
+            lease_owner: String::new(),
+            ..convert::work_unit(&row)
+        };
+        Ok(Response::new(unit))
     }
 }

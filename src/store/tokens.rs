@@ -71,6 +71,18 @@ pub async fn token_get_by_hash(
     row.as_ref().map(token_row).transpose()
 }
 
+/// Whether token `id` still lets its holder in: it exists, is not revoked and has not expired.
+pub async fn token_still_valid(conn: &mut PgConnection, id: i64) -> Result<bool, StoreError> {
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+         FROM api_tokens WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(valid.unwrap_or(false))
+}
+
 /// Every token (of `tenant` only, when given), oldest first; revoked and expired ones included.
 pub async fn tokens_list(
     conn: &mut PgConnection,

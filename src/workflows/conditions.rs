@@ -140,6 +140,44 @@ pub async fn record_parked(
     instance_conditions_set(conn, resource, &value).await
 }
 
+/// Marks instance `resource` as having given up on the change that unit `work_id` was part of:
+/// `operator` cancelled the parked unit because of `reason`. `Ready` stays `False`, with reason
+/// `WorkCancelled` and a message saying that the spec was not reached and what the owner can do;
+/// the status stays `FAILED`. Called in the transaction that cancels the unit.
+///
+/// # Errors
+/// Database errors.
+pub async fn record_cancelled(
+    conn: &mut PgConnection,
+    resource: Uuid,
+    work_id: i64,
+    operator: &str,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let Some(facts) = instance_facts_get(conn, resource, true).await? else {
+        return Ok(());
+    };
+    let mut conditions = from_observed(&facts.observed);
+    set(
+        &mut conditions,
+        READY,
+        ConditionStatus::False,
+        "WorkCancelled",
+        cancelled_message(work_id, operator, reason),
+        facts.generation,
+    );
+    let value = serde_json::to_value(&conditions).unwrap_or(Value::Array(Vec::new()));
+    instance_conditions_set(conn, resource, &value).await
+}
+
+/// The message an owner sees on an instance whose parked unit `work_id` was cancelled.
+pub fn cancelled_message(work_id: i64, operator: &str, reason: &str) -> String {
+    format!(
+        "unit {work_id} was cancelled by {operator} ({reason}); the instance did not reach its \
+         spec. Change it (`setpoint instances update`) or delete it"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
