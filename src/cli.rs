@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::parse_duration;
@@ -65,9 +66,11 @@ pub struct ServeArgs {
     /// Database.
     #[command(flatten)]
     pub db: DbArgs,
-    /// Do not apply migrations on start.
-    #[arg(long, env = "SETPOINT_NO_MIGRATE")]
-    pub no_migrate: bool,
+    /// Do not apply migrations on start (`--no-migrate`, or `=true`/`=false`; the environment
+    /// takes true/false, 1/0, yes/no, on/off). Unset: the config file decides.
+    #[arg(long, env = "SETPOINT_NO_MIGRATE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub no_migrate: Option<bool>,
     /// Where the embedded PostgreSQL keeps its data when no database URL is given.
     #[arg(long, env = "SETPOINT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -92,9 +95,11 @@ pub struct ServeArgs {
     /// Longest single attempt (e.g. 10m).
     #[arg(long, env = "SETPOINT_MAX_RUNTIME", value_parser = parse_duration)]
     pub max_runtime: Option<Duration>,
-    /// Register the `setpoint.probe` kind (for tests and deployment checks).
-    #[arg(long, env = "SETPOINT_ENABLE_PROBE")]
-    pub enable_probe: bool,
+    /// Register the `setpoint.probe` kind (for tests and deployment checks); values as for
+    /// `--no-migrate`. Unset: the config file decides.
+    #[arg(long, env = "SETPOINT_ENABLE_PROBE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub enable_probe: Option<bool>,
     /// This worker's name in leases and events (default: host-pid-random).
     #[arg(long, env = "SETPOINT_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -153,7 +158,8 @@ pub enum WorkCommand {
         db: DbArgs,
         /// Unit id.
         id: i64,
-        /// Further attempts granted.
+        /// At least this many further attempts (a unit parked early keeps the ones it had
+        /// left, if they are more).
         #[arg(long, default_value_t = 5)]
         attempts: i32,
         /// Print JSON.

@@ -174,7 +174,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let pool_size = (worker.concurrency as u32 / 4).clamp(8, 64);
     let pool = connect(&url, &file, pool_size).await?;
-    if !(args.no_migrate || file.migrate_on_start == Some(false)) {
+    // A flag or environment variable, when given, overrides the file, either way.
+    let migrate = args
+        .no_migrate
+        .map_or(file.migrate_on_start.unwrap_or(true), |no| !no);
+    if migrate {
         store::migrate(&pool).await.context("applying migrations")?;
     }
     let runtime_worker_id = worker
@@ -184,7 +188,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     worker.worker_id = Some(runtime_worker_id.clone());
     let mut registry = Registry::new();
     registry.register(typed(Noop))?;
-    if args.enable_probe || file.enable_probe == Some(true) {
+    if args
+        .enable_probe
+        .unwrap_or(file.enable_probe.unwrap_or(false))
+    {
         registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
     }
     let mut api_config = args.api.config();

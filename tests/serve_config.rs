@@ -505,6 +505,55 @@ async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The kinds the engine's workers were started with (from its "worker started" log line).
+async fn started_kinds(engine: &EngineProcess) -> String {
+    wait_for("worker started", || {
+        let out = engine.output();
+        async move {
+            out.lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == "worker started")
+                    .then(|| v["fields"]["kinds"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_or_environment_variable_overrides_the_file_either_way() {
+    let dir = tmp("precedence");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        format!("database_url = \"{}\"\nenable_probe = true\n", db.url),
+    )
+    .expect("config");
+    for (env, args, probe) in [
+        (vec![], vec![], true),
+        (vec![("SETPOINT_ENABLE_PROBE", "false")], vec![], false),
+        (vec![("SETPOINT_ENABLE_PROBE", "0")], vec![], false),
+        (vec![], vec!["--enable-probe=false"], false),
+        (
+            vec![("SETPOINT_ENABLE_PROBE", "no")],
+            vec!["--enable-probe"],
+            true,
+        ),
+    ] {
+        let engine = serve(&config, &env, &args);
+        let kinds = started_kinds(&engine).await;
+        assert_eq!(
+            kinds.contains("setpoint.probe"),
+            probe,
+            "{env:?} {args:?}: {kinds}"
+        );
+        drop(engine);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The environment the Terraform module gives the engine.
 

@@ -736,7 +736,7 @@ pub struct QueueStats {
     pub oldest_pending_age_secs: f64,
 }
 
-/// The queue's current shape, for metrics and `setpoint work list --stats`.
+/// The queue's current shape (units by state and kind, oldest due pending unit), for metrics.
 pub async fn work_stats(conn: &mut PgConnection) -> Result<QueueStats, StoreError> {
     let sql = format!("SELECT {STATE_EXPR}, kind, count(*) FROM work GROUP BY 1, 2 ORDER BY 1, 2");
     let counts = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql))
