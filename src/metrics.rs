@@ -5,6 +5,7 @@
 //! | metric                                   | type      | labels                          |
 //! |------------------------------------------|-----------|---------------------------------|
 //! | `units`                                  | gauge     | `kind`, `state`                 |
+//! | `units_parked`                           | gauge     |                                 |
 //! | `oldest_pending_age_seconds`             | gauge     |                                 |
 //! | `units_claimed_total`                    | counter   | `kind`                          |
 //! | `units_succeeded_total`                  | counter   | `kind`                          |
@@ -152,6 +153,15 @@ async fn refresh_queue_gauges(pool: &PgPool, seen: &mut Vec<(String, String)>) {
         metrics::gauge!("setpoint_units", "state" => state.clone(), "kind" => kind.clone())
             .set(*n as f64);
     }
+    // The total on its own too: an alarm that cannot sum labelled series (CloudWatch, through
+    // the Terraform module's metrics sidecar) reads this one.
+    let parked: i64 = stats
+        .counts
+        .iter()
+        .filter(|(state, _, _)| state == "parked")
+        .map(|(_, _, n)| n)
+        .sum();
+    metrics::gauge!("setpoint_units_parked").set(parked as f64);
     metrics::gauge!("setpoint_oldest_pending_age_seconds").set(stats.oldest_pending_age_secs);
     *seen = now;
 }

@@ -557,6 +557,24 @@ async fn a_flag_or_environment_variable_overrides_the_file_either_way() {
 // ---------------------------------------------------------------------------------------------
 // The environment the Terraform module gives the engine.
 
+/// The default of string variable `name` in `terraform/modules/setpoint/variables.tf`.
+fn module_variable_default(name: &str) -> String {
+    let tf = std::fs::read_to_string(
+        common::package_dir().join("terraform/modules/setpoint/variables.tf"),
+    )
+    .expect("variables.tf");
+    let block = tf
+        .split(&format!("variable \"{name}\" {{"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("variable {name} in variables.tf"));
+    block
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("default"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .unwrap_or_else(|| panic!("a string default of {name}"))
+        .to_owned()
+}
+
 /// The environment variable names `terraform/modules/setpoint/ecs.tf` gives the engine
 /// container: (always set, set only when an optional input is given). Secrets (ECS `secrets`)
 /// count as always set.
@@ -722,6 +740,23 @@ async fn serve_starts_with_exactly_the_terraform_module_environment() {
     })
     .await;
     assert!(!ready.is_empty());
+
+    // The gauges the module's CloudWatch alarms read exist under the names it expects.
+    for variable in ["queue_age_metric_name", "parked_units_metric_name"] {
+        let name = module_variable_default(variable);
+        wait_for(&format!("/metrics to show {name}"), || {
+            let metrics = metrics.clone();
+            let name = name.clone();
+            async move {
+                tokio::task::spawn_blocking(move || http_get(&metrics, "/metrics"))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|body| body.lines().any(|l| l.starts_with(&format!("{name} "))))
+            }
+        })
+        .await;
+    }
 
     create_to_ready(&engine, &api_addr, &db.pool, &peers.maildir).await;
     let out = engine.output();

@@ -492,7 +492,7 @@ variable "metrics_namespace" {
 variable "queue_age_metric_name" {
   description = "Prometheus gauge: age in seconds of the oldest pending (runnable) work unit."
   type        = string
-  default     = "setpoint_work_oldest_pending_age_seconds"
+  default     = "setpoint_oldest_pending_age_seconds"
 
   validation {
     condition     = can(regex("^[a-zA-Z_:][a-zA-Z0-9_:]*$", var.queue_age_metric_name))
@@ -503,7 +503,7 @@ variable "queue_age_metric_name" {
 variable "parked_units_metric_name" {
   description = "Prometheus gauge: number of parked work units (waiting for an operator)."
   type        = string
-  default     = "setpoint_work_parked"
+  default     = "setpoint_units_parked"
 
   validation {
     condition     = can(regex("^[a-zA-Z_:][a-zA-Z0-9_:]*$", var.parked_units_metric_name))
