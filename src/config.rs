@@ -181,7 +181,8 @@ impl FileConfig {
     /// Applies the environment variables a deployment passes (see the README): `SETPOINT_AWS_REGION`
     /// (sets `ec2.region`, creating `[ec2]` when absent), `SETPOINT_EC2_SUBNET_ID` and
     /// `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists), `SETPOINT_EC2_IMAGE_ID`
-    /// (`ec2.default_image_id`), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
+    /// (`ec2.default_image_id`), `SETPOINT_EC2_PLAN_INSTANCE_TYPES` (`plan=type,…`:
+    /// `ec2.plans.<plan>.instance_type`), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
     /// `SETPOINT_KUBERNETES_CA_DATA` (`kubernetes.access`, creating `[kubernetes]` when
     /// absent), `SETPOINT_KUBERNETES_IMAGE` (`kubernetes.image`), `SETPOINT_SMTP_URL` (host,
     /// port, security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
@@ -220,6 +221,12 @@ impl FileConfig {
         if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
             let ec2 = section_for(&mut self.ec2, "SETPOINT_EC2_IMAGE_ID", "EC2", EC2_HOW)?;
             ec2.default_image_id = Some(image.trim().to_owned());
+        }
+        if let Some(pairs) = get(PLAN_TYPES) {
+            let ec2 = section_for(&mut self.ec2, PLAN_TYPES, "EC2", EC2_HOW)?;
+            for (plan, instance_type) in plan_instance_types(&pairs)? {
+                ec2.plans.entry(plan).or_default().instance_type = Some(instance_type);
+            }
         }
         self.apply_kubernetes_env(&get)?;
         let from = get("SETPOINT_EMAIL_FROM");
@@ -543,6 +550,27 @@ pub fn redact_url(url: &str) -> String {
 
 /// How an environment variable that refines the EC2 section says to configure it.
 const EC2_HOW: &str = "SETPOINT_AWS_REGION or add an [ec2] section";
+
+/// The variable that sets `ec2.plans.<plan>.instance_type` of several plans at once.
+const PLAN_TYPES: &str = "SETPOINT_EC2_PLAN_INSTANCE_TYPES";
+
+/// Parses `plan=type,plan=type` (spaces and empty items ignored).
+fn plan_instance_types(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((plan, ty)) if !plan.trim().is_empty() && !ty.trim().is_empty() => {
+                Ok((plan.trim().to_owned(), ty.trim().to_owned()))
+            }
+            _ => Err(ConfigError::Invalid(format!(
+                "{PLAN_TYPES}: {item:?} is not plan=instance-type \
+                 (e.g. kvx.small=t3.small,kvx.large=m6i.large)"
+            ))),
+        })
+        .collect()
+}
 
 /// The configuration section (`what`) that the variable `var` refines; an error saying how to
 /// configure it when it is missing.

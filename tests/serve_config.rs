@@ -111,10 +111,26 @@ fn environment_overrides_and_creates_sections() {
             "smtps://AKIA%2Fx:env%40secret@email-smtp.eu-west-1.amazonaws.com",
         ),
         ("SETPOINT_EMAIL_FROM", "ops@example.com"),
+        (
+            "SETPOINT_EC2_PLAN_INSTANCE_TYPES",
+            "kvx.small=t3.small, kvx.large = m6i.large,",
+        ),
     ]))
     .expect("env");
     let ec2 = f.ec2.as_ref().expect("ec2");
     assert_eq!(ec2.region, "us-west-2");
+    let types: Vec<(&str, Option<&str>)> = ec2
+        .plans
+        .iter()
+        .map(|(plan, c)| (plan.as_str(), c.instance_type.as_deref()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("kvx.large", Some("m6i.large")),
+            ("kvx.small", Some("t3.small"))
+        ]
+    );
     assert_eq!(ec2.subnet_ids, ["subnet-a"]);
     assert_eq!(ec2.security_group_ids, ["sg-1", "sg-2"]);
     assert_eq!(
@@ -159,6 +175,19 @@ fn environment_overrides_and_creates_sections() {
         .apply_env(env(&[("SETPOINT_EC2_SUBNET_ID", "subnet-a")]))
         .unwrap_err();
     assert!(err.to_string().contains("SETPOINT_AWS_REGION"), "{err}");
+    // A plan map that is not plan=type names the variable and shows the right form.
+    let mut f = FileConfig::default();
+    let err = f
+        .apply_env(env(&[
+            ("SETPOINT_AWS_REGION", "us-east-1"),
+            ("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "kvx.small:t3.small"),
+        ]))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("SETPOINT_EC2_PLAN_INSTANCE_TYPES")
+            && err.to_string().contains("kvx.small=t3.small"),
+        "{err}"
+    );
     // A URL without a sender cannot make [smtp]; the error does not show the password.
     let mut f = FileConfig::default();
     let err = f
@@ -692,6 +721,10 @@ async fn serve_starts_with_exactly_the_terraform_module_environment() {
         ("SETPOINT_EC2_SUBNET_ID", &subnet),
         ("SETPOINT_EC2_SECURITY_GROUP_IDS", &group),
         ("SETPOINT_EC2_IMAGE_ID", "ami-12c6146b"),
+        (
+            "SETPOINT_EC2_PLAN_INSTANCE_TYPES",
+            "kvx.small=t3.small,kvx.medium=t3.medium,kvx.large=t3.large",
+        ),
         // The test server speaks plain http on loopback, the one place a token may go without
         // TLS; so no CA bundle here (it is optional in the module, and only valid with https).
         ("SETPOINT_KUBERNETES_URL", &k8s_url),
@@ -759,6 +792,14 @@ async fn serve_starts_with_exactly_the_terraform_module_environment() {
     }
 
     create_to_ready(&engine, &api_addr, &db.pool, &peers.maildir).await;
+    // The plan's instance type came from the module's plan map.
+    let launched: Option<String> = sqlx::query_scalar(
+        "SELECT observed->'machine'->>'instance_type' FROM instances WHERE name = 'db-1'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("instance");
+    assert_eq!(launched.as_deref(), Some("t3.small"));
     let out = engine.output();
     assert!(
         !out.contains("service-account-token"),

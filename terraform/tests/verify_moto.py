@@ -167,8 +167,11 @@ secrets_env = {e["name"]: e["valueFrom"] for e in engine.get("secrets", [])}
 for var in ["SETPOINT_DATABASE_HOST", "SETPOINT_DATABASE_PORT", "SETPOINT_DATABASE_NAME", "SETPOINT_DATABASE_USER",
             "SETPOINT_LISTEN", "SETPOINT_METRICS_LISTEN", "SETPOINT_AWS_REGION", "SETPOINT_EC2_SUBNET_ID",
             "SETPOINT_EC2_SECURITY_GROUP_IDS", "SETPOINT_EC2_IMAGE_ID", "SETPOINT_KUBERNETES_URL",
-            "SETPOINT_KUBERNETES_CA_DATA", "SETPOINT_EMAIL_FROM", "RUST_LOG"]:
+            "SETPOINT_KUBERNETES_CA_DATA", "SETPOINT_EMAIL_FROM", "RUST_LOG", "SETPOINT_EC2_PLAN_INSTANCE_TYPES"]:
     check(bool(env.get(var)), f"engine environment sets {var}")
+check(sorted(env.get("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "").split(",")) ==
+      ["kvx.large=t3.large", "kvx.medium=t3.medium", "kvx.small=t3.small"],
+      "each KVX plan has its instance type (resizing on a plan change)")
 check("SETPOINT_SES_IDENTITY" not in env, "no SETPOINT_SES_IDENTITY (the engine sends over SMTP; nothing reads it)")
 check(env.get("SETPOINT_KUBERNETES_URL", "").startswith("https://"), "SETPOINT_KUBERNETES_URL is https")
 check(not any("TOKEN" in k for k in env), "no Kubernetes token in the plain environment")

@@ -23,9 +23,12 @@ locals {
       SETPOINT_EC2_SUBNET_ID          = var.ec2_subnet_id
       SETPOINT_EC2_SECURITY_GROUP_IDS = join(",", var.ec2_security_group_ids)
       SETPOINT_EC2_IMAGE_ID           = var.ec2_image_id
-      SETPOINT_KUBERNETES_URL         = var.kubernetes_api_endpoint
-      SETPOINT_EMAIL_FROM             = local.email_from
-      RUST_LOG                        = var.rust_log
+      SETPOINT_EC2_PLAN_INSTANCE_TYPES = join(",", [
+        for plan, type in var.ec2_plan_instance_types : "${plan}=${type}"
+      ])
+      SETPOINT_KUBERNETES_URL = var.kubernetes_api_endpoint
+      SETPOINT_EMAIL_FROM     = local.email_from
+      RUST_LOG                = var.rust_log
     },
     var.kubernetes_ca_data == null ? {} : { SETPOINT_KUBERNETES_CA_DATA = var.kubernetes_ca_data },
     var.kubernetes_workload_image == null ? {} : { SETPOINT_KUBERNETES_IMAGE = var.kubernetes_workload_image },

@@ -259,6 +259,24 @@ variable "ec2_image_id" {
   }
 }
 
+variable "ec2_plan_instance_types" {
+  description = "EC2 instance type of each KVX plan (SETPOINT_EC2_PLAN_INSTANCE_TYPES, the engine's ec2.plans.<plan>.instance_type). A plan change to another type resizes the machine."
+  type        = map(string)
+  default = {
+    "kvx.small"  = "t3.small"
+    "kvx.medium" = "t3.medium"
+    "kvx.large"  = "t3.large"
+  }
+
+  validation {
+    condition = alltrue([
+      for plan, type in var.ec2_plan_instance_types :
+      can(regex("^[a-z0-9][a-z0-9.-]{0,62}$", plan)) && can(regex("^[a-z0-9-]+\\.[a-z0-9]+$", type))
+    ])
+    error_message = "ec2_plan_instance_types maps plan names (e.g. kvx.small) to EC2 instance types (e.g. t3.small)."
+  }
+}
+
 variable "secrets_kms_key_arns" {
   description = "Customer-managed KMS keys that encrypt the secrets you pass in (kubernetes_token_secret_arn, smtp_url_secret_arn); the task execution role may decrypt with them. Leave empty when those secrets use the AWS managed key aws/secretsmanager."
   type        = list(string)
