@@ -11,9 +11,14 @@ mkdir -p "$CARGO_TARGET_DIR"
 
 bash scripts/install-deps.sh
 
+# Every part runs even when an earlier one failed, so one run reports every failure; the exit
+# status is the first failure's.
+status=0
+failed() { [ "$status" -ne 0 ] || status=$1; }
 echo "== cargo test (workspace, debug profile)"
-cargo test --workspace --all-targets --no-fail-fast
-cargo test --workspace --doc
+cargo test --workspace --all-targets --no-fail-fast || failed $?
+cargo test --workspace --doc || failed $?
 
 echo "== terraform"
-bash terraform/tests/run.sh
+bash terraform/tests/run.sh || failed $?
+exit "$status"
