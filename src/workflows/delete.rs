@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, MailRequest, Outcome, Template, TerminateRequest, WorkContext,
+    AdapterError, IdempotencyToken, MailRequest, Outcome, Template, TerminateRequest, WorkContext,
 };
 
 use super::adapter_call;
@@ -42,17 +42,24 @@ pub(super) async fn delete_cluster(
         .then(chain.next("ec2", "kvx.delete.ec2")))
 }
 
-/// Terminates every machine of the instance (by resource tag, so a machine whose id was never
-/// recorded goes too). Next: the "deleted" mail.
+/// Terminates every machine of the instance: the recorded one by its id and by the token that
+/// launched it, and any other by the resource tag (a machine whose id was never recorded goes
+/// too). Next: the "deleted" mail.
 pub(super) async fn terminate_machine(
     wf: &Workflows,
     ctx: &WorkContext,
     mut chain: ChainSpec,
 ) -> Result<Outcome, AdapterError> {
+    // The recorded machine, looked up by id: EC2's tag-filtered listing is eventually
+    // consistent and may not show a machine launched moments ago yet.
+    super::update::load_observed(wf, &mut chain).await?;
     let request = TerminateRequest {
         instance_id: chain.machine.as_ref().map(|m| m.instance_id.clone()),
         resource_id: Some(chain.instance_id),
-        launch_token: None,
+        launch_token: chain
+            .machine
+            .as_ref()
+            .and_then(|m| IdempotencyToken::parse(m.launch_token.clone()).ok()),
     };
     let done = adapter_call(
         ctx,

@@ -138,7 +138,10 @@ pub(super) async fn apply_cluster(
 
 /// Fills in what the chain does not carry yet from the instance's observed state: the machine
 /// and the conditions the earlier chains wrote.
-async fn load_observed(wf: &Workflows, chain: &mut ChainSpec) -> Result<(), AdapterError> {
+pub(super) async fn load_observed(
+    wf: &Workflows,
+    chain: &mut ChainSpec,
+) -> Result<(), AdapterError> {
     if chain.machine.is_some() && !chain.conditions.is_empty() {
         return Ok(());
     }
