@@ -12,10 +12,11 @@
 //! ```
 
 use serde::Serialize;
+use setpoint_adapter::OUTCOME_UNKNOWN;
 use sqlx::PgConnection;
 
 use crate::store::StoreError;
-use crate::store::events::{WorkEvent, events_for_work, work_id_for_token};
+use crate::store::events::{WorkEvent, events_for_work, last_failure_code, work_id_for_token};
 use crate::store::instances::{instance_mark_active, instances_clear_active_work};
 use crate::store::journal::side_effects_resolve_unknown;
 pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
@@ -185,9 +186,11 @@ async fn explain_not_parked(conn: &mut PgConnection, id: i64) -> QueueError {
 }
 
 /// Makes parked unit `id` pending again (after a fix was deployed), granting it
-/// `extra_attempts` more attempts, in the caller's transaction. Side effects of the unit whose
-/// outcome is unknown (started, no result) are recorded as not having happened: the operator
-/// checked the peer before retrying.
+/// `extra_attempts` more attempts, in the caller's transaction. When the unit was parked as
+/// `outcome-unknown`, its side effects whose outcome is unknown (started, no result) are
+/// recorded as not having happened: the operator checked the peer before retrying. A unit
+/// parked for another reason keeps them open, so that its next attempt parks as
+/// `outcome-unknown` and asks the operator that question first.
 ///
 /// # Errors
 /// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
@@ -200,8 +203,12 @@ pub async fn retry_parked(
     match work_retry_parked(conn, id, operator, extra_attempts).await? {
         Some(row) => {
             // Retrying a unit parked with "outcome unknown" is the operator's word that the
-            // side effect did not happen; without this the next attempt would park again.
-            side_effects_resolve_unknown(conn, id).await?;
+            // side effect did not happen; without this the next attempt would park again. A
+            // retry after any other failure (attempts used up, say, the last one cut off in
+            // the middle of a send) says nothing about the peer: resolving then could send twice.
+            if last_failure_code(conn, id).await?.as_deref() == Some(OUTCOME_UNKNOWN) {
+                side_effects_resolve_unknown(conn, id).await?;
+            }
             if let Some(resource) = row.resource_id {
                 // The chain is active again.
                 instance_mark_active(conn, resource).await?;

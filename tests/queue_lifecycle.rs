@@ -98,6 +98,62 @@ async fn transient_errors_retry_with_growing_delays_then_succeed() {
 }
 
 #[tokio::test]
+async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_unknown() {
+    let db = db().await;
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"fail_permanent": "no"})),
+    )
+    .await;
+    wait_state(&db.pool, id, Some("parked")).await;
+    // A send that started and recorded no result (its attempt was cut off, say).
+    sqlx::query(
+        "INSERT INTO side_effects (key, work_id, token)
+         SELECT 'mail:' || token, id, token FROM work WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM side_effects WHERE work_id = $1 AND result IS NULL",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // Parked for another reason: the retry leaves the send open (its next attempt would park
+    // as outcome-unknown instead of sending a second time).
+    // (No worker runs from here on: the test sets the unit's states itself.)
+    rt.stop().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(open().await, 1);
+    // Parked as outcome-unknown: the operator's retry says the send did not happen.
+    sqlx::query("UPDATE work SET state = 'parked' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO work_events (work_id, token, event, detail)
+         SELECT id, token, 'failed', '{\"code\": \"outcome-unknown\"}' FROM work WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(open().await, 0);
+}
+
+#[tokio::test]
 async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
     let db = db().await;
     let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());

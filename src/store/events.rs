@@ -49,6 +49,22 @@ pub async fn events_for_work(
     rows.into_iter().map(event_row).collect()
 }
 
+/// The error code (`detail.code`) of unit `work_id`'s latest failure, if it failed and its
+/// adapter gave one.
+pub async fn last_failure_code(
+    conn: &mut PgConnection,
+    work_id: i64,
+) -> Result<Option<String>, StoreError> {
+    let code: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT detail->>'code' FROM work_events WHERE work_id = $1 AND event = 'failed'
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(work_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(code.flatten())
+}
+
 /// The id of the unit that carried `token`, from its history (the work row may be gone).
 pub async fn work_id_for_token(
     conn: &mut PgConnection,
