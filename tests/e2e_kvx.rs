@@ -468,6 +468,41 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         vec![("running".to_owned(), plan_size("kvx.medium"))]
     );
     wait_ready_mails(&maildir, "chg", 3).await;
+
+    // A plan change after the machine was terminated behind setpoint's back launches a new
+    // machine of the new plan instead of parking (no resync runs in this test).
+    terminate_behind_our_back(&moto, &uid);
+    api.update_instance(UpdateInstanceRequest {
+        instance: Some(Instance {
+            name: full("chg"),
+            spec: Some(InstanceSpec {
+                size_gb: 20,
+                ..spec("kvx.large")
+            }),
+            ..Instance::default()
+        }),
+        update_mask: None,
+        request_id: "update-chg-4".into(),
+    })
+    .await
+    .expect("an update of a machine-less instance");
+    let relaunched = ready_at_generation(&api, "chg", 4).await;
+    let mut sizes = machine_sizes(&moto, &uid);
+    sizes.sort();
+    assert_eq!(
+        sizes,
+        vec![
+            ("running".to_owned(), plan_size("kvx.large")),
+            ("terminated".to_owned(), plan_size("kvx.medium")),
+        ],
+        "one new machine at the new plan's size, next to the terminated one"
+    );
+    assert_ne!(
+        observed_machine(&relaunched, "instance_id").as_deref(),
+        Some(machine_id.as_str()),
+        "the new machine is recorded"
+    );
+    wait_ready_mails(&maildir, "chg", 4).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -93,10 +93,10 @@ pub(super) async fn ensure_machine(
         "configuring the Kubernetes objects",
     );
     chain.machine = Some(machine.clone());
-    let next = if mode == Mode::Heal {
-        chain.next("heal-k8s", "kvx.heal.k8s")
-    } else {
-        chain.next("k8s", "kvx.create.k8s")
+    let next = match mode {
+        Mode::Heal => chain.next("heal-k8s", "kvx.heal.k8s"),
+        Mode::Create => chain.next("k8s", "kvx.create.k8s"),
+        Mode::Update => chain.next("k8s", "kvx.update.k8s"),
     };
     Ok(Outcome::done()
         .observed(json!({ "machine": machine, "conditions": chain.observed_conditions() }))

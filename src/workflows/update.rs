@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, IdempotencyToken, InstanceState, Outcome, ResizeRequest, WorkContext,
+    AdapterError, CODE_MACHINE_NOT_FOUND, IdempotencyToken, InstanceState, Outcome, ResizeRequest,
+    WorkContext,
 };
 
 use super::adapter_call;
@@ -36,12 +37,11 @@ pub(super) async fn resize_machine(
 ) -> Result<Outcome, AdapterError> {
     load_observed(wf, &mut chain).await?;
     let Some(machine) = chain.machine.clone() else {
-        return Err(AdapterError::permanent(format!(
-            "instance {} has no machine recorded (its create chain did not finish), so there \
-             is nothing to resize; delete the instance and create it again",
-            chain.instance_id
-        ))
-        .with_code("no-machine"));
+        // No machine was ever recorded (a create given up before its launch): the update
+        // launches one of the new plan, with its own token.
+        tracing::info!(work_id = ctx.work_id, token = %ctx.token, instance = %chain.instance_id,
+            "update: no machine recorded; launching one");
+        return create::ensure_machine(wf, ctx, chain, Mode::Update).await;
     };
     // The machine is found by the token that launched it, never by this unit's token.
     let launch_token = IdempotencyToken::parse(machine.launch_token.clone()).map_err(|e| {
@@ -54,7 +54,7 @@ pub(super) async fn resize_machine(
         instance_type: None,
     };
     let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
-    let seen = adapter_call(
+    let seen = match adapter_call(
         ctx,
         &launch_token,
         "compute",
@@ -62,7 +62,30 @@ pub(super) async fn resize_machine(
         wf.compute
             .resize_instance(&launch_token, &request, deadline),
     )
-    .await?;
+    .await
+    {
+        Ok(seen) => seen,
+        Err(e) if e.code.as_deref() == Some(CODE_MACHINE_NOT_FOUND) => {
+            // The machine was terminated outside setpoint. The update still wants a machine
+            // of the new plan: it launches one with its own token (a retry adopts it), as the
+            // drift heal would, instead of parking until an operator gives up on the change.
+            tracing::warn!(work_id = ctx.work_id, token = %ctx.token, launch_token = %launch_token,
+                instance = %chain.instance_id, machine = %machine.instance_id, error = %e,
+                "update: the machine is gone; launching a new one");
+            chain.set(
+                MACHINE_AVAILABLE,
+                ConditionStatus::False,
+                "MachineLost",
+                format!(
+                    "machine {} was terminated outside setpoint; launching a new one",
+                    machine.instance_id
+                ),
+            );
+            chain.machine = None;
+            return create::ensure_machine(wf, ctx, chain, Mode::Update).await;
+        }
+        Err(e) => return Err(e),
+    };
     if seen.state != InstanceState::Running || seen.private_ip.is_none() {
         // The retry continues from whatever state the machine has reached.
         return Err(AdapterError::transient(format!(
