@@ -441,7 +441,34 @@ drift = "mark"
     let api_addr = logged_addr(&engine, "gRPC API listening").await;
     let metrics_addr = logged_addr(&engine, "metrics, /healthz and /readyz listening").await;
     assert!(engine.printed("KVX workflows on"), "{}", engine.output());
-    create_to_ready(&engine, &api_addr, &db.pool, &maildir).await;
+    // The pods are not ready at first: the Kubernetes step waits for them (the owner is told
+    // "ready" only after), then the rollout finishes and the chain goes on.
+    k8s.hold_rollouts(true);
+    let release = async {
+        wait_for("the Kubernetes step to wait for its replicas", || {
+            let pool = db.pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM work_events
+                     WHERE event = 'failed' AND detail->>'code' = 'replicas-not-ready'",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (n > 0).then_some(())
+            }
+        })
+        .await;
+        assert!(
+            subjects(&maildir).is_empty(),
+            "no mail before the replicas are ready"
+        );
+        k8s.hold_rollouts(false);
+    };
+    tokio::join!(
+        create_to_ready(&engine, &api_addr, &db.pool, &maildir),
+        release
+    );
 
     // Metrics and health are served.
     let metrics_addr2 = metrics_addr.clone();

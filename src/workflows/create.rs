@@ -132,6 +132,17 @@ pub(super) async fn apply_cluster(
         wf.cluster.apply_instance(&ctx.token, &spec),
     )
     .await?;
+    if seen.ready_replicas < seen.desired_replicas {
+        // Applied, not yet serving (pods starting, pulling their image): "ready" is told only
+        // once it is. The apply is idempotent, so the retry re-applies and looks again; pods
+        // that never come up use up the attempts and park the unit, and the instance says so.
+        return Err(AdapterError::transient(format!(
+            "{} of {} replica(s) ready in namespace {}; checking again shortly",
+            seen.ready_replicas, seen.desired_replicas, seen.namespace
+        ))
+        .with_code("replicas-not-ready")
+        .with_retry_after(NOT_RUNNING_RETRY));
+    }
     let endpoint = match (&seen.service_host, seen.service_port) {
         (Some(host), Some(port)) => Some(format!("{host}:{port}")),
         (Some(host), None) => Some(host.clone()),

@@ -174,6 +174,13 @@ impl TestApiServer {
         *lock(&self.shared.token) = token.map(str::to_owned);
     }
 
+    /// While `hold` is true, workloads applied from now on report no ready replica, as a
+    /// rollout that has not finished; `false` finishes every held rollout (the workloads report
+    /// all their replicas ready, as their controllers would).
+    pub fn hold_rollouts(&self, hold: bool) {
+        lock(&self.shared.store).hold_rollouts(hold);
+    }
+
     /// Drops all queued faults.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();

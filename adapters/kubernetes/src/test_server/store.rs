@@ -200,6 +200,8 @@ pub struct Store {
     objects: BTreeMap<Key, Entry>,
     revision: u64,
     cluster_ips: u32,
+    /// While set, workloads applied report no ready replica (a rollout that has not finished).
+    hold_rollouts: bool,
 }
 
 /// The parameters of an apply request.
@@ -511,7 +513,7 @@ impl Store {
                 object["metadata"]["generation"] = json!(bumped);
             }
         }
-        Self::simulate_controllers(&kind, &mut object);
+        Self::simulate_controllers(&kind, &mut object, !self.hold_rollouts);
         let created = existing.is_none();
         self.objects.insert(
             key,
@@ -543,16 +545,39 @@ impl Store {
         }
     }
 
+    /// Holds rollouts (`hold`: workloads applied from now on have no ready replica) or lets
+    /// them finish: every held workload becomes ready, as its controller would report (a status
+    /// update: a new resourceVersion, the same generation).
+    pub(super) fn hold_rollouts(&mut self, hold: bool) {
+        self.hold_rollouts = hold;
+        if hold {
+            return;
+        }
+        for entry in self.objects.values_mut() {
+            let object = &mut entry.object;
+            let workload = matches!(object["kind"].as_str(), Some("Deployment" | "StatefulSet"));
+            let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+            if workload && object["status"]["readyReplicas"].as_i64() != Some(replicas) {
+                self.revision += 1;
+                object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+                object["status"]["readyReplicas"] = json!(replicas);
+                object["status"]["availableReplicas"] = json!(replicas);
+            }
+        }
+    }
+
     /// Stands in for the workload controllers: a Deployment or StatefulSet is immediately
-    /// observed and fully ready at its desired replica count.
-    fn simulate_controllers(kind: &Kind, object: &mut Value) {
+    /// observed and, when `ready`, fully ready at its desired replica count; otherwise its pods
+    /// exist and none is ready yet (as while images are pulled).
+    fn simulate_controllers(kind: &Kind, object: &mut Value, ready: bool) {
         if matches!(kind.kind, "Deployment" | "StatefulSet") {
             let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+            let ready = if ready { replicas } else { 0 };
             object["status"] = json!({
                 "observedGeneration": object["metadata"]["generation"],
                 "replicas": replicas,
-                "readyReplicas": replicas,
-                "availableReplicas": replicas,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
                 "updatedReplicas": replicas,
             });
         }
