@@ -639,8 +639,8 @@ fn module_environment_names() -> (Vec<String>, Vec<String>) {
         std::fs::read_to_string(common::package_dir().join("terraform/modules/setpoint/ecs.tf"))
             .expect("ecs.tf");
     let start = ecs
-        .find("engine_environment = merge(")
-        .expect("engine_environment");
+        .find("module_environment = merge(")
+        .expect("module_environment");
     let end = ecs[start..]
         .find("prometheus_config")
         .expect("end of the engine's settings")

@@ -7,8 +7,7 @@ locals {
   # With engine_secrets below, this is all `setpoint serve` needs: EC2, Kubernetes and SMTP are
   # all configured, so the KVX workflows run (tests/serve_config.rs starts the engine with exactly
   # these names).
-  engine_environment = merge(
-    var.extra_environment,
+  module_environment = merge(
     {
       SETPOINT_DATABASE_HOST          = aws_db_instance.this.address
       SETPOINT_DATABASE_PORT          = tostring(aws_db_instance.this.port)
@@ -33,6 +32,10 @@ locals {
     var.kubernetes_ca_data == null ? {} : { SETPOINT_KUBERNETES_CA_DATA = var.kubernetes_ca_data },
     var.kubernetes_workload_image == null ? {} : { SETPOINT_KUBERNETES_IMAGE = var.kubernetes_workload_image },
   )
+  # extra_environment adds to these and may not replace any (the task definition's
+  # precondition says which): a silent override of, say, the listen address would break the
+  # load balancer, and a silently ignored value would mislead.
+  engine_environment = merge(var.extra_environment, local.module_environment)
 
   # Secrets ECS injects as environment at task start (the values never reach the task definition).
   engine_secrets = {
@@ -169,6 +172,15 @@ resource "aws_ecs_task_definition" "engine" {
     [local.engine_container],
     var.enable_prometheus_metrics ? [local.metrics_container] : [],
   ))
+
+  lifecycle {
+    precondition {
+      condition = length(setintersection(
+        keys(var.extra_environment), concat(keys(local.module_environment), keys(local.engine_secrets))
+      )) == 0
+      error_message = "extra_environment sets ${join(", ", sort(setintersection(keys(var.extra_environment), concat(keys(local.module_environment), keys(local.engine_secrets)))))}, which the module sets itself: use the module's variables for these (e.g. rust_log for RUST_LOG)."
+    }
+  }
 }
 
 resource "aws_ecs_service" "engine" {

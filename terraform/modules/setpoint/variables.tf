@@ -184,7 +184,7 @@ variable "rust_log" {
 }
 
 variable "extra_environment" {
-  description = "Extra environment variables for the engine container (must not override the SETPOINT_DATABASE_* variables the module sets)."
+  description = "Extra environment variables for the engine container. They add to what the module sets and may not replace any of it (a plan fails and names the keys; use the module's variables for those)."
   type        = map(string)
   default     = {}
 
