@@ -1,8 +1,9 @@
 //! The one place where EC2 failures become transient or permanent [`AdapterError`]s.
 //!
 //! Transient: throttling (`RequestLimitExceeded`, `Throttling`, …), any 5xx, timeouts,
-//! connection and other dispatch failures, capacity (`InsufficientInstanceCapacity`, with a long
-//! [`CAPACITY_RETRY_AFTER`]). Permanent: bad AMI, instance type or parameters, permission and
+//! connection and other dispatch failures, capacity (`InsufficientInstanceCapacity`,
+//! `InsufficientFreeAddressesInSubnet`, with a long [`CAPACITY_RETRY_AFTER`]), an expired
+//! request signature (`RequestExpired`). Permanent: bad AMI, instance type or parameters, permission and
 //! authentication failures, `IdempotentParameterMismatch`, missing credentials, and any other
 //! 4xx code (a client error that the same request will repeat). Messages say what to fix; they
 //! quote AWS's own message and error code, which never contain credentials.
@@ -122,6 +123,19 @@ pub fn classify_code(
              AZ). If it persists, choose another instance type for the plan"
         ))
         .with_retry_after(CAPACITY_RETRY_AFTER),
+        "InsufficientFreeAddressesInSubnet" => AdapterError::transient(format!(
+            "{operation}: the subnet has no free IP address right now ({aws}); retrying in the \
+             same subnet later (addresses free up as machines end). If it persists, give the \
+             engine a larger subnet"
+        ))
+        .with_retry_after(CAPACITY_RETRY_AFTER),
+        // A signed request that arrived too late (a slow network, a late SDK retry, clock skew):
+        // signing it again is all a retry needs, unless the clock is wrong, which the message
+        // says.
+        "RequestExpired" => AdapterError::transient(format!(
+            "{operation}: EC2 received the request after its signature expired ({aws}); \
+             retrying. If it repeats, check the engine host's clock"
+        )),
         "InternalError"
         | "InternalFailure"
         | "ServiceUnavailable"
@@ -252,6 +266,17 @@ mod tests {
             assert_eq!(e.code.as_deref(), Some(code));
             assert_eq!(e.retry_after, Some(THROTTLE_RETRY_AFTER));
         }
+    }
+
+    #[test]
+    fn free_addresses_and_expired_signatures_are_transient() {
+        let e = check(
+            &service("InsufficientFreeAddressesInSubnet", 400),
+            ErrorClass::Transient,
+        );
+        assert_eq!(e.retry_after, Some(CAPACITY_RETRY_AFTER));
+        let e = check(&service("RequestExpired", 400), ErrorClass::Transient);
+        assert!(e.message.contains("clock"), "{e}");
     }
 
     #[test]
