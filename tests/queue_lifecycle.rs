@@ -98,6 +98,46 @@ async fn transient_errors_retry_with_growing_delays_then_succeed() {
 }
 
 #[tokio::test]
+async fn a_retried_check_of_a_ready_instance_shows_ready_while_it_runs() {
+    let db = db().await;
+    // A READY instance under a check (a unit of no operation, as a drift check is).
+    let resource = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO instances (id, tenant, name, spec, status, has_active_work)
+         VALUES ($1, 't', 'checked', '{}', 'READY', true)",
+    )
+    .bind(resource)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({"fail_permanent": "peer down"}))
+            .for_resource(resource, "t"),
+    )
+    .await;
+    wait_state(&db.pool, id, Some("parked")).await;
+    rt.stop().await;
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM instances WHERE id = $1")
+            .bind(resource)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(status().await, "FAILED");
+    let mut tx = db.pool.begin().await.unwrap();
+    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        status().await,
+        "READY",
+        "a retried check runs on a READY instance"
+    );
+}
+
+#[tokio::test]
 async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_unknown() {
     let db = db().await;
     let rt = start_runtime(&db.pool, fast_config("w1"), Registry::new());
