@@ -295,13 +295,18 @@ fn serve_command(env: &[(&str, &str)]) -> Command {
 
 /// The `addr` field of the first JSON log line whose message is `message`.
 async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
+    logged_field(engine, message, "addr").await
+}
+
+/// String field `field` of the first JSON log line whose message is `message`, once there is one.
+async fn logged_field(engine: &EngineProcess, message: &str, field: &str) -> String {
     wait_for(message, || {
         let out = engine.output();
         async move {
             out.lines().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
                 (v["fields"]["message"] == message)
-                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                    .then(|| v["fields"][field].as_str().map(str::to_owned))
                     .flatten()
             })
         }
@@ -561,22 +566,6 @@ async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The kinds the engine's workers were started with (from its "worker started" log line).
-async fn started_kinds(engine: &EngineProcess) -> String {
-    wait_for("worker started", || {
-        let out = engine.output();
-        async move {
-            out.lines().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == "worker started")
-                    .then(|| v["fields"]["kinds"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flag_or_environment_variable_overrides_the_file_either_way() {
     let dir = tmp("precedence");
@@ -599,7 +588,7 @@ async fn a_flag_or_environment_variable_overrides_the_file_either_way() {
         ),
     ] {
         let engine = serve(&config, &env, &args);
-        let kinds = started_kinds(&engine).await;
+        let kinds = logged_field(&engine, "worker started", "kinds").await;
         assert_eq!(
             kinds.contains("setpoint.probe"),
             probe,

@@ -16,6 +16,7 @@ use super::proto::{
 use super::validate;
 use crate::queue::{self, UnitReport, WorkFilter};
 use crate::store::StoreError;
+use crate::store::events::events_for_work;
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -227,6 +228,10 @@ impl WorkService for Work {
         let row = queue::cancel_parked(&mut tx, r.id, &operator(&caller), &reason)
             .await
             .map_err(ApiError::from)?;
+        // Its history, read in the same transaction (the `cancelled` event included).
+        let events = events_for_work(&mut tx, r.id)
+            .await
+            .map_err(ApiError::from)?;
         tx.commit()
             .await
             .map_err(StoreError::from)
@@ -239,10 +244,9 @@ impl WorkService for Work {
         );
         // The unit as it was when cancelled (its kind, resource, attempts, last error), now
         // finished, with its history.
-        let mut unit = self.report(r.id).await?;
-        unit = WorkUnit {
+        let unit = WorkUnit {
             state: "finished".into(),
-            events: std::mem::take(&mut unit.events),
+            events: events.iter().map(convert::work_event).collect(),
             create_time: None,
             spec: None,
             lease_owner: String::new(),

@@ -124,20 +124,13 @@ pub async fn record_parked(
     work_id: i64,
     reason: &str,
 ) -> Result<(), StoreError> {
-    let Some(facts) = instance_facts_get(conn, resource, true).await? else {
-        return Ok(());
-    };
-    let mut conditions = from_observed(&facts.observed);
-    set(
-        &mut conditions,
-        READY,
-        ConditionStatus::False,
+    set_not_ready(
+        conn,
+        resource,
         "WorkParked",
         parked_message(work_id, reason),
-        facts.generation,
-    );
-    let value = serde_json::to_value(&conditions).unwrap_or(Value::Array(Vec::new()));
-    instance_conditions_set(conn, resource, &value).await
+    )
+    .await
 }
 
 /// Marks instance `resource` as having given up on the change that unit `work_id` was part of:
@@ -154,6 +147,18 @@ pub async fn record_cancelled(
     operator: &str,
     reason: &str,
 ) -> Result<(), StoreError> {
+    let message = cancelled_message(work_id, operator, reason);
+    set_not_ready(conn, resource, "WorkCancelled", message).await
+}
+
+/// Sets instance `resource`'s `Ready` condition to `False` with `reason` and `message`, at its
+/// current generation, keeping its other conditions. No instance: nothing to do.
+async fn set_not_ready(
+    conn: &mut PgConnection,
+    resource: Uuid,
+    reason: &str,
+    message: String,
+) -> Result<(), StoreError> {
     let Some(facts) = instance_facts_get(conn, resource, true).await? else {
         return Ok(());
     };
@@ -162,8 +167,8 @@ pub async fn record_cancelled(
         &mut conditions,
         READY,
         ConditionStatus::False,
-        "WorkCancelled",
-        cancelled_message(work_id, operator, reason),
+        reason,
+        message,
         facts.generation,
     );
     let value = serde_json::to_value(&conditions).unwrap_or(Value::Array(Vec::new()));

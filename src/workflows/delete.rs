@@ -52,7 +52,7 @@ pub(super) async fn terminate_machine(
 ) -> Result<Outcome, AdapterError> {
     // The recorded machine, looked up by id: EC2's tag-filtered listing is eventually
     // consistent and may not show a machine launched moments ago yet.
-    super::update::load_observed(wf, &mut chain).await?;
+    super::load_observed(wf, &mut chain).await?;
     let request = TerminateRequest {
         instance_id: chain.machine.as_ref().map(|m| m.instance_id.clone()),
         resource_id: Some(chain.instance_id),

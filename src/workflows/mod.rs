@@ -292,6 +292,40 @@ async fn adapter_call<T>(
     crate::metrics::adapter_call(adapter, operation, call).await
 }
 
+/// Fills in what the chain does not carry yet from the instance's observed state: the machine
+/// and the conditions the earlier chains wrote.
+async fn load_observed(wf: &Workflows, chain: &mut ChainSpec) -> Result<(), AdapterError> {
+    if chain.machine.is_some() && !chain.conditions.is_empty() {
+        return Ok(());
+    }
+    let database = |e: &dyn std::fmt::Display| {
+        AdapterError::transient(format!("cannot read the instance: {e}")).with_code("database")
+    };
+    let facts = {
+        let mut conn = wf.pool.acquire().await.map_err(|e| database(&e))?;
+        crate::store::workflows::instance_facts_get(&mut conn, chain.instance_id, false)
+            .await
+            .map_err(|e| database(&e))?
+    };
+    let Some(facts) = facts else {
+        return Err(AdapterError::permanent(format!(
+            "instance {} does not exist",
+            chain.instance_id
+        )));
+    };
+    if chain.machine.is_none() {
+        chain.machine = facts
+            .observed
+            .get("machine")
+            .cloned()
+            .and_then(|m| serde_json::from_value::<Machine>(m).ok());
+    }
+    if chain.conditions.is_empty() {
+        chain.conditions = conditions::from_observed(&facts.observed);
+    }
+    Ok(())
+}
+
 struct Step {
     kind: &'static str,
     workflows: Arc<Workflows>,

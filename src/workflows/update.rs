@@ -15,10 +15,9 @@ use setpoint_adapter::{
 };
 
 use super::adapter_call;
-use super::conditions::{self, ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
+use super::conditions::{ConditionStatus, MACHINE_AVAILABLE, READY, SYNCED};
 use super::create::{self, Mode, NOT_RUNNING_RETRY};
-use super::{ChainSpec, Machine, Workflows};
-use crate::store::workflows::instance_facts_get;
+use super::{ChainSpec, Workflows, load_observed};
 
 /// First step of an update: makes the machine the size of the (new) plan and running. Next:
 /// the Kubernetes objects.
@@ -157,41 +156,4 @@ pub(super) async fn apply_cluster(
         format!("applying generation {}", chain.generation),
     );
     create::apply_cluster(wf, ctx, chain, Mode::Update).await
-}
-
-/// Fills in what the chain does not carry yet from the instance's observed state: the machine
-/// and the conditions the earlier chains wrote.
-pub(super) async fn load_observed(
-    wf: &Workflows,
-    chain: &mut ChainSpec,
-) -> Result<(), AdapterError> {
-    if chain.machine.is_some() && !chain.conditions.is_empty() {
-        return Ok(());
-    }
-    let database = |e: &dyn std::fmt::Display| {
-        AdapterError::transient(format!("cannot read the instance: {e}")).with_code("database")
-    };
-    let facts = {
-        let mut conn = wf.pool.acquire().await.map_err(|e| database(&e))?;
-        instance_facts_get(&mut conn, chain.instance_id, false)
-            .await
-            .map_err(|e| database(&e))?
-    };
-    let Some(facts) = facts else {
-        return Err(AdapterError::permanent(format!(
-            "instance {} does not exist",
-            chain.instance_id
-        )));
-    };
-    if chain.machine.is_none() {
-        chain.machine = facts
-            .observed
-            .get("machine")
-            .cloned()
-            .and_then(|m| serde_json::from_value::<Machine>(m).ok());
-    }
-    if chain.conditions.is_empty() {
-        chain.conditions = conditions::from_observed(&facts.observed);
-    }
-    Ok(())
 }
