@@ -117,6 +117,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // Checked before anything starts: all three adapters, or none.
     let adapters =
         AdapterConfigs::select(file.ec2.take(), file.kubernetes.take(), file.smtp.take())?;
+    // So is the API's TLS material: settings, files and the certificate and key themselves.
+    let mut api_config = args.api.config()?;
+    if let Some(tls) = &api_config.tls {
+        tls.check()?;
+    }
     let mut workflow_config = file.workflows.workflow_config();
     if let Some(d) = args.drift {
         workflow_config.drift = d;
@@ -194,7 +199,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     {
         registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
     }
-    let mut api_config = args.api.config();
     let workflows_on = adapters.is_some();
     match adapters {
         Some(configs) => {

@@ -1,106 +1,33 @@
-//! TLS from configuration: a server certificate, and mutual TLS with a client CA. The
-//! certificates are made with the `openssl` command in a temp folder during the test.
+//! TLS from configuration: a server certificate, and mutual TLS with a client CA, from files
+//! and from PEM environment variables. The certificates are made with the `openssl` command in
+//! a temp folder during the test.
 
 mod api_support;
+mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use api_support::*;
+use common::EngineProcess;
+use common::certs::make_certs;
 use setpoint::api::proto::GetInstanceRequest;
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
-use setpoint::api::{ApiConfig, TlsFiles};
+use setpoint::api::tls::{CERT_PEM_VAR, CLIENT_CA_PEM_VAR, KEY_PEM_VAR};
+use setpoint::api::{ApiConfig, TlsConfig};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by
-/// the CA.
-fn make_certs() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("setpoint-tls-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&d).unwrap();
-    openssl(
-        &d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=setpoint test CA",
-        ],
-    );
-    std::fs::write(
-        d.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    // An extension makes the certificate X.509 v3 (rustls refuses v1 certificates).
-    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, ext) in [
-        ("server", Some("server.ext")),
-        ("client", Some("client.ext")),
-    ] {
-        openssl(
-            &d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        );
-        let (csr, pem) = (format!("{name}.csr"), format!("{name}.pem"));
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &pem,
-        ];
-        if let Some(ext) = ext {
-            args.extend(["-extfile", ext]);
-        }
-        openssl(&d, &args);
-    }
-    d
-}
-
 async fn tls_client(
     env: &Env,
+    certs: &Path,
+    with_client_cert: bool,
+) -> Result<InstanceServiceClient<Channel>, tonic::transport::Error> {
+    tls_client_at(&env.addr.to_string(), certs, with_client_cert).await
+}
+
+/// A client of the API at `addr` that trusts the test CA, with the client certificate if asked.
+async fn tls_client_at(
+    addr: &str,
     certs: &Path,
     with_client_cert: bool,
 ) -> Result<InstanceServiceClient<Channel>, tonic::transport::Error> {
@@ -115,7 +42,7 @@ async fn tls_client(
             std::fs::read(certs.join("client.key")).unwrap(),
         ));
     }
-    let channel = Channel::from_shared(format!("https://{}", env.addr))
+    let channel = Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)?
         .connect()
@@ -132,11 +59,11 @@ async fn server_tls_and_mutual_tls_from_configuration() {
 
     // Server certificate only.
     let env = Env::start(ApiConfig {
-        tls: Some(TlsFiles {
-            cert: certs.join("server.pem"),
-            key: certs.join("server.key"),
-            client_ca: None,
-        }),
+        tls: Some(TlsConfig::from_files(
+            certs.join("server.pem"),
+            certs.join("server.key"),
+            None,
+        )),
         ..ApiConfig::default()
     })
     .await;
@@ -161,11 +88,11 @@ async fn server_tls_and_mutual_tls_from_configuration() {
 
     // Mutual TLS: a client without a certificate signed by the client CA is refused.
     let env = Env::start(ApiConfig {
-        tls: Some(TlsFiles {
-            cert: certs.join("server.pem"),
-            key: certs.join("server.key"),
-            client_ca: Some(certs.join("ca.pem")),
-        }),
+        tls: Some(TlsConfig::from_files(
+            certs.join("server.pem"),
+            certs.join("server.key"),
+            Some(certs.join("ca.pem")),
+        )),
         ..ApiConfig::default()
     })
     .await;
@@ -182,5 +109,126 @@ async fn server_tls_and_mutual_tls_from_configuration() {
     assert!(refused, "a client without a certificate must be refused");
     drop(c);
     env.stop().await;
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// The `addr` field of the engine's JSON log line "gRPC API listening".
+async fn listening_addr(engine: &EngineProcess) -> String {
+    common::wait_for("the API to listen", || async {
+        engine.output().lines().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["fields"]["message"] == "gRPC API listening")
+                .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    })
+    .await
+}
+
+/// `setpoint serve` takes its TLS material from PEM environment variables, the way ECS hands
+/// it Secrets Manager values (the Terraform module's `grpc_tls`): the API then speaks TLS only,
+/// the client CA makes it mutual, the log names the variables and never shows the key, and
+/// material that is given twice or does not parse stops the process with a message that names
+/// the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_tls_from_pem_environment_variables() {
+    let certs = make_certs();
+    let db = common::db().await;
+    let pem = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
+    let key = pem("server.key");
+    // A line from the middle of the key: it must never appear in the output.
+    let key_line = key.lines().nth(3).unwrap().to_owned();
+    let token = setpoint::api::auth::create_token(&db.pool, "acme", false, None)
+        .await
+        .unwrap()
+        .token;
+    let get = || {
+        authed(
+            &token,
+            GetInstanceRequest {
+                name: "tenants/acme/instances/none".into(),
+            },
+        )
+    };
+
+    // The module's task definition sets exactly these names (as ECS secrets).
+    let ecs =
+        std::fs::read_to_string(common::package_dir().join("terraform/modules/setpoint/ecs.tf"))
+            .unwrap();
+    for var in [CERT_PEM_VAR, KEY_PEM_VAR, CLIENT_CA_PEM_VAR] {
+        assert!(ecs.contains(var), "ecs.tf passes {var}");
+    }
+
+    let ca_one_line = pem("ca.pem").replace('\n', "\\n");
+    let engine = EngineProcess::start(
+        &db.url,
+        "tls-env",
+        &[
+            ("SETPOINT_LOG_FORMAT", "json"),
+            (CERT_PEM_VAR, &pem("server.pem")),
+            (KEY_PEM_VAR, &key),
+            // Stored on one line with escaped newlines, as some secret stores keep it.
+            (CLIENT_CA_PEM_VAR, &ca_one_line),
+        ],
+        &[],
+    );
+    let addr = listening_addr(&engine).await;
+    let mut c = tls_client_at(&addr, &certs, true)
+        .await
+        .expect("mutual TLS connects");
+    let e = c.get_instance(get()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "an authenticated call: {e:?}");
+    let refused = match tls_client_at(&addr, &certs, false).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .get_instance(get())
+            .await
+            .is_err_and(|e| e.code() != Code::NotFound),
+    };
+    assert!(refused, "a client without a certificate must be refused");
+    let out = engine.output();
+    assert!(
+        out.contains("gRPC API serves TLS") && out.contains("$SETPOINT_TLS_KEY_PEM"),
+        "{out}"
+    );
+    assert!(!out.contains(&key_line), "the key reached the log: {out}");
+    drop(c);
+    drop(engine);
+
+    // Material that is no key, or an item given both ways: the process stops and says why.
+    let not_a_key = pem("ca.pem");
+    let key_file = certs.join("server.key");
+    let key_file = key_file.to_str().unwrap();
+    for (env, args, says) in [
+        (
+            vec![(CERT_PEM_VAR, pem("server.pem")), (KEY_PEM_VAR, not_a_key)],
+            vec![],
+            ["not usable", KEY_PEM_VAR],
+        ),
+        (
+            vec![
+                (CERT_PEM_VAR, pem("server.pem")),
+                (KEY_PEM_VAR, key.clone()),
+            ],
+            vec!["--tls-key", key_file],
+            ["both set", KEY_PEM_VAR],
+        ),
+        (
+            vec![(KEY_PEM_VAR, key.clone())],
+            vec![],
+            ["without its certificate", CERT_PEM_VAR],
+        ),
+    ] {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut engine = EngineProcess::start(&db.url, "tls-bad", &env, &args);
+        assert!(!engine.wait_exit().await, "must not start: {env:?}");
+        let out = engine.output();
+        assert!(says.iter().all(|s| out.contains(s)), "{says:?}: {out}");
+        assert!(
+            !out.contains(&key_line),
+            "the key reached the output: {out}"
+        );
+        assert!(!out.contains("gRPC API listening"), "{out}");
+    }
     let _ = std::fs::remove_dir_all(&certs);
 }

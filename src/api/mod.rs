@@ -10,6 +10,7 @@
 //! - [`errors`]: [`ApiError`] and its mapping to gRPC statuses with `google.rpc` details.
 //! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
 //! - [`batch`]: group commit of CreateInstance (many creates, one transaction).
+//! - [`tls`]: the server's TLS material, from files or from PEM environment variables.
 //! - [`wake`]: waking the workers after commits, one NOTIFY at a time.
 //! - [`status`]: the instance life cycle (the transitions live in one SQL trigger).
 //! - [`watch`]: the LISTEN/NOTIFY feed behind `WatchInstance`.
@@ -28,6 +29,7 @@ pub mod idempotency;
 pub mod instances;
 pub mod proto;
 pub mod status;
+pub mod tls;
 pub mod validate;
 pub mod wake;
 pub mod watch;
@@ -42,10 +44,11 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use errors::ApiError;
+pub use tls::{PemSource, TlsConfig, TlsError};
 
 use proto::instance_service_server::InstanceServiceServer;
 use proto::work_service_server::WorkServiceServer;
@@ -55,17 +58,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default largest request message (bytes); larger ones are refused by tonic with
 /// `OUT_OF_RANGE` before any handler runs.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// Server certificate, key and optional client CA (PEM files).
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// Server certificate chain.
-    pub cert: PathBuf,
-    /// Server private key.
-    pub key: PathBuf,
-    /// CA whose certificates clients must present (mutual TLS); `None` accepts any client.
-    pub client_ca: Option<PathBuf>,
-}
 
 /// API settings.
 #[derive(Debug, Clone)]
@@ -79,7 +71,7 @@ pub struct ApiConfig {
     /// Largest request message in bytes.
     pub max_message_bytes: usize,
     /// TLS; `None` serves plaintext.
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<TlsConfig>,
     /// Concurrent transactions that each commit a batch of Creates (see [`batch`]); 0 runs
     /// every Create in a transaction of its own.
     pub create_batch_executors: usize,
@@ -107,14 +99,18 @@ pub struct ApiArgs {
     /// Address the gRPC API listens on.
     #[arg(long, env = "SETPOINT_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Server certificate (PEM) for TLS; with --tls-key.
-    #[arg(long, env = "SETPOINT_TLS_CERT", requires = "tls_key")]
+    /// Server certificate chain (PEM file) for TLS, with its key. The document itself may
+    /// come in SETPOINT_TLS_CERT_PEM instead (an environment variable only).
+    #[arg(long, env = "SETPOINT_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// Server private key (PEM) for TLS; with --tls-cert.
-    #[arg(long, env = "SETPOINT_TLS_KEY", requires = "tls_cert")]
+    /// Server private key (PEM file) for TLS, with the certificate. The document itself may
+    /// come in SETPOINT_TLS_KEY_PEM instead (an environment variable only: a key on a command
+    /// line is visible to every user of the machine).
+    #[arg(long, env = "SETPOINT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) that client certificates must chain to (mutual TLS).
-    #[arg(long, env = "SETPOINT_TLS_CLIENT_CA", requires = "tls_cert")]
+    /// CA certificate (PEM file) that client certificates must chain to (mutual TLS). The
+    /// document itself may come in SETPOINT_TLS_CLIENT_CA_PEM instead.
+    #[arg(long, env = "SETPOINT_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// Work kind of the first unit of a Create.
     #[arg(long, env = "SETPOINT_CREATE_KIND", default_value = "setpoint.noop")]
@@ -139,24 +135,36 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    /// The configuration these flags describe.
-    pub fn config(&self) -> ApiConfig {
-        ApiConfig {
+    /// The configuration these flags and the process's TLS PEM variables describe.
+    ///
+    /// # Errors
+    /// When the TLS settings do not fit together (see [`TlsConfig::resolve`]).
+    pub fn config(&self) -> Result<ApiConfig, TlsError> {
+        self.config_with_env(&|k| std::env::var(k).ok())
+    }
+
+    /// [`ApiArgs::config`] with the environment read through `get`.
+    ///
+    /// # Errors
+    /// When the TLS settings do not fit together (see [`TlsConfig::resolve`]).
+    pub fn config_with_env(
+        &self,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<ApiConfig, TlsError> {
+        Ok(ApiConfig {
             create_kind: self.create_kind.clone(),
             update_kind: self.update_kind.clone(),
             delete_kind: self.delete_kind.clone(),
             max_message_bytes: self.max_message_bytes,
             create_batch_executors: self.create_batch_executors,
             create_batch_max: self.create_batch_max,
-            tls: match (&self.tls_cert, &self.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    client_ca: self.tls_client_ca.clone(),
-                }),
-                _ => None,
-            },
-        }
+            tls: TlsConfig::resolve(
+                self.tls_cert.clone(),
+                self.tls_key.clone(),
+                self.tls_client_ca.clone(),
+                get,
+            )?,
+        })
     }
 }
 
@@ -171,14 +179,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
-    /// A TLS file could not be read.
-    #[error("cannot read {path}: {source}")]
-    TlsFile {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
+    /// The TLS material could not be read.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The transport failed (bad TLS material, I/O).
     #[error("gRPC server error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -211,13 +214,6 @@ impl RunningApi {
             .await
             .map_err(|e| ServeError::Join(e.to_string()))?
     }
-}
-
-fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|source| ServeError::TlsFile {
-        path: path.clone(),
-        source,
-    })
 }
 
 /// Starts the API on `listen` (port 0 picks a free port) until `shutdown` fires. Returns once
@@ -285,12 +281,8 @@ pub async fn start(
 
     let mut server = Server::builder();
     if let Some(tls) = &config.tls {
-        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-        let mut tls_config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &tls.client_ca {
-            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        server = server.tls_config(tls_config)?;
+        server = tls.apply(server)?;
+        tracing::info!(tls = %tls.describe(), "gRPC API serves TLS");
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

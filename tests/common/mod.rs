@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod peers;
 
 use std::io::{BufRead, BufReader};
