@@ -7,8 +7,8 @@
 #   3. init (offline, committed lock files must match), fmt -check, validate: module and example,
 #   4. checks that invalid inputs are refused by the validation blocks,
 #   5. plans the example with its production defaults,
-#   6. starts moto, makes the cluster inputs a platform team brings (a CA bundle, a secret with a
-#      service account token), applies the example, reads every promise back through the AWS APIs,
+#   6. starts moto, makes the inputs a platform team brings (a CA bundle, a secret with a service
+#      account token, secrets with the API's TLS certificate, key and client CA), applies the example, reads every promise back through the AWS APIs,
 #      re-plans (nothing may be replaced), destroys, checks nothing is left,
 #   7. runs checkov over terraform/ (skips only inline, with reasons).
 # Last line: "terraform: N passed, M failed"; exit status non-zero on any failure.
@@ -208,10 +208,11 @@ NAME="setpoint-moto"
 STATE="$WORK/example.tfstate"
 
 # What a platform team brings: an AMI, an existing cluster's endpoint and CA bundle (a throw-away
-# self-signed certificate here; its key is discarded), and a secret holding the service account's
-# token, made in moto the way the README says to make it in AWS.
+# self-signed certificate here; its key is discarded), a secret holding the service account's
+# token, made in moto the way the README says to make it in AWS, and the API's TLS material.
 K8S_TOKEN_SECRET_ARN=""
 K8S_CA_DATA=""
+GRPC_TLS_VAR=""
 cluster_inputs() {
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=kubernetes \
     -keyout /dev/null -out "$WORK/k8s-ca.pem" 2>/dev/null
@@ -221,23 +222,45 @@ sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="eu-we
                   aws_access_key_id="test", aws_secret_access_key="test")
 print(sm.create_secret(Name="test/kubernetes-token", SecretString="not-a-real-service-account-token")["ARN"])
 PY
+  # The API's TLS: a throw-away CA, a server certificate it signed, the server key, each a PEM
+  # secret, as the module's grpc_tls takes them.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=setpoint test CA" \
+    -keyout "$WORK/grpc-ca.key" -out "$WORK/grpc-ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=setpoint-grpc \
+    -keyout "$WORK/grpc.key" -out "$WORK/grpc.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:setpoint-grpc.internal\nextendedKeyUsage=serverAuth\n' >"$WORK/grpc.ext"
+  openssl x509 -req -in "$WORK/grpc.csr" -CA "$WORK/grpc-ca.pem" -CAkey "$WORK/grpc-ca.key" -CAcreateserial \
+    -days 2 -extfile "$WORK/grpc.ext" -out "$WORK/grpc.pem" 2>/dev/null
+  python3 - "$ENDPOINT" "$WORK" >"$WORK/grpc-tls.tfvar" <<'PY'
+import sys, boto3
+sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="eu-west-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+arn = {k: sm.create_secret(Name=f"test/grpc-tls-{k}", SecretString=open(f"{sys.argv[2]}/{f}").read())["ARN"]
+       for k, f in [("cert", "grpc.pem"), ("key", "grpc.key"), ("client-ca", "grpc-ca.pem")]}
+print(f'grpc_tls={{certificate_secret_arn="{arn["cert"]}",private_key_secret_arn="{arn["key"]}",'
+      f'client_ca_secret_arn="{arn["client-ca"]}"}}')
+PY
+  rm -f "$WORK/grpc-ca.key" "$WORK/grpc.key"
 }
 inputs_ok=0
 if [ $moto_ok -eq 1 ]; then
-  step "cluster inputs: CA bundle, token secret in moto" cluster_inputs && inputs_ok=1 || true
+  step "cluster inputs: CA bundle, token secret, TLS secrets in moto" cluster_inputs && inputs_ok=1 || true
   K8S_TOKEN_SECRET_ARN="$(cat "$WORK/k8s-token-arn" 2>/dev/null || true)"
   K8S_CA_DATA="$(base64 -w0 "$WORK/k8s-ca.pem" 2>/dev/null || true)"
+  GRPC_TLS_VAR="$(cat "$WORK/grpc-tls.tfvar" 2>/dev/null || true)"
 fi
 VARS=(-var "environment=moto" -var "region=eu-west-1" -var "ec2_image_id=ami-12c6146b"
   -var "kubernetes_api_endpoint=https://0123456789ABCDEF0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com"
-  -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN")
+  -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN"
+  -var "$GRPC_TLS_VAR")
 
 invalid_inputs_refused() {
   local out rc
   set +e
   out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" \
     "${VARS[@]}" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' -var 'vpc_cidr=10.0.0.0/8' \
-    -var 'kubernetes_api_endpoint=http://k8s.example' -var 'kubernetes_token_secret_arn=my-token' 2>&1)"
+    -var 'kubernetes_api_endpoint=http://k8s.example' -var 'kubernetes_token_secret_arn=my-token' \
+    -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}' 2>&1)"
   rc=$?
   set -e
   echo "$out"
@@ -247,6 +270,22 @@ invalid_inputs_refused() {
   grep -q 'vpc_cidr must be' <<<"$out"
   grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$out"
   grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$out"
+  grep -q 'grpc_tls must hold Secrets Manager secret ARNs' <<<"$out"
+}
+
+extra_environment_cannot_replace() {
+  # extra_environment may add variables; one the module sets (a plain one, and a secret) fails
+  # the plan, which names both.
+  local out rc
+  set +e
+  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
+    -var 'extra_environment={SETPOINT_CONCURRENCY="32",RUST_LOG="debug",SETPOINT_TLS_KEY_PEM="x"}' 2>&1)"
+  rc=$?
+  set -e
+  echo "$out"
+  [ $rc -ne 0 ] || { echo "plan accepted an extra_environment that replaces the module's variables"; return 1; }
+  # Terraform wraps the message: match its first line.
+  grep -q 'extra_environment sets RUST_LOG, SETPOINT_TLS_KEY_PEM, which the module sets' <<<"$out"
 }
 
 plan_production_defaults() {
@@ -272,6 +311,7 @@ PY
 resource_types_in_plan=""
 if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ] && [ $inputs_ok -eq 1 ]; then
   step "invalid inputs are refused (validation blocks)" invalid_inputs_refused || true
+  step "extra_environment cannot replace the module's variables" extra_environment_cannot_replace || true
   step "plan example (production defaults)" plan_production_defaults || true
 
   # Apply a throw-away variant: production=false turns deletion protection off so destroy works.

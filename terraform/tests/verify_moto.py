@@ -180,8 +180,14 @@ check(env.get("SETPOINT_LISTEN") == "0.0.0.0:50051" and env.get("SETPOINT_METRIC
 check(env.get("SETPOINT_AWS_REGION") == region, "SETPOINT_AWS_REGION is the deployment region")
 check(secrets_env.get("SETPOINT_DATABASE_PASSWORD") == secret["ARN"], "SETPOINT_DATABASE_PASSWORD comes from the secret (ECS secrets)")
 check(not any("PASSWORD" in k for k in env), "no password in the plain environment")
-check(set(secrets_env) == {"SETPOINT_DATABASE_PASSWORD", "SETPOINT_KUBERNETES_TOKEN", "SETPOINT_SMTP_URL"},
-      f"ECS secrets: database password, Kubernetes token, SMTP URL ({sorted(secrets_env)})")
+check(set(secrets_env) == {"SETPOINT_DATABASE_PASSWORD", "SETPOINT_KUBERNETES_TOKEN", "SETPOINT_SMTP_URL",
+                           "SETPOINT_TLS_CERT_PEM", "SETPOINT_TLS_KEY_PEM", "SETPOINT_TLS_CLIENT_CA_PEM"},
+      f"ECS secrets: database password, Kubernetes token, SMTP URL, API TLS certificate, key, client CA ({sorted(secrets_env)})")
+for var, secret_name in [("SETPOINT_TLS_CERT_PEM", "test/grpc-tls-cert"), ("SETPOINT_TLS_KEY_PEM", "test/grpc-tls-key"),
+                         ("SETPOINT_TLS_CLIENT_CA_PEM", "test/grpc-tls-client-ca")]:
+    given = [x for x in sm.list_secrets()["SecretList"] if x["Name"] == secret_name]
+    check(len(given) == 1 and secrets_env.get(var) == given[0]["ARN"], f"{var} comes from the given grpc_tls secret")
+check(not any("PEM" in k for k in env), "no TLS material in the plain environment")
 token_secrets = [x for x in sm.list_secrets()["SecretList"] if x["Name"] == "test/kubernetes-token"]
 check(len(token_secrets) == 1 and secrets_env.get("SETPOINT_KUBERNETES_TOKEN") == token_secrets[0]["ARN"],
       "SETPOINT_KUBERNETES_TOKEN comes from the given token secret")
@@ -200,7 +206,7 @@ exec_docs = [iam.get_role_policy(RoleName=exec_roles[0]["RoleName"], PolicyName=
              for p in iam.list_role_policies(RoleName=exec_roles[0]["RoleName"])["PolicyNames"]] if exec_roles else []
 exec_stmts = [st for d in exec_docs for st in (json.loads(d) if isinstance(d, str) else d)["Statement"]]
 readable = {r for st in exec_stmts if "secretsmanager:GetSecretValue" in as_list(st["Action"]) for r in as_list(st["Resource"])}
-check(readable == set(secrets_env.values()), "execution role may read exactly the three engine secrets")
+check(readable == set(secrets_env.values()), "execution role may read exactly the engine secrets")
 grace = env.get("SETPOINT_SHUTDOWN_GRACE", "")
 check(grace.endswith("s") and 0 < int(grace[:-1]) < engine.get("stopTimeout", 30),
       f"shutdown grace {grace} ends before ECS kills the task (stopTimeout {engine.get('stopTimeout')}s)")
@@ -240,6 +246,18 @@ topics = [t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].en
 check(len(topics) == 1 and all(a["AlarmActions"] == topics for a in alarms.values()), "every alarm notifies the alarm topic")
 lbs = elb.describe_load_balancers()["LoadBalancers"]
 check(len(lbs) == 1 and lbs[0]["Scheme"] == "internal", "gRPC load balancer is internal")
+tgs = elb.describe_target_groups(LoadBalancerArn=lbs[0]["LoadBalancerArn"])["TargetGroups"] if lbs else []
+check(len(tgs) == 1 and tgs[0]["Protocol"] == "TCP" and tgs[0]["Port"] == 50051, "gRPC target group: TCP pass-through on 50051")
+hc = tgs[0] if tgs else {}
+check((hc.get("HealthCheckProtocol"), str(hc.get("HealthCheckPort")), hc.get("HealthCheckPath")) == ("HTTP", "9090", "/readyz"),
+      f"load balancer health check asks /readyz on the metrics port ({hc.get('HealthCheckProtocol')} {hc.get('HealthCheckPort')} {hc.get('HealthCheckPath')})")
+lb_sg_ids = lbs[0].get("SecurityGroups", []) if lbs else []
+readyz_in = [r for r in engine_sg.get("IpPermissions", []) if r.get("FromPort") == 9090 and r.get("ToPort") == 9090
+             and {p["GroupId"] for p in r.get("UserIdGroupPairs", [])} & set(lb_sg_ids)]
+check(len(readyz_in) == 1, "engine admits the load balancer's health checks on the metrics port")
+lb_sg = ec2.describe_security_groups(GroupIds=lb_sg_ids)["SecurityGroups"][0] if lb_sg_ids else {}
+lb_out = sorted(r.get("FromPort") for r in lb_sg.get("IpPermissionsEgress", []))
+check(lb_out == [9090, 50051], f"load balancer may reach the engine on gRPC and the metrics port only ({lb_out})")
 
 print(f"summary: {len(checks) - len(failures)}/{len(checks)} read-back checks after apply passed")
 sys.exit(1 if failures else 0)

@@ -198,6 +198,9 @@ module "setpoint" {
   kubernetes_token_secret_arn = var.kubernetes_token_secret_arn
   kubernetes_workload_image   = var.kubernetes_workload_image
 
+  grpc_tls          = var.grpc_tls
+  extra_environment = var.extra_environment
+
   db_multi_az                       = var.production
   db_deletion_protection            = var.production
   db_skip_final_snapshot            = !var.production

@@ -116,6 +116,30 @@ variable "kubernetes_token_secret_arn" {
   }
 }
 
+variable "grpc_tls" {
+  description = "TLS for the gRPC API: Secrets Manager secret ARNs of the PEM server certificate chain, its private key and (optional, for mutual TLS) the client CA; see the module's grpc_tls. null serves plaintext, where bearer tokens cross the network in the clear: set it for anything but a test."
+  type = object({
+    certificate_secret_arn = string
+    private_key_secret_arn = string
+    client_ca_secret_arn   = optional(string)
+  })
+  default = null
+
+  validation {
+    condition = var.grpc_tls == null ? true : alltrue([
+      for arn in compact([var.grpc_tls.certificate_secret_arn, var.grpc_tls.private_key_secret_arn, var.grpc_tls.client_ca_secret_arn]) :
+      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", arn))
+    ])
+    error_message = "grpc_tls must hold Secrets Manager secret ARNs."
+  }
+}
+
+variable "extra_environment" {
+  description = "Extra environment variables for the engine (for example SETPOINT_CONCURRENCY); they may add to what the module sets, never replace it (see the module's extra_environment)."
+  type        = map(string)
+  default     = {}
+}
+
 variable "kubernetes_workload_image" {
   description = "Image every KVX instance runs in the cluster, with a tag or digest; null keeps the engine's default."
   type        = string

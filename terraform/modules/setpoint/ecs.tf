@@ -38,11 +38,17 @@ locals {
   engine_environment = merge(var.extra_environment, local.module_environment)
 
   # Secrets ECS injects as environment at task start (the values never reach the task definition).
-  engine_secrets = {
-    SETPOINT_DATABASE_PASSWORD = aws_secretsmanager_secret.db_password.arn
-    SETPOINT_KUBERNETES_TOKEN  = var.kubernetes_token_secret_arn
-    SETPOINT_SMTP_URL          = local.smtp_url_secret_arn
-  }
+  # The TLS PEM documents come only this way: the engine takes no key on its command line.
+  engine_secrets = merge(
+    {
+      SETPOINT_DATABASE_PASSWORD = aws_secretsmanager_secret.db_password.arn
+      SETPOINT_KUBERNETES_TOKEN  = var.kubernetes_token_secret_arn
+      SETPOINT_SMTP_URL          = local.smtp_url_secret_arn
+    },
+    var.grpc_tls == null ? {} : { SETPOINT_TLS_CERT_PEM = var.grpc_tls.certificate_secret_arn },
+    var.grpc_tls == null ? {} : { SETPOINT_TLS_KEY_PEM = var.grpc_tls.private_key_secret_arn },
+    try(var.grpc_tls.client_ca_secret_arn, null) == null ? {} : { SETPOINT_TLS_CLIENT_CA_PEM = var.grpc_tls.client_ca_secret_arn },
+  )
 
   prometheus_config = yamlencode({
     global = { scrape_interval = "30s", scrape_timeout = "10s" }
@@ -224,10 +230,10 @@ resource "aws_ecs_service" "engine" {
 
 # ---------------------------------------------------------------------------------------------
 # Internal Network Load Balancer for the gRPC API (TCP pass-through keeps HTTP/2 intact; TLS, when
-# configured, terminates in the engine).
+# grpc_tls is set, terminates in the engine, so the bearer tokens are encrypted up to it).
 # ---------------------------------------------------------------------------------------------
 resource "aws_lb" "grpc" {
-  #checkov:skip=CKV_AWS_91:NLB access logs exist only for TLS listeners; this listener is TCP pass-through (TLS, if any, ends in the engine).
+  #checkov:skip=CKV_AWS_91:NLB access logs exist only for TLS listeners; this listener is TCP pass-through (TLS, with grpc_tls, ends in the engine).
   count                            = var.create_load_balancer ? 1 : 0
   name                             = substr("${var.name}-grpc", 0, 32)
   internal                         = true
@@ -249,9 +255,14 @@ resource "aws_lb_target_group" "grpc" {
   deregistration_delay = var.engine_stop_timeout
   tags                 = local.tags
 
+  # Readiness, not just an open port: /readyz on the metrics port answers 200 only while the
+  # engine reaches its database, so the load balancer sends calls only to tasks that can answer
+  # them, and ECS replaces a task that stays unready.
   health_check {
-    protocol            = "TCP"
-    port                = "traffic-port"
+    protocol            = "HTTP"
+    port                = tostring(var.metrics_port)
+    path                = "/readyz"
+    matcher             = "200"
     interval            = 10
     healthy_threshold   = 2
     unhealthy_threshold = 2
@@ -263,7 +274,7 @@ resource "aws_lb_target_group" "grpc" {
 }
 
 resource "aws_lb_listener" "grpc" {
-  #checkov:skip=CKV_AWS_2:TCP pass-through for gRPC over HTTP/2; TLS is terminated by the engine (a configuration away), not by the load balancer.
+  #checkov:skip=CKV_AWS_2:TCP pass-through for gRPC over HTTP/2; TLS (the grpc_tls variable) is terminated by the engine, not by the load balancer.
   #checkov:skip=CKV_AWS_103:Same: no TLS listener on the load balancer, so no TLS policy to set.
   count             = var.create_load_balancer ? 1 : 0
   load_balancer_arn = aws_lb.grpc[0].arn

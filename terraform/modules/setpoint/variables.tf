@@ -138,6 +138,28 @@ variable "metrics_port" {
   }
 }
 
+variable "grpc_tls" {
+  description = "TLS for the gRPC API, ending in the engine (the load balancer passes TCP through). Full ARNs of Secrets Manager secrets whose plain-string values are PEM: the server certificate chain (certificate_secret_arn, SETPOINT_TLS_CERT_PEM), its private key (private_key_secret_arn, SETPOINT_TLS_KEY_PEM) and, for mutual TLS, the CA client certificates must chain to (client_ca_secret_arn, SETPOINT_TLS_CLIENT_CA_PEM; optional). ECS injects them at task start; they never reach the task definition, and the task execution role may read exactly these secrets. The certificate must name the address clients dial (the load balancer's DNS name, or your own name for it). null (the default) serves plaintext: then only bearer tokens protect the API, and they cross the network in the clear."
+  type = object({
+    certificate_secret_arn = string
+    private_key_secret_arn = string
+    client_ca_secret_arn   = optional(string)
+  })
+  default = null
+
+  validation {
+    condition = var.grpc_tls == null ? true : alltrue([
+      for arn in compact([var.grpc_tls.certificate_secret_arn, var.grpc_tls.private_key_secret_arn, var.grpc_tls.client_ca_secret_arn]) :
+      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", arn))
+    ])
+    error_message = "grpc_tls must hold Secrets Manager secret ARNs (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX)."
+  }
+  validation {
+    condition     = var.grpc_tls == null ? true : var.grpc_tls.certificate_secret_arn != var.grpc_tls.private_key_secret_arn
+    error_message = "grpc_tls: the certificate and the private key must be two secrets (each value is one PEM document)."
+  }
+}
+
 variable "grpc_allowed_cidrs" {
   description = "CIDR blocks of gRPC clients allowed to reach the internal load balancer (and the tasks). Keep it to your private ranges."
   type        = list(string)
@@ -278,7 +300,7 @@ variable "ec2_plan_instance_types" {
 }
 
 variable "secrets_kms_key_arns" {
-  description = "Customer-managed KMS keys that encrypt the secrets you pass in (kubernetes_token_secret_arn, smtp_url_secret_arn); the task execution role may decrypt with them. Leave empty when those secrets use the AWS managed key aws/secretsmanager."
+  description = "Customer-managed KMS keys that encrypt the secrets you pass in (kubernetes_token_secret_arn, smtp_url_secret_arn, grpc_tls); the task execution role may decrypt with them. Leave empty when those secrets use the AWS managed key aws/secretsmanager."
   type        = list(string)
   default     = []
 
