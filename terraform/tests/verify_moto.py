@@ -127,6 +127,11 @@ check(all(":instance/" not in r for s in run if s not in inst_run for r in as_li
 tags = stmts_for("ec2:CreateTags")
 check(len(tags) == 1 and tags[0].get("Condition", {}).get("StringEquals", {}).get("ec2:CreateAction") == "RunInstances",
       "CreateTags only on launch (ec2:CreateAction = RunInstances)")
+check(len(tags) == 1 and all(r.endswith(":instance/*") for r in as_list(tags[0]["Resource"])),
+      "CreateTags only on instances (the launch tags nothing else)")
+run_resources = {r for s in run for r in as_list(s["Resource"])}
+check(not any(":key-pair/" in r or ":launch-template/" in r for r in run_resources),
+      "RunInstances names no key pair or launch template (the engine uses neither)")
 term = stmts_for("ec2:TerminateInstances")
 check(len(term) == 1 and term[0].get("Condition", {}).get("StringEquals", {}).get("aws:ResourceTag/setpoint:managed") == "true",
       "TerminateInstances only on instances tagged setpoint:managed=true")

@@ -51,7 +51,8 @@ resource "aws_iam_role_policy" "execution_secrets" {
 # Task role: what the engine (and its metrics sidecar) may do in AWS. Least privilege for EC2:
 #  - launch only instances that carry the request tag setpoint:managed=true, only into the
 #    configured subnet and security groups;
-#  - create tags only as part of RunInstances (ec2:CreateAction), never on existing resources;
+#  - create tags only as part of RunInstances (ec2:CreateAction), only on the new instance,
+#    never on existing resources;
 #  - terminate only instances that carry setpoint:managed=true;
 #  - resize (a plan change) only instances that carry setpoint:managed=true: stop, start, and
 #    ModifyInstanceAttribute only when the request sets the instance type (not user data,
@@ -97,14 +98,15 @@ data "aws_iam_policy_document" "engine" {
     )
   }
 
+  # What a launch creates or reads besides the instance: its network interface and volumes,
+  # and the snapshots behind an EBS-backed image. No key pair or launch template: the engine
+  # names neither, and EC2 checks only the resources a request names.
   statement {
     sid     = "Ec2LaunchSupportingResources"
     actions = ["ec2:RunInstances"]
     resources = [
       "${local.ec2_arn}:network-interface/*",
       "${local.ec2_arn}:volume/*",
-      "${local.ec2_arn}:key-pair/*",
-      "${local.ec2_arn}:launch-template/*",
       "arn:${local.partition}:ec2:${local.region}::snapshot/*",
     ]
   }
@@ -116,9 +118,10 @@ data "aws_iam_policy_document" "engine" {
   }
 
   statement {
-    sid       = "Ec2TagOnlyOnLaunch"
-    actions   = ["ec2:CreateTags"]
-    resources = ["${local.ec2_arn}:instance/*", "${local.ec2_arn}:volume/*", "${local.ec2_arn}:network-interface/*"]
+    sid     = "Ec2TagOnlyOnLaunch"
+    actions = ["ec2:CreateTags"]
+    # The launch tags only the instance (its TagSpecifications name no volume or interface).
+    resources = ["${local.ec2_arn}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "ec2:CreateAction"
