@@ -182,7 +182,7 @@ pub enum ServeError {
     /// The TLS material could not be read.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The transport failed (bad TLS material, I/O).
+    /// The transport failed (I/O).
     #[error("gRPC server error: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// Server reflection could not be built.

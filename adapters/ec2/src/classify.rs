@@ -183,8 +183,9 @@ pub fn classify_code(
         )),
         "IdempotentParameterMismatch" => AdapterError::permanent(format!(
             "{operation}: EC2 already used this unit's client token with different parameters \
-             ({aws}); the plan or spec changed after the first attempt. Cancel this unit and \
-             update the resource instead"
+             ({aws}); the plan or spec, or the engine's EC2 settings (subnet_ids, image, plan \
+             instance types), changed after the first attempt. Restore the settings and retry \
+             the unit, or cancel it and update the resource instead"
         )),
         "InstanceLimitExceeded" | "VcpuLimitExceeded" | "MaxSpotInstanceCountExceeded" => {
             AdapterError::permanent(format!(
@@ -344,7 +345,7 @@ mod tests {
             ("InvalidSubnetID.NotFound", "subnet_ids"),
             ("UnauthorizedOperation", "IAM"),
             ("AuthFailure", "credentials"),
-            ("IdempotentParameterMismatch", "Cancel this unit"),
+            ("IdempotentParameterMismatch", "subnet_ids"),
             ("VcpuLimitExceeded", "quota"),
             ("SomeNewClientError", "fix it"),
         ] {
