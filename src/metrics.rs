@@ -16,10 +16,12 @@
 //! | `api_requests_total`                     | counter   | `method`, `code`                |
 //! | `api_create_batches_total`               | counter   | `result`                        |
 //! | `api_create_batched_total`               | counter   | `result`                        |
+//! | `api_tls_certificate_expiry_seconds`     | gauge     |                                 |
 //!
 //! `result` is `ok`, `transient` or `permanent`; `action` is `retry` or `park`. The API's group
 //! commit counts batches of creates and the creates in them, by `result`: `committed` or
-//! `failed` (a failed batch's creates then run one by one). The queue gauges are refreshed from
+//! `failed` (a failed batch's creates then run one by one). With TLS, the API's server
+//! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). The queue gauges are refreshed from
 //! the database every few seconds by [`serve`]. The recording functions are cheap no-ops until
 //! a recorder is installed ([`install`]).
 
@@ -111,6 +113,11 @@ pub fn api_create_batch(result: &'static str, creates: usize) {
     metrics::counter!("setpoint_api_create_batches_total", "result" => result).increment(1);
     metrics::counter!("setpoint_api_create_batched_total", "result" => result)
         .increment(creates as u64);
+}
+
+/// The API's server certificate expires in `secs` seconds (negative: it has expired).
+pub fn api_tls_certificate_expiry(secs: f64) {
+    metrics::gauge!("setpoint_api_tls_certificate_expiry_seconds").set(secs);
 }
 
 /// Runs an adapter call, recording its latency and result class.

@@ -112,17 +112,49 @@ async fn server_tls_and_mutual_tls_from_configuration() {
     let _ = std::fs::remove_dir_all(&certs);
 }
 
+/// The gauge of the seconds left until the API's certificate expires.
+const EXPIRY_GAUGE: &str = "setpoint_api_tls_certificate_expiry_seconds";
+
 /// The `addr` field of the engine's JSON log line "gRPC API listening".
 async fn listening_addr(engine: &EngineProcess) -> String {
-    common::wait_for("the API to listen", || async {
+    logged_field(engine, "gRPC API listening", "addr").await
+}
+
+/// Field `field` of the engine's first JSON log line whose message is `message`.
+async fn logged_field(engine: &EngineProcess, message: &str, field: &str) -> String {
+    common::wait_for(&format!("the log line \"{message}\""), || async {
         engine.output().lines().find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            (v["fields"]["message"] == "gRPC API listening")
-                .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+            (v["fields"]["message"] == message)
+                .then(|| v["fields"][field].as_str().map(str::to_owned))
                 .flatten()
         })
     })
     .await
+}
+
+/// The `notAfter` of a PEM certificate file, as `openssl x509 -enddate` reads it.
+fn openssl_not_after(cert: &Path) -> chrono::DateTime<chrono::Utc> {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in"])
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let date = text.trim().strip_prefix("notAfter=").expect("notAfter=");
+    chrono::NaiveDateTime::parse_from_str(date, "%b %e %H:%M:%S %Y GMT")
+        .unwrap_or_else(|e| panic!("{date}: {e}"))
+        .and_utc()
+}
+
+/// The body of `GET path` from the HTTP server at `addr`.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }
 
 /// `setpoint serve` takes its TLS material from PEM environment variables, the way ECS hands
@@ -158,6 +190,14 @@ async fn serve_takes_tls_from_pem_environment_variables() {
     for var in [CERT_PEM_VAR, KEY_PEM_VAR, CLIENT_CA_PEM_VAR] {
         assert!(ecs.contains(var), "ecs.tf passes {var}");
     }
+    // The module's alarm and the ops alert read the gauge this test finds on /metrics.
+    for file in [
+        "terraform/modules/setpoint/monitoring.tf",
+        "ops/prometheus-alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(common::package_dir().join(file)).unwrap();
+        assert!(text.contains(EXPIRY_GAUGE), "{file} reads {EXPIRY_GAUGE}");
+    }
 
     let ca_one_line = pem("ca.pem").replace('\n', "\\n");
     let engine = EngineProcess::start(
@@ -170,9 +210,34 @@ async fn serve_takes_tls_from_pem_environment_variables() {
             // Stored on one line with escaped newlines, as some secret stores keep it.
             (CLIENT_CA_PEM_VAR, &ca_one_line),
         ],
-        &[],
+        &["--metrics-listen", "127.0.0.1:0"],
     );
     let addr = listening_addr(&engine).await;
+    // When the certificate expires: in the start-up log and, counting down, on /metrics.
+    let not_after = openssl_not_after(&certs.join("server.pem"));
+    let logged = logged_field(&engine, "gRPC API serves TLS", "certificate_expires_at").await;
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(&logged).unwrap(),
+        not_after
+    );
+    let metrics = logged_field(&engine, "metrics, /healthz and /readyz listening", "addr").await;
+    let gauge = common::wait_for("the expiry gauge", || {
+        let metrics = metrics.clone();
+        async move {
+            let body = tokio::task::spawn_blocking(move || http_get(&metrics, "/metrics"))
+                .await
+                .unwrap();
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{EXPIRY_GAUGE} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        }
+    })
+    .await;
+    let expected = (not_after - chrono::Utc::now()).num_seconds() as f64;
+    assert!(
+        gauge <= expected + 5.0 && gauge > expected - 120.0,
+        "gauge {gauge}, expected about {expected}"
+    );
     let mut c = tls_client_at(&addr, &certs, true)
         .await
         .expect("mutual TLS connects");

@@ -11,6 +11,7 @@
 //! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
 //! - [`batch`]: group commit of CreateInstance (many creates, one transaction).
 //! - [`tls`]: the server's TLS material, from files or from PEM environment variables.
+//! - [`cert_expiry`]: when the server certificate expires (log and gauge).
 //! - [`wake`]: waking the workers after commits, one NOTIFY at a time.
 //! - [`status`]: the instance life cycle (the transitions live in one SQL trigger).
 //! - [`watch`]: the LISTEN/NOTIFY feed behind `WatchInstance`.
@@ -23,6 +24,7 @@
 pub mod auth;
 pub mod batch;
 pub mod bench;
+pub mod cert_expiry;
 pub mod convert;
 pub mod errors;
 pub mod idempotency;
@@ -282,7 +284,13 @@ pub async fn start(
     let mut server = Server::builder();
     if let Some(tls) = &config.tls {
         server = tls.apply(server)?;
-        tracing::info!(tls = %tls.describe(), "gRPC API serves TLS");
+        let not_after = tls.certificate_not_after()?;
+        tracing::info!(tls = %tls.describe(),
+            certificate_expires_at = %not_after.map_or_else(|| "unknown".into(), |t| t.to_rfc3339()),
+            "gRPC API serves TLS");
+        if let Some(not_after) = not_after {
+            cert_expiry::watch(not_after, shutdown.clone());
+        }
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -240,6 +240,15 @@ impl TlsConfig {
         self.apply(tonic::transport::Server::builder()).map(drop)
     }
 
+    /// When the server certificate (the first of the chain) expires; `None` when that cannot
+    /// be read from it.
+    ///
+    /// # Errors
+    /// [`TlsError::Read`] when its file cannot be read.
+    pub fn certificate_not_after(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, TlsError> {
+        Ok(super::cert_expiry::not_after(&self.cert.load()?))
+    }
+
     /// Where the material comes from, for the start-up log (names only, never contents).
     pub fn describe(&self) -> String {
         match &self.client_ca {

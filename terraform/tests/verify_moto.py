@@ -245,8 +245,13 @@ check(any(i in (sender, sender.split("@")[-1]) for i in idents), f"SES identity 
 lg = logs.describe_log_groups(logGroupNamePrefix=f"/setpoint/{name}/")["logGroups"]
 check(len(lg) >= 2 and all(g.get("kmsKeyId") and g.get("retentionInDays") for g in lg), "log groups encrypted, with retention")
 alarms = {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]}
-for suffix in ["queue-age", "parked-units", "db-cpu", "db-free-storage", "db-connections", "engine-running-tasks"]:
+for suffix in ["queue-age", "parked-units", "db-cpu", "db-free-storage", "db-connections", "engine-running-tasks",
+               "tls-certificate-expiry"]:
     check(f"{name}-{suffix}" in alarms, f"alarm {name}-{suffix} exists")
+tls_alarm = alarms.get(f"{name}-tls-certificate-expiry", {})
+check(tls_alarm.get("MetricName") == "setpoint_api_tls_certificate_expiry_seconds" and tls_alarm.get("Threshold") == 21 * 86400
+      and tls_alarm.get("ComparisonOperator") == "LessThanThreshold",
+      "TLS alarm: the engine's certificate expiry gauge below 21 days")
 topics = [t["TopicArn"] for t in sns.list_topics()["Topics"] if t["TopicArn"].endswith(f":{name}-alarms")]
 check(len(topics) == 1 and all(a["AlarmActions"] == topics for a in alarms.values()), "every alarm notifies the alarm topic")
 lbs = elb.describe_load_balancers()["LoadBalancers"]

@@ -72,7 +72,7 @@ locals {
               source_labels    = ["job"]
               label_matcher    = "^setpoint$"
               dimensions       = [["service"]]
-              metric_selectors = ["^${var.queue_age_metric_name}$", "^${var.parked_units_metric_name}$"]
+              metric_selectors = ["^${var.queue_age_metric_name}$", "^${var.parked_units_metric_name}$", "^${local.tls_expiry_metric}$"]
             }]
           }
         }

@@ -16,6 +16,8 @@ resource "aws_sns_topic_subscription" "alarm_email" {
 
 locals {
   alarm_actions = [aws_sns_topic.alarms.arn]
+  # The engine's gauge of the seconds left until the API's certificate expires (src/metrics.rs).
+  tls_expiry_metric = "setpoint_api_tls_certificate_expiry_seconds"
 
   # Queue alarms read the engine's Prometheus gauges, published by the CloudWatch agent sidecar.
   queue_alarms = var.enable_prometheus_metrics ? {
@@ -155,4 +157,25 @@ resource "aws_cloudwatch_metric_alarm" "grpc_unhealthy_targets" {
   alarm_actions       = local.alarm_actions
   ok_actions          = local.alarm_actions
   tags                = local.tags
+}
+
+# The API's TLS certificate (grpc_tls): renewing it takes a secret update and a new deployment, so
+# warn well before clients start refusing it. Every engine serves the same certificate.
+resource "aws_cloudwatch_metric_alarm" "tls_certificate_expiry" {
+  count               = var.enable_prometheus_metrics && var.grpc_tls != null ? 1 : 0
+  alarm_name          = "${var.name}-tls-certificate-expiry"
+  alarm_description   = "The gRPC API's TLS certificate expires in less than ${var.tls_certificate_expiry_alarm_days} days: put a renewed one in the grpc_tls secrets and force a new deployment."
+  namespace           = var.metrics_namespace
+  metric_name         = local.tls_expiry_metric
+  dimensions          = { service = var.name }
+  statistic           = "Minimum"
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "LessThanThreshold"
+  threshold           = var.tls_certificate_expiry_alarm_days * 86400
+  # The queue-age alarm already reports engines that publish nothing.
+  treat_missing_data = "notBreaching"
+  alarm_actions      = local.alarm_actions
+  ok_actions         = local.alarm_actions
+  tags               = local.tags
 }

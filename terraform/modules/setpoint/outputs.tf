@@ -100,6 +100,7 @@ output "alarm_names" {
     [for a in aws_cloudwatch_metric_alarm.db : a.alarm_name],
     [aws_cloudwatch_metric_alarm.engine_running_tasks.alarm_name, aws_cloudwatch_metric_alarm.engine_memory.alarm_name],
     [for a in aws_cloudwatch_metric_alarm.grpc_unhealthy_targets : a.alarm_name],
+    [for a in aws_cloudwatch_metric_alarm.tls_certificate_expiry : a.alarm_name],
   )
 }
 

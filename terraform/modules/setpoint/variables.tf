@@ -551,6 +551,17 @@ variable "parked_units_metric_name" {
   }
 }
 
+variable "tls_certificate_expiry_alarm_days" {
+  description = "With grpc_tls: alarm when the gRPC API's certificate expires in fewer than this many days (renewal takes a secret update and a new deployment)."
+  type        = number
+  default     = 21
+
+  validation {
+    condition     = var.tls_certificate_expiry_alarm_days >= 1 && var.tls_certificate_expiry_alarm_days <= 365
+    error_message = "tls_certificate_expiry_alarm_days must be between 1 and 365."
+  }
+}
+
 variable "queue_age_alarm_seconds" {
   description = "Alarm when the oldest runnable work unit has waited longer than this many seconds (workers are not keeping up, or none are running)."
   type        = number
