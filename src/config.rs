@@ -132,6 +132,27 @@ impl WorkflowsFile {
     }
 }
 
+/// The `[api]` table of the configuration file: the gRPC API of `serve`. Flags and
+/// environment variables override each key.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// Address the API listens on (default `127.0.0.1:50051`).
+    pub listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM file) for TLS, with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM file) for TLS, with `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM file) that client certificates must chain to (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Largest request message in bytes.
+    pub max_message_bytes: Option<usize>,
+    /// Concurrent transactions committing batches of Creates; 0 commits each on its own.
+    pub create_batch_executors: Option<usize>,
+    /// Most Creates in one batch.
+    pub create_batch_max: Option<usize>,
+}
+
 /// The configuration file (`--config` / `SETPOINT_CONFIG`). Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,6 +181,9 @@ pub struct FileConfig {
     /// Workflow settings (resync, drift).
     #[serde(default)]
     pub workflows: WorkflowsFile,
+    /// The gRPC API (listen address, TLS, limits).
+    #[serde(default)]
+    pub api: ApiFile,
 }
 
 impl FileConfig {

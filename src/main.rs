@@ -118,7 +118,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let adapters =
         AdapterConfigs::select(file.ec2.take(), file.kubernetes.take(), file.smtp.take())?;
     // So is the API's TLS material: settings, files and the certificate and key themselves.
-    let mut api_config = args.api.config()?;
+    let mut api_config = args.api.config(&file.api)?;
     if let Some(tls) = &api_config.tls {
         tls.check()?;
     }
@@ -242,9 +242,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         (false, None) => None,
     };
-    let api = setpoint::api::start(pool, api_config, args.api.listen, shutdown.clone())
-        .await
-        .context("starting the gRPC API")?;
+    let api = setpoint::api::start(
+        pool,
+        api_config,
+        args.api.listen(&file.api),
+        shutdown.clone(),
+    )
+    .await
+    .context("starting the gRPC API")?;
     runtime.run(shutdown).await;
     api.wait().await?;
     if let Some(r) = resync {

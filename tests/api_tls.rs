@@ -161,9 +161,9 @@ fn http_get(addr: &str, path: &str) -> String {
 /// it Secrets Manager values (the Terraform module's `grpc_tls`): the API then speaks TLS only,
 /// the client CA makes it mutual, the log names the variables and never shows the key, and
 /// material that is given twice or does not parse stops the process with a message that names
-/// the variable.
+/// the variable. The configuration file's `[api]` table can name the files instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_takes_tls_from_pem_environment_variables() {
+async fn serve_takes_tls_from_pem_variables_or_the_config_file() {
     let certs = make_certs();
     let db = common::db().await;
     let pem = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
@@ -257,6 +257,32 @@ async fn serve_takes_tls_from_pem_environment_variables() {
         "{out}"
     );
     assert!(!out.contains(&key_line), "the key reached the log: {out}");
+    drop(c);
+    drop(engine);
+
+    // The same from the configuration file's [api] table (files named there).
+    let config = certs.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        ),
+    )
+    .unwrap();
+    let engine = EngineProcess::start(
+        &db.url,
+        "tls-file",
+        &[("SETPOINT_LOG_FORMAT", "json")],
+        &["--config", config.to_str().unwrap()],
+    );
+    let addr = listening_addr(&engine).await;
+    let mut c = tls_client_at(&addr, &certs, false)
+        .await
+        .expect("TLS from the file connects");
+    let e = c.get_instance(get()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     drop(c);
     drop(engine);
 

@@ -10,6 +10,7 @@
 //! - [`errors`]: [`ApiError`] and its mapping to gRPC statuses with `google.rpc` details.
 //! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
 //! - [`batch`]: group commit of CreateInstance (many creates, one transaction).
+//! - [`settings`]: the API's settings, from flags, environment and the `[api]` file table.
 //! - [`tls`]: the server's TLS material, from files or from PEM environment variables.
 //! - [`cert_expiry`]: when the server certificate expires (log and gauge).
 //! - [`wake`]: waking the workers after commits, one NOTIFY at a time.
@@ -30,6 +31,7 @@ pub mod errors;
 pub mod idempotency;
 pub mod instances;
 pub mod proto;
+pub mod settings;
 pub mod status;
 pub mod tls;
 pub mod validate;
@@ -38,10 +40,8 @@ pub mod watch;
 pub mod work;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -50,125 +50,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use errors::ApiError;
+pub use settings::{ApiArgs, ApiConfig, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, SettingsError};
 pub use tls::{PemSource, TlsConfig, TlsError};
 
 use proto::instance_service_server::InstanceServiceServer;
 use proto::work_service_server::WorkServiceServer;
-
-/// Default listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
-/// Default largest request message (bytes); larger ones are refused by tonic with
-/// `OUT_OF_RANGE` before any handler runs.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// API settings.
-#[derive(Debug, Clone)]
-pub struct ApiConfig {
-    /// Kind of the first unit of a Create (a later issue sets `kvx.create`).
-    pub create_kind: String,
-    /// Kind of the first unit of an Update.
-    pub update_kind: String,
-    /// Kind of the first unit of a Delete.
-    pub delete_kind: String,
-    /// Largest request message in bytes.
-    pub max_message_bytes: usize,
-    /// TLS; `None` serves plaintext.
-    pub tls: Option<TlsConfig>,
-    /// Concurrent transactions that each commit a batch of Creates (see [`batch`]); 0 runs
-    /// every Create in a transaction of its own.
-    pub create_batch_executors: usize,
-    /// Most Creates in one batch.
-    pub create_batch_max: usize,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self {
-            create_kind: "setpoint.noop".into(),
-            update_kind: "setpoint.noop".into(),
-            delete_kind: "setpoint.noop".into(),
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            tls: None,
-            create_batch_executors: batch::DEFAULT_EXECUTORS,
-            create_batch_max: batch::DEFAULT_MAX_BATCH,
-        }
-    }
-}
-
-/// The API flags of `setpoint serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ApiArgs {
-    /// Address the gRPC API listens on.
-    #[arg(long, env = "SETPOINT_LISTEN", default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
-    /// Server certificate chain (PEM file) for TLS, with its key. The document itself may
-    /// come in SETPOINT_TLS_CERT_PEM instead (an environment variable only).
-    #[arg(long, env = "SETPOINT_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Server private key (PEM file) for TLS, with the certificate. The document itself may
-    /// come in SETPOINT_TLS_KEY_PEM instead (an environment variable only: a key on a command
-    /// line is visible to every user of the machine).
-    #[arg(long, env = "SETPOINT_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA certificate (PEM file) that client certificates must chain to (mutual TLS). The
-    /// document itself may come in SETPOINT_TLS_CLIENT_CA_PEM instead.
-    #[arg(long, env = "SETPOINT_TLS_CLIENT_CA")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// Work kind of the first unit of a Create.
-    #[arg(long, env = "SETPOINT_CREATE_KIND", default_value = "setpoint.noop")]
-    pub create_kind: String,
-    /// Work kind of the first unit of an Update.
-    #[arg(long, env = "SETPOINT_UPDATE_KIND", default_value = "setpoint.noop")]
-    pub update_kind: String,
-    /// Work kind of the first unit of a Delete.
-    #[arg(long, env = "SETPOINT_DELETE_KIND", default_value = "setpoint.noop")]
-    pub delete_kind: String,
-    /// Largest request message in bytes.
-    #[arg(long, env = "SETPOINT_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
-    pub max_message_bytes: usize,
-    /// Concurrent transactions committing batches of Creates (group commit); 0 commits each
-    /// Create on its own.
-    #[arg(long, env = "SETPOINT_CREATE_BATCH_EXECUTORS", default_value_t = batch::DEFAULT_EXECUTORS)]
-    pub create_batch_executors: usize,
-    /// Most Creates committed in one batch.
-    #[arg(long, env = "SETPOINT_CREATE_BATCH_MAX", default_value_t = batch::DEFAULT_MAX_BATCH,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
-    pub create_batch_max: usize,
-}
-
-impl ApiArgs {
-    /// The configuration these flags and the process's TLS PEM variables describe.
-    ///
-    /// # Errors
-    /// When the TLS settings do not fit together (see [`TlsConfig::resolve`]).
-    pub fn config(&self) -> Result<ApiConfig, TlsError> {
-        self.config_with_env(&|k| std::env::var(k).ok())
-    }
-
-    /// [`ApiArgs::config`] with the environment read through `get`.
-    ///
-    /// # Errors
-    /// When the TLS settings do not fit together (see [`TlsConfig::resolve`]).
-    pub fn config_with_env(
-        &self,
-        get: &impl Fn(&str) -> Option<String>,
-    ) -> Result<ApiConfig, TlsError> {
-        Ok(ApiConfig {
-            create_kind: self.create_kind.clone(),
-            update_kind: self.update_kind.clone(),
-            delete_kind: self.delete_kind.clone(),
-            max_message_bytes: self.max_message_bytes,
-            create_batch_executors: self.create_batch_executors,
-            create_batch_max: self.create_batch_max,
-            tls: TlsConfig::resolve(
-                self.tls_cert.clone(),
-                self.tls_key.clone(),
-                self.tls_client_ca.clone(),
-                get,
-            )?,
-        })
-    }
-}
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]

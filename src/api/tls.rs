@@ -148,30 +148,31 @@ impl TlsConfig {
         }
     }
 
-    /// The TLS a server's settings describe: each of certificate, key and client CA from its
-    /// file flag or its PEM variable (read with `get`); `None` when none of them is given
-    /// (plaintext).
+    /// The TLS a server's settings describe; `None` when none of them is given (plaintext).
+    /// `items` holds, for the certificate, the key and the client CA in that order, the path
+    /// from the flag (or its environment variable) and the path from the configuration file.
+    /// Each item comes from its flag, else its PEM variable (read with `get`), else the file.
     ///
     /// # Errors
-    /// [`TlsError::Settings`] when one item is given both ways, a certificate comes without its
-    /// key (or the reverse), a client CA comes without a server certificate, or a PEM variable
-    /// holds no PEM.
+    /// [`TlsError::Settings`] when one item is given both by flag and by PEM variable, a
+    /// certificate comes without its key (or the reverse), a client CA comes without a server
+    /// certificate, or a PEM variable holds no PEM.
     pub fn resolve(
-        cert: Option<PathBuf>,
-        key: Option<PathBuf>,
-        client_ca: Option<PathBuf>,
+        items: [(Option<PathBuf>, Option<PathBuf>); 3],
         get: &impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>, TlsError> {
+        let [cert, key, client_ca] = items;
         let one = |flag: &str,
-                   file: Option<PathBuf>,
+                   (path, file_path): (Option<PathBuf>, Option<PathBuf>),
                    var: &'static str|
          -> Result<Option<PemSource>, TlsError> {
-            match (file, PemSource::from_env(var, get)?) {
+            match (path, PemSource::from_env(var, get)?) {
                 (Some(_), Some(_)) => Err(TlsError::Settings(format!(
                     "{flag} and {var} are both set: give each TLS item one way"
                 ))),
                 (Some(path), None) => Ok(Some(PemSource::File(path))),
-                (None, inline) => Ok(inline),
+                (None, Some(inline)) => Ok(Some(inline)),
+                (None, None) => Ok(file_path.map(PemSource::File)),
             }
         };
         let cert = one("--tls-cert (SETPOINT_TLS_CERT)", cert, CERT_PEM_VAR)?;
@@ -188,17 +189,17 @@ impl TlsConfig {
                 client_ca,
             })),
             (Some(_), None) => Err(TlsError::Settings(format!(
-                "a TLS certificate without its private key: set --tls-key (SETPOINT_TLS_KEY) \
-                 or {KEY_PEM_VAR}"
+                "a TLS certificate without its private key: set --tls-key (SETPOINT_TLS_KEY), \
+                 {KEY_PEM_VAR} or api.tls_key"
             ))),
             (None, Some(_)) => Err(TlsError::Settings(format!(
-                "a TLS private key without its certificate: set --tls-cert (SETPOINT_TLS_CERT) \
-                 or {CERT_PEM_VAR}"
+                "a TLS private key without its certificate: set --tls-cert (SETPOINT_TLS_CERT), \
+                 {CERT_PEM_VAR} or api.tls_cert"
             ))),
             (None, None) if client_ca.is_some() => Err(TlsError::Settings(format!(
                 "a client CA without a server certificate: mutual TLS needs the server's \
-                 certificate and key too (--tls-cert and --tls-key, or {CERT_PEM_VAR} and \
-                 {KEY_PEM_VAR})"
+                 certificate and key too (--tls-cert and --tls-key, {CERT_PEM_VAR} and \
+                 {KEY_PEM_VAR}, or api.tls_cert and api.tls_key)"
             ))),
             (None, None) => Ok(None),
         }
@@ -293,9 +294,11 @@ mod tests {
         vars: &[(&'static str, &str)],
     ) -> String {
         TlsConfig::resolve(
-            cert.map(PathBuf::from),
-            key.map(PathBuf::from),
-            ca.map(PathBuf::from),
+            [
+                (cert.map(PathBuf::from), None),
+                (key.map(PathBuf::from), None),
+                (ca.map(PathBuf::from), None),
+            ],
             &env(vars),
         )
         .expect_err("refused")
@@ -304,21 +307,24 @@ mod tests {
 
     #[test]
     fn nothing_given_is_plaintext() {
-        let none = TlsConfig::resolve(None, None, None, &env(&[(KEY_PEM_VAR, "  \n")]));
+        let none = TlsConfig::resolve(Default::default(), &env(&[(KEY_PEM_VAR, "  \n")]));
         assert!(none.expect("ok").is_none());
     }
 
     #[test]
     fn files_and_variables_mix_per_item() {
         let tls = TlsConfig::resolve(
-            Some("/etc/setpoint/cert.pem".into()),
-            None,
-            None,
+            [
+                (Some("/etc/setpoint/cert.pem".into()), None),
+                (None, Some("/etc/setpoint/key.pem".into())),
+                (None, None),
+            ],
             &env(&[(KEY_PEM_VAR, PEM), (CLIENT_CA_PEM_VAR, PEM)]),
         )
         .expect("ok")
         .expect("tls");
         assert!(matches!(tls.cert, PemSource::File(_)));
+        // The environment overrides the file.
         assert!(matches!(
             tls.key,
             PemSource::Inline {
@@ -329,6 +335,21 @@ mod tests {
         let shown = format!("{tls:?} {}", tls.describe());
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
         assert!(shown.contains(KEY_PEM_VAR), "{shown}");
+    }
+
+    #[test]
+    fn the_file_gives_what_flags_and_variables_do_not() {
+        let tls = TlsConfig::resolve(
+            [
+                (None, Some("cert.pem".into())),
+                (None, Some("key.pem".into())),
+                (None, None),
+            ],
+            &env(&[]),
+        )
+        .expect("ok")
+        .expect("tls");
+        assert_eq!(tls.describe(), "certificate cert.pem, key key.pem");
     }
 
     #[test]
@@ -355,9 +376,7 @@ mod tests {
     #[test]
     fn unusable_material_is_refused_at_the_check_without_showing_it() {
         let tls = TlsConfig::resolve(
-            None,
-            None,
-            None,
+            Default::default(),
             &env(&[(CERT_PEM_VAR, PEM), (KEY_PEM_VAR, PEM)]),
         )
         .expect("ok")
