@@ -42,7 +42,9 @@ pub fn watch(not_after: DateTime<Utc>, shutdown: CancellationToken) {
 /// The `notAfter` time of the first certificate in `pem` (the server's own, which comes first
 /// in a chain); `None` when there is no certificate or it cannot be read.
 pub fn not_after(pem: &[u8]) -> Option<DateTime<Utc>> {
-    let text = std::str::from_utf8(pem).ok()?;
+    // Lossy: a file with non-UTF-8 text around its blocks (openssl's "Bag Attributes") still
+    // has an ASCII certificate block.
+    let text = String::from_utf8_lossy(pem);
     let start = text.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
     let end = start + text[start..].find("-----END CERTIFICATE-----")?;
     let body: String = text[start..end]

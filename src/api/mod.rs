@@ -67,7 +67,7 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
-    /// The TLS material could not be read.
+    /// The TLS material could not be read or used.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The transport failed (I/O).
@@ -169,13 +169,18 @@ pub async fn start(
 
     let mut server = Server::builder();
     if let Some(tls) = &config.tls {
-        server = tls.apply(server)?;
-        let not_after = tls.certificate_not_after()?;
-        tracing::info!(tls = %tls.describe(),
-            certificate_expires_at = %not_after.map_or_else(|| "unknown".into(), |t| t.to_rfc3339()),
-            "gRPC API serves TLS");
-        if let Some(not_after) = not_after {
-            cert_expiry::watch(not_after, shutdown.clone());
+        let (with_tls, not_after) = tls.apply(server)?;
+        server = with_tls;
+        match not_after {
+            Some(not_after) => {
+                tracing::info!(tls = %tls.describe(), certificate_expires_at = %not_after.to_rfc3339(),
+                    "gRPC API serves TLS");
+                cert_expiry::watch(not_after, shutdown.clone());
+            }
+            None => tracing::warn!(tls = %tls.describe(),
+                "gRPC API serves TLS, but the certificate's expiry date cannot be read: \
+                 setpoint_api_tls_certificate_expiry_seconds is not reported, so watch the \
+                 expiry some other way"),
         }
     }
     let listener = tokio::net::TcpListener::bind(listen)

@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// The environment variable holding the server certificate chain (PEM).
@@ -205,31 +206,50 @@ impl TlsConfig {
         }
     }
 
-    /// The tonic server configuration (files are read now).
-    fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        let identity = Identity::from_pem(self.cert.load()?, self.key.load()?);
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(ca.load()?));
-        }
-        Ok(config)
+    /// The material, each item read once, checked to hold the kind of PEM block it must: the
+    /// commonest mistake (a certificate and a key swapped) is then named by its item.
+    fn load(&self) -> Result<Loaded, TlsError> {
+        let cert = self.cert.load()?;
+        expect_block(&self.cert, &cert, "CERTIFICATE-----", "certificate")?;
+        let key = self.key.load()?;
+        expect_block(&self.key, &key, "PRIVATE KEY-----", "private key")?;
+        let client_ca = match &self.client_ca {
+            Some(src) => {
+                let ca = src.load()?;
+                expect_block(src, &ca, "CERTIFICATE-----", "CA certificate")?;
+                Some(ca)
+            }
+            None => None,
+        };
+        Ok(Loaded {
+            cert,
+            key,
+            client_ca,
+        })
     }
 
-    /// `server` serving this TLS (files are read now, and the material parsed).
+    /// `server` serving this TLS (files are read now, once, and the material parsed), and when
+    /// the server certificate (the first of the chain) expires, if that can be read from it.
     ///
     /// # Errors
-    /// [`TlsError::Read`] for an unreadable file, [`TlsError::Unusable`] for material the TLS
-    /// library refuses.
+    /// [`TlsError::Read`] for an unreadable file, [`TlsError::Settings`] for an item without
+    /// the PEM block it needs, [`TlsError::Unusable`] for material the TLS library refuses.
     pub fn apply(
         &self,
         server: tonic::transport::Server,
-    ) -> Result<tonic::transport::Server, TlsError> {
-        server
-            .tls_config(self.server_config()?)
-            .map_err(|e| TlsError::Unusable {
-                what: self.describe(),
-                reason: error_chain(&e),
-            })
+    ) -> Result<(tonic::transport::Server, Option<DateTime<Utc>>), TlsError> {
+        let loaded = self.load()?;
+        let not_after = super::cert_expiry::not_after(&loaded.cert);
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(loaded.cert, loaded.key));
+        if let Some(ca) = loaded.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        let server = server.tls_config(config).map_err(|e| TlsError::Unusable {
+            what: self.describe(),
+            reason: error_chain(&e),
+        })?;
+        Ok((server, not_after))
     }
 
     /// Loads and parses the material as the server will, without serving: a start-up check
@@ -241,15 +261,6 @@ impl TlsConfig {
         self.apply(tonic::transport::Server::builder()).map(drop)
     }
 
-    /// When the server certificate (the first of the chain) expires; `None` when that cannot
-    /// be read from it.
-    ///
-    /// # Errors
-    /// [`TlsError::Read`] when its file cannot be read.
-    pub fn certificate_not_after(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, TlsError> {
-        Ok(super::cert_expiry::not_after(&self.cert.load()?))
-    }
-
     /// Where the material comes from, for the start-up log (names only, never contents).
     pub fn describe(&self) -> String {
         match &self.client_ca {
@@ -259,6 +270,29 @@ impl TlsConfig {
             ),
             None => format!("certificate {}, key {}", self.cert, self.key),
         }
+    }
+}
+
+/// The material of a [`TlsConfig`], read.
+struct Loaded {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+/// Refuses `pem` (read from `src`) unless it holds a `-----BEGIN …{label}` block, naming `src`
+/// and what it should hold, never the contents.
+fn expect_block(src: &PemSource, pem: &[u8], label: &str, what: &str) -> Result<(), TlsError> {
+    let text = String::from_utf8_lossy(pem);
+    let found = text
+        .lines()
+        .any(|l| l.trim().starts_with("-----BEGIN ") && l.trim().ends_with(label));
+    if found {
+        Ok(())
+    } else {
+        Err(TlsError::Settings(format!(
+            "{src} holds no {what} (no \"-----BEGIN …{label}\" line); the value is not shown"
+        )))
     }
 }
 
@@ -374,7 +408,8 @@ mod tests {
     }
 
     #[test]
-    fn unusable_material_is_refused_at_the_check_without_showing_it() {
+    fn the_wrong_kind_of_pem_is_refused_by_item_without_showing_it() {
+        // A key where the certificate belongs (a swap): the certificate's variable is named.
         let tls = TlsConfig::resolve(
             Default::default(),
             &env(&[(CERT_PEM_VAR, PEM), (KEY_PEM_VAR, PEM)]),
@@ -382,7 +417,25 @@ mod tests {
         .expect("ok")
         .expect("tls");
         let e = tls.check().expect_err("not a certificate").to_string();
-        assert!(e.contains(CERT_PEM_VAR) && e.contains("not usable"), "{e}");
+        assert!(
+            e.contains(CERT_PEM_VAR) && e.contains("holds no certificate"),
+            "{e}"
+        );
+        assert!(!e.contains(KEY_PEM_VAR), "{e}");
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+    }
+
+    #[test]
+    fn material_the_tls_library_refuses_is_unusable_without_showing_it() {
+        let cert = "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
+        let tls = TlsConfig::resolve(
+            Default::default(),
+            &env(&[(CERT_PEM_VAR, cert), (KEY_PEM_VAR, PEM)]),
+        )
+        .expect("ok")
+        .expect("tls");
+        let e = tls.check().expect_err("not usable").to_string();
+        assert!(e.contains("not usable"), "{e}");
         assert!(!e.contains("c2VjcmV0"), "{e}");
     }
 

@@ -270,22 +270,36 @@ invalid_inputs_refused() {
   grep -q 'vpc_cidr must be' <<<"$out"
   grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$out"
   grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$out"
-  grep -q 'grpc_tls must hold Secrets Manager secret ARNs' <<<"$out"
+  # Terraform wraps long messages: match this one with the lines joined.
+  local joined
+  joined="$(tr '\n' ' ' <<<"$out" | tr -s ' ')"
+  grep -q 'grpc_tls must hold full Secrets Manager secret ARNs' <<<"$joined"
 }
 
 extra_environment_cannot_replace() {
   # extra_environment may add variables; one the module sets (a plain one, and a secret) fails
-  # the plan, which names both.
+  # the plan, which names both. SETPOINT_TLS_* keys are refused by the variable's validation.
   local out rc
   set +e
   out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
-    -var 'extra_environment={SETPOINT_CONCURRENCY="32",RUST_LOG="debug",SETPOINT_TLS_KEY_PEM="x"}' 2>&1)"
+    -var 'extra_environment={SETPOINT_CONCURRENCY="32",RUST_LOG="debug",SETPOINT_SMTP_URL="x"}' 2>&1)"
   rc=$?
   set -e
   echo "$out"
   [ $rc -ne 0 ] || { echo "plan accepted an extra_environment that replaces the module's variables"; return 1; }
   # Terraform wraps the message: match its first line.
-  grep -q 'extra_environment sets RUST_LOG, SETPOINT_TLS_KEY_PEM, which the module sets' <<<"$out"
+  grep -q 'extra_environment sets RUST_LOG, SETPOINT_SMTP_URL, which the module sets' <<<"$out"
+  # TLS settings only through grpc_tls, whether it is set or not.
+  set +e
+  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
+    -var 'grpc_tls=null' -var 'extra_environment={SETPOINT_TLS_KEY_PEM="-----BEGIN PRIVATE KEY-----"}' 2>&1)"
+  rc=$?
+  set -e
+  echo "$out"
+  [ $rc -ne 0 ] || { echo "plan accepted a TLS key in extra_environment"; return 1; }
+  local joined
+  joined="$(tr '\n' ' ' <<<"$out" | tr -s ' ')"
+  grep -q 'must not start with SETPOINT_DATABASE_ or SETPOINT_TLS_' <<<"$joined"
 }
 
 plan_production_defaults() {

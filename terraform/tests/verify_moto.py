@@ -259,15 +259,8 @@ check(len(lbs) == 1 and lbs[0]["Scheme"] == "internal", "gRPC load balancer is i
 tgs = elb.describe_target_groups(LoadBalancerArn=lbs[0]["LoadBalancerArn"])["TargetGroups"] if lbs else []
 check(len(tgs) == 1 and tgs[0]["Protocol"] == "TCP" and tgs[0]["Port"] == 50051, "gRPC target group: TCP pass-through on 50051")
 hc = tgs[0] if tgs else {}
-check((hc.get("HealthCheckProtocol"), str(hc.get("HealthCheckPort")), hc.get("HealthCheckPath")) == ("HTTP", "9090", "/readyz"),
-      f"load balancer health check asks /readyz on the metrics port ({hc.get('HealthCheckProtocol')} {hc.get('HealthCheckPort')} {hc.get('HealthCheckPath')})")
-lb_sg_ids = lbs[0].get("SecurityGroups", []) if lbs else []
-readyz_in = [r for r in engine_sg.get("IpPermissions", []) if r.get("FromPort") == 9090 and r.get("ToPort") == 9090
-             and {p["GroupId"] for p in r.get("UserIdGroupPairs", [])} & set(lb_sg_ids)]
-check(len(readyz_in) == 1, "engine admits the load balancer's health checks on the metrics port")
-lb_sg = ec2.describe_security_groups(GroupIds=lb_sg_ids)["SecurityGroups"][0] if lb_sg_ids else {}
-lb_out = sorted(r.get("FromPort") for r in lb_sg.get("IpPermissionsEgress", []))
-check(lb_out == [9090, 50051], f"load balancer may reach the engine on gRPC and the metrics port only ({lb_out})")
+check(hc.get("HealthCheckProtocol") == "TCP" and str(hc.get("HealthCheckPort")) in ("traffic-port", "50051"),
+      f"load balancer health check: the gRPC port accepts connections ({hc.get('HealthCheckProtocol')} {hc.get('HealthCheckPort')})")
 
 print(f"summary: {len(checks) - len(failures)}/{len(checks)} read-back checks after apply passed")
 sys.exit(1 if failures else 0)

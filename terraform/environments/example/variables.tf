@@ -128,9 +128,9 @@ variable "grpc_tls" {
   validation {
     condition = var.grpc_tls == null ? true : alltrue([
       for arn in compact([var.grpc_tls.certificate_secret_arn, var.grpc_tls.private_key_secret_arn, var.grpc_tls.client_ca_secret_arn]) :
-      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", arn))
+      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+-[A-Za-z0-9]{6}$", arn))
     ])
-    error_message = "grpc_tls must hold Secrets Manager secret ARNs."
+    error_message = "grpc_tls must hold full Secrets Manager secret ARNs, with the 6-character suffix."
   }
 }
 

@@ -255,14 +255,12 @@ resource "aws_lb_target_group" "grpc" {
   deregistration_delay = var.engine_stop_timeout
   tags                 = local.tags
 
-  # Readiness, not just an open port: /readyz on the metrics port answers 200 only while the
-  # engine reaches its database, so the load balancer sends calls only to tasks that can answer
-  # them, and ECS replaces a task that stays unready.
+  # The API's port accepts connections. Not /readyz: ECS replaces tasks this check fails, and a
+  # database failover (one to two minutes on RDS Multi-AZ) would fail every task's readiness at
+  # once and restart them all; database trouble is the alarms' job.
   health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/readyz"
-    matcher             = "200"
+    protocol            = "TCP"
+    port                = "traffic-port"
     interval            = 10
     healthy_threshold   = 2
     unhealthy_threshold = 2

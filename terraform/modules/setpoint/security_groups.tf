@@ -84,16 +84,6 @@ resource "aws_vpc_security_group_ingress_rule" "engine_grpc_from_lb" {
   referenced_security_group_id = aws_security_group.lb[0].id
 }
 
-resource "aws_vpc_security_group_ingress_rule" "engine_readyz_from_lb" {
-  count                        = var.create_load_balancer ? 1 : 0
-  security_group_id            = aws_security_group.engine.id
-  description                  = "Health checks (/readyz on the metrics port) from the internal load balancer"
-  ip_protocol                  = "tcp"
-  from_port                    = var.metrics_port
-  to_port                      = var.metrics_port
-  referenced_security_group_id = aws_security_group.lb[0].id
-}
-
 resource "aws_vpc_security_group_ingress_rule" "engine_grpc" {
   for_each          = toset(var.grpc_allowed_cidrs)
   security_group_id = aws_security_group.engine.id
@@ -139,19 +129,9 @@ resource "aws_vpc_security_group_ingress_rule" "lb_grpc" {
 resource "aws_vpc_security_group_egress_rule" "lb_to_engine" {
   count                        = var.create_load_balancer ? 1 : 0
   security_group_id            = aws_security_group.lb[0].id
-  description                  = "gRPC to the engine tasks"
+  description                  = "gRPC and health checks to the engine tasks"
   ip_protocol                  = "tcp"
   from_port                    = var.grpc_port
   to_port                      = var.grpc_port
-  referenced_security_group_id = aws_security_group.engine.id
-}
-
-resource "aws_vpc_security_group_egress_rule" "lb_readyz_to_engine" {
-  count                        = var.create_load_balancer ? 1 : 0
-  security_group_id            = aws_security_group.lb[0].id
-  description                  = "Health checks (/readyz on the metrics port) to the engine tasks"
-  ip_protocol                  = "tcp"
-  from_port                    = var.metrics_port
-  to_port                      = var.metrics_port
   referenced_security_group_id = aws_security_group.engine.id
 }

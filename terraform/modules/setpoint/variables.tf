@@ -150,9 +150,9 @@ variable "grpc_tls" {
   validation {
     condition = var.grpc_tls == null ? true : alltrue([
       for arn in compact([var.grpc_tls.certificate_secret_arn, var.grpc_tls.private_key_secret_arn, var.grpc_tls.client_ca_secret_arn]) :
-      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", arn))
+      can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+-[A-Za-z0-9]{6}$", arn))
     ])
-    error_message = "grpc_tls must hold Secrets Manager secret ARNs (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX)."
+    error_message = "grpc_tls must hold full Secrets Manager secret ARNs, with the 6-character suffix (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-AbCdEf): the execution role's policy names them exactly."
   }
   validation {
     condition     = var.grpc_tls == null ? true : var.grpc_tls.certificate_secret_arn != var.grpc_tls.private_key_secret_arn
@@ -211,8 +211,8 @@ variable "extra_environment" {
   default     = {}
 
   validation {
-    condition     = alltrue([for k in keys(var.extra_environment) : can(regex("^[A-Z_][A-Z0-9_]*$", k)) && !startswith(k, "SETPOINT_DATABASE_")])
-    error_message = "extra_environment keys must be upper-case environment names and must not start with SETPOINT_DATABASE_."
+    condition     = alltrue([for k in keys(var.extra_environment) : can(regex("^[A-Z_][A-Z0-9_]*$", k)) && !startswith(k, "SETPOINT_DATABASE_") && !startswith(k, "SETPOINT_TLS_")])
+    error_message = "extra_environment keys must be upper-case environment names and must not start with SETPOINT_DATABASE_ or SETPOINT_TLS_ (TLS comes only through grpc_tls, so a key never sits in the task definition)."
   }
 }
 
