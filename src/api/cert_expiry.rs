@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use chrono::{DateTime, NaiveDate, Utc};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 
 /// How often the gauge is brought up to date.
@@ -42,19 +43,8 @@ pub fn watch(not_after: DateTime<Utc>, shutdown: CancellationToken) {
 /// The `notAfter` time of the first certificate in `pem` (the server's own, which comes first
 /// in a chain); `None` when there is no certificate or it cannot be read.
 pub fn not_after(pem: &[u8]) -> Option<DateTime<Utc>> {
-    // Lossy: a file with non-UTF-8 text around its blocks (openssl's "Bag Attributes") still
-    // has an ASCII certificate block.
-    let text = String::from_utf8_lossy(pem);
-    let start = text.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
-    let end = start + text[start..].find("-----END CERTIFICATE-----")?;
-    let body: String = text[start..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .ok()?;
-    der_not_after(&der)
+    let first = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    der_not_after(&first)
 }
 
 /// One DER element of `input`: its tag, its contents and what follows it.

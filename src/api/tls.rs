@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// The environment variable holding the server certificate chain (PEM).
@@ -210,13 +212,13 @@ impl TlsConfig {
     /// commonest mistake (a certificate and a key swapped) is then named by its item.
     fn load(&self) -> Result<Loaded, TlsError> {
         let cert = self.cert.load()?;
-        expect_block(&self.cert, &cert, "CERTIFICATE-----", "certificate")?;
+        expect_section(&self.cert, &cert, Section::Certificate, "certificate")?;
         let key = self.key.load()?;
-        expect_block(&self.key, &key, "PRIVATE KEY-----", "private key")?;
+        expect_section(&self.key, &key, Section::PrivateKey, "private key")?;
         let client_ca = match &self.client_ca {
             Some(src) => {
                 let ca = src.load()?;
-                expect_block(src, &ca, "CERTIFICATE-----", "CA certificate")?;
+                expect_section(src, &ca, Section::Certificate, "CA certificate")?;
                 Some(ca)
             }
             None => None,
@@ -280,18 +282,33 @@ struct Loaded {
     client_ca: Option<Vec<u8>>,
 }
 
-/// Refuses `pem` (read from `src`) unless it holds a `-----BEGIN …{label}` block, naming `src`
-/// and what it should hold, never the contents.
-fn expect_block(src: &PemSource, pem: &[u8], label: &str, what: &str) -> Result<(), TlsError> {
-    let text = String::from_utf8_lossy(pem);
-    let found = text
-        .lines()
-        .any(|l| l.trim().starts_with("-----BEGIN ") && l.trim().ends_with(label));
+/// What a TLS item must hold.
+#[derive(Debug, Clone, Copy)]
+enum Section {
+    /// A certificate (the server's chain, or a CA).
+    Certificate,
+    /// A private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+/// Refuses `pem` (read from `src`) unless it holds a readable section of `kind`, naming `src`
+/// and `what` it should hold, never the contents.
+fn expect_section(src: &PemSource, pem: &[u8], kind: Section, what: &str) -> Result<(), TlsError> {
+    let (found, label) = match kind {
+        Section::Certificate => (
+            CertificateDer::pem_slice_iter(pem)
+                .next()
+                .is_some_and(|c| c.is_ok()),
+            "CERTIFICATE",
+        ),
+        Section::PrivateKey => (PrivateKeyDer::from_pem_slice(pem).is_ok(), "… PRIVATE KEY"),
+    };
     if found {
         Ok(())
     } else {
         Err(TlsError::Settings(format!(
-            "{src} holds no {what} (no \"-----BEGIN …{label}\" line); the value is not shown"
+            "{src} holds no {what} (no readable \"-----BEGIN {label}-----\" section); the value \
+             is not shown"
         )))
     }
 }
