@@ -58,16 +58,7 @@ async fn create_then_watch_sees_every_state_until_ready() {
             InstanceStatus::Ready as i32
         ]
     );
-    let got = c
-        .get_instance(authed(
-            &env.acme,
-            GetInstanceRequest {
-                name: created.name.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_ok(&mut c, &env.acme, &created.name).await;
     assert_eq!(got.status, InstanceStatus::Ready as i32);
     // Another tenant does not see it.
     let err = c
@@ -572,16 +563,7 @@ async fn tenants_see_and_change_only_their_own_instances() {
     let mut r = create_req("web-1", "g3");
     r.parent = "tenants/acme".into();
     nf(c.create_instance(authed(g, r)).await.map(|_| ()));
-    let got = c
-        .get_instance(authed(
-            &env.acme,
-            GetInstanceRequest {
-                name: "tenants/-/instances/web-1".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_ok(&mut c, &env.acme, "tenants/-/instances/web-1").await;
     assert_eq!(got.uid, a.uid);
     assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
     env.stop().await;
@@ -993,16 +975,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
             .all(|s| *s == InstanceStatus::Creating as i32 || *s == InstanceStatus::Failed as i32),
         "{seen:?}"
     );
-    let got = c
-        .get_instance(authed(
-            &env.acme,
-            GetInstanceRequest {
-                name: a.name.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_ok(&mut c, &env.acme, &a.name).await;
     assert!(!got.last_error.is_empty());
     // A parked unit blocks changes too, naming the unit.
     let e = c
@@ -1057,16 +1030,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
         ("setpoint.probe", a.uid.as_str())
     );
     assert!(cancelled.attempt >= 1 && !cancelled.last_error.is_empty());
-    let got = c
-        .get_instance(authed(
-            &env.acme,
-            GetInstanceRequest {
-                name: a.name.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_ok(&mut c, &env.acme, &a.name).await;
     assert_eq!(got.status, InstanceStatus::Failed as i32);
     let observed = setpoint::api::convert::struct_to_json(&got.observed.unwrap_or_default());
     let ready = observed["conditions"]
@@ -1173,11 +1137,7 @@ async fn update_delete_and_paged_list_through_the_life_cycle() {
         "fields outside the mask are kept"
     );
     follow_until(&env, &name, InstanceStatus::Ready).await;
-    let ready = c
-        .get_instance(authed(&env.acme, GetInstanceRequest { name: name.clone() }))
-        .await
-        .unwrap()
-        .into_inner();
+    let ready = get_ok(&mut c, &env.acme, &name).await;
     assert_eq!(ready.observed_generation, 2);
     // Filter by status.
     let ready_list = c

@@ -11,7 +11,7 @@ use std::time::Duration;
 use setpoint::api::auth::create_token;
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
 use setpoint::api::proto::work_service_client::WorkServiceClient;
-use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
+use setpoint::api::proto::{CreateInstanceRequest, GetInstanceRequest, Instance, InstanceSpec};
 use setpoint::api::{ApiConfig, RunningApi};
 use setpoint::dev::testdb::{TestDb, test_db};
 use setpoint::worker::builtin::{Noop, Probe};
@@ -141,6 +141,19 @@ impl Env {
             api.wait().await.unwrap();
         }
     }
+}
+
+/// Instance `name` as `token`'s tenant sees it; the call must succeed.
+pub async fn get_ok(c: &mut InstanceServiceClient<Channel>, token: &str, name: &str) -> Instance {
+    c.get_instance(authed(
+        token,
+        GetInstanceRequest {
+            name: name.to_owned(),
+        },
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("get {name}: {e:?}"))
+    .into_inner()
 }
 
 /// `msg` with `authorization: Bearer token`.
