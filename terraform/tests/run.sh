@@ -254,52 +254,45 @@ VARS=(-var "environment=moto" -var "region=eu-west-1" -var "ec2_image_id=ami-12c
   -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN"
   -var "$GRPC_TLS_VAR")
 
-invalid_inputs_refused() {
-  local out rc
+# refused_plan WHY ARGS...: plans the example with VARS and ARGS, prints the output, and fails
+# (saying WHY) unless the plan is refused. The output, with Terraform's wrapped lines joined, is
+# left in REFUSED (long messages wrap anywhere).
+REFUSED=""
+refused_plan() {
+  local why="$1" out rc
+  shift
   set +e
-  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" \
-    "${VARS[@]}" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' -var 'vpc_cidr=10.0.0.0/8' \
-    -var 'kubernetes_api_endpoint=http://k8s.example' -var 'kubernetes_token_secret_arn=my-token' \
-    -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}' 2>&1)"
+  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" "$@" 2>&1)"
   rc=$?
   set -e
   echo "$out"
-  [ $rc -ne 0 ] || { echo "plan accepted invalid inputs"; return 1; }
-  grep -q 'engine_image must name a tag' <<<"$out"
-  grep -q 'environment must be' <<<"$out"
-  grep -q 'vpc_cidr must be' <<<"$out"
-  grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$out"
-  grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$out"
-  # Terraform wraps long messages: match this one with the lines joined.
-  local joined
-  joined="$(tr '\n' ' ' <<<"$out" | tr -s ' ')"
-  grep -q 'grpc_tls must hold full Secrets Manager secret ARNs' <<<"$joined"
+  [ $rc -ne 0 ] || { echo "plan accepted $why"; return 1; }
+  REFUSED="$(tr '\n' ' ' <<<"$out" | tr -s ' ')"
+}
+
+invalid_inputs_refused() {
+  refused_plan "invalid inputs" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' \
+    -var 'vpc_cidr=10.0.0.0/8' -var 'kubernetes_api_endpoint=http://k8s.example' \
+    -var 'kubernetes_token_secret_arn=my-token' \
+    -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}'
+  grep -q 'engine_image must name a tag' <<<"$REFUSED"
+  grep -q 'environment must be' <<<"$REFUSED"
+  grep -q 'vpc_cidr must be' <<<"$REFUSED"
+  grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$REFUSED"
+  grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$REFUSED"
+  grep -q 'grpc_tls must hold full Secrets Manager secret ARNs' <<<"$REFUSED"
 }
 
 extra_environment_cannot_replace() {
   # extra_environment may add variables; one the module sets (a plain one, and a secret) fails
   # the plan, which names both. SETPOINT_TLS_* keys are refused by the variable's validation.
-  local out rc
-  set +e
-  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
-    -var 'extra_environment={SETPOINT_CONCURRENCY="32",RUST_LOG="debug",SETPOINT_SMTP_URL="x"}' 2>&1)"
-  rc=$?
-  set -e
-  echo "$out"
-  [ $rc -ne 0 ] || { echo "plan accepted an extra_environment that replaces the module's variables"; return 1; }
-  # Terraform wraps the message: match its first line.
-  grep -q 'extra_environment sets RUST_LOG, SETPOINT_SMTP_URL, which the module sets' <<<"$out"
+  refused_plan "an extra_environment that replaces the module's variables" \
+    -var 'extra_environment={SETPOINT_CONCURRENCY="32",RUST_LOG="debug",SETPOINT_SMTP_URL="x"}'
+  grep -q 'extra_environment sets RUST_LOG, SETPOINT_SMTP_URL, which the module sets itself' <<<"$REFUSED"
   # TLS settings only through grpc_tls, whether it is set or not.
-  set +e
-  out="$(tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
-    -var 'grpc_tls=null' -var 'extra_environment={SETPOINT_TLS_KEY_PEM="-----BEGIN PRIVATE KEY-----"}' 2>&1)"
-  rc=$?
-  set -e
-  echo "$out"
-  [ $rc -ne 0 ] || { echo "plan accepted a TLS key in extra_environment"; return 1; }
-  local joined
-  joined="$(tr '\n' ' ' <<<"$out" | tr -s ' ')"
-  grep -q 'must not start with SETPOINT_DATABASE_ or SETPOINT_TLS_' <<<"$joined"
+  refused_plan "a TLS key in extra_environment" \
+    -var 'grpc_tls=null' -var 'extra_environment={SETPOINT_TLS_KEY_PEM="-----BEGIN PRIVATE KEY-----"}'
+  grep -q 'must not start with SETPOINT_DATABASE_ or SETPOINT_TLS_' <<<"$REFUSED"
 }
 
 plan_production_defaults() {
