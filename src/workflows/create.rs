@@ -50,7 +50,8 @@ pub(super) async fn ensure_machine(
         &ctx.token,
         "compute",
         "ensure_instance",
-        wf.compute.ensure_instance(&ctx.token, &request, deadline),
+        wf.compute
+            .ensure_instance(&ctx.token, &request, deadline, &ctx.fence),
     )
     .await?;
     if seen.state != InstanceState::Running || seen.private_ip.is_none() {
@@ -129,7 +130,7 @@ pub(super) async fn apply_cluster(
         &ctx.token,
         "cluster",
         "apply_instance",
-        wf.cluster.apply_instance(&ctx.token, &spec),
+        wf.cluster.apply_instance(&ctx.token, &spec, &ctx.fence),
     )
     .await?;
     if seen.ready_replicas < seen.desired_replicas {
@@ -218,7 +219,8 @@ pub(super) async fn notify_ready(
         &ctx.token,
         "mail",
         "send",
-        wf.mailer.send(&ctx.token, &request, ctx.journal.as_ref()),
+        wf.mailer
+            .send(&ctx.token, &request, ctx.journal.as_ref(), &ctx.fence),
     )
     .await?;
     chain.set(

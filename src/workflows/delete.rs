@@ -22,7 +22,7 @@ pub(super) async fn delete_cluster(
         "cluster",
         "delete_instance",
         wf.cluster
-            .delete_instance(&ctx.token, chain.instance_id, &chain.tenant),
+            .delete_instance(&ctx.token, chain.instance_id, &chain.tenant, &ctx.fence),
     )
     .await?;
     chain.set(
@@ -66,7 +66,8 @@ pub(super) async fn terminate_machine(
         &ctx.token,
         "compute",
         "terminate_instance",
-        wf.compute.terminate_instance(&ctx.token, &request),
+        wf.compute
+            .terminate_instance(&ctx.token, &request, &ctx.fence),
     )
     .await?;
     chain.set(
@@ -103,7 +104,8 @@ pub(super) async fn notify_deleted(
         &ctx.token,
         "mail",
         "send",
-        wf.mailer.send(&ctx.token, &request, ctx.journal.as_ref()),
+        wf.mailer
+            .send(&ctx.token, &request, ctx.journal.as_ref(), &ctx.fence),
     )
     .await?;
     chain.set(

@@ -59,7 +59,7 @@ pub(super) async fn resize_machine(
         "compute",
         "resize_instance",
         wf.compute
-            .resize_instance(&launch_token, &request, deadline),
+            .resize_instance(&launch_token, &request, deadline, &ctx.fence),
     )
     .await
     {

@@ -24,7 +24,7 @@ use aws_sdk_ec2::types::{
 };
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, Compute, ErrorClass, IdempotencyToken,
+    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, Compute, ErrorClass, Fence, IdempotencyToken,
     InstanceObservation, InstanceRequest, InstanceState, ResizeRequest, TerminateOutcome,
     TerminateRequest,
 };
@@ -234,6 +234,7 @@ impl Ec2Compute {
         token: &IdempotencyToken,
         req: &InstanceRequest,
         launch: &LaunchParams,
+        fence: &Fence,
     ) -> Result<InstanceObservation, AdapterError> {
         let name = req
             .name
@@ -269,6 +270,7 @@ impl Ec2Compute {
             "launching instance (RunInstances)"
         );
         failpoint::hit(FAILPOINT_BEFORE_RUN);
+        fence.check()?;
         let out = call.send().await.map_err(|e| {
             let e = classify("RunInstances", &e);
             warn!(error = %e, "RunInstances failed");
@@ -295,6 +297,7 @@ impl Ec2Compute {
         token: &IdempotencyToken,
         req: &InstanceRequest,
         deadline: Instant,
+        fence: &Fence,
     ) -> Result<InstanceObservation, AdapterError> {
         // Observe before act: an earlier attempt may have launched the instance already.
         let obs = match self.observe_by_token(token).await? {
@@ -309,7 +312,7 @@ impl Ec2Compute {
             None => {
                 // Resolve parameters only now: a bad plan must not hide an existing instance.
                 let launch = self.launch_params(token, req)?;
-                self.run_instance(token, req, &launch).await?
+                self.run_instance(token, req, &launch, fence).await?
             }
         };
         if !self.config.wait_for_running {
@@ -331,6 +334,7 @@ impl Ec2Compute {
         token: &IdempotencyToken,
         req: &ResizeRequest,
         deadline: Instant,
+        fence: &Fence,
     ) -> Result<InstanceObservation, AdapterError> {
         let wanted = self.instance_type_for(&req.plan, req.instance_type.as_deref());
         // Observe first: by the token tag, so only the machine this token launched is touched.
@@ -371,6 +375,7 @@ impl Ec2Compute {
                         to = %wanted,
                         "stopping the instance to change its type (StopInstances)"
                     );
+                    fence.check()?;
                     let out = self
                         .client
                         .stop_instances()
@@ -382,6 +387,7 @@ impl Ec2Compute {
                 }
                 ResizeStep::Modify => {
                     info!(instance_id = %id, to = %wanted, "changing the instance type (ModifyInstanceAttribute)");
+                    fence.check()?;
                     self.client
                         .modify_instance_attribute()
                         .instance_id(&id)
@@ -395,6 +401,7 @@ impl Ec2Compute {
                 }
                 ResizeStep::Start => {
                     info!(instance_id = %id, instance_type = %wanted, "starting the instance (StartInstances)");
+                    fence.check()?;
                     let out = self
                         .client
                         .start_instances()
@@ -432,7 +439,11 @@ impl Ec2Compute {
         }
     }
 
-    async fn terminate(&self, req: &TerminateRequest) -> Result<TerminateOutcome, AdapterError> {
+    async fn terminate(
+        &self,
+        req: &TerminateRequest,
+        fence: &Fence,
+    ) -> Result<TerminateOutcome, AdapterError> {
         if req.is_empty() {
             return Err(AdapterError::permanent(
                 "terminate names no instance: give instance_id, resource_id or launch_token",
@@ -480,11 +491,13 @@ impl Ec2Compute {
 
         let ids: Vec<String> = targets.into_iter().collect();
         info!(instance_ids = ?ids, "terminating (TerminateInstances)");
+        fence.check()?;
         match self.terminate_ids(&ids).await {
             Ok(()) => outcome.terminated.extend(ids),
             // One unknown id fails the whole call; fall back to one call per id.
             Err(e) if is_not_found(&e) && ids.len() > 1 => {
                 for id in ids {
+                    fence.check()?;
                     match self.terminate_ids(std::slice::from_ref(&id)).await {
                         Ok(()) => outcome.terminated.push(id),
                         Err(e) if is_not_found(&e) => outcome.already_gone.push(id),
@@ -515,6 +528,7 @@ impl Compute for Ec2Compute {
         token: &'a IdempotencyToken,
         request: &'a InstanceRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         let span = info_span!(
             "ec2.ensure_instance",
@@ -523,7 +537,10 @@ impl Compute for Ec2Compute {
             tenant = %request.tenant,
             plan = %request.plan,
         );
-        Box::pin(self.ensure(token, request, deadline).instrument(span))
+        Box::pin(
+            self.ensure(token, request, deadline, fence)
+                .instrument(span),
+        )
     }
 
     fn describe_instance<'a>(
@@ -539,6 +556,7 @@ impl Compute for Ec2Compute {
         token: &'a IdempotencyToken,
         request: &'a ResizeRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         let span = info_span!(
             "ec2.resize_instance",
@@ -546,13 +564,17 @@ impl Compute for Ec2Compute {
             resource_id = %request.resource_id,
             plan = %request.plan,
         );
-        Box::pin(self.resize(token, request, deadline).instrument(span))
+        Box::pin(
+            self.resize(token, request, deadline, fence)
+                .instrument(span),
+        )
     }
 
     fn terminate_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
         request: &'a TerminateRequest,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
         let span = info_span!(
             "ec2.terminate_instance",
@@ -560,7 +582,7 @@ impl Compute for Ec2Compute {
             instance_id = request.instance_id.as_deref().unwrap_or(""),
             resource_id = request.resource_id.map(|r| r.to_string()).unwrap_or_default(),
         );
-        Box::pin(self.terminate(request).instrument(span))
+        Box::pin(self.terminate(request, fence).instrument(span))
     }
 }
 

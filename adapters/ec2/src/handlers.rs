@@ -123,7 +123,7 @@ impl<C: Compute> TypedHandler for EnsureInstance<C> {
         ctx.record_call(format!("ec2:ensure-instance token={}", ctx.token));
         let obs = self
             .compute
-            .ensure_instance(&ctx.token, &request, ctx.deadline)
+            .ensure_instance(&ctx.token, &request, ctx.deadline, &ctx.fence)
             .await?;
         if self.require_running && obs.state == InstanceState::Pending {
             return Err(AdapterError::transient(format!(
@@ -176,7 +176,7 @@ impl<C: Compute> TypedHandler for TerminateInstance<C> {
         ctx.record_call(format!("ec2:terminate-instance token={}", ctx.token));
         let outcome = self
             .compute
-            .terminate_instance(&ctx.token, &request)
+            .terminate_instance(&ctx.token, &request, &ctx.fence)
             .await?;
         let ids: Vec<&String> = outcome
             .terminated

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use setpoint_adapter::Fence;
 use setpoint_adapter::{Compute, IdempotencyToken};
 use setpoint_ec2::Ec2Compute;
 
@@ -24,7 +25,7 @@ fn the_default_chain_reads_credentials_from_the_environment() {
         let ec2 = Ec2Compute::connect(config(&moto.url())).await.unwrap();
         let token = IdempotencyToken::generate();
         let obs = ec2
-            .ensure_instance(&token, &request("acme"), deadline())
+            .ensure_instance(&token, &request("acme"), deadline(), &Fence::unbounded())
             .await
             .unwrap();
         assert_eq!(tagged(ec2.client(), &token).await.len(), 1);

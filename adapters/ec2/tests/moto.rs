@@ -6,6 +6,7 @@
 
 mod common;
 
+use setpoint_adapter::Fence;
 use std::sync::{Arc, OnceLock};
 
 use common::*;
@@ -41,12 +42,18 @@ async fn ensure_launches_one_tagged_instance_and_a_rerun_adopts_it() {
     let token = IdempotencyToken::generate();
     let req = request("acme");
 
-    let first = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let first = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(!first.adopted);
     assert_eq!(first.state, InstanceState::Running);
     assert!(first.private_ip.is_some() && first.availability_zone.is_some());
 
-    let second = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let second = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(second.adopted);
     assert_eq!(second.instance_id, first.instance_id);
     assert_eq!(
@@ -117,7 +124,10 @@ async fn a_crash_right_after_run_instances_is_adopted_not_duplicated() {
         .unwrap();
     let crashed_id = launched.instances()[0].instance_id().unwrap().to_owned();
 
-    let retry = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let retry = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(retry.adopted);
     assert_eq!(retry.instance_id, crashed_id);
     assert_eq!(tagged(ec2.client(), &token).await.len(), 1);
@@ -128,7 +138,7 @@ async fn terminate_twice_succeeds_twice_and_terminates_once() {
     let ec2 = compute(config(&moto().url())).await;
     let token = IdempotencyToken::generate();
     let obs = ec2
-        .ensure_instance(&token, &request("acme"), deadline())
+        .ensure_instance(&token, &request("acme"), deadline(), &Fence::unbounded())
         .await
         .unwrap();
     let by_id = TerminateRequest {
@@ -137,11 +147,17 @@ async fn terminate_twice_succeeds_twice_and_terminates_once() {
     };
     let del = IdempotencyToken::generate();
 
-    let first = ec2.terminate_instance(&del, &by_id).await.unwrap();
+    let first = ec2
+        .terminate_instance(&del, &by_id, &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(first.terminated, vec![obs.instance_id.clone()]);
     assert!(first.already_gone.is_empty());
 
-    let second = ec2.terminate_instance(&del, &by_id).await.unwrap();
+    let second = ec2
+        .terminate_instance(&del, &by_id, &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(second.terminated.is_empty());
     assert_eq!(second.already_gone, vec![obs.instance_id.clone()]);
 
@@ -157,7 +173,10 @@ async fn terminate_twice_succeeds_twice_and_terminates_once() {
         instance_id: Some("i-0123456789abcdef0".into()),
         ..TerminateRequest::default()
     };
-    let out = ec2.terminate_instance(&del, &unknown).await.unwrap();
+    let out = ec2
+        .terminate_instance(&del, &unknown, &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(out.already_gone, vec!["i-0123456789abcdef0".to_owned()]);
 }
 
@@ -168,31 +187,43 @@ async fn terminate_without_an_id_finds_by_launch_token_or_resource() {
 
     let token = IdempotencyToken::generate();
     let obs = ec2
-        .ensure_instance(&token, &request("acme"), deadline())
+        .ensure_instance(&token, &request("acme"), deadline(), &Fence::unbounded())
         .await
         .unwrap();
     let by_token = TerminateRequest {
         launch_token: Some(token.clone()),
         ..TerminateRequest::default()
     };
-    let out = ec2.terminate_instance(&del, &by_token).await.unwrap();
+    let out = ec2
+        .terminate_instance(&del, &by_token, &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(out.terminated, vec![obs.instance_id.clone()]);
-    let again = ec2.terminate_instance(&del, &by_token).await.unwrap();
+    let again = ec2
+        .terminate_instance(&del, &by_token, &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(again.terminated.is_empty() && again.already_gone.is_empty());
     assert_eq!(tagged(ec2.client(), &token).await[0].1, "terminated");
 
     let token = IdempotencyToken::generate();
     let req = request("acme");
-    let obs = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let obs = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     let by_resource = TerminateRequest {
         resource_id: Some(req.resource_id),
         ..TerminateRequest::default()
     };
-    let out = ec2.terminate_instance(&del, &by_resource).await.unwrap();
+    let out = ec2
+        .terminate_instance(&del, &by_resource, &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(out.terminated, vec![obs.instance_id]);
 
     let e = ec2
-        .terminate_instance(&del, &TerminateRequest::default())
+        .terminate_instance(&del, &TerminateRequest::default(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
@@ -216,7 +247,7 @@ async fn terminate_refuses_an_instance_setpoint_did_not_launch() {
         ..TerminateRequest::default()
     };
     let e = ec2
-        .terminate_instance(&IdempotencyToken::generate(), &req)
+        .terminate_instance(&IdempotencyToken::generate(), &req, &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
@@ -239,7 +270,7 @@ async fn a_token_always_launches_in_its_own_subnet() {
     let token = IdempotencyToken::generate();
     let expected = cfg.subnet_for(token.as_str(), None);
     let obs = ec2
-        .ensure_instance(&token, &request("acme"), deadline())
+        .ensure_instance(&token, &request("acme"), deadline(), &Fence::unbounded())
         .await
         .unwrap();
     assert_eq!(obs.subnet_id, expected);
@@ -295,7 +326,7 @@ async fn a_bad_ami_is_permanent_with_an_actionable_message() {
     let mut req = request("acme");
     req.image_id = Some("ami-00000000deadbeef".into());
     let e = ec2
-        .ensure_instance(&token, &req, deadline())
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent, "{e}");
@@ -314,7 +345,7 @@ async fn a_bad_instance_type_is_permanent() {
     req.image_id = Some(ami.clone());
     req.instance_type = Some("t9.enormous".into());
     let e = ec2
-        .ensure_instance(&token, &req, deadline())
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent, "{e}");
@@ -329,14 +360,21 @@ async fn a_bad_instance_type_is_permanent() {
 
     // The same server launches a valid request: the failure was the type, not the setup.
     req.instance_type = Some("t3.small".into());
-    ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    ec2.ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn an_unreachable_endpoint_is_transient() {
     let ec2 = compute(config(&format!("http://127.0.0.1:{}", free_port()))).await;
     let e = ec2
-        .ensure_instance(&IdempotencyToken::generate(), &request("acme"), deadline())
+        .ensure_instance(
+            &IdempotencyToken::generate(),
+            &request("acme"),
+            deadline(),
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
@@ -354,7 +392,12 @@ async fn a_peer_that_never_answers_times_out_transiently() {
     cfg.timeouts.operation_ms = 600;
     let ec2 = compute(cfg).await;
     let e = ec2
-        .ensure_instance(&IdempotencyToken::generate(), &request("acme"), deadline())
+        .ensure_instance(
+            &IdempotencyToken::generate(),
+            &request("acme"),
+            deadline(),
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
@@ -371,7 +414,12 @@ async fn real_throttling_and_server_error_responses_are_transient() {
         </Errors><RequestID>r-2</RequestID></Response>";
     let ec2 = compute(config(&fake_endpoint(503, THROTTLED))).await;
     let e = ec2
-        .ensure_instance(&IdempotencyToken::generate(), &request("acme"), deadline())
+        .ensure_instance(
+            &IdempotencyToken::generate(),
+            &request("acme"),
+            deadline(),
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
@@ -380,7 +428,12 @@ async fn real_throttling_and_server_error_responses_are_transient() {
 
     let ec2 = compute(config(&fake_endpoint(500, UNAVAILABLE))).await;
     let e = ec2
-        .ensure_instance(&IdempotencyToken::generate(), &request("acme"), deadline())
+        .ensure_instance(
+            &IdempotencyToken::generate(),
+            &request("acme"),
+            deadline(),
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
@@ -394,14 +447,20 @@ async fn ensure_fails_transiently_while_the_peer_is_down_then_succeeds_once() {
     let req = request("acme");
 
     let e = ec2
-        .ensure_instance(&token, &req, deadline())
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
 
     let _peer = Moto::start_on(port, &[]);
-    let obs = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
-    let again = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let obs = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    let again = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(obs.instance_id, again.instance_id);
     assert_eq!(tagged(ec2.client(), &token).await.len(), 1);
 }

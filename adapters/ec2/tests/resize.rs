@@ -10,6 +10,7 @@
 
 mod common;
 
+use setpoint_adapter::Fence;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -46,7 +47,10 @@ async fn ec2() -> Ec2Compute {
 async fn launch(ec2: &Ec2Compute) -> (IdempotencyToken, ResizeRequest, InstanceObservation) {
     let token = IdempotencyToken::generate();
     let req = request("acme");
-    let obs = ec2.ensure_instance(&token, &req, deadline()).await.unwrap();
+    let obs = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(obs.instance_type.as_deref(), Some("t3.small"));
     let resize = ResizeRequest {
         resource_id: req.resource_id,
@@ -77,7 +81,7 @@ async fn refused(
     token: &IdempotencyToken,
     req: &ResizeRequest,
 ) -> setpoint_adapter::AdapterError {
-    ec2.resize_instance(token, req, deadline())
+    ec2.resize_instance(token, req, deadline(), &Fence::unbounded())
         .await
         .expect_err("the resize is refused")
 }
@@ -91,7 +95,10 @@ async fn a_plan_change_stops_retypes_and_starts_the_same_machine_once() {
     let ec2 = ec2().await;
     let (token, req, launched) = launch(&ec2).await;
 
-    let got = ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    let got = ec2
+        .resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(got.instance_id, launched.instance_id);
     assert_eq!(got.state, InstanceState::Running);
     assert_eq!(got.instance_type.as_deref(), Some("t3.medium"));
@@ -114,7 +121,7 @@ async fn a_plan_change_stops_retypes_and_starts_the_same_machine_once() {
     // answers `running`, which it could not if it had sent StopInstances (that answers
     // `stopping`).
     let again = ec2
-        .resize_instance(&token, &req, Instant::now())
+        .resize_instance(&token, &req, Instant::now(), &Fence::unbounded())
         .await
         .unwrap();
     assert_eq!(again.state, InstanceState::Running);
@@ -127,7 +134,7 @@ async fn a_plan_change_stops_retypes_and_starts_the_same_machine_once() {
         ..req.clone()
     };
     let got = ec2
-        .resize_instance(&token, &explicit, deadline())
+        .resize_instance(&token, &explicit, deadline(), &Fence::unbounded())
         .await
         .unwrap();
     assert_eq!(got.instance_type.as_deref(), Some("t3.large"));
@@ -157,7 +164,10 @@ async fn a_retry_converges_from_every_state_a_crash_leaves() {
     let (token, req, obs) = launch(&ec2).await;
     stop(obs.instance_id.clone()).await;
     assert_eq!(seen(&client, &obs.instance_id).await.0, "stopped");
-    let got = ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    let got = ec2
+        .resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(
         (got.state, got.instance_type.as_deref()),
         (InstanceState::Running, Some("t3.medium"))
@@ -174,7 +184,10 @@ async fn a_retry_converges_from_every_state_a_crash_leaves() {
         .send()
         .await
         .unwrap();
-    let got = ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    let got = ec2
+        .resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(got.state, InstanceState::Running);
     assert_eq!(seen(&client, &obs.instance_id).await, running("t3.medium"));
 
@@ -182,7 +195,10 @@ async fn a_retry_converges_from_every_state_a_crash_leaves() {
     let (token, mut req, obs) = launch(&ec2).await;
     req.plan = "kvx.small".into();
     stop(obs.instance_id.clone()).await;
-    let got = ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    let got = ec2
+        .resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(got.state, InstanceState::Running);
     assert_eq!(seen(&client, &obs.instance_id).await, running("t3.small"));
     assert_eq!(tagged(&client, &token).await.len(), 1);
@@ -195,19 +211,22 @@ async fn a_deadline_that_runs_out_returns_the_state_reached_and_the_retry_finish
 
     // No time at all: one step (StopInstances), then it reports where the machine is.
     let first = ec2
-        .resize_instance(&token, &req, Instant::now())
+        .resize_instance(&token, &req, Instant::now(), &Fence::unbounded())
         .await
         .unwrap();
     assert_eq!(first.state, InstanceState::Stopping, "{first:?}");
     assert_eq!(first.instance_type.as_deref(), Some("t3.small"));
 
     let second = ec2
-        .resize_instance(&token, &req, Instant::now())
+        .resize_instance(&token, &req, Instant::now(), &Fence::unbounded())
         .await
         .unwrap();
     assert_ne!(second.state, InstanceState::Running, "{second:?}");
 
-    let done = ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    let done = ec2
+        .resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(done.state, InstanceState::Running);
     assert_eq!(done.instance_type.as_deref(), Some("t3.medium"));
     assert_eq!(
@@ -223,7 +242,9 @@ async fn only_the_tokens_managed_machine_is_touched_and_a_missing_one_is_permane
     let (token, req, obs) = launch(&ec2).await;
     let (_other_token, _, other) = launch(&ec2).await;
 
-    ec2.resize_instance(&token, &req, deadline()).await.unwrap();
+    ec2.resize_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(
         seen(ec2.client(), &obs.instance_id).await,
         running("t3.medium")

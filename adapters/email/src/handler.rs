@@ -36,7 +36,7 @@ impl TypedHandler for SendEmail {
     async fn run(&self, ctx: &WorkContext, spec: MailRequest) -> Result<Outcome, AdapterError> {
         ctx.record_call(format!("smtp:send {}", spec.template.name()));
         self.mailer
-            .send(&ctx.token, &spec, ctx.journal.as_ref())
+            .send(&ctx.token, &spec, ctx.journal.as_ref(), &ctx.fence)
             .await?;
         Ok(Outcome::done())
     }

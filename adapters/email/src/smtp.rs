@@ -18,7 +18,7 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use lettre::transport::smtp::response::Response;
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Delivery, IdempotencyToken, Journal, MailRequest, Mailer,
+    AdapterError, BoxFuture, Delivery, Fence, IdempotencyToken, Journal, MailRequest, Mailer,
 };
 use tokio::time::timeout;
 use tracing::{info, warn};
@@ -197,7 +197,12 @@ impl SmtpMailer {
     }
 
     /// One SMTP transaction on a fresh connection: MAIL FROM, RCPT TO, DATA, the message.
-    async fn transmit(&self, envelope: &Envelope, email: &[u8]) -> Result<Response, Failure> {
+    async fn transmit(
+        &self,
+        envelope: &Envelope,
+        email: &[u8],
+        fence: &Fence,
+    ) -> Result<Response, Failure> {
         let mut conn = self.connect().await.map_err(Failure::NotSent)?;
         let command_timeout = self.config.command_timeout();
         let timed_out = |step: &str| {
@@ -251,6 +256,10 @@ impl SmtpMailer {
                 Ok(Ok(_)) => {}
             }
         }
+        // The last moment this attempt can still step back without having sent anything.
+        if let Err(lost) = fence.check() {
+            return Err(self.refused(conn, lost).await);
+        }
         match timeout(command_timeout, conn.command(Data)).await {
             Err(_) => return Err(timed_out("DATA")),
             Ok(Err(e)) => return Err(self.refused(conn, classify(&e, "DATA")).await),
@@ -290,6 +299,7 @@ impl Mailer for SmtpMailer {
         token: &'a IdempotencyToken,
         request: &'a MailRequest,
         journal: &'a dyn Journal,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Delivery, AdapterError>> {
         Box::pin(async move {
             let template = request.template.name();
@@ -326,7 +336,7 @@ impl Mailer for SmtpMailer {
             };
 
             // 3. The SMTP transaction.
-            match self.transmit(&envelope, &email).await {
+            match self.transmit(&envelope, &email, fence).await {
                 Ok(response) => {
                     let smtp_response = response_text(&response);
                     failpoint::hit(FAILPOINT_AFTER_SEND);

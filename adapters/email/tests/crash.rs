@@ -4,6 +4,7 @@
 
 mod common;
 
+use setpoint_adapter::Fence;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -91,7 +92,9 @@ async fn child_sends_until_the_failpoint() {
     let token = IdempotencyToken::parse(token).unwrap();
     let journal = FileJournal(journal.into());
     // Blocks forever at the failpoint once the relay accepted the message.
-    let _ = mailer.send(&token, &request(), &journal).await;
+    let _ = mailer
+        .send(&token, &request(), &journal, &Fence::unbounded())
+        .await;
     panic!("the failpoint {FAILPOINT_AFTER_SEND} was not reached");
 }
 
@@ -139,7 +142,10 @@ async fn killed_after_send_then_retried_sends_nothing_more() {
     let journal = FileJournal(journal_path);
     assert_eq!(journal.load().get(&slot_key(&token, 1)), Some(&Value::Null));
     let mailer = SmtpMailer::new(server.config()).unwrap();
-    let err = mailer.send(&token, &request(), &journal).await.unwrap_err();
+    let err = mailer
+        .send(&token, &request(), &journal, &Fence::unbounded())
+        .await
+        .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code.as_deref(), Some(OUTCOME_UNKNOWN));
     assert_eq!(server.messages().len(), 1);

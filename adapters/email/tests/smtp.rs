@@ -3,6 +3,7 @@
 
 mod common;
 
+use setpoint_adapter::Fence;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,12 @@ async fn sends_one_templated_message_whose_message_id_is_the_token() {
     let token = token();
 
     let delivery = mailer
-        .send(&token, &ready("Ada <ada@example.com>"), &journal)
+        .send(
+            &token,
+            &ready("Ada <ada@example.com>"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert_eq!(delivery.message_id, format!("<{token}@setpoint.test>"));
@@ -88,7 +94,12 @@ async fn sends_one_templated_message_whose_message_id_is_the_token() {
 
     // A retry after success sends nothing and reports the first delivery.
     let again = mailer
-        .send(&token, &ready("Ada <ada@example.com>"), &journal)
+        .send(
+            &token,
+            &ready("Ada <ada@example.com>"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert!(again.replayed);
@@ -105,7 +116,12 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
 
     // Attempt 1: nothing listens — connection refused, certainly not sent.
     let err = mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
@@ -121,7 +137,12 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
         ..Default::default()
     });
     let delivery = mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert!(!delivery.replayed);
@@ -132,7 +153,12 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
 
     // Attempt 3 (say the engine lost the completion): nothing more is sent.
     let again = mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert!(again.replayed);
@@ -153,6 +179,7 @@ async fn crash_between_send_and_commit_never_sends_a_second_message() {
             &token,
             &ready("ada@example.com"),
             &CrashBeforeFinish(&durable),
+            &Fence::unbounded(),
         )
         .await
         .unwrap();
@@ -161,7 +188,12 @@ async fn crash_between_send_and_commit_never_sends_a_second_message() {
     // Every later attempt finds the open slot: outcome unknown, permanent, nothing sent.
     for _ in 0..2 {
         let err = mailer
-            .send(&token, &ready("ada@example.com"), &durable)
+            .send(
+                &token,
+                &ready("ada@example.com"),
+                &durable,
+                &Fence::unbounded(),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -186,7 +218,12 @@ async fn connection_lost_after_the_data_is_outcome_unknown_and_not_resent() {
 
     // The server stores the message, then drops the connection before its reply.
     let err = mailer
-        .send(&token, &ready("vanish-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("vanish-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -197,7 +234,12 @@ async fn connection_lost_after_the_data_is_outcome_unknown_and_not_resent() {
     );
 
     let again = mailer
-        .send(&token, &ready("vanish-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("vanish-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(again.code.as_deref(), Some(OUTCOME_UNKNOWN));
@@ -214,7 +256,12 @@ async fn operator_resolution_of_an_unknown_outcome_allows_exactly_one_send() {
     // An attempt began and died before its SMTP transaction (nothing was sent).
     journal.begin(&slot_key(&token, 1)).await.unwrap();
     let err = mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code.as_deref(), Some(OUTCOME_UNKNOWN));
@@ -229,12 +276,22 @@ async fn operator_resolution_of_an_unknown_outcome_allows_exactly_one_send() {
         .await
         .unwrap();
     mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert!(
         mailer
-            .send(&token, &ready("ada@example.com"), &journal)
+            .send(
+                &token,
+                &ready("ada@example.com"),
+                &journal,
+                &Fence::unbounded()
+            )
             .await
             .unwrap()
             .replayed
@@ -250,7 +307,12 @@ async fn greylisting_451_is_transient_and_the_retry_sends_once() {
     let token = token();
 
     let err = mailer
-        .send(&token, &ready("flaky451-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("flaky451-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
@@ -259,11 +321,21 @@ async fn greylisting_451_is_transient_and_the_retry_sends_once() {
     assert!(server.messages().is_empty());
 
     mailer
-        .send(&token, &ready("flaky451-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("flaky451-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     mailer
-        .send(&token, &ready("flaky451-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("flaky451-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert_eq!(server.messages().len(), 1);
@@ -278,7 +350,12 @@ async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
     // 550 on RCPT TO.
     let token = token();
     let err = mailer
-        .send(&token, &ready("reject550-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("reject550-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -293,7 +370,12 @@ async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
     // 554 after the message data: a definite refusal too, not an unknown outcome.
     let token = self::token();
     let err = mailer
-        .send(&token, &ready("data554-ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("data554-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -305,7 +387,12 @@ async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
 
     // 451 every time stays transient.
     let err = mailer
-        .send(&self::token(), &ready("defer451-ada@example.com"), &journal)
+        .send(
+            &self::token(),
+            &ready("defer451-ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
@@ -329,6 +416,7 @@ async fn auth_plain_and_login_work() {
                 &token(),
                 &ready("ada@example.com"),
                 &MemoryJournal::default(),
+                &Fence::unbounded(),
             )
             .await
             .unwrap_or_else(|e| panic!("AUTH {mechanism}: {e}"));
@@ -355,7 +443,12 @@ async fn wrong_or_missing_credentials_are_permanent_and_never_show_the_password(
     let token = token();
 
     let err = mailer
-        .send(&token, &ready("ada@example.com"), &journal)
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -379,7 +472,12 @@ async fn wrong_or_missing_credentials_are_permanent_and_never_show_the_password(
     // Without credentials the server refuses the transaction (530): permanent.
     let anonymous = SmtpMailer::new(server.config()).unwrap();
     let err = anonymous
-        .send(&self::token(), &ready("ada@example.com"), &journal)
+        .send(
+            &self::token(),
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");

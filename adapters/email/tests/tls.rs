@@ -4,6 +4,7 @@
 mod common;
 
 use serde_json::json;
+use setpoint_adapter::Fence;
 use setpoint_adapter::{ErrorClass, IdempotencyToken, MailRequest, Mailer, MemoryJournal};
 use setpoint_email::{Password, Security, SmtpMailer};
 
@@ -39,6 +40,7 @@ async fn starttls_with_auth_delivers_and_an_untrusted_certificate_is_permanent()
             &IdempotencyToken::generate(),
             &deleted(),
             &MemoryJournal::default(),
+            &Fence::unbounded(),
         )
         .await
         .unwrap();
@@ -57,6 +59,7 @@ async fn starttls_with_auth_delivers_and_an_untrusted_certificate_is_permanent()
             &IdempotencyToken::generate(),
             &deleted(),
             &MemoryJournal::default(),
+            &Fence::unbounded(),
         )
         .await
         .unwrap_err();
@@ -71,6 +74,7 @@ async fn starttls_with_auth_delivers_and_an_untrusted_certificate_is_permanent()
             &IdempotencyToken::generate(),
             &deleted(),
             &MemoryJournal::default(),
+            &Fence::unbounded(),
         )
         .await
         .unwrap_err();
@@ -97,6 +101,7 @@ async fn implicit_tls_delivers() {
             &IdempotencyToken::generate(),
             &deleted(),
             &MemoryJournal::default(),
+            &Fence::unbounded(),
         )
         .await
         .unwrap();

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use setpoint_adapter::{
     AdapterError, BoxFuture, Cluster, ClusterInstanceSpec, ClusterObject, ClusterObservation,
-    DeleteOutcome, IdempotencyToken,
+    DeleteOutcome, Fence, IdempotencyToken,
 };
 use tracing::{debug, info};
 use uuid::Uuid;
@@ -103,11 +103,18 @@ impl KubernetesCluster {
         Api::namespaced(self.client.clone(), &id.namespace)
     }
 
-    async fn apply<K>(&self, api: &Api<K>, name: &str, intent: &K) -> Result<K, AdapterError>
+    async fn apply<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        intent: &K,
+        fence: &Fence,
+    ) -> Result<K, AdapterError>
     where
         K: Resource + Clone + Debug + Serialize + DeserializeOwned,
         <K as Resource>::DynamicType: Default,
     {
+        fence.check()?;
         api.patch(name, &self.apply_params(), &Patch::Apply(intent))
             .await
             .map_err(|e| {
@@ -123,6 +130,7 @@ impl KubernetesCluster {
         api: Api<K>,
         selector: &str,
         deleted: &mut Vec<ClusterObject>,
+        fence: &Fence,
     ) -> Result<(), AdapterError>
     where
         K: Resource + Clone + Debug + DeserializeOwned,
@@ -135,6 +143,7 @@ impl KubernetesCluster {
             .map_err(|e| classify(&format!("list {kind} with {selector}"), &e))?;
         for item in list.items {
             let name = item.name_any();
+            fence.check()?;
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => deleted.push(ClusterObject {
                     kind: kind.clone(),
@@ -244,6 +253,7 @@ impl Cluster for KubernetesCluster {
         &'a self,
         token: &'a IdempotencyToken,
         spec: &'a ClusterInstanceSpec,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<ClusterObservation, AdapterError>> {
         Box::pin(async move {
             let id = InstanceIdentity::new(spec.resource_id, &spec.tenant);
@@ -272,18 +282,31 @@ impl Cluster for KubernetesCluster {
                 && contains(before.deployment.as_ref(), &deployment_intent));
 
             let namespaces = Api::<Namespace>::all(self.client.clone());
-            let ns = self.apply(&namespaces, &id.namespace, &ns_intent).await?;
+            let ns = self
+                .apply(&namespaces, &id.namespace, &ns_intent, fence)
+                .await?;
             let secret = self
-                .apply(&self.namespaced::<Secret>(&id), &id.name, &secret_intent)
+                .apply(
+                    &self.namespaced::<Secret>(&id),
+                    &id.name,
+                    &secret_intent,
+                    fence,
+                )
                 .await?;
             let service = self
-                .apply(&self.namespaced::<Service>(&id), &id.name, &service_intent)
+                .apply(
+                    &self.namespaced::<Service>(&id),
+                    &id.name,
+                    &service_intent,
+                    fence,
+                )
                 .await?;
             let deployment = self
                 .apply(
                     &self.namespaced::<Deployment>(&id),
                     &id.name,
                     &deployment_intent,
+                    fence,
                 )
                 .await?;
 
@@ -321,6 +344,7 @@ impl Cluster for KubernetesCluster {
         token: &'a IdempotencyToken,
         resource_id: Uuid,
         tenant: &'a str,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<DeleteOutcome, AdapterError>> {
         Box::pin(async move {
             let id = InstanceIdentity::new(resource_id, tenant);
@@ -330,12 +354,23 @@ impl Cluster for KubernetesCluster {
                 self.namespaced::<Deployment>(&id),
                 &id.selector,
                 &mut deleted,
+                fence,
             )
             .await?;
-            self.delete_labelled(self.namespaced::<Service>(&id), &id.selector, &mut deleted)
-                .await?;
-            self.delete_labelled(self.namespaced::<Secret>(&id), &id.selector, &mut deleted)
-                .await?;
+            self.delete_labelled(
+                self.namespaced::<Service>(&id),
+                &id.selector,
+                &mut deleted,
+                fence,
+            )
+            .await?;
+            self.delete_labelled(
+                self.namespaced::<Secret>(&id),
+                &id.selector,
+                &mut deleted,
+                fence,
+            )
+            .await?;
             let already_absent = deleted.is_empty();
             info!(%token, %resource_id, namespace = %id.namespace, deleted = deleted.len(),
                 already_absent, "deleted kvx instance objects");

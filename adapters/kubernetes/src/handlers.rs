@@ -45,7 +45,10 @@ impl TypedHandler for ApplyInstance {
             "kubernetes:apply-instance {} (tenant {})",
             spec.resource_id, spec.tenant
         ));
-        let obs = self.cluster.apply_instance(&ctx.token, &spec).await?;
+        let obs = self
+            .cluster
+            .apply_instance(&ctx.token, &spec, &ctx.fence)
+            .await?;
         let observed = serde_json::to_value(&obs).map_err(|e| {
             AdapterError::permanent(format!("cannot record the cluster observation: {e}"))
         })?;
@@ -105,7 +108,7 @@ impl TypedHandler for DeleteInstance {
         ));
         let out = self
             .cluster
-            .delete_instance(&ctx.token, resource_id, &tenant)
+            .delete_instance(&ctx.token, resource_id, &tenant, &ctx.fence)
             .await?;
         Ok(Outcome::done().observed(json!({
             "kubernetes": {

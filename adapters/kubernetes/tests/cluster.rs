@@ -3,6 +3,7 @@
 
 mod common;
 
+use setpoint_adapter::Fence;
 use std::time::Duration;
 
 use common::{Env, token};
@@ -34,7 +35,11 @@ async fn apply_creates_every_object_with_names_labels_and_field_manager() {
     let env = Env::new().await;
     let spec = env.spec();
     let tok = token();
-    let obs = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    let obs = env
+        .cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap();
 
     let name = names::object_name(spec.resource_id);
     let ns = names::namespace_name(&env.tenant);
@@ -95,11 +100,19 @@ async fn applying_twice_is_a_no_op() {
     let env = Env::new().await;
     let spec = env.spec();
     let tok = token();
-    let first = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    let first = env
+        .cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap();
     let name = names::object_name(spec.resource_id);
     let generation = |d: &Deployment| d.metadata.generation;
     let d1: Deployment = env.api().get(&name).await.unwrap();
-    let second = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    let second = env
+        .cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(!second.changed, "{second:?}");
     let d2: Deployment = env.api().get(&name).await.unwrap();
     assert_eq!(generation(&d1), generation(&d2));
@@ -133,12 +146,20 @@ async fn applying_twice_is_a_no_op() {
 async fn apply_after_a_spec_change_updates_the_objects() {
     let env = Env::new().await;
     let mut spec = env.spec();
-    let first = env.cluster.apply_instance(&token(), &spec).await.unwrap();
+    let first = env
+        .cluster
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
     spec.replicas = 2;
     spec.backend.private_ip = Some("10.0.9.9".to_owned());
     spec.credentials = SecretData::from_pairs([("KVX_PASSWORD", "rotated")]);
     let tok = token();
-    let second = env.cluster.apply_instance(&tok, &spec).await.unwrap();
+    let second = env
+        .cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap();
     assert!(second.changed);
     assert_eq!(second.desired_replicas, 2);
     for (a, b) in first.objects.iter().zip(&second.objects) {
@@ -163,13 +184,19 @@ async fn delete_removes_everything_labelled_and_is_idempotent() {
     let spec = env.spec();
     let mut other = env.spec();
     other.resource_id = uuid::Uuid::new_v4();
-    env.cluster.apply_instance(&token(), &spec).await.unwrap();
-    env.cluster.apply_instance(&token(), &other).await.unwrap();
+    env.cluster
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
+    env.cluster
+        .apply_instance(&token(), &other, &Fence::unbounded())
+        .await
+        .unwrap();
 
     let tok = token();
     let out = env
         .cluster
-        .delete_instance(&tok, spec.resource_id, &spec.tenant)
+        .delete_instance(&tok, spec.resource_id, &spec.tenant, &Fence::unbounded())
         .await
         .unwrap();
     assert!(!out.already_absent);
@@ -220,14 +247,19 @@ async fn delete_removes_everything_labelled_and_is_idempotent() {
     // Twice: success, nothing left.
     let again = env
         .cluster
-        .delete_instance(&tok, spec.resource_id, &spec.tenant)
+        .delete_instance(&tok, spec.resource_id, &spec.tenant, &Fence::unbounded())
         .await
         .unwrap();
     assert!(again.already_absent && again.deleted.is_empty());
     // A tenant that never had a namespace: success too.
     let none = env
         .cluster
-        .delete_instance(&tok, uuid::Uuid::new_v4(), "never-existed-tenant")
+        .delete_instance(
+            &tok,
+            uuid::Uuid::new_v4(),
+            "never-existed-tenant",
+            &Fence::unbounded(),
+        )
         .await
         .unwrap();
     assert!(none.already_absent);
@@ -238,7 +270,10 @@ async fn delete_removes_everything_labelled_and_is_idempotent() {
 async fn a_field_owned_by_another_manager_is_a_clear_permanent_error() {
     let env = Env::new().await;
     let spec = env.spec();
-    env.cluster.apply_instance(&token(), &spec).await.unwrap();
+    env.cluster
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
 
     // Someone scales the Deployment by hand with their own apply, forcing ownership.
     let name = names::object_name(spec.resource_id);
@@ -258,7 +293,7 @@ async fn a_field_owned_by_another_manager_is_a_clear_permanent_error() {
 
     let err = env
         .cluster
-        .apply_instance(&token(), &spec)
+        .apply_instance(&token(), &spec, &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -272,7 +307,10 @@ async fn a_field_owned_by_another_manager_is_a_clear_permanent_error() {
     forced_cfg.force_conflicts = true;
     let forced =
         setpoint_kubernetes::KubernetesCluster::with_client(env.client.clone(), &forced_cfg);
-    let obs = forced.apply_instance(&token(), &spec).await.unwrap();
+    let obs = forced
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
     assert_eq!(obs.desired_replicas, 1);
     env.cleanup().await;
 }
@@ -284,7 +322,7 @@ async fn an_invalid_object_is_permanent() {
     spec.credentials = SecretData::from_pairs([("not a valid key!", "x")]);
     let err = env
         .cluster
-        .apply_instance(&token(), &spec)
+        .apply_instance(&token(), &spec, &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -313,14 +351,14 @@ async fn throttling_is_transient_and_carries_retry_after() {
     );
     let err = env
         .cluster
-        .apply_instance(&token(), &env.spec())
+        .apply_instance(&token(), &env.spec(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
     assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
     // The fault is used up: the retry succeeds.
     env.cluster
-        .apply_instance(&token(), &env.spec())
+        .apply_instance(&token(), &env.spec(), &Fence::unbounded())
         .await
         .unwrap();
     env.cleanup().await;
@@ -343,7 +381,7 @@ async fn server_errors_and_dropped_connections_are_transient() {
         );
         let err = env
             .cluster
-            .apply_instance(&token(), &env.spec())
+            .apply_instance(&token(), &env.spec(), &Fence::unbounded())
             .await
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::Transient, "{code}: {err}");
@@ -351,7 +389,12 @@ async fn server_errors_and_dropped_connections_are_transient() {
     server.inject(Fault::Hangup, 1);
     let err = env
         .cluster
-        .delete_instance(&token(), uuid::Uuid::new_v4(), &env.tenant)
+        .delete_instance(
+            &token(),
+            uuid::Uuid::new_v4(),
+            &env.tenant,
+            &Fence::unbounded(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
@@ -387,7 +430,7 @@ async fn connection_refused_is_transient() {
     server.stop().await;
     let err = env
         .cluster
-        .apply_instance(&token(), &env.spec())
+        .apply_instance(&token(), &env.spec(), &Fence::unbounded())
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Transient, "{err}");

@@ -21,6 +21,8 @@
 //!   by another writer).
 //! - **Secrets stay secret.** [`SecretData`] never appears in `Debug` output, logs or errors.
 //! - **Cancel-safe.** A call dropped half-way leaves a state that the next call converges from.
+//! - **Fenced.** Mutating methods call [`Fence::check`] on their `fence` immediately before
+//!   every write, so an attempt that lost its unit stops writing before another attempt acts.
 //!
 //! [`NopCluster`] and [`ClusterFns`] are test doubles for code that only needs *a* cluster.
 
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::AdapterError;
+use crate::fence::Fence;
 use crate::handler::BoxFuture;
 use crate::token::IdempotencyToken;
 
@@ -164,6 +167,7 @@ pub trait Cluster: Send + Sync {
         &'a self,
         token: &'a IdempotencyToken,
         spec: &'a ClusterInstanceSpec,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<ClusterObservation, AdapterError>>;
 
     /// Reports what the cluster holds for the instance, or `None` when it holds nothing.
@@ -193,6 +197,7 @@ pub trait Cluster: Send + Sync {
         token: &'a IdempotencyToken,
         resource_id: Uuid,
         tenant: &'a str,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<DeleteOutcome, AdapterError>>;
 }
 
@@ -207,8 +212,10 @@ impl Cluster for NopCluster {
         &'a self,
         _token: &'a IdempotencyToken,
         spec: &'a ClusterInstanceSpec,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<ClusterObservation, AdapterError>> {
         Box::pin(async move {
+            fence.check()?;
             Ok(ClusterObservation {
                 namespace: String::new(),
                 objects: Vec::new(),
@@ -235,8 +242,10 @@ impl Cluster for NopCluster {
         _token: &'a IdempotencyToken,
         _resource_id: Uuid,
         _tenant: &'a str,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<DeleteOutcome, AdapterError>> {
-        Box::pin(async {
+        Box::pin(async move {
+            fence.check()?;
             Ok(DeleteOutcome {
                 deleted: Vec::new(),
                 already_absent: true,
@@ -321,13 +330,14 @@ impl Cluster for ClusterFns {
         &'a self,
         token: &'a IdempotencyToken,
         spec: &'a ClusterInstanceSpec,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<ClusterObservation, AdapterError>> {
         match &self.apply {
             Some(f) => {
-                let out = f(token, spec);
+                let out = fence.check().and_then(|()| f(token, spec));
                 Box::pin(async move { out })
             }
-            None => NopCluster.apply_instance(token, spec),
+            None => NopCluster.apply_instance(token, spec, fence),
         }
     }
 
@@ -350,13 +360,14 @@ impl Cluster for ClusterFns {
         token: &'a IdempotencyToken,
         resource_id: Uuid,
         tenant: &'a str,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<DeleteOutcome, AdapterError>> {
         match &self.delete {
             Some(f) => {
-                let out = f(token, resource_id, tenant);
+                let out = fence.check().and_then(|()| f(token, resource_id, tenant));
                 Box::pin(async move { out })
             }
-            None => NopCluster.delete_instance(token, resource_id, tenant),
+            None => NopCluster.delete_instance(token, resource_id, tenant, fence),
         }
     }
 }
@@ -391,7 +402,8 @@ mod tests {
     fn nop_cluster_is_object_safe_and_idle() {
         let c: Box<dyn Cluster> = Box::new(NopCluster);
         let token = IdempotencyToken::generate();
-        let out = block_on(c.delete_instance(&token, Uuid::nil(), "t")).unwrap();
+        let out =
+            block_on(c.delete_instance(&token, Uuid::nil(), "t", &Fence::unbounded())).unwrap();
         assert!(out.already_absent);
     }
 

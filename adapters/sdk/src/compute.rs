@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::AdapterError;
+use crate::fence::Fence;
 use crate::handler::BoxFuture;
 use crate::token::IdempotencyToken;
 
@@ -201,8 +202,12 @@ pub struct TerminateOutcome {
 ///   provider's configured timeouts); a machine still starting is reported as `pending`.
 /// - **Classified errors.** Every failure is an [`AdapterError`] that says whether a retry can
 ///   help; messages are for a person and never contain credentials.
-/// - **Cancel-safe.** The engine may drop a returned future at any await point (shutdown); the
-///   next attempt with the same token must still converge.
+/// - **Cancel-safe.** The engine may drop a returned future at any await point (shutdown, a
+///   lost lease); the next attempt with the same token must still converge.
+/// - **Fenced.** A mutating method calls [`Fence::check`] on its `fence` immediately before
+///   every call that changes the world (launch, stop, resize, start, terminate), so an attempt
+///   that lost its unit stops before another attempt acts; it changes nothing once the check
+///   fails.
 pub trait Compute: Send + Sync + 'static {
     /// Makes sure one machine exists for `token`, launching it only if no earlier attempt did.
     ///
@@ -220,6 +225,7 @@ pub trait Compute: Send + Sync + 'static {
         token: &'a IdempotencyToken,
         request: &'a InstanceRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>>;
 
     /// The machine launched with `token`, if one exists and is not terminated.
@@ -267,6 +273,7 @@ pub trait Compute: Send + Sync + 'static {
         token: &'a IdempotencyToken,
         request: &'a ResizeRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>>;
 
     /// Terminates the machines `request` names; already gone is success.
@@ -281,6 +288,7 @@ pub trait Compute: Send + Sync + 'static {
         &'a self,
         token: &'a IdempotencyToken,
         request: &'a TerminateRequest,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>>;
 }
 
@@ -290,8 +298,9 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
         token: &'a IdempotencyToken,
         request: &'a InstanceRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
-        (**self).ensure_instance(token, request, deadline)
+        (**self).ensure_instance(token, request, deadline, fence)
     }
 
     fn describe_instance<'a>(
@@ -306,16 +315,18 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
         token: &'a IdempotencyToken,
         request: &'a ResizeRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
-        (**self).resize_instance(token, request, deadline)
+        (**self).resize_instance(token, request, deadline, fence)
     }
 
     fn terminate_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
         request: &'a TerminateRequest,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
-        (**self).terminate_instance(token, request)
+        (**self).terminate_instance(token, request, fence)
     }
 }
 
@@ -351,8 +362,12 @@ impl Compute for NopCompute {
         token: &'a IdempotencyToken,
         _request: &'a InstanceRequest,
         _deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
-        Box::pin(async move { Ok(NopCompute::machine(token, None, false)) })
+        Box::pin(async move {
+            fence.check()?;
+            Ok(NopCompute::machine(token, None, false))
+        })
     }
 
     fn describe_instance<'a>(
@@ -367,8 +382,10 @@ impl Compute for NopCompute {
         token: &'a IdempotencyToken,
         request: &'a ResizeRequest,
         _deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         Box::pin(async move {
+            fence.check()?;
             Ok(NopCompute::machine(
                 token,
                 request.instance_type.clone(),
@@ -381,8 +398,10 @@ impl Compute for NopCompute {
         &'a self,
         _token: &'a IdempotencyToken,
         request: &'a TerminateRequest,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
         Box::pin(async move {
+            fence.check()?;
             Ok(TerminateOutcome {
                 terminated: Vec::new(),
                 already_gone: request.instance_id.iter().cloned().collect(),
@@ -488,10 +507,13 @@ impl Compute for ComputeFns {
         token: &'a IdempotencyToken,
         request: &'a InstanceRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         match &self.ensure {
-            Some(f) => Box::pin(std::future::ready(f(token, request))),
-            None => NopCompute.ensure_instance(token, request, deadline),
+            Some(f) => Box::pin(std::future::ready(
+                fence.check().and_then(|()| f(token, request)),
+            )),
+            None => NopCompute.ensure_instance(token, request, deadline, fence),
         }
     }
 
@@ -510,10 +532,13 @@ impl Compute for ComputeFns {
         token: &'a IdempotencyToken,
         request: &'a ResizeRequest,
         deadline: Instant,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>> {
         match &self.resize {
-            Some(f) => Box::pin(std::future::ready(f(token, request))),
-            None => NopCompute.resize_instance(token, request, deadline),
+            Some(f) => Box::pin(std::future::ready(
+                fence.check().and_then(|()| f(token, request)),
+            )),
+            None => NopCompute.resize_instance(token, request, deadline, fence),
         }
     }
 
@@ -521,10 +546,13 @@ impl Compute for ComputeFns {
         &'a self,
         token: &'a IdempotencyToken,
         request: &'a TerminateRequest,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
         match &self.terminate {
-            Some(f) => Box::pin(std::future::ready(f(token, request))),
-            None => NopCompute.terminate_instance(token, request),
+            Some(f) => Box::pin(std::future::ready(
+                fence.check().and_then(|()| f(token, request)),
+            )),
+            None => NopCompute.terminate_instance(token, request, fence),
         }
     }
 }
@@ -615,11 +643,11 @@ mod tests {
         });
         let token = IdempotencyToken::parse("t-1").unwrap();
         let first = compute
-            .ensure_instance(&token, &request(), Instant::now())
+            .ensure_instance(&token, &request(), Instant::now(), &Fence::unbounded())
             .await
             .unwrap();
         let second = compute
-            .ensure_instance(&token, &request(), Instant::now())
+            .ensure_instance(&token, &request(), Instant::now(), &Fence::unbounded())
             .await
             .unwrap();
         assert_eq!(first.instance_id, second.instance_id);
@@ -673,7 +701,7 @@ mod tests {
         };
         for _ in 0..2 {
             let seen = compute
-                .resize_instance(&token, &req, Instant::now())
+                .resize_instance(&token, &req, Instant::now(), &Fence::unbounded())
                 .await
                 .unwrap();
             assert_eq!(seen.state, InstanceState::Running);
@@ -687,7 +715,7 @@ mod tests {
 
         let other = IdempotencyToken::parse("launch-2").unwrap();
         let e = compute
-            .resize_instance(&other, &req, Instant::now())
+            .resize_instance(&other, &req, Instant::now(), &Fence::unbounded())
             .await
             .unwrap_err();
         assert_eq!(e.class, ErrorClass::Permanent);
@@ -696,7 +724,7 @@ mod tests {
 
         // Without a closure the double behaves like NopCompute: running, at the asked size.
         let nop = ComputeFns::new()
-            .resize_instance(&token, &req, Instant::now())
+            .resize_instance(&token, &req, Instant::now(), &Fence::unbounded())
             .await
             .unwrap();
         assert_eq!(nop.instance_id, "i-nop-launch-1");

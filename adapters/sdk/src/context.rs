@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::fence::Fence;
 use crate::journal::Journal;
 use crate::token::IdempotencyToken;
 
@@ -32,6 +33,9 @@ pub struct WorkContext {
     pub deadline: Instant,
     /// Durable at-most-once records for side effects that cannot be made idempotent.
     pub journal: Arc<dyn Journal>,
+    /// Whether this attempt still holds the unit: check it immediately before every side
+    /// effect ([`Fence::check`]). Unbounded unless the engine sets one ([`WorkContext::with_fence`]).
+    pub fence: Fence,
     /// Adapter calls made by this attempt, recorded in the unit's history when it ends.
     calls: Arc<Mutex<Vec<String>>>,
 }
@@ -56,6 +60,7 @@ impl WorkContext {
             attempt,
             deadline,
             journal,
+            fence: Fence::unbounded(),
             calls: Arc::default(),
         }
     }
@@ -64,6 +69,12 @@ impl WorkContext {
     pub fn with_resource(mut self, resource_id: Uuid, tenant: Option<String>) -> Self {
         self.resource_id = Some(resource_id);
         self.tenant = tenant;
+        self
+    }
+
+    /// Sets the attempt's fence (the engine does, from the unit's lease).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
         self
     }
 

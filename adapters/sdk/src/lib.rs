@@ -14,6 +14,9 @@
 //!   (retried with backoff) or [`ErrorClass::Permanent`] (parked for an operator). Calling a
 //!   permanent failure transient makes a retry storm; calling a transient one permanent pages
 //!   an operator for nothing.
+//! - A unit's lease can be lost while its attempt runs (a paused process, a cut connection):
+//!   call `ctx.fence.check()` immediately before every side effect, so a stale attempt stops
+//!   acting before another attempt redoes the unit (see [`Fence`]).
 //! - Where no peer offers an idempotent path, use the [`Journal`] in the [`WorkContext`] for
 //!   at-most-once: `begin` before the side effect, `finish` after it.
 //! - Success is an [`Outcome`]: observed state to record on the resource, and follow-up units
@@ -54,6 +57,7 @@ pub mod compute;
 pub mod context;
 pub mod error;
 pub mod failpoint;
+pub mod fence;
 pub mod handler;
 pub mod journal;
 pub mod mail;
@@ -69,6 +73,7 @@ pub use compute::{
 };
 pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};
+pub use fence::{CODE_LEASE_LOST, Fence};
 pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, typed};
 pub use journal::{Begun, Journal, MemoryJournal};
 pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};

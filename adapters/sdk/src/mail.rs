@@ -15,6 +15,8 @@
 //!   (connection refused, a 4xx/5xx reply before or to the end of the message data), the mailer
 //!   records that in the journal, so a later attempt may send; it returns a transient error for
 //!   4xx replies and network failures, a permanent one for 5xx replies and bad configuration.
+//! - **Fenced.** The mailer calls [`Fence::check`] on its `fence` after the journal record and
+//!   before the message data, so an attempt that lost its unit never starts a transaction.
 //! - **The `Message-ID` derives from the token**, so the same unit always carries the same
 //!   `Message-ID` and a duplicate, should one ever slip through a provider, is recognisable.
 //!
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::AdapterError;
+use crate::fence::Fence;
 use crate::handler::BoxFuture;
 use crate::journal::Journal;
 use crate::token::IdempotencyToken;
@@ -135,6 +138,7 @@ pub trait Mailer: Send + Sync {
         token: &'a IdempotencyToken,
         request: &'a MailRequest,
         journal: &'a dyn Journal,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Delivery, AdapterError>>;
 }
 
@@ -149,8 +153,10 @@ impl Mailer for NopMailer {
         token: &'a IdempotencyToken,
         _request: &'a MailRequest,
         _journal: &'a dyn Journal,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Delivery, AdapterError>> {
         Box::pin(async move {
+            fence.check()?;
             Ok(Delivery {
                 message_id: format!("<{token}@nop.invalid>"),
                 response: "250 nop".to_owned(),
@@ -204,13 +210,14 @@ impl Mailer for MailerFns {
         token: &'a IdempotencyToken,
         request: &'a MailRequest,
         journal: &'a dyn Journal,
+        fence: &'a Fence,
     ) -> BoxFuture<'a, Result<Delivery, AdapterError>> {
         match &self.send {
             Some(f) => {
-                let out = f(token, request);
+                let out = fence.check().and_then(|()| f(token, request));
                 Box::pin(async move { out })
             }
-            None => NopMailer.send(token, request, journal),
+            None => NopMailer.send(token, request, journal, fence),
         }
     }
 }
@@ -246,7 +253,10 @@ mod tests {
         let token = IdempotencyToken::parse("t-1").unwrap();
         let journal = crate::MemoryJournal::default();
         let nop: Box<dyn Mailer> = Box::new(NopMailer);
-        let d = nop.send(&token, &request, &journal).await.unwrap();
+        let d = nop
+            .send(&token, &request, &journal, &Fence::unbounded())
+            .await
+            .unwrap();
         assert_eq!(d.message_id, "<t-1@nop.invalid>");
 
         let failing: Box<dyn Mailer> = Box::new(
@@ -254,7 +264,7 @@ mod tests {
         );
         assert!(
             failing
-                .send(&token, &request, &journal)
+                .send(&token, &request, &journal, &Fence::unbounded())
                 .await
                 .unwrap_err()
                 .is_transient()
