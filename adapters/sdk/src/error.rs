@@ -46,6 +46,11 @@ pub struct AdapterError {
     /// The earliest time a retry makes sense (e.g. a throttling hint); the engine never retries
     /// sooner than this, nor sooner than its own backoff.
     pub retry_after: Option<Duration>,
+    /// True when nothing failed: the unit waits for something outside it that is known to
+    /// pass (a cloud's cooldown between two changes of a volume, a request budget). Made by
+    /// [`AdapterError::waiting`]; the engine retries after `retry_after` without counting the
+    /// attempt against the unit's attempt limit, and shows the unit as waiting.
+    pub waiting: bool,
 }
 
 impl AdapterError {
@@ -56,6 +61,20 @@ impl AdapterError {
             message: message.into(),
             code: None,
             retry_after: None,
+            waiting: false,
+        }
+    }
+
+    /// Not a failure: the unit must wait `retry_after` for something outside it (see
+    /// field `waiting`); `message` says what, for the
+    /// people watching the unit.
+    pub fn waiting(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            message: message.into(),
+            code: None,
+            retry_after: Some(retry_after),
+            waiting: true,
         }
     }
 
@@ -66,6 +85,7 @@ impl AdapterError {
             message: message.into(),
             code: None,
             retry_after: None,
+            waiting: false,
         }
     }
 
