@@ -14,7 +14,7 @@ pub mod workflows;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +61,58 @@ impl StoreError {
     }
 }
 
+/// The longest failure message stored for a unit, in characters (the rest is cut, with a
+/// marker saying so).
+pub const MAX_STORED_MESSAGE: usize = 4000;
+
+/// `text` as it can be stored: control characters other than newline and tab (NUL above all,
+/// which PostgreSQL refuses in text) replaced by U+FFFD, and at most `max_chars` characters.
+pub fn storable_text(text: &str, max_chars: usize) -> String {
+    const CUT: &str = " …[cut]";
+    let clean = |c: char| {
+        if c.is_control() && c != '\n' && c != '\t' {
+            '\u{FFFD}'
+        } else {
+            c
+        }
+    };
+    if text.chars().count() <= max_chars {
+        return text.chars().map(clean).collect();
+    }
+    let keep = max_chars.saturating_sub(CUT.chars().count());
+    let mut out: String = text.chars().take(keep).map(clean).collect();
+    out.push_str(CUT);
+    out
+}
+
+/// `value` as `jsonb` accepts it: every string (keys included) without NUL characters, which
+/// PostgreSQL refuses in `jsonb`, and each at most [`MAX_STORED_MESSAGE`] characters.
+pub fn storable_json(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(storable_text(s, MAX_STORED_MESSAGE)),
+        Value::Array(items) => Value::Array(items.iter().map(storable_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (storable_text(k, MAX_STORED_MESSAGE), storable_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Opens a pool of at most `max_connections` connections to `url`.
+/// The longest any statement of the engine may run ([`connect`]); migrations are exempt.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest any statement of the engine may wait for a lock ([`connect`]).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a pool of at most `max_connections` connections to `url`. Its statements time out
+/// after [`STATEMENT_TIMEOUT`] and give up waiting for a lock after [`LOCK_TIMEOUT`]: a
+/// statement stuck behind an operator's lock or a runaway query fails (and is retried by its
+/// caller) instead of holding a connection, and the lease of the unit it serves, for ever.
 ///
 /// # Errors
 /// When the URL is malformed or the first connection fails.
@@ -72,6 +120,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?;
     let options = options
         .application_name("setpoint")
+        .options([
+            (
+                "statement_timeout",
+                format!("{}ms", STATEMENT_TIMEOUT.as_millis()),
+            ),
+            ("lock_timeout", format!("{}ms", LOCK_TIMEOUT.as_millis())),
+        ])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
@@ -110,8 +165,18 @@ pub async fn use_generic_plans(conn: &mut PgConnection) -> Result<(), StoreError
 }
 
 /// Applies every migration not yet applied. Safe to run from several processes at once
-/// (sqlx takes an advisory lock).
+/// (sqlx takes an advisory lock). Runs on a connection of its own without the pool's
+/// statement and lock timeouts: a migration may rewrite a large table, and must wait for the
+/// locks it needs rather than fail half-way through a rollout.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    MIGRATOR.run(pool).await?;
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SET lock_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    MIGRATOR.run(&mut conn).await?;
+    let _ = conn.close().await;
     Ok(())
 }
