@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +14,7 @@ use setpoint::dev::postgres::{ClusterOptions, Durability, TempCluster};
 use setpoint::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
 use setpoint::queue::{self, NewWork, WorkFilter, WorkRow};
 use setpoint::worker::builtin::{Noop, Probe};
+use setpoint::workflows::hooks::InstanceHooks;
 use setpoint::{Registry, Runtime, store};
 use setpoint_adapter::typed;
 use tokio_util::sync::CancellationToken;
@@ -221,7 +223,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
              enqueues its configured kinds (setpoint.noop unless --create-kind etc. are set)"
         ),
     }
-    let runtime = Runtime::new(pool.clone(), registry, worker)?;
+    let runtime = Runtime::new(pool.clone(), registry, worker)?.with_hooks(Arc::new(InstanceHooks));
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -373,7 +375,8 @@ async fn work(cmd: WorkCommand) -> Result<()> {
             id, attempts, json, ..
         } => {
             let mut tx = pool.begin().await?;
-            let row = queue::retry_parked(&mut tx, id, &operator(), attempts).await?;
+            let row =
+                queue::retry_parked(&mut tx, &InstanceHooks, id, &operator(), attempts).await?;
             tx.commit().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&row)?);
@@ -388,7 +391,8 @@ async fn work(cmd: WorkCommand) -> Result<()> {
             id, reason, json, ..
         } => {
             let mut tx = pool.begin().await?;
-            let row = queue::cancel_parked(&mut tx, id, &operator(), &reason).await?;
+            let row =
+                queue::cancel_parked(&mut tx, &InstanceHooks, id, &operator(), &reason).await?;
             tx.commit().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&row)?);

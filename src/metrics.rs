@@ -10,6 +10,7 @@
 //! | `units_claimed_total`                    | counter   | `kind`                          |
 //! | `units_succeeded_total`                  | counter   | `kind`                          |
 //! | `units_failed_total`                     | counter   | `kind`, `class`, `action`       |
+//! | `units_abandoned_total`                  | counter   | `kind`                          |
 //! | `unit_duration_seconds`                  | histogram | `kind`, `result`                |
 //! | `adapter_calls_total`                    | counter   | `adapter`, `operation`, `result`|
 //! | `adapter_call_duration_seconds`          | histogram | `adapter`, `operation`, `result`|
@@ -18,7 +19,10 @@
 //! | `api_create_batched_total`               | counter   | `result`                        |
 //! | `api_tls_certificate_expiry_seconds`     | gauge     |                                 |
 //!
-//! `result` is `ok`, `transient` or `permanent`; `action` is `retry` or `park`. The API's group
+//! `result` is `ok`, `transient` or `permanent`; `action` is `retry`, `wait` (a wait that is
+//! not a failed attempt) or `park`. An attempt is *abandoned* when it lost its unit (its lease
+//! was not renewed in time or was taken over, or the engine shut down): it stopped without a
+//! result, and another attempt redoes the unit. The API's group
 //! commit counts batches of creates and the creates in them, by `result`: `committed` or
 //! `failed` (a failed batch's creates then run one by one). With TLS, the API's server
 //! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). The queue gauges are refreshed from
@@ -99,6 +103,11 @@ pub fn unit_finished(kind: &str, result: &'static str, took: Duration) {
 pub fn unit_failed(kind: &str, class: &'static str, action: &'static str) {
     metrics::counter!("setpoint_units_failed_total", "kind" => kind.to_owned(), "class" => class, "action" => action)
         .increment(1);
+}
+
+/// An attempt of a unit of `kind` stopped without a result because it lost its unit.
+pub fn unit_abandoned(kind: &str) {
+    metrics::counter!("setpoint_units_abandoned_total", "kind" => kind.to_owned()).increment(1);
 }
 
 /// An API call ended with gRPC status `code`.

@@ -17,13 +17,13 @@ use sqlx::PgConnection;
 
 use crate::store::StoreError;
 use crate::store::events::{WorkEvent, events_for_work, last_failure_code, work_id_for_token};
-use crate::store::instances::{instance_mark_active, instances_clear_active_work};
 use crate::store::journal::side_effects_resolve_unknown;
 pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
 use crate::store::work::{
     notify_workers, work_cancel_parked, work_enqueue, work_enqueue_quiet, work_get,
     work_get_by_token, work_list, work_retry_parked,
 };
+use crate::worker::hooks::{UnitEvent, UnitHooks};
 
 /// Why a queue operation did nothing.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +196,7 @@ async fn explain_not_parked(conn: &mut PgConnection, id: i64) -> QueueError {
 /// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
 pub async fn retry_parked(
     conn: &mut PgConnection,
+    hooks: &dyn UnitHooks,
     id: i64,
     operator: &str,
     extra_attempts: i32,
@@ -209,9 +210,14 @@ pub async fn retry_parked(
             if last_failure_code(conn, id).await?.as_deref() == Some(OUTCOME_UNKNOWN) {
                 side_effects_resolve_unknown(conn, id).await?;
             }
-            if let Some(resource) = row.resource_id {
-                // The chain is active again.
-                instance_mark_active(conn, resource).await?;
+            if let Some(resource_id) = row.resource_id {
+                let event = UnitEvent {
+                    work_id: id,
+                    resource_id,
+                    reason: "retried by an operator",
+                    operator: Some(operator),
+                };
+                hooks.retried(conn, &event).await?;
             }
             Ok(row)
         }
@@ -225,20 +231,21 @@ pub async fn retry_parked(
 /// [`QueueError::NotParked`], [`QueueError::Finished`], [`QueueError::NotFound`].
 pub async fn cancel_parked(
     conn: &mut PgConnection,
+    hooks: &dyn UnitHooks,
     id: i64,
     operator: &str,
     reason: &str,
 ) -> Result<WorkRow, QueueError> {
     match work_cancel_parked(conn, id, operator, reason).await? {
         Some(row) => {
-            if let Some(resource) = row.resource_id {
-                instances_clear_active_work(conn, &[resource]).await?;
-                // Hook (workflows): the instance says the change was given up, and watchers
-                // see it (the row changes, so its NOTIFY fires).
-                crate::workflows::conditions::record_cancelled(
-                    conn, resource, id, operator, reason,
-                )
-                .await?;
+            if let Some(resource_id) = row.resource_id {
+                let event = UnitEvent {
+                    work_id: id,
+                    resource_id,
+                    reason,
+                    operator: Some(operator),
+                };
+                hooks.cancelled(conn, &event).await?;
             }
             Ok(row)
         }

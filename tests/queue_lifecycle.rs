@@ -4,6 +4,7 @@
 
 mod common;
 
+use setpoint::workflows::hooks::InstanceHooks;
 use std::time::Duration;
 
 use common::*;
@@ -128,7 +129,9 @@ async fn a_retried_check_of_a_ready_instance_shows_ready_while_it_runs() {
     };
     assert_eq!(status().await, "FAILED");
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
         status().await,
@@ -170,7 +173,9 @@ async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_
     // (No worker runs from here on: the test sets the unit's states itself.)
     rt.stop().await;
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(open().await, 1);
     // Parked as outcome-unknown: the operator's retry says the send did not happen.
@@ -188,7 +193,9 @@ async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_
     .await
     .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, id, "alice", 1).await.unwrap();
+    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(open().await, 0);
 }
@@ -219,7 +226,9 @@ async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
 
     // Retry: runs again (and parks again, the cause being unchanged).
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, id, "alice", 3).await.unwrap();
+    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 3)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     wait_for("the retried unit to run and park again", || async {
         let n: i64 = sqlx::query_scalar(
@@ -235,18 +244,18 @@ async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
 
     // Cancel removes it; retry and cancel of a finished unit explain themselves.
     let mut tx = db.pool.begin().await.unwrap();
-    queue::cancel_parked(&mut tx, id, "alice", "AMI retired")
+    queue::cancel_parked(&mut tx, &InstanceHooks, id, "alice", "AMI retired")
         .await
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(state(&db.pool, id).await, None);
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(matches!(
-        queue::retry_parked(&mut conn, id, "alice", 1).await,
+        queue::retry_parked(&mut conn, &InstanceHooks, id, "alice", 1).await,
         Err(QueueError::Finished(_))
     ));
     assert!(matches!(
-        queue::cancel_parked(&mut conn, 999_999, "alice", "x").await,
+        queue::cancel_parked(&mut conn, &InstanceHooks, 999_999, "alice", "x").await,
         Err(QueueError::NotFound(_))
     ));
     let report = queue::show(&mut conn, &id.to_string()).await.unwrap();
@@ -267,7 +276,7 @@ async fn retry_of_a_pending_unit_is_refused() {
     let db = db().await;
     let id = enqueue(&db.pool, NewWork::new("setpoint.noop", json!({}))).await;
     let mut conn = db.pool.acquire().await.unwrap();
-    match queue::retry_parked(&mut conn, id, "op", 1).await {
+    match queue::retry_parked(&mut conn, &InstanceHooks, id, "op", 1).await {
         Err(QueueError::NotParked { state, .. }) => assert_eq!(state, "pending"),
         other => panic!("unexpected {other:?}"),
     }
@@ -364,11 +373,13 @@ async fn a_claim_after_a_position_skips_what_is_behind_it_and_one_from_the_start
     work_enqueue(&mut conn, &units).await.unwrap();
     let first = work_claim(&mut conn, "A", 2, 60_000, ClaimFrom::Start)
         .await
-        .unwrap();
+        .unwrap()
+        .units;
     assert_eq!(first.len(), 2);
     let next = work_claim(&mut conn, "A", 10, 60_000, ClaimFrom::after_last(&first))
         .await
-        .unwrap();
+        .unwrap()
+        .units;
     assert_eq!(next.len(), 1, "the unit after the position");
     // A's first two leases run out: only a scan from the start finds them.
     let behind: Vec<i64> = first.iter().map(|u| u.id).collect();
@@ -384,11 +395,13 @@ async fn a_claim_after_a_position_skips_what_is_behind_it_and_one_from_the_start
         work_claim(&mut conn, "B", 10, 60_000, after)
             .await
             .unwrap()
+            .units
             .is_empty()
     );
     let rescued = work_claim(&mut conn, "B", 10, 60_000, ClaimFrom::Start)
         .await
-        .unwrap();
+        .unwrap()
+        .units;
     let mut ids: Vec<i64> = rescued.iter().map(|u| u.id).collect();
     ids.sort();
     assert_eq!(ids, behind);
@@ -404,7 +417,8 @@ async fn a_stale_worker_commits_nothing() {
     work_enqueue(&mut conn, &[unit]).await.unwrap();
     let a = work_claim(&mut conn, "A", 10, 60_000, ClaimFrom::Start)
         .await
-        .unwrap();
+        .unwrap()
+        .units;
     assert_eq!(a.len(), 1);
     // A stalls; its lease runs out and B takes the unit over.
     sqlx::query("UPDATE work SET lease_expires_at = now() - interval '1 second'")
@@ -413,17 +427,18 @@ async fn a_stale_worker_commits_nothing() {
         .unwrap();
     let b = work_claim(&mut conn, "B", 10, 60_000, ClaimFrom::Start)
         .await
-        .unwrap();
+        .unwrap()
+        .units;
     assert_eq!(b.len(), 1);
     assert!(b[0].rescued);
     assert_eq!(b[0].attempt, 2);
-    // A wakes up: its heartbeat, completion and failure change nothing.
-    assert!(
-        work_heartbeat(&mut conn, "A", &[(a[0].id, 1)], 60_000)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    // A wakes up: its heartbeat says it lost the unit; its completion and failure change
+    // nothing.
+    let renewals = work_heartbeat(&mut conn, "A", &[(a[0].id, 1)], 60_000)
+        .await
+        .unwrap();
+    assert!(renewals.renewed.is_empty());
+    assert_eq!(renewals.lost, vec![(a[0].id, 1)]);
     let stale = [Completion {
         id: a[0].id,
         attempt: 1,
@@ -614,4 +629,104 @@ async fn graceful_shutdown_lets_running_units_finish() {
         "the running unit should have completed"
     );
     assert_eq!(event_counts(&db.pool, "succeeded").await, vec![(id, 1)]);
+}
+
+/// A handler that fails with a message holding a NUL byte and 100,000 more characters.
+struct NulFailure;
+
+impl Handler for NulFailure {
+    fn kind(&self) -> &str {
+        "test.nul-failure"
+    }
+    fn handle<'a>(
+        &'a self,
+        _ctx: &'a WorkContext,
+        _spec: &'a Value,
+    ) -> BoxFuture<'a, Result<Outcome, AdapterError>> {
+        let huge = "x".repeat(100_000);
+        Box::pin(async move {
+            Err(AdapterError::permanent(format!("bad\u{0}byte {huge}")).with_code("nul\u{0}code"))
+        })
+    }
+}
+
+/// Defect 6, second cause: an error text PostgreSQL refuses (a NUL byte) made the failure
+/// impossible to record, so the unit was claimed again and again. Failure text is now cleaned
+/// and capped before it is stored.
+#[tokio::test]
+async fn a_failure_text_postgresql_would_refuse_is_cleaned_and_recorded() {
+    let db = db().await;
+    let mut extra = Registry::new();
+    extra.register(NulFailure).unwrap();
+    let rt = start_runtime(&db.pool, fast_config("w1"), extra);
+    let id = enqueue(&db.pool, NewWork::new("test.nul-failure", json!({}))).await;
+    wait_state(&db.pool, id, Some("parked")).await;
+    rt.stop().await;
+    let last_error: String = sqlx::query_scalar("SELECT last_error FROM work WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        last_error.starts_with("bad\u{FFFD}byte"),
+        "{}",
+        &last_error[..40]
+    );
+    assert!(last_error.chars().count() <= setpoint::store::MAX_STORED_MESSAGE);
+    assert!(last_error.ends_with("[cut]"));
+    let h = history(&db.pool, id).await;
+    assert_eq!(h.iter().filter(|e| e.0 == "claimed").count(), 1, "{h:?}");
+}
+
+/// Waits (without failing) until it has waited four times, counting its `waiting` events.
+struct Cooldown(sqlx::PgPool);
+
+impl Handler for Cooldown {
+    fn kind(&self) -> &str {
+        "test.cooldown"
+    }
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a WorkContext,
+        _spec: &'a Value,
+    ) -> BoxFuture<'a, Result<Outcome, AdapterError>> {
+        Box::pin(async move {
+            let waited: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM work_events WHERE work_id = $1 AND event = 'waiting'",
+            )
+            .bind(ctx.work_id)
+            .fetch_one(&self.0)
+            .await
+            .map_err(|e| AdapterError::transient(e.to_string()))?;
+            if waited < 4 {
+                return Err(AdapterError::waiting(
+                    "the volume was modified less than 6 hours ago",
+                    Duration::from_millis(50),
+                ));
+            }
+            Ok(Outcome::done())
+        })
+    }
+}
+
+/// A unit that waits (for a cooldown, a budget) gives its attempt back: it never runs out of
+/// attempts by waiting.
+#[tokio::test]
+async fn a_waiting_unit_does_not_use_up_its_attempts() {
+    let db = db().await;
+    let mut extra = Registry::new();
+    extra.register(Cooldown(db.pool.clone())).unwrap();
+    let rt = start_runtime(&db.pool, fast_config("w1"), extra);
+    let id = enqueue(
+        &db.pool,
+        NewWork::new("test.cooldown", json!({})).max_attempts(2),
+    )
+    .await;
+    wait_state(&db.pool, id, None).await;
+    rt.stop().await;
+    let h = history(&db.pool, id).await;
+    let waits: Vec<_> = h.iter().filter(|e| e.0 == "waiting").collect();
+    assert_eq!(waits.len(), 4, "{h:?}");
+    assert!(h.iter().any(|e| e.0 == "succeeded"), "{h:?}");
+    assert!(!h.iter().any(|e| e.0 == "parked"), "{h:?}");
 }

@@ -1,6 +1,7 @@
 //! The queue across processes and failures, against a real PostgreSQL: several workers and
 //! engine processes draining one queue, an engine killed mid-unit, a stalled worker whose lease
-//! was taken over, and PostgreSQL restarted under running workers.
+//! was taken over, PostgreSQL restarted under running workers, a unit that kills its engine,
+//! and a shutdown that must fit in its grace.
 
 mod common;
 
@@ -127,7 +128,7 @@ async fn a_unit_whose_engine_was_killed_is_completed_once_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_worker_finishing_after_takeover_commits_nothing() {
+async fn a_stalled_worker_resumed_after_takeover_acts_no_more() {
     let db = db().await;
     let ids = enqueue_probes(
         &db.pool,
@@ -148,16 +149,19 @@ async fn a_stalled_worker_finishing_after_takeover_commits_nothing() {
     stale.signal("STOP");
     let fresh = EngineProcess::start(&db.url, "fresh", &[], &[]);
     wait_drained(&db.pool).await;
-    // Thaw it: it finishes the unit and tries to complete it (with its follow-up), then stops.
+    // Thaw it: it sees at once that it lost the unit, stops the attempt without acting again
+    // (no `end` record, no completion, no follow-up) and says so in the unit's history.
     stale.signal("CONT");
-    wait_for("the stale worker to finish its run", || async {
+    let parent = ids[0];
+    wait_for("the stale attempt to be recorded as abandoned", || async {
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM probe_runs WHERE worker = 'stale' AND phase = 'end'",
+            "SELECT count(*) FROM work_events WHERE work_id = $1 AND event = 'abandoned' AND worker = 'stale'",
         )
+        .bind(parent)
         .fetch_one(&db.pool)
         .await
         .ok()?;
-        (n >= 1).then_some(())
+        (n == 1).then_some(())
     })
     .await;
     stale.signal("TERM");
@@ -165,7 +169,16 @@ async fn a_stalled_worker_finishing_after_takeover_commits_nothing() {
     wait_drained(&db.pool).await;
     drop(fresh);
 
-    let parent = ids[0];
+    let stale_ends: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM probe_runs WHERE worker = 'stale' AND phase = 'end'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stale_ends, 0,
+        "the stale attempt acted after it lost its lease"
+    );
     let succeeded = event_counts(&db.pool, "succeeded").await;
     assert_eq!(
         succeeded.len(),
@@ -193,7 +206,7 @@ async fn a_stalled_worker_finishing_after_takeover_commits_nothing() {
     .await
     .unwrap();
     assert_eq!(children, 1, "the follow-up was enqueued more than once");
-    assert!(stale.printed("completions discarded"), "{}", stale.output());
+    assert!(stale.printed("attempt abandoned"), "{}", stale.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,4 +257,128 @@ async fn workers_carry_on_after_postgresql_restarts() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Defect 6: `max_attempts` was checked only when a failure was recorded, so a unit that takes
+/// its process down (an abort, an OOM kill) was claimed forever, taking the process's other
+/// units down each time. Now the claim that finds it out of attempts parks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_kills_its_engine_is_parked_once_its_attempts_are_used() {
+    let db = db().await;
+    let point = "probe.poison";
+    let units = vec![
+        NewWork::new(
+            "setpoint.probe",
+            json!({"record": true, "failpoint": point}),
+        )
+        .max_attempts(2),
+    ];
+    let mut tx = db.pool.begin().await.unwrap();
+    let id = work_enqueue(&mut tx, &units).await.unwrap()[0].id;
+    tx.commit().await.unwrap();
+    for attempt in 1..=2 {
+        let engine = EngineProcess::start(
+            &db.url,
+            &format!("victim-{attempt}"),
+            &[("SETPOINT_FAILPOINTS", point)],
+            &[],
+        );
+        wait_for("the unit to take its engine down", || async {
+            engine.printed(&failpoint::marker(point)).then_some(())
+        })
+        .await;
+        // The process dies at that point: this is what an OOM kill or an abort looks like.
+        drop(engine);
+    }
+    // A healthy engine claims it after the last lease runs out: it must park it, not run it.
+    let healthy = EngineProcess::start(&db.url, "healthy", &[], &[]);
+    wait_for("the unit to be parked", || async {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state::text FROM work WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&db.pool)
+                .await
+                .ok()?;
+        (state.as_deref() == Some("parked")).then_some(())
+    })
+    .await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs WHERE work_id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 2, "the healthy engine must not run it a third time");
+    let last_error: String = sqlx::query_scalar("SELECT last_error FROM work WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        last_error.contains("gave up after 2 attempts")
+            && last_error.contains("never reported back"),
+        "{last_error}"
+    );
+    let h = history(&db.pool, id).await;
+    let last = h.last().expect("events");
+    assert_eq!(
+        (last.0.as_str(), last.2.as_deref()),
+        ("parked", Some("healthy"))
+    );
+    drop(healthy);
+}
+
+/// Defect 10: shutdown could take twice the grace (running units, then the completer, each
+/// got a whole grace), so an orchestrator killed engines mid-unit. Now the runtime returns
+/// within the grace, and units it could not finish are released at once (not after their
+/// lease runs out), so another engine takes them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_fits_in_the_grace_and_releases_unfinished_units() {
+    let db = db().await;
+    let ids = enqueue_probes(&db.pool, 1, json!({"record": true, "sleep_ms": 600_000})).await;
+    // A lease far longer than this test may run: only a release lets another engine in.
+    let engine = |name: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_setpoint"));
+        cmd.args(["serve", "--enable-probe", "--poll-interval", "100ms"])
+            .args(["--lease", "600s", "--shutdown-grace", "2s"])
+            .args(["--worker-id", name, "--listen", "127.0.0.1:0"])
+            .env("SETPOINT_DATABASE_URL", &db.url)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env_remove("SETPOINT_FAILPOINTS")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        EngineProcess::from_command(cmd)
+    };
+    let mut first = engine("leaving");
+    wait_for("the unit to start", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    first.signal("TERM");
+    assert!(first.wait_exit().await, "{}", first.output());
+    assert!(
+        first.printed("abandoning the units still running"),
+        "{}",
+        first.output()
+    );
+    let h = history(&db.pool, ids[0]).await;
+    assert!(
+        h.iter()
+            .any(|(e, a, w)| e == "abandoned" && *a == Some(1) && w.as_deref() == Some("leaving")),
+        "{h:?}"
+    );
+    let second = engine("next");
+    wait_for("another engine to take the unit over", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_runs WHERE worker = 'next'")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    drop(second);
 }

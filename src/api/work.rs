@@ -17,6 +17,7 @@ use super::validate;
 use crate::queue::{self, UnitReport, WorkFilter};
 use crate::store::StoreError;
 use crate::store::events::events_for_work;
+use crate::workflows::hooks::InstanceHooks;
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -187,7 +188,7 @@ impl WorkService for Work {
             .await
             .map_err(StoreError::from)
             .map_err(ApiError::from)?;
-        queue::retry_parked(&mut tx, r.id, &operator(&caller), extra)
+        queue::retry_parked(&mut tx, &InstanceHooks, r.id, &operator(&caller), extra)
             .await
             .map_err(ApiError::from)?;
         tx.commit()
@@ -225,7 +226,7 @@ impl WorkService for Work {
             .await
             .map_err(StoreError::from)
             .map_err(ApiError::from)?;
-        let row = queue::cancel_parked(&mut tx, r.id, &operator(&caller), &reason)
+        let row = queue::cancel_parked(&mut tx, &InstanceHooks, r.id, &operator(&caller), &reason)
             .await
             .map_err(ApiError::from)?;
         // Its history, read in the same transaction (the `cancelled` event included).

@@ -344,7 +344,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         shutdown_grace: Duration::from_secs(10),
         ..WorkerConfig::default()
     };
-    let runtime = Runtime::new(pool.clone(), registry, worker).map_err(other)?;
+    let runtime = Runtime::new(pool.clone(), registry, worker)
+        .map_err(other)?
+        .with_hooks(std::sync::Arc::new(crate::workflows::hooks::InstanceHooks));
     let shutdown = CancellationToken::new();
     let workers = tokio::spawn(runtime.run(shutdown.clone()));
     let resync = spawn_resync(&pool, args.resync_interval, &shutdown);

@@ -278,8 +278,15 @@ macro_rules! claim_sql {
             // indexed column, so it is a HOT update, and it finds its rows by the ctid the
             // locking scan returned (no second index lookup); the row lock taken by that scan
             // keeps the ctid valid.
+            //
+            // A picked unit that has used all its attempts is parked instead of claimed: its
+            // last attempt never reported back (its process died — an abort, an OOM kill —
+            // or could not record its failure), and claiming it again would take the next
+            // process down the same way.
             "WITH picked AS (
-                 SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued FROM work
+                 SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued,
+                        attempt >= max_attempts AS exhausted
+                 FROM work
                  WHERE state = 'pending' AND run_at <= now() ",
             $bound,
             "
@@ -294,15 +301,31 @@ macro_rules! claim_sql {
                  FROM picked p
                  -- The = ANY makes the planner fetch the picked rows by ctid instead of hashing
                  -- the whole table (a seq scan per claim on a big backlog).
-                 WHERE w.ctid = p.tid AND w.ctid = ANY(ARRAY(SELECT tid FROM picked))
+                 WHERE w.ctid = p.tid
+                   AND w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE NOT exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
-                           w.max_attempts, w.run_at, p.rescued
+                           w.max_attempts, w.run_at, p.rescued, false AS poisoned, NULL::text AS reason
+             ), poisoned AS (
+                 UPDATE work w
+                 SET state = 'parked', lease_owner = NULL, lease_expires_at = NULL,
+                     last_error_class = 'transient',
+                     last_error = 'gave up after ' || w.attempt || ' attempts: the last attempt '
+                         || 'never reported back (its engine stopped while running it: killed, '
+                         || 'out of memory, or cut off from the database); look for this unit''s '
+                         || 'token in the engine logs, fix the cause, then retry it'
+                 WHERE w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE exhausted))
+                 RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
+                           w.max_attempts, w.run_at, true AS rescued, true AS poisoned,
+                           w.last_error AS reason
              ), ev AS (
-                 INSERT INTO work_events (work_id, token, event, attempt, worker)
-                 SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt, $1
+                 INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message)
+                 SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt,
+                        $1, NULL, NULL
                  FROM claimed
+                 UNION ALL
+                 SELECT id, token, 'parked', attempt, $1, 'transient', reason FROM poisoned
              )
-             SELECT * FROM claimed"
+             SELECT * FROM claimed UNION ALL SELECT * FROM poisoned"
         )
     };
 }
@@ -310,18 +333,29 @@ const CLAIM_FROM_START: &str = claim_sql!("");
 // A row comparison is a btree scan key: the scan descends straight to the position.
 const CLAIM_AFTER: &str = claim_sql!("AND (run_at, id) > ($4, $5)");
 
-/// Claims up to `limit` due units for `worker` in one short transaction: pending units whose
-/// `run_at` has passed, oldest first, and running units whose lease has expired (their worker
-/// died), skipping rows other workers are claiming; with [`ClaimFrom::After`], only those
-/// after that position. Each claim increments `attempt`, sets the lease, and writes a
-/// `claimed` (or `rescued`) event.
+/// What one claim statement did: the units it claimed, and the units it parked because they
+/// had used all their attempts without reporting back (`poisoned`).
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Units now leased to the claiming worker.
+    pub units: Vec<ClaimedWork>,
+    /// Units parked instead, with the reason recorded (their resource needs its parked hook).
+    pub poisoned: Vec<(ClaimedWork, String)>,
+}
+
+/// Claims up to `limit` due units for `worker`: pending units whose `run_at` has passed,
+/// oldest first, and running units whose lease has expired (their worker died), skipping rows
+/// other workers are claiming; with [`ClaimFrom::After`], only those after that position. Each
+/// claim increments `attempt`, sets the lease, and writes a `claimed` (or `rescued`) event. A
+/// picked unit that has no attempt left is parked instead (event `parked`). Run it in a
+/// transaction when the parked units' resources must change with it.
 pub async fn work_claim(
     conn: &mut PgConnection,
     worker: &str,
     limit: i64,
     lease_ms: i64,
     from: ClaimFrom,
-) -> Result<Vec<ClaimedWork>, StoreError> {
+) -> Result<Claimed, StoreError> {
     let query = match from {
         ClaimFrom::Start => sqlx::query(CLAIM_FROM_START),
         ClaimFrom::After(..) => sqlx::query(CLAIM_AFTER),
@@ -331,55 +365,121 @@ pub async fn work_claim(
         query = query.bind(at).bind(id);
     }
     let rows = query.fetch_all(conn).await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(ClaimedWork {
-                id: r.try_get("id")?,
-                kind: r.try_get("kind")?,
-                spec: r.try_get("spec")?,
-                token: r.try_get("token")?,
-                resource_id: r.try_get("resource_id")?,
-                tenant: r.try_get("tenant")?,
-                attempt: r.try_get("attempt")?,
-                max_attempts: r.try_get("max_attempts")?,
-                run_at: r.try_get("run_at")?,
-                rescued: r.try_get("rescued")?,
-            })
-        })
-        .collect()
+    let mut out = Claimed::default();
+    for r in rows {
+        let unit = ClaimedWork {
+            id: r.try_get("id")?,
+            kind: r.try_get("kind")?,
+            spec: r.try_get("spec")?,
+            token: r.try_get("token")?,
+            resource_id: r.try_get("resource_id")?,
+            tenant: r.try_get("tenant")?,
+            attempt: r.try_get("attempt")?,
+            max_attempts: r.try_get("max_attempts")?,
+            run_at: r.try_get("run_at")?,
+            rescued: r.try_get("rescued")?,
+        };
+        if r.try_get::<bool, _>("poisoned")? {
+            let reason: Option<String> = r.try_get("reason")?;
+            out.poisoned.push((unit, reason.unwrap_or_default()));
+        } else {
+            out.units.push(unit);
+        }
+    }
+    Ok(out)
 }
 
-/// Extends the leases of `units` (id, attempt) held by `worker`. Returns the ids whose lease
-/// was extended; a unit missing from the answer was lost (taken over), or is being completed
-/// at this moment (its row was locked).
+/// What a lease renewal found, per attempt asked about.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Renewals {
+    /// Attempts whose lease now runs `lease_ms` from the statement.
+    pub renewed: Vec<(i64, i32)>,
+    /// Attempts that no longer hold their unit: it was taken over (another attempt), finished
+    /// or removed. They must stop acting.
+    pub lost: Vec<(i64, i32)>,
+}
+
+/// Extends the leases of `units` (id, attempt) held by `worker`. An attempt missing from both
+/// lists of the answer still holds its unit, but its row was locked at that moment (being
+/// completed or failed right now); the next renewal tells.
 pub async fn work_heartbeat(
     conn: &mut PgConnection,
     worker: &str,
     units: &[(i64, i32)],
     lease_ms: i64,
-) -> Result<Vec<i64>, StoreError> {
-    let (ids, attempts): (Vec<i64>, Vec<i32>) = units.iter().copied().unzip();
-    // SKIP LOCKED: a row locked right now is being completed or failed; waiting for it would
-    // only delay the heartbeats of the others (and could deadlock with a batch completion).
-    let rows = sqlx::query_scalar(
-        "WITH mine AS (
+) -> Result<Renewals, StoreError> {
+    let ids: Vec<i64> = units.iter().map(|(id, _)| *id).collect();
+    // `held` reads the rows without locking them: a row another transaction is completing is
+    // still there (and ours) in this snapshot, so it is not reported lost. SKIP LOCKED in
+    // `mine`: waiting for such a row would only delay the others' renewals (and could
+    // deadlock with a batch completion).
+    let rows: Vec<(i64, i32, bool)> = sqlx::query_as(
+        "WITH held AS (
+             SELECT w.id, w.attempt FROM work w
+             WHERE w.id = ANY($2) AND w.lease_owner = $1 AND w.state = 'pending'
+         ), mine AS (
              SELECT w.id FROM work w
-             WHERE w.id = ANY($2) AND w.attempt = ($3::int[])[array_position($2, w.id)]
-               AND w.lease_owner = $1
+             WHERE w.id = ANY(ARRAY(SELECT id FROM held)) AND w.lease_owner = $1
              FOR UPDATE SKIP LOCKED
+         ), renewed AS (
+             UPDATE work w
+             SET lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
+             WHERE w.id = ANY(ARRAY(SELECT id FROM mine))
+             RETURNING w.id
          )
-         UPDATE work w
-         SET lease_expires_at = now() + make_interval(secs => $4::float8 / 1000)
-         WHERE w.id = ANY(ARRAY(SELECT id FROM mine))
-         RETURNING w.id",
+         SELECT h.id, h.attempt, h.id IN (SELECT id FROM renewed) FROM held h",
     )
     .bind(worker)
     .bind(&ids)
-    .bind(&attempts)
     .bind(lease_ms)
     .fetch_all(conn)
     .await?;
-    Ok(rows)
+    let mut out = Renewals::default();
+    for &(id, attempt) in units {
+        match rows.iter().find(|(rid, _, _)| *rid == id) {
+            Some(&(_, held_attempt, renewed)) if held_attempt == attempt => {
+                if renewed {
+                    out.renewed.push((id, attempt));
+                }
+            }
+            _ => out.lost.push((id, attempt)),
+        }
+    }
+    Ok(out)
+}
+
+/// Records that attempt `attempt` of unit `id` (token `token`) was abandoned by `worker`
+/// because `why` (its lease was lost, or the engine is shutting down), and releases the
+/// unit's lease if this attempt still holds it, so that any worker may take it over at once
+/// instead of after the lease runs out. The event is written either way: the unit's history
+/// shows every attempt that stopped without a result.
+pub async fn work_abandon(
+    conn: &mut PgConnection,
+    worker: &str,
+    id: i64,
+    attempt: i32,
+    token: &str,
+    why: &str,
+) -> Result<bool, StoreError> {
+    let released: bool = sqlx::query_scalar(
+        "WITH rel AS (
+             UPDATE work SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = $2 AND attempt = $3 AND lease_owner = $1
+             RETURNING id
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, message)
+             VALUES ($2, $4, 'abandoned', $3, $1, $5)
+         )
+         SELECT EXISTS (SELECT 1 FROM rel)",
+    )
+    .bind(worker)
+    .bind(id)
+    .bind(attempt)
+    .bind(token)
+    .bind(why)
+    .fetch_one(conn)
+    .await?;
+    Ok(released)
 }
 
 /// A unit that finished successfully, to be completed under its fence.
@@ -468,6 +568,12 @@ pub enum FailureAction {
         /// Backoff before the next attempt.
         delay_ms: i64,
     },
+    /// Back to pending, due again after `delay_ms`, and the attempt does not count: the unit
+    /// waits for something outside it (a cooldown, a budget), nothing failed.
+    Wait {
+        /// How long to wait.
+        delay_ms: i64,
+    },
     /// Parked for an operator.
     Park,
 }
@@ -497,25 +603,34 @@ pub async fn work_fail_if_leased(
     worker: &str,
     f: &Failure,
 ) -> Result<Option<(Option<Uuid>, Option<String>)>, StoreError> {
-    let (state, delay_ms) = match f.action {
-        FailureAction::Retry { delay_ms } => ("pending", delay_ms),
-        FailureAction::Park => ("parked", 0),
+    let (state, delay_ms, event) = match f.action {
+        FailureAction::Retry { delay_ms } => ("pending", delay_ms, "failed"),
+        FailureAction::Wait { delay_ms } => ("pending", delay_ms, "waiting"),
+        FailureAction::Park => ("parked", 0, "failed"),
     };
+    // What PostgreSQL refuses (a NUL byte) or what would bloat every read of the row (a
+    // megabyte of peer output) never reaches the table: a unit whose failure cannot be
+    // recorded would be claimed again and again.
+    let message = super::storable_text(&f.message, super::MAX_STORED_MESSAGE);
+    let detail = super::storable_json(&f.detail);
     let row = sqlx::query(
+        // A wait gives its attempt back (attempt - 1): it was not a failure. The event keeps
+        // the attempt number it ran under.
         "WITH upd AS (
              UPDATE work
              SET state = $4::work_state, lease_owner = NULL, lease_expires_at = NULL,
                  run_at = now() + make_interval(secs => $5::float8 / 1000),
+                 attempt = CASE WHEN $9 = 'waiting' THEN attempt - 1 ELSE attempt END,
                  last_error = $6, last_error_class = $7
              WHERE id = $2 AND attempt = $3 AND lease_owner = $1
-             RETURNING id, token, attempt, resource_id, tenant
+             RETURNING id, token, resource_id, tenant
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message, detail)
-             SELECT id, token, 'failed', attempt, $1, $7, $6,
+             SELECT id, token, $9, $3, $1, $7, $6,
                     $8::jsonb || jsonb_build_object('retry_in_ms', CASE WHEN $4 = 'pending' THEN $5 END)
              FROM upd
              UNION ALL
-             SELECT id, token, 'parked', attempt, $1, $7, $6, NULL FROM upd WHERE $4 = 'parked'
+             SELECT id, token, 'parked', $3, $1, $7, $6, NULL FROM upd WHERE $4 = 'parked'
          )
          SELECT resource_id, tenant FROM upd",
     )
@@ -524,9 +639,10 @@ pub async fn work_fail_if_leased(
     .bind(f.attempt)
     .bind(state)
     .bind(delay_ms)
-    .bind(&f.message)
+    .bind(&message)
     .bind(&f.class)
-    .bind(&f.detail)
+    .bind(&detail)
+    .bind(event)
     .fetch_optional(conn)
     .await?;
     row.map(|r| Ok((r.try_get("resource_id")?, r.try_get("tenant")?)))

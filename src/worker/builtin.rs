@@ -65,6 +65,8 @@ impl Probe {
     }
 
     async fn record(&self, ctx: &WorkContext, phase: &str) -> Result<(), AdapterError> {
+        // A side effect like any adapter's: a stale attempt must not make it.
+        ctx.fence.check()?;
         sqlx::query(
             "INSERT INTO probe_runs (work_id, token, attempt, worker, phase) VALUES ($1, $2, $3, $4, $5)",
         )

@@ -3,23 +3,29 @@
 //! Handlers finish one by one; committing each in its own transaction would cap throughput at
 //! the database's commit rate. The completer gathers what finished while the previous batch was
 //! committing and completes it in one transaction: the fenced delete with `succeeded` events,
-//! the follow-up units, the observed state and `has_active_work` — all or nothing, and only for
-//! units this worker still holds at the same attempt.
+//! the follow-up units, and the resource hooks — all or nothing, and only for attempts this
+//! worker still holds.
+//!
+//! A batch that fails to commit is retried for as long as its attempts hold their units: the
+//! heartbeat keeps renewing an attempt until its completion is written, so a unit that ran
+//! longer than one lease is not given up at the first commit error.
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
-use setpoint_adapter::{IdempotencyToken, Outcome};
+use setpoint_adapter::{BoxFuture, Fence, IdempotencyToken, Outcome};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::hooks::{CompletedUnit, Hooks};
 use super::inflight::InFlight;
 use crate::store::StoreError;
-use crate::store::instances::{instance_merge_observed, instances_clear_active_work};
-use crate::store::work::{Completion, NewWork, work_complete_if_leased, work_enqueue};
+use crate::store::work::{
+    Completion, NewWork, work_abandon, work_complete_if_leased, work_enqueue,
+};
 
 /// A unit whose handler succeeded, waiting to be committed.
 #[derive(Debug)]
@@ -38,14 +44,62 @@ pub struct Finished {
     pub outcome: Outcome,
     /// Event detail: adapter calls, duration.
     pub detail: Value,
-    /// When the lease runs out if no heartbeat renews it: past it, retrying is pointless.
-    pub lease_deadline: Instant,
+    /// The attempt's fence: while it holds, committing is still worth trying.
+    pub fence: Fence,
+}
+
+/// The database side of completions: a trait so that the retry policy can be tested under
+/// tokio's paused clock.
+pub trait CompletionStore: Send + Sync + 'static {
+    /// Commits `batch` in one transaction; returns how many units were fenced off.
+    fn commit<'a>(&'a self, batch: &'a [Finished]) -> BoxFuture<'a, Result<usize, StoreError>>;
+
+    /// Records that `f`'s result was discarded because its attempt lost the unit.
+    fn discard<'a>(&'a self, f: &'a Finished) -> BoxFuture<'a, ()>;
+}
+
+/// Completions on PostgreSQL, on the runtime's own connections.
+pub struct PgCompletions {
+    /// The runtime's control pool.
+    pub pool: PgPool,
+    /// This worker's name in leases.
+    pub worker: String,
+    /// What completions do to resources.
+    pub hooks: Hooks,
+}
+
+impl CompletionStore for PgCompletions {
+    fn commit<'a>(&'a self, batch: &'a [Finished]) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(commit(&self.pool, &self.worker, &self.hooks, batch))
+    }
+
+    fn discard<'a>(&'a self, f: &'a Finished) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let why = "its result was discarded: the attempt lost its lease before the result \
+                       was committed; another attempt redoes the unit";
+            let done = async {
+                let mut conn = self.pool.acquire().await?;
+                work_abandon(
+                    &mut conn,
+                    &self.worker,
+                    f.id,
+                    f.attempt,
+                    f.token.as_str(),
+                    why,
+                )
+                .await
+            };
+            if let Err(e) = done.await {
+                tracing::warn!(work_id = f.id, token = %f.token, error = %e,
+                    "could not record a discarded result");
+            }
+        })
+    }
 }
 
 /// Runs until `rx` closes, committing what arrives in batches of at most `max_batch`.
 pub async fn run(
-    pool: PgPool,
-    worker: String,
+    store: impl CompletionStore,
     inflight: InFlight,
     mut rx: mpsc::Receiver<Finished>,
     max_batch: usize,
@@ -59,17 +113,25 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        commit_with_retry(&pool, &worker, &mut batch).await;
+        commit_with_retry(&store, &inflight, &mut batch).await;
         for f in batch.drain(..) {
-            inflight.remove(f.id);
+            inflight.remove((f.id, f.attempt));
         }
     }
 }
 
-async fn commit_with_retry(pool: &PgPool, worker: &str, batch: &mut Vec<Finished>) {
+/// Commits `batch`, retrying while its attempts hold their units. What is left in `batch`
+/// when it returns is done with (committed or fenced off); what was given up has already been
+/// forgotten.
+async fn commit_with_retry(
+    store: &impl CompletionStore,
+    inflight: &InFlight,
+    batch: &mut Vec<Finished>,
+) {
+    keep_live(store, inflight, batch).await;
     let mut delay = Duration::from_millis(50);
-    loop {
-        match commit(pool, worker, batch).await {
+    while !batch.is_empty() {
+        match store.commit(batch).await {
             Ok(fenced) => {
                 if fenced > 0 {
                     tracing::warn!(fenced, "completions discarded: their leases were lost");
@@ -77,48 +139,73 @@ async fn commit_with_retry(pool: &PgPool, worker: &str, batch: &mut Vec<Finished
                 return;
             }
             Err(e) => {
-                // Completions are fenced, so retrying the same batch is always safe. Once a
-                // unit's lease has run out another worker may redo it; stop holding it.
-                let now = Instant::now();
-                batch.retain(|f| {
-                    let keep = f.lease_deadline > now;
-                    if !keep {
-                        tracing::warn!(work_id = f.id, token = %f.token, "completion abandoned after its lease ran out; the unit will be rescued");
-                    }
-                    keep
-                });
-                if batch.is_empty() {
-                    return;
-                }
                 tracing::warn!(error = %e, units = batch.len(), "completing units failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
+                // Completions are fenced, so retrying the same batch is always safe; once an
+                // attempt lost its unit another worker may redo it, so stop holding it.
+                keep_live(store, inflight, batch).await;
             }
         }
     }
 }
 
+/// Drops from `batch` the attempts that lost their unit (recording the discarded results),
+/// and all but the newest attempt of a unit that appears twice.
+async fn keep_live(store: &impl CompletionStore, inflight: &InFlight, batch: &mut Vec<Finished>) {
+    let mut newest: BTreeMap<i64, i32> = BTreeMap::new();
+    for f in batch.iter() {
+        let a = newest.entry(f.id).or_insert(f.attempt);
+        *a = (*a).max(f.attempt);
+    }
+    let mut dropped = Vec::new();
+    let mut i = 0;
+    while i < batch.len() {
+        let f = &batch[i];
+        if f.fence.is_held() && newest.get(&f.id) == Some(&f.attempt) {
+            i += 1;
+        } else {
+            dropped.push(batch.swap_remove(i));
+        }
+    }
+    for f in dropped {
+        tracing::warn!(work_id = f.id, token = %f.token, attempt = f.attempt,
+            "result discarded: the attempt lost its lease before the completion was committed; \
+             another attempt redoes the unit");
+        store.discard(&f).await;
+        inflight.remove((f.id, f.attempt));
+    }
+}
+
 /// Commits `batch`; returns how many units were fenced off.
-async fn commit(pool: &PgPool, worker: &str, batch: &[Finished]) -> Result<usize, StoreError> {
+async fn commit(
+    pool: &PgPool,
+    worker: &str,
+    hooks: &Hooks,
+    batch: &[Finished],
+) -> Result<usize, StoreError> {
     let completions: Vec<Completion> = batch
         .iter()
         .map(|f| Completion {
             id: f.id,
             attempt: f.attempt,
-            detail: f.detail.clone(),
+            detail: crate::store::storable_json(&f.detail),
         })
         .collect();
     let mut tx = pool.begin().await?;
     let done = work_complete_if_leased(&mut tx, worker, &completions).await?;
     let applied: std::collections::HashSet<i64> = done.iter().map(|d| d.id).collect();
     let mut follow_ups = Vec::new();
-    let mut touched: BTreeSet<Uuid> = BTreeSet::new();
+    let mut completed = Vec::new();
+    let mut seen: BTreeSet<Uuid> = BTreeSet::new();
     for f in batch.iter().filter(|f| applied.contains(&f.id)) {
-        if let (Some(resource), Some(observed)) = (f.resource_id, &f.outcome.observed) {
-            instance_merge_observed(&mut tx, resource, observed).await?;
-        }
         if let Some(resource) = f.resource_id {
-            touched.insert(resource);
+            seen.insert(resource);
+            completed.push(CompletedUnit {
+                work_id: f.id,
+                resource_id: resource,
+                observed: f.outcome.observed.as_ref(),
+            });
         }
         for step in &f.outcome.follow_ups {
             follow_ups.push(NewWork {
@@ -138,8 +225,120 @@ async fn commit(pool: &PgPool, worker: &str, batch: &[Finished]) -> Result<usize
         }
     }
     work_enqueue(&mut tx, &follow_ups).await?;
-    let touched: Vec<Uuid> = touched.into_iter().collect();
-    instances_clear_active_work(&mut tx, &touched).await?;
+    if !completed.is_empty() {
+        hooks.completed(&mut tx, &completed).await?;
+    }
     tx.commit().await?;
     Ok(batch.len() - applied.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// The (unit, attempt) pairs of each committed batch.
+    type Batches = Arc<Mutex<Vec<Vec<(i64, i32)>>>>;
+
+    /// Fails the first `failures` commits, then commits; counts calls and discards.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        failures: Arc<Mutex<u32>>,
+        commits: Batches,
+        discarded: Arc<Mutex<Vec<(i64, i32)>>>,
+    }
+
+    impl CompletionStore for Flaky {
+        fn commit<'a>(&'a self, batch: &'a [Finished]) -> BoxFuture<'a, Result<usize, StoreError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut left = self.failures.lock().expect("lock");
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+                }
+                self.commits
+                    .lock()
+                    .expect("lock")
+                    .push(batch.iter().map(|f| (f.id, f.attempt)).collect());
+                Ok(0)
+            })
+        }
+
+        fn discard<'a>(&'a self, f: &'a Finished) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                self.discarded.lock().expect("lock").push((f.id, f.attempt));
+            })
+        }
+    }
+
+    fn finished(id: i64, attempt: i32, fence: Fence) -> Finished {
+        Finished {
+            id,
+            attempt,
+            token: IdempotencyToken::generate(),
+            resource_id: None,
+            tenant: None,
+            outcome: Outcome::done(),
+            detail: Value::Null,
+            fence,
+        }
+    }
+
+    /// Defect 5: the completer gave up on a unit at start + lease, although the heartbeat had
+    /// renewed its lease since: a unit that ran longer than one lease was abandoned at the first
+    /// commit error and ran again. Now the deadline is the attempt's fence, renewed with the
+    /// lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_long_unit_is_committed_after_commit_errors() {
+        let lease = Duration::from_secs(30);
+        let claimed = Instant::now();
+        let fence = Fence::until(claimed + lease);
+        // The unit ran for 45 s; its lease was renewed meanwhile, at 20 s and at 40 s.
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_secs(20)).await;
+            fence.extend(Instant::now() + lease);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let store = Flaky {
+            failures: Arc::new(Mutex::new(5)),
+            ..Flaky::default()
+        };
+        let inflight = InFlight::default();
+        inflight.insert((1, 1), fence.clone(), Instant::now());
+        let mut batch = vec![finished(1, 1, fence)];
+        commit_with_retry(&store, &inflight, &mut batch).await;
+        assert_eq!(*store.commits.lock().expect("lock"), vec![vec![(1, 1)]]);
+        assert!(store.discarded.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commits_stop_once_the_fence_is_lost() {
+        let fence = Fence::until(Instant::now() + Duration::from_secs(1));
+        let store = Flaky {
+            failures: Arc::new(Mutex::new(1000)),
+            ..Flaky::default()
+        };
+        let inflight = InFlight::default();
+        let mut batch = vec![finished(1, 1, fence)];
+        commit_with_retry(&store, &inflight, &mut batch).await;
+        assert!(batch.is_empty());
+        assert!(store.commits.lock().expect("lock").is_empty());
+        assert_eq!(*store.discarded.lock().expect("lock"), vec![(1, 1)]);
+    }
+
+    /// Defect 4: a batch holding a stale and a live attempt of one unit kept the first it saw.
+    #[tokio::test(start_paused = true)]
+    async fn the_newest_attempt_of_a_unit_is_the_one_committed() {
+        let held = || Fence::until(Instant::now() + Duration::from_secs(30));
+        let store = Flaky::default();
+        let inflight = InFlight::default();
+        let mut batch = vec![finished(1, 2, held()), finished(1, 3, held())];
+        commit_with_retry(&store, &inflight, &mut batch).await;
+        assert_eq!(*store.commits.lock().expect("lock"), vec![vec![(1, 3)]]);
+        assert_eq!(*store.discarded.lock().expect("lock"), vec![(1, 2)]);
+    }
 }

@@ -5,7 +5,9 @@
 //! - [`registry`]: kind → handler.
 //! - `listener`: LISTEN/NOTIFY wake-ups; the fetch loop also polls.
 //! - `completer`: batched, fenced completion of successful units.
-//! - `heartbeat`: lease renewal of running units.
+//! - `heartbeat`: lease renewal of running attempts, and the fences that follow it.
+//! - `inflight`: the attempts this process holds, keyed by (unit, attempt).
+//! - [`hooks`]: what a unit's life cycle does to its resource (the domain registers them).
 //! - [`backoff`]: retry delays.
 //! - [`journal`]: the durable at-most-once journal handed to adapters.
 //! - [`builtin`]: the kinds every engine knows (`setpoint.noop`, `setpoint.probe`).
@@ -14,6 +16,7 @@ pub mod backoff;
 pub mod builtin;
 mod completer;
 mod heartbeat;
+pub mod hooks;
 mod inflight;
 pub mod journal;
 mod listener;
@@ -25,22 +28,26 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use serde_json::json;
-use setpoint_adapter::{AdapterError, ErrorClass, IdempotencyToken, WorkContext};
+use setpoint_adapter::{
+    AdapterError, CODE_LEASE_LOST, ErrorClass, Fence, IdempotencyToken, WorkContext,
+};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use backoff::Backoff;
+pub use hooks::{Hooks, NoHooks, UnitHooks};
 pub use registry::Registry;
 
 use crate::store::StoreError;
-use crate::store::instances::instances_clear_active_work;
 use crate::store::work::{
-    ClaimFrom, ClaimedWork, Failure, FailureAction, work_claim, work_fail_if_leased,
+    ClaimFrom, ClaimedWork, Failure, FailureAction, work_abandon, work_claim, work_fail_if_leased,
 };
 use completer::Finished;
+use hooks::UnitEvent;
 use inflight::InFlight;
 
 /// How a worker process claims and runs units. Every field has a sane default.
@@ -53,14 +60,19 @@ pub struct WorkerConfig {
     /// Most units completed in one transaction.
     pub completion_batch: usize,
     /// How long a claim is valid without a heartbeat; a dead worker's units wait this long
-    /// before another worker takes them over.
+    /// before another worker takes them over. An attempt stops acting once a fifth of its
+    /// lease is all that is left since the last renewal that succeeded (see
+    /// [`WorkerConfig::hold`]), so it stops before another worker may start.
     pub lease: Duration,
-    /// How often running units' leases are renewed (keep well under `lease`).
+    /// How often running units' leases are renewed (at most half the lease; a third by
+    /// default, so that a failed renewal is retried before the attempt must stop).
     pub heartbeat_interval: Duration,
     /// How often to look for due units when no notification arrives (retries that became due,
     /// expired leases, lost notifications).
     pub poll_interval: Duration,
-    /// On shutdown, how long running units may take to finish.
+    /// On shutdown, how long running units may take to finish, their results included: the
+    /// runtime returns within it. Units still running then are abandoned (their leases
+    /// released, so any engine takes them over at once).
     pub shutdown_grace: Duration,
     /// The longest one attempt may run; past it the attempt fails as transient.
     pub max_runtime: Duration,
@@ -106,16 +118,26 @@ impl WorkerConfig {
                 "concurrency, claim_batch and completion_batch must be at least 1".into(),
             ));
         }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval > self.lease / 2 {
             return Err(WorkerError::Config(format!(
-                "heartbeat_interval ({:?}) must be positive and shorter than lease ({:?})",
-                self.heartbeat_interval, self.lease
+                "heartbeat_interval ({:?}) must be positive and at most half the lease ({:?}): \
+                 an attempt stops acting when its lease is not renewed within {:?}",
+                self.heartbeat_interval,
+                self.lease,
+                self.hold()
             )));
         }
         if self.poll_interval.is_zero() {
             return Err(WorkerError::Config("poll_interval must be positive".into()));
         }
         Ok(())
+    }
+
+    /// How long an attempt may act after the statement that last set its lease was sent: the
+    /// lease minus a fifth, a margin for the statement's latency and for clocks that do not
+    /// run at exactly the same rate.
+    pub fn hold(&self) -> Duration {
+        self.lease - self.lease / 5
     }
 }
 
@@ -133,7 +155,9 @@ pub fn default_worker_id() -> String {
 /// A worker process's runtime: claims, runs and completes units until shut down.
 pub struct Runtime {
     pool: PgPool,
+    control: PgPool,
     registry: Arc<Registry>,
+    hooks: Hooks,
     config: WorkerConfig,
     worker_id: String,
 }
@@ -142,6 +166,7 @@ pub struct Runtime {
 struct Shared {
     pool: PgPool,
     registry: Arc<Registry>,
+    hooks: Hooks,
     config: WorkerConfig,
     worker_id: String,
     inflight: InFlight,
@@ -149,7 +174,10 @@ struct Shared {
 }
 
 impl Runtime {
-    /// A runtime over `pool` running the kinds in `registry`.
+    /// A runtime over `pool` running the kinds in `registry`. Claims and failures use `pool`;
+    /// lease renewals and completions use a few connections of the runtime's own with the same
+    /// settings, so that nothing else on `pool` (an API, a flood of requests) can delay a
+    /// renewal past a lease.
     ///
     /// # Errors
     /// When `config` is invalid.
@@ -160,12 +188,33 @@ impl Runtime {
     ) -> Result<Self, WorkerError> {
         config.validate()?;
         let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        // A renewal that waits longer than its interval for a connection or an answer is
+        // pointless: the next round sends a fresh one.
+        let statement_ms = config
+            .heartbeat_interval
+            .max(Duration::from_secs(5))
+            .as_millis();
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("statement_timeout", format!("{statement_ms}ms"))]);
+        let control = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(config.heartbeat_interval.max(Duration::from_millis(200)))
+            .connect_lazy_with(options);
         Ok(Self {
             pool,
+            control,
             registry: Arc::new(registry),
+            hooks: Arc::new(NoHooks),
             config,
             worker_id,
         })
+    }
+
+    /// Sets what the units' life cycle does to their resources (default: nothing).
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     /// This worker's name in leases and events.
@@ -173,9 +222,10 @@ impl Runtime {
         &self.worker_id
     }
 
-    /// Runs until `shutdown` is cancelled, then stops claiming, lets running units finish for
-    /// up to the shutdown grace, commits their results, and returns. Units still running after
-    /// the grace keep their lease until it expires, then any worker rescues them.
+    /// Runs until `shutdown` is cancelled, then stops claiming and returns within the shutdown
+    /// grace: running units may finish and their results are committed; units still running
+    /// near the end of the grace are abandoned (their attempts stop, their leases are
+    /// released), so any engine takes them over at once.
     pub async fn run(self, shutdown: CancellationToken) {
         let cfg = self.config.clone();
         let wake = Arc::new(Notify::new());
@@ -189,16 +239,29 @@ impl Runtime {
             background.clone(),
         ));
         let heartbeat = tokio::spawn(heartbeat::run(
-            self.pool.clone(),
-            self.worker_id.clone(),
+            heartbeat::PgLeases {
+                pool: self.control.clone(),
+                worker: self.worker_id.clone(),
+                lease: cfg.lease,
+            },
             inflight.clone(),
-            cfg.heartbeat_interval,
-            cfg.lease,
+            heartbeat::Timing {
+                interval: cfg.heartbeat_interval,
+                hold: cfg.hold(),
+            },
+            background.clone(),
+        ));
+        let watchdog = tokio::spawn(heartbeat::watchdog(
+            inflight.clone(),
+            (cfg.lease / 20).clamp(Duration::from_millis(50), Duration::from_secs(1)),
             background.clone(),
         ));
         let completer = tokio::spawn(completer::run(
-            self.pool.clone(),
-            self.worker_id.clone(),
+            completer::PgCompletions {
+                pool: self.control.clone(),
+                worker: self.worker_id.clone(),
+                hooks: self.hooks.clone(),
+            },
             inflight.clone(),
             rx,
             cfg.completion_batch,
@@ -206,6 +269,7 @@ impl Runtime {
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
             registry: self.registry.clone(),
+            hooks: self.hooks.clone(),
             config: cfg.clone(),
             worker_id: self.worker_id.clone(),
             inflight: inflight.clone(),
@@ -216,23 +280,37 @@ impl Runtime {
         let tasks = TaskTracker::new();
         fetch_loop(&shared, &wake, &tasks, &shutdown).await;
 
-        tracing::info!(worker = %self.worker_id, running = inflight.len(), "shutting down: no new claims, waiting for running units");
+        // One deadline for everything that follows, so that the whole shutdown fits in the
+        // grace (an orchestrator kills the process after it).
+        let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+        let reserve = (cfg.shutdown_grace / 4).min(Duration::from_secs(5));
+        tracing::info!(worker = %self.worker_id, running = inflight.len(), grace = ?cfg.shutdown_grace,
+            "shutting down: no new claims, waiting for running units");
         tasks.close();
-        if tokio::time::timeout(cfg.shutdown_grace, tasks.wait())
+        if tokio::time::timeout_at(deadline - reserve, tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 running = inflight.len(),
-                "shutdown grace over; unfinished units will be rescued when their leases expire"
+                "shutdown grace nearly over; abandoning the units still running (their leases \
+                 are released, another engine takes them over)"
             );
+            inflight.lose_all("the engine is shutting down");
+            let _ = tokio::time::timeout_at(deadline - reserve / 2, tasks.wait()).await;
         }
         drop(shared);
         // The completer ends once every sender (the shared state and finished tasks) is gone.
-        let _ = tokio::time::timeout(cfg.shutdown_grace, completer).await;
+        if tokio::time::timeout_at(deadline, completer).await.is_err() {
+            tracing::warn!(
+                "shutdown grace over before the last results were committed; those units will be redone"
+            );
+        }
         background.cancel();
         let _ = listener.await;
         let _ = heartbeat.await;
+        let _ = watchdog.await;
+        self.control.close().await;
         tracing::info!(worker = %self.worker_id, "worker stopped");
     }
 }
@@ -273,8 +351,10 @@ async fn fetch_loop(
         if scanned_from == ClaimFrom::Start {
             last_full_scan = Instant::now();
         }
-        let claimed = claim(shared, wanted, scanned_from).await;
-        let units = match claimed {
+        // The time the claim is *sent*: the database's lease starts after it, so a fence
+        // counted from here never outlives the lease.
+        let sent_at = tokio::time::Instant::now();
+        let units = match claim(shared, wanted, scanned_from).await {
             Ok(units) => {
                 error_delay = Duration::from_millis(100);
                 units
@@ -295,13 +375,16 @@ async fn fetch_loop(
         from = ClaimFrom::after_last(&units);
         for (unit, permit) in units.into_iter().zip(permits.drain(..)) {
             crate::metrics::unit_claimed(&unit.kind);
-            shared.inflight.insert(unit.id, unit.attempt);
+            let fence = Fence::until(sent_at + cfg.hold());
+            shared
+                .inflight
+                .insert((unit.id, unit.attempt), fence.clone(), sent_at);
             let shared = shared.clone();
             // Boxed: the unit's future is several KB (handler, failure path, completion), and
             // tokio moves a task's future by value into its cell and again when it finishes;
             // at tens of thousands of units per second those copies dominated the engine's CPU.
             tasks.spawn(Box::pin(async move {
-                execute(&shared, unit).await;
+                execute(&shared, unit, fence).await;
                 drop(permit);
             }));
         }
@@ -321,31 +404,50 @@ async fn fetch_loop(
     }
 }
 
-/// Claims at most `n` units: the caller holds exactly `n` free slots.
+/// Claims at most `n` units: the caller holds exactly `n` free slots. Units that used all
+/// their attempts without reporting back are parked by the same transaction, with their
+/// resources' hooks.
 async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<ClaimedWork>, StoreError> {
-    let mut conn = shared.pool.acquire().await?;
-    work_claim(
-        &mut conn,
+    let mut tx = shared.pool.begin().await?;
+    let claimed = work_claim(
+        &mut tx,
         &shared.worker_id,
         n as i64,
         shared.config.lease.as_millis() as i64,
         from,
     )
-    .await
+    .await?;
+    for (unit, reason) in &claimed.poisoned {
+        tracing::error!(work_id = unit.id, token = %unit.token, kind = %unit.kind, attempt = unit.attempt,
+            "unit parked: its last attempt never reported back and it has no attempt left");
+        crate::metrics::unit_failed(&unit.kind, "transient", "park");
+        if let Some(resource_id) = unit.resource_id {
+            let event = UnitEvent {
+                work_id: unit.id,
+                resource_id,
+                reason,
+                operator: None,
+            };
+            shared.hooks.parked(&mut tx, &event).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(claimed.units)
 }
 
-/// Runs one claimed unit and hands its result on.
-async fn execute(shared: &Shared, unit: ClaimedWork) {
+/// Runs one attempt of a claimed unit and hands its result on. The attempt stops as soon as its
+/// fence is lost (its lease was not renewed in time, or it was taken over): its handler is
+/// dropped at its next await point, and no result of it is recorded.
+async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
     let span = tracing::info_span!("work", work_id = unit.id, token = %unit.token, kind = %unit.kind, attempt = unit.attempt);
     async {
         let started = Instant::now();
-        let lease_deadline = started + shared.config.lease;
         let token = match IdempotencyToken::parse(unit.token.clone()) {
             Ok(t) => t,
             Err(e) => {
                 // The table's CHECK constraint makes this unreachable; park rather than panic.
                 let err = AdapterError::permanent(format!("the unit's token is invalid: {e}"));
-                return Box::pin(fail(shared, &unit, err, Vec::new())).await;
+                return Box::pin(fail(shared, &unit, &fence, err, Vec::new())).await;
             }
         };
         let Some(handler) = shared.registry.get(&unit.kind).cloned() else {
@@ -356,7 +458,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                 shared.registry.kinds().join(", ")
             ))
             .with_code("unknown-kind");
-            return Box::pin(fail(shared, &unit, err, Vec::new())).await;
+            return Box::pin(fail(shared, &unit, &fence, err, Vec::new())).await;
         };
         let journal = Arc::new(journal::PgJournal::new(
             shared.pool.clone(),
@@ -370,33 +472,46 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
             unit.attempt,
             started + shared.config.max_runtime,
             journal,
-        );
+        )
+        .with_fence(fence.clone());
         if let Some(resource) = unit.resource_id {
             ctx = ctx.with_resource(resource, unit.tenant.clone());
         }
         tracing::debug!(rescued = unit.rescued, "running");
         let run = AssertUnwindSafe(handler.handle(&ctx, &unit.spec)).catch_unwind();
-        let result = match tokio::time::timeout(shared.config.max_runtime, run).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(AdapterError::permanent(format!(
-                    "the handler for {:?} panicked: {what}; this is a bug in that handler",
-                    unit.kind
+        let result = tokio::select! {
+            biased;
+            _ = fence.lost() => None,
+            r = tokio::time::timeout(shared.config.max_runtime, run) => Some(match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(AdapterError::permanent(format!(
+                        "the handler for {:?} panicked: {what}; this is a bug in that handler",
+                        unit.kind
+                    ))
+                    .with_code("handler-panic"))
+                }
+                Err(_) => Err(AdapterError::transient(format!(
+                    "the attempt did not finish within {:?}",
+                    shared.config.max_runtime
                 ))
-                .with_code("handler-panic"))
-            }
-            Err(_) => Err(AdapterError::transient(format!(
-                "the attempt did not finish within {:?}",
-                shared.config.max_runtime
-            ))
-            .with_code("timeout")),
+                .with_code("timeout")),
+            }),
         };
         let calls = ctx.calls();
+        let result = match result {
+            // Lost while running, or the handler saw the loss first (a failed fence check).
+            None => return abandon(shared, &unit, &fence, &calls).await,
+            Some(Err(e)) if e.code.as_deref() == Some(CODE_LEASE_LOST) => {
+                return abandon(shared, &unit, &fence, &calls).await;
+            }
+            Some(r) => r,
+        };
         crate::metrics::unit_finished(&unit.kind, result.as_ref().map_or_else(|e| e.class.as_str(), |_| "ok"), started.elapsed());
         match result {
             Ok(outcome) => {
@@ -413,7 +528,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                     tenant: unit.tenant.clone(),
                     outcome,
                     detail,
-                    lease_deadline,
+                    fence,
                 };
                 // Crash tests stop here: the handler's side effects happened, the completion
                 // did not commit.
@@ -423,17 +538,61 @@ async fn execute(shared: &Shared, unit: ClaimedWork) {
                 }
             }
             // Boxed: the failure path is rare and its future large (see fetch_loop).
-            Err(err) => Box::pin(fail(shared, &unit, err, calls)).await,
+            Err(err) => Box::pin(fail(shared, &unit, &fence, err, calls)).await,
         }
     }
     .instrument(span)
     .await
 }
 
-/// Records a failed attempt: retry with backoff, or park (permanent, or attempts used up).
-async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec<String>) {
+/// Ends an attempt that lost its unit: records that it stopped (the event lists the adapter
+/// calls it made) and releases the lease if the attempt still holds it, so that another
+/// attempt may start at once.
+async fn abandon(shared: &Shared, unit: &ClaimedWork, fence: &Fence, calls: &[String]) {
+    let why = fence
+        .lost_because()
+        .unwrap_or("the lease was not renewed in time");
+    tracing::warn!(%why, calls = ?calls, "attempt abandoned: it lost its unit; another attempt redoes it");
+    crate::metrics::unit_abandoned(&unit.kind);
+    let message = format!("attempt stopped: {why}");
+    let done = async {
+        let mut conn = shared.pool.acquire().await?;
+        work_abandon(
+            &mut conn,
+            &shared.worker_id,
+            unit.id,
+            unit.attempt,
+            &unit.token,
+            &message,
+        )
+        .await
+    };
+    if let Err(e) = done.await {
+        tracing::warn!(error = %e, "could not record the abandoned attempt; its lease runs out by itself");
+    }
+    shared.inflight.remove((unit.id, unit.attempt));
+}
+
+/// Records a failed attempt: retry with backoff, wait without counting the attempt, or park
+/// (permanent, or attempts used up).
+async fn fail(
+    shared: &Shared,
+    unit: &ClaimedWork,
+    fence: &Fence,
+    err: AdapterError,
+    calls: Vec<String>,
+) {
     let exhausted = unit.attempt >= unit.max_attempts;
     let (action, message) = match err.class {
+        ErrorClass::Transient if err.waiting => {
+            let delay = err.retry_after.unwrap_or(shared.config.backoff.base);
+            (
+                FailureAction::Wait {
+                    delay_ms: delay.as_millis() as i64,
+                },
+                err.message.clone(),
+            )
+        }
         ErrorClass::Transient if !exhausted => {
             let delay = shared.config.backoff.delay(unit.attempt, err.retry_after);
             (
@@ -452,18 +611,18 @@ async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec
         ),
         ErrorClass::Permanent => (FailureAction::Park, err.message.clone()),
     };
-    crate::metrics::unit_failed(
-        &unit.kind,
-        err.class.as_str(),
-        if matches!(action, FailureAction::Park) {
-            "park"
-        } else {
-            "retry"
-        },
-    );
+    let action_name = match action {
+        FailureAction::Retry { .. } => "retry",
+        FailureAction::Wait { .. } => "wait",
+        FailureAction::Park => "park",
+    };
+    crate::metrics::unit_failed(&unit.kind, err.class.as_str(), action_name);
     match &action {
         FailureAction::Retry { delay_ms } => {
             tracing::warn!(error = %err, retry_in_ms = delay_ms, "attempt failed; will retry")
+        }
+        FailureAction::Wait { delay_ms } => {
+            tracing::info!(reason = %err.message, retry_in_ms = delay_ms, "unit waits; the attempt does not count")
         }
         FailureAction::Park => tracing::error!(error = %err, "unit parked for an operator"),
     }
@@ -476,11 +635,12 @@ async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec
         action,
     };
     let mut delay = Duration::from_millis(50);
-    let lease_deadline = Instant::now() + shared.config.lease;
+    // Recording is worth retrying while the attempt holds the unit; after that the record
+    // would be fenced off anyway, and another attempt redoes the unit.
     loop {
         match record_failure(shared, &failure).await {
             Ok(()) => break,
-            Err(e) if Instant::now() < lease_deadline => {
+            Err(e) if fence.is_held() => {
                 tracing::warn!(error = %e, "recording the failure failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -491,23 +651,21 @@ async fn fail(shared: &Shared, unit: &ClaimedWork, err: AdapterError, calls: Vec
             }
         }
     }
-    shared.inflight.remove(unit.id);
+    shared.inflight.remove((unit.id, unit.attempt));
 }
 
 async fn record_failure(shared: &Shared, failure: &Failure) -> Result<(), StoreError> {
     let mut tx = shared.pool.begin().await?;
     let applied = work_fail_if_leased(&mut tx, &shared.worker_id, failure).await?;
     match applied {
-        Some((Some(resource), _)) if matches!(failure.action, FailureAction::Park) => {
-            instances_clear_active_work(&mut tx, &[resource]).await?;
-            // Hook (workflows): the instance shows the failure and the operator's options.
-            crate::workflows::conditions::record_parked(
-                &mut tx,
-                resource,
-                failure.id,
-                &failure.message,
-            )
-            .await?;
+        Some((Some(resource_id), _)) if matches!(failure.action, FailureAction::Park) => {
+            let event = UnitEvent {
+                work_id: failure.id,
+                resource_id,
+                reason: &failure.message,
+                operator: None,
+            };
+            shared.hooks.parked(&mut tx, &event).await?;
         }
         Some(_) => {}
         None => tracing::warn!("failure discarded: the lease was lost"),

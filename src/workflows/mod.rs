@@ -22,11 +22,13 @@
 //! - [`conditions`]: Kubernetes-style conditions and the parked-chain hook.
 //! - `create`, `update`, `delete`: the steps of each operation.
 //! - [`drift`]: the observe step, healing, and the periodic [`drift::Resync`].
+//! - [`hooks`]: what a unit's life cycle does to its instance ([`hooks::InstanceHooks`]).
 
 pub mod conditions;
 mod create;
 mod delete;
 pub mod drift;
+pub mod hooks;
 mod update;
 
 use std::sync::Arc;

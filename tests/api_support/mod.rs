@@ -129,7 +129,11 @@ impl Env {
             worker_id: Some("test-worker".into()),
             ..WorkerConfig::default()
         };
-        let runtime = Runtime::new(self.db.pool.clone(), registry, config).unwrap();
+        let runtime = Runtime::new(self.db.pool.clone(), registry, config)
+            .unwrap()
+            .with_hooks(std::sync::Arc::new(
+                setpoint::workflows::hooks::InstanceHooks,
+            ));
         let stop = self.shutdown.clone();
         tokio::spawn(async move { runtime.run(stop).await });
     }

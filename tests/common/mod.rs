@@ -122,7 +122,11 @@ pub fn start_runtime(pool: &PgPool, config: WorkerConfig, extra: Registry) -> In
     registry
         .register(typed(setpoint::worker::builtin::Noop))
         .expect("register noop");
-    let runtime = Runtime::new(pool.clone(), registry, config).expect("runtime");
+    let runtime = Runtime::new(pool.clone(), registry, config)
+        .expect("runtime")
+        .with_hooks(std::sync::Arc::new(
+            setpoint::workflows::hooks::InstanceHooks,
+        ));
     let stop = CancellationToken::new();
     let handle = tokio::spawn(runtime.run(stop.clone()));
     InProcess { stop, handle }

@@ -141,13 +141,15 @@ impl Fence {
         }
     }
 
-    /// Resolves once the engine has said the attempt lost its unit ([`Fence::lose`]); the
-    /// engine does so as soon as the fence's time passes, so waiting on this is waiting for
-    /// the loss. Never resolves for a fence that is never lost.
+    /// Resolves once the attempt lost its unit: at once when that already happened (its time
+    /// passed, or the engine said so), otherwise when the engine says so ([`Fence::lose`]),
+    /// which it does as soon as the fence's time passes. Never resolves for a fence that is
+    /// never lost. Polled before the work it guards (as [`Fence::guard`] does), it stops that
+    /// work at the first poll after a pause, before the work can take another step.
     pub async fn lost(&self) {
         loop {
             let notified = self.inner.notify.notified();
-            if self.inner.lost.load(Ordering::Acquire) {
+            if !self.is_held() {
                 return;
             }
             notified.await;
