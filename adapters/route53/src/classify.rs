@@ -4,9 +4,8 @@
 //! (Route 53 is still applying an earlier change to the zone), `HostedZoneAlreadyExists` (the
 //! zone this token made is not visible yet; the retry finds and adopts it), any 5xx, timeouts,
 //! connection and other dispatch failures, unreadable responses, an expired signature.
-//! An `InvalidChangeBatch` that says a record to delete was not found, or one to create
-//! already exists, is transient too: the zone changed between reading and writing, and the
-//! retry reads it again. Permanent: any other `InvalidChangeBatch`, `InvalidInput`, `InvalidDomainName`, `NoSuchHostedZone`
+//! An `InvalidChangeBatch` that says a record to delete was not found is transient too: the
+//! zone changed between reading and writing, and the retry reads it again. Permanent: any other `InvalidChangeBatch`, `InvalidInput`, `InvalidDomainName`, `NoSuchHostedZone`
 //! (callers that can take "already gone" handle it before it gets here), `HostedZoneNotEmpty`,
 //! access and credential failures, quotas, and any other 4xx code (a client error that the same
 //! request repeats). A `Retry-After` header, where Route 53 sends one, becomes `retry_after`.
@@ -160,12 +159,9 @@ pub fn classify_code(
                 "{operation}: Route 53 reported a temporary problem ({aws}); retrying"
             ))
         }
-        // A DELETE of what the zone held when setpoint read it, or a CREATE of what it did not
-        // hold: the zone changed in between. The retry reads it again and decides afresh
-        // (refusing, permanently, a record someone else wrote meanwhile).
-        "InvalidChangeBatch"
-            if aws.contains("but it was not found") || aws.contains("but it already exists") =>
-        {
+        // A DELETE of what the zone held when setpoint read it: the zone changed in between.
+        // The retry reads it again and decides afresh.
+        "InvalidChangeBatch" if aws.contains("but it was not found") => {
             AdapterError::transient(format!(
                 "{operation}: the zone changed while setpoint was writing to it ({aws}); the \
                  retry reads it again"
@@ -310,21 +306,23 @@ mod tests {
 
     #[test]
     fn a_zone_that_changed_under_a_batch_is_transient() {
-        for message in [
-            "Tried to delete resource record set [name='a.example.com.', type='A'] but it was \
-             not found",
-            "Tried to create resource record set [name='a.example.com.', type='A'] but it \
-             already exists",
-        ] {
-            let e = classify_code(
-                "ChangeResourceRecordSets",
-                Some("InvalidChangeBatch"),
-                Some(message),
-                400,
-            );
-            assert!(e.is_transient(), "{e}");
-            assert_eq!(e.retry_after, Some(BUSY_RETRY_AFTER));
-        }
+        let message = "Tried to delete resource record set [name='a.example.com.', type='A'] \
+                       but it was not found";
+        let e = classify_code(
+            "ChangeResourceRecordSets",
+            Some("InvalidChangeBatch"),
+            Some(message),
+            400,
+        );
+        assert!(e.is_transient(), "{e}");
+        assert_eq!(e.retry_after, Some(BUSY_RETRY_AFTER));
+        let e = classify_code(
+            "ChangeResourceRecordSets",
+            Some("InvalidChangeBatch"),
+            Some("RRSet of type CNAME with DNS name a.example.com. is not permitted"),
+            400,
+        );
+        assert!(!e.is_transient(), "{e}");
     }
 
     #[test]

@@ -5,11 +5,18 @@
 //! 2. [`assess`]: for each record of the spec, whether it is there and ours (`Same`,
 //!    `Changed`), absent (`Missing`) or held by someone else (`Blocked`); and which records of
 //!    ours the spec no longer holds (leftovers).
-//! 3. [`plan`]: the changes. A missing record is written with `CREATE` together with its
-//!    ownership record, in one batch, so Route 53 itself refuses if anyone wrote the name
-//!    meanwhile; a record of ours is changed with `UPSERT`; a leftover is deleted with its
-//!    ownership record, in one batch, with the contents Route 53 showed (which `DELETE`
-//!    requires). Anything blocked refuses the whole sync before any change.
+//! 3. [`plan`]: the changes. A missing record is written with `UPSERT` together with its
+//!    ownership record, in one batch; a record of ours is changed with `UPSERT`; a leftover is
+//!    deleted with its ownership record, in one batch, with the contents Route 53 showed
+//!    (which `DELETE` requires). Anything blocked refuses the whole sync before any change.
+//!
+//! Why `UPSERT` and not `CREATE` for a missing record, although `CREATE` would make Route 53
+//! itself refuse a record someone wrote in the milliseconds between the read and the write:
+//! moto refuses to `CREATE` a record identical to one deleted earlier whenever any record
+//! sorts after it in the zone (it checks its change journal, then every record from that name
+//! on), so "remove a record, later add it back" would fail against moto for ever. The
+//! ownership check before the write is what keeps others' records safe; the remaining window
+//! is the time between `ListResourceRecordSets` and `ChangeResourceRecordSets`.
 //! 4. [`drift`]: the same assessment as a list of differences, for observation.
 
 use std::collections::BTreeMap;
@@ -177,8 +184,8 @@ impl<'a> Index<'a> {
 pub(crate) enum Status {
     /// Ours, with the spec's contents.
     Same,
-    /// Not in the zone; `owned` when our ownership record is still there.
-    Missing { owned: bool },
+    /// Not in the zone (our ownership record may still be there).
+    Missing,
     /// Ours, with other contents.
     Changed { observed: RecordValues },
     /// Someone else's (or in the way of a CNAME); `reason` is for a person.
@@ -228,9 +235,7 @@ pub(crate) fn assess<'a>(
                      {owner_name})"
                 ),
             },
-            (owner, None) => Status::Missing {
-                owned: owner.is_some(),
-            },
+            (_, None) => Status::Missing,
             (Some(_), Some(r)) => {
                 let observed = r.contents(key.record_type);
                 if r.raw.alias_target().is_none() && observed == values_of(want) {
@@ -241,7 +246,7 @@ pub(crate) fn assess<'a>(
             }
         };
         let status = match status {
-            Status::Missing { .. } | Status::Same | Status::Changed { .. } => {
+            Status::Missing | Status::Same | Status::Changed { .. } => {
                 cname_conflict(index, key).map_or(status, |reason| Status::Blocked { reason })
             }
             blocked => blocked,
@@ -347,15 +352,10 @@ pub(crate) fn plan(
         };
         match status {
             Status::Same => out.unchanged.push(key.clone()),
-            Status::Missing { owned } => {
-                let owner_action = if *owned {
-                    ChangeAction::Upsert
-                } else {
-                    ChangeAction::Create
-                };
+            Status::Missing => {
                 units.push(vec![
-                    change(ChangeAction::Create, record_set(key, want)?)?,
-                    change(owner_action, ownership_set(key, resource)?)?,
+                    change(ChangeAction::Upsert, record_set(key, want)?)?,
+                    change(ChangeAction::Upsert, ownership_set(key, resource)?)?,
                 ]);
                 out.created.push(key.clone());
             }
@@ -467,7 +467,7 @@ pub(crate) fn drift(
     for (key, status) in &assessment.records {
         match status {
             Status::Same => {}
-            Status::Missing { .. } => out.push(Drift::RecordMissing {
+            Status::Missing => out.push(Drift::RecordMissing {
                 record: key.clone(),
             }),
             Status::Changed { observed } => {
@@ -572,7 +572,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_record_is_created_with_its_ownership_record_in_one_batch() {
+    fn a_new_record_is_written_with_its_ownership_record_in_one_batch() {
         let me = Uuid::new_v4();
         let all = apex();
         let want = desired(&[("www", RecordType::A, &["192.0.2.1"])]);
@@ -582,8 +582,8 @@ mod tests {
         assert_eq!(
             actions(&p),
             vec![vec![
-                "CREATE A www.example.com.",
-                "CREATE TXT _setpoint-a.www.example.com."
+                "UPSERT A www.example.com.",
+                "UPSERT TXT _setpoint-a.www.example.com."
             ]]
         );
         assert_eq!(p.created.len(), 1);
@@ -702,8 +702,8 @@ mod tests {
                 "DELETE TXT _setpoint-mx.example.com.",
                 "DELETE CNAME old.example.com.",
                 "DELETE TXT _setpoint-cname.old.example.com.",
-                "CREATE A old.example.com.",
-                "CREATE TXT _setpoint-a.old.example.com.",
+                "UPSERT A old.example.com.",
+                "UPSERT TXT _setpoint-a.old.example.com.",
             ]]
         );
         assert_eq!(p.deleted.len(), 2);
@@ -716,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_ownership_record_is_rewritten_with_upsert() {
+    fn a_record_lost_by_hand_is_written_again_with_its_ownership_record() {
         let me = Uuid::new_v4();
         let mut all = apex();
         all.push(owner("_setpoint-a.www.example.com.", me));
@@ -726,7 +726,7 @@ mod tests {
         assert_eq!(
             actions(&p),
             vec![vec![
-                "CREATE A www.example.com.",
+                "UPSERT A www.example.com.",
                 "UPSERT TXT _setpoint-a.www.example.com."
             ]]
         );

@@ -1,0 +1,336 @@
+//! Test fixtures: a moto server per test binary, a fake Route 53 endpoint, client helpers.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aws_sdk_route53::Client;
+use aws_sdk_route53::config::Credentials;
+use aws_sdk_route53::types::{
+    Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType, TagResourceType,
+};
+use setpoint_route53::{RecordSpec, RecordType, Route53Config, Route53Dns, ZoneRequest, ZoneSpec};
+
+/// A moto server process, killed on drop. The Python side also exits when the test binary
+/// does (it watches its parent), so a `static` fixture never outlives the tests.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto on a free port, waiting until it listens.
+    pub fn start() -> Moto {
+        let port = free_port();
+        let script = format!(
+            "import os, sys, threading, time\n\
+             parent = os.getppid()\n\
+             def watch():\n\
+             \x20   while os.getppid() == parent:\n\
+             \x20       time.sleep(0.5)\n\
+             \x20   os._exit(0)\n\
+             threading.Thread(target=watch, daemon=True).start()\n\
+             from moto.server import main\n\
+             main(['-H', '127.0.0.1', '-p', '{port}'])\n"
+        );
+        let child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with moto[server] must be installed");
+        let moto = Moto { child, port };
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < give_up,
+                "moto did not start on port {port}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        moto
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One moto for the test binary; tests use zones of their own names, so they share it.
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(Moto::start)
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A configuration for tests: one SDK attempt, short timeouts, tiny pages (so every listing
+/// in the tests pages).
+pub fn config(endpoint: &str) -> Route53Config {
+    let mut c = Route53Config {
+        endpoint_url: Some(endpoint.to_owned()),
+        max_attempts: 1,
+        zones_page_size: 2,
+        records_page_size: 3,
+        ..Route53Config::default()
+    };
+    c.timeouts.connect_ms = 2_000;
+    c.timeouts.attempt_ms = 15_000;
+    c.timeouts.operation_ms = 20_000;
+    c
+}
+
+pub async fn dns(config: Route53Config) -> Route53Dns {
+    let client = config
+        .client_with_credentials(Credentials::new("testing", "testing", None, None, "tests"))
+        .await
+        .unwrap();
+    Route53Dns::from_client(client, config)
+}
+
+/// The adapter on the shared moto.
+pub async fn moto_dns() -> Route53Dns {
+    dns(config(&moto().url())).await
+}
+
+/// A zone name no other test uses.
+pub fn unique_zone() -> String {
+    format!(
+        "t{}.example.com",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+pub fn record(name: &str, t: RecordType, ttl: u32, values: &[&str]) -> RecordSpec {
+    RecordSpec {
+        name: name.to_owned(),
+        record_type: t,
+        ttl,
+        values: values.iter().map(|v| (*v).to_owned()).collect(),
+        set_identifier: None,
+        weight: None,
+    }
+}
+
+pub fn weighted(name: &str, t: RecordType, set: &str, weight: u8, values: &[&str]) -> RecordSpec {
+    RecordSpec {
+        set_identifier: Some(set.to_owned()),
+        weight: Some(weight),
+        ..record(name, t, 60, values)
+    }
+}
+
+pub fn request(zone: &str, records: Vec<RecordSpec>) -> ZoneRequest {
+    ZoneRequest {
+        resource_id: uuid::Uuid::new_v4(),
+        tenant: "acme".to_owned(),
+        spec: ZoneSpec {
+            name: zone.to_owned(),
+            comment: Some("made by setpoint tests".to_owned()),
+            records,
+        },
+    }
+}
+
+/// Zones (bare ids) with this name, read directly from Route 53 (all pages).
+pub async fn zones_named(client: &Client, name: &str) -> Vec<String> {
+    let wanted = format!("{}.", name.trim_end_matches('.'));
+    let mut out = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = client
+            .list_hosted_zones()
+            .set_marker(marker.take())
+            .send()
+            .await
+            .unwrap();
+        out.extend(
+            page.hosted_zones()
+                .iter()
+                .filter(|z| z.name() == wanted)
+                .map(|z| z.id().trim_start_matches("/hostedzone/").to_owned()),
+        );
+        match page.next_marker() {
+            Some(m) if page.is_truncated() => marker = Some(m.to_owned()),
+            _ => return out,
+        }
+    }
+}
+
+/// Every record set of a zone as `(TYPE, name, values)`, sorted, read directly.
+pub async fn record_sets(client: &Client, zone_id: &str) -> Vec<(String, String, Vec<String>)> {
+    let out = client
+        .list_resource_record_sets()
+        .hosted_zone_id(zone_id)
+        .send()
+        .await
+        .unwrap();
+    assert!(!out.is_truncated(), "the tests' zones fit in one page");
+    let mut sets: Vec<_> = out
+        .resource_record_sets()
+        .iter()
+        .map(|r| {
+            (
+                r.r#type().as_str().to_owned(),
+                r.name().to_owned(),
+                r.resource_records()
+                    .iter()
+                    .map(|v| v.value().to_owned())
+                    .collect(),
+            )
+        })
+        .collect();
+    sets.sort();
+    sets
+}
+
+/// The values of one record set (`None` if absent), read directly.
+pub async fn values_of(client: &Client, zone_id: &str, t: &str, name: &str) -> Option<Vec<String>> {
+    record_sets(client, zone_id)
+        .await
+        .into_iter()
+        .find(|(rt, n, _)| rt == t && n == name)
+        .map(|(_, _, v)| v)
+}
+
+/// The zone's tags, read directly.
+pub async fn tags(client: &Client, zone_id: &str) -> Vec<(String, String)> {
+    let out = client
+        .list_tags_for_resource()
+        .resource_type(TagResourceType::Hostedzone)
+        .resource_id(zone_id)
+        .send()
+        .await
+        .unwrap();
+    let mut tags: Vec<_> = out
+        .resource_tag_set()
+        .map(|s| s.tags().to_vec())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// Writes a record set directly, as someone outside setpoint would.
+pub async fn write_directly(
+    client: &Client,
+    zone_id: &str,
+    action: ChangeAction,
+    name: &str,
+    t: RrType,
+    ttl: i64,
+    values: &[&str],
+) {
+    let mut set = ResourceRecordSet::builder().name(name).r#type(t).ttl(ttl);
+    for v in values {
+        set = set.resource_records(ResourceRecord::builder().value(*v).build().unwrap());
+    }
+    client
+        .change_resource_record_sets()
+        .hosted_zone_id(zone_id)
+        .change_batch(
+            ChangeBatch::builder()
+                .changes(
+                    Change::builder()
+                        .action(action)
+                        .resource_record_set(set.build().unwrap())
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A fake Route 53 endpoint: answers every request with `status` and `body`. Runs until the
+/// process exits.
+pub fn fake_endpoint(status: u16, body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let _ = read_request(&mut stream);
+                let response = format!(
+                    "HTTP/1.1 {status} Error\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes());
+                let _ = stream.flush();
+            });
+        }
+    });
+    url
+}
+
+/// Route 53's XML error body for `code`.
+pub fn error_body(code: &str, message: &str) -> &'static str {
+    Box::leak(
+        format!(
+            "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"https://route53.amazonaws.com/doc/\
+             2013-04-01/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}\
+             </Message></Error><RequestId>r-1</RequestId></ErrorResponse>"
+        )
+        .into_boxed_str(),
+    )
+}
+
+fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(());
+        }
+    }
+}
