@@ -2,7 +2,8 @@
 //!
 //! Transient: throttling (`Throttling`, `ThrottlingException`, HTTP 429), `PriorRequestNotComplete`
 //! (Route 53 is still applying an earlier change to the zone), `HostedZoneAlreadyExists` (the
-//! zone this token made is not visible yet; the retry finds and adopts it), any 5xx, timeouts,
+//! zone this token made was not listed; the retry looks again — `ensure_zone` itself turns it
+//! permanent when the zone is gone for good), any 5xx, timeouts,
 //! connection and other dispatch failures, unreadable responses, an expired signature.
 //! An `InvalidChangeBatch` that says a record to delete was not found is transient too: the
 //! zone changed between reading and writing, and the retry reads it again. Permanent: any other `InvalidChangeBatch`, `InvalidInput`, `InvalidDomainName`, `NoSuchHostedZone`
@@ -143,11 +144,12 @@ pub fn classify_code(
              retrying later"
         ))
         .with_retry_after(BUSY_RETRY_AFTER),
-        // Only reachable when the lookup by CallerReference missed a zone this token made (it
-        // was not listed yet); the retry looks again and adopts it.
+        // The lookup by CallerReference missed a zone this token made; the retry looks again
+        // and adopts it. (`ensure_zone` looks again at once, and makes it permanent if the zone
+        // is gone: a CallerReference can never create a second zone.)
         "HostedZoneAlreadyExists" => AdapterError::transient(format!(
             "{operation}: Route 53 already made a zone for this unit's token ({aws}) but did not \
-             list it yet; the retry adopts it"
+             list it; the retry looks for it again"
         ))
         .with_retry_after(BUSY_RETRY_AFTER),
         "RequestExpired" => AdapterError::transient(format!(

@@ -112,11 +112,12 @@ impl Route53Dns {
                 }
                 None => match self.create_zone(token, request, &desired, fence).await {
                     Ok(zone) => zone,
-                    // The zone exists but was not listed yet (AWS only; moto makes a second
-                    // zone): look once more, else let the retry find it.
+                    // AWS only (moto makes a second zone): Route 53 already used this token.
+                    // Either the zone was not listed a moment ago, or it was deleted since:
+                    // a CallerReference can create one zone, ever.
                     Err(e) if e.code.as_deref() == Some("HostedZoneAlreadyExists") => {
                         let Some(mut zone) = self.find_zone(token).await? else {
-                            return Err(e);
+                            return Err(caller_reference_spent(token, &e));
                         };
                         zone.adopted = true;
                         self.check_adopted(&zone, token, request, &desired).await?;
@@ -704,6 +705,18 @@ fn zone_not_found(zone: &ZoneRef) -> AdapterError {
         }
     ))
     .with_code(CODE_ZONE_NOT_FOUND)
+}
+
+fn caller_reference_spent(token: &IdempotencyToken, e: &AdapterError) -> AdapterError {
+    AdapterError::permanent(format!(
+        "CreateHostedZone: Route 53 already created a zone with this unit's token {token} as \
+         CallerReference, and no such zone exists now ({}): it was deleted outside setpoint, \
+         and Route 53 never lets a CallerReference create a second zone. Cancel this unit (a \
+         new unit, with a new token, creates the zone); if the zone does show up in Route 53, \
+         retry the unit instead and it is adopted",
+        e.message
+    ))
+    .with_code("HostedZoneAlreadyExists")
 }
 
 fn name_changed(zone: &ZoneInfo, desired: &Desired) -> AdapterError {

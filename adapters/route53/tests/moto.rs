@@ -729,3 +729,35 @@ async fn route53_failures_are_classified_from_real_responses() {
     let refused = dns(config(&format!("http://127.0.0.1:{}", free_port()))).await;
     assert!(refused.find_zone(&token).await.unwrap_err().is_transient());
 }
+
+#[tokio::test]
+async fn a_caller_reference_whose_zone_was_deleted_parks_the_unit() {
+    // AWS only (moto never refuses a CallerReference): the listing shows no zone for the
+    // token, yet CreateHostedZone answers HostedZoneAlreadyExists, because the token's zone
+    // was deleted outside setpoint. Retrying cannot help: park it with what to do.
+    let url = fake_route53(|line| {
+        if line.starts_with("GET ") {
+            (200, NO_ZONES)
+        } else {
+            (
+                409,
+                error_body(
+                    "HostedZoneAlreadyExists",
+                    "A hosted zone has already been created with the specified caller reference.",
+                ),
+            )
+        }
+    });
+    let dns = dns(config(&url)).await;
+    let err = dns
+        .ensure_zone(
+            &IdempotencyToken::generate(),
+            &request("example.com", vec![]),
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code.as_deref(), Some("HostedZoneAlreadyExists"));
+    assert!(err.message.contains("Cancel this unit"), "{err}");
+}

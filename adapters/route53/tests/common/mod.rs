@@ -275,15 +275,24 @@ pub async fn write_directly(
 /// A fake Route 53 endpoint: answers every request with `status` and `body`. Runs until the
 /// process exits.
 pub fn fake_endpoint(status: u16, body: &'static str) -> String {
+    fake_route53(move |_| (status, body))
+}
+
+/// A fake Route 53 endpoint that answers each request with what `route` gives for its request
+/// line (`POST /2013-04-01/hostedzone HTTP/1.1`). Runs until the process exits.
+pub fn fake_route53(route: impl Fn(&str) -> (u16, &'static str) + Send + Sync + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let route = std::sync::Arc::new(route);
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
+            let route = route.clone();
             thread::spawn(move || {
-                let _ = read_request(&mut stream);
+                let line = read_request(&mut stream).unwrap_or_default();
+                let (status, body) = route(&line);
                 let response = format!(
-                    "HTTP/1.1 {status} Error\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
+                    "HTTP/1.1 {status} Answer\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
                      Connection: close\r\n\r\n{body}",
                     body.len()
                 );
@@ -294,6 +303,11 @@ pub fn fake_endpoint(status: u16, body: &'static str) -> String {
     });
     url
 }
+
+/// An empty `ListHostedZones` answer.
+pub const NO_ZONES: &str = "<?xml version=\"1.0\"?>\n<ListHostedZonesResponse \
+     xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><HostedZones/><Marker></Marker>\
+     <IsTruncated>false</IsTruncated><MaxItems>2</MaxItems></ListHostedZonesResponse>";
 
 /// Route 53's XML error body for `code`.
 pub fn error_body(code: &str, message: &str) -> &'static str {
@@ -307,17 +321,20 @@ pub fn error_body(code: &str, message: &str) -> &'static str {
     )
 }
 
-fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
+/// Reads one request; returns its request line.
+fn read_request(stream: &mut TcpStream) -> std::io::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Ok(());
+            return Ok(String::new());
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let head = head.to_ascii_lowercase();
             let len = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
@@ -326,11 +343,11 @@ fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
             while buf.len() < end + 4 + len {
                 let n = stream.read(&mut chunk)?;
                 if n == 0 {
-                    return Ok(());
+                    return Ok(line);
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            return Ok(());
+            return Ok(line);
         }
     }
 }
