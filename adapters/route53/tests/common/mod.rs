@@ -108,17 +108,85 @@ pub async fn dns(config: Route53Config) -> Route53Dns {
     Route53Dns::from_client(client, config)
 }
 
-/// The adapter on the shared moto.
-pub async fn moto_dns() -> Route53Dns {
+/// True when the tests run against AWS instead of moto (`SETPOINT_ROUTE53_TEST_AWS=1`).
+pub fn on_aws() -> bool {
+    std::env::var("SETPOINT_ROUTE53_TEST_AWS").is_ok_and(|v| v == "1")
+}
+
+/// The adapter on the tests' peer: the shared moto, or AWS with the standard credential chain
+/// when [`on_aws`].
+pub async fn peer_dns() -> Route53Dns {
+    if on_aws() {
+        let c = Route53Config {
+            zones_page_size: 2,
+            records_page_size: 3,
+            ..Route53Config::default()
+        };
+        return Route53Dns::connect(c).await.unwrap();
+    }
     dns(config(&moto().url())).await
 }
 
-/// A zone name no other test uses.
+/// A zone name no other test uses, under `SETPOINT_ROUTE53_TEST_DOMAIN` (default
+/// `example.com`).
 pub fn unique_zone() -> String {
+    let parent =
+        std::env::var("SETPOINT_ROUTE53_TEST_DOMAIN").unwrap_or_else(|_| "example.com".to_owned());
     format!(
-        "t{}.example.com",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
+        "t{}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12],
+        parent.trim_end_matches('.')
     )
+}
+
+/// Removes a test zone whatever it holds (records other than the apex SOA/NS, then the zone),
+/// so that runs against AWS leave nothing behind.
+pub async fn purge(client: &Client, zone_id: &str) {
+    let Ok(zone) = client.get_hosted_zone().id(zone_id).send().await else {
+        return;
+    };
+    let apex = zone
+        .hosted_zone()
+        .map(|z| z.name().to_owned())
+        .unwrap_or_default();
+    let out = client
+        .list_resource_record_sets()
+        .hosted_zone_id(zone_id)
+        .send()
+        .await
+        .unwrap();
+    let changes: Vec<Change> = out
+        .resource_record_sets()
+        .iter()
+        .filter(|r| !(r.name() == apex && matches!(r.r#type(), RrType::Soa | RrType::Ns)))
+        .map(|r| {
+            Change::builder()
+                .action(ChangeAction::Delete)
+                .resource_record_set(r.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    if !changes.is_empty() {
+        client
+            .change_resource_record_sets()
+            .hosted_zone_id(zone_id)
+            .change_batch(
+                ChangeBatch::builder()
+                    .set_changes(Some(changes))
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    client
+        .delete_hosted_zone()
+        .id(zone_id)
+        .send()
+        .await
+        .unwrap();
 }
 
 pub fn record(name: &str, t: RecordType, ttl: u32, values: &[&str]) -> RecordSpec {
