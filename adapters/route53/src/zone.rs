@@ -103,15 +103,15 @@ impl Route53Dns {
         let span = info_span!("route53.ensure_zone", %token, zone = %desired.zone);
         async {
             // Observe before act: an earlier attempt may have created the zone already.
-            let zone = match self.find_zone(token).await? {
+            let (zone, tags) = match self.find_zone(token).await? {
                 Some(mut zone) => {
                     info!(zone_id = %zone.id, "adopting the zone an earlier attempt created");
                     zone.adopted = true;
-                    self.check_adopted(&zone, token, request, &desired).await?;
-                    zone
+                    let tags = self.check_adopted(&zone, token, request, &desired).await?;
+                    (zone, tags)
                 }
                 None => match self.create_zone(token, request, &desired, fence).await {
-                    Ok(zone) => zone,
+                    Ok(zone) => (zone, BTreeMap::new()),
                     // AWS only (moto makes a second zone): Route 53 already used this token.
                     // Either the zone was not listed a moment ago, or it was deleted since:
                     // a CallerReference can create one zone, ever.
@@ -120,13 +120,14 @@ impl Route53Dns {
                             return Err(caller_reference_spent(token, &e));
                         };
                         zone.adopted = true;
-                        self.check_adopted(&zone, token, request, &desired).await?;
-                        zone
+                        let tags = self.check_adopted(&zone, token, request, &desired).await?;
+                        (zone, tags)
                     }
                     Err(e) => return Err(e),
                 },
             };
-            self.ensure_tags(&zone, token, request, fence).await?;
+            self.ensure_tags(&zone, &tags, token, request, fence)
+                .await?;
             Ok(zone)
         }
         .instrument(span)
@@ -148,7 +149,7 @@ impl Route53Dns {
             let page = self
                 .client
                 .list_hosted_zones()
-                .max_items(self.config.zones_page_size as i32)
+                .max_items(self.config.zones_page_size.clamp(1, 100) as i32)
                 .set_marker(marker.take())
                 .send()
                 .await
@@ -209,6 +210,11 @@ impl Route53Dns {
                 return Err(name_changed(&info, &desired));
             }
             self.check_owned(&info, zone, request.resource_id).await?;
+            // Read and decide first: a refused sync changes nothing, not even the comment.
+            let all = self.record_sets(&info.id).await?;
+            let index = Index::new(&all, request.resource_id);
+            let assessment = plan::assess(&index, &desired.records);
+            let planned = plan::plan(&assessment, &desired.records, request.resource_id)?;
             let mut outcome = SyncOutcome {
                 zone_id: info.id.clone(),
                 ..SyncOutcome::default()
@@ -225,10 +231,6 @@ impl Route53Dns {
                     .map_err(|e| classify("UpdateHostedZoneComment", &e))?;
                 outcome.comment_updated = true;
             }
-            let all = self.record_sets(&info.id).await?;
-            let index = Index::new(&all, request.resource_id);
-            let assessment = plan::assess(&index, &desired.records);
-            let planned = plan::plan(&assessment, &desired.records, request.resource_id)?;
             outcome.change_batches = self
                 .send_batches(token, &info.id, planned.batches, fence)
                 .await?;
@@ -416,14 +418,15 @@ impl Route53Dns {
         Ok(zone)
     }
 
-    /// Refuses to adopt a zone of this token that is not what the request asks for.
+    /// Refuses to adopt a zone of this token that is not what the request asks for; returns
+    /// the zone's tags.
     async fn check_adopted(
         &self,
         zone: &ZoneInfo,
         token: &IdempotencyToken,
         request: &ZoneRequest,
         desired: &Desired,
-    ) -> Result<(), AdapterError> {
+    ) -> Result<BTreeMap<String, String>, AdapterError> {
         if zone.name != desired.zone {
             return Err(name_changed(zone, desired));
         }
@@ -438,14 +441,16 @@ impl Route53Dns {
                 ))
                 .with_code(CODE_ZONE_NOT_OWNED))
             }
-            _ => Ok(()),
+            _ => Ok(tags),
         }
     }
 
-    /// Adds the tags the zone lacks (all four right after a create).
+    /// Adds the tags the zone lacks (`current`: what it has; all four are missing right after
+    /// a create).
     async fn ensure_tags(
         &self,
         zone: &ZoneInfo,
+        current: &BTreeMap<String, String>,
         token: &IdempotencyToken,
         request: &ZoneRequest,
         fence: &Fence,
@@ -456,11 +461,6 @@ impl Route53Dns {
             (TAG_TENANT, request.tenant.clone()),
             (TAG_TOKEN, token.to_string()),
         ];
-        let current = if zone.adopted {
-            self.tags(&zone.id).await?
-        } else {
-            BTreeMap::new()
-        };
         let missing: Vec<Tag> = wanted
             .iter()
             .filter(|(k, v)| current.get(*k) != Some(v))
@@ -579,7 +579,7 @@ impl Route53Dns {
                 .client
                 .list_resource_record_sets()
                 .hosted_zone_id(zone_id)
-                .max_items(self.config.records_page_size as i32);
+                .max_items(self.config.records_page_size.clamp(1, 300) as i32);
             if let Some((name, rtype, identifier)) = start.take() {
                 call = call
                     .start_record_name(name)

@@ -301,6 +301,8 @@ async fn a_record_written_by_someone_else_is_refused_not_overwritten() {
     )
     .await;
 
+    let mut req = req;
+    req.spec.comment = Some("a comment the refused sync must not write".to_owned());
     let err = dns
         .sync_records(&token, &ZoneRef::id(&info.id), &req, &fence)
         .await
@@ -334,6 +336,16 @@ async fn a_record_written_by_someone_else_is_refused_not_overwritten() {
         .await
         .unwrap();
     assert!(seen.records.is_empty());
+    assert_eq!(
+        seen.zone.as_ref().unwrap().comment.as_deref(),
+        Some("made by setpoint tests"),
+        "the comment is unchanged too"
+    );
+    assert!(
+        seen.drift
+            .iter()
+            .any(|d| matches!(d, Drift::CommentChanged { .. }))
+    );
     assert!(
         seen.drift
             .iter()
