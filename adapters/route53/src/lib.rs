@@ -47,7 +47,7 @@
 //! - [`spec`]: [`ZoneSpec`], [`RecordSpec`], [`ZoneRequest`], [`ZoneRef`] and the spec check.
 //! - [`value`](mod@value): [`RecordType`] and each type's values.
 //! - [`ownership`]: the ownership records' names and values.
-//! - [`plan`](mod@plan): from the zone's records and the spec to change batches (no network).
+//! - `plan` (private): from the zone's records and the spec to change batches (no network).
 //! - [`zone`]: [`Route53Dns`], the calls to Route 53.
 //! - [`observation`]: [`ZoneInfo`], [`ZoneObservation`], [`Drift`] and the outcomes.
 //! - [`classify`](mod@classify): the one function that makes Route 53 failures transient or
@@ -61,7 +61,7 @@ pub mod config;
 mod name;
 pub mod observation;
 pub mod ownership;
-pub mod plan;
+mod plan;
 pub mod spec;
 mod txt;
 pub mod value;

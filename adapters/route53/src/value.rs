@@ -5,7 +5,7 @@
 //! what an observation reports, so that desired and observed values compare as strings:
 //! addresses as Rust prints them (`2001:db8::1`), host names absolute and lowercase, MX as
 //! `PRIORITY HOST`, TXT as the plain text. Only TXT differs on the wire (quoted strings, see
-//! [`crate::txt`]).
+//! the `txt` module).
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -7,7 +7,7 @@
 //!   and completed on adoption too, since a crash can fall between creating and tagging.
 //! - `sync_records` reads every record set of the zone and writes only the difference, in
 //!   change batches that keep each record with its ownership record (see
-//!   [`crate::ownership`] and [`crate::plan`]).
+//!   [`crate::ownership`] and the private `plan` module).
 //! - `delete_zone` deletes our records, then the zone; "already gone" is success.
 //! - `observe_zone` only reads.
 
@@ -190,7 +190,7 @@ impl Route53Dns {
     /// # Errors
     /// Permanent: invalid spec, zone missing ([`CODE_ZONE_NOT_FOUND`]) or not this resource's
     /// ([`CODE_ZONE_NOT_OWNED`]), a record that is not ours
-    /// ([`crate::plan::CODE_NOT_OWNED`]), Route 53's permanent refusals. Transient: Route 53's
+    /// ([`crate::CODE_NOT_OWNED`]), Route 53's permanent refusals. Transient: Route 53's
     /// transient failures, a lost fence.
     pub async fn sync_records(
         &self,
