@@ -143,3 +143,52 @@ pub struct DeleteOutcome {
     /// True when the zone was already gone (deleted by an earlier attempt, or never made).
     pub already_gone: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::RecordType;
+
+    #[test]
+    fn observations_round_trip_through_json_in_a_flat_shape() {
+        let key = RecordKey {
+            name: "www.example.com.".into(),
+            record_type: RecordType::A,
+            set_identifier: None,
+        };
+        let contents = RecordValues {
+            ttl: Some(300),
+            weight: None,
+            values: vec!["192.0.2.1".into()],
+        };
+        let obs = ZoneObservation {
+            zone: None,
+            records: vec![ObservedRecord {
+                key: key.clone(),
+                contents: contents.clone(),
+            }],
+            drift: vec![
+                Drift::ZoneMissing,
+                Drift::RecordChanged {
+                    record: key,
+                    desired: contents.clone(),
+                    observed: contents,
+                },
+            ],
+        };
+        let json = serde_json::to_value(&obs).unwrap();
+        assert_eq!(
+            json["records"][0],
+            serde_json::json!({
+                "name": "www.example.com.", "type": "A", "ttl": 300, "values": ["192.0.2.1"]
+            })
+        );
+        assert_eq!(
+            json["drift"][0],
+            serde_json::json!({ "drift": "zone_missing" })
+        );
+        assert_eq!(json["drift"][1]["record"]["type"], "A");
+        let back: ZoneObservation = serde_json::from_value(json).unwrap();
+        assert_eq!(back, obs);
+    }
+}

@@ -380,13 +380,8 @@ async fn an_update_changes_ttls_and_values_and_removes_dropped_records() {
             weighted("api", RecordType::A, "one", 50, &["192.0.2.40"]),
         ],
     );
-    let token = IdempotencyToken::generate();
+    let Made { info, zref, .. } = made_zone(&dns, &req).await;
     let fence = Fence::unbounded();
-    let info = dns.ensure_zone(&token, &req, &fence).await.unwrap();
-    let zref = ZoneRef::id(&info.id);
-    dns.sync_records(&token.derive("records"), &zref, &req, &fence)
-        .await
-        .unwrap();
 
     // The update: a new TTL, new values, a new weight, a record dropped, a comment changed.
     req.spec.comment = Some("updated".to_owned());
@@ -459,11 +454,8 @@ async fn observe_reports_drift_and_a_sync_repairs_it() {
             record("mail", RecordType::A, 300, &["192.0.2.25"]),
         ],
     );
-    let token = IdempotencyToken::generate();
+    let Made { token, info, zref } = made_zone(&dns, &req).await;
     let fence = Fence::unbounded();
-    let info = dns.ensure_zone(&token, &req, &fence).await.unwrap();
-    let zref = ZoneRef::id(&info.id);
-    dns.sync_records(&token, &zref, &req, &fence).await.unwrap();
 
     // Someone edits our www record and deletes our mail record by hand.
     write_directly(
@@ -537,11 +529,8 @@ async fn delete_removes_our_records_then_the_zone_and_succeeds_again() {
             weighted("api", RecordType::A, "del-one", 1, &["192.0.2.50"]),
         ],
     );
-    let token = IdempotencyToken::generate();
+    let Made { token, zref, .. } = made_zone(&dns, &req).await;
     let fence = Fence::unbounded();
-    let info = dns.ensure_zone(&token, &req, &fence).await.unwrap();
-    let zref = ZoneRef::id(&info.id);
-    dns.sync_records(&token, &zref, &req, &fence).await.unwrap();
 
     let delete_token = IdempotencyToken::generate();
     let out = dns
@@ -606,11 +595,8 @@ async fn delete_refuses_a_zone_holding_records_of_others_and_changes_nothing() {
         &zone,
         vec![record("www", RecordType::A, 300, &["192.0.2.10"])],
     );
-    let token = IdempotencyToken::generate();
+    let Made { token, info, zref } = made_zone(&dns, &req).await;
     let fence = Fence::unbounded();
-    let info = dns.ensure_zone(&token, &req, &fence).await.unwrap();
-    let zref = ZoneRef::id(&info.id);
-    dns.sync_records(&token, &zref, &req, &fence).await.unwrap();
     write_directly(
         dns.client(),
         &info.id,

@@ -13,7 +13,10 @@ use aws_sdk_route53::config::Credentials;
 use aws_sdk_route53::types::{
     Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType, TagResourceType,
 };
-use setpoint_route53::{RecordSpec, RecordType, Route53Config, Route53Dns, ZoneRequest, ZoneSpec};
+use setpoint_adapter::{Fence, IdempotencyToken};
+use setpoint_route53::{
+    RecordSpec, RecordType, Route53Config, Route53Dns, ZoneInfo, ZoneRef, ZoneRequest, ZoneSpec,
+};
 
 /// A moto server process, killed on drop. The Python side also exits when the test binary
 /// does (it watches its parent), so a `static` fixture never outlives the tests.
@@ -218,6 +221,26 @@ pub fn request(zone: &str, records: Vec<RecordSpec>) -> ZoneRequest {
             records,
         },
     }
+}
+
+/// A zone made for a request, with its records written, as the create chain leaves it.
+pub struct Made {
+    /// The token of the unit that created the zone.
+    pub token: IdempotencyToken,
+    pub info: ZoneInfo,
+    pub zref: ZoneRef,
+}
+
+/// Runs `ensure_zone` and `sync_records` for `req` (fresh token, unbounded fence).
+pub async fn made_zone(dns: &Route53Dns, req: &ZoneRequest) -> Made {
+    let token = IdempotencyToken::generate();
+    let fence = Fence::unbounded();
+    let info = dns.ensure_zone(&token, req, &fence).await.unwrap();
+    let zref = ZoneRef::id(&info.id);
+    dns.sync_records(&token.derive("records"), &zref, req, &fence)
+        .await
+        .unwrap();
+    Made { token, info, zref }
 }
 
 /// Zones (bare ids) with this name, read directly from Route 53 (all pages).
