@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Map, Value, json};
 use setpoint_adapter::{
-    AdapterError, Begun, BoxFuture, ErrorClass, IdempotencyToken, Journal, MailRequest, Mailer,
-    OUTCOME_UNKNOWN, failpoint,
+    AdapterError, Begun, BoxFuture, Entry, ErrorClass, IdempotencyToken, Journal, MailRequest,
+    Mailer, OUTCOME_UNKNOWN, failpoint,
 };
 use setpoint_email::{FAILPOINT_AFTER_SEND, SmtpMailer, slot_key};
 
@@ -39,6 +39,16 @@ impl FileJournal {
 }
 
 impl Journal for FileJournal {
+    fn look<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Entry, AdapterError>> {
+        Box::pin(async move {
+            Ok(match self.load().get(key) {
+                None => Entry::Absent,
+                Some(Value::Null) => Entry::Started,
+                Some(v) => Entry::Finished(v.clone()),
+            })
+        })
+    }
+
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begun, AdapterError>> {
         Box::pin(async move {
             let mut map = self.load();

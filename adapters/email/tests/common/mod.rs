@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value;
-use setpoint_adapter::{AdapterError, Begun, Journal, MemoryJournal};
+use setpoint_adapter::{AdapterError, Begun, Entry, Journal, MemoryJournal};
 use setpoint_email::{Security, SmtpConfig};
 
 /// What the test server should demand.
@@ -207,6 +207,10 @@ pub struct CrashBeforeFinish<'a>(pub &'a MemoryJournal);
 type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl Journal for CrashBeforeFinish<'_> {
+    fn look<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Entry, AdapterError>> {
+        self.0.look(key)
+    }
+
     fn begin<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Begun, AdapterError>> {
         self.0.begin(key)
     }
