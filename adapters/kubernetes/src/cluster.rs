@@ -9,7 +9,8 @@
 //! exists (the API server refuses the write with 409 if anything changed it since), the
 //! version of the (empty) list that found it absent when it does not (the server ignores the
 //! version when it creates the object, and refuses with 409 if a concurrent writer created it
-//! first). On such a 409 the apply reads everything again and starts over, at most
+//! first) — and, for an object that exists, its `metadata.uid` (the server refuses with 409
+//! rather than re-create an object deleted since). On such a 409 the apply reads everything again and starts over, at most
 //! [`APPLY_ROUNDS`] times, so it converges on what the other writer left instead of
 //! overwriting it — and sees a newer generation if that is what the other writer wrote.
 //!
@@ -218,7 +219,11 @@ impl KubernetesCluster {
         K: Resource + Clone + Debug + Serialize + DeserializeOwned,
         <K as Resource>::DynamicType: Default,
     {
+        // The version, and for an object that exists its uid: should the object be deleted
+        // while this write is under way, the server refuses it (409) instead of creating a
+        // new object from a stale decision.
         intent.meta_mut().resource_version = read.precondition.clone();
+        intent.meta_mut().uid = read.live.as_ref().and_then(ResourceExt::uid);
         let kind = K::kind(&Default::default()).to_string();
         fence.check()?;
         match api
@@ -418,7 +423,7 @@ where
         .await
         .map_err(|e| {
             classify(
-                &format!("get {} {}", K::kind(&Default::default()), name),
+                &format!("read {} {}", K::kind(&Default::default()), name),
                 &e,
             )
         })?;

@@ -767,6 +767,42 @@ async fn a_concurrent_create_is_not_merged_into() {
 }
 
 #[tokio::test]
+async fn a_write_based_on_an_object_deleted_since_does_not_recreate_it() {
+    let env = Env::new().await;
+    let Some(server) = &env.server else {
+        eprintln!("skipped: placing a concurrent write needs the test server");
+        return;
+    };
+    let mut spec = env.spec();
+    env.cluster
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
+    let name = names::object_name(spec.resource_id);
+    let before: Secret = env.api().get(&name).await.unwrap();
+
+    // The Secret is deleted between the apply's read and its write: the write, which names
+    // the object it read (uid), is refused instead of creating a new Secret from that read;
+    // the apply reads again and decides afresh.
+    let path = secret_path(&env, &name);
+    server.before_request(
+        "PATCH",
+        &path,
+        vec![ConcurrentWrite::Delete { path: path.clone() }],
+    );
+    spec.generation = 2;
+    env.cluster
+        .apply_instance(&token(), &spec, &Fence::unbounded())
+        .await
+        .unwrap();
+    assert_eq!(answers(server, "PATCH", &path), [201, 409, 201]);
+    let after: Secret = env.api().get(&name).await.unwrap();
+    assert_ne!(before.metadata.uid, after.metadata.uid);
+    assert_eq!(generation_of(&after).as_deref(), Some("2"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_apply_gives_up_after_a_few_rounds_of_concurrent_writes() {
     let env = Env::new().await;
     let Some(server) = &env.server else {

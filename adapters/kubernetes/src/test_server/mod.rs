@@ -33,6 +33,11 @@
 //!     and the apply creates the object (the real server's create-on-apply path does the same),
 //!     so a client that read "absent" from a list at version N and sends N learns of a
 //!     concurrent create by a 409 instead of merging into it;
+//!   - a `metadata.uid` in an apply body names the object the write is for: when no object
+//!     exists, **409 Conflict** `Operation cannot be fulfilled on deployments.apps "NAME": uid
+//!     mismatch: the provided object specified uid UID, and no existing object was found`
+//!     (checked first, as the real server checks it before admission); when the stored object
+//!     has another uid, 422 Invalid (`metadata.uid`: field is immutable), after the version;
 //!   - a DELETE whose body carries `DeleteOptions.preconditions` (`uid`, `resourceVersion`)
 //!     that the stored object does not meet answers **409 Conflict**, message `Operation
 //!     cannot be fulfilled on deployments.apps "NAME": StorageError: invalid object, Code: 4,

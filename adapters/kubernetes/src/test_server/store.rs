@@ -490,6 +490,29 @@ impl Store {
             m.remove("status");
         }
 
+        // 1b. A uid in the body names the object the write is for. With no object stored,
+        //     that object is gone: 409, as the real server's create-on-apply path answers
+        //     (before admission, so before the namespace check).
+        let key = Self::key(&kind, namespace, name);
+        let wanted_uid = intent["metadata"]["uid"]
+            .as_str()
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned);
+        if let Some(uid) = &wanted_uid
+            && !self.objects.contains_key(&key)
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {} {name:?}: uid mismatch: the provided \
+                     object specified uid {uid}, and no existing object was found",
+                    kind.qualified()
+                ),
+                Some(json!({"name": name, "group": kind.group, "kind": kind.resource})),
+            );
+        }
+
         // 2. A namespaced object needs its namespace.
         if kind.namespaced && !self.namespace_exists(namespace) {
             return status(
@@ -500,7 +523,6 @@ impl Store {
             );
         }
 
-        let key = Self::key(&kind, namespace, name);
         let existing = self.objects.get(&key).cloned();
         let wanted = fields::leaves(&intent);
 
@@ -544,6 +566,18 @@ impl Store {
             && Some(wanted) != e.object["metadata"]["resourceVersion"].as_str()
         {
             return modified(&kind, name);
+        }
+        // 3c. Another uid than the stored object's: uid is immutable (the real server's update
+        //     validation answers 422).
+        if let (Some(e), Some(uid)) = (&existing, &wanted_uid)
+            && Some(uid.as_str()) != e.object["metadata"]["uid"].as_str()
+        {
+            let violation = validate::Violation {
+                reason: "FieldValueInvalid",
+                field: "metadata.uid".to_owned(),
+                message: format!("Invalid value: {uid:?}: field is immutable"),
+            };
+            return invalid(&kind, name, &[violation]);
         }
 
         // 4. Merge: drop fields only this manager owned and no longer wants, set the rest.
@@ -1032,6 +1066,30 @@ mod tests {
         // The same body again now meets the object, whose version differs: 409.
         let r = apply(&mut s, "m", false, at_version(deploy(1), &list_version));
         assert_eq!(r.code, 409);
+    }
+
+    #[test]
+    fn a_uid_in_an_apply_must_name_the_stored_object() {
+        let mut s = with_namespace();
+        let mut gone = deploy(1);
+        gone["metadata"]["uid"] = json!("uid-of-a-deleted-object");
+        let r = apply(&mut s, "m", false, gone.clone());
+        assert_eq!(r.code, 409, "{r:?}");
+        assert_eq!(
+            r.body["message"],
+            "Operation cannot be fulfilled on deployments.apps \"d\": uid mismatch: the \
+             provided object specified uid uid-of-a-deleted-object, and no existing object was \
+             found"
+        );
+        assert_eq!(s.get(&DEPLOY, "ns", "d").code, 404, "nothing was created");
+
+        let created = apply(&mut s, "m", false, deploy(1));
+        let mut same = deploy(2);
+        same["metadata"]["uid"] = created.body["metadata"]["uid"].clone();
+        assert_eq!(apply(&mut s, "m", false, same).code, 200);
+        let r = apply(&mut s, "m", false, gone);
+        assert_eq!(r.code, 422, "{r:?}");
+        assert_eq!(r.body["details"]["causes"][0]["field"], "metadata.uid");
     }
 
     #[test]
