@@ -62,4 +62,4 @@ pub use handlers::{
     ApplyInstance, DeleteInstance, DeleteInstanceSpec, KIND_APPLY_INSTANCE, KIND_DELETE_INSTANCE,
 };
 pub use names::FIELD_MANAGER;
-pub use test_server::{ConcurrentWrite, Fault, Logged, TestApiServer};
+pub use test_server::{ConcurrentWrite, Fault, LoggedRequest, TestApiServer};

@@ -140,7 +140,7 @@ pub enum ConcurrentWrite {
 
 /// One request the server answered ([`TestApiServer::requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Logged {
+pub struct LoggedRequest {
     /// `GET`, `PATCH`, `DELETE`, …
     pub method: String,
     /// The request path, without the query.
@@ -167,7 +167,7 @@ struct Shared {
     /// Concurrent writes waiting for their request.
     hooks: Mutex<Vec<Hook>>,
     /// Every answered request, in order.
-    log: Mutex<Vec<Logged>>,
+    log: Mutex<Vec<LoggedRequest>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -281,7 +281,7 @@ impl TestApiServer {
 
     /// Every request answered so far (faults included, hang-ups and the hooks' own writes
     /// not), in order.
-    pub fn requests(&self) -> Vec<Logged> {
+    pub fn requests(&self) -> Vec<LoggedRequest> {
         lock(&self.shared.log).clone()
     }
 
@@ -392,7 +392,7 @@ async fn handle(
 }
 
 fn log(shared: &Shared, method: &Method, path: &str, code: u16) {
-    lock(&shared.log).push(Logged {
+    lock(&shared.log).push(LoggedRequest {
         method: method.to_string(),
         path: path.to_owned(),
         code,
