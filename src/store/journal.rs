@@ -17,6 +17,15 @@ pub enum SideEffectState {
     Finished(Value),
 }
 
+/// What the table holds for a key, as [`side_effect_find`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SideEffectRecord {
+    /// Started, no result recorded.
+    Started,
+    /// Finished with this result.
+    Finished(Value),
+}
+
 /// Records that side effect `key` starts now, committed at once (autocommit), unless a record
 /// exists, which is returned instead.
 pub async fn side_effect_begin(
@@ -37,15 +46,28 @@ pub async fn side_effect_begin(
     if inserted.is_some() {
         return Ok(SideEffectState::Fresh);
     }
+    // The record exists. Should it vanish before this read (a retention job, say), "started"
+    // is the answer that never lets a caller act twice.
+    Ok(match side_effect_find(pool, key).await? {
+        Some(SideEffectRecord::Finished(v)) => SideEffectState::Finished(v),
+        Some(SideEffectRecord::Started) | None => SideEffectState::Started,
+    })
+}
+
+/// Reads the record of side effect `key`, if any; changes nothing.
+pub async fn side_effect_find(
+    pool: &PgPool,
+    key: &str,
+) -> Result<Option<SideEffectRecord>, StoreError> {
     let result: Option<Option<Value>> =
         sqlx::query_scalar("SELECT result FROM side_effects WHERE key = $1")
             .bind(key)
             .fetch_optional(pool)
             .await?;
-    Ok(match result.flatten() {
-        Some(v) => SideEffectState::Finished(v),
-        None => SideEffectState::Started,
-    })
+    Ok(result.map(|r| match r {
+        Some(v) => SideEffectRecord::Finished(v),
+        None => SideEffectRecord::Started,
+    }))
 }
 
 /// Records the result of side effect `key`, committed at once.

@@ -1,10 +1,12 @@
 //! The durable at-most-once journal handed to adapters, on PostgreSQL.
 
 use serde_json::Value;
-use setpoint_adapter::{AdapterError, Begun, BoxFuture, Journal};
+use setpoint_adapter::{AdapterError, Begun, BoxFuture, Entry, Journal};
 use sqlx::PgPool;
 
-use crate::store::journal::{SideEffectState, side_effect_begin, side_effect_finish};
+use crate::store::journal::{
+    SideEffectRecord, SideEffectState, side_effect_begin, side_effect_find, side_effect_finish,
+};
 
 /// A [`Journal`] whose records are committed to the `side_effects` table before `begin`
 /// returns, so they survive a crash of the engine between a side effect and its completion.
@@ -31,6 +33,18 @@ fn db_error(e: crate::store::StoreError) -> AdapterError {
 }
 
 impl Journal for PgJournal {
+    fn look<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Entry, AdapterError>> {
+        Box::pin(async move {
+            Ok(
+                match side_effect_find(&self.pool, key).await.map_err(db_error)? {
+                    None => Entry::Absent,
+                    Some(SideEffectRecord::Started) => Entry::Started,
+                    Some(SideEffectRecord::Finished(v)) => Entry::Finished(v),
+                },
+            )
+        })
+    }
+
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begun, AdapterError>> {
         Box::pin(async move {
             Ok(
@@ -56,5 +70,45 @@ impl Journal for PgJournal {
                 .await
                 .map_err(db_error)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::dev::testdb::test_db;
+
+    #[tokio::test]
+    async fn look_reads_what_begin_and_finish_wrote_and_writes_nothing() {
+        let db = test_db().await.expect("test database");
+        let journal = PgJournal::new(db.pool.clone(), 7, "tok".into());
+        let rows = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM side_effects")
+                .fetch_one(&db.pool)
+                .await
+                .expect("count")
+        };
+
+        assert_eq!(journal.look("email:tok:1").await.unwrap(), Entry::Absent);
+        assert_eq!(rows().await, 0, "looking opens no record");
+
+        assert_eq!(journal.begin("email:tok:1").await.unwrap(), Begun::Fresh);
+        assert_eq!(journal.look("email:tok:1").await.unwrap(), Entry::Started);
+        assert_eq!(journal.begin("email:tok:1").await.unwrap(), Begun::Unknown);
+
+        let sent = json!({"sent": true, "message_id": "<tok@x>"});
+        journal.finish("email:tok:1", &sent).await.unwrap();
+        assert_eq!(
+            journal.look("email:tok:1").await.unwrap(),
+            Entry::Finished(sent.clone())
+        );
+        assert_eq!(
+            journal.begin("email:tok:1").await.unwrap(),
+            Begun::Finished(sent)
+        );
+        assert_eq!(journal.look("email:tok:2").await.unwrap(), Entry::Absent);
+        assert_eq!(rows().await, 1);
     }
 }

@@ -124,6 +124,8 @@ pub(super) async fn apply_cluster(
             endpoint: None,
         },
         credentials: SecretData::default(),
+        // What the objects are written for: an older chain never overwrites a newer one's.
+        generation: chain.generation,
     };
     let seen = adapter_call(
         ctx,

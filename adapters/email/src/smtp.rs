@@ -1,11 +1,21 @@
 //! [`SmtpMailer`]: the [`Mailer`] that speaks SMTP through lettre, one connection per message.
 //!
 //! It drives lettre's `AsyncSmtpConnection` step by step instead of the all-in-one
-//! `AsyncSmtpTransport`, because at-most-once needs to know *where* a failure happened: anything
-//! before the relay's verdict on the message data certainly sent nothing, while a broken
-//! connection or a timeout after the data went out leaves the outcome unknown.
+//! `AsyncSmtpTransport`, because at-most-once needs to know *where* a failure happened, and
+//! needs a moment between `RCPT TO` and `DATA` to open its journal slot: anything before the
+//! relay's verdict on the message data certainly sent nothing, while a broken connection or a
+//! timeout after the data went out leaves the outcome unknown. The order of a send, and why,
+//! is in the `attempts` module docs.
+//!
+//! # Replies that ask to wait
+//! 4xx replies are transient. When the reply's text asks the client to slow down (`slow down`,
+//! `rate limit`, `too many`, `throttl…`, as 421 and 451 replies of busy relays say), the error
+//! carries `retry_after` = [`SLOW_DOWN_RETRY`]; when it says the message was greylisted, it
+//! carries [`GREYLIST_RETRY`], the usual greylisting delay, so that the engine's early,
+//! short backoff does not spend the unit's attempts on retries the relay is bound to refuse.
 
 use std::fmt;
+use std::time::Duration;
 
 use lettre::Address;
 use lettre::address::Envelope;
@@ -23,13 +33,23 @@ use setpoint_adapter::{
 use tokio::time::timeout;
 use tracing::{info, warn};
 
-use crate::attempts::{self, Claim, Quote};
+use crate::attempts::{self, Opened, Plan, Quote};
 use crate::config::{ConfigError, Security, SmtpConfig};
 use crate::templates::render;
 
 /// The failpoint reached right after the relay accepted a message and before the journal
 /// records it (see [`setpoint_adapter::failpoint`]).
 pub const FAILPOINT_AFTER_SEND: &str = "email.after-send";
+
+/// The failpoint reached when the relay has accepted sender and recipients, right before the
+/// journal slot is begun: a crash here must leave no open slot.
+pub const FAILPOINT_BEFORE_BEGIN: &str = "email.before-begin";
+
+/// The `retry_after` of a 4xx reply that asks the client to slow down.
+pub const SLOW_DOWN_RETRY: Duration = Duration::from_secs(60);
+
+/// The `retry_after` of a 4xx reply that says the message was greylisted.
+pub const GREYLIST_RETRY: Duration = Duration::from_secs(300);
 
 /// AUTH mechanisms tried, in this order, among those the relay offers.
 const MECHANISMS: &[Mechanism] = &[Mechanism::Plain, Mechanism::Login];
@@ -196,37 +216,31 @@ impl SmtpMailer {
         })?
     }
 
-    /// One SMTP transaction on a fresh connection: MAIL FROM, RCPT TO, DATA, the message.
-    async fn transmit(
+    /// Everything that can fail without sending: a fresh connection (greeting, EHLO, STARTTLS,
+    /// AUTH), then `MAIL FROM` and `RCPT TO`. Returns the connection ready for `DATA`.
+    async fn prepare(
         &self,
         envelope: &Envelope,
         email: &[u8],
-        fence: &Fence,
-    ) -> Result<Response, Failure> {
-        let mut conn = self.connect().await.map_err(Failure::NotSent)?;
+    ) -> Result<AsyncSmtpConnection, AdapterError> {
+        let mut conn = self.connect().await?;
         let command_timeout = self.config.command_timeout();
-        let timed_out = |step: &str| {
-            Failure::NotSent(
-                AdapterError::transient(format!(
-                    "{step}: no reply within {} s",
-                    self.config.command_timeout_secs
-                ))
-                .with_code("smtp-timeout"),
-            )
-        };
 
         let mut params = Vec::new();
         let non_ascii_addresses = envelope.to().iter().any(|a| !is_ascii(a))
             || envelope.from().is_some_and(|a| !is_ascii(a));
         if non_ascii_addresses {
             if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
-                return Err(Failure::NotSent(
-                    AdapterError::permanent(
-                        "the address holds non-ASCII characters and the relay does not offer \
-                         SMTPUTF8",
+                return Err(self
+                    .abort(
+                        conn,
+                        AdapterError::permanent(
+                            "the address holds non-ASCII characters and the relay does not \
+                             offer SMTPUTF8",
+                        )
+                        .with_code("smtp-utf8-unsupported"),
                     )
-                    .with_code("smtp-utf8-unsupported"),
-                ));
+                    .await);
             }
             params.push(MailParameter::SmtpUtfEight);
         }
@@ -234,11 +248,10 @@ impl SmtpMailer {
             params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
 
-        // MAIL FROM, RCPT TO and DATA: a refusal or a broken connection here sent nothing.
         let mail = Mail::new(envelope.from().cloned(), params);
         match timeout(command_timeout, conn.command(mail)).await {
-            Err(_) => return Err(timed_out("MAIL FROM")),
-            Ok(Err(e)) => return Err(self.refused(conn, classify(&e, "MAIL FROM")).await),
+            Err(_) => return Err(self.timed_out("MAIL FROM")),
+            Ok(Err(e)) => return Err(self.abort(conn, classify(&e, "MAIL FROM")).await),
             Ok(Ok(_)) => {}
         }
         for rcpt in envelope.to() {
@@ -248,25 +261,34 @@ impl SmtpMailer {
             )
             .await
             {
-                Err(_) => return Err(timed_out("RCPT TO")),
+                Err(_) => return Err(self.timed_out("RCPT TO")),
                 Ok(Err(e)) => {
                     let step = format!("RCPT TO <{rcpt}>");
-                    return Err(self.refused(conn, classify(&e, &step)).await);
+                    return Err(self.abort(conn, classify(&e, &step)).await);
                 }
                 Ok(Ok(_)) => {}
             }
         }
-        // The last moment this attempt can still step back without having sent anything.
-        if let Err(lost) = fence.check() {
-            return Err(self.refused(conn, lost).await);
-        }
+        Ok(conn)
+    }
+
+    /// `DATA` and the message on a prepared connection. Only a reply to the end of the data
+    /// tells what happened to the message.
+    async fn deliver(
+        &self,
+        mut conn: AsyncSmtpConnection,
+        email: &[u8],
+    ) -> Result<Response, Failure> {
+        let command_timeout = self.config.command_timeout();
         match timeout(command_timeout, conn.command(Data)).await {
-            Err(_) => return Err(timed_out("DATA")),
-            Ok(Err(e)) => return Err(self.refused(conn, classify(&e, "DATA")).await),
+            Err(_) => return Err(Failure::NotSent(self.timed_out("DATA"))),
+            Ok(Err(e)) => {
+                return Err(Failure::NotSent(
+                    self.abort(conn, classify(&e, "DATA")).await,
+                ));
+            }
             Ok(Ok(_)) => {}
         }
-
-        // The message data: only a reply to its end tells what happened.
         match timeout(self.config.data_timeout(), conn.message(email)).await {
             Err(_) => Err(Failure::MaybeSent(format!(
                 "no reply to the message data within {} s",
@@ -277,19 +299,33 @@ impl SmtpMailer {
                 let _ = timeout(command_timeout, conn.quit()).await;
                 Ok(response)
             }
-            Ok(Err(e)) if e.status().is_some() => Err(self
-                .refused(conn, classify(&e, "end of message data"))
-                .await),
+            Ok(Err(e)) if e.status().is_some() => Err(Failure::NotSent(
+                self.abort(conn, classify(&e, "end of message data")).await,
+            )),
             Ok(Err(e)) => Err(Failure::MaybeSent(format!(
                 "the connection failed after the message data was sent: {e}"
             ))),
         }
     }
 
-    /// Ends a transaction the relay refused: says QUIT (bounded) and hands back the failure.
-    async fn refused(&self, mut conn: AsyncSmtpConnection, error: AdapterError) -> Failure {
+    fn timed_out(&self, step: &str) -> AdapterError {
+        AdapterError::transient(format!(
+            "{step}: no reply within {} s",
+            self.config.command_timeout_secs
+        ))
+        .with_code("smtp-timeout")
+    }
+
+    /// Ends a transaction that will send nothing: says QUIT (bounded) and closes the
+    /// connection.
+    async fn hang_up(&self, mut conn: AsyncSmtpConnection) {
         let _ = timeout(self.config.command_timeout(), conn.abort()).await;
-        Failure::NotSent(error)
+    }
+
+    /// [`SmtpMailer::hang_up`], handing back `error`.
+    async fn abort(&self, conn: AsyncSmtpConnection, error: AdapterError) -> AdapterError {
+        self.hang_up(conn).await;
+        error
     }
 }
 
@@ -320,10 +356,11 @@ impl Mailer for SmtpMailer {
                 template,
             };
 
-            // 2. Ask the journal: sent before, maybe sent before, or ours to send (slot begun).
-            let key = match attempts::claim(journal, &quote).await {
-                Ok(Claim::Send { key }) => key,
-                Ok(Claim::AlreadySent(delivery)) => {
+            // 2. Ask the journal, opening nothing: sent before, maybe sent before, or which
+            //    slot this attempt may send under.
+            let slot = match attempts::plan(journal, &quote).await {
+                Ok(Plan::Send { slot }) => slot,
+                Ok(Plan::AlreadySent(delivery)) => {
                     info!(%token, template, message_id = %delivery.message_id,
                         "e-mail already sent by an earlier attempt; not sending again");
                     return Ok(delivery);
@@ -335,13 +372,53 @@ impl Mailer for SmtpMailer {
                 }
             };
 
-            // 3. The SMTP transaction.
-            match self.transmit(&envelope, &email, fence).await {
+            // 3. Everything that can fail without sending. A failure records nothing: the
+            //    slot stays free for the next attempt.
+            let conn = match self.prepare(&envelope, &email).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    warn!(%token, template, class = %error.class, code = ?error.code,
+                        error = %error.message, "e-mail not sent; nothing recorded");
+                    return Err(error);
+                }
+            };
+
+            // 4. The last moment to step back without a trace: the fence, then the slot,
+            //    committed before the relay sees the message data.
+            if let Err(lost) = fence.check() {
+                warn!(%token, template, "lost the unit before sending; e-mail not sent");
+                return Err(self.abort(conn, lost).await);
+            }
+            failpoint::hit(FAILPOINT_BEFORE_BEGIN);
+            let key = match attempts::open(journal, &quote, slot).await {
+                Ok(Opened::Mine { key }) => key,
+                Ok(Opened::AlreadySent(delivery)) => {
+                    info!(%token, template, message_id = %delivery.message_id,
+                        "a concurrent attempt sent the e-mail; not sending again");
+                    self.hang_up(conn).await;
+                    return Ok(delivery);
+                }
+                Err(e) => {
+                    warn!(%token, template, code = ?e.code, error = %e.message,
+                        "e-mail not sent: its journal slot could not be opened");
+                    return Err(self.abort(conn, e).await);
+                }
+            };
+            // The slot took a round trip to the journal: look once more, and close the slot
+            // as certainly not sent if the unit was lost meanwhile.
+            if let Err(lost) = fence.check() {
+                self.close_not_sent(journal, token, &key, &lost).await;
+                warn!(%token, template, %key, "lost the unit before sending; e-mail not sent");
+                return Err(self.abort(conn, lost).await);
+            }
+
+            // 5. The message data, and its verdict.
+            match self.deliver(conn, &email).await {
                 Ok(response) => {
                     let smtp_response = response_text(&response);
                     failpoint::hit(FAILPOINT_AFTER_SEND);
-                    // 4. Record the delivery. If this write fails the message is still sent:
-                    //    report success; a retry of the unit would see the open slot and park.
+                    // Record the delivery. If this write fails the message is still sent:
+                    // report success; a retry of the unit would see the open slot and park.
                     let record = attempts::sent_record(&message_id, &smtp_response);
                     if let Err(e) = journal.finish(&key, &record).await {
                         warn!(%token, %key, error = %e,
@@ -356,12 +433,7 @@ impl Mailer for SmtpMailer {
                 }
                 Err(Failure::NotSent(error)) => {
                     // Certainly not sent: close the slot so a retry may send.
-                    let record = attempts::not_sent_record(&error);
-                    if let Err(e) = journal.finish(&key, &record).await {
-                        warn!(%token, %key, error = %e,
-                            "e-mail not sent, and the journal could not record it; a retry \
-                             will report outcome unknown");
-                    }
+                    self.close_not_sent(journal, token, &key, &error).await;
                     warn!(%token, template, class = %error.class, code = ?error.code,
                         error = %error.message, "e-mail not sent");
                     Err(error)
@@ -381,18 +453,60 @@ impl Mailer for SmtpMailer {
     }
 }
 
-/// Maps a lettre SMTP error met during `step` to an error class: 4xx replies, network failures
-/// and timeouts are transient; 5xx replies, TLS failures and client-side refusals (no STARTTLS,
-/// no usable AUTH mechanism) are permanent. lettre's errors never carry the password.
+impl SmtpMailer {
+    /// Finishes slot `key` as certainly not sent (because of `error`). If the journal cannot
+    /// record it, the slot stays open and a retry reports outcome unknown: safe, if needless.
+    async fn close_not_sent(
+        &self,
+        journal: &dyn Journal,
+        token: &IdempotencyToken,
+        key: &str,
+        error: &AdapterError,
+    ) {
+        let record = attempts::not_sent_record(error);
+        if let Err(e) = journal.finish(key, &record).await {
+            warn!(%token, %key, error = %e,
+                "e-mail not sent, and the journal could not record it; a retry will report \
+                 outcome unknown");
+        }
+    }
+}
+
+/// How long a 4xx reply asks the client to wait, from its text (see the module docs).
+fn wait_hint(reply: &str) -> Option<Duration> {
+    let text = reply.to_ascii_lowercase();
+    let any = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if any(&["greylist", "graylist"]) {
+        Some(GREYLIST_RETRY)
+    } else if any(&[
+        "slow down",
+        "rate limit",
+        "ratelimit",
+        "rate-limit",
+        "too many",
+        "throttl",
+    ]) {
+        Some(SLOW_DOWN_RETRY)
+    } else {
+        None
+    }
+}
+
+/// Maps a lettre SMTP error met during `step` to an error class: 4xx replies (421 and 451
+/// among them), network failures and timeouts are transient — with a `retry_after` when the
+/// reply asks to wait ([`wait_hint`]); 5xx replies, TLS failures and client-side refusals (no
+/// STARTTLS, no usable AUTH mechanism) are permanent. lettre's errors never carry the password.
 fn classify(e: &lettre::transport::smtp::Error, step: &str) -> AdapterError {
     if let Some(code) = e.status() {
         let error = format!("{step}: the relay replied {e}");
-        return if e.is_transient() {
-            AdapterError::transient(error)
-        } else {
-            AdapterError::permanent(error)
+        if !e.is_transient() {
+            return AdapterError::permanent(error).with_code(format!("smtp-{code}"));
         }
-        .with_code(format!("smtp-{code}"));
+        let transient = AdapterError::transient(error).with_code(format!("smtp-{code}"));
+        return match wait_hint(&e.to_string()) {
+            Some(wait) => transient.with_retry_after(wait),
+            None => transient,
+        };
     }
     if e.is_timeout() {
         AdapterError::transient(format!("{step}: {e}")).with_code("smtp-timeout")
@@ -507,6 +621,24 @@ mod tests {
             SmtpMailer::new(cfg).unwrap_err(),
             ConfigError::HalfCredentials
         ));
+    }
+
+    #[test]
+    fn replies_that_ask_to_wait_carry_a_retry_after() {
+        for reply in [
+            "4.7.0 Too many connections from 10.0.0.1, slow down",
+            "4.7.1 Rate limit exceeded for sender",
+            "4.3.2 Message throttled; try again later",
+            "4.7.28 Our system has detected an unusual rate of unsolicited mail: too many messages",
+        ] {
+            assert_eq!(wait_hint(reply), Some(SLOW_DOWN_RETRY), "{reply}");
+        }
+        assert_eq!(
+            wait_hint("4.7.1 <a@b>: Recipient address rejected: Greylisted for 300 seconds"),
+            Some(GREYLIST_RETRY)
+        );
+        assert_eq!(wait_hint("4.3.0 <a@b>: try again later"), None);
+        assert_eq!(wait_hint("4.2.2 mailbox full"), None);
     }
 
     #[test]

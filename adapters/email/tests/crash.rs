@@ -1,6 +1,10 @@
-//! A real crash at the failpoint `email.after-send`: a child process (this test binary) sends
-//! with a file-backed journal and is SIGKILLed right after the relay accepted the message, before
-//! the journal recorded it. The retry in the parent sends nothing and reports `outcome-unknown`.
+//! Real crashes at the e-mail adapter's failpoints: a child process (this test binary) sends
+//! with a file-backed journal and is SIGKILLed at the failpoint.
+//!
+//! - `email.after-send`: right after the relay accepted the message, before the journal
+//!   recorded it. The retry in the parent sends nothing and reports `outcome-unknown`.
+//! - `email.before-begin`: after the relay accepted sender and recipient, right before the
+//!   journal slot opens. Nothing was sent and nothing is left open: the retry sends once.
 
 mod common;
 
@@ -11,10 +15,10 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Map, Value, json};
 use setpoint_adapter::{
-    AdapterError, Begun, BoxFuture, ErrorClass, IdempotencyToken, Journal, MailRequest, Mailer,
-    OUTCOME_UNKNOWN, failpoint,
+    AdapterError, Begun, BoxFuture, Entry, ErrorClass, IdempotencyToken, Journal, MailRequest,
+    Mailer, OUTCOME_UNKNOWN, failpoint,
 };
-use setpoint_email::{FAILPOINT_AFTER_SEND, SmtpMailer, slot_key};
+use setpoint_email::{FAILPOINT_AFTER_SEND, FAILPOINT_BEFORE_BEGIN, SmtpMailer, slot_key};
 
 use common::{ServerOptions, SmtpServer, config_for_port, scratch_dir};
 
@@ -39,6 +43,16 @@ impl FileJournal {
 }
 
 impl Journal for FileJournal {
+    fn look<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Entry, AdapterError>> {
+        Box::pin(async move {
+            Ok(match self.load().get(key) {
+                None => Entry::Absent,
+                Some(Value::Null) => Entry::Started,
+                Some(v) => Entry::Finished(v.clone()),
+            })
+        })
+    }
+
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begun, AdapterError>> {
         Box::pin(async move {
             let mut map = self.load();
@@ -77,34 +91,37 @@ fn request() -> MailRequest {
     .unwrap()
 }
 
-/// The child's side: only runs when the parent test starts it (ignored otherwise).
+/// The child's side: only runs when a parent test starts it (ignored otherwise).
 #[tokio::test]
-#[ignore = "run by killed_after_send_then_retried_sends_nothing_more in a child process"]
+#[ignore = "run by the crash tests below in a child process"]
 async fn child_sends_until_the_failpoint() {
-    let (Ok(port), Ok(journal), Ok(token)) = (
+    let (Ok(port), Ok(journal), Ok(token), Ok(failpoint)) = (
         std::env::var("EMAIL_CRASH_PORT"),
         std::env::var("EMAIL_CRASH_JOURNAL"),
         std::env::var("EMAIL_CRASH_TOKEN"),
+        std::env::var("SETPOINT_FAILPOINTS"),
     ) else {
         return;
     };
     let mailer = SmtpMailer::new(config_for_port(port.parse().unwrap())).unwrap();
     let token = IdempotencyToken::parse(token).unwrap();
     let journal = FileJournal(journal.into());
-    // Blocks forever at the failpoint once the relay accepted the message.
+    // Blocks forever at the failpoint.
     let _ = mailer
         .send(&token, &request(), &journal, &Fence::unbounded())
         .await;
-    panic!("the failpoint {FAILPOINT_AFTER_SEND} was not reached");
+    panic!("the failpoint {failpoint} was not reached");
 }
 
-#[tokio::test]
-async fn killed_after_send_then_retried_sends_nothing_more() {
-    let server = SmtpServer::start(ServerOptions::default());
-    let dir = scratch_dir();
+/// Runs the child against `server` until it reaches `failpoint`, then kills it. Returns its
+/// journal.
+fn crash_child_at(
+    failpoint: &str,
+    server: &SmtpServer,
+    dir: &std::path::Path,
+    token: &IdempotencyToken,
+) -> FileJournal {
     let journal_path = dir.join("journal.json");
-    let token = IdempotencyToken::generate();
-
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -112,7 +129,7 @@ async fn killed_after_send_then_retried_sends_nothing_more() {
             "--ignored",
             "--nocapture",
         ])
-        .env("SETPOINT_FAILPOINTS", FAILPOINT_AFTER_SEND)
+        .env("SETPOINT_FAILPOINTS", failpoint)
         .env("EMAIL_CRASH_PORT", server.port.to_string())
         .env("EMAIL_CRASH_JOURNAL", &journal_path)
         .env("EMAIL_CRASH_TOKEN", token.as_str())
@@ -121,25 +138,39 @@ async fn killed_after_send_then_retried_sends_nothing_more() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let marker = failpoint::marker(FAILPOINT_AFTER_SEND);
+    let marker = failpoint::marker(failpoint);
     let mut seen = Vec::new();
+    let mut reached = false;
     for line in BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         if line.contains(&marker) {
+            reached = true;
             break;
         }
         seen.push(line);
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(
+        reached,
+        "the child must reach {failpoint}; its stderr: {seen:#?}"
+    );
+    FileJournal(journal_path)
+}
+
+#[tokio::test]
+async fn killed_after_send_then_retried_sends_nothing_more() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let dir = scratch_dir();
+    let token = IdempotencyToken::generate();
+    let journal = crash_child_at(FAILPOINT_AFTER_SEND, &server, &dir, &token);
     assert_eq!(
         server.messages().len(),
         1,
-        "the child must have sent before the failpoint; its stderr: {seen:#?}"
+        "the child must have sent before the failpoint"
     );
 
     // The journal shows an attempt begun with no result; the retry must not send.
-    let journal = FileJournal(journal_path);
     assert_eq!(journal.load().get(&slot_key(&token, 1)), Some(&Value::Null));
     let mailer = SmtpMailer::new(server.config()).unwrap();
     let err = mailer
@@ -149,5 +180,33 @@ async fn killed_after_send_then_retried_sends_nothing_more() {
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code.as_deref(), Some(OUTCOME_UNKNOWN));
     assert_eq!(server.messages().len(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn killed_before_the_slot_opens_then_retried_sends_once() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let dir = scratch_dir();
+    let token = IdempotencyToken::generate();
+    let journal = crash_child_at(FAILPOINT_BEFORE_BEGIN, &server, &dir, &token);
+
+    // The relay had accepted sender and recipient; the process died before the message data
+    // and before its slot opened: nothing sent, nothing left open.
+    assert!(server.messages().is_empty());
+    assert_eq!(
+        journal.look(&slot_key(&token, 1)).await.unwrap(),
+        Entry::Absent
+    );
+    let mailer = SmtpMailer::new(server.config()).unwrap();
+    let delivery = mailer
+        .send(&token, &request(), &journal, &Fence::unbounded())
+        .await
+        .unwrap();
+    assert!(!delivery.replayed);
+    assert!(matches!(
+        journal.look(&slot_key(&token, 1)).await.unwrap(),
+        Entry::Finished(v) if v["sent"] == serde_json::json!(true)
+    ));
+    assert_eq!(server.with_message_id(&delivery.message_id).len(), 1);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use setpoint_adapter::{
-    Begun, ErrorClass, Handler, IdempotencyToken, Journal, MailRequest, Mailer, MemoryJournal,
-    OUTCOME_UNKNOWN, WorkContext, typed,
+    CODE_LEASE_LOST, Entry, ErrorClass, Handler, IdempotencyToken, Journal, MailRequest, Mailer,
+    MemoryJournal, OUTCOME_UNKNOWN, WorkContext, typed,
 };
-use setpoint_email::{Password, SendEmail, SmtpMailer, slot_key};
+use setpoint_email::{GREYLIST_RETRY, Password, SLOW_DOWN_RETRY, SendEmail, SmtpMailer, slot_key};
 
 use common::{
-    CrashBeforeFinish, ServerOptions, SmtpServer, config_for_port, header, journal_value,
-    unused_port,
+    ConcurrentAttempt, CrashBeforeFinish, LosesFence, ServerOptions, SmtpServer, config_for_port,
+    header, journal_value, unused_port,
 };
 
 fn ready(to: &str) -> MailRequest {
@@ -34,9 +34,9 @@ fn token() -> IdempotencyToken {
     IdempotencyToken::generate()
 }
 
-fn sent(value: &Begun) -> Option<bool> {
+fn sent(value: &Entry) -> Option<bool> {
     match value {
-        Begun::Finished(v) => v.get("sent").and_then(|s| s.as_bool()),
+        Entry::Finished(v) => v.get("sent").and_then(|s| s.as_bool()),
         _ => None,
     }
 }
@@ -85,7 +85,7 @@ async fn sends_one_templated_message_whose_message_id_is_the_token() {
 
     // The journal holds the delivery under slot 1.
     let record = journal_value(&journal, &slot_key(&token, 1)).await;
-    let Begun::Finished(v) = record else {
+    let Entry::Finished(v) = record else {
         panic!("slot 1 must be finished, got {record:?}")
     };
     assert_eq!(v["sent"], json!(true));
@@ -114,7 +114,8 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
     let journal = MemoryJournal::default();
     let token = token();
 
-    // Attempt 1: nothing listens — connection refused, certainly not sent.
+    // Attempt 1: nothing listens — connection refused, certainly not sent, nothing recorded
+    // (the slot opens only right before the message data).
     let err = mailer
         .send(
             &token,
@@ -127,8 +128,8 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
     assert_eq!(err.code.as_deref(), Some("smtp-connection"));
     assert_eq!(
-        sent(&journal_value(&journal, &slot_key(&token, 1)).await),
-        Some(false)
+        journal_value(&journal, &slot_key(&token, 1)).await,
+        Entry::Absent
     );
 
     // Attempt 2: the server is up.
@@ -147,7 +148,7 @@ async fn server_down_is_transient_and_the_retry_sends_exactly_once() {
         .unwrap();
     assert!(!delivery.replayed);
     assert_eq!(
-        sent(&journal_value(&journal, &slot_key(&token, 2)).await),
+        sent(&journal_value(&journal, &slot_key(&token, 1)).await),
         Some(true)
     );
 
@@ -230,7 +231,7 @@ async fn connection_lost_after_the_data_is_outcome_unknown_and_not_resent() {
     assert_eq!(err.code.as_deref(), Some(OUTCOME_UNKNOWN));
     assert_eq!(
         journal_value(&journal, &slot_key(&token, 1)).await,
-        Begun::Unknown
+        Entry::Started
     );
 
     let again = mailer
@@ -318,7 +319,16 @@ async fn greylisting_451_is_transient_and_the_retry_sends_once() {
     assert_eq!(err.class, ErrorClass::Transient, "{err}");
     assert_eq!(err.code.as_deref(), Some("smtp-451"));
     assert!(err.message.contains("RCPT TO"), "{err}");
+    assert_eq!(
+        err.retry_after,
+        Some(GREYLIST_RETRY),
+        "greylisting asks to wait"
+    );
     assert!(server.messages().is_empty());
+    assert_eq!(
+        journal_value(&journal, &slot_key(&token, 1)).await,
+        Entry::Absent
+    );
 
     mailer
         .send(
@@ -342,7 +352,7 @@ async fn greylisting_451_is_transient_and_the_retry_sends_once() {
 }
 
 #[tokio::test]
-async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
+async fn rejections_5xx_are_permanent_and_never_left_open() {
     let server = SmtpServer::start(ServerOptions::default());
     let mailer = SmtpMailer::new(server.config()).unwrap();
     let journal = MemoryJournal::default();
@@ -360,14 +370,15 @@ async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code.as_deref(), Some("smtp-550"));
-    let Begun::Finished(v) = journal_value(&journal, &slot_key(&token, 1)).await else {
-        panic!("slot 1 must be finished")
-    };
-    assert_eq!(v["sent"], json!(false));
-    assert_eq!(v["class"], json!("permanent"));
-    assert_eq!(v["code"], json!("smtp-550"));
+    assert_eq!(err.retry_after, None);
+    // Refused before the message data: no slot was opened, nothing to record.
+    assert_eq!(
+        journal_value(&journal, &slot_key(&token, 1)).await,
+        Entry::Absent
+    );
 
-    // 554 after the message data: a definite refusal too, not an unknown outcome.
+    // 554 after the message data: a definite refusal too, not an unknown outcome; the slot
+    // was open and is finished as not sent.
     let token = self::token();
     let err = mailer
         .send(
@@ -380,10 +391,12 @@ async fn rejections_5xx_are_permanent_and_recorded_as_not_sent() {
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code.as_deref(), Some("smtp-554"));
-    assert_eq!(
-        sent(&journal_value(&journal, &slot_key(&token, 1)).await),
-        Some(false)
-    );
+    let Entry::Finished(v) = journal_value(&journal, &slot_key(&token, 1)).await else {
+        panic!("slot 1 must be finished")
+    };
+    assert_eq!(v["sent"], json!(false));
+    assert_eq!(v["class"], json!("permanent"));
+    assert_eq!(v["code"], json!("smtp-554"));
 
     // 451 every time stays transient.
     let err = mailer
@@ -462,12 +475,12 @@ async fn wrong_or_missing_credentials_are_permanent_and_never_show_the_password(
     ] {
         assert!(!shown.contains(secret), "password leaked: {shown}");
     }
-    // Nor in the journal record (which the engine stores and shows).
-    let Begun::Finished(v) = journal_value(&journal, &slot_key(&token, 1)).await else {
-        panic!("slot 1 must be finished")
-    };
-    assert!(!v.to_string().contains(secret));
-    assert_eq!(v["sent"], json!(false));
+    // Nor in the journal (which the engine stores and shows): AUTH failed before the slot
+    // would have opened, so there is no record at all.
+    assert_eq!(
+        journal_value(&journal, &slot_key(&token, 1)).await,
+        Entry::Absent
+    );
 
     // Without credentials the server refuses the transaction (530): permanent.
     let anonymous = SmtpMailer::new(server.config()).unwrap();
@@ -543,10 +556,212 @@ async fn the_email_send_handler_runs_units_with_the_context_journal() {
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent);
     assert_eq!(err.code.as_deref(), Some("invalid-recipient"));
-    // Slot 1 of that token was never begun: begin now says Fresh.
+    // Slot 1 of that token was never begun.
     assert_eq!(
-        journal.begin(&slot_key(&bad_token, 1)).await.unwrap(),
-        Begun::Fresh
+        journal.look(&slot_key(&bad_token, 1)).await.unwrap(),
+        Entry::Absent
     );
     assert_eq!(server.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_relay_that_refuses_or_drops_the_connection_before_data_leaves_no_slot() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let mailer = SmtpMailer::new(server.config()).unwrap();
+    let journal = MemoryJournal::default();
+    // The relay answers the first RCPT TO with "421 … slow down" and closes, or hangs up
+    // without an answer; each accepts the next time.
+    for to in ["slowdown-ada@example.com", "hangup-bob@example.com"] {
+        let token = token();
+        let err = mailer
+            .send(&token, &ready(to), &journal, &Fence::unbounded())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Transient, "{to}: {err}");
+        if to.starts_with("slowdown") {
+            assert_eq!(err.code.as_deref(), Some("smtp-421"), "{err}");
+            assert_eq!(err.retry_after, Some(SLOW_DOWN_RETRY), "{err}");
+        } else {
+            assert_eq!(err.code.as_deref(), Some("smtp-connection"), "{err}");
+        }
+        assert_eq!(
+            journal_value(&journal, &slot_key(&token, 1)).await,
+            Entry::Absent,
+            "{to}: nothing may be left open"
+        );
+
+        // The retry sends, under the first slot, exactly once; later attempts replay.
+        let delivery = mailer
+            .send(&token, &ready(to), &journal, &Fence::unbounded())
+            .await
+            .unwrap();
+        assert!(!delivery.replayed);
+        assert_eq!(
+            sent(&journal_value(&journal, &slot_key(&token, 1)).await),
+            Some(true)
+        );
+        assert!(
+            mailer
+                .send(&token, &ready(to), &journal, &Fence::unbounded())
+                .await
+                .unwrap()
+                .replayed
+        );
+        assert_eq!(
+            server.with_message_id(&delivery.message_id).len(),
+            1,
+            "{to}"
+        );
+    }
+    assert_eq!(server.messages().len(), 2);
+}
+
+#[tokio::test]
+async fn a_fence_lost_before_the_data_sends_nothing_and_opens_no_slot() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let mailer = SmtpMailer::new(server.config()).unwrap();
+    let journal = MemoryJournal::default();
+    let token = token();
+
+    // The unit is lost after the journal was read: the attempt still talks to the relay
+    // (MAIL FROM, RCPT TO), then checks its fence before it opens the slot — and stops.
+    let fence = Fence::unbounded();
+    let losing = LosesFence {
+        inner: &journal,
+        fence: fence.clone(),
+        on_look: true,
+    };
+    let err = mailer
+        .send(&token, &ready("ada@example.com"), &losing, &fence)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code.as_deref(), Some(CODE_LEASE_LOST), "{err}");
+    assert!(server.messages().is_empty());
+    assert_eq!(
+        journal_value(&journal, &slot_key(&token, 1)).await,
+        Entry::Absent
+    );
+
+    // The attempt that holds the unit sends once, under slot 1.
+    mailer
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sent(&journal_value(&journal, &slot_key(&token, 1)).await),
+        Some(true)
+    );
+    assert_eq!(server.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_fence_lost_while_the_slot_opens_closes_it_as_not_sent() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let mailer = SmtpMailer::new(server.config()).unwrap();
+    let journal = MemoryJournal::default();
+    let token = token();
+
+    let fence = Fence::unbounded();
+    let losing = LosesFence {
+        inner: &journal,
+        fence: fence.clone(),
+        on_look: false,
+    };
+    let err = mailer
+        .send(&token, &ready("ada@example.com"), &losing, &fence)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code.as_deref(), Some(CODE_LEASE_LOST), "{err}");
+    assert!(server.messages().is_empty());
+    // The slot it had opened is closed as certainly not sent, not left open.
+    let Entry::Finished(v) = journal_value(&journal, &slot_key(&token, 1)).await else {
+        panic!("slot 1 must be finished")
+    };
+    assert_eq!(v["sent"], json!(false));
+    assert_eq!(v["code"], json!(CODE_LEASE_LOST));
+
+    mailer
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &journal,
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sent(&journal_value(&journal, &slot_key(&token, 2)).await),
+        Some(true)
+    );
+    assert_eq!(server.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_slot_taken_by_a_concurrent_attempt_is_answered_from_the_journal() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let mailer = SmtpMailer::new(server.config()).unwrap();
+
+    // The other attempt delivered the message while this one talked to the relay: this one
+    // sends nothing and reports that delivery.
+    let journal = MemoryJournal::default();
+    let token = token();
+    let raced = ConcurrentAttempt::new(
+        &journal,
+        Some(json!({
+            "sent": true, "message_id": "<other@setpoint.test>", "smtp_response": "250 other",
+        })),
+    );
+    let delivery = mailer
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &raced,
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap();
+    assert!(delivery.replayed);
+    assert_eq!(delivery.response, "250 other");
+
+    // The other attempt began the slot and has not finished: it may be sending right now.
+    let journal = MemoryJournal::default();
+    let token = self::token();
+    let racing = ConcurrentAttempt::new(&journal, None);
+    let err = mailer
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &racing,
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code.as_deref(), Some(OUTCOME_UNKNOWN), "{err}");
+
+    // The other attempt failed definitely: this one takes the next slot and sends.
+    let journal = MemoryJournal::default();
+    let token = self::token();
+    let failed = ConcurrentAttempt::new(
+        &journal,
+        Some(json!({"sent": false, "class": "transient", "code": "smtp-451"})),
+    );
+    mailer
+        .send(
+            &token,
+            &ready("ada@example.com"),
+            &failed,
+            &Fence::unbounded(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sent(&journal_value(&journal, &slot_key(&token, 2)).await),
+        Some(true)
+    );
+    assert_eq!(server.messages().len(), 1, "only the last case sent");
 }

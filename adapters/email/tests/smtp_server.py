@@ -5,6 +5,10 @@ Stores every accepted message in a Maildir and behaves by the recipient's local 
   reject550-*   RCPT TO is refused with 550 (permanent)
   defer451-*    RCPT TO is refused with 451 (transient), every time
   flaky451-*    RCPT TO is refused with 451 the first time per address, then accepted
+  slowdown-*    RCPT TO is refused with "421 ... slow down" and the connection closed, the first
+                time per address, then accepted
+  hangup-*      the connection is dropped without a reply to RCPT TO, the first time per
+                address, then accepted
   data554-*     the message data is refused with 554 after it was sent
   vanish-*      the message is stored, then the connection is dropped before the reply
 
@@ -37,6 +41,15 @@ class Handler(Mailbox):
         if local.startswith("flaky451") and address not in self.deferred:
             self.deferred.add(address)
             return "451 4.3.0 <%s>: greylisted, try again later" % address
+        if local.startswith("slowdown") and address not in self.deferred:
+            self.deferred.add(address)
+            # 421 closes the channel: close once the reply is written.
+            asyncio.get_running_loop().call_soon(server.transport.close)
+            return "421 4.7.0 smtp.test: too many messages from you, slow down"
+        if local.startswith("hangup") and address not in self.deferred:
+            self.deferred.add(address)
+            server.transport.abort()
+            return "250 2.1.5 OK (never seen: the connection is gone)"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

@@ -1,29 +1,55 @@
 //! [`KubernetesCluster`]: the SDK's [`Cluster`] on kube-rs, by server-side apply.
 //!
-//! Apply reads the instance's objects first (observe before act; the reads also tell whether
-//! the apply changed anything), then applies namespace, Secret, Service and Deployment in that
-//! order under the one field manager `setpoint`. Delete lists each kind by the instance label
-//! and deletes what it finds; "not found" at any point is success.
+//! **Apply** reads the instance's objects first (observe before act; the reads also tell whether
+//! the apply changed anything and which generation the cluster holds), refuses to write when
+//! the cluster holds a newer generation than the unit's ([`CODE_SUPERSEDED`]), then applies
+//! namespace, Secret, Service and Deployment in that order under the one field manager
+//! `setpoint`. Every write of an instance object is *conditional* on the read it is based on:
+//! it carries that read's `metadata.resourceVersion` — the object's own version when the object
+//! exists (the API server refuses the write with 409 if anything changed it since), the
+//! version of the (empty) list that found it absent when it does not (the server ignores the
+//! version when it creates the object, and refuses with 409 if a concurrent writer created it
+//! first) — and, for an object that exists, its `metadata.uid` (the server refuses with 409
+//! rather than re-create an object deleted since). On such a 409 the apply reads everything again and starts over, at most
+//! [`APPLY_ROUNDS`] times, so it converges on what the other writer left instead of
+//! overwriting it — and sees a newer generation if that is what the other writer wrote.
+//!
+//! **Delete** lists each kind by the instance label and deletes what it finds, each delete
+//! conditional on the uid and version it was listed with (the label decided it belongs to the
+//! instance); on a 409 it lists again, at most [`DELETE_ROUNDS`] times. "Not found" at any
+//! point is success.
+//!
+//! The tenant's namespace is applied without a precondition: it is shared by the tenant's
+//! instances and its content depends on the tenant alone, so no write to it can be stale.
 
 use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Cluster, ClusterInstanceSpec, ClusterObject, ClusterObservation,
-    DeleteOutcome, Fence, IdempotencyToken,
+    AdapterError, BoxFuture, CODE_SUPERSEDED, Cluster, ClusterInstanceSpec, ClusterObject,
+    ClusterObservation, DeleteOutcome, Fence, IdempotencyToken,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::config::{ConfigError, KubernetesConfig};
-use crate::error::classify;
+use crate::error::{CODE_KEPT_CHANGING, classify, is_stale_write};
 use crate::names;
-use crate::objects::{self, InstanceIdentity, Workload};
+use crate::objects::{self, Generation, InstanceIdentity, Workload};
+
+/// How many times one apply reads the instance's objects and writes them, when a conditional
+/// write keeps meeting a newer version (a concurrent writer). Then it gives up with a transient
+/// [`CODE_KEPT_CHANGING`] error and the engine's backoff takes over.
+pub const APPLY_ROUNDS: usize = 4;
+
+/// How many times one delete lists a kind and deletes what it found, when a conditional delete
+/// keeps meeting a newer version.
+pub const DELETE_ROUNDS: usize = 4;
 
 /// A Kubernetes cluster as a [`Cluster`]. Cheap to clone (the kube client is shared).
 #[derive(Clone)]
@@ -42,12 +68,66 @@ impl Debug for KubernetesCluster {
     }
 }
 
-/// The objects of one instance as read from the API server (each `None` when absent).
+/// One object as read, and the `resourceVersion` a write based on this read must carry.
+struct Read<K> {
+    /// The object, when it exists.
+    live: Option<K>,
+    /// The object's version; when absent, the version of the list that found no object.
+    precondition: Option<String>,
+}
+
+/// The objects of one instance as read from the API server.
 struct Current {
     namespace: Option<Namespace>,
-    secret: Option<Secret>,
-    service: Option<Service>,
-    deployment: Option<Deployment>,
+    secret: Read<Secret>,
+    service: Read<Service>,
+    deployment: Read<Deployment>,
+}
+
+impl Current {
+    /// The newest generation recorded on the instance's objects, if any records one.
+    fn newest_generation(&self, token: &IdempotencyToken) -> Option<i64> {
+        let metas = [
+            self.secret.live.as_ref().map(|o| (o.meta(), "Secret")),
+            self.service.live.as_ref().map(|o| (o.meta(), "Service")),
+            self.deployment
+                .live
+                .as_ref()
+                .map(|o| (o.meta(), "Deployment")),
+        ];
+        metas
+            .into_iter()
+            .flatten()
+            .filter_map(|(meta, kind)| {
+                let recorded = objects::recorded_generation(meta);
+                if recorded.is_none()
+                    && meta
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key(names::ANNOTATION_GENERATION))
+                {
+                    warn!(%token, kind, name = ?meta.name,
+                        "the {} annotation does not hold a number; ignoring it",
+                        names::ANNOTATION_GENERATION);
+                }
+                recorded
+            })
+            .max()
+    }
+}
+
+/// How a conditional write ended when it did not succeed.
+enum WriteError {
+    /// The object changed since it was read (409 on the precondition): read again.
+    Stale(String),
+    /// Any other failure, classified.
+    Failed(AdapterError),
+}
+
+impl From<AdapterError> for WriteError {
+    fn from(e: AdapterError) -> Self {
+        WriteError::Failed(e)
+    }
 }
 
 impl KubernetesCluster {
@@ -89,9 +169,9 @@ impl KubernetesCluster {
     async fn read(&self, id: &InstanceIdentity) -> Result<Current, AdapterError> {
         Ok(Current {
             namespace: get_opt(Api::<Namespace>::all(self.client.clone()), &id.namespace).await?,
-            secret: get_opt(self.namespaced::<Secret>(id), &id.name).await?,
-            service: get_opt(self.namespaced::<Service>(id), &id.name).await?,
-            deployment: get_opt(self.namespaced::<Deployment>(id), &id.name).await?,
+            secret: read_named(self.namespaced::<Secret>(id), &id.name).await?,
+            service: read_named(self.namespaced::<Service>(id), &id.name).await?,
+            deployment: read_named(self.namespaced::<Deployment>(id), &id.name).await?,
         })
     }
 
@@ -103,6 +183,7 @@ impl KubernetesCluster {
         Api::namespaced(self.client.clone(), &id.namespace)
     }
 
+    /// Applies `intent` unconditionally (the shared namespace).
     async fn apply<K>(
         &self,
         api: &Api<K>,
@@ -125,6 +206,116 @@ impl KubernetesCluster {
             })
     }
 
+    /// Applies `intent` on the condition that the object is still as `read` saw it.
+    async fn apply_if_unchanged<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        mut intent: K,
+        read: &Read<K>,
+        fence: &Fence,
+    ) -> Result<K, WriteError>
+    where
+        K: Resource + Clone + Debug + Serialize + DeserializeOwned,
+        <K as Resource>::DynamicType: Default,
+    {
+        // The version, and for an object that exists its uid: should the object be deleted
+        // while this write is under way, the server refuses it (409) instead of creating a
+        // new object from a stale decision.
+        intent.meta_mut().resource_version = read.precondition.clone();
+        intent.meta_mut().uid = read.live.as_ref().and_then(ResourceExt::uid);
+        let kind = K::kind(&Default::default()).to_string();
+        fence.check()?;
+        match api
+            .patch(name, &self.apply_params(), &Patch::Apply(&intent))
+            .await
+        {
+            Ok(k) => Ok(k),
+            Err(e) if is_stale_write(&e) => Err(WriteError::Stale(format!("{kind} {name}"))),
+            Err(e) => Err(WriteError::Failed(classify(
+                &format!("apply {kind} {name}"),
+                &e,
+            ))),
+        }
+    }
+
+    /// One round of an apply: reads, checks the generation, writes. `changed` becomes true
+    /// when this round's intents differ from what it read.
+    async fn apply_round(
+        &self,
+        id: &InstanceIdentity,
+        token: &IdempotencyToken,
+        spec: &ClusterInstanceSpec,
+        fence: &Fence,
+        changed: &mut bool,
+    ) -> Result<ClusterObservation, WriteError> {
+        // Observe before act: what an earlier attempt (or unit) left, and its versions.
+        let before = self.read(id).await?;
+        if let Some(d) = &before.deployment.live {
+            let earlier = d
+                .labels()
+                .get(names::LABEL_TOKEN)
+                .cloned()
+                .unwrap_or_default();
+            debug!(%token, earlier_token = %earlier, namespace = %id.namespace, name = %id.name,
+                "instance objects exist; applying over them");
+        }
+        let generation = generation_to_record(id, spec, before.newest_generation(token))?;
+
+        let ns_intent = objects::namespace(id, &spec.tenant);
+        let secret_intent = objects::secret(id, spec, token, generation);
+        let service_intent = objects::service(id, spec, token, generation, &self.workload);
+        let deployment_intent = objects::deployment(id, spec, token, generation, &self.workload);
+        // Whether this apply changes anything: some intent is not already contained in what
+        // the server holds. (Comparing resourceVersions instead would count the controllers'
+        // own status writes as our changes.)
+        *changed |= !(contains(before.namespace.as_ref(), &ns_intent)
+            && contains(before.secret.live.as_ref(), &secret_intent)
+            && contains(before.service.live.as_ref(), &service_intent)
+            && contains(before.deployment.live.as_ref(), &deployment_intent));
+
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        self.apply(&namespaces, &id.namespace, &ns_intent, fence)
+            .await?;
+        let secret = self
+            .apply_if_unchanged(
+                &self.namespaced::<Secret>(id),
+                &id.name,
+                secret_intent,
+                &before.secret,
+                fence,
+            )
+            .await?;
+        let service = self
+            .apply_if_unchanged(
+                &self.namespaced::<Service>(id),
+                &id.name,
+                service_intent,
+                &before.service,
+                fence,
+            )
+            .await?;
+        let deployment = self
+            .apply_if_unchanged(
+                &self.namespaced::<Deployment>(id),
+                &id.name,
+                deployment_intent,
+                &before.deployment,
+                fence,
+            )
+            .await?;
+        Ok(observation(
+            id,
+            self.workload.port,
+            Some(&secret),
+            Some(&service),
+            Some(&deployment),
+            *changed,
+        ))
+    }
+
+    /// Deletes every object of kind `K` labelled `selector`, each on the condition that it is
+    /// still the object (uid) and the version that was listed; lists again when one changed.
     async fn delete_labelled<K>(
         &self,
         api: Api<K>,
@@ -137,24 +328,70 @@ impl KubernetesCluster {
         <K as Resource>::DynamicType: Default,
     {
         let kind = K::kind(&Default::default()).to_string();
-        let list = api
-            .list(&ListParams::default().labels(selector))
-            .await
-            .map_err(|e| classify(&format!("list {kind} with {selector}"), &e))?;
-        for item in list.items {
-            let name = item.name_any();
-            fence.check()?;
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => deleted.push(ClusterObject {
-                    kind: kind.clone(),
-                    name,
-                    version: item.resource_version(),
-                }),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(classify(&format!("delete {kind} {name}"), &e)),
+        for round in 1..=DELETE_ROUNDS {
+            let list = api
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(|e| classify(&format!("list {kind} with {selector}"), &e))?;
+            let mut stale = Vec::new();
+            for item in list.items {
+                let name = item.name_any();
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: item.uid(),
+                        resource_version: item.resource_version(),
+                    }),
+                    ..DeleteParams::background()
+                };
+                fence.check()?;
+                match api.delete(&name, &params).await {
+                    Ok(_) => deleted.push(ClusterObject {
+                        kind: kind.clone(),
+                        name,
+                        version: item.resource_version(),
+                    }),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) if is_stale_write(&e) => stale.push(name),
+                    Err(e) => return Err(classify(&format!("delete {kind} {name}"), &e)),
+                }
             }
+            if stale.is_empty() {
+                return Ok(());
+            }
+            debug!(
+                kind,
+                ?stale,
+                round,
+                "objects changed since they were listed; listing again"
+            );
         }
-        Ok(())
+        Err(AdapterError::transient(format!(
+            "deleting the {kind}s labelled {selector}: they changed between listing and \
+             deleting {DELETE_ROUNDS} times in a row; the next attempt lists them again"
+        ))
+        .with_code(CODE_KEPT_CHANGING))
+    }
+}
+
+/// The generation to record on the instance's objects, or the refusal to write over a newer
+/// one. A spec of unknown generation (0) compares nothing and keeps what is recorded.
+fn generation_to_record(
+    id: &InstanceIdentity,
+    spec: &ClusterInstanceSpec,
+    newest: Option<i64>,
+) -> Result<Generation, AdapterError> {
+    if spec.generation <= 0 {
+        return Ok(Generation(newest));
+    }
+    match newest {
+        Some(held) if held > spec.generation => Err(AdapterError::permanent(format!(
+            "the cluster holds generation {held} of instance {} (objects {} in namespace {}), \
+             newer than this unit's generation {}; nothing was written. A later change of the \
+             instance has already been applied, so this unit's spec is out of date",
+            spec.resource_id, id.name, id.namespace, spec.generation
+        ))
+        .with_code(CODE_SUPERSEDED)),
+        _ => Ok(Generation(Some(spec.generation))),
     }
 }
 
@@ -171,6 +408,34 @@ where
             &e,
         )),
     }
+}
+
+/// Reads the object `name` by listing its kind with a field selector on the name: one round
+/// trip that gives the object and, when there is none, the version of the list that found
+/// none (a precondition a concurrent create cannot meet).
+async fn read_named<K>(api: Api<K>, name: &str) -> Result<Read<K>, AdapterError>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+    <K as Resource>::DynamicType: Default,
+{
+    let list = api
+        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .await
+        .map_err(|e| {
+            classify(
+                &format!("read {} {}", K::kind(&Default::default()), name),
+                &e,
+            )
+        })?;
+    let live = list
+        .items
+        .into_iter()
+        .find(|k| k.meta().name.as_deref() == Some(name));
+    let precondition = match &live {
+        Some(k) => k.resource_version(),
+        None => list.metadata.resource_version.filter(|v| !v.is_empty()),
+    };
+    Ok(Read { live, precondition })
 }
 
 fn object<K: Resource<DynamicType = ()>>(k: &K) -> ClusterObject {
@@ -206,44 +471,37 @@ fn subset(want: &serde_json::Value, have: &serde_json::Value) -> bool {
 fn observation(
     id: &InstanceIdentity,
     port: u16,
-    current: &Current,
+    secret: Option<&Secret>,
+    service: Option<&Service>,
+    deployment: Option<&Deployment>,
     changed: bool,
 ) -> ClusterObservation {
     let mut objects_ = Vec::new();
-    if let Some(s) = &current.secret {
+    if let Some(s) = secret {
         objects_.push(object(s));
     }
-    if let Some(s) = &current.service {
+    if let Some(s) = service {
         objects_.push(object(s));
     }
-    if let Some(d) = &current.deployment {
+    if let Some(d) = deployment {
         objects_.push(object(d));
     }
-    let desired = current
-        .deployment
-        .as_ref()
+    let desired = deployment
         .and_then(|d| d.spec.as_ref())
         .and_then(|s| s.replicas)
         .unwrap_or(1);
-    let ready = current
-        .deployment
-        .as_ref()
+    let ready = deployment
         .and_then(|d| d.status.as_ref())
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     ClusterObservation {
         namespace: id.namespace.clone(),
         objects: objects_,
-        service_host: current
-            .service
-            .as_ref()
-            .map(|_| format!("{}.{}.svc", id.name, id.namespace)),
-        service_port: current.service.as_ref().map(|_| port),
+        service_host: service.map(|_| format!("{}.{}.svc", id.name, id.namespace)),
+        service_port: service.map(|_| port),
         desired_replicas: u32::try_from(desired).unwrap_or(0),
         ready_replicas: u32::try_from(ready).unwrap_or(0),
-        complete: current.secret.is_some()
-            && current.service.is_some()
-            && current.deployment.is_some(),
+        complete: secret.is_some() && service.is_some() && deployment.is_some(),
         changed,
     }
 }
@@ -257,69 +515,32 @@ impl Cluster for KubernetesCluster {
     ) -> BoxFuture<'a, Result<ClusterObservation, AdapterError>> {
         Box::pin(async move {
             let id = InstanceIdentity::new(spec.resource_id, &spec.tenant);
-            // Observe before act: what an earlier attempt (or unit) left, and its versions.
-            let before = self.read(&id).await?;
-            if let Some(d) = &before.deployment {
-                let earlier = d
-                    .labels()
-                    .get(names::LABEL_TOKEN)
-                    .cloned()
-                    .unwrap_or_default();
-                debug!(%token, earlier_token = %earlier, namespace = %id.namespace, name = %id.name,
-                    "instance objects exist; applying over them");
+            let mut changed = false;
+            for round in 1..=APPLY_ROUNDS {
+                match self
+                    .apply_round(&id, token, spec, fence, &mut changed)
+                    .await
+                {
+                    Ok(obs) => {
+                        info!(%token, resource_id = %spec.resource_id, namespace = %id.namespace,
+                            name = %id.name, generation = spec.generation, changed, round,
+                            "applied kvx instance objects");
+                        return Ok(obs);
+                    }
+                    Err(WriteError::Stale(what)) => {
+                        info!(%token, resource_id = %spec.resource_id, round, object = %what,
+                            "the object changed since it was read; reading the instance again");
+                    }
+                    Err(WriteError::Failed(e)) => return Err(e),
+                }
             }
-
-            let ns_intent = objects::namespace(&id, &spec.tenant);
-            let secret_intent = objects::secret(&id, spec, token);
-            let service_intent = objects::service(&id, spec, token, &self.workload);
-            let deployment_intent = objects::deployment(&id, spec, token, &self.workload);
-            // Whether this apply changes anything: some intent is not already contained in
-            // what the server holds. (Comparing resourceVersions instead would count the
-            // controllers' own status writes as our changes.)
-            let changed = !(contains(before.namespace.as_ref(), &ns_intent)
-                && contains(before.secret.as_ref(), &secret_intent)
-                && contains(before.service.as_ref(), &service_intent)
-                && contains(before.deployment.as_ref(), &deployment_intent));
-
-            let namespaces = Api::<Namespace>::all(self.client.clone());
-            let ns = self
-                .apply(&namespaces, &id.namespace, &ns_intent, fence)
-                .await?;
-            let secret = self
-                .apply(
-                    &self.namespaced::<Secret>(&id),
-                    &id.name,
-                    &secret_intent,
-                    fence,
-                )
-                .await?;
-            let service = self
-                .apply(
-                    &self.namespaced::<Service>(&id),
-                    &id.name,
-                    &service_intent,
-                    fence,
-                )
-                .await?;
-            let deployment = self
-                .apply(
-                    &self.namespaced::<Deployment>(&id),
-                    &id.name,
-                    &deployment_intent,
-                    fence,
-                )
-                .await?;
-
-            let after = Current {
-                namespace: Some(ns),
-                secret: Some(secret),
-                service: Some(service),
-                deployment: Some(deployment),
-            };
-            let obs = observation(&id, self.workload.port, &after, changed);
-            info!(%token, resource_id = %spec.resource_id, namespace = %id.namespace,
-                name = %id.name, changed, "applied kvx instance objects");
-            Ok(obs)
+            Err(AdapterError::transient(format!(
+                "the objects of instance {} in namespace {} changed between reading and writing \
+                 {APPLY_ROUNDS} times in a row (another writer is busy with them); nothing was \
+                 overwritten, and the next attempt reads them again",
+                spec.resource_id, id.namespace
+            ))
+            .with_code(CODE_KEPT_CHANGING))
         })
     }
 
@@ -331,11 +552,22 @@ impl Cluster for KubernetesCluster {
         Box::pin(async move {
             let id = InstanceIdentity::new(resource_id, tenant);
             let current = self.read(&id).await?;
-            if current.secret.is_none() && current.service.is_none() && current.deployment.is_none()
-            {
+            let (secret, service, deployment) = (
+                current.secret.live.as_ref(),
+                current.service.live.as_ref(),
+                current.deployment.live.as_ref(),
+            );
+            if secret.is_none() && service.is_none() && deployment.is_none() {
                 return Ok(None);
             }
-            Ok(Some(observation(&id, self.workload.port, &current, false)))
+            Ok(Some(observation(
+                &id,
+                self.workload.port,
+                secret,
+                service,
+                deployment,
+                false,
+            )))
         })
     }
 

@@ -6,7 +6,7 @@
 //! | 5xx, 408, 410 | transient | the server or its etcd is struggling; a watch cache expired |
 //! | timeouts, connection refused/reset, HTTP errors | transient | the network or the server restarting |
 //! | 409 conflict with another field manager | **permanent** | someone else owns a field we would change; an operator decides (or enables `force_conflicts`) |
-//! | 409 other (optimistic lock, already exists) | transient | a concurrent writer; the next attempt re-reads |
+//! | 409 other (a `resourceVersion` precondition failed, already exists) | transient | a concurrent writer; the adapter re-reads and retries a few times itself ([`is_stale_write`]), then the next attempt does |
 //! | 400, 422 | permanent | the object is invalid; retrying sends the same object |
 //! | 401, 403 | permanent | credentials or RBAC must change — except 403 *namespace terminating*, transient |
 //! | 404 of a namespace | transient | the namespace vanished between our writes; the next attempt re-applies it |
@@ -26,6 +26,28 @@ use crate::config::ConfigError;
 pub const CAUSE_FIELD_MANAGER_CONFLICT: &str = "FieldManagerConflict";
 /// The error code of a permanent field-manager conflict.
 pub const CODE_FIELD_MANAGER_CONFLICT: &str = "FieldManagerConflict";
+
+/// The error code of an apply or delete given up because the instance's objects kept changing
+/// between the adapter's reads and its conditional writes (transient).
+pub const CODE_KEPT_CHANGING: &str = "objects-kept-changing";
+
+/// True when `err` is the API server refusing a write whose `resourceVersion` (or uid)
+/// precondition no longer holds: 409 reason `Conflict` without field-manager causes. The
+/// write changed nothing; reading again and retrying is the answer.
+pub fn is_stale_write(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => {
+            status.code == 409
+                && status.reason == "Conflict"
+                && !status.details.as_ref().is_some_and(|d| {
+                    d.causes
+                        .iter()
+                        .any(|c| c.reason == CAUSE_FIELD_MANAGER_CONFLICT)
+                })
+        }
+        _ => false,
+    }
+}
 
 /// Classifies a kube client error. `what` names the call for the message, e.g.
 /// `"apply Deployment setpoint-acme/kvx-…"`.
@@ -290,6 +312,26 @@ mod tests {
         )
         .with_code(403);
         assert!(classify("x", &api(terminating)).is_transient());
+    }
+
+    #[test]
+    fn only_version_conflicts_are_stale_writes() {
+        let modified = Status::failure(
+            "Operation cannot be fulfilled on secrets \"x\": the object has been modified; \
+             please apply your changes to the latest version and try again",
+            "Conflict",
+        )
+        .with_code(409);
+        assert!(is_stale_write(&api(modified)));
+        let cause = StatusCause {
+            reason: CAUSE_FIELD_MANAGER_CONFLICT.into(),
+            message: "conflict with \"kubectl\"".into(),
+            field: ".spec.replicas".into(),
+        };
+        let managers = status(409, "Conflict").with_details(details("deployments", vec![cause], 0));
+        assert!(!is_stale_write(&api(managers)));
+        assert!(!is_stale_write(&api(status(409, "AlreadyExists"))));
+        assert!(!is_stale_write(&api(status(500, "InternalError"))));
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! Per instance, in the tenant's namespace `setpoint-<tenant>`, it applies a Secret (the
 //! credentials), a Service and a Deployment, all named `kvx-<resource id>` and labelled with
 //! the instance id (`setpoint.dev/instance`), the tenant and the token of the unit that wrote
-//! them. Every write is a server-side apply under the one field manager `setpoint`, so
-//! applying twice is a no-op and a retry adopts what an earlier attempt made. Delete lists by
-//! the instance label and deletes what it finds; "not found" is success.
+//! them, and annotated with the spec generation they were written for. Every write is a
+//! server-side apply under the one field manager `setpoint`, so applying twice is a no-op and a
+//! retry adopts what an earlier attempt made. Writes are conditional, so a late write of a
+//! stale attempt cannot undo a newer one: an older generation is refused (`superseded`), and
+//! each write carries the `resourceVersion` it was based on (see [`cluster`]). Delete lists by
+//! the instance label and deletes what it finds, each delete conditional on what it listed;
+//! "not found" is success.
 //!
 //! ```no_run
 //! # async fn wire() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,7 +40,9 @@
 //! - [`names`]: deterministic, DNS-safe names and valid label values.
 //! - [`error`]: [`classify`], the one place a kube error becomes transient or permanent.
 //! - [`handlers`]: [`ApplyInstance`] and [`DeleteInstance`], the [`setpoint_adapter::TypedHandler`]s.
-//! - [`test_server`]: [`TestApiServer`], a Kubernetes API stand-in for tests and `setpoint dev`.
+//! - [`test_server`]: [`TestApiServer`], a Kubernetes API stand-in for tests and `setpoint dev`
+//!   (with `resourceVersion` preconditions, and [`ConcurrentWrite`]s placed between a client's
+//!   read and its write).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -56,4 +62,4 @@ pub use handlers::{
     ApplyInstance, DeleteInstance, DeleteInstanceSpec, KIND_APPLY_INSTANCE, KIND_DELETE_INSTANCE,
 };
 pub use names::FIELD_MANAGER;
-pub use test_server::{Fault, TestApiServer};
+pub use test_server::{ConcurrentWrite, Fault, LoggedRequest, TestApiServer};

@@ -30,6 +30,9 @@ pub const ANNOTATION_TOKEN: &str = "setpoint.dev/token";
 pub const ANNOTATION_NAME: &str = "setpoint.dev/instance-name";
 /// Annotation: the instance's plan.
 pub const ANNOTATION_PLAN: &str = "setpoint.dev/plan";
+/// Annotation: the resource's spec generation the object was last written for (a decimal
+/// number). An apply for an older generation refuses to write over it.
+pub const ANNOTATION_GENERATION: &str = "setpoint.dev/generation";
 
 /// Longest DNS-1123 label (namespace and service names).
 const MAX_DNS_LABEL: usize = 63;

@@ -2,9 +2,10 @@
 //!
 //! Each builder returns the *fully specified intent* setpoint has for one object: only the
 //! fields setpoint cares about, nothing the server fills in (status, defaults, cluster IPs).
-//! The same spec and token always build the same intent, so applying it twice is a no-op.
-//! The token is a label on each object's metadata only — never on the pod template, so a new
-//! unit re-labelling the Deployment does not restart its pods.
+//! The same spec, token and generation always build the same intent, so applying it twice is a
+//! no-op. The token (a label) and the generation (annotation `setpoint.dev/generation`) are on
+//! each object's metadata only — never on the pod template, so a new unit re-labelling the
+//! Deployment does not restart its pods.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +42,12 @@ impl InstanceIdentity {
         }
     }
 }
+
+/// What the builders need besides the spec and the token: which generation the objects are
+/// recorded for. `None` records none (a spec of unknown generation over objects that carry
+/// none either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(pub Option<i64>);
 
 /// What the builders need besides the spec: the workload settings of the configuration.
 #[derive(Debug, Clone)]
@@ -79,6 +86,7 @@ fn instance_meta(
     id: &InstanceIdentity,
     spec: &ClusterInstanceSpec,
     token: &IdempotencyToken,
+    generation: Generation,
 ) -> ObjectMeta {
     let mut labels = owner_labels(&spec.tenant);
     labels.extend(pod_labels(spec));
@@ -86,21 +94,36 @@ fn instance_meta(
         names::LABEL_TOKEN.to_owned(),
         names::label_value(token.as_str()),
     );
+    let mut annotations = BTreeMap::from([
+        (names::ANNOTATION_TENANT.to_owned(), spec.tenant.clone()),
+        (
+            names::ANNOTATION_TOKEN.to_owned(),
+            token.as_str().to_owned(),
+        ),
+        (names::ANNOTATION_NAME.to_owned(), spec.name.clone()),
+        (names::ANNOTATION_PLAN.to_owned(), spec.plan.clone()),
+    ]);
+    if let Generation(Some(g)) = generation {
+        annotations.insert(names::ANNOTATION_GENERATION.to_owned(), g.to_string());
+    }
     ObjectMeta {
         name: Some(id.name.clone()),
         namespace: Some(id.namespace.clone()),
         labels: Some(labels),
-        annotations: Some(BTreeMap::from([
-            (names::ANNOTATION_TENANT.to_owned(), spec.tenant.clone()),
-            (
-                names::ANNOTATION_TOKEN.to_owned(),
-                token.as_str().to_owned(),
-            ),
-            (names::ANNOTATION_NAME.to_owned(), spec.name.clone()),
-            (names::ANNOTATION_PLAN.to_owned(), spec.plan.clone()),
-        ])),
+        annotations: Some(annotations),
         ..ObjectMeta::default()
     }
+}
+
+/// The generation recorded on `meta` (annotation `setpoint.dev/generation`), if it holds a
+/// number.
+pub fn recorded_generation(meta: &ObjectMeta) -> Option<i64> {
+    meta.annotations
+        .as_ref()?
+        .get(names::ANNOTATION_GENERATION)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The tenant's namespace: labelled with the tenant only (it is shared by the tenant's
@@ -125,9 +148,10 @@ pub fn secret(
     id: &InstanceIdentity,
     spec: &ClusterInstanceSpec,
     token: &IdempotencyToken,
+    generation: Generation,
 ) -> Secret {
     Secret {
-        metadata: instance_meta(id, spec, token),
+        metadata: instance_meta(id, spec, token, generation),
         type_: Some("Opaque".to_owned()),
         data: Some(
             spec.credentials
@@ -145,10 +169,11 @@ pub fn service(
     id: &InstanceIdentity,
     spec: &ClusterInstanceSpec,
     token: &IdempotencyToken,
+    generation: Generation,
     workload: &Workload,
 ) -> Service {
     Service {
-        metadata: instance_meta(id, spec, token),
+        metadata: instance_meta(id, spec, token, generation),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(BTreeMap::from([(
@@ -174,6 +199,7 @@ pub fn deployment(
     id: &InstanceIdentity,
     spec: &ClusterInstanceSpec,
     token: &IdempotencyToken,
+    generation: Generation,
     workload: &Workload,
 ) -> Deployment {
     let mut env = vec![
@@ -203,7 +229,7 @@ pub fn deployment(
         });
     }
     Deployment {
-        metadata: instance_meta(id, spec, token),
+        metadata: instance_meta(id, spec, token, generation),
         spec: Some(DeploymentSpec {
             replicas: Some(i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
             selector: LabelSelector {
@@ -244,5 +270,50 @@ pub fn deployment(
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use setpoint_adapter::{BackendAddress, SecretData};
+
+    use super::*;
+
+    #[test]
+    fn the_generation_is_on_metadata_only_never_on_the_pod_template() {
+        let spec = ClusterInstanceSpec {
+            resource_id: uuid::Uuid::new_v4(),
+            tenant: "acme".into(),
+            name: "cache".into(),
+            plan: "small".into(),
+            replicas: 1,
+            backend: BackendAddress::default(),
+            credentials: SecretData::default(),
+            generation: 7,
+        };
+        let id = InstanceIdentity::new(spec.resource_id, &spec.tenant);
+        let token = IdempotencyToken::parse("t-1").unwrap();
+        let workload = Workload {
+            image: "i".into(),
+            port: 1,
+        };
+        let g = Generation(Some(7));
+        let d = deployment(&id, &spec, &token, g, &workload);
+        assert_eq!(recorded_generation(&d.metadata), Some(7));
+        let template = d.spec.unwrap().template.metadata.unwrap();
+        assert!(template.annotations.is_none(), "{template:?}");
+        assert!(
+            !template
+                .labels
+                .unwrap_or_default()
+                .keys()
+                .any(|k| k == names::LABEL_TOKEN)
+        );
+        assert_eq!(
+            recorded_generation(&secret(&id, &spec, &token, g).metadata),
+            Some(7)
+        );
+        let none = service(&id, &spec, &token, Generation(None), &workload);
+        assert_eq!(recorded_generation(&none.metadata), None);
     }
 }

@@ -227,3 +227,87 @@ async fn a_required_token_is_checked_and_token_access_sends_it() {
     let anyone = server.config().client().await.unwrap();
     Api::<Namespace>::all(anyone).get("ns").await.unwrap();
 }
+
+#[tokio::test]
+async fn preconditions_travel_in_kube_requests_and_fail_with_409() {
+    use kube::api::Preconditions;
+    use setpoint_kubernetes::error::is_stale_write;
+    let (server, client) = server_and_client().await;
+    make_namespace(&client, "ns").await;
+    let api = Api::<ConfigMap>::namespaced(client, "ns");
+
+    // A name-selected list finds nothing yet, and says at which version it looked.
+    let empty = api
+        .list(&ListParams::default().fields("metadata.name=c"))
+        .await
+        .unwrap();
+    assert!(empty.items.is_empty());
+    let seen_absent = empty.metadata.resource_version.unwrap();
+
+    let created = api
+        .patch("c", &apply(), &Patch::Apply(config_map("c", json!({}))))
+        .await
+        .unwrap();
+    let v1 = created.metadata.resource_version.clone().unwrap();
+
+    // An apply carrying the version of the empty list meets an object now: 409.
+    let mut stale = config_map("c", json!({"x": "1"}));
+    stale["metadata"]["resourceVersion"] = json!(seen_absent);
+    let err = api
+        .patch("c", &apply(), &Patch::Apply(&stale))
+        .await
+        .unwrap_err();
+    assert!(is_stale_write(&err), "{err}");
+    let kube::Error::Api(status) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        status.message,
+        "Operation cannot be fulfilled on configmaps \"c\": the object has been modified; \
+         please apply your changes to the latest version and try again"
+    );
+    assert!(classify("apply", &err).is_transient());
+
+    // Carrying the current version, it applies.
+    let mut current = config_map("c", json!({"x": "1"}));
+    current["metadata"]["resourceVersion"] = json!(v1);
+    let updated = api
+        .patch("c", &apply(), &Patch::Apply(&current))
+        .await
+        .unwrap();
+    let v2 = updated.metadata.resource_version.clone().unwrap();
+    assert_ne!(v1, v2);
+
+    // DeleteOptions preconditions arrive in the DELETE body.
+    let delete_at = |version: &str| DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: updated.metadata.uid.clone(),
+            resource_version: Some(version.to_owned()),
+        }),
+        ..DeleteParams::background()
+    };
+    let err = api.delete("c", &delete_at(&v1)).await.unwrap_err();
+    assert!(is_stale_write(&err), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Precondition failed: ResourceVersion in precondition"),
+        "{err}"
+    );
+    api.delete("c", &delete_at(&v2)).await.unwrap();
+    let codes: Vec<(String, u16)> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/configmaps/c"))
+        .map(|r| (r.method, r.code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ("PATCH".to_owned(), 201),
+            ("PATCH".to_owned(), 409),
+            ("PATCH".to_owned(), 200),
+            ("DELETE".to_owned(), 409),
+            ("DELETE".to_owned(), 200),
+        ]
+    );
+}

@@ -23,6 +23,10 @@
 //! - **Cancel-safe.** A call dropped half-way leaves a state that the next call converges from.
 //! - **Fenced.** Mutating methods call [`Fence::check`] on their `fence` immediately before
 //!   every write, so an attempt that lost its unit stops writing before another attempt acts.
+//! - **Conditional.** A write can arrive late (an attempt paused after its last fence check),
+//!   so writes are conditional: an apply never replaces a newer
+//!   [`ClusterInstanceSpec::generation`] with an older one ([`CODE_SUPERSEDED`]), and a write
+//!   based on a read that is no longer current fails instead of overwriting what changed since.
 //!
 //! [`NopCluster`] and [`ClusterFns`] are test doubles for code that only needs *a* cluster.
 
@@ -98,11 +102,23 @@ pub struct ClusterInstanceSpec {
     /// The instance's credentials, stored in the cluster as a secret.
     #[serde(default)]
     pub credentials: SecretData,
+    /// The resource's spec generation this write is for (the engine's `instances.generation`
+    /// when the unit's chain was enqueued). An implementation records it on what it writes and
+    /// never lets an older generation overwrite a newer one (it fails with
+    /// [`CODE_SUPERSEDED`] instead). `0` means "unknown" (a unit enqueued before the field
+    /// existed): nothing is compared, and a recorded generation is kept as it is.
+    #[serde(default)]
+    pub generation: i64,
 }
 
 fn default_replicas() -> u32 {
     1
 }
+
+/// The [`AdapterError::code`] of an apply refused because the cluster already holds a newer
+/// generation of the instance than the unit's [`ClusterInstanceSpec::generation`]. Always
+/// permanent: retrying the same (older) spec can never succeed, and must not.
+pub const CODE_SUPERSEDED: &str = "superseded";
 
 /// One object the cluster holds for an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,8 +177,11 @@ pub trait Cluster: Send + Sync {
     /// ([`ClusterObservation::changed`] is false). `token` is recorded on what is written.
     ///
     /// # Errors
-    /// Transient for throttling, 5xx, timeouts and connection errors; permanent for an invalid
-    /// object, missing permissions, or a field another writer owns (the message names it).
+    /// Transient for throttling, 5xx, timeouts and connection errors (and for objects that kept
+    /// changing between this call's reads and writes); permanent for an invalid object, missing
+    /// permissions, a field another writer owns (the message names it), or code
+    /// [`CODE_SUPERSEDED`] when the cluster holds a newer generation than `spec.generation`
+    /// (nothing was written).
     fn apply_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -394,6 +413,10 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.replicas, 1);
+        assert_eq!(
+            spec.generation, 0,
+            "a spec without a generation is 'unknown'"
+        );
         assert_eq!(spec.backend, BackendAddress::default());
         assert!(spec.credentials.0.is_empty());
     }

@@ -18,7 +18,9 @@
 //!   call `ctx.fence.check()` immediately before every side effect, so a stale attempt stops
 //!   acting before another attempt redoes the unit (see [`Fence`]).
 //! - Where no peer offers an idempotent path, use the [`Journal`] in the [`WorkContext`] for
-//!   at-most-once: `begin` before the side effect, `finish` after it.
+//!   at-most-once: `look` to see what earlier attempts did, `begin` as late as possible —
+//!   immediately before the side effect, after everything that can fail without it — and
+//!   `finish` after it.
 //! - Success is an [`Outcome`]: observed state to record on the resource, and follow-up units
 //!   whose tokens derive from this unit's token, committed together only if this worker still
 //!   holds the unit's lease.
@@ -64,8 +66,8 @@ pub mod mail;
 pub mod token;
 
 pub use cluster::{
-    BackendAddress, Cluster, ClusterFns, ClusterInstanceSpec, ClusterObject, ClusterObservation,
-    DeleteOutcome, NopCluster, SecretData,
+    BackendAddress, CODE_SUPERSEDED, Cluster, ClusterFns, ClusterInstanceSpec, ClusterObject,
+    ClusterObservation, DeleteOutcome, NopCluster, SecretData,
 };
 pub use compute::{
     CODE_MACHINE_NOT_FOUND, Compute, ComputeFns, InstanceObservation, InstanceRequest,
@@ -75,6 +77,6 @@ pub use context::WorkContext;
 pub use error::{AdapterError, ErrorClass};
 pub use fence::{CODE_LEASE_LOST, Fence};
 pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, typed};
-pub use journal::{Begun, Journal, MemoryJournal};
+pub use journal::{Begun, Entry, Journal, MemoryJournal};
 pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};
 pub use token::{IdempotencyToken, MAX_TOKEN_LEN, TokenError};

@@ -3,20 +3,27 @@
 //!
 //! # Rules every [`Mailer`] keeps
 //! - **At most once per token.** Plain SMTP has no idempotency key, so a mailer records the
-//!   attempt in the unit's [`Journal`] *before* the SMTP transaction and its result after it. A
+//!   attempt in the unit's [`Journal`] *before* the message data and its result after it. A
 //!   second call with the same token never sends a second message: it returns the first
 //!   [`Delivery`] when the journal holds one, and it does not send when an earlier attempt began
 //!   and recorded nothing (it may have sent).
+//! - **The record opens as late as possible.** A mailer reads the journal first
+//!   ([`Journal::look`]), does everything that can fail without sending (connecting, TLS,
+//!   authenticating, the peer's checks of sender and recipients), and only then begins its
+//!   record, immediately before the message data. A failure or a crash before that point leaves
+//!   no record, so it can never turn into "outcome unknown".
 //! - **Outcome unknown is permanent.** In that last case the mailer returns a permanent
 //!   [`AdapterError`] with code [`OUTCOME_UNKNOWN`]: the engine parks the unit and an operator
 //!   checks the recipient's mailbox for the `Message-ID`, then cancels the unit (it arrived) or
 //!   retries it with a fresh journal record (it did not).
 //! - **A definite failure is retryable.** When the peer *certainly* did not take the message
-//!   (connection refused, a 4xx/5xx reply before or to the end of the message data), the mailer
-//!   records that in the journal, so a later attempt may send; it returns a transient error for
-//!   4xx replies and network failures, a permanent one for 5xx replies and bad configuration.
-//! - **Fenced.** The mailer calls [`Fence::check`] on its `fence` after the journal record and
-//!   before the message data, so an attempt that lost its unit never starts a transaction.
+//!   (connection refused, a 4xx/5xx reply before or to the end of the message data), a later
+//!   attempt may send: before the record is begun nothing needs recording, after it the mailer
+//!   finishes the record as "not sent". It returns a transient error for 4xx replies and
+//!   network failures, a permanent one for 5xx replies and bad configuration.
+//! - **Fenced.** The mailer calls [`Fence::check`] on its `fence` immediately before it begins
+//!   the journal record, so an attempt that lost its unit neither opens a record nor sends the
+//!   message data.
 //! - **The `Message-ID` derives from the token**, so the same unit always carries the same
 //!   `Message-ID` and a duplicate, should one ever slip through a provider, is recognisable.
 //!

@@ -9,10 +9,10 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use serde_json::Value;
-use setpoint_adapter::{AdapterError, Begun, Journal, MemoryJournal};
+use setpoint_adapter::{AdapterError, Begun, Entry, Fence, Journal, MemoryJournal};
 use setpoint_email::{Security, SmtpConfig};
 
 /// What the test server should demand.
@@ -207,6 +207,10 @@ pub struct CrashBeforeFinish<'a>(pub &'a MemoryJournal);
 type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl Journal for CrashBeforeFinish<'_> {
+    fn look<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Entry, AdapterError>> {
+        self.0.look(key)
+    }
+
     fn begin<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Begun, AdapterError>> {
         self.0.begin(key)
     }
@@ -220,10 +224,88 @@ impl Journal for CrashBeforeFinish<'_> {
     }
 }
 
-/// What the journal holds for `key`. Only for keys that were begun: on a missing key,
-/// `begin` would start it.
-pub async fn journal_value(journal: &MemoryJournal, key: &str) -> Begun {
-    journal.begin(key).await.expect("journal begin")
+/// What the journal holds for `key` (read without changing anything).
+pub async fn journal_value(journal: &MemoryJournal, key: &str) -> Entry {
+    journal.look(key).await.expect("journal look")
+}
+
+/// A journal that loses `fence` right after its first `look` (`on_look`) or its first `begin`
+/// (otherwise): an attempt whose unit is lost at an exact step of a send.
+pub struct LosesFence<'a> {
+    /// The journal that stores.
+    pub inner: &'a MemoryJournal,
+    /// The attempt's fence.
+    pub fence: Fence,
+    /// Lose it after `look` instead of after `begin`.
+    pub on_look: bool,
+}
+
+impl Journal for LosesFence<'_> {
+    fn look<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Entry, AdapterError>> {
+        Box::pin(async move {
+            let entry = self.inner.look(key).await;
+            if self.on_look {
+                self.fence.lose("test: lost after the journal was read");
+            }
+            entry
+        })
+    }
+
+    fn begin<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Begun, AdapterError>> {
+        Box::pin(async move {
+            let begun = self.inner.begin(key).await;
+            if !self.on_look {
+                self.fence.lose("test: lost while the slot was begun");
+            }
+            begun
+        })
+    }
+
+    fn finish<'a>(&'a self, key: &'a str, result: &'a Value) -> Fut<'a, Result<(), AdapterError>> {
+        self.inner.finish(key, result)
+    }
+}
+
+/// A journal on which another attempt of the same unit acts once, right before this attempt
+/// first begins a slot: it begins that slot itself and, when `finish_with` is set, finishes it
+/// with that value (a concurrent attempt that won the race for the slot).
+pub struct ConcurrentAttempt<'a> {
+    inner: &'a MemoryJournal,
+    finish_with: Option<Value>,
+    acted: AtomicBool,
+}
+
+impl<'a> ConcurrentAttempt<'a> {
+    /// The other attempt records `finish_with` (or nothing) in `inner`.
+    pub fn new(inner: &'a MemoryJournal, finish_with: Option<Value>) -> Self {
+        Self {
+            inner,
+            finish_with,
+            acted: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Journal for ConcurrentAttempt<'_> {
+    fn look<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Entry, AdapterError>> {
+        self.inner.look(key)
+    }
+
+    fn begin<'a>(&'a self, key: &'a str) -> Fut<'a, Result<Begun, AdapterError>> {
+        Box::pin(async move {
+            if !self.acted.swap(true, Ordering::SeqCst) {
+                self.inner.begin(key).await?;
+                if let Some(value) = &self.finish_with {
+                    self.inner.finish(key, value).await?;
+                }
+            }
+            self.inner.begin(key).await
+        })
+    }
+
+    fn finish<'a>(&'a self, key: &'a str, result: &'a Value) -> Fut<'a, Result<(), AdapterError>> {
+        self.inner.finish(key, result)
+    }
 }
 
 /// A throw-away CA and a server certificate for `IP:127.0.0.1` signed by it, made with the

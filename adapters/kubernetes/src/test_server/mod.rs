@@ -7,7 +7,10 @@
 //! - **Resources**: `namespaces` (cluster-scoped); `services`, `secrets`, `configmaps` (core
 //!   `v1`); `deployments`, `statefulsets` (`apps/v1`).
 //! - **GET** one object; **LIST** with an equality-based `labelSelector` (`a=b`, `a==b`,
-//!   `a!=b`, `a`, `!a`), per namespace or across all; a missing namespace lists as empty.
+//!   `a!=b`, `a`, `!a`) and a `fieldSelector` on `metadata.name` / `metadata.namespace`
+//!   (other fields: 400 `field label not supported`), per namespace or across all; a missing
+//!   namespace lists as empty. A list's `metadata.resourceVersion` is the store's revision at
+//!   that moment: every later write gets a greater version.
 //! - **PATCH** with `application/apply-patch+yaml` (server-side apply; the body must be JSON,
 //!   which is valid YAML — kube-rs sends JSON) with `fieldManager` and `force`: creates (201)
 //!   or updates (200); records `metadata.managedFields` per manager; bumps `resourceVersion`
@@ -17,6 +20,31 @@
 //!   `Apply failed with 1 conflict: conflict with "kubectl": .spec.replicas`) when another
 //!   manager owns a field whose value would change, unless `force=true`, which takes it over.
 //!   Applying the same value as another manager co-owns the field, as on a real server.
+//! - **`resourceVersion` preconditions** (optimistic concurrency, as the real server's
+//!   generic registry implements them):
+//!   - an apply body whose `metadata.resourceVersion` is set (not `""`, not `"0"`) and differs
+//!     from the stored object's answers **409 Conflict**, reason `Conflict`, details `{name,
+//!     group, kind: <resource>}`, message `Operation cannot be fulfilled on deployments.apps
+//!     "NAME": the object has been modified; please apply your changes to the latest version
+//!     and try again`, and changes nothing. It is checked after field-manager conflicts (which
+//!     win) and before validation; a no-op apply is checked too. The version in the body is
+//!     never stored;
+//!   - when the object does not exist, the version in the body is not compared with anything
+//!     and the apply creates the object (the real server's create-on-apply path does the same),
+//!     so a client that read "absent" from a list at version N and sends N learns of a
+//!     concurrent create by a 409 instead of merging into it;
+//!   - a `metadata.uid` in an apply body names the object the write is for: when no object
+//!     exists, **409 Conflict** `Operation cannot be fulfilled on deployments.apps "NAME": uid
+//!     mismatch: the provided object specified uid UID, and no existing object was found`
+//!     (checked first, as the real server checks it before admission); when the stored object
+//!     has another uid, 422 Invalid (`metadata.uid`: field is immutable), after the version;
+//!   - a DELETE whose body carries `DeleteOptions.preconditions` (`uid`, `resourceVersion`)
+//!     that the stored object does not meet answers **409 Conflict**, message `Operation
+//!     cannot be fulfilled on deployments.apps "NAME": StorageError: invalid object, Code: 4,
+//!     Key: /registry/deployments/NS/NAME, ResourceVersion: 0, AdditionalErrorMsg:
+//!     Precondition failed: ResourceVersion in precondition: 5, ResourceVersion in object
+//!     meta: 6` (uid first, then version), and deletes nothing; an absent object is 404 either
+//!     way.
 //! - **DELETE**: `Status` Success (a namespace answers with itself, phase `Terminating`, and
 //!   takes its objects with it at once); **404 NotFound** `Status` when absent.
 //! - **404 NotFound** for a namespaced write into a missing namespace (`details.kind =
@@ -36,7 +64,13 @@
 //!
 //! Faults can be injected ([`TestApiServer::inject`]) to exercise error classes end to end:
 //! the next requests answer a given status (e.g. 429 with `Retry-After`, 500), are delayed, or
-//! have their connection closed without an answer.
+//! have their connection closed without an answer. A concurrent writer can be placed exactly
+//! between a client's read and its write ([`TestApiServer::before_request`]), and every answered
+//! request is logged ([`TestApiServer::requests`]).
+//!
+//! Further simplifications: a resourceVersion that is not a number is compared as a string
+//! (the real server refuses it as invalid); `fieldSelector` knows only the two metadata
+//! fields every resource serves.
 
 mod fields;
 mod store;
@@ -60,7 +94,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::debug;
 
 use crate::config::KubernetesConfig;
-use store::{ApplyRequest, Kind, Reply, Store};
+use store::{ApplyRequest, Kind, Preconditions, Reply, Store};
 
 /// A fault to inject into the next requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +114,49 @@ pub enum Fault {
     Hangup,
 }
 
+/// A write another client makes, which the server itself carries out just before it handles a
+/// matching request ([`TestApiServer::before_request`]): a concurrent writer that wins a race,
+/// placed exactly where a test wants it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConcurrentWrite {
+    /// A server-side apply of `body` to the object at `path` (an API path such as
+    /// `/apis/apps/v1/namespaces/NS/deployments/NAME`) by field manager `manager`.
+    Apply {
+        /// The object's API path.
+        path: String,
+        /// The field manager.
+        manager: String,
+        /// Whether to force conflicts.
+        force: bool,
+        /// The apply body.
+        body: Value,
+    },
+    /// A delete of the object at `path`.
+    Delete {
+        /// The object's API path.
+        path: String,
+    },
+}
+
+/// One request the server answered ([`TestApiServer::requests`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    /// `GET`, `PATCH`, `DELETE`, …
+    pub method: String,
+    /// The request path, without the query.
+    pub path: String,
+    /// The HTTP status of the answer.
+    pub code: u16,
+}
+
+/// Writes to carry out before the first later request with this method and path.
+#[derive(Debug)]
+struct Hook {
+    method: String,
+    path: String,
+    writes: Vec<ConcurrentWrite>,
+}
+
 /// The state shared by all connections.
 #[derive(Debug, Default)]
 struct Shared {
@@ -87,6 +164,10 @@ struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     /// When set, every request must carry `Authorization: Bearer <token>`.
     token: Mutex<Option<String>>,
+    /// Concurrent writes waiting for their request.
+    hooks: Mutex<Vec<Hook>>,
+    /// Every answered request, in order.
+    log: Mutex<Vec<LoggedRequest>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +267,24 @@ impl TestApiServer {
         lock(&self.shared.faults).clear();
     }
 
+    /// Carries out `writes`, in order, just before the server handles the first later request
+    /// with this `method` (`"PATCH"`, `"DELETE"`, …) and exactly this `path` — as if another
+    /// client had written between the requesting client's read and its write. Hooks wait in
+    /// the order they were added; each runs once.
+    pub fn before_request(&self, method: &str, path: &str, writes: Vec<ConcurrentWrite>) {
+        lock(&self.shared.hooks).push(Hook {
+            method: method.to_ascii_uppercase(),
+            path: path.to_owned(),
+            writes,
+        });
+    }
+
+    /// Every request answered so far (faults included, hang-ups and the hooks' own writes
+    /// not), in order.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
     /// Stops accepting, cuts open connections and waits for the server task to end.
     /// Stopping twice, or dropping after stopping, is harmless.
     pub async fn stop(&mut self) {
@@ -240,6 +339,7 @@ async fn handle(
     let fault = lock(&shared.faults).pop_front();
     match fault {
         Some(Fault::Status { code, retry_after }) => {
+            log(&shared, req.method(), req.uri().path(), code);
             return Ok(fault_reply(code, retry_after));
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
@@ -255,6 +355,7 @@ async fn handle(
             .and_then(|v| v.strip_prefix("Bearer "));
         if sent != Some(token) {
             debug!(method = %parts.method, path = parts.uri.path(), "test API request without the required token");
+            log(&shared, &parts.method, parts.uri.path(), 401);
             return Ok(respond(
                 store::status(401, "Unauthorized", "Unauthorized", None),
                 None,
@@ -276,6 +377,7 @@ async fn handle(
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    run_hooks(&shared, &parts.method, parts.uri.path());
     let reply = route(
         &shared,
         &parts.method,
@@ -285,7 +387,53 @@ async fn handle(
         &body,
     );
     debug!(method = %parts.method, path = parts.uri.path(), code = reply.code, "test API request");
+    log(&shared, &parts.method, parts.uri.path(), reply.code);
     Ok(respond(reply, None))
+}
+
+fn log(shared: &Shared, method: &Method, path: &str, code: u16) {
+    lock(&shared.log).push(LoggedRequest {
+        method: method.to_string(),
+        path: path.to_owned(),
+        code,
+    });
+}
+
+/// Carries out the concurrent writes of the first hook waiting for this request, if any.
+fn run_hooks(shared: &Shared, method: &Method, path: &str) {
+    let hook = {
+        let mut hooks = lock(&shared.hooks);
+        let at = hooks
+            .iter()
+            .position(|h| h.method == method.as_str() && h.path == path);
+        at.map(|i| hooks.remove(i))
+    };
+    for write in hook.map(|h| h.writes).unwrap_or_default() {
+        let reply = match &write {
+            ConcurrentWrite::Apply {
+                path,
+                manager,
+                force,
+                body,
+            } => {
+                let query = [
+                    ("fieldManager".to_owned(), manager.clone()),
+                    ("force".to_owned(), force.to_string()),
+                ];
+                let body = serde_json::to_vec(body).unwrap_or_default();
+                route(
+                    shared,
+                    &Method::PATCH,
+                    path,
+                    &query,
+                    "application/apply-patch+yaml",
+                    &body,
+                )
+            }
+            ConcurrentWrite::Delete { path } => route(shared, &Method::DELETE, path, &[], "", &[]),
+        };
+        debug!(?write, code = reply.code, "test API concurrent write");
+    }
 }
 
 fn respond(reply: Reply, retry_after: Option<u32>) -> Response<Full<Bytes>> {
@@ -320,6 +468,26 @@ fn fault_reply(code: u16, retry_after: Option<u32>) -> Response<Full<Bytes>> {
         _ => format!("injected fault {code}"),
     };
     respond(store::status(code, reason, &message, details), retry_after)
+}
+
+/// The preconditions of a DELETE's `DeleteOptions` body (an empty body has none).
+fn delete_preconditions(body: &[u8]) -> Result<Preconditions, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Preconditions::default());
+    }
+    let options: Value = serde_json::from_slice(body).map_err(|e| {
+        store::status(
+            400,
+            "BadRequest",
+            &format!("error decoding DeleteOptions: {e}"),
+            None,
+        )
+    })?;
+    let text = |key: &str| options["preconditions"][key].as_str().map(str::to_owned);
+    Ok(Preconditions {
+        uid: text("uid"),
+        resource_version: text("resourceVersion"),
+    })
 }
 
 fn query_value<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -418,8 +586,12 @@ fn route(
             &target.kind,
             target.namespace.as_deref(),
             query_value(query, "labelSelector").unwrap_or_default(),
+            query_value(query, "fieldSelector").unwrap_or_default(),
         ),
-        (&Method::DELETE, Some(name)) => store.delete(&target.kind, ns, name),
+        (&Method::DELETE, Some(name)) => match delete_preconditions(body) {
+            Ok(p) => store.delete(&target.kind, ns, name, &p),
+            Err(reply) => reply,
+        },
         (&Method::PATCH, Some(name)) => {
             if !content_type.starts_with("application/apply-patch") {
                 return store::status(

@@ -1,6 +1,7 @@
-//! The test server's object store and the API semantics on top of it: get, list by label,
-//! server-side apply with field managers and conflicts, delete — and the `Status` answers the
-//! real API server gives when they fail.
+//! The test server's object store and the API semantics on top of it: get, list by label and
+//! by name, server-side apply with field managers, conflicts and a `resourceVersion`
+//! precondition, delete with preconditions — and the `Status` answers the real API server
+//! gives when they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -185,6 +186,55 @@ fn selects(terms: &[Term], obj: &Value) -> bool {
     })
 }
 
+/// Parses a field selector over the fields every resource serves (`metadata.name`,
+/// `metadata.namespace`; `=`, `==` or `!=`), as terms over those paths.
+fn parse_field_selector(s: &str) -> Result<Vec<Term>, String> {
+    let mut terms = Vec::new();
+    for raw in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (key, term) = if let Some((k, v)) = raw.split_once("!=") {
+            (k, Term::Ne(k.to_owned(), v.to_owned()))
+        } else if let Some((k, v)) = raw.split_once("==") {
+            (k, Term::Eq(k.to_owned(), v.to_owned()))
+        } else if let Some((k, v)) = raw.split_once('=') {
+            (k, Term::Eq(k.to_owned(), v.to_owned()))
+        } else {
+            return Err(format!(
+                "invalid selector: '{raw}'; can't understand '{raw}'"
+            ));
+        };
+        if key != "metadata.name" && key != "metadata.namespace" {
+            return Err(format!("field label not supported: {key}"));
+        }
+        terms.push(term);
+    }
+    Ok(terms)
+}
+
+fn fields_select(terms: &[Term], obj: &Value) -> bool {
+    let field = |k: &str| {
+        let v = match k {
+            "metadata.name" => obj["metadata"]["name"].as_str(),
+            _ => obj["metadata"]["namespace"].as_str(),
+        };
+        v.unwrap_or_default().to_owned()
+    };
+    terms.iter().all(|t| match t {
+        Term::Eq(k, v) => field(k) == *v,
+        Term::Ne(k, v) => field(k) != *v,
+        Term::Exists(_) | Term::NotExists(_) => true,
+    })
+}
+
+/// `DeleteOptions.preconditions`: the delete happens only if the stored object still has this
+/// uid and this resourceVersion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Preconditions {
+    /// The uid the object must have.
+    pub uid: Option<String>,
+    /// The resourceVersion the object must have.
+    pub resource_version: Option<String>,
+}
+
 /// One stored object and its field managers.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -195,13 +245,26 @@ struct Entry {
 type Key = (&'static str, String, String);
 
 /// All objects, keyed by (resource, namespace or "", name), and the resource version counter.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
     objects: BTreeMap<Key, Entry>,
+    /// The revision of the last write. Starts at 1, as etcd's does, so no list ever reports
+    /// `"0"` (which a client sending it back would mean as "no precondition").
     revision: u64,
     cluster_ips: u32,
     /// While set, workloads applied report no ready replica (a rollout that has not finished).
     hold_rollouts: bool,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            revision: 1,
+            cluster_ips: 0,
+            hold_rollouts: false,
+        }
+    }
 }
 
 /// The parameters of an apply request.
@@ -272,9 +335,21 @@ impl Store {
     }
 
     /// LIST objects of `kind` in `namespace` (all namespaces when `None`) matching
-    /// `label_selector`. A missing namespace lists as empty, as on a real server.
-    pub fn list(&self, kind: &Kind, namespace: Option<&str>, label_selector: &str) -> Reply {
+    /// `label_selector` and `field_selector`. A missing namespace lists as empty, as on a real
+    /// server. The list's `metadata.resourceVersion` is the store's current revision: every
+    /// object written later gets a greater one.
+    pub fn list(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        label_selector: &str,
+        field_selector: &str,
+    ) -> Reply {
         let terms = match parse_selector(label_selector) {
+            Ok(t) => t,
+            Err(m) => return status(400, "BadRequest", &m, None),
+        };
+        let field_terms = match parse_field_selector(field_selector) {
             Ok(t) => t,
             Err(m) => return status(400, "BadRequest", &m, None),
         };
@@ -283,6 +358,7 @@ impl Store {
             .iter()
             .filter(|((r, ns, _), _)| *r == kind.resource && namespace.is_none_or(|n| n == ns))
             .filter(|(_, e)| selects(&terms, &e.object))
+            .filter(|(_, e)| fields_select(&field_terms, &e.object))
             .map(|(_, e)| {
                 // List items carry no apiVersion/kind of their own.
                 let mut o = e.object.clone();
@@ -301,10 +377,37 @@ impl Store {
         }))
     }
 
-    /// DELETE one object. Deleting a namespace deletes everything in it (at once: the real
-    /// server finalizes namespaces asynchronously).
-    pub fn delete(&mut self, kind: &Kind, namespace: &str, name: &str) -> Reply {
-        let Some(entry) = self.objects.remove(&Self::key(kind, namespace, name)) else {
+    /// DELETE one object, if it still meets `preconditions` (409 Conflict otherwise, with the
+    /// real server's storage-error message). Deleting a namespace deletes everything in it (at
+    /// once: the real server finalizes namespaces asynchronously).
+    pub fn delete(
+        &mut self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        preconditions: &Preconditions,
+    ) -> Reply {
+        let key = Self::key(kind, namespace, name);
+        let Some(stored) = self.objects.get(&key) else {
+            return not_found(kind, name);
+        };
+        let meta = &stored.object["metadata"];
+        let failed = |what: &str, wanted: &str, actual: &str| {
+            precondition_failed(kind, namespace, name, what, wanted, actual)
+        };
+        let uid = meta["uid"].as_str().unwrap_or_default();
+        if let Some(wanted) = preconditions.uid.as_deref()
+            && wanted != uid
+        {
+            return failed("UID", wanted, uid);
+        }
+        let version = meta["resourceVersion"].as_str().unwrap_or_default();
+        if let Some(wanted) = preconditions.resource_version.as_deref()
+            && wanted != version
+        {
+            return failed("ResourceVersion", wanted, version);
+        }
+        let Some(entry) = self.objects.remove(&key) else {
             return not_found(kind, name);
         };
         self.revision += 1;
@@ -387,6 +490,29 @@ impl Store {
             m.remove("status");
         }
 
+        // 1b. A uid in the body names the object the write is for. With no object stored,
+        //     that object is gone: 409, as the real server's create-on-apply path answers
+        //     (before admission, so before the namespace check).
+        let key = Self::key(&kind, namespace, name);
+        let wanted_uid = intent["metadata"]["uid"]
+            .as_str()
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned);
+        if let Some(uid) = &wanted_uid
+            && !self.objects.contains_key(&key)
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {} {name:?}: uid mismatch: the provided \
+                     object specified uid {uid}, and no existing object was found",
+                    kind.qualified()
+                ),
+                Some(json!({"name": name, "group": kind.group, "kind": kind.resource})),
+            );
+        }
+
         // 2. A namespaced object needs its namespace.
         if kind.namespaced && !self.namespace_exists(namespace) {
             return status(
@@ -397,7 +523,6 @@ impl Store {
             );
         }
 
-        let key = Self::key(&kind, namespace, name);
         let existing = self.objects.get(&key).cloned();
         let wanted = fields::leaves(&intent);
 
@@ -428,6 +553,31 @@ impl Store {
                     e.fields.remove(path);
                 }
             }
+        }
+
+        // 3b. A resourceVersion in the body is a precondition on the stored object, checked
+        //     (as on the real server) after the merge found no field conflict: another version
+        //     is 409. An absent object has nothing to compare with, so the apply creates it
+        //     and the version is ignored; "" and "0" mean "no precondition".
+        if let Some(e) = &existing
+            && let Some(wanted) = intent["metadata"]["resourceVersion"]
+                .as_str()
+                .filter(|v| !v.is_empty() && *v != "0")
+            && Some(wanted) != e.object["metadata"]["resourceVersion"].as_str()
+        {
+            return modified(&kind, name);
+        }
+        // 3c. Another uid than the stored object's: uid is immutable (the real server's update
+        //     validation answers 422).
+        if let (Some(e), Some(uid)) = (&existing, &wanted_uid)
+            && Some(uid.as_str()) != e.object["metadata"]["uid"].as_str()
+        {
+            let violation = validate::Violation {
+                reason: "FieldValueInvalid",
+                field: "metadata.uid".to_owned(),
+                message: format!("Invalid value: {uid:?}: field is immutable"),
+            };
+            return invalid(&kind, name, &[violation]);
         }
 
         // 4. Merge: drop fields only this manager owned and no longer wants, set the rest.
@@ -586,6 +736,49 @@ impl Store {
 
 fn field_sets(managers: &BTreeMap<String, ManagerEntry>) -> BTreeMap<&String, &FieldSet> {
     managers.iter().map(|(m, e)| (m, &e.fields)).collect()
+}
+
+/// 409 Conflict for a write whose `resourceVersion` is not the stored one (the optimistic
+/// lock of the real server's update path).
+fn modified(kind: &Kind, name: &str) -> Reply {
+    status(
+        409,
+        "Conflict",
+        &format!(
+            "Operation cannot be fulfilled on {} {name:?}: the object has been modified; please \
+             apply your changes to the latest version and try again",
+            kind.qualified()
+        ),
+        Some(json!({"name": name, "group": kind.group, "kind": kind.resource})),
+    )
+}
+
+/// 409 Conflict for a delete whose preconditions fail, worded as the real server's storage
+/// layer words it.
+fn precondition_failed(
+    kind: &Kind,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    wanted: &str,
+    actual: &str,
+) -> Reply {
+    let key = if kind.namespaced {
+        format!("/registry/{}/{namespace}/{name}", kind.resource)
+    } else {
+        format!("/registry/{}/{name}", kind.resource)
+    };
+    status(
+        409,
+        "Conflict",
+        &format!(
+            "Operation cannot be fulfilled on {} {name:?}: StorageError: invalid object, Code: 4, \
+             Key: {key}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: {what} in \
+             precondition: {wanted}, {what} in object meta: {actual}",
+            kind.qualified()
+        ),
+        Some(json!({"name": name, "group": kind.group, "kind": kind.resource})),
+    )
 }
 
 /// 409 Conflict as server-side apply reports it.
@@ -752,36 +945,227 @@ mod tests {
         let mut s = with_namespace();
         apply(&mut s, "m", false, deploy(1));
         assert_eq!(
-            s.list(&DEPLOY, Some("ns"), "app=x").body["items"]
+            s.list(&DEPLOY, Some("ns"), "app=x", "").body["items"]
                 .as_array()
                 .unwrap()
                 .len(),
             1
         );
         assert_eq!(
-            s.list(&DEPLOY, Some("ns"), "app!=x").body["items"]
+            s.list(&DEPLOY, Some("ns"), "app!=x", "").body["items"]
                 .as_array()
                 .unwrap()
                 .len(),
             0
         );
         assert_eq!(
-            s.list(&DEPLOY, Some("other"), "").body["items"]
+            s.list(&DEPLOY, Some("other"), "", "").body["items"]
                 .as_array()
                 .unwrap()
                 .len(),
             0
         );
-        assert_eq!(s.delete(&DEPLOY, "ns", "d").code, 200);
-        assert_eq!(s.delete(&DEPLOY, "ns", "d").code, 404);
+        assert_eq!(
+            s.delete(&DEPLOY, "ns", "d", &Preconditions::default()).code,
+            200
+        );
+        assert_eq!(
+            s.delete(&DEPLOY, "ns", "d", &Preconditions::default()).code,
+            404
+        );
         assert_eq!(s.get(&DEPLOY, "ns", "d").body["reason"], "NotFound");
+    }
+
+    fn version(r: &Reply) -> String {
+        r.body["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn at_version(mut intent: Value, v: &str) -> Value {
+        intent["metadata"]["resourceVersion"] = json!(v);
+        intent
+    }
+
+    #[test]
+    fn an_apply_with_another_resource_version_is_409_and_changes_nothing() {
+        let mut s = with_namespace();
+        let created = apply(&mut s, "m", false, deploy(1));
+        let v1 = version(&created);
+        // A writer changes the object: version moves on.
+        let v2 = version(&apply(&mut s, "m", false, deploy(2)));
+        assert_ne!(v1, v2);
+
+        // An apply based on the first read fails, with the real server's wording.
+        let r = apply(&mut s, "m", false, at_version(deploy(3), &v1));
+        assert_eq!(r.code, 409, "{r:?}");
+        assert_eq!(r.body["reason"], "Conflict");
+        assert_eq!(
+            r.body["message"],
+            "Operation cannot be fulfilled on deployments.apps \"d\": the object has been \
+             modified; please apply your changes to the latest version and try again"
+        );
+        assert_eq!(r.body["details"]["kind"], "deployments");
+        assert!(r.body["details"].get("causes").is_none());
+        let now = s.get(&DEPLOY, "ns", "d");
+        assert_eq!(now.body["spec"]["replicas"], 2);
+        assert_eq!(version(&now), v2);
+
+        // Based on the current version it applies; the version in the body is not stored.
+        let r = apply(&mut s, "m", false, at_version(deploy(3), &v2));
+        assert_eq!(r.code, 200, "{r:?}");
+        assert_eq!(r.body["spec"]["replicas"], 3);
+        assert_ne!(version(&r), v2);
+        // "" and "0" are no precondition at all.
+        for unset in ["", "0"] {
+            assert_eq!(
+                apply(&mut s, "m", false, at_version(deploy(4), unset)).code,
+                200
+            );
+        }
+        // A no-op apply is checked too.
+        let r = apply(&mut s, "m", false, at_version(deploy(4), &v1));
+        assert_eq!(r.code, 409);
+    }
+
+    #[test]
+    fn a_field_manager_conflict_is_reported_before_a_stale_version() {
+        let mut s = with_namespace();
+        let v = version(&apply(&mut s, "setpoint", false, deploy(1)));
+        apply(&mut s, "setpoint", false, deploy(2));
+        let r = apply(&mut s, "kubectl", false, at_version(deploy(3), &v));
+        assert_eq!(r.code, 409);
+        assert_eq!(
+            r.body["details"]["causes"][0]["reason"],
+            "FieldManagerConflict"
+        );
+    }
+
+    #[test]
+    fn an_apply_with_a_resource_version_creates_an_absent_object() {
+        // The real server compares the version with the stored object only; with no object
+        // there is nothing to compare, and the apply creates it.
+        let fresh = Store::default().list(&DEPLOY, Some("ns"), "", "");
+        assert_ne!(
+            version(&fresh),
+            "0",
+            "even an empty store lists at a real version"
+        );
+        let mut s = with_namespace();
+        let listed = s.list(&DEPLOY, Some("ns"), "", "metadata.name=d");
+        assert_eq!(listed.body["items"], json!([]));
+        let list_version = version(&listed);
+        let r = apply(&mut s, "m", false, at_version(deploy(1), &list_version));
+        assert_eq!(r.code, 201, "{r:?}");
+        assert_ne!(
+            version(&r),
+            list_version,
+            "a later write has a later version"
+        );
+        // The same body again now meets the object, whose version differs: 409.
+        let r = apply(&mut s, "m", false, at_version(deploy(1), &list_version));
+        assert_eq!(r.code, 409);
+    }
+
+    #[test]
+    fn a_uid_in_an_apply_must_name_the_stored_object() {
+        let mut s = with_namespace();
+        let mut gone = deploy(1);
+        gone["metadata"]["uid"] = json!("uid-of-a-deleted-object");
+        let r = apply(&mut s, "m", false, gone.clone());
+        assert_eq!(r.code, 409, "{r:?}");
+        assert_eq!(
+            r.body["message"],
+            "Operation cannot be fulfilled on deployments.apps \"d\": uid mismatch: the \
+             provided object specified uid uid-of-a-deleted-object, and no existing object was \
+             found"
+        );
+        assert_eq!(s.get(&DEPLOY, "ns", "d").code, 404, "nothing was created");
+
+        let created = apply(&mut s, "m", false, deploy(1));
+        let mut same = deploy(2);
+        same["metadata"]["uid"] = created.body["metadata"]["uid"].clone();
+        assert_eq!(apply(&mut s, "m", false, same).code, 200);
+        let r = apply(&mut s, "m", false, gone);
+        assert_eq!(r.code, 422, "{r:?}");
+        assert_eq!(r.body["details"]["causes"][0]["field"], "metadata.uid");
+    }
+
+    #[test]
+    fn a_delete_with_failing_preconditions_is_409_and_deletes_nothing() {
+        let mut s = with_namespace();
+        let created = apply(&mut s, "m", false, deploy(1));
+        let v1 = version(&created);
+        let uid = created.body["metadata"]["uid"].as_str().unwrap().to_owned();
+        let v2 = version(&apply(&mut s, "m", false, deploy(2)));
+
+        let stale = Preconditions {
+            uid: Some(uid.clone()),
+            resource_version: Some(v1.clone()),
+        };
+        let r = s.delete(&DEPLOY, "ns", "d", &stale);
+        assert_eq!(r.code, 409, "{r:?}");
+        assert_eq!(r.body["reason"], "Conflict");
+        assert_eq!(
+            r.body["message"],
+            format!(
+                "Operation cannot be fulfilled on deployments.apps \"d\": StorageError: invalid \
+                 object, Code: 4, Key: /registry/deployments/ns/d, ResourceVersion: 0, \
+                 AdditionalErrorMsg: Precondition failed: ResourceVersion in precondition: {v1}, \
+                 ResourceVersion in object meta: {v2}"
+            )
+        );
+        let other_uid = Preconditions {
+            uid: Some("not-the-uid".into()),
+            resource_version: None,
+        };
+        let r = s.delete(&DEPLOY, "ns", "d", &other_uid);
+        assert_eq!(r.code, 409);
+        assert!(
+            r.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("Precondition failed: UID in precondition: not-the-uid")
+        );
+        assert_eq!(s.get(&DEPLOY, "ns", "d").code, 200, "still there");
+
+        let current = Preconditions {
+            uid: Some(uid),
+            resource_version: Some(v2),
+        };
+        assert_eq!(s.delete(&DEPLOY, "ns", "d", &current).code, 200);
+        // Gone: preconditions or not, the answer is 404.
+        assert_eq!(s.delete(&DEPLOY, "ns", "d", &current).code, 404);
+    }
+
+    #[test]
+    fn field_selectors_select_by_name_and_refuse_other_fields() {
+        let mut s = with_namespace();
+        apply(&mut s, "m", false, deploy(1));
+        let items = |r: Reply| r.body["items"].as_array().unwrap().len();
+        assert_eq!(items(s.list(&DEPLOY, Some("ns"), "", "metadata.name=d")), 1);
+        assert_eq!(
+            items(s.list(&DEPLOY, Some("ns"), "", "metadata.name==x")),
+            0
+        );
+        assert_eq!(
+            items(s.list(&DEPLOY, None, "", "metadata.namespace!=ns")),
+            0
+        );
+        let r = s.list(&DEPLOY, Some("ns"), "", "spec.replicas=1");
+        assert_eq!(r.code, 400);
+        assert_eq!(
+            r.body["message"],
+            "field label not supported: spec.replicas"
+        );
     }
 
     #[test]
     fn deleting_a_namespace_deletes_its_objects() {
         let mut s = with_namespace();
         apply(&mut s, "m", false, deploy(1));
-        assert_eq!(s.delete(&NS, "", "ns").code, 200);
+        assert_eq!(s.delete(&NS, "", "ns", &Preconditions::default()).code, 200);
         assert_eq!(s.get(&DEPLOY, "ns", "d").code, 404);
     }
 }

@@ -102,6 +102,7 @@ impl Env {
                 endpoint: None,
             },
             credentials: SecretData::from_pairs([("KVX_PASSWORD", "s3cr3t-value")]),
+            generation: 1,
         }
     }
 
