@@ -15,6 +15,22 @@ pub enum SideEffectState {
     Started,
     /// Finished earlier with this result.
     Finished(Value),
+    /// Nothing recorded, and nothing recorded now: the attempt no longer holds its unit.
+    NotHeld,
+}
+
+/// The attempt on whose behalf a side effect is recorded: only an attempt that still holds
+/// its unit (same attempt, same lease owner, lease not expired) may start one.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The unit.
+    pub work_id: i64,
+    /// Its attempt.
+    pub attempt: i32,
+    /// The worker holding the lease.
+    pub worker: &'a str,
+    /// The unit's token.
+    pub token: &'a str,
 }
 
 /// What the table holds for a key, as [`side_effect_find`] reads it.
@@ -27,24 +43,37 @@ pub enum SideEffectRecord {
 }
 
 /// Records that side effect `key` starts now, committed at once (autocommit), unless a record
-/// exists, which is returned instead.
+/// exists, which is returned instead. Fenced: nothing is recorded unless `holder` still holds
+/// its unit, so an attempt that lost its lease can never open a side effect (and therefore
+/// never make it: the caller acts only after a [`SideEffectState::Fresh`]).
 pub async fn side_effect_begin(
     pool: &PgPool,
     key: &str,
-    work_id: i64,
-    token: &str,
+    holder: Holder<'_>,
 ) -> Result<SideEffectState, StoreError> {
-    let inserted: Option<String> = sqlx::query_scalar(
-        "INSERT INTO side_effects (key, work_id, token) VALUES ($1, $2, $3)
-         ON CONFLICT (key) DO NOTHING RETURNING key",
+    let (inserted, held): (bool, bool) = sqlx::query_as(
+        "WITH held AS (
+             SELECT 1 FROM work
+             WHERE id = $2 AND attempt = $4 AND lease_owner = $5 AND lease_expires_at > now()
+         ), ins AS (
+             INSERT INTO side_effects (key, work_id, token)
+             SELECT $1, $2, $3 FROM held
+             ON CONFLICT (key) DO NOTHING RETURNING key
+         )
+         SELECT EXISTS (SELECT 1 FROM ins), EXISTS (SELECT 1 FROM held)",
     )
     .bind(key)
-    .bind(work_id)
-    .bind(token)
-    .fetch_optional(pool)
+    .bind(holder.work_id)
+    .bind(holder.token)
+    .bind(holder.attempt)
+    .bind(holder.worker)
+    .fetch_one(pool)
     .await?;
-    if inserted.is_some() {
+    if inserted {
         return Ok(SideEffectState::Fresh);
+    }
+    if !held && side_effect_find(pool, key).await?.is_none() {
+        return Ok(SideEffectState::NotHeld);
     }
     // The record exists. Should it vanish before this read (a retention job, say), "started"
     // is the answer that never lets a caller act twice.

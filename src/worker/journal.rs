@@ -1,27 +1,33 @@
 //! The durable at-most-once journal handed to adapters, on PostgreSQL.
 
 use serde_json::Value;
-use setpoint_adapter::{AdapterError, Begun, BoxFuture, Entry, Journal};
+use setpoint_adapter::{AdapterError, Begun, BoxFuture, CODE_LEASE_LOST, Entry, Journal};
 use sqlx::PgPool;
 
 use crate::store::journal::{
-    SideEffectRecord, SideEffectState, side_effect_begin, side_effect_find, side_effect_finish,
+    Holder, SideEffectRecord, SideEffectState, side_effect_begin, side_effect_find,
+    side_effect_finish,
 };
 
 /// A [`Journal`] whose records are committed to the `side_effects` table before `begin`
 /// returns, so they survive a crash of the engine between a side effect and its completion.
+/// `begin` is fenced by the unit's lease: an attempt that lost its unit cannot open a record.
 pub struct PgJournal {
     pool: PgPool,
     work_id: i64,
+    attempt: i32,
+    worker: String,
     token: String,
 }
 
 impl PgJournal {
-    /// A journal writing on behalf of unit `work_id`.
-    pub fn new(pool: PgPool, work_id: i64, token: String) -> Self {
+    /// A journal writing on behalf of attempt `attempt` of unit `work_id`, leased by `worker`.
+    pub fn new(pool: PgPool, work_id: i64, attempt: i32, worker: String, token: String) -> Self {
         Self {
             pool,
             work_id,
+            attempt,
+            worker,
             token,
         }
     }
@@ -48,13 +54,28 @@ impl Journal for PgJournal {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begun, AdapterError>> {
         Box::pin(async move {
             Ok(
-                match side_effect_begin(&self.pool, key, self.work_id, &self.token)
-                    .await
-                    .map_err(db_error)?
+                match side_effect_begin(
+                    &self.pool,
+                    key,
+                    Holder {
+                        work_id: self.work_id,
+                        attempt: self.attempt,
+                        worker: &self.worker,
+                        token: &self.token,
+                    },
+                )
+                .await
+                .map_err(db_error)?
                 {
                     SideEffectState::Fresh => Begun::Fresh,
                     SideEffectState::Started => Begun::Unknown,
                     SideEffectState::Finished(v) => Begun::Finished(v),
+                    SideEffectState::NotHeld => {
+                        return Err(AdapterError::transient(
+                            "this attempt no longer holds its unit; it records and sends nothing",
+                        )
+                        .with_code(CODE_LEASE_LOST));
+                    }
                 },
             )
         })
@@ -83,7 +104,14 @@ mod tests {
     #[tokio::test]
     async fn look_reads_what_begin_and_finish_wrote_and_writes_nothing() {
         let db = test_db().await.expect("test database");
-        let journal = PgJournal::new(db.pool.clone(), 7, "tok".into());
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO work (kind, spec, token, attempt, lease_owner, lease_expires_at)
+             VALUES ('t', '{}', 'tok', 1, 'w', now() + interval '1 hour') RETURNING id",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("unit");
+        let journal = PgJournal::new(db.pool.clone(), id, 1, "w".into(), "tok".into());
         let rows = || async {
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM side_effects")
                 .fetch_one(&db.pool)
@@ -110,5 +138,20 @@ mod tests {
         );
         assert_eq!(journal.look("email:tok:2").await.unwrap(), Entry::Absent);
         assert_eq!(rows().await, 1);
+
+        // Another attempt took the unit over: this one can open nothing more.
+        sqlx::query("UPDATE work SET attempt = 2, lease_owner = 'other' WHERE id = $1")
+            .bind(id)
+            .execute(&db.pool)
+            .await
+            .expect("takeover");
+        let err = journal.begin("email:tok:2").await.unwrap_err();
+        assert_eq!(err.code.as_deref(), Some(CODE_LEASE_LOST));
+        assert_eq!(journal.look("email:tok:2").await.unwrap(), Entry::Absent);
+        // What is recorded is still read as it is.
+        assert!(matches!(
+            journal.begin("email:tok:1").await.unwrap(),
+            Begun::Finished(_)
+        ));
     }
 }

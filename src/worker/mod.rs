@@ -463,6 +463,8 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
         let journal = Arc::new(journal::PgJournal::new(
             shared.pool.clone(),
             unit.id,
+            unit.attempt,
+            shared.worker_id.clone(),
             unit.token.clone(),
         ));
         let mut ctx = WorkContext::new(
