@@ -125,8 +125,19 @@ impl SpecFields {
     };
 }
 
-/// Checks the fields of `spec` named by `which`, as `{prefix}.plan` etc.
+/// Checks the fields of `spec` named by `which`, as `{prefix}.plan` etc. The string fields not
+/// named (an update mask leaves them out) are only checked as text: they are not used, but
+/// a request with control characters anywhere is refused all the same.
 pub fn spec(prefix: &str, spec: &InstanceSpec, which: SpecFields, out: &mut Vec<Violation>) {
+    for (named, field, value) in [
+        (which.plan, "plan", &spec.plan),
+        (which.region, "region", &spec.region),
+        (which.owner_email, "owner_email", &spec.owner_email),
+    ] {
+        if !named {
+            text(&format!("{prefix}.{field}"), value, 254, out);
+        }
+    }
     if which.plan && !PLANS.contains(&spec.plan.as_str()) {
         out.push(Violation::new(
             format!("{prefix}.plan"),
