@@ -353,7 +353,9 @@ impl InstanceService for Instances {
                 ..SpecFields::ALL
             };
         }
-        if paths.len() > MAX_MASK_PATHS {
+        // Too many paths is one violation, not one per path: an error stays small whatever
+        // the request holds.
+        let checked = if paths.len() > MAX_MASK_PATHS {
             v.push(Violation::new(
                 "update_mask",
                 format!(
@@ -361,8 +363,11 @@ impl InstanceService for Instances {
                      spec.owner_email"
                 ),
             ));
-        }
-        for p in paths.iter().take(MAX_MASK_PATHS) {
+            &paths[..0]
+        } else {
+            &paths[..]
+        };
+        for p in checked {
             if !validate::text("update_mask", p, MAX_MASK_PATH_CHARS, &mut v) {
                 continue;
             }
