@@ -23,7 +23,7 @@ pub const TOKEN_PREFIX: &str = "spt_";
 /// stops working within this time; an expired one at once).
 pub const CACHE_TTL: Duration = super::token_cache::DEFAULT_KNOWN_TTL;
 
-/// Who is calling: set by [`AuthService`] for every authenticated request.
+/// Who is calling: set by the gate ([`super::gate`]) for every authenticated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The tenant whose instances the caller sees and changes.
@@ -38,7 +38,7 @@ impl Caller {
     /// The caller of an authenticated request.
     ///
     /// # Errors
-    /// `UNAUTHENTICATED` when the request did not pass through [`AuthService`].
+    /// `UNAUTHENTICATED` when the request did not pass through the gate.
     pub fn of<T>(req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         req.extensions()
             .get::<Caller>()
