@@ -36,6 +36,8 @@ pub struct DbArgs {
 }
 
 /// The commands.
+// Parsed once at start-up and never copied around: the size of `Serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the engine: apply migrations, then run workers until SIGTERM or Ctrl-C. Without a

@@ -151,6 +151,22 @@ pub struct ApiFile {
     pub create_batch_executors: Option<usize>,
     /// Most Creates in one batch.
     pub create_batch_max: Option<usize>,
+    /// Most calls in progress at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: Option<usize>,
+    /// Longest time to a call's (first) answer; then `DEADLINE_EXCEEDED`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub request_timeout: Option<Duration>,
+    /// Most open WatchInstance streams per tenant.
+    pub max_watches_per_tenant: Option<usize>,
+    /// Database lookups of tokens in neither cache, per second (the whole process).
+    pub token_lookups_per_second: Option<u32>,
+    /// How many such lookups may come at once.
+    pub token_lookup_burst: Option<u32>,
+    /// How long an unknown token is refused without asking the database again.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub unknown_token_ttl: Option<Duration>,
+    /// Most unknown tokens kept.
+    pub unknown_token_cache: Option<usize>,
 }
 
 /// The configuration file (`--config` / `SETPOINT_CONFIG`). Every key is optional.

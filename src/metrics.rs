@@ -15,6 +15,8 @@
 //! | `adapter_calls_total`                    | counter   | `adapter`, `operation`, `result`|
 //! | `adapter_call_duration_seconds`          | histogram | `adapter`, `operation`, `result`|
 //! | `api_requests_total`                     | counter   | `method`, `code`                |
+//! | `api_token_lookups_total`                | counter   | `result`                        |
+//! | `api_token_lookups_refused_total`        | counter   |                                 |
 //! | `api_create_batches_total`               | counter   | `result`                        |
 //! | `api_create_batched_total`               | counter   | `result`                        |
 //! | `api_tls_certificate_expiry_seconds`     | gauge     |                                 |
@@ -22,7 +24,12 @@
 //! `result` is `ok`, `transient` or `permanent`; `action` is `retry`, `wait` (a wait that is
 //! not a failed attempt) or `park`. An attempt is *abandoned* when it lost its unit (its lease
 //! was not renewed in time or was taken over, or the engine shut down): it stopped without a
-//! result, and another attempt redoes the unit. The API's group
+//! result, and another attempt redoes the unit. An API request's
+//! `method` is the path of a method the server serves (`/setpoint.v1.InstanceService/GetInstance`)
+//! or `unknown` for any other path: label values never come from what a client sends, so made-up
+//! paths add no series. `api_token_lookups_total` counts the bearer-token lookups that reached the
+//! database, by `result` (`found`, `unknown`, `error`); `api_token_lookups_refused_total` counts
+//! the calls refused because the lookup budget was spent (no database work). The API's group
 //! commit counts batches of creates and the creates in them, by `result`: `committed` or
 //! `failed` (a failed batch's creates then run one by one). With TLS, the API's server
 //! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). The queue gauges are refreshed from
@@ -110,10 +117,21 @@ pub fn unit_abandoned(kind: &str) {
     metrics::counter!("setpoint_units_abandoned_total", "kind" => kind.to_owned()).increment(1);
 }
 
-/// An API call ended with gRPC status `code`.
-pub fn api_request(method: &str, code: &str) {
-    metrics::counter!("setpoint_api_requests_total", "method" => method.to_owned(), "code" => code.to_owned())
+/// An API call ended with gRPC status `code`. `method` must be a known method's path or
+/// `unknown` (see `api::methods`), never a path as a client sent it.
+pub fn api_request(method: &str, code: &'static str) {
+    metrics::counter!("setpoint_api_requests_total", "method" => method.to_owned(), "code" => code)
         .increment(1);
+}
+
+/// A bearer token was looked up in the database: `result` is `found`, `unknown` or `error`.
+pub fn api_token_lookup(result: &'static str) {
+    metrics::counter!("setpoint_api_token_lookups_total", "result" => result).increment(1);
+}
+
+/// A call was refused because the budget of token lookups was spent.
+pub fn api_token_lookup_refused() {
+    metrics::counter!("setpoint_api_token_lookups_refused_total").increment(1);
 }
 
 /// A batch of `creates` CreateInstance calls was `committed` or `failed` (then each ran on

@@ -976,7 +976,38 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
         "{seen:?}"
     );
     let got = get_ok(&mut c, &env.acme, &a.name).await;
-    assert!(!got.last_error.is_empty());
+    // The tenant reads what happened and which unit; the raw error stays with operators.
+    assert_eq!(
+        got.last_error,
+        format!(
+            "provisioning failed and waits for an operator (unit {})",
+            a.active_work_id
+        )
+    );
+    let shown = serde_json::to_string(&setpoint::api::convert::struct_to_json(
+        got.observed.as_ref().unwrap(),
+    ))
+    .unwrap();
+    assert!(!shown.contains("unknown field"), "{shown}");
+    // An admin of the same tenant, and WorkService, read the raw text (here the probe's
+    // refusal of the API's spec).
+    let operator = create_token(&env.db.pool, "acme", true, None)
+        .await
+        .unwrap()
+        .token;
+    let raw = get_ok(&mut c, &operator, &a.name).await.last_error;
+    assert!(raw.contains("unknown field"), "{raw}");
+    let unit = w
+        .get_work(authed(
+            &env.admin,
+            GetWorkRequest {
+                id: a.active_work_id,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unit.last_error, raw);
     // A parked unit blocks changes too, naming the unit.
     let e = c
         .delete_instance(authed(
@@ -1040,11 +1071,13 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
         .unwrap_or_default();
     assert_eq!(ready["status"], "False", "{observed}");
     assert_eq!(ready["reason"], "WorkCancelled", "{observed}");
+    // Neither the operator's note nor the operator's token is shown to the tenant; the unit's
+    // history keeps both (above).
+    let message = ready["message"].as_str().unwrap_or_default();
     assert!(
-        ready["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("bad spec"),
+        message.contains(&format!("unit {} was cancelled", a.active_work_id))
+            && !message.contains("bad spec")
+            && !message.contains("token"),
         "{observed}"
     );
     let e = w
@@ -1549,5 +1582,456 @@ async fn a_batch_that_loses_a_race_writes_nothing_and_a_second_try_leaves_the_lo
     assert_eq!(count(&env.db, "SELECT count(*) FROM work_events").await, 1);
     assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 2);
     drop(conn);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn control_characters_are_field_violations_and_limits_count_characters() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let mut w = env.work().await;
+    // NUL reached PostgreSQL before (INTERNAL); now each is a violation of its field.
+    let e = c
+        .list_instances(authed(
+            &env.acme,
+            ListInstancesRequest {
+                page_token: "\0".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), violations(&e)),
+        (Code::InvalidArgument, vec!["page_token".to_owned()])
+    );
+    for (kind, page_token) in [("a\0b", ""), ("x\ny", ""), ("", "1\0")] {
+        let e = w
+            .list_work(authed(
+                &env.admin,
+                ListWorkRequest {
+                    kind: kind.into(),
+                    page_token: page_token.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        let field = if kind.is_empty() {
+            "page_token"
+        } else {
+            "kind"
+        };
+        assert_eq!(
+            (e.code(), violations(&e)),
+            (Code::InvalidArgument, vec![field.to_owned()]),
+            "{kind:?} {page_token:?}"
+        );
+    }
+    let cancel = |reason: String| CancelWorkRequest { id: 1, reason };
+    let e = w
+        .cancel_work(authed(&env.admin, cancel("why\0".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["reason"]);
+    // The proto's limits are characters: 128 and 1000 two-byte characters pass validation
+    // (the listing is empty; unit 1 does not exist), one more does not.
+    w.list_work(authed(
+        &env.admin,
+        ListWorkRequest {
+            kind: "é".repeat(128),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let e = w
+        .list_work(authed(
+            &env.admin,
+            ListWorkRequest {
+                kind: "é".repeat(129),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["kind"]);
+    let e = w
+        .cancel_work(authed(&env.admin, cancel("é".repeat(1000))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = w
+        .cancel_work(authed(&env.admin, cancel("é".repeat(1001))))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["reason"]);
+    // Fields an update mask leaves out are not used, but control characters are refused.
+    let mut bad_region = spec();
+    bad_region.region = "eu\0west".into();
+    let e = c
+        .update_instance(authed(
+            &env.acme,
+            UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: "tenants/acme/instances/web".into(),
+                    spec: Some(bad_region),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec.plan".into()],
+                }),
+                request_id: "u1".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["instance.spec.region"]);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_update_mask_paths_gets_one_small_error() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let update = |paths: Vec<String>| UpdateInstanceRequest {
+        instance: Some(Instance {
+            name: "tenants/acme/instances/web".into(),
+            spec: Some(spec()),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask { paths }),
+        request_id: "u1".into(),
+    };
+    // 32,000 empty paths fit in 64 KB; they made 9.9 MB of trailers before.
+    let e = c
+        .update_instance(authed(&env.acme, update(vec![String::new(); 32_000])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(violations(&e), vec!["update_mask"]);
+    assert!(e.message().len() + e.details().len() < 1024, "{e:?}");
+    assert!(e.message().contains("see the BadRequest details"), "{e:?}");
+    // Ten bad paths: each is a violation, and the message only summarises them.
+    let e = c
+        .update_instance(authed(
+            &env.acme,
+            update((0..10).map(|i| format!("spec.nope{i}")).collect()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e).len(), 10);
+    assert_eq!(
+        e.message(),
+        "invalid request: 10 field violations (update_mask); see the BadRequest details"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn page_tokens_only_work_for_their_tenant_and_filter() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let mut w = env.work().await;
+    for n in 0..3 {
+        for token in [&env.acme, &env.globex] {
+            c.create_instance(authed(
+                token,
+                create_req(&format!("n{n}"), &format!("c{n}")),
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    let list = |page_token: String, status_filter: i32| ListInstancesRequest {
+        page_size: 1,
+        page_token,
+        status_filter,
+        ..Default::default()
+    };
+    let token = c
+        .list_instances(authed(&env.acme, list(String::new(), 0)))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!token.is_empty());
+    // Another tenant's token, or this tenant's with another filter, is refused.
+    let e = c
+        .list_instances(authed(&env.globex, list(token.clone(), 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["page_token"]);
+    let e = c
+        .list_instances(authed(
+            &env.acme,
+            list(token.clone(), InstanceStatus::Creating as i32),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&e), vec!["page_token"]);
+    let page = c
+        .list_instances(authed(&env.acme, list(token, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.instances[0].name, "tenants/acme/instances/n1");
+    // ListWork's tokens are bound to its filters.
+    let page = w
+        .list_work(authed(
+            &env.admin,
+            ListWorkRequest {
+                page_size: 2,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.units.len(), 2);
+    for (state, kind) in [("pending", ""), ("", "setpoint.noop")] {
+        let e = w
+            .list_work(authed(
+                &env.admin,
+                ListWorkRequest {
+                    state: state.into(),
+                    kind: kind.into(),
+                    page_size: 2,
+                    page_token: page.next_page_token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(violations(&e), vec!["page_token"]);
+    }
+    let next = w
+        .list_work(authed(
+            &env.admin,
+            ListWorkRequest {
+                page_size: 2,
+                page_token: page.next_page_token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.units.len(), 2);
+    assert!(next.units[0].id > page.units[1].id);
+    env.stop().await;
+}
+
+/// Holds `LOCK TABLE api_requests` until the returned transaction ends: every mutating call
+/// then waits in the database. Returns once the lock is held.
+async fn block_mutations(env: &Env) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = env.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_requests IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// Waits until `n` statements of the test's database wait for a lock.
+async fn wait_for_lock_waiters(env: &Env, n: i64) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
+        env.db.name
+    );
+    common::wait_for("calls waiting for the lock", || {
+        let sql = sql.clone();
+        async move { (count(&env.db, &sql).await == n).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_limit_refuses_at_once_and_the_timeout_ends_a_stuck_call() {
+    let env = Env::start(ApiConfig {
+        max_in_flight: 2,
+        create_batch_executors: 0,
+        ..ApiConfig::default()
+    })
+    .await;
+    let lock = block_mutations(&env).await;
+    let stuck: Vec<_> = (0..2)
+        .map(|n| {
+            let addr = env.url();
+            let token = env.acme.clone();
+            tokio::spawn(async move {
+                let mut c =
+                    setpoint::api::proto::instance_service_client::InstanceServiceClient::connect(
+                        addr,
+                    )
+                    .await
+                    .unwrap();
+                c.create_instance(authed(
+                    &token,
+                    create_req(&format!("s{n}"), &format!("s{n}")),
+                ))
+                .await
+            })
+        })
+        .collect();
+    wait_for_lock_waiters(&env, 2).await;
+    // Two calls in progress: the third is refused at once, naming the limit; health is served.
+    let mut c = env.instances().await;
+    let e = c
+        .get_instance(authed(
+            &env.acme,
+            GetInstanceRequest {
+                name: "tenants/acme/instances/s0".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("api.max_in_flight"), "{e:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    lock.commit().await.unwrap();
+    for call in stuck {
+        call.await.unwrap().expect("the waiting creates finish");
+    }
+    get_ok(&mut c, &env.acme, "tenants/acme/instances/s0").await;
+    env.stop().await;
+
+    // A call stuck past the timeout is answered DEADLINE_EXCEEDED, and what it began is rolled
+    // back: the same request id then works.
+    let env = Env::start(ApiConfig {
+        request_timeout: std::time::Duration::from_secs(1),
+        create_batch_executors: 0,
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut c = env.instances().await;
+    let lock = block_mutations(&env).await;
+    let e = c
+        .create_instance(authed(&env.acme, create_req("t1", "t1")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains("1s (api.request_timeout)") && e.message().contains("request_id"),
+        "{e:?}"
+    );
+    lock.commit().await.unwrap();
+    c.create_instance(authed(&env.acme, create_req("t1", "t1")))
+        .await
+        .unwrap();
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_are_capped_per_tenant() {
+    let env = Env::start(ApiConfig {
+        max_watches_per_tenant: 2,
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut c = env.instances().await;
+    for token in [&env.acme, &env.globex] {
+        c.create_instance(authed(token, create_req("web-1", "r1")))
+            .await
+            .unwrap();
+    }
+    let watch = |token: &str| {
+        authed(
+            token,
+            WatchInstanceRequest {
+                name: "tenants/-/instances/web-1".into(),
+            },
+        )
+    };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = c
+            .watch_instance(watch(&env.acme))
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let e = c.watch_instance(watch(&env.acme)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("2 WatchInstance streams")
+            && e.message().contains("api.max_watches_per_tenant"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.get_details_quota_failure().unwrap().violations[0].subject,
+        "tenants/acme"
+    );
+    // Another tenant has slots of its own.
+    let mut g = c
+        .watch_instance(watch(&env.globex))
+        .await
+        .unwrap()
+        .into_inner();
+    g.message().await.unwrap().unwrap();
+    // A stream the client closes frees its slot (the server notices the closed stream).
+    drop(open.pop());
+    common::wait_for("a freed watch slot", || {
+        let mut c = c.clone();
+        let req = watch(&env.acme);
+        async move { c.watch_instance(req).await.ok() }
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_tokens_beyond_the_lookup_budget_are_unavailable_and_known_unknowns_stay_cheap() {
+    let env = Env::start(ApiConfig {
+        tokens: setpoint::api::token_cache::TokenLimits {
+            lookups_per_second: 1,
+            lookup_burst: 2,
+            ..Default::default()
+        },
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut c = env.instances().await;
+    let get = |token: &str| {
+        authed(
+            token,
+            GetInstanceRequest {
+                name: "tenants/-/instances/web".into(),
+            },
+        )
+    };
+    let tokens: Vec<String> = (0..30)
+        .map(|_| format!("spt_{}", uuid::Uuid::new_v4().simple()))
+        .collect();
+    let mut looked_up = Vec::new();
+    let mut refused = 0;
+    for t in &tokens {
+        let e = c.get_instance(get(t)).await.unwrap_err();
+        match e.code() {
+            Code::Unauthenticated => looked_up.push(t.clone()),
+            Code::Unavailable => {
+                assert!(e.message().contains("try again"), "{e:?}");
+                refused += 1;
+            }
+            other => panic!("{other:?}: {e:?}"),
+        }
+    }
+    assert!(refused > 0 && !looked_up.is_empty(), "{refused}");
+    // A token found unknown is refused from the cache: never UNAVAILABLE, however spent the
+    // budget is.
+    for _ in 0..3 {
+        for t in &looked_up {
+            let e = c.get_instance(get(t)).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        }
+    }
     env.stop().await;
 }

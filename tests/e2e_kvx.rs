@@ -70,8 +70,13 @@ async fn start_dev_env(dir: &Path, extra: &[String], env: &[(&str, &str)]) -> (P
 }
 
 async fn client(info: &Value) -> Api {
+    client_as(info, "tenant_token").await
+}
+
+/// A client with the token `which` of `setpoint dev` (`tenant_token` or `admin_token`).
+async fn client_as(info: &Value, which: &str) -> Api {
     let server = info["server"].as_str().expect("server").to_owned();
-    let token = info["tenant_token"].as_str().expect("token").to_owned();
+    let token = info[which].as_str().expect("token").to_owned();
     let channel = Channel::from_shared(server)
         .expect("url")
         .connect()
@@ -538,7 +543,9 @@ async fn start_engine(
         extra.extend(["--resync-interval".to_owned(), "1s".to_owned()]);
     }
     let (proc, info) = start_dev(dir, &extra).await;
-    let api = client(&info).await;
+    // The admin token of the same tenant: an operator reads a failure's raw text (a tenant
+    // reads a curated sentence), which says why a chain failed.
+    let api = client_as(&info, "admin_token").await;
     (proc, api)
 }
 

@@ -1,33 +1,29 @@
 //! Authentication: bearer tokens mapped to a tenant (and an admin flag), stored as sha256
-//! hashes in `api_tokens`. [`AuthService`] wraps every gRPC service except `grpc.health.v1`,
-//! checks the `authorization: Bearer …` header and hands the [`Caller`] to the services in the
-//! request's extensions. Tokens never appear in logs or errors; a token is named by its row id.
+//! hashes in `api_tokens`. The gate ([`super::gate`]) checks the `authorization: Bearer …`
+//! header of every call except `grpc.health.v1` with the [`Authenticator`] and hands the
+//! [`Caller`] to the services in the request's extensions. Tokens never appear in logs or
+//! errors; a token is named by its row id.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tonic::body::Body;
-use tonic::codegen::http::{Request, Response};
-use tonic::codegen::{BoxFuture, Service};
 
 use super::errors::{ApiError, Violation};
+use super::token_cache::{Lookup, LookupError, TokenCache, TokenLimits};
 use super::validate;
 use crate::store::StoreError;
-use crate::store::tokens::{TokenRow, token_get_by_hash, token_insert};
+use crate::store::tokens::token_insert;
 
 /// Prefix of every token (so that leaked tokens are easy to recognise and scan for).
 pub const TOKEN_PREFIX: &str = "spt_";
 
 /// How long a looked-up token is trusted without asking the database again (a revoked token
 /// stops working within this time; an expired one at once).
-pub const CACHE_TTL: Duration = Duration::from_secs(5);
+pub const CACHE_TTL: Duration = super::token_cache::DEFAULT_KNOWN_TTL;
 
-/// Who is calling: set by [`AuthService`] for every authenticated request.
+/// Who is calling: set by the gate ([`super::gate`]) for every authenticated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The tenant whose instances the caller sees and changes.
@@ -42,7 +38,7 @@ impl Caller {
     /// The caller of an authenticated request.
     ///
     /// # Errors
-    /// `UNAUTHENTICATED` when the request did not pass through [`AuthService`].
+    /// `UNAUTHENTICATED` when the request did not pass through the gate.
     pub fn of<T>(req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         req.extensions()
             .get::<Caller>()
@@ -122,26 +118,32 @@ pub async fn create_token(
     })
 }
 
-/// Checks bearer tokens against `api_tokens`, with a short cache.
+/// Checks bearer tokens against `api_tokens`, through the caches and the lookup budget of
+/// [`TokenCache`].
 #[derive(Debug)]
 pub struct Authenticator {
-    pool: PgPool,
-    cache: Mutex<HashMap<[u8; 32], (TokenRow, Instant)>>,
+    tokens: TokenCache,
 }
 
 impl Authenticator {
-    /// An authenticator on `pool`.
+    /// An authenticator on `pool` with the default [`TokenLimits`].
     pub fn new(pool: PgPool) -> Self {
+        Self::with_limits(pool, TokenLimits::default())
+    }
+
+    /// An authenticator on `pool` within `limits`.
+    pub fn with_limits(pool: PgPool, limits: TokenLimits) -> Self {
         Self {
-            pool,
-            cache: Mutex::new(HashMap::new()),
+            tokens: TokenCache::new(pool, limits),
         }
     }
 
     /// The caller named by an `authorization` header value.
     ///
     /// # Errors
-    /// `UNAUTHENTICATED` for a missing, malformed, unknown, revoked or expired token.
+    /// `UNAUTHENTICATED` for a missing, malformed, unknown, revoked or expired token;
+    /// `UNAVAILABLE` when the token would need a database lookup beyond the budget, or the
+    /// database fails.
     pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller, ApiError> {
         let header = header.ok_or(ApiError::Unauthenticated(
             "missing bearer token: send the metadata `authorization: Bearer <token>`",
@@ -154,10 +156,16 @@ impl Authenticator {
             .ok_or(ApiError::Unauthenticated(
                 "malformed authorization metadata: expected `Bearer <token>`",
             ))?;
-        let hash = hash_token(token);
-        let row = self.lookup(&hash).await?;
-        let Some(row) = row else {
-            return Err(ApiError::Unauthenticated("invalid token"));
+        let row = match self.tokens.lookup(&hash_token(token)).await {
+            Ok(Lookup::Known(row)) => row,
+            Ok(Lookup::Unknown) => return Err(ApiError::Unauthenticated("invalid token")),
+            Err(LookupError::OverBudget) => {
+                return Err(ApiError::Unavailable(
+                    "the server is checking too many unknown tokens right now; try again in a \
+                     moment",
+                ));
+            }
+            Err(LookupError::Store(e)) => return Err(ApiError::Store(e)),
         };
         if row.revoked_at.is_some() {
             return Err(ApiError::Unauthenticated("token revoked"));
@@ -172,117 +180,5 @@ impl Authenticator {
             admin: row.admin,
             token_id: row.id,
         })
-    }
-
-    async fn lookup(&self, hash: &[u8; 32]) -> Result<Option<TokenRow>, ApiError> {
-        if let Ok(cache) = self.cache.lock()
-            && let Some((row, at)) = cache.get(hash)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(Some(row.clone()));
-        }
-        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
-        let row = token_get_by_hash(&mut conn, hash).await?;
-        if let (Some(row), Ok(mut cache)) = (&row, self.cache.lock()) {
-            if cache.len() > 10_000 {
-                cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-            }
-            cache.insert(*hash, (row.clone(), Instant::now()));
-        }
-        Ok(row)
-    }
-}
-
-/// Wraps the gRPC routes: every request but `grpc.health.v1` must carry a valid token.
-#[derive(Debug, Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    auth: Arc<Authenticator>,
-}
-
-impl<S> AuthService<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S, auth: Arc<Authenticator>) -> Self {
-        Self { inner, auth }
-    }
-}
-
-impl<S> Service<Request<Body>> for AuthService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        // The ready service answers this call; a fresh clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let auth = self.auth.clone();
-        let method = req.uri().path().to_owned();
-        Box::pin(async move {
-            let answer = if method.starts_with("/grpc.health.v1.") {
-                inner.call(req).await
-            } else {
-                let header = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok());
-                match auth.authenticate(header).await {
-                    Ok(caller) => {
-                        req.extensions_mut().insert(caller);
-                        inner.call(req).await
-                    }
-                    Err(e) => Ok(tonic::Status::from(e).into_http()),
-                }
-            };
-            if let Ok(response) = &answer {
-                crate::metrics::api_request(&method, response_code(response));
-            }
-            answer
-        })
-    }
-}
-
-/// The gRPC status of a response as far as its headers tell: failures are sent "trailers-only",
-/// with `grpc-status` in the headers; a response without it carries its status in the trailers,
-/// which for unary calls and healthy streams is OK.
-fn response_code(response: &Response<Body>) -> &'static str {
-    let code = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(tonic::Code::from_i32)
-        .unwrap_or(tonic::Code::Ok);
-    code_name(code)
-}
-
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::proto::{Instance, InstanceSpec, WorkEvent, WorkUnit};
 use super::status::InstanceState;
+use super::tenant_view::{self, Audience};
 use crate::store::events::WorkEvent as EventRow;
 use crate::store::instances::InstanceRow;
 use crate::store::work::WorkRow;
@@ -110,7 +111,8 @@ pub fn instance_name(tenant: &str, name: &str) -> String {
     format!("tenants/{tenant}/instances/{name}")
 }
 
-/// The API's view of an instance row.
+/// The API's view of an instance row, with the raw failure text (an operator's view; see
+/// [`instance_for`]).
 pub fn instance(row: &InstanceRow) -> Instance {
     let state = InstanceState::from_db(&row.status);
     Instance {
@@ -127,6 +129,17 @@ pub fn instance(row: &InstanceRow) -> Instance {
         create_time: Some(timestamp(row.created_at)),
         update_time: Some(timestamp(row.updated_at)),
     }
+}
+
+/// `row` as `audience` sees it: for a tenant, failures are told in curated words (see
+/// [`tenant_view`]); an operator sees the raw text.
+pub fn instance_for(row: &InstanceRow, audience: Audience) -> Instance {
+    let mut shown = instance(row);
+    if audience == Audience::Tenant {
+        shown.last_error = tenant_view::last_error(row);
+        shown.observed = Some(json_to_struct(&tenant_view::observed(&row.observed)));
+    }
+    shown
 }
 
 /// The API's view of a queued unit.

@@ -1,5 +1,9 @@
 //! What can go wrong in an API call, and how each case becomes a gRPC status with
 //! `google.rpc` details. Database details never reach the client (they are logged).
+//!
+//! Every error stays small whatever the request was: a status message is a summary (never the
+//! list of violations, which the `BadRequest` details carry), the details hold at most
+//! [`MAX_VIOLATIONS`] violations, and each description is cut at [`MAX_DESCRIPTION_CHARS`].
 
 use std::collections::HashMap;
 
@@ -11,6 +15,15 @@ use crate::store::StoreError;
 
 /// The `ErrorInfo.domain` of setpoint's errors.
 pub const ERROR_DOMAIN: &str = "setpoint.dev";
+/// Most field violations one error carries in its `BadRequest` details; its message says how
+/// many there were in all.
+pub const MAX_VIOLATIONS: usize = 20;
+/// Longest description of a violation (characters); a longer one is cut and ends with `…`.
+pub const MAX_DESCRIPTION_CHARS: usize = 200;
+/// Longest field path of a violation (characters).
+const MAX_FIELD_CHARS: usize = 100;
+/// Most distinct field names the summary of an `INVALID_ARGUMENT` message names.
+const SUMMARY_FIELDS: usize = 5;
 
 /// One bad field of a request: its path (e.g. `instance.spec.plan`) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +47,26 @@ impl Violation {
 /// An API failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// Bad input: `INVALID_ARGUMENT` with `BadRequest` field violations.
-    #[error("invalid request: {}", describe(.0))]
+    /// Bad input: `INVALID_ARGUMENT` with `BadRequest` field violations (the first
+    /// [`MAX_VIOLATIONS`]); the message summarises them.
+    #[error("{}", summary(.0))]
     Invalid(Vec<Violation>),
     /// No, a malformed, an unknown, a revoked or an expired token: `UNAUTHENTICATED`.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// The server cannot take this call now; the same call may work in a moment:
+    /// `UNAVAILABLE`.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// A limit of the server or of the caller's tenant is reached: `RESOURCE_EXHAUSTED` with a
+    /// `QuotaFailure` naming the limit.
+    #[error("{description}")]
+    Exhausted {
+        /// What the limit applies to, e.g. `tenants/acme`.
+        subject: String,
+        /// The limit, with its value and the setting that changes it.
+        description: String,
+    },
     /// The token may not do this: `PERMISSION_DENIED`.
     #[error("{0}")]
     PermissionDenied(&'static str),
@@ -81,11 +108,58 @@ pub enum ApiError {
     Internal(String),
 }
 
-fn describe(v: &[Violation]) -> String {
-    v.iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+/// `s` cut to at most `max` characters (the last one then `…`).
+pub fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some(_) => {
+            let keep: String = s.chars().take(max.saturating_sub(1)).collect();
+            format!("{keep}…")
+        }
+    }
+}
+
+/// The message of an `INVALID_ARGUMENT`: how many violations, which fields (a few), and where
+/// the details are — never the descriptions, which the details carry.
+fn summary(v: &[Violation]) -> String {
+    let mut fields: Vec<&str> = Vec::new();
+    for violation in v {
+        if !fields.contains(&violation.field.as_str()) {
+            fields.push(&violation.field);
+        }
+    }
+    let mut named: Vec<String> = fields
+        .iter()
+        .take(SUMMARY_FIELDS)
+        .map(|f| clip(f, MAX_FIELD_CHARS))
+        .collect();
+    if fields.len() > SUMMARY_FIELDS {
+        named.push("…".into());
+    }
+    let n = v.len();
+    let what = if n == 1 {
+        "1 field violation".to_owned()
+    } else {
+        format!("{n} field violations")
+    };
+    let details = if n > MAX_VIOLATIONS {
+        format!("the BadRequest details list the first {MAX_VIOLATIONS}")
+    } else {
+        "see the BadRequest details".to_owned()
+    };
+    format!("invalid request: {what} ({}); {details}", named.join(", "))
+}
+
+/// The `BadRequest` details of `violations`: the first [`MAX_VIOLATIONS`], clipped.
+fn bad_request(violations: &[Violation]) -> ErrorDetails {
+    let mut d = ErrorDetails::new();
+    for v in violations.iter().take(MAX_VIOLATIONS) {
+        d.add_bad_request_violation(
+            clip(&v.field, MAX_FIELD_CHARS),
+            clip(&v.description, MAX_DESCRIPTION_CHARS),
+        );
+    }
+    d
 }
 
 impl From<QueueError> for ApiError {
@@ -102,13 +176,18 @@ impl From<ApiError> for Status {
         let message = e.to_string();
         match e {
             ApiError::Invalid(violations) => {
-                let mut d = ErrorDetails::new();
-                for v in &violations {
-                    d.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-                Status::with_error_details(Code::InvalidArgument, message, d)
+                Status::with_error_details(Code::InvalidArgument, message, bad_request(&violations))
             }
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::Exhausted {
+                subject,
+                description,
+            } => {
+                let mut d = ErrorDetails::new();
+                d.add_quota_failure_violation(subject, description);
+                Status::with_error_details(Code::ResourceExhausted, message, d)
+            }
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::NotFound(_) => Status::not_found(message),
             ApiError::AlreadyExists(_) => Status::already_exists(message),
@@ -187,5 +266,77 @@ impl From<StoreError> for Status {
 impl From<QueueError> for Status {
     fn from(e: QueueError) -> Status {
         ApiError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(s: &Status) -> usize {
+        s.message().len() + s.details().len()
+    }
+
+    #[test]
+    fn thousands_of_violations_make_a_small_error_that_says_how_many() {
+        let many: Vec<Violation> = (0..32_000)
+            .map(|i| Violation::new("update_mask", format!("path {i} is {}", "x".repeat(1000))))
+            .collect();
+        let s = Status::from(ApiError::Invalid(many));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "invalid request: 32000 field violations (update_mask); the BadRequest details \
+             list the first 20"
+        );
+        let details = s.get_details_bad_request().unwrap();
+        assert_eq!(details.field_violations.len(), MAX_VIOLATIONS);
+        assert!(
+            details
+                .field_violations
+                .iter()
+                .all(|v| v.description.chars().count() <= MAX_DESCRIPTION_CHARS
+                    && v.description.ends_with('…'))
+        );
+        assert!(size(&s) < 6 * 1024, "{}", size(&s));
+    }
+
+    #[test]
+    fn the_message_names_a_few_fields_and_never_the_descriptions() {
+        let v = vec![
+            Violation::new("instance_id", "must be a DNS label"),
+            Violation::new("request_id", "required"),
+            Violation::new("request_id", "again"),
+        ];
+        let s = Status::from(ApiError::Invalid(v));
+        assert_eq!(
+            s.message(),
+            "invalid request: 3 field violations (instance_id, request_id); see the BadRequest \
+             details"
+        );
+        assert_eq!(
+            s.get_details_bad_request().unwrap().field_violations.len(),
+            3
+        );
+        let one = Status::from(ApiError::Invalid(vec![Violation::new("name", "bad")]));
+        assert_eq!(
+            one.message(),
+            "invalid request: 1 field violation (name); see the BadRequest details"
+        );
+        let fields: Vec<Violation> = (0..8)
+            .map(|i| Violation::new(format!("f{i}"), "x"))
+            .collect();
+        assert!(
+            Status::from(ApiError::Invalid(fields))
+                .message()
+                .contains("(f0, f1, f2, f3, f4, …)")
+        );
+    }
+
+    #[test]
+    fn clip_counts_characters() {
+        assert_eq!(clip("ééé", 3), "ééé");
+        assert_eq!(clip("éééé", 3), "éé…");
+        assert_eq!(clip("", 3), "");
     }
 }

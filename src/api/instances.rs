@@ -22,6 +22,7 @@ use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
+use super::page_token::{self, Scope};
 use super::proto::instance_service_server::InstanceService;
 use super::proto::{
     CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
@@ -29,9 +30,11 @@ use super::proto::{
     WatchInstanceRequest,
 };
 use super::status::InstanceState;
-use super::validate::{self, SpecFields};
+use super::tenant_view::Audience;
+use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, SpecFields};
 use super::wake::WorkerWaker;
 use super::watch::InstanceEvents;
+use super::watch_limit::WatchSlots;
 use crate::queue::{self, NewWork};
 use crate::store::StoreError;
 use crate::store::instances::{
@@ -55,6 +58,8 @@ pub struct Instances {
     waker: WorkerWaker,
     /// Group commit of Creates; `None` runs every Create on its own.
     creates: Option<CreateBatcher>,
+    /// Open Watch streams per tenant, up to [`ApiConfig::max_watches_per_tenant`].
+    watches: WatchSlots,
 }
 
 impl Instances {
@@ -77,6 +82,7 @@ impl Instances {
                 waker.clone(),
             )
         });
+        let watches = WatchSlots::new(config.max_watches_per_tenant);
         Self {
             pool,
             config,
@@ -84,6 +90,7 @@ impl Instances {
             shutdown,
             waker,
             creates,
+            watches,
         }
     }
 
@@ -113,7 +120,8 @@ impl Instances {
         )
         .await?;
         row.active_work_id = Some(unit.id);
-        let answer = convert::instance(&row);
+        // A new instance has no failure and no conditions: every audience sees the same.
+        let answer = convert::instance_for(&row, Audience::Tenant);
         idempotency::finish(tx, tenant, &c.request_id, &answer).await?;
         self.waker.wake();
         tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
@@ -156,17 +164,15 @@ async fn lock_live(
         .ok_or_else(|| ApiError::NotFound(instance_name(tenant, name)))
 }
 
-/// The page token of ListInstances: the filter and the last name, hex-encoded.
-fn page_token(status: i32, last: &str) -> String {
-    hex::encode(format!("v1\n{status}\n{last}"))
+/// The scope of a ListInstances page token: the caller's tenant (which `parent` must name)
+/// and the status filter.
+fn list_scope(tenant: &str, status_filter: i32) -> Scope {
+    Scope::new("ListInstances", &[tenant, &status_filter.to_string()])
 }
 
-fn parse_page_token(token: &str, status: i32) -> Option<String> {
-    let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
-    let mut parts = text.splitn(3, '\n');
-    (parts.next()? == "v1" && parts.next()?.parse::<i32>().ok()? == status)
-        .then(|| parts.next().map(str::to_owned))
-        .flatten()
+/// The last name of the page before, from a ListInstances page token of this scope.
+fn parse_page_token(token: &str, scope: &Scope) -> Option<String> {
+    page_token::decode(scope, token).filter(|name| validate::is_dns_label(name))
 }
 
 /// Whether token `token_id` no longer lets its holder in. A database error counts as "not
@@ -255,7 +261,10 @@ impl InstanceService for Instances {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
-        Ok(Response::new(convert::instance(&row)))
+        Ok(Response::new(convert::instance_for(
+            &row,
+            Audience::of(&caller),
+        )))
     }
 
     async fn list_instances(
@@ -274,15 +283,17 @@ impl InstanceService for Instances {
                 None
             }
         };
+        let scope = list_scope(&caller.tenant, r.status_filter);
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let t = parse_page_token(&r.page_token, r.status_filter);
+            let t = parse_page_token(&r.page_token, &scope);
             if t.is_none() {
                 v.push(Violation::new(
                     "page_token",
-                    "not a page token of this listing (it must come from next_page_token of \
-                     the same query)",
+                    "not a page token of this listing: it must be the next_page_token of the \
+                     page before, asked for by the same tenant with the same parent and \
+                     status_filter",
                 ));
             }
             t
@@ -301,11 +312,15 @@ impl InstanceService for Instances {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(0));
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => page_token(r.status_filter, &last.name),
+            (true, Some(last)) => page_token::encode(&scope, &last.name),
             _ => String::new(),
         };
+        let audience = Audience::of(&caller);
         Ok(Response::new(ListInstancesResponse {
-            instances: rows.iter().map(convert::instance).collect(),
+            instances: rows
+                .iter()
+                .map(|row| convert::instance_for(row, audience))
+                .collect(),
             next_page_token,
         }))
     }
@@ -338,7 +353,24 @@ impl InstanceService for Instances {
                 ..SpecFields::ALL
             };
         }
-        for p in &paths {
+        // Too many paths is one violation, not one per path: an error stays small whatever
+        // the request holds.
+        let checked = if paths.len() > MAX_MASK_PATHS {
+            v.push(Violation::new(
+                "update_mask",
+                format!(
+                    "at most {MAX_MASK_PATHS} paths; allowed: spec, spec.plan, spec.size_gb, \
+                     spec.owner_email"
+                ),
+            ));
+            &paths[..0]
+        } else {
+            &paths[..]
+        };
+        for p in checked {
+            if !validate::text("update_mask", p, MAX_MASK_PATH_CHARS, &mut v) {
+                continue;
+            }
             match p.as_str() {
                 "spec" => {
                     which.plan = true;
@@ -425,9 +457,13 @@ impl InstanceService for Instances {
                 current.owner_email.clone()
             },
         };
-        let answer = if new == current {
+        let audience = Audience::of(&caller);
+        let (answer, stored) = if new == current {
             // Nothing to change: no new generation, no work, and nothing to wait for.
-            convert::instance(&row)
+            (
+                convert::instance_for(&row, audience),
+                convert::instance_for(&row, Audience::Tenant),
+            )
         } else {
             ensure_idle(&row)?;
             let mut row = instance_start_operation(
@@ -447,9 +483,14 @@ impl InstanceService for Instances {
             .map_err(ApiError::from)?;
             row.active_work_id = Some(unit.id);
             tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance update accepted");
-            convert::instance(&row)
+            (
+                convert::instance_for(&row, audience),
+                convert::instance_for(&row, Audience::Tenant),
+            )
         };
-        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        // The stored answer is the tenant's view: a repeat may come with another token of the
+        // tenant, and an admin's answer must not hand raw error text to it.
+        idempotency::finish(tx, tenant, &r.request_id, &stored).await?;
         self.waker.wake();
         Ok(Response::new(answer))
     }
@@ -498,8 +539,10 @@ impl InstanceService for Instances {
         .await
         .map_err(ApiError::from)?;
         row.active_work_id = Some(unit.id);
-        let answer = convert::instance(&row);
-        idempotency::finish(tx, tenant, &r.request_id, &answer).await?;
+        // As for Update: the tenant's view is stored, the caller's is answered.
+        let answer = convert::instance_for(&row, Audience::of(&caller));
+        let stored = convert::instance_for(&row, Audience::Tenant);
+        idempotency::finish(tx, tenant, &r.request_id, &stored).await?;
         self.waker.wake();
         tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance delete accepted");
         Ok(Response::new(answer))
@@ -517,6 +560,9 @@ impl InstanceService for Instances {
         let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
         validate::finish(v)?;
         let name = name.unwrap_or_default();
+        // The slot first: a tenant at its limit costs no database work.
+        let slot = self.watches.open(&caller.tenant)?;
+        let audience = Audience::of(&caller);
         // Subscribe before reading, so that no change after the first read is missed.
         let mut changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
@@ -530,8 +576,10 @@ impl InstanceService for Instances {
         let shutdown = self.shutdown.clone();
         let token_id = caller.token_id;
         tokio::spawn(async move {
+            // Held while the stream is open: its end (the client's cancel included) frees it.
+            let _slot = slot;
             let id = first.id;
-            let mut last = convert::instance(&first);
+            let mut last = convert::instance_for(&first, audience);
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
@@ -570,7 +618,7 @@ impl InstanceService for Instances {
                 };
                 match row {
                     Ok(Some(row)) => {
-                        let now = convert::instance(&row);
+                        let now = convert::instance_for(&row, audience);
                         let gone = row.deleted_at.is_some();
                         if now != last {
                             last = now.clone();
@@ -599,10 +647,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_tokens_round_trip_and_bind_the_filter() {
-        let t = page_token(2, "web-1");
-        assert_eq!(parse_page_token(&t, 2).as_deref(), Some("web-1"));
-        assert_eq!(parse_page_token(&t, 0), None);
-        assert_eq!(parse_page_token("zz", 0), None);
+    fn page_tokens_round_trip_and_bind_the_tenant_and_the_filter() {
+        let t = page_token::encode(&list_scope("acme", 2), "web-1");
+        assert_eq!(
+            parse_page_token(&t, &list_scope("acme", 2)).as_deref(),
+            Some("web-1")
+        );
+        assert_eq!(parse_page_token(&t, &list_scope("acme", 0)), None);
+        assert_eq!(parse_page_token(&t, &list_scope("globex", 2)), None);
+        assert_eq!(parse_page_token("zz", &list_scope("acme", 0)), None);
+        let not_a_name = page_token::encode(&list_scope("acme", 0), "x\0y");
+        assert_eq!(parse_page_token(&not_a_name, &list_scope("acme", 0)), None);
     }
 }

@@ -5,9 +5,18 @@
 //! - [`proto`]: the generated messages, clients and servers, and the descriptor set.
 //! - [`instances`]: `InstanceService` (create, get, list, update, delete, watch).
 //! - [`work`]: `WorkService` for operators (admin tokens only).
-//! - [`auth`]: bearer tokens → [`auth::Caller`]; the wrapper that checks every call but health.
+//! - [`gate`]: what every call passes first: its metric label, the in-flight limit, the
+//!   timeout, the token, the framing of its body.
+//! - [`auth`]: bearer tokens → [`auth::Caller`].
+//! - [`token_cache`]: token lookups: caches of known and unknown tokens, the lookup budget.
+//! - [`methods`]: the methods served (metric labels, per-method rules), from the descriptors.
+//! - [`frames`]: a request body must be one well-formed gRPC frame.
+//! - [`codec`]: the servers' codec: a request that does not decode is `INVALID_ARGUMENT`.
 //! - [`validate`]: input rules → `INVALID_ARGUMENT` with `BadRequest` field violations.
 //! - [`errors`]: [`ApiError`] and its mapping to gRPC statuses with `google.rpc` details.
+//! - [`page_token`]: page tokens bound to their listing (tenant and filters).
+//! - [`tenant_view`]: what tenants are told about failures (curated, not the raw text).
+//! - [`watch_limit`]: the cap on open Watch streams per tenant.
 //! - [`idempotency`]: client request ids (replay the first answer, refuse reuse).
 //! - [`batch`]: group commit of CreateInstance (many creates, one transaction).
 //! - [`settings`]: the API's settings, from flags, environment and the `[api]` file table.
@@ -26,17 +35,25 @@ pub mod auth;
 pub mod batch;
 pub mod bench;
 pub mod cert_expiry;
+pub mod codec;
 pub mod convert;
 pub mod errors;
+pub mod frames;
+pub mod gate;
 pub mod idempotency;
 pub mod instances;
+pub mod methods;
+pub mod page_token;
 pub mod proto;
 pub mod settings;
 pub mod status;
+pub mod tenant_view;
 pub mod tls;
+pub mod token_cache;
 pub mod validate;
 pub mod wake;
 pub mod watch;
+pub mod watch_limit;
 pub mod work;
 
 use std::net::SocketAddr;
@@ -117,7 +134,10 @@ pub async fn start(
 ) -> Result<RunningApi, ServeError> {
     let config = Arc::new(config);
     let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
-    let auth = Arc::new(auth::Authenticator::new(pool.clone()));
+    let auth = Arc::new(auth::Authenticator::with_limits(
+        pool.clone(),
+        config.tokens.clone(),
+    ));
     let max = config.max_message_bytes;
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -165,7 +185,22 @@ pub async fn start(
         .add_service(
             WorkServiceServer::new(work::Work::new(pool.clone())).max_decoding_message_size(max),
         );
-    let service = auth::AuthService::new(routes.routes().prepare(), auth);
+    let methods = methods::Methods::from_descriptor_sets(&[
+        descriptors[0],
+        descriptors[1],
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]);
+    let service = gate::Gate::new(
+        routes.routes().prepare(),
+        methods,
+        auth,
+        gate::GateLimits {
+            max_in_flight: config.max_in_flight,
+            request_timeout: config.request_timeout,
+            max_message_bytes: max,
+        },
+    );
 
     let mut server = Server::builder();
     if let Some(tls) = &config.tls {

@@ -3,12 +3,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::batch;
 use super::tls::{TlsConfig, TlsError};
-use crate::config::ApiFile;
+use super::token_cache::{self, TokenLimits};
+use crate::config::{ApiFile, parse_duration};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -18,6 +20,13 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// The largest batch one may ask for.
 const MAX_BATCH_LIMIT: usize = 65536;
+/// Default [`ApiConfig::max_in_flight`]: far above what the database behind one engine can
+/// serve at once (the pool has at most 64 connections), so it only cuts a flood short.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Default [`ApiConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`ApiConfig::max_watches_per_tenant`].
+pub const DEFAULT_MAX_WATCHES_PER_TENANT: usize = 100;
 
 /// API settings.
 #[derive(Debug, Clone)]
@@ -37,6 +46,16 @@ pub struct ApiConfig {
     pub create_batch_executors: usize,
     /// Most Creates in one batch.
     pub create_batch_max: usize,
+    /// Most calls in progress at once (Watch streams until their first answer); one more is
+    /// refused with `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: usize,
+    /// Longest time to a call's (first) answer; then `DEADLINE_EXCEEDED`.
+    pub request_timeout: Duration,
+    /// Most open WatchInstance streams per tenant; one more is refused with
+    /// `RESOURCE_EXHAUSTED`.
+    pub max_watches_per_tenant: usize,
+    /// The caches and the budget of token lookups.
+    pub tokens: TokenLimits,
 }
 
 impl Default for ApiConfig {
@@ -49,6 +68,10 @@ impl Default for ApiConfig {
             tls: None,
             create_batch_executors: batch::DEFAULT_EXECUTORS,
             create_batch_max: batch::DEFAULT_MAX_BATCH,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_watches_per_tenant: DEFAULT_MAX_WATCHES_PER_TENANT,
+            tokens: TokenLimits::default(),
         }
     }
 }
@@ -104,6 +127,34 @@ pub struct ApiArgs {
     #[arg(long, env = "SETPOINT_CREATE_BATCH_MAX",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     pub create_batch_max: Option<usize>,
+    /// Most calls in progress at once; more are refused with RESOURCE_EXHAUSTED
+    /// [default: 1024].
+    #[arg(long, env = "SETPOINT_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Longest time to a call's answer (a Watch's first message), e.g. 30s; then
+    /// DEADLINE_EXCEEDED [default: 30s].
+    #[arg(long, env = "SETPOINT_REQUEST_TIMEOUT", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// Most open WatchInstance streams per tenant [default: 100].
+    #[arg(long, env = "SETPOINT_MAX_WATCHES_PER_TENANT")]
+    pub max_watches_per_tenant: Option<usize>,
+}
+
+/// `value`, unless it lies outside `range`: then an error naming `key` and the range.
+fn in_range<T: PartialOrd + std::fmt::Debug>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, SettingsError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(SettingsError::Invalid(format!(
+            "{key} is {value:?}: it must be between {:?} and {:?}",
+            range.start(),
+            range.end()
+        )))
+    }
 }
 
 impl ApiArgs {
@@ -151,7 +202,61 @@ impl ApiArgs {
                  1024 (--max-message-bytes, SETPOINT_MAX_MESSAGE_BYTES, api.max_message_bytes)"
             )));
         }
+        let max_in_flight = in_range(
+            "the in-flight limit (--max-in-flight, SETPOINT_MAX_IN_FLIGHT, api.max_in_flight)",
+            self.max_in_flight
+                .or(file.max_in_flight)
+                .unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            1..=1_000_000,
+        )?;
+        let request_timeout = in_range(
+            "the request timeout (--request-timeout, SETPOINT_REQUEST_TIMEOUT, \
+             api.request_timeout)",
+            self.request_timeout
+                .or(file.request_timeout)
+                .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+        )?;
+        let max_watches_per_tenant = in_range(
+            "the Watch limit (--max-watches-per-tenant, SETPOINT_MAX_WATCHES_PER_TENANT, \
+             api.max_watches_per_tenant)",
+            self.max_watches_per_tenant
+                .or(file.max_watches_per_tenant)
+                .unwrap_or(DEFAULT_MAX_WATCHES_PER_TENANT),
+            1..=1_000_000,
+        )?;
+        let tokens = TokenLimits {
+            lookups_per_second: in_range(
+                "api.token_lookups_per_second",
+                file.token_lookups_per_second
+                    .unwrap_or(token_cache::DEFAULT_LOOKUPS_PER_SECOND),
+                1..=1_000_000,
+            )?,
+            lookup_burst: in_range(
+                "api.token_lookup_burst",
+                file.token_lookup_burst
+                    .unwrap_or(token_cache::DEFAULT_LOOKUP_BURST),
+                1..=1_000_000,
+            )?,
+            unknown_ttl: in_range(
+                "api.unknown_token_ttl",
+                file.unknown_token_ttl
+                    .unwrap_or(token_cache::DEFAULT_UNKNOWN_TTL),
+                Duration::from_secs(1)..=Duration::from_secs(3600),
+            )?,
+            unknown_capacity: in_range(
+                "api.unknown_token_cache",
+                file.unknown_token_cache
+                    .unwrap_or(token_cache::DEFAULT_UNKNOWN_CAPACITY),
+                1..=10_000_000,
+            )?,
+            ..TokenLimits::default()
+        };
         Ok(ApiConfig {
+            max_in_flight,
+            request_timeout,
+            max_watches_per_tenant,
+            tokens,
             create_kind: self.create_kind.clone(),
             update_kind: self.update_kind.clone(),
             delete_kind: self.delete_kind.clone(),
@@ -206,7 +311,10 @@ mod tests {
         assert_eq!(args(&[]).listen(&none), DEFAULT_LISTEN);
         let f = file(
             "[api]\nlisten = \"0.0.0.0:6000\"\nmax_message_bytes = 2048\n\
-             create_batch_executors = 0\ncreate_batch_max = 16\n",
+             create_batch_executors = 0\ncreate_batch_max = 16\nmax_in_flight = 64\n\
+             request_timeout = \"5s\"\nmax_watches_per_tenant = 3\n\
+             token_lookups_per_second = 7\ntoken_lookup_burst = 9\n\
+             unknown_token_ttl = \"2m\"\nunknown_token_cache = 1000\n",
         );
         assert_eq!(args(&[]).listen(&f).to_string(), "0.0.0.0:6000");
         assert_eq!(
@@ -222,15 +330,46 @@ mod tests {
             ),
             (2048, 0, 16)
         );
-        let c = args(&["--create-batch-max", "64"])
-            .config_with_env(&f, &no_env)
-            .expect("config");
+        assert_eq!(
+            (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
+            (64, Duration::from_secs(5), 3)
+        );
+        assert_eq!(
+            (
+                c.tokens.lookups_per_second,
+                c.tokens.lookup_burst,
+                c.tokens.unknown_ttl,
+                c.tokens.unknown_capacity
+            ),
+            (7, 9, Duration::from_secs(120), 1000)
+        );
+        let c = args(&[
+            "--create-batch-max",
+            "64",
+            "--max-in-flight",
+            "10",
+            "--request-timeout",
+            "250ms",
+            "--max-watches-per-tenant",
+            "1",
+        ])
+        .config_with_env(&f, &no_env)
+        .expect("config");
         assert_eq!(c.create_batch_max, 64);
+        assert_eq!(
+            (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
+            (10, Duration::from_millis(250), 1)
+        );
         let c = args(&[]).config_with_env(&none, &no_env).expect("config");
         assert_eq!(
             (c.max_message_bytes, c.create_batch_max),
             (DEFAULT_MAX_MESSAGE_BYTES, batch::DEFAULT_MAX_BATCH)
         );
+        assert_eq!(
+            (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
+            (1024, Duration::from_secs(30), 100)
+        );
+        assert_eq!(c.tokens, TokenLimits::default());
         assert!(c.tls.is_none());
     }
 
@@ -239,6 +378,25 @@ mod tests {
         for (toml, key) in [
             ("[api]\ncreate_batch_max = 0\n", "api.create_batch_max"),
             ("[api]\nmax_message_bytes = 10\n", "api.max_message_bytes"),
+            ("[api]\nmax_in_flight = 0\n", "api.max_in_flight"),
+            ("[api]\nrequest_timeout = \"0s\"\n", "api.request_timeout"),
+            (
+                "[api]\nmax_watches_per_tenant = 0\n",
+                "api.max_watches_per_tenant",
+            ),
+            (
+                "[api]\ntoken_lookups_per_second = 0\n",
+                "api.token_lookups_per_second",
+            ),
+            ("[api]\ntoken_lookup_burst = 0\n", "api.token_lookup_burst"),
+            (
+                "[api]\nunknown_token_ttl = \"0s\"\n",
+                "api.unknown_token_ttl",
+            ),
+            (
+                "[api]\nunknown_token_cache = 0\n",
+                "api.unknown_token_cache",
+            ),
         ] {
             let e = args(&[])
                 .config_with_env(&file(toml), &no_env)

@@ -21,6 +21,36 @@ pub const SIZE_GB: std::ops::RangeInclusive<i32> = 1..=16384;
 pub const MAX_PAGE_SIZE: i32 = 1000;
 /// Longest request id.
 pub const MAX_REQUEST_ID: usize = 128;
+/// Most paths in an update mask (there are four fields to name; repeats are allowed).
+pub const MAX_MASK_PATHS: usize = 10;
+/// Longest path of an update mask (characters).
+pub const MAX_MASK_PATH_CHARS: usize = 64;
+/// Longest work kind in a filter (characters).
+pub const MAX_KIND_CHARS: usize = 128;
+/// Longest reason of an operator's cancel (characters).
+pub const MAX_REASON_CHARS: usize = 1000;
+
+/// Checks a free-text field: at most `max_chars` characters (Unicode scalar values, as the
+/// proto documents limits), none of them a control character (NUL, line breaks, escapes:
+/// PostgreSQL refuses NUL in text, and the others have no place in a name, a filter or a
+/// one-line note). Returns whether it passed.
+pub fn text(field: &str, s: &str, max_chars: usize, out: &mut Vec<Violation>) -> bool {
+    if s.chars().nth(max_chars).is_some() {
+        out.push(Violation::new(
+            field,
+            format!("at most {max_chars} characters"),
+        ));
+        return false;
+    }
+    if s.chars().any(char::is_control) {
+        out.push(Violation::new(
+            field,
+            "must not contain control characters (NUL, line breaks, tabs, escapes)",
+        ));
+        return false;
+    }
+    true
+}
 
 /// True for a DNS label: 1–63 of `a-z0-9-`, starting with a letter, not ending with `-`.
 pub fn is_dns_label(s: &str) -> bool {
@@ -46,7 +76,7 @@ pub fn dns_label(field: &str, s: &str, out: &mut Vec<Violation>) {
 
 /// True for a plausible e-mail address (`local@domain.tld`, at most 254 characters).
 pub fn is_email(s: &str) -> bool {
-    if s.len() > 254 {
+    if s.chars().nth(254).is_some() {
         return false;
     }
     let Some((local, domain)) = s.split_once('@') else {
@@ -95,8 +125,19 @@ impl SpecFields {
     };
 }
 
-/// Checks the fields of `spec` named by `which`, as `{prefix}.plan` etc.
+/// Checks the fields of `spec` named by `which`, as `{prefix}.plan` etc. The string fields not
+/// named (an update mask leaves them out) are only checked as text: they are not used, but
+/// a request with control characters anywhere is refused all the same.
 pub fn spec(prefix: &str, spec: &InstanceSpec, which: SpecFields, out: &mut Vec<Violation>) {
+    for (named, field, value) in [
+        (which.plan, "plan", &spec.plan),
+        (which.region, "region", &spec.region),
+        (which.owner_email, "owner_email", &spec.owner_email),
+    ] {
+        if !named {
+            text(&format!("{prefix}.{field}"), value, 254, out);
+        }
+    }
     if which.plan && !PLANS.contains(&spec.plan.as_str()) {
         out.push(Violation::new(
             format!("{prefix}.plan"),
@@ -130,7 +171,7 @@ pub fn spec(prefix: &str, spec: &InstanceSpec, which: SpecFields, out: &mut Vec<
 /// Checks a client request id (required on mutating calls).
 pub fn request_id(id: &str, out: &mut Vec<Violation>) {
     let ok = !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID
+        && id.chars().nth(MAX_REQUEST_ID).is_none()
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
@@ -233,6 +274,20 @@ mod tests {
         assert!(!is_email("ops.example.com"));
         assert!(!is_email("a@@example.com"));
         assert!(!is_email(&format!("{}@example.com", "a".repeat(250))));
+    }
+
+    #[test]
+    fn text_counts_characters_and_refuses_control_characters() {
+        let mut v = Vec::new();
+        assert!(text("kind", &"é".repeat(128), 128, &mut v));
+        assert!(text("kind", "", 128, &mut v));
+        assert!(v.is_empty(), "{v:?}");
+        assert!(!text("kind", &"é".repeat(129), 128, &mut v));
+        for bad in ["a\0b", "\n", "tab\there", "\u{1b}[31m", "\u{7f}", "\u{85}"] {
+            assert!(!text("reason", bad, 1000, &mut v), "{bad:?}");
+        }
+        assert_eq!(v.len(), 7);
+        assert!(v.iter().skip(1).all(|x| x.description.contains("control")));
     }
 
     #[test]

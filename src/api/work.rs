@@ -8,12 +8,13 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::convert;
 use super::errors::{ApiError, Violation};
+use super::page_token::{self, Scope};
 use super::proto::work_service_server::WorkService;
 use super::proto::{
     CancelWorkRequest, GetWorkRequest, ListWorkRequest, ListWorkResponse, RetryWorkRequest,
     WorkUnit,
 };
-use super::validate;
+use super::validate::{self, MAX_KIND_CHARS, MAX_REASON_CHARS};
 use crate::queue::{self, UnitReport, WorkFilter};
 use crate::store::StoreError;
 use crate::store::events::events_for_work;
@@ -91,13 +92,14 @@ impl WorkService for Work {
                 "must be pending, running, parked or empty",
             ));
         }
-        if r.kind.len() > 128 {
-            v.push(Violation::new("kind", "at most 128 characters"));
-        }
+        validate::text("kind", &r.kind, MAX_KIND_CHARS, &mut v);
         let resource_id = if r.resource_id.is_empty() {
             None
         } else {
-            let id = r.resource_id.parse::<Uuid>().ok();
+            // A UUID is at most 45 characters in any spelling the parser takes.
+            let id = (r.resource_id.len() <= 64)
+                .then(|| r.resource_id.parse::<Uuid>().ok())
+                .flatten();
             if id.is_none() {
                 v.push(Violation::new(
                     "resource_id",
@@ -107,14 +109,26 @@ impl WorkService for Work {
             id
         };
         let limit = validate::page_size(r.page_size, 100, &mut v);
+        // Bound to the filter (admins all see the same units, so not to the caller).
+        let scope = Scope::new(
+            "ListWork",
+            &[
+                &r.state,
+                &r.kind,
+                &resource_id.map(|u| u.to_string()).unwrap_or_default(),
+            ],
+        );
         let after_id = if r.page_token.is_empty() {
             None
         } else {
-            let id = r.page_token.parse::<i64>().ok();
+            let id = page_token::decode(&scope, &r.page_token)
+                .and_then(|cursor| cursor.parse::<i64>().ok())
+                .filter(|id| *id > 0);
             if id.is_none() {
                 v.push(Violation::new(
                     "page_token",
-                    "not a page token of this listing",
+                    "not a page token of this listing: it must be the next_page_token of the \
+                     page before, with the same state, kind and resource_id",
                 ));
             }
             id
@@ -141,7 +155,7 @@ impl WorkService for Work {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(0));
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => last.id.to_string(),
+            (true, Some(last)) => page_token::encode(&scope, &last.id.to_string()),
             _ => String::new(),
         };
         Ok(Response::new(ListWorkResponse {
@@ -211,9 +225,7 @@ impl WorkService for Work {
         let r = request.into_inner();
         let mut v = Vec::new();
         check_id(r.id, &mut v);
-        if r.reason.len() > 1000 {
-            v.push(Violation::new("reason", "at most 1000 characters"));
-        }
+        validate::text("reason", &r.reason, MAX_REASON_CHARS, &mut v);
         validate::finish(v)?;
         let reason = if r.reason.is_empty() {
             "cancelled by an operator".to_owned()

@@ -103,18 +103,21 @@ pub fn from_observed(observed: &Value) -> Vec<Condition> {
         .unwrap_or_default()
 }
 
-/// The message an operator sees on an instance whose chain ended with unit `work_id` parked.
-pub fn parked_message(work_id: i64, reason: &str) -> String {
+/// The message on an instance whose chain ended with unit `work_id` parked. Tenants read it, so
+/// it never holds the failure's text (a cloud provider's or a mail server's words, which can
+/// name internals); that text stays in the unit's history, which operators read.
+pub fn parked_message(work_id: i64) -> String {
     format!(
-        "unit {work_id} is parked for an operator: {reason}. Fix the cause, then \
-         `setpoint work retry {work_id}`; or `setpoint work cancel {work_id}` to give up \
-         (`setpoint work show {work_id}` has its history)"
+        "unit {work_id} failed and waits for an operator (operators: `setpoint work show \
+         {work_id}` has the error; then `setpoint work retry {work_id}` once its cause is \
+         fixed, or `setpoint work cancel {work_id}` to give up)"
     )
 }
 
-/// Marks instance `resource` as failed because unit `work_id` was parked with `reason`:
-/// `Ready` becomes `False` with reason `WorkParked` and a message naming the operator's
-/// options. Called by the worker runtime in the transaction that parks the unit.
+/// Marks instance `resource` as failed because unit `work_id` was parked: `Ready` becomes
+/// `False` with reason `WorkParked` and [`parked_message`]. The failure's text (`_reason`) is
+/// not copied to the instance: the unit's history keeps it. Called by the worker runtime in
+/// the transaction that parks the unit.
 ///
 /// # Errors
 /// Database errors.
@@ -122,21 +125,17 @@ pub async fn record_parked(
     conn: &mut PgConnection,
     resource: Uuid,
     work_id: i64,
-    reason: &str,
+    _reason: &str,
 ) -> Result<(), StoreError> {
-    set_not_ready(
-        conn,
-        resource,
-        "WorkParked",
-        parked_message(work_id, reason),
-    )
-    .await
+    set_not_ready(conn, resource, "WorkParked", parked_message(work_id)).await
 }
 
 /// Marks instance `resource` as having given up on the change that unit `work_id` was part of:
-/// `operator` cancelled the parked unit because of `reason`. `Ready` stays `False`, with reason
-/// `WorkCancelled` and a message saying that the spec was not reached and what the owner can do;
-/// the status stays `FAILED`. Called in the transaction that cancels the unit.
+/// an operator cancelled the parked unit. `Ready` stays `False`, with reason `WorkCancelled` and
+/// [`cancelled_message`]; the status stays `FAILED`. Who cancelled (`_operator`, a token's
+/// identity) and why (`_reason`, an operator's note) are not copied to the instance, which
+/// tenants read: the unit's `cancelled` event keeps both. Called in the transaction that
+/// cancels the unit.
 ///
 /// # Errors
 /// Database errors.
@@ -144,11 +143,10 @@ pub async fn record_cancelled(
     conn: &mut PgConnection,
     resource: Uuid,
     work_id: i64,
-    operator: &str,
-    reason: &str,
+    _operator: &str,
+    _reason: &str,
 ) -> Result<(), StoreError> {
-    let message = cancelled_message(work_id, operator, reason);
-    set_not_ready(conn, resource, "WorkCancelled", message).await
+    set_not_ready(conn, resource, "WorkCancelled", cancelled_message(work_id)).await
 }
 
 /// Sets instance `resource`'s `Ready` condition to `False` with `reason` and `message`, at its
@@ -176,11 +174,21 @@ async fn set_not_ready(
 }
 
 /// The message an owner sees on an instance whose parked unit `work_id` was cancelled.
-pub fn cancelled_message(work_id: i64, operator: &str, reason: &str) -> String {
+pub fn cancelled_message(work_id: i64) -> String {
     format!(
-        "unit {work_id} was cancelled by {operator} ({reason}); the instance did not reach its \
-         spec. Change it (`setpoint instances update`) or delete it"
+        "unit {work_id} was cancelled by an operator; the instance did not reach its spec. \
+         Change it (`setpoint instances update`) or delete it"
     )
+}
+
+/// The unit a message of [`parked_message`] or [`cancelled_message`] names (the number after
+/// the first `unit `), if any.
+pub fn message_unit(message: &str) -> Option<i64> {
+    let rest = &message[message.find("unit ")? + "unit ".len()..];
+    let digits: &str = &rest[..rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len())];
+    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -224,7 +232,11 @@ mod tests {
 
     #[test]
     fn parked_message_names_the_operator_commands() {
-        let m = parked_message(42, "AMI not found");
+        let m = parked_message(42);
         assert!(m.contains("setpoint work retry 42") && m.contains("setpoint work cancel 42"));
+        assert_eq!(message_unit(&m), Some(42));
+        assert_eq!(message_unit(&cancelled_message(7)), Some(7));
+        assert_eq!(message_unit("no unit here"), None);
+        assert_eq!(message_unit("unit x"), None);
     }
 }
