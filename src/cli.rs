@@ -46,8 +46,9 @@ pub enum Command {
     /// The whole stack on this machine, no cloud account: PostgreSQL, moto, an SMTP server, a
     /// Kubernetes test server, the workers, the API and metrics. Ctrl-C stops it all.
     Dev(crate::dev::stack::DevArgs),
-    /// Apply the database migrations and exit.
-    Migrate(DbArgs),
+    /// Apply the database migrations and exit (the expand migrations; with --contract also
+    /// the contract ones, once no engine of the previous release runs).
+    Migrate(MigrateArgs),
     /// Operate on units of work.
     #[command(subcommand)]
     Work(WorkCommand),
@@ -60,6 +61,18 @@ pub enum Command {
     /// API tokens.
     #[command(subcommand)]
     Tokens(crate::client::TokensCommand),
+}
+
+/// `setpoint migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Database.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Also apply the contract migrations, which remove what only engines of the previous
+    /// release need: run this once every engine runs this release (see docs/upgrades.md).
+    #[arg(long)]
+    pub contract: bool,
 }
 
 /// `setpoint serve`.
@@ -105,6 +118,11 @@ pub struct ServeArgs {
     /// This worker's name in leases and events (default: host-pid-random).
     #[arg(long, env = "SETPOINT_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Which registered kinds this engine claims, as comma-separated glob patterns (e.g.
+    /// `kvx.*` or `dns.*,setpoint.noop`); overrides `worker.kinds`. Default: all. Units of
+    /// other kinds wait for an engine that serves them.
+    #[arg(long, env = "SETPOINT_KINDS", value_delimiter = ',')]
+    pub kinds: Option<Vec<String>>,
     /// Address of /metrics, /healthz and /readyz (e.g. 0.0.0.0:9090); off when unset.
     #[arg(long, env = "SETPOINT_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,

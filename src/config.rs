@@ -105,6 +105,8 @@ pub struct WorkerFile {
     /// Longest retry delay.
     #[serde(default, deserialize_with = "de_duration")]
     pub backoff_cap: Option<Duration>,
+    /// Which registered kinds this engine claims, as glob patterns (default `["*"]`).
+    pub kinds: Option<Vec<String>>,
 }
 
 /// The `[workflows]` table of the configuration file.
@@ -371,6 +373,7 @@ impl FileConfig {
                 cap: w.backoff_cap.unwrap_or(d.backoff.cap),
             },
             worker_id: None,
+            kinds: w.kinds.clone().unwrap_or(d.kinds),
         }
     }
 }

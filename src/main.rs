@@ -67,12 +67,23 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
-        Command::Migrate(db) => {
-            let (file, url) = resolve_db(&db)?;
+        Command::Migrate(args) => {
+            let (file, url) = resolve_db(&args.db)?;
             let url = url.context(NO_DB)?;
             let pool = connect(&url, &file, 2).await?;
-            store::migrate(&pool).await?;
-            println!("migrations applied");
+            let which = if args.contract {
+                store::Migrations::Contract
+            } else {
+                store::Migrations::ExpandOrFresh
+            };
+            if store::migrate_with(&pool, which).await? {
+                println!("migrations applied (expand and contract)");
+            } else {
+                println!(
+                    "migrations applied (expand; once every engine runs this release, run \
+                     `setpoint migrate --contract`)"
+                );
+            }
             Ok(())
         }
         Command::Work(cmd) => work(cmd).await,
@@ -155,6 +166,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         worker.max_runtime = v;
     }
     worker.worker_id = args.worker_id.clone();
+    if let Some(kinds) = &args.kinds {
+        worker.kinds = kinds.clone();
+    }
     worker.validate()?;
 
     // Without a database, run our own and keep it between runs.

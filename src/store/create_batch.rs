@@ -62,7 +62,7 @@ const CREATE_BATCH: &str = "WITH input AS (
                             LIMIT 1) seen ON true
          LEFT JOIN LATERAL (SELECT true AS taken FROM instances x
                             WHERE x.tenant = i.tenant AND x.name = i.name
-                              AND x.deleted_at IS NULL
+                              AND x.kind = 'kvx.instance' AND x.deleted_at IS NULL
                             LIMIT 1) live ON true
      ), claimed AS (
          INSERT INTO api_requests (tenant, request_id, method, body_hash, response)

@@ -39,8 +39,9 @@ pub async fn instance_merge_observed(
     Ok(())
 }
 
-/// Clears `has_active_work` on those of `ids` that have no unit left pending or running.
-/// Parked units do not count: a parked chain has ended and waits for an operator.
+/// Clears `has_active_work` on those of `ids` that have no unit left pending or running that
+/// holds them. Parked units do not count (a parked chain has ended and waits for an
+/// operator), nor do units that run beside their resource (a notification, a drift check).
 pub async fn instances_clear_active_work(
     conn: &mut PgConnection,
     ids: &[Uuid],
@@ -51,7 +52,8 @@ pub async fn instances_clear_active_work(
     sqlx::query(
         "UPDATE instances i SET has_active_work = false, updated_at = now()
          WHERE i.id = ANY($1) AND i.has_active_work
-           AND NOT EXISTS (SELECT 1 FROM work w WHERE w.resource_id = i.id AND w.state <> 'parked')",
+           AND NOT EXISTS (SELECT 1 FROM work w WHERE w.resource_id = i.id AND w.state <> 'parked'
+                                                  AND w.holds_resource)",
     )
     .bind(ids)
     .execute(conn)
@@ -107,7 +109,7 @@ const INSTANCE_SELECT: &str = "SELECT i.id, i.tenant, i.name, i.spec, i.generati
         i.observed_generation, i.status, i.has_active_work, i.operation, i.created_at,
         i.updated_at, i.deleted_at, w.id AS active_work_id, w.last_error
      FROM instances i
-     LEFT JOIN LATERAL (SELECT id, last_error FROM work WHERE resource_id = i.id
+     LEFT JOIN LATERAL (SELECT id, last_error FROM work WHERE resource_id = i.id AND holds_resource
                         ORDER BY id DESC LIMIT 1) w ON true";
 
 const INSTANCE_RETURNING: &str = "RETURNING id, tenant, name, spec, generation, observed,
@@ -146,7 +148,10 @@ pub async fn instance_insert(
     let sql = format!(
         "INSERT INTO instances (id, tenant, name, spec, operation, has_active_work)
          VALUES ($1, $2, $3, $4, 'create', true)
-         ON CONFLICT (tenant, name) WHERE deleted_at IS NULL DO NOTHING
+         -- Any unique index is an arbiter: the name per (tenant, kind), and, until the contract
+         -- migration drops it, the previous release's per (tenant, name); either way a taken
+         -- name is no insert, never an error (also when a concurrent create wins the race).
+         ON CONFLICT DO NOTHING
          {INSTANCE_RETURNING}"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -11,8 +11,10 @@ pub mod tokens;
 pub mod work;
 pub mod workflows;
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
@@ -101,8 +103,24 @@ pub fn storable_json(value: &serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// The migrations in `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The *expand* migrations in `migrations/`, embedded in the binary: each leaves a schema on
+/// which the previous release still runs, so they are applied at start-up during a rollout.
+/// Versions this release does not know (a newer release's) are ignored, so that an engine of
+/// this release keeps starting while a newer one rolls out.
+pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m
+});
+
+/// The *contract* migrations in `migrations/contract/`: they remove what only the previous
+/// release needed, so they are applied once no engine of it runs ([`migrate_contract`]).
+/// They share the expand migrations' table; their versions start at 1000.
+pub static CONTRACT_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut m = sqlx::migrate!("./migrations/contract");
+    m.set_ignore_missing(true);
+    m
+});
 
 /// The longest any statement of the engine may run ([`connect`]); migrations are exempt.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -164,11 +182,28 @@ pub async fn use_generic_plans(conn: &mut PgConnection) -> Result<(), StoreError
     Ok(())
 }
 
-/// Applies every migration not yet applied. Safe to run from several processes at once
-/// (sqlx takes an advisory lock). Runs on a connection of its own without the pool's
-/// statement and lock timeouts: a migration may rewrite a large table, and must wait for the
-/// locks it needs rather than fail half-way through a rollout.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+/// Which migrations [`migrate`] applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrations {
+    /// The expand migrations only: safe while engines of the previous release run.
+    Expand,
+    /// The expand migrations, and the contract migrations too when the database is new (no
+    /// release ran on it before, so no older engine can be running): what `serve`, `dev` and
+    /// the tests do.
+    ExpandOrFresh,
+    /// Expand and contract: after a rollout, once no engine of the previous release runs.
+    Contract,
+}
+
+/// Applies the migrations `which` says. Safe to run from several processes at once (sqlx
+/// takes an advisory lock). Runs on a connection of its own without the pool's statement and
+/// lock timeouts: a migration may rewrite a large table, and must wait for the locks it needs
+/// rather than fail half-way through a rollout. Returns whether the contract migrations ran.
+///
+/// # Errors
+/// Database errors; a migration that fails (nothing of it is applied, except for one marked
+/// `-- no-transaction`, which is written to be re-run).
+pub async fn migrate_with(pool: &PgPool, which: Migrations) -> Result<bool, StoreError> {
     let mut conn = pool.acquire().await?.detach();
     sqlx::query("SET statement_timeout = 0")
         .execute(&mut conn)
@@ -176,7 +211,28 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SET lock_timeout = 0")
         .execute(&mut conn)
         .await?;
+    let fresh = match which {
+        Migrations::ExpandOrFresh => {
+            sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NULL")
+                .fetch_one(&mut conn)
+                .await?
+        }
+        _ => false,
+    };
     MIGRATOR.run(&mut conn).await?;
+    let contract = fresh || which == Migrations::Contract;
+    if contract {
+        CONTRACT_MIGRATOR.run(&mut conn).await?;
+    }
     let _ = conn.close().await;
+    Ok(contract)
+}
+
+/// [`migrate_with`] [`Migrations::ExpandOrFresh`]: what an engine does at start-up.
+///
+/// # Errors
+/// As [`migrate_with`].
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    migrate_with(pool, Migrations::ExpandOrFresh).await?;
     Ok(())
 }

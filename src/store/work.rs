@@ -37,6 +37,9 @@ pub struct NewWork {
     /// derived. Such a token cannot be in the table yet, so the insert skips the conflict
     /// check; should one collide all the same, the enqueue fails instead of dropping the unit.
     pub fresh_token: bool,
+    /// False for a unit that runs beside its resource (a notification, a drift check): the
+    /// resource's status and its changes do not wait for it. Default true.
+    pub holds_resource: bool,
 }
 
 impl NewWork {
@@ -52,6 +55,7 @@ impl NewWork {
             run_at: None,
             max_attempts: None,
             fresh_token: true,
+            holds_resource: true,
         }
     }
 
@@ -78,6 +82,13 @@ impl NewWork {
     /// Sets the attempt limit.
     pub fn max_attempts(mut self, n: i32) -> Self {
         self.max_attempts = Some(n);
+        self
+    }
+
+    /// Makes the unit run beside its resource instead of holding it (see
+    /// [`NewWork::holds_resource`]).
+    pub fn beside_resource(mut self) -> Self {
+        self.holds_resource = false;
         self
     }
 }
@@ -129,6 +140,7 @@ pub async fn work_enqueue_quiet(
     let mut parents = Vec::with_capacity(n);
     let mut run_ats = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
+    let mut holds = Vec::with_capacity(n);
     for u in units {
         kinds.push(u.kind.as_str());
         specs.push(&u.spec);
@@ -138,6 +150,7 @@ pub async fn work_enqueue_quiet(
         parents.push(u.parent_id);
         run_ats.push(u.run_at);
         max_attempts.push(u.max_attempts);
+        holds.push(u.holds_resource);
     }
     // ON CONFLICT makes every row a speculative insertion (an extra WAL record and a second
     // pass over the unique index), about a fifth of the insert's cost; it is only needed when
@@ -156,6 +169,7 @@ pub async fn work_enqueue_quiet(
         .bind(&parents)
         .bind(&run_ats)
         .bind(&max_attempts)
+        .bind(&holds)
         .fetch_all(&mut *conn)
         .await?;
     rows.into_iter()
@@ -173,10 +187,12 @@ macro_rules! enqueue_sql {
     ($conflict:literal) => {
         concat!(
             "WITH ins AS (
-                 INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at, max_attempts)
-                 SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20)
+                 INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at,
+                                   max_attempts, holds_resource)
+                 SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20), h
                  FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::uuid[], $5::text[],
-                             $6::bigint[], $7::timestamptz[], $8::int[]) AS u(k, s, t, r, tn, p, ra, m) ",
+                             $6::bigint[], $7::timestamptz[], $8::int[], $9::bool[])
+                      AS u(k, s, t, r, tn, p, ra, m, h) ",
             $conflict,
             "
                  RETURNING id, token, parent_id
@@ -268,44 +284,59 @@ impl ClaimFrom {
     }
 }
 
-/// The claim statement; `{bound}` is empty or starts the scan after ($4, $5).
+/// The claim statement; `{bound}` is empty or starts the scan after ($4, $5). `$6` lists the
+/// kinds the claiming worker serves.
 macro_rules! claim_sql {
     ($bound:literal) => {
         concat!(
-            // A leased unit stays `pending` in work_pending_idx (migration 0004): the scan
-            // passes over the units that are running and takes the due ones and those whose
-            // lease has expired (their worker died), oldest first. The update changes no
-            // indexed column, so it is a HOT update, and it finds its rows by the ctid the
-            // locking scan returned (no second index lookup); the row lock taken by that scan
-            // keeps the ctid valid.
-            //
-            // A picked unit that has used all its attempts is parked instead of claimed: its
-            // last attempt never reported back (its process died — an abort, an OOM kill —
-            // or could not record its failure), and claiming it again would take the next
-            // process down the same way.
-            "WITH picked AS (
+            // Candidates kind by kind (work_claim_idx), merged in claim order: units of a kind
+            // this worker does not serve are never read, however many lie at the head of the
+            // queue. A leased unit stays `pending` (migration 0004): the scan passes over the
+            // units that are running and takes the due ones and those whose lease has expired
+            // (their worker died), oldest first.
+            "WITH cand AS (
+                 SELECT c.tid FROM unnest($6::text[]) AS k(kind)
+                 CROSS JOIN LATERAL (
+                     SELECT w.ctid AS tid, w.run_at, w.id FROM work w
+                     WHERE w.kind = k.kind AND w.state = 'pending' AND w.run_at <= now() ",
+            $bound,
+            "
+                       AND (w.lease_expires_at IS NULL OR w.lease_expires_at < now())
+                     ORDER BY w.run_at, w.id
+                     LIMIT $2
+                 ) c
+                 ORDER BY c.run_at, c.id
+                 LIMIT $2
+             ),
+             -- Then the candidates are locked, skipping those another worker is claiming at
+             -- this moment (the caller claims again at once when that left it short). The
+             -- lock re-checks the conditions on the row's newest version. The = ANY makes the
+             -- planner fetch the rows by ctid (no second index lookup, no hash of the table).
+             picked AS (
                  SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued,
                         attempt >= max_attempts AS exhausted
                  FROM work
-                 WHERE state = 'pending' AND run_at <= now() ",
-            $bound,
-            "
+                 WHERE ctid = ANY(ARRAY(SELECT tid FROM cand))
+                   AND state = 'pending' AND run_at <= now()
                    AND (lease_expires_at IS NULL OR lease_expires_at < now())
-                 ORDER BY run_at, id
-                 LIMIT $2
                  FOR UPDATE SKIP LOCKED
              ), claimed AS (
+                 -- No indexed column changes: a HOT update, found by the ctid the lock kept
+                 -- valid.
                  UPDATE work w
                  SET attempt = w.attempt + 1, lease_owner = $1,
                      lease_expires_at = now() + make_interval(secs => $3::float8 / 1000)
                  FROM picked p
-                 -- The = ANY makes the planner fetch the picked rows by ctid instead of hashing
-                 -- the whole table (a seq scan per claim on a big backlog).
                  WHERE w.ctid = p.tid
                    AND w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE NOT exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
                            w.max_attempts, w.run_at, p.rescued, false AS poisoned, NULL::text AS reason
-             ), poisoned AS (
+             ),
+             -- A picked unit that has used all its attempts is parked instead of claimed: its
+             -- last attempt never reported back (its process died — an abort, an OOM kill —
+             -- or could not record its failure), and claiming it again would take the next
+             -- process down the same way.
+             poisoned AS (
                  UPDATE work w
                  SET state = 'parked', lease_owner = NULL, lease_expires_at = NULL,
                      last_error_class = 'transient',
@@ -325,13 +356,16 @@ macro_rules! claim_sql {
                  UNION ALL
                  SELECT id, token, 'parked', attempt, $1, 'transient', reason FROM poisoned
              )
-             SELECT * FROM claimed UNION ALL SELECT * FROM poisoned"
+             -- One row at least, so that an empty claim still says how many candidates it saw.
+             SELECT x.*, n.candidates
+             FROM (SELECT count(*) AS candidates FROM cand) n
+             LEFT JOIN (SELECT * FROM claimed UNION ALL SELECT * FROM poisoned) x ON true"
         )
     };
 }
 const CLAIM_FROM_START: &str = claim_sql!("");
 // A row comparison is a btree scan key: the scan descends straight to the position.
-const CLAIM_AFTER: &str = claim_sql!("AND (run_at, id) > ($4, $5)");
+const CLAIM_AFTER: &str = claim_sql!("AND (w.run_at, w.id) > ($4, $5)");
 
 /// What one claim statement did: the units it claimed, and the units it parked because they
 /// had used all their attempts without reporting back (`poisoned`).
@@ -341,17 +375,22 @@ pub struct Claimed {
     pub units: Vec<ClaimedWork>,
     /// Units parked instead, with the reason recorded (their resource needs its parked hook).
     pub poisoned: Vec<(ClaimedWork, String)>,
+    /// True when some due units were being claimed by another worker at that moment (they
+    /// were skipped): claiming again at once finds the next ones.
+    pub contended: bool,
 }
 
-/// Claims up to `limit` due units for `worker`: pending units whose `run_at` has passed,
-/// oldest first, and running units whose lease has expired (their worker died), skipping rows
-/// other workers are claiming; with [`ClaimFrom::After`], only those after that position. Each
-/// claim increments `attempt`, sets the lease, and writes a `claimed` (or `rescued`) event. A
-/// picked unit that has no attempt left is parked instead (event `parked`). Run it in a
-/// transaction when the parked units' resources must change with it.
+/// Claims up to `limit` due units of the `kinds` `worker` serves: pending units whose
+/// `run_at` has passed, oldest first, and running units whose lease has expired (their worker
+/// died), skipping rows other workers are claiming; with [`ClaimFrom::After`], only those
+/// after that position. Each claim increments `attempt`, sets the lease, and writes a
+/// `claimed` (or `rescued`) event. A picked unit that has no attempt left is parked instead
+/// (event `parked`). Run it in a transaction when the parked units' resources must change
+/// with it.
 pub async fn work_claim(
     conn: &mut PgConnection,
     worker: &str,
+    kinds: &[String],
     limit: i64,
     lease_ms: i64,
     from: ClaimFrom,
@@ -361,12 +400,19 @@ pub async fn work_claim(
         ClaimFrom::After(..) => sqlx::query(CLAIM_AFTER),
     };
     let mut query = query.bind(worker).bind(limit).bind(lease_ms);
-    if let ClaimFrom::After(at, id) = from {
-        query = query.bind(at).bind(id);
-    }
-    let rows = query.fetch_all(conn).await?;
+    query = match from {
+        ClaimFrom::After(at, id) => query.bind(at).bind(id),
+        // Unused by the statement, but its parameter numbers are fixed.
+        ClaimFrom::Start => query.bind(None::<DateTime<Utc>>).bind(None::<i64>),
+    };
+    let rows = query.bind(kinds).fetch_all(conn).await?;
     let mut out = Claimed::default();
+    let mut candidates = 0i64;
     for r in rows {
+        candidates = r.try_get("candidates")?;
+        if r.try_get::<Option<i64>, _>("id")?.is_none() {
+            continue;
+        }
         let unit = ClaimedWork {
             id: r.try_get("id")?,
             kind: r.try_get("kind")?,
@@ -386,6 +432,9 @@ pub async fn work_claim(
             out.units.push(unit);
         }
     }
+    // Candidates that were neither claimed nor parked were locked by another worker.
+    out.contended =
+        (out.units.len() + out.poisoned.len()) < usize::try_from(candidates).unwrap_or(0);
     Ok(out)
 }
 

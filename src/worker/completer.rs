@@ -221,6 +221,7 @@ async fn commit(
                     .map(|d| Utc::now() + d),
                 max_attempts: None,
                 fresh_token: false,
+                holds_resource: true,
             });
         }
     }

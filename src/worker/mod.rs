@@ -80,6 +80,10 @@ pub struct WorkerConfig {
     pub backoff: Backoff,
     /// This worker's name in leases and events (default: host-pid-random).
     pub worker_id: Option<String>,
+    /// Which of the registered kinds this process claims, as glob patterns (`kvx.*`,
+    /// `dns.zone.*`; `*` for all, the default). Units of other kinds wait for an engine that
+    /// serves them; they are never claimed, so never parked, here.
+    pub kinds: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -95,6 +99,7 @@ impl Default for WorkerConfig {
             max_runtime: Duration::from_secs(600),
             backoff: Backoff::default(),
             worker_id: None,
+            kinds: vec!["*".to_owned()],
         }
     }
 }
@@ -130,7 +135,27 @@ impl WorkerConfig {
         if self.poll_interval.is_zero() {
             return Err(WorkerError::Config("poll_interval must be positive".into()));
         }
+        kind_patterns(&self.kinds)?;
         Ok(())
+    }
+
+    /// The registered `kinds` this configuration serves, sorted.
+    ///
+    /// # Errors
+    /// When a pattern of [`WorkerConfig::kinds`] is not a valid glob.
+    pub fn served<'a>(
+        &self,
+        kinds: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<String>, WorkerError> {
+        let set = kind_patterns(&self.kinds)?;
+        let mut served: Vec<String> = kinds
+            .into_iter()
+            .filter(|k| set.is_match(k))
+            .map(str::to_owned)
+            .collect();
+        served.sort();
+        served.dedup();
+        Ok(served)
     }
 
     /// How long an attempt may act after the statement that last set its lease was sent: the
@@ -139,6 +164,20 @@ impl WorkerConfig {
     pub fn hold(&self) -> Duration {
         self.lease - self.lease / 5
     }
+}
+
+/// The glob set of `patterns` (`*` matches dots too: a kind is one name, not a path).
+fn kind_patterns(patterns: &[String]) -> Result<globset::GlobSet, WorkerError> {
+    let mut set = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let glob = globset::GlobBuilder::new(p)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| WorkerError::Config(format!("kinds pattern {p:?} is not a glob: {e}")))?;
+        set.add(glob);
+    }
+    set.build()
+        .map_err(|e| WorkerError::Config(format!("kinds patterns: {e}")))
 }
 
 /// A unique name for this process: host, pid and a random suffix.
@@ -160,12 +199,14 @@ pub struct Runtime {
     hooks: Hooks,
     config: WorkerConfig,
     worker_id: String,
+    served: Vec<String>,
 }
 
 /// Everything an executing unit needs, shared by all units of the runtime.
 struct Shared {
     pool: PgPool,
     registry: Arc<Registry>,
+    served: Vec<String>,
     hooks: Hooks,
     config: WorkerConfig,
     worker_id: String,
@@ -188,6 +229,7 @@ impl Runtime {
     ) -> Result<Self, WorkerError> {
         config.validate()?;
         let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        let served = config.served(registry.kinds())?;
         // A renewal that waits longer than its interval for a connection or an answer is
         // pointless: the next round sends a fresh one.
         let statement_ms = config
@@ -208,6 +250,7 @@ impl Runtime {
             hooks: Arc::new(NoHooks),
             config,
             worker_id,
+            served,
         })
     }
 
@@ -220,6 +263,11 @@ impl Runtime {
     /// This worker's name in leases and events.
     pub fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// The work kinds this runtime claims: the registered ones its configuration serves.
+    pub fn served(&self) -> &[String] {
+        &self.served
     }
 
     /// Runs until `shutdown` is cancelled, then stops claiming and returns within the shutdown
@@ -269,13 +317,14 @@ impl Runtime {
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
             registry: self.registry.clone(),
+            served: self.served.clone(),
             hooks: self.hooks.clone(),
             config: cfg.clone(),
             worker_id: self.worker_id.clone(),
             inflight: inflight.clone(),
             completions: tx,
         });
-        tracing::info!(worker = %self.worker_id, kinds = ?self.registry.kinds(), concurrency = cfg.concurrency, "worker started");
+        tracing::info!(worker = %self.worker_id, kinds = ?self.served, concurrency = cfg.concurrency, "worker started");
 
         let tasks = TaskTracker::new();
         fetch_loop(&shared, &wake, &tasks, &shutdown).await;
@@ -354,10 +403,10 @@ async fn fetch_loop(
         // The time the claim is *sent*: the database's lease starts after it, so a fence
         // counted from here never outlives the lease.
         let sent_at = tokio::time::Instant::now();
-        let units = match claim(shared, wanted, scanned_from).await {
-            Ok(units) => {
+        let (units, contended) = match claim(shared, wanted, scanned_from).await {
+            Ok(claimed) => {
                 error_delay = Duration::from_millis(100);
-                units
+                claimed
             }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming work failed; retrying");
@@ -390,6 +439,10 @@ async fn fetch_loop(
         }
         drop(permits);
         if got < wanted {
+            if contended {
+                // Another worker was claiming the same units: the next ones are there.
+                continue;
+            }
             from = ClaimFrom::Start;
             if scanned_from != ClaimFrom::Start {
                 // Nothing more after the position: look behind it before going idle.
@@ -406,12 +459,20 @@ async fn fetch_loop(
 
 /// Claims at most `n` units: the caller holds exactly `n` free slots. Units that used all
 /// their attempts without reporting back are parked by the same transaction, with their
-/// resources' hooks.
-async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<ClaimedWork>, StoreError> {
+/// resources' hooks. Also says whether other workers were claiming the same units.
+async fn claim(
+    shared: &Shared,
+    n: usize,
+    from: ClaimFrom,
+) -> Result<(Vec<ClaimedWork>, bool), StoreError> {
+    if shared.served.is_empty() {
+        return Ok((Vec::new(), false));
+    }
     let mut tx = shared.pool.begin().await?;
     let claimed = work_claim(
         &mut tx,
         &shared.worker_id,
+        &shared.served,
         n as i64,
         shared.config.lease.as_millis() as i64,
         from,
@@ -432,7 +493,7 @@ async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<Claimed
         }
     }
     tx.commit().await?;
-    Ok(claimed.units)
+    Ok((claimed.units, claimed.contended))
 }
 
 /// Runs one attempt of a claimed unit and hands its result on. The attempt stops as soon as its
