@@ -220,9 +220,11 @@ pub fn classify_code(
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch" => AdapterError::permanent(format!(
             "{operation}: AWS refused the engine's credentials or permissions ({aws}); grant the \
-             engine's IAM identity ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances, \
-             ec2:TerminateInstances and, for resizes, ec2:StopInstances, ec2:StartInstances and \
-             ec2:ModifyInstanceAttribute (or fix its credentials), then retry the unit"
+             engine's IAM identity ec2:RunInstances, ec2:CreateTags (instances and volumes), \
+             ec2:DescribeInstances, ec2:DescribeVolumes, ec2:DescribeVolumesModifications, \
+             ec2:TerminateInstances and, for resizes, ec2:StopInstances, ec2:StartInstances, \
+             ec2:ModifyInstanceAttribute and ec2:ModifyVolume, plus the KMS grants of a data \
+             volume key (or fix its credentials), then retry the unit"
         )),
         "IdempotentParameterMismatch" => AdapterError::permanent(format!(
             "{operation}: EC2 already used this unit's client token with different parameters \
