@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use setpoint_ec2::Ec2Config;
+use setpoint_ec2::{Ec2Config, Ec2Regions};
 use setpoint_email::{Password, Security, SmtpConfig};
 use setpoint_kubernetes::{BearerToken, ClusterAccess, KubernetesConfig};
 
@@ -190,8 +190,9 @@ pub struct FileConfig {
     /// Worker settings.
     #[serde(default)]
     pub worker: WorkerFile,
-    /// The EC2 adapter. With `[kubernetes]` and `[smtp]` it turns on the KVX workflows.
-    pub ec2: Option<Ec2Config>,
+    /// The EC2 adapter: one region (`region` and its settings) or `[ec2.regions.<name>]`
+    /// tables. With `[kubernetes]` and `[smtp]` it turns on the KVX workflows.
+    pub ec2: Option<Ec2Regions>,
     /// The Kubernetes adapter.
     pub kubernetes: Option<KubernetesConfig>,
     /// The SMTP adapter.
@@ -220,11 +221,8 @@ impl FileConfig {
         })
     }
 
-    /// Applies the environment variables a deployment passes (see the README): `SETPOINT_AWS_REGION`
-    /// (sets `ec2.region`, creating `[ec2]` when absent), `SETPOINT_EC2_SUBNET_ID` and
-    /// `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists), `SETPOINT_EC2_IMAGE_ID`
-    /// (`ec2.default_image_id`), `SETPOINT_EC2_PLAN_INSTANCE_TYPES` (`plan=type,…`:
-    /// `ec2.plans.<plan>.instance_type`), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
+    /// Applies the environment variables a deployment passes (see the README): the EC2 ones
+    /// (see [`FileConfig::apply_ec2_env`]), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
     /// `SETPOINT_KUBERNETES_CA_DATA` (`kubernetes.access`, creating `[kubernetes]` when
     /// absent), `SETPOINT_KUBERNETES_IMAGE` (`kubernetes.image`), `SETPOINT_SMTP_URL` (host,
     /// port, security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
@@ -236,40 +234,7 @@ impl FileConfig {
     /// Kubernetes token.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let list = |v: String| -> Vec<String> {
-            v.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        };
-        if let Some(region) = get("SETPOINT_AWS_REGION") {
-            match &mut self.ec2 {
-                Some(ec2) => ec2.region = region.trim().to_owned(),
-                None => self.ec2 = Some(Ec2Config::new(region.trim())),
-            }
-        }
-        for (var, subnets) in [
-            ("SETPOINT_EC2_SUBNET_ID", true),
-            ("SETPOINT_EC2_SECURITY_GROUP_IDS", false),
-        ] {
-            let Some(value) = get(var) else { continue };
-            let ec2 = section_for(&mut self.ec2, var, "EC2", EC2_HOW)?;
-            if subnets {
-                ec2.subnet_ids = list(value);
-            } else {
-                ec2.security_group_ids = list(value);
-            }
-        }
-        if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
-            let ec2 = section_for(&mut self.ec2, "SETPOINT_EC2_IMAGE_ID", "EC2", EC2_HOW)?;
-            ec2.default_image_id = Some(image.trim().to_owned());
-        }
-        if let Some(pairs) = get(PLAN_TYPES) {
-            let ec2 = section_for(&mut self.ec2, PLAN_TYPES, "EC2", EC2_HOW)?;
-            for (plan, instance_type) in plan_instance_types(&pairs)? {
-                ec2.plans.entry(plan).or_default().instance_type = Some(instance_type);
-            }
-        }
+        self.apply_ec2_env(&get)?;
         self.apply_kubernetes_env(&get)?;
         let from = get("SETPOINT_EMAIL_FROM");
         if let Some(url) = get("SETPOINT_SMTP_URL") {
@@ -291,6 +256,95 @@ impl FileConfig {
         }
         if let (Some(from), Some(smtp)) = (from, self.smtp.as_mut()) {
             smtp.from = from;
+        }
+        Ok(())
+    }
+
+    /// The EC2 part of [`FileConfig::apply_env`].
+    ///
+    /// - `SETPOINT_AWS_REGION` names the region the variables below refine: it creates `[ec2]`
+    ///   when absent, renames the region when exactly one is configured, and otherwise must
+    ///   name one of the configured regions.
+    /// - `SETPOINT_EC2_REGIONS` adds regions: a JSON object of region tables, the keys of
+    ///   `[ec2.regions.<name>]` (`{"us-east-1": {"subnet_ids": ["subnet-0abc"],
+    ///   "default_image_id": "ami-0abc"}}`). A region it names replaces the file's region of
+    ///   that name; it may not name `SETPOINT_AWS_REGION`'s region (configure that one with the
+    ///   variables below).
+    /// - `SETPOINT_EC2_SUBNET_ID`, `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists),
+    ///   `SETPOINT_EC2_IMAGE_ID` (`default_image_id`), `SETPOINT_EC2_PLAN_INSTANCE_TYPES`
+    ///   (`plan=type,…`: `plans.<plan>.instance_type`) and `SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID`
+    ///   (`data_volume.kms_key_id`) refine `SETPOINT_AWS_REGION`'s region, or the only region.
+    fn apply_ec2_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let list = |v: String| -> Vec<String> {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let home = get("SETPOINT_AWS_REGION").map(|r| r.trim().to_owned());
+        if let Some(region) = &home {
+            match &mut self.ec2 {
+                None => self.ec2 = Some(Ec2Regions::single(Ec2Config::new(region))),
+                Some(ec2) if ec2.get(region).is_some() => {}
+                Some(ec2) if ec2.regions().len() == 1 => {
+                    if let Some(one) = ec2.only_mut() {
+                        one.region = region.clone();
+                    }
+                }
+                Some(ec2) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "SETPOINT_AWS_REGION={region} names none of the regions [ec2] \
+                         configures ({}): name one of them, or add [ec2.regions.{region}]",
+                        ec2.names().join(", ")
+                    )));
+                }
+            }
+        }
+        if let Some(tables) = get(EC2_REGIONS) {
+            let configs = Ec2Regions::from_json_tables(&tables)
+                .map_err(|e| ConfigError::Invalid(format!("{EC2_REGIONS}: {e}")))?;
+            for config in configs {
+                if home.as_deref() == Some(config.region.as_str()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{EC2_REGIONS} names {0}, which SETPOINT_AWS_REGION already names: \
+                         configure {0} either with the SETPOINT_EC2_* variables or in \
+                         {EC2_REGIONS}, not both",
+                        config.region
+                    )));
+                }
+                match &mut self.ec2 {
+                    Some(ec2) => {
+                        ec2.insert(config);
+                    }
+                    None => self.ec2 = Some(Ec2Regions::single(config)),
+                }
+            }
+        }
+        for (var, subnets) in [
+            ("SETPOINT_EC2_SUBNET_ID", true),
+            ("SETPOINT_EC2_SECURITY_GROUP_IDS", false),
+        ] {
+            let Some(value) = get(var) else { continue };
+            let ec2 = ec2_region(&mut self.ec2, var, home.as_deref())?;
+            if subnets {
+                ec2.subnet_ids = list(value);
+            } else {
+                ec2.security_group_ids = list(value);
+            }
+        }
+        if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
+            let ec2 = ec2_region(&mut self.ec2, "SETPOINT_EC2_IMAGE_ID", home.as_deref())?;
+            ec2.default_image_id = Some(image.trim().to_owned());
+        }
+        if let Some(pairs) = get(PLAN_TYPES) {
+            let ec2 = ec2_region(&mut self.ec2, PLAN_TYPES, home.as_deref())?;
+            for (plan, instance_type) in plan_instance_types(&pairs)? {
+                ec2.plans.entry(plan).or_default().instance_type = Some(instance_type);
+            }
+        }
+        if let Some(key) = get(KMS_KEY) {
+            let ec2 = ec2_region(&mut self.ec2, KMS_KEY, home.as_deref())?;
+            ec2.data_volume.kms_key_id = Some(key.trim().to_owned());
         }
         Ok(())
     }
@@ -597,6 +651,33 @@ const EC2_HOW: &str = "SETPOINT_AWS_REGION or add an [ec2] section";
 /// The variable that sets `ec2.plans.<plan>.instance_type` of several plans at once.
 const PLAN_TYPES: &str = "SETPOINT_EC2_PLAN_INSTANCE_TYPES";
 
+/// The variable that adds EC2 regions (a JSON object of region tables).
+const EC2_REGIONS: &str = "SETPOINT_EC2_REGIONS";
+
+/// The variable that sets the KMS key of the data volumes (`data_volume.kms_key_id`).
+const KMS_KEY: &str = "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID";
+
+/// The EC2 region the variable `var` refines: `home` (`SETPOINT_AWS_REGION`), else the only
+/// configured region; an error saying how to configure it otherwise.
+fn ec2_region<'a>(
+    ec2: &'a mut Option<Ec2Regions>,
+    var: &str,
+    home: Option<&str>,
+) -> Result<&'a mut Ec2Config, ConfigError> {
+    let regions = section_for(ec2, var, "EC2", EC2_HOW)?;
+    let names = regions.names().join(", ");
+    let found = match home {
+        Some(h) => regions.get_mut(h),
+        None => regions.only_mut(),
+    };
+    found.ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{var} is set but [ec2] configures several regions ({names}): set \
+             SETPOINT_AWS_REGION to the one it is for"
+        ))
+    })
+}
+
 /// Parses `plan=type,plan=type` (spaces and empty items ignored).
 fn plan_instance_types(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
     value
@@ -849,9 +930,121 @@ mod tests {
         ]))
         .expect("env");
         assert_eq!(
-            f.ec2.expect("ec2").default_image_id.as_deref(),
+            f.ec2
+                .expect("ec2")
+                .only()
+                .expect("one region")
+                .default_image_id
+                .as_deref(),
             Some("ami-0123456789abcdef0")
         );
+    }
+
+    /// Regions from the environment: SETPOINT_EC2_REGIONS adds regions (JSON region tables),
+    /// SETPOINT_AWS_REGION names the one the single-region variables refine.
+    #[test]
+    fn ec2_regions_from_the_environment() {
+        let extra = r#"{"us-east-1": {"subnet_ids": ["subnet-east"],
+            "security_group_ids": ["sg-east"], "default_image_id": "ami-east",
+            "plans": {"kvx.small": {"instance_type": "t3.small"}},
+            "data_volume": {"kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/east"}}}"#;
+        let mut f = FileConfig::default();
+        f.apply_env(vars(&[
+            ("SETPOINT_AWS_REGION", "eu-west-1"),
+            ("SETPOINT_EC2_SUBNET_ID", "subnet-west"),
+            ("SETPOINT_EC2_IMAGE_ID", "ami-west"),
+            ("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "kvx.small=t3.small"),
+            (
+                "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID",
+                "arn:aws:kms:eu-west-1:123456789012:key/west",
+            ),
+            ("SETPOINT_EC2_REGIONS", extra),
+        ]))
+        .expect("env");
+        let ec2 = f.ec2.expect("ec2");
+        assert_eq!(ec2.names(), ["eu-west-1", "us-east-1"]);
+        let west = ec2.get("eu-west-1").expect("home region");
+        assert_eq!(west.subnet_ids, ["subnet-west"]);
+        assert_eq!(west.default_image_id.as_deref(), Some("ami-west"));
+        assert!(
+            west.data_volume
+                .kms_key_id
+                .as_deref()
+                .unwrap()
+                .ends_with("key/west")
+        );
+        let east = ec2.get("us-east-1").expect("added region");
+        assert_eq!(
+            east.subnet_ids,
+            ["subnet-east"],
+            "the home variables leave it alone"
+        );
+        assert_eq!(east.security_group_ids, ["sg-east"]);
+        assert_eq!(
+            east.plans["kvx.small"].instance_type.as_deref(),
+            Some("t3.small")
+        );
+        assert!(
+            east.data_volume
+                .kms_key_id
+                .as_deref()
+                .unwrap()
+                .ends_with("key/east")
+        );
+        ec2.validate().expect("valid");
+
+        // Over a file with several regions: SETPOINT_AWS_REGION picks the one to refine.
+        let file = "[ec2.regions.eu-west-1]\n[ec2.regions.us-west-2]\n";
+        let mut f: FileConfig = toml::from_str(file).expect("parse");
+        f.apply_env(vars(&[
+            ("SETPOINT_AWS_REGION", "us-west-2"),
+            ("SETPOINT_EC2_IMAGE_ID", "ami-2"),
+        ]))
+        .expect("env");
+        let ec2 = f.ec2.expect("ec2");
+        assert_eq!(
+            ec2.get("us-west-2").unwrap().default_image_id.as_deref(),
+            Some("ami-2")
+        );
+        assert_eq!(ec2.get("eu-west-1").unwrap().default_image_id, None);
+
+        for (file, pairs, want) in [
+            // Which of several regions a variable refines must be said.
+            (
+                file,
+                vec![("SETPOINT_EC2_IMAGE_ID", "ami-1")],
+                "set SETPOINT_AWS_REGION",
+            ),
+            // A home region that is none of several configured ones.
+            (
+                file,
+                vec![("SETPOINT_AWS_REGION", "ap-south-1")],
+                "names none of the regions [ec2] configures (eu-west-1, us-west-2)",
+            ),
+            // One region configured in two ways.
+            (
+                "",
+                vec![
+                    ("SETPOINT_AWS_REGION", "us-east-1"),
+                    ("SETPOINT_EC2_REGIONS", extra),
+                ],
+                "not both",
+            ),
+            (
+                "",
+                vec![("SETPOINT_EC2_REGIONS", r#"{"us-east-1": {"subnet": "x"}}"#)],
+                "SETPOINT_EC2_REGIONS: ec2.regions.us-east-1: unknown field `subnet`",
+            ),
+            (
+                "",
+                vec![("SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID", "k")],
+                "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID is set but EC2 is not configured",
+            ),
+        ] {
+            let mut f: FileConfig = toml::from_str(file).expect("parse");
+            let err = f.apply_env(vars(&pairs)).expect_err(want).to_string();
+            assert!(err.contains(want), "{pairs:?}: {err}");
+        }
     }
 
     #[test]

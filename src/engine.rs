@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::config::Credentials;
 use setpoint_adapter::{Cluster, Compute, Mailer};
-use setpoint_ec2::{Ec2Compute, Ec2Config};
+use setpoint_ec2::{Ec2Compute, Ec2Config, Ec2Regions};
 use setpoint_email::{SmtpConfig, SmtpMailer};
 use setpoint_kubernetes::{KubernetesCluster, KubernetesConfig};
 use sqlx::PgPool;
@@ -64,12 +64,15 @@ impl AdapterConfigs {
     /// All three sections, `None` when none is given.
     ///
     /// # Errors
-    /// [`EngineError::Incomplete`] naming the missing sections when only some are given.
+    /// [`EngineError::Incomplete`] naming the missing sections when only some are given;
+    /// [`EngineError::Ec2`] when `[ec2]` configures several regions (the workflows hold one
+    /// compute adapter until they route work by region).
     pub fn select(
-        ec2: Option<Ec2Config>,
+        ec2: Option<Ec2Regions>,
         kubernetes: Option<KubernetesConfig>,
         smtp: Option<SmtpConfig>,
     ) -> Result<Option<Self>, EngineError> {
+        let ec2 = ec2.map(one_region).transpose()?;
         match (ec2, kubernetes, smtp) {
             (Some(ec2), Some(kubernetes), Some(smtp)) => Ok(Some(Self {
                 ec2,
@@ -98,6 +101,19 @@ impl AdapterConfigs {
             }
         }
     }
+}
+
+/// The one region of `regions`; an error naming them when there are several.
+fn one_region(regions: Ec2Regions) -> Result<Ec2Config, EngineError> {
+    if regions.regions().len() == 1 {
+        return Ok(regions.into_configs().remove(0));
+    }
+    Err(EngineError::Ec2(format!(
+        "[ec2] configures {} regions ({}), and this engine serves one region: its workflows \
+         do not route work by region yet. Configure one region",
+        regions.regions().len(),
+        regions.names().join(", ")
+    )))
 }
 
 /// The adapters the workflows call.

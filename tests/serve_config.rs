@@ -63,7 +63,7 @@ fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
 #[test]
 fn file_sections_parse() {
     let f: FileConfig = toml::from_str(FULL).expect("parse");
-    let ec2 = f.ec2.as_ref().expect("ec2");
+    let ec2 = f.ec2.as_ref().and_then(|e| e.only()).expect("ec2");
     assert_eq!(ec2.region, "eu-west-1");
     assert_eq!(ec2.subnet_ids, ["subnet-file"]);
     let k8s = f.kubernetes.as_ref().expect("kubernetes");
@@ -82,6 +82,19 @@ fn file_sections_parse() {
         AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp)
             .expect("complete")
             .is_some()
+    );
+
+    // Several regions parse, but this engine serves one: the check names them.
+    let several = FULL.replace(
+        "[ec2]\nregion = \"eu-west-1\"",
+        "[ec2.regions.us-east-1]\n[ec2.regions.eu-west-1]",
+    );
+    let f: FileConfig = toml::from_str(&several).expect("parse");
+    let err = AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("configures 2 regions (eu-west-1, us-east-1)"),
+        "{err}"
     );
 
     // Unknown keys in a section are refused with the key's name.
@@ -117,7 +130,7 @@ fn environment_overrides_and_creates_sections() {
         ),
     ]))
     .expect("env");
-    let ec2 = f.ec2.as_ref().expect("ec2");
+    let ec2 = f.ec2.as_ref().and_then(|e| e.only()).expect("ec2");
     assert_eq!(ec2.region, "us-west-2");
     let types: Vec<(&str, Option<&str>)> = ec2
         .plans
@@ -160,7 +173,14 @@ fn environment_overrides_and_creates_sections() {
         ("SETPOINT_EC2_SUBNET_ID", ""),
     ]))
     .expect("env");
-    assert!(f.ec2.as_ref().expect("ec2").subnet_ids.is_empty());
+    assert!(
+        f.ec2
+            .as_ref()
+            .and_then(|e| e.only())
+            .expect("ec2")
+            .subnet_ids
+            .is_empty()
+    );
     let smtp = f.smtp.as_ref().expect("smtp");
     assert_eq!((smtp.host.as_str(), smtp.port), ("relay", Some(2525)));
     assert_eq!(smtp.security, Security::Starttls);

@@ -43,6 +43,7 @@ pub(super) async fn ensure_machine(
         image_id: None,
         instance_type: None,
         subnet_id: None,
+        data_volume_gb: u32::try_from(chain.spec.size_gb).ok(),
     };
     let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
     let seen = adapter_call(

@@ -51,6 +51,7 @@ pub(super) async fn resize_machine(
         resource_id: chain.instance_id,
         plan: chain.spec.plan.clone(),
         instance_type: None,
+        data_volume_gb: u32::try_from(chain.spec.size_gb).ok(),
     };
     let deadline = ctx.deadline.min(Instant::now() + wf.config.machine_wait);
     let seen = match adapter_call(

@@ -8,7 +8,8 @@
 #   4. checks that invalid inputs are refused by the validation blocks,
 #   5. plans the example with its production defaults,
 #   6. starts moto, makes the inputs a platform team brings (a CA bundle, a secret with a service
-#      account token, secrets with the API's TLS certificate, key and client CA), applies the example, reads every promise back through the AWS APIs,
+#      account token, secrets with the API's TLS certificate, key and client CA, a KMS key for
+#      data volumes; a second served region), applies the example, reads every promise back through the AWS APIs,
 #      re-plans (nothing may be replaced), destroys, checks nothing is left,
 #   7. runs checkov over terraform/ (skips only inline, with reasons).
 # Last line: "terraform: N passed, M failed"; exit status non-zero on any failure.
@@ -213,6 +214,7 @@ STATE="$WORK/example.tfstate"
 K8S_TOKEN_SECRET_ARN=""
 K8S_CA_DATA=""
 GRPC_TLS_VAR=""
+DATA_VOLUME_KMS_ARN=""
 cluster_inputs() {
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=kubernetes \
     -keyout /dev/null -out "$WORK/k8s-ca.pem" 2>/dev/null
@@ -241,6 +243,13 @@ print(f'grpc_tls={{certificate_secret_arn="{arn["cert"]}",private_key_secret_arn
       f'client_ca_secret_arn="{arn["client-ca"]}"}}')
 PY
   rm -f "$WORK/grpc-ca.key" "$WORK/grpc.key"
+  # A customer managed key for the data volumes of the deployment region.
+  python3 - "$ENDPOINT" >"$WORK/data-volume-kms-arn" <<'PY'
+import sys, boto3
+kms = boto3.client("kms", endpoint_url=sys.argv[1], region_name="eu-west-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+print(kms.create_key(Description="setpoint test: data volumes")["KeyMetadata"]["Arn"])
+PY
 }
 inputs_ok=0
 if [ $moto_ok -eq 1 ]; then
@@ -248,11 +257,17 @@ if [ $moto_ok -eq 1 ]; then
   K8S_TOKEN_SECRET_ARN="$(cat "$WORK/k8s-token-arn" 2>/dev/null || true)"
   K8S_CA_DATA="$(base64 -w0 "$WORK/k8s-ca.pem" 2>/dev/null || true)"
   GRPC_TLS_VAR="$(cat "$WORK/grpc-tls.tfvar" 2>/dev/null || true)"
+  DATA_VOLUME_KMS_ARN="$(cat "$WORK/data-volume-kms-arn" 2>/dev/null || true)"
 fi
+# A second served region (its VPC is not the example's business: the ids only reach IAM and the
+# engine's environment), with a key of its own.
+EXTRA_REGION_KMS_ARN="arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-0a1b-0a1b-0a1b-0a1b2c3d4e5f"
+EXTRA_REGIONS='ec2_additional_regions={"us-east-1"={subnet_id="subnet-0a1b2c3d4e5f60718",security_group_ids=["sg-0a1b2c3d4e5f60718","sg-0f1e2d3c4b5a60718"],image_id="ami-0a1b2c3d4e5f60718",data_volume_kms_key_arn="'"$EXTRA_REGION_KMS_ARN"'"}}'
+export EXTRA_REGION_KMS_ARN
 VARS=(-var "environment=moto" -var "region=eu-west-1" -var "ec2_image_id=ami-12c6146b"
   -var "kubernetes_api_endpoint=https://0123456789ABCDEF0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com"
   -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN"
-  -var "$GRPC_TLS_VAR")
+  -var "$GRPC_TLS_VAR" -var "ec2_data_volume_kms_key_arn=$DATA_VOLUME_KMS_ARN" -var "$EXTRA_REGIONS")
 
 # refused_plan WHY ARGS...: plans the example with VARS and ARGS, prints the output, and fails
 # (saying WHY) unless the plan is refused. The output, with Terraform's wrapped lines joined, is
@@ -274,13 +289,34 @@ invalid_inputs_refused() {
   refused_plan "invalid inputs" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' \
     -var 'vpc_cidr=10.0.0.0/8' -var 'kubernetes_api_endpoint=http://k8s.example' \
     -var 'kubernetes_token_secret_arn=my-token' \
-    -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}'
+    -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}' \
+    -var 'ec2_data_volume_kms_key_arn=alias/setpoint' \
+    -var 'ec2_additional_regions={"us-east-1"={subnet_id="subnet-XYZ",security_group_ids=[],image_id="ami-1"}}'
   grep -q 'engine_image must name a tag' <<<"$REFUSED"
   grep -q 'environment must be' <<<"$REFUSED"
   grep -q 'vpc_cidr must be' <<<"$REFUSED"
   grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$REFUSED"
   grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$REFUSED"
   grep -q 'grpc_tls must hold full Secrets Manager secret ARNs' <<<"$REFUSED"
+  grep -q 'ec2_data_volume_kms_key_arn must be a KMS key ARN' <<<"$REFUSED"
+  grep -q 'ec2_additional_regions maps region codes' <<<"$REFUSED"
+}
+
+regions_refused() {
+  # The deployment region is configured by ec2_subnet_id & co., never again in
+  # ec2_additional_regions; a key for a region's data volumes must be of that region; region
+  # codes only.
+  refused_plan "the deployment region in ec2_additional_regions, its key from another region" \
+    -var 'ec2_data_volume_kms_key_arn=arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d' \
+    -var 'ec2_additional_regions={"eu-west-1"={subnet_id="subnet-0a1b2c3d",security_group_ids=["sg-0a1b2c3d"],image_id="ami-0a1b2c3d4e"}}'
+  grep -q 'ec2_additional_regions names eu-west-1, the deployment region' <<<"$REFUSED"
+  grep -q 'ec2_data_volume_kms_key_arn must be a key in the deployment region eu-west-1' <<<"$REFUSED"
+  refused_plan "an additional region whose key is of another region" \
+    -var 'ec2_additional_regions={"us-west-2"={subnet_id="subnet-0a1b2c3d",security_group_ids=["sg-0a1b2c3d"],image_id="ami-0a1b2c3d4e",data_volume_kms_key_arn="arn:aws:kms:eu-west-1:123456789012:key/0a1b2c3d"}}'
+  grep -q 'ec2_additional_regions maps region codes' <<<"$REFUSED"
+  refused_plan "a region that is no region code" \
+    -var 'ec2_additional_regions={"US_EAST_1"={subnet_id="subnet-0a1b2c3d",security_group_ids=["sg-0a1b2c3d"],image_id="ami-0a1b2c3d4e"}}'
+  grep -q 'ec2_additional_regions is keyed by region codes' <<<"$REFUSED"
 }
 
 extra_environment_cannot_replace() {
@@ -319,6 +355,7 @@ resource_types_in_plan=""
 if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ] && [ $inputs_ok -eq 1 ]; then
   step "invalid inputs are refused (validation blocks)" invalid_inputs_refused || true
   step "extra_environment cannot replace the module's variables" extra_environment_cannot_replace || true
+  step "served regions: deployment region once, keys of their own region" regions_refused || true
   step "plan example (production defaults)" plan_production_defaults || true
 
   # Apply a throw-away variant: production=false turns deletion protection off so destroy works.

@@ -6,9 +6,13 @@ usage: verify_moto.py applied|destroyed ENDPOINT REGION NAME STATE_FILE
 Reads back through the AWS APIs (boto3 against the moto server) the properties the module
 promises: private encrypted database with backups, the password only in Secrets Manager (and not
 in the Terraform state), the database reachable only from the engine, the least-privilege EC2
-policy, the engine's environment and secrets, the SES identity, logs and alarms.
+policy in every served region (data volumes: launch, tag at launch, grow only managed ones; KMS
+only for the configured keys, through EC2), the engine's environment (served regions as
+SETPOINT_EC2_REGIONS) and secrets, the SES identity, logs and alarms. EXTRA_REGION_KMS_ARN in the
+environment is the key run.sh gave the additional region.
 """
 import json
+import os
 import re
 import sys
 
@@ -32,6 +36,7 @@ def client(service):
 
 
 rds, ec2, sm, iam = client("rds"), client("ec2"), client("secretsmanager"), client("iam")
+kms_client = client("kms")
 ecs, ses, cw, logs = client("ecs"), client("sesv2"), client("cloudwatch"), client("logs")
 elb, kms, sns = client("elbv2"), client("kms"), client("sns")
 
@@ -109,6 +114,26 @@ def as_list(v):
     return v if isinstance(v, list) else [v]
 
 
+# The engine's environment (the task definition), read here because the IAM checks compare the
+# policy with the regions and keys the engine is configured with.
+_svc = ecs.describe_services(cluster=name, services=[f"{name}-engine"])["services"]
+_td = ecs.describe_task_definition(taskDefinition=_svc[0]["taskDefinition"])["taskDefinition"] if _svc else {"containerDefinitions": []}
+env = {e["name"]: e["value"] for c in _td["containerDefinitions"] if c["name"] == "setpoint" for e in c["environment"]}
+try:
+    extra_regions = json.loads(env.get("SETPOINT_EC2_REGIONS", "{}"))
+except ValueError:
+    extra_regions = {}
+check(isinstance(extra_regions, dict) and set(extra_regions) == {"us-east-1"},
+      f"SETPOINT_EC2_REGIONS holds the additional region's table ({sorted(extra_regions) if isinstance(extra_regions, dict) else extra_regions})")
+east = extra_regions.get("us-east-1", {}) if isinstance(extra_regions, dict) else {}
+check(east.get("subnet_ids") == ["subnet-0a1b2c3d4e5f60718"] and east.get("security_group_ids") == ["sg-0a1b2c3d4e5f60718", "sg-0f1e2d3c4b5a60718"]
+      and east.get("default_image_id") == "ami-0a1b2c3d4e5f60718"
+      and east.get("data_volume") == {"kms_key_id": os.environ.get("EXTRA_REGION_KMS_ARN")}
+      and {p: t.get("instance_type") for p, t in east.get("plans", {}).items()} == {"kvx.small": "t3.small", "kvx.medium": "t3.medium", "kvx.large": "t3.large"}
+      and set(east) == {"subnet_ids", "security_group_ids", "default_image_id", "plans", "data_volume"},
+      "us-east-1's table: its subnet, security groups, image, data volume key and the plans' instance types (keys the engine reads)")
+
+
 def stmts_for(action):
     return [s for s in stmts if action in as_list(s["Action"])]
 
@@ -127,8 +152,9 @@ check(all(":instance/" not in r for s in run if s not in inst_run for r in as_li
 tags = stmts_for("ec2:CreateTags")
 check(len(tags) == 1 and tags[0].get("Condition", {}).get("StringEquals", {}).get("ec2:CreateAction") == "RunInstances",
       "CreateTags only on launch (ec2:CreateAction = RunInstances)")
-check(len(tags) == 1 and all(r.endswith(":instance/*") for r in as_list(tags[0]["Resource"])),
-      "CreateTags only on instances (the launch tags nothing else)")
+check(len(tags) == 1 and all(r.endswith(":instance/*") or r.endswith(":volume/*") for r in as_list(tags[0]["Resource"]))
+      and any(r.endswith(":volume/*") for r in as_list(tags[0]["Resource"])),
+      "CreateTags only on instances and the volumes the launch makes (the launch tags nothing else)")
 run_resources = {r for s in run for r in as_list(s["Resource"])}
 check(not any(":key-pair/" in r or ":launch-template/" in r for r in run_resources),
       "RunInstances names no key pair or launch template (the engine uses neither)")
@@ -160,6 +186,57 @@ net = [s for s in run if any(":subnet/" in r for r in as_list(s["Resource"]))]
 check(len(net) == 1 and all(":subnet/subnet-" in r or ":security-group/sg-" in r for r in as_list(net[0]["Resource"])),
       "RunInstances only into the configured subnet and security groups")
 
+# --- every served region, on the same terms; the data volume ----------------------------------
+# The engine's environment names the served regions: SETPOINT_AWS_REGION and the tables of
+# SETPOINT_EC2_REGIONS (JSON, the keys of [ec2.regions.<name>]).
+served = {region} | set(extra_regions)
+check(served == {region, "us-east-1"}, f"the example serves the deployment region and us-east-1 ({sorted(served)})")
+for s in stmts:
+    arns = [r for r in as_list(s["Resource"]) if r.startswith("arn:aws:ec2:")]
+    if arns:
+        check({r.split(":")[3] for r in arns} == served, f"statement {s.get('Sid')} covers every served region, no other")
+expected_net = {f"arn:aws:ec2:{region}:123456789012:subnet/{env.get('SETPOINT_EC2_SUBNET_ID')}"} | {
+    f"arn:aws:ec2:{r}:123456789012:subnet/{t['subnet_ids'][0]}" for r, t in extra_regions.items()} | {
+    f"arn:aws:ec2:{region}:123456789012:security-group/{g}" for g in env.get("SETPOINT_EC2_SECURITY_GROUP_IDS", "").split(",")} | {
+    f"arn:aws:ec2:{r}:123456789012:security-group/{g}" for r, t in extra_regions.items() for g in t["security_group_ids"]}
+check(len(net) == 1 and set(as_list(net[0]["Resource"])) == expected_net,
+      "RunInstances only into each served region's configured subnet and security groups")
+describe = [s for s in stmts if "*" in as_list(s["Resource"])]
+check(len(describe) == 1 and sorted(as_list(describe[0]["Action"])) == ["ec2:DescribeInstances", "ec2:DescribeVolumes", "ec2:DescribeVolumesModifications"],
+      "Describe only what the adapter reads: instances, volumes, volume modifications (no Describe*)")
+grow = stmts_for("ec2:ModifyVolume")
+check(len(grow) == 1 and as_list(grow[0]["Action"]) == ["ec2:ModifyVolume"]
+      and all(r.endswith(":volume/*") for r in as_list(grow[0]["Resource"]))
+      and grow[0].get("Condition", {}).get("StringEquals", {}).get("aws:ResourceTag/setpoint:managed") == "true",
+      "ModifyVolume only on volumes tagged setpoint:managed=true")
+for s in stmts:
+    if any(r.endswith(":volume/*") for r in as_list(s["Resource"])):
+        acts = set(as_list(s["Action"]))
+        ok = (acts == {"ec2:RunInstances"}
+              or (acts == {"ec2:CreateTags"} and s.get("Condition", {}).get("StringEquals", {}).get("ec2:CreateAction") == "RunInstances")
+              or s.get("Condition", {}).get("StringEquals", {}).get("aws:ResourceTag/setpoint:managed") == "true")
+        check(ok, f"statement {s.get('Sid')} on volumes: the launch, tags at launch, or managed volumes only")
+check(any(r.endswith(":volume/*") for s in run for r in as_list(s["Resource"])),
+      "RunInstances on volumes (the launch makes the data volume)")
+
+# KMS: exactly the configured data volume keys, only through EC2 in their regions, grants only for AWS resources.
+home_keys = [k["KeyArn"] for k in kms_client.list_keys()["Keys"]]
+home_key = env.get("SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID")
+check(home_key in home_keys, f"SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID is the given key ({home_key})")
+extra_key = os.environ.get("EXTRA_REGION_KMS_ARN")
+keys = {home_key, extra_key}
+kms_stmts = [s for s in stmts if any(a.startswith("kms:") for a in as_list(s["Action"]))]
+use = [s for s in kms_stmts if "kms:GenerateDataKeyWithoutPlaintext" in as_list(s["Action"])]
+grant = [s for s in kms_stmts if "kms:CreateGrant" in as_list(s["Action"])]
+check(len(kms_stmts) == 2 and all("*" not in as_list(s["Resource"]) for s in kms_stmts), "two KMS statements, none on *")
+check(len(use) == 1 and set(as_list(use[0]["Action"])) == {"kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom", "kms:ReEncryptTo"}
+      and set(as_list(use[0]["Resource"])) == keys
+      and set(as_list(use[0].get("Condition", {}).get("StringEquals", {}).get("kms:ViaService", []))) == {f"ec2.{r}.amazonaws.com" for r in served},
+      "KMS use of exactly the data volume keys, only via EC2 in the served regions")
+check(len(grant) == 1 and as_list(grant[0]["Action"]) == ["kms:CreateGrant"] and set(as_list(grant[0]["Resource"])) == keys
+      and str(grant[0].get("Condition", {}).get("Bool", {}).get("kms:GrantIsForAWSResource")).lower() == "true",
+      "kms:CreateGrant on exactly the data volume keys, only for AWS resources (EBS)")
+
 # --- the engine service and its configuration -------------------------------------------------
 svc = ecs.describe_services(cluster=name, services=[f"{name}-engine"])["services"]
 check(len(svc) == 1 and svc[0]["launchType"] == "FARGATE", "ECS Fargate service exists")
@@ -172,7 +249,8 @@ secrets_env = {e["name"]: e["valueFrom"] for e in engine.get("secrets", [])}
 for var in ["SETPOINT_DATABASE_HOST", "SETPOINT_DATABASE_PORT", "SETPOINT_DATABASE_NAME", "SETPOINT_DATABASE_USER",
             "SETPOINT_LISTEN", "SETPOINT_METRICS_LISTEN", "SETPOINT_AWS_REGION", "SETPOINT_EC2_SUBNET_ID",
             "SETPOINT_EC2_SECURITY_GROUP_IDS", "SETPOINT_EC2_IMAGE_ID", "SETPOINT_KUBERNETES_URL",
-            "SETPOINT_KUBERNETES_CA_DATA", "SETPOINT_EMAIL_FROM", "RUST_LOG", "SETPOINT_EC2_PLAN_INSTANCE_TYPES"]:
+            "SETPOINT_KUBERNETES_CA_DATA", "SETPOINT_EMAIL_FROM", "RUST_LOG", "SETPOINT_EC2_PLAN_INSTANCE_TYPES",
+            "SETPOINT_EC2_REGIONS", "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID"]:
     check(bool(env.get(var)), f"engine environment sets {var}")
 check(sorted(env.get("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "").split(",")) ==
       ["kvx.large=t3.large", "kvx.medium=t3.medium", "kvx.small=t3.small"],
@@ -221,8 +299,10 @@ check(td.get("taskRoleArn", "").split("/")[-1] == role, "task runs as the engine
 # --- the engine role has no SES permission; the SMTP user may only send from the identity -----
 check(not any(a.startswith("ses:") for st in stmts for a in as_list(st["Action"])), "engine role has no SES permission (mail goes over SMTP)")
 image_stmts = [st for st in run if any(":image/" in r for r in as_list(st["Resource"]))]
-check(len(image_stmts) == 1 and as_list(image_stmts[0]["Resource"]) == [f"arn:aws:ec2:{region}::image/{env.get('SETPOINT_EC2_IMAGE_ID')}"],
-      "RunInstances only with the configured AMI")
+expected_images = {f"arn:aws:ec2:{region}::image/{env.get('SETPOINT_EC2_IMAGE_ID')}"} | {
+    f"arn:aws:ec2:{r}::image/{t['default_image_id']}" for r, t in extra_regions.items()}
+check(len(image_stmts) == 1 and set(as_list(image_stmts[0]["Resource"])) == expected_images,
+      f"RunInstances only with the configured AMI of each served region ({sorted(expected_images)})")
 smtp_users = [u["UserName"] for u in iam.list_users()["Users"] if u["UserName"] == f"{name}-ses-smtp"]
 check(len(smtp_users) == 1, "SES SMTP user exists")
 if smtp_users:

@@ -7,9 +7,14 @@
 //! authentication failures, `IdempotentParameterMismatch`, missing credentials, and any other
 //! 4xx code (a client error that the same request will repeat). Messages say what to fix; they
 //! quote AWS's own message and error code, which never contain credentials.
+//!
+//! Not failures at all: EBS refusing a volume change because of its limit on modifications
+//! (`VolumeModificationRateExceeded`) or because the previous one is still under way
+//! (`IncorrectModificationState`). Both are [`AdapterError::waiting`]: the unit waits without
+//! using up an attempt, and [`volume_change_refused`] says when the next change is allowed.
 
 use std::error::Error as StdError;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -20,6 +25,22 @@ pub const THROTTLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Earliest retry after EC2 had no capacity for the instance type in the AZ.
 pub const CAPACITY_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long EBS makes a volume wait between two modifications: "wait at least 6 hours between
+/// modifications per EBS volume" (`VolumeModificationRateExceeded`).
+pub const VOLUME_COOLDOWN: Duration = Duration::from_secs(6 * 3600);
+
+/// When EBS refuses a change for its rate limit and the adapter cannot tell when the limit
+/// ends (the last change's start is unknown, or already more than [`VOLUME_COOLDOWN`] ago, as
+/// under a limit counted over a longer window), it checks again after this long.
+pub const VOLUME_RATE_RECHECK: Duration = Duration::from_secs(3600);
+
+/// When the previous modification of a volume is still under way, the next attempt waits this
+/// long (small volumes finish in minutes, large ones in hours).
+pub const VOLUME_BUSY_RETRY_AFTER: Duration = Duration::from_secs(10 * 60);
+
+/// Added to a computed cooldown end, so the retry does not arrive a moment too early.
+const COOLDOWN_SLACK: Duration = Duration::from_secs(60);
 
 /// The error code setpoint uses for failures that carry no AWS code.
 pub mod codes {
@@ -33,6 +54,10 @@ pub mod codes {
     pub const CONSTRUCTION: &str = "ec2-construction";
     /// No credentials were found in the standard chain.
     pub const NO_CREDENTIALS: &str = "ec2-no-credentials";
+    /// EBS's limit on modifications of one volume (the 6-hour rule).
+    pub const VOLUME_RATE: &str = "VolumeModificationRateExceeded";
+    /// The volume's previous modification is still under way.
+    pub const VOLUME_BUSY: &str = "IncorrectModificationState";
 }
 
 /// Turns a failed EC2 call into an [`AdapterError`]. `operation` names the call for the message
@@ -136,6 +161,24 @@ pub fn classify_code(
             "{operation}: EC2 received the request after its signature expired ({aws}); \
              retrying. If it repeats, check the engine host's clock"
         )),
+        // Not failures: the volume may change again later. `volume_change_refused` replaces the
+        // message with one that says when, where the last change's start is known.
+        codes::VOLUME_RATE => AdapterError::waiting(
+            format!(
+                "{operation}: EBS allows no further change of this volume yet ({aws}); \
+                 checking again in {} minutes",
+                VOLUME_RATE_RECHECK.as_secs() / 60
+            ),
+            VOLUME_RATE_RECHECK,
+        ),
+        codes::VOLUME_BUSY => AdapterError::waiting(
+            format!(
+                "{operation}: the volume's previous modification is still under way ({aws}); \
+                 EBS takes a new one once it completes, checking again in {} minutes",
+                VOLUME_BUSY_RETRY_AFTER.as_secs() / 60
+            ),
+            VOLUME_BUSY_RETRY_AFTER,
+        ),
         "InternalError"
         | "InternalFailure"
         | "ServiceUnavailable"
@@ -177,9 +220,11 @@ pub fn classify_code(
         | "InvalidClientTokenId"
         | "SignatureDoesNotMatch" => AdapterError::permanent(format!(
             "{operation}: AWS refused the engine's credentials or permissions ({aws}); grant the \
-             engine's IAM identity ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances, \
-             ec2:TerminateInstances and, for resizes, ec2:StopInstances, ec2:StartInstances and \
-             ec2:ModifyInstanceAttribute (or fix its credentials), then retry the unit"
+             engine's IAM identity ec2:RunInstances, ec2:CreateTags (instances and volumes), \
+             ec2:DescribeInstances, ec2:DescribeVolumes, ec2:DescribeVolumesModifications, \
+             ec2:TerminateInstances and, for resizes, ec2:StopInstances, ec2:StartInstances, \
+             ec2:ModifyInstanceAttribute and ec2:ModifyVolume, plus the KMS grants of a data \
+             volume key (or fix its credentials), then retry the unit"
         )),
         "IdempotentParameterMismatch" => AdapterError::permanent(format!(
             "{operation}: EC2 already used this unit's client token with different parameters \
@@ -212,6 +257,72 @@ pub fn classify_code(
         Some(c) if !c.is_empty() => err.with_code(c),
         _ => err,
     }
+}
+
+/// Refines a classified `ModifyVolume` failure of `volume_id` (AWS's own message:
+/// `aws_message`) whose last modification started at `last_started`: for EBS's rate limit, the
+/// waiting error says when the next change is allowed ([`VOLUME_COOLDOWN`] after the last one
+/// began) and waits until then; anything else is returned as it is.
+pub fn volume_change_refused(
+    err: AdapterError,
+    aws_message: Option<&str>,
+    volume_id: &str,
+    last_started: Option<SystemTime>,
+    now: SystemTime,
+) -> AdapterError {
+    if err.code.as_deref() != Some(codes::VOLUME_RATE) {
+        return err;
+    }
+    let aws = aws_message.unwrap_or("no message");
+    let next = last_started.map(|t| (t, t + VOLUME_COOLDOWN));
+    let (message, wait) = match next {
+        Some((began, next)) if next > now => {
+            let wait = next.duration_since(now).unwrap_or_default() + COOLDOWN_SLACK;
+            (
+                format!(
+                    "EBS allows one change of volume {volume_id} every {} hours: the last began \
+                     at {}, so the next is allowed from {}; the unit waits until then (AWS: \
+                     {aws})",
+                    VOLUME_COOLDOWN.as_secs() / 3600,
+                    rfc3339(began),
+                    rfc3339(next)
+                ),
+                wait,
+            )
+        }
+        Some((began, _)) => (
+            format!(
+                "EBS refuses another change of volume {volume_id} for now although its last \
+                 change began at {}, more than {} hours ago (a limit counted over a longer \
+                 window); checking again at {} (AWS: {aws})",
+                rfc3339(began),
+                VOLUME_COOLDOWN.as_secs() / 3600,
+                rfc3339(now + VOLUME_RATE_RECHECK)
+            ),
+            VOLUME_RATE_RECHECK,
+        ),
+        None => (
+            format!(
+                "EBS allows no further change of volume {volume_id} yet (at most one every {} \
+                 hours); checking again at {} (AWS: {aws})",
+                VOLUME_COOLDOWN.as_secs() / 3600,
+                rfc3339(now + VOLUME_RATE_RECHECK)
+            ),
+            VOLUME_RATE_RECHECK,
+        ),
+    };
+    AdapterError::waiting(message, wait).with_code(codes::VOLUME_RATE)
+}
+
+/// `2026-05-01T12:00:00Z`, to the second.
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    aws_sdk_ec2::primitives::DateTime::from_secs(i64::try_from(secs).unwrap_or(i64::MAX))
+        .fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime)
+        .unwrap_or_else(|_| format!("{secs} s after the epoch"))
 }
 
 fn looks_like_missing_credentials(detail: &str) -> bool {
@@ -368,5 +479,99 @@ mod tests {
     fn long_details_are_cut_on_a_char_boundary() {
         let s = "é".repeat(300);
         assert!(short(&s).len() <= 404);
+    }
+
+    /// EBS's limit on volume changes (moto has none, so these are unit tests on the codes AWS
+    /// sends): a wait that uses up no attempt, until the time the message names.
+    #[test]
+    fn the_volume_change_limit_is_a_wait_until_the_cooldown_ends() {
+        const RATE_MESSAGE: &str = "You've reached the maximum modification rate per volume \
+                                    limit. Wait at least 6 hours between modifications per EBS \
+                                    volume.";
+        let refused = || {
+            classify_code(
+                "ModifyVolume",
+                Some(codes::VOLUME_RATE),
+                Some(RATE_MESSAGE),
+                400,
+            )
+        };
+        let plain = refused();
+        assert!(plain.waiting && plain.is_transient(), "{plain}");
+        assert_eq!(plain.retry_after, Some(VOLUME_RATE_RECHECK));
+        assert_eq!(plain.code.as_deref(), Some(codes::VOLUME_RATE));
+
+        // The last change began 2 hours ago: the next is allowed in 4 hours.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let began = now - Duration::from_secs(2 * 3600);
+        let e = volume_change_refused(refused(), Some(RATE_MESSAGE), "vol-1", Some(began), now);
+        assert!(e.waiting, "{e}");
+        assert_eq!(e.code.as_deref(), Some(codes::VOLUME_RATE));
+        assert_eq!(
+            e.retry_after,
+            Some(Duration::from_secs(4 * 3600) + COOLDOWN_SLACK)
+        );
+        assert!(e.message.contains("vol-1"), "{e}");
+        assert!(e.message.contains("2027-01-15T06:00:00Z"), "began: {e}");
+        assert!(
+            e.message
+                .contains("next is allowed from 2027-01-15T12:00:00Z"),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("Wait at least 6 hours"),
+            "AWS's message kept: {e}"
+        );
+
+        // Unknown start, or one longer ago than the cooldown: check again in an hour.
+        let e = volume_change_refused(refused(), Some(RATE_MESSAGE), "vol-1", None, now);
+        assert!(
+            e.waiting && e.retry_after == Some(VOLUME_RATE_RECHECK),
+            "{e}"
+        );
+        assert!(e.message.contains("2027-01-15T09:00:00Z"), "{e}");
+        let long_ago = now - Duration::from_secs(7 * 3600);
+        let e = volume_change_refused(refused(), Some(RATE_MESSAGE), "vol-1", Some(long_ago), now);
+        assert!(
+            e.waiting && e.retry_after == Some(VOLUME_RATE_RECHECK),
+            "{e}"
+        );
+
+        // Other failures pass through untouched.
+        let other = classify_code(
+            "ModifyVolume",
+            Some("InvalidParameterValue"),
+            Some("m"),
+            400,
+        );
+        assert_eq!(
+            volume_change_refused(other.clone(), None, "vol-1", Some(began), now),
+            other
+        );
+    }
+
+    #[test]
+    fn a_volume_still_being_modified_is_a_wait_too() {
+        let e = classify_code(
+            "ModifyVolume",
+            Some(codes::VOLUME_BUSY),
+            Some("Volume vol-1 cannot be modified in modification state OPTIMIZING"),
+            400,
+        );
+        assert!(e.waiting && e.is_transient(), "{e}");
+        assert_eq!(e.retry_after, Some(VOLUME_BUSY_RETRY_AFTER));
+        assert!(e.message.contains("OPTIMIZING"), "{e}");
+        // volume_change_refused leaves it as it is.
+        let now = SystemTime::now();
+        assert_eq!(
+            volume_change_refused(e.clone(), None, "vol-1", Some(now), now),
+            e
+        );
+        // Through `classify`, from a real SDK error value.
+        let sdk = service(codes::VOLUME_BUSY, 400);
+        let e = classify("RunInstances", &sdk);
+        assert!(e.waiting, "{e}");
+        // Ordinary errors are never waits.
+        assert!(!check(&service("Throttling", 400), ErrorClass::Transient).waiting);
     }
 }

@@ -11,26 +11,41 @@
 //! one observed step at a time: `StopInstances`, wait for `stopped`, `ModifyInstanceAttribute`
 //! (`InstanceType`), `StartInstances`, wait for `running`. Each step is chosen from the state it
 //! observes, so a retry after a crash anywhere in between picks up where the instance is.
+//! Before any of that it grows the data volume (`ModifyVolume`) when the request wants it
+//! larger: observed first, so a volume at the size (or being given it) costs no call.
+//!
+//! A launch that asks for a data volume adds one EBS volume to `RunInstances`' block device
+//! mappings (device `data_volume.device_name`, `DeleteOnTermination` and `Encrypted` set
+//! explicitly), and the launch tags every volume it makes like the instance. Observations find
+//! the data volume again by its device name in the instance's block device mappings, then read
+//! its size (`DescribeVolumes`) and latest modification (`DescribeVolumesModifications`).
+//!
+//! `list_managed_machines` pages through the live instances tagged [`TAG_MANAGED`]`=true`.
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::primitives::DateTime;
 use aws_sdk_ec2::types::{
-    AttributeValue, Filter, Instance, InstanceStateChange, InstanceType, ResourceType, Tag,
-    TagSpecification,
+    AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateChange,
+    InstanceType, ResourceType, Tag, TagSpecification, VolumeModification as Ec2Modification,
+    VolumeType,
 };
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, Compute, ErrorClass, Fence, IdempotencyToken,
-    InstanceObservation, InstanceRequest, InstanceState, ResizeRequest, TerminateOutcome,
-    TerminateRequest,
+    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, CODE_VOLUME_SHRINK, Compute, DataVolume,
+    ErrorClass, Fence, IdempotencyToken, InstanceObservation, InstanceRequest, InstanceState,
+    ListMachinesRequest, MachinePage, ManagedMachine, ResizeRequest, TerminateOutcome,
+    TerminateRequest, VolumeModification, VolumeModificationState,
 };
 use tracing::{Instrument, info, info_span, warn};
+use uuid::Uuid;
 
-use crate::classify::classify;
+use crate::classify::{classify, volume_change_refused};
 use crate::config::{ConfigError, Ec2Config};
 
 /// Tag holding the token of the unit that launched the instance.
@@ -52,6 +67,15 @@ const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
 /// Keeps this much of the deadline free when polling, for the last call to return.
 const POLL_MARGIN: Duration = Duration::from_millis(500);
+
+/// Machines per page of `list_managed_machines` when the request names no page size.
+pub const DEFAULT_LIST_PAGE_SIZE: u32 = 500;
+
+/// EC2's bounds of `DescribeInstances`' `MaxResults`; a page size outside them is clamped.
+const LIST_PAGE_BOUNDS: (u32, u32) = (5, 1000);
+
+/// The error code of a resize that wants a data volume the instance does not have.
+pub const CODE_NO_DATA_VOLUME: &str = "ec2-no-data-volume";
 
 /// The EC2 implementation of [`Compute`]. Cheap to clone (the client is shared).
 #[derive(Debug, Clone)]
@@ -153,11 +177,25 @@ impl Ec2Compute {
         Ok(found)
     }
 
-    /// The instance launched with `token`, if any is live.
+    /// The instance launched with `token`, if any is live, with its data volume.
     async fn observe_by_token(
         &self,
         token: &IdempotencyToken,
     ) -> Result<Option<InstanceObservation>, AdapterError> {
+        match self.find_by_token(token).await? {
+            Some(i) => match observation(&i, true) {
+                Some(obs) => Ok(Some(self.with_data_volume(obs, Some(&i)).await?)),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// The live instance launched with `token`, as EC2 describes it.
+    async fn find_by_token(
+        &self,
+        token: &IdempotencyToken,
+    ) -> Result<Option<Instance>, AdapterError> {
         let found = self.live_tagged(TAG_TOKEN, token.as_str()).await?;
         if found.len() > 1 {
             // Only possible where ClientToken is not honoured (moto) and two launches raced;
@@ -169,7 +207,53 @@ impl Ec2Compute {
                 "more than one live instance carries this token; adopting the oldest"
             );
         }
-        Ok(found.first().and_then(|i| observation(i, true)))
+        Ok(found.into_iter().next())
+    }
+
+    /// `obs` with the data volume `instance` has at the configured device, if any.
+    async fn with_data_volume(
+        &self,
+        mut obs: InstanceObservation,
+        instance: Option<&Instance>,
+    ) -> Result<InstanceObservation, AdapterError> {
+        let device = &self.config.data_volume.device_name;
+        if let Some(volume_id) = instance.and_then(|i| data_volume_id(i, device)) {
+            obs.data_volume = self.data_volume(&volume_id).await?;
+        }
+        Ok(obs)
+    }
+
+    /// The volume `volume_id` (size) and its latest modification; `None` if EC2 no longer
+    /// knows it. Filters rather than ids: an unknown id is an empty answer, not an error, and
+    /// `DescribeVolumesModifications` fails for a volume that was never modified when asked by
+    /// id.
+    async fn data_volume(&self, volume_id: &str) -> Result<Option<DataVolume>, AdapterError> {
+        let volumes = self
+            .client
+            .describe_volumes()
+            .filters(filter("volume-id", [volume_id]))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeVolumes", &e))?;
+        let Some(volume) = volumes
+            .volumes()
+            .iter()
+            .find(|v| v.volume_id() == Some(volume_id))
+        else {
+            return Ok(None);
+        };
+        let modifications = self
+            .client
+            .describe_volumes_modifications()
+            .filters(filter("volume-id", [volume_id]))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeVolumesModifications", &e))?;
+        Ok(Some(DataVolume {
+            volume_id: volume_id.to_owned(),
+            size_gb: gib(volume.size()),
+            modification: latest_modification(modifications.volumes_modifications()),
+        }))
     }
 
     /// The instance `id` as EC2 reports it now; `None` if EC2 does not know it.
@@ -208,10 +292,17 @@ impl Ec2Compute {
         let subnet_id = self
             .config
             .subnet_for(token.as_str(), req.subnet_id.as_deref());
+        if req.data_volume_gb == Some(0) {
+            return Err(AdapterError::permanent(
+                "the data volume size is 0 GiB: ask for at least 1 GiB, or for no data volume",
+            )
+            .with_code("ec2-bad-volume-size"));
+        }
         Ok(LaunchParams {
             image_id,
             instance_type,
             subnet_id,
+            data_volume_gb: req.data_volume_gb,
         })
     }
 
@@ -235,7 +326,7 @@ impl Ec2Compute {
         req: &InstanceRequest,
         launch: &LaunchParams,
         fence: &Fence,
-    ) -> Result<InstanceObservation, AdapterError> {
+    ) -> Result<(InstanceObservation, Instance), AdapterError> {
         let name = req
             .name
             .clone()
@@ -249,6 +340,16 @@ impl Ec2Compute {
             .tags(tag(TAG_MANAGED, "true"))
             .tags(tag("Name", &name))
             .build();
+        // Every volume the launch makes (root and data) carries the same ownership tags, so
+        // cost reports and an operator can tell whose it is.
+        let volume_tags = TagSpecification::builder()
+            .resource_type(ResourceType::Volume)
+            .tags(tag(TAG_TOKEN, token.as_str()))
+            .tags(tag(TAG_RESOURCE, &resource_id))
+            .tags(tag(TAG_TENANT, &req.tenant))
+            .tags(tag(TAG_MANAGED, "true"))
+            .build();
+        let data_volume = launch.data_volume_gb.map(|gb| self.data_volume_mapping(gb));
         let call = self
             .client
             .run_instances()
@@ -261,12 +362,15 @@ impl Ec2Compute {
             .set_security_group_ids(
                 Some(self.config.security_group_ids.clone()).filter(|g| !g.is_empty()),
             )
-            .tag_specifications(tags);
+            .set_block_device_mappings(data_volume.map(|m| vec![m]))
+            .tag_specifications(tags)
+            .tag_specifications(volume_tags);
 
         info!(
             image_id = %launch.image_id,
             instance_type = %launch.instance_type,
             subnet_id = launch.subnet_id.as_deref().unwrap_or("(default)"),
+            data_volume_gb = launch.data_volume_gb,
             "launching instance (RunInstances)"
         );
         failpoint::hit(FAILPOINT_BEFORE_RUN);
@@ -278,10 +382,10 @@ impl Ec2Compute {
         })?;
         failpoint::hit(FAILPOINT_AFTER_RUN);
 
-        let obs = out
+        let (obs, instance) = out
             .instances()
             .first()
-            .and_then(|i| observation(i, false))
+            .and_then(|i| Some((observation(i, false)?, i.clone())))
             .ok_or_else(|| {
                 AdapterError::transient("RunInstances succeeded but returned no instance")
             })?;
@@ -289,7 +393,26 @@ impl Ec2Compute {
             return Err(gone_while_starting(&obs));
         }
         info!(instance_id = %obs.instance_id, state = %obs.state, "instance launched");
-        Ok(obs)
+        Ok((obs, instance))
+    }
+
+    /// The block device mapping of a `gb` GiB data volume. `DeleteOnTermination` and
+    /// `Encrypted` are explicit: EC2 defaults the first to true but moto to false, and the
+    /// second follows the account's "encryption by default" unless set.
+    fn data_volume_mapping(&self, gb: u32) -> BlockDeviceMapping {
+        let v = &self.config.data_volume;
+        BlockDeviceMapping::builder()
+            .device_name(&v.device_name)
+            .ebs(
+                EbsBlockDevice::builder()
+                    .volume_size(i32::try_from(gb).unwrap_or(i32::MAX))
+                    .volume_type(VolumeType::from(v.volume_type.as_str()))
+                    .delete_on_termination(true)
+                    .encrypted(v.encrypted)
+                    .set_kms_key_id(v.kms_key_id.clone())
+                    .build(),
+            )
+            .build()
     }
 
     async fn ensure(
@@ -300,14 +423,15 @@ impl Ec2Compute {
         fence: &Fence,
     ) -> Result<InstanceObservation, AdapterError> {
         // Observe before act: an earlier attempt may have launched the instance already.
-        let obs = match self.observe_by_token(token).await? {
-            Some(obs) => {
+        let found = self.find_by_token(token).await?;
+        let (obs, instance) = match found.and_then(|i| Some((observation(&i, true)?, i))) {
+            Some((obs, instance)) => {
                 info!(
                     instance_id = %obs.instance_id,
                     state = %obs.state,
                     "adopting the instance an earlier attempt launched"
                 );
-                obs
+                (obs, instance)
             }
             None => {
                 // Resolve parameters only now: a bad plan must not hide an existing instance.
@@ -316,17 +440,24 @@ impl Ec2Compute {
             }
         };
         if !self.config.wait_for_running {
-            return Ok(obs);
+            return self.with_data_volume(obs, Some(&instance)).await;
         }
         let id = obs.instance_id.clone();
         let adopted = obs.adopted;
-        wait_until_running(obs, deadline, self.poll_policy(), || async {
-            Ok(self
-                .observe_by_id(&id)
-                .await?
-                .and_then(|i| observation(&i, adopted)))
+        // The last instance a poll saw: its block device mappings name the data volume (those
+        // of a launch's answer are usually still empty).
+        let polled: Mutex<Option<Instance>> = Mutex::new(None);
+        let obs = wait_until_running(obs, deadline, self.poll_policy(), || async {
+            let seen = self.observe_by_id(&id).await?;
+            let obs = seen.as_ref().and_then(|i| observation(i, adopted));
+            if let (Some(i), Ok(mut last)) = (seen, polled.lock()) {
+                *last = Some(i);
+            }
+            Ok(obs)
         })
-        .await
+        .await?;
+        let last = polled.into_inner().ok().flatten().unwrap_or(instance);
+        self.with_data_volume(obs, Some(&last)).await
     }
 
     async fn resize(
@@ -338,7 +469,7 @@ impl Ec2Compute {
     ) -> Result<InstanceObservation, AdapterError> {
         let wanted = self.instance_type_for(&req.plan, req.instance_type.as_deref());
         // Observe first: by the token tag, so only the machine this token launched is touched.
-        let mut obs = self.observe_by_token(token).await?.ok_or_else(|| {
+        let not_found = || {
             AdapterError::permanent(format!(
                 "no live managed instance carries {TAG_TOKEN}={token} (resource {}): it was \
                  terminated outside setpoint. The resync heals the resource with a new machine \
@@ -346,7 +477,15 @@ impl Ec2Compute {
                 req.resource_id
             ))
             .with_code(CODE_MACHINE_NOT_FOUND)
-        })?;
+        };
+        let instance = self.find_by_token(token).await?.ok_or_else(not_found)?;
+        let obs = observation(&instance, true).ok_or_else(not_found)?;
+        let mut obs = self.with_data_volume(obs, Some(&instance)).await?;
+        // The volume first: a size that can never be reached (smaller) is refused before the
+        // instance is stopped for a type change, and growing needs no stop at all.
+        if let Some(gb) = req.data_volume_gb {
+            obs.data_volume = Some(self.grow_data_volume(&obs, gb, fence).await?);
+        }
         let id = obs.instance_id.clone();
         // tokio's clock (not std's), like `wait_until_running`.
         let deadline = tokio::time::Instant::from_std(deadline);
@@ -427,7 +566,10 @@ impl Ec2Compute {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match tokio::time::timeout(left, self.observe_by_id(&id)).await {
                 Ok(Ok(Some(i))) => {
-                    if let Some(next) = observation(&i, true) {
+                    if let Some(mut next) = observation(&i, true) {
+                        // The volume was observed (and grown) above; a poll of the instance
+                        // does not read it again.
+                        next.data_volume = obs.data_volume.take();
                         obs = next;
                     }
                 }
@@ -437,6 +579,110 @@ impl Ec2Compute {
                 Err(_) => return Ok(obs),
             }
         }
+    }
+
+    /// Grows the data volume of the observed instance to `gb` GiB, if it is smaller: at the
+    /// size, or already being given it, nothing is sent. Smaller than the volume is refused
+    /// (EBS volumes cannot shrink). Returns the volume as it now stands.
+    async fn grow_data_volume(
+        &self,
+        obs: &InstanceObservation,
+        gb: u32,
+        fence: &Fence,
+    ) -> Result<DataVolume, AdapterError> {
+        let device = &self.config.data_volume.device_name;
+        let Some(volume) = obs.data_volume.clone() else {
+            return Err(AdapterError::permanent(format!(
+                "instance {} has no data volume at {device} (ec2.data_volume.device_name), so it \
+                 cannot be given {gb} GiB: it was launched without one, or with another device \
+                 name. Replace the machine (or restore the device name), then retry the unit",
+                obs.instance_id
+            ))
+            .with_code(CODE_NO_DATA_VOLUME));
+        };
+        let current = volume.effective_size_gb();
+        if gb < current {
+            return Err(AdapterError::permanent(format!(
+                "the data volume {} of instance {} has {current} GiB and cannot shrink to {gb} \
+                 GiB (EBS volumes only grow); ask for {current} GiB or more",
+                volume.volume_id, obs.instance_id
+            ))
+            .with_code(CODE_VOLUME_SHRINK));
+        }
+        if gb == current {
+            info!(volume_id = %volume.volume_id, size_gb = gb, "data volume has the wanted size");
+            return Ok(volume);
+        }
+        info!(
+            volume_id = %volume.volume_id,
+            from = current,
+            to = gb,
+            "growing the data volume (ModifyVolume)"
+        );
+        let started = volume.modification.as_ref().and_then(|m| m.started_at);
+        fence.check()?;
+        let out = self
+            .client
+            .modify_volume()
+            .volume_id(&volume.volume_id)
+            .size(i32::try_from(gb).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(|e| {
+                volume_change_refused(
+                    classify("ModifyVolume", &e),
+                    e.message(),
+                    &volume.volume_id,
+                    started,
+                    SystemTime::now(),
+                )
+            })?;
+        Ok(DataVolume {
+            modification: out
+                .volume_modification()
+                .map(modification)
+                .or(volume.modification.clone()),
+            ..volume
+        })
+    }
+
+    /// One page of live managed instances, optionally of one resource.
+    async fn list(&self, req: &ListMachinesRequest) -> Result<MachinePage, AdapterError> {
+        let resource = req.resource_id.map(|r| r.to_string());
+        let mut filters = vec![
+            filter(&format!("tag:{TAG_MANAGED}"), ["true"]),
+            filter("instance-state-name", LIVE_STATES),
+        ];
+        if let Some(r) = &resource {
+            filters.push(filter(&format!("tag:{TAG_RESOURCE}"), [r.as_str()]));
+        }
+        let (min, max) = LIST_PAGE_BOUNDS;
+        let size = req
+            .page_size
+            .unwrap_or(DEFAULT_LIST_PAGE_SIZE)
+            .clamp(min, max);
+        let page = self
+            .client
+            .describe_instances()
+            .set_filters(Some(filters))
+            .max_results(i32::try_from(size).unwrap_or(1000))
+            .set_next_token(req.page_token.clone())
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstances", &e))?;
+        let machines = page
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(managed_machine)
+            .collect();
+        Ok(MachinePage {
+            machines,
+            next_page_token: page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned),
+        })
     }
 
     async fn terminate(
@@ -563,6 +809,7 @@ impl Compute for Ec2Compute {
             launch_token = %token,
             resource_id = %request.resource_id,
             plan = %request.plan,
+            data_volume_gb = request.data_volume_gb,
         );
         Box::pin(
             self.resize(token, request, deadline, fence)
@@ -584,6 +831,18 @@ impl Compute for Ec2Compute {
         );
         Box::pin(self.terminate(request, fence).instrument(span))
     }
+
+    fn list_managed_machines<'a>(
+        &'a self,
+        request: &'a ListMachinesRequest,
+    ) -> BoxFuture<'a, Result<MachinePage, AdapterError>> {
+        let span = info_span!(
+            "ec2.list_managed_machines",
+            region = %self.config.region,
+            resource_id = request.resource_id.map(|r| r.to_string()).unwrap_or_default(),
+        );
+        Box::pin(self.list(request).instrument(span))
+    }
 }
 
 /// What `RunInstances` is called with, resolved once per attempt.
@@ -592,6 +851,7 @@ struct LaunchParams {
     image_id: String,
     instance_type: String,
     subnet_id: Option<String>,
+    data_volume_gb: Option<u32>,
 }
 
 /// The next step of a resize, from the observed state and whether the type is already right.
@@ -733,7 +993,71 @@ pub(crate) fn observation(i: &Instance, adopted: bool) -> Option<InstanceObserva
             .map(str::to_owned),
         subnet_id: i.subnet_id().map(str::to_owned),
         instance_type: i.instance_type().map(|t| t.as_str().to_owned()),
+        data_volume: None,
         adopted,
+    })
+}
+
+/// The id of the EBS volume `i` has at `device`, from its block device mappings.
+pub(crate) fn data_volume_id(i: &Instance, device: &str) -> Option<String> {
+    i.block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(device))
+        .and_then(|m| m.ebs())
+        .and_then(|ebs| ebs.volume_id())
+        .map(str::to_owned)
+}
+
+/// The most recently started of a volume's modifications (AWS reports the latest per volume;
+/// moto reports them all).
+fn latest_modification(all: &[Ec2Modification]) -> Option<VolumeModification> {
+    all.iter()
+        .max_by_key(|m| m.start_time().map(|t| (t.secs(), t.subsec_nanos())))
+        .map(modification)
+}
+
+/// The SDK-neutral view of an EBS volume modification.
+fn modification(m: &Ec2Modification) -> VolumeModification {
+    VolumeModification {
+        state: m
+            .modification_state()
+            .map(|s| VolumeModificationState::parse(s.as_str()))
+            .unwrap_or(VolumeModificationState::Unknown),
+        target_size_gb: m.target_size().map(|s| gib(Some(s))),
+        started_at: m.start_time().and_then(system_time),
+    }
+}
+
+/// A size EC2 reports as `i32` GiB; absent or negative reads as 0.
+fn gib(size: Option<i32>) -> u32 {
+    size.and_then(|s| u32::try_from(s).ok()).unwrap_or(0)
+}
+
+fn system_time(t: &DateTime) -> Option<SystemTime> {
+    SystemTime::try_from(*t).ok()
+}
+
+fn tag_value<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// The listing's view of a managed instance; `None` if it has no id. Tags that are missing or
+/// malformed read as `None` (the sweep reports such a machine as belonging to no resource).
+pub(crate) fn managed_machine(i: &Instance) -> Option<ManagedMachine> {
+    Some(ManagedMachine {
+        instance_id: i.instance_id()?.to_owned(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| InstanceState::parse(n.as_str()))
+            .unwrap_or(InstanceState::Unknown),
+        resource_id: tag_value(i, TAG_RESOURCE).and_then(|v| Uuid::parse_str(v).ok()),
+        launch_token: tag_value(i, TAG_TOKEN).and_then(|v| IdempotencyToken::parse(v).ok()),
+        tenant: tag_value(i, TAG_TENANT).map(str::to_owned),
+        launch_time: i.launch_time().and_then(system_time),
     })
 }
 
@@ -751,6 +1075,7 @@ mod tests {
             availability_zone: None,
             subnet_id: None,
             instance_type: None,
+            data_volume: None,
             adopted: false,
         }
     }
@@ -894,6 +1219,7 @@ mod tests {
             image_id: None,
             instance_type: None,
             subnet_id: Some("subnet-pinned".into()),
+            data_volume_gb: Some(20),
         };
         let p = c.launch_params(&token, &req).unwrap();
         assert_eq!(
@@ -901,6 +1227,15 @@ mod tests {
             ("ami-large", "m6i.large")
         );
         assert_eq!(p.subnet_id.as_deref(), Some("subnet-pinned"));
+        assert_eq!(p.data_volume_gb, Some(20));
+        let m = c.data_volume_mapping(20);
+        assert_eq!(m.device_name(), Some("/dev/sdf"));
+        let ebs = m.ebs().unwrap();
+        assert_eq!(ebs.volume_size(), Some(20));
+        assert_eq!(ebs.volume_type(), Some(&VolumeType::Gp3));
+        assert_eq!(ebs.delete_on_termination(), Some(true));
+        assert_eq!(ebs.encrypted(), Some(true));
+        assert_eq!(ebs.kms_key_id(), None);
         req.plan = "kvx.unknown".into();
         req.instance_type = Some("t3.nano".into());
         let p = c.launch_params(&token, &req).unwrap();
@@ -909,9 +1244,91 @@ mod tests {
             ("ami-default", "t3.nano")
         );
 
+        req.data_volume_gb = Some(0);
+        let e = c.launch_params(&token, &req).unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("ec2-bad-volume-size"));
+
         let c = Ec2Compute::from_client(c.client.clone(), Ec2Config::new("us-east-1"));
         let e = c.launch_params(&token, &req).unwrap_err();
         assert_eq!(e.class, ErrorClass::Permanent);
         assert!(e.message.contains("default_image_id"), "{e}");
+    }
+
+    #[test]
+    fn the_data_volume_is_found_by_its_device_and_its_latest_modification_counts() {
+        use aws_sdk_ec2::types::{
+            EbsInstanceBlockDevice, InstanceBlockDeviceMapping, VolumeModificationState as S,
+        };
+        let mapping = |device: &str, id: &str| {
+            InstanceBlockDeviceMapping::builder()
+                .device_name(device)
+                .ebs(EbsInstanceBlockDevice::builder().volume_id(id).build())
+                .build()
+        };
+        let i = Instance::builder()
+            .instance_id("i-1")
+            .block_device_mappings(mapping("/dev/xvda", "vol-root"))
+            .block_device_mappings(mapping("/dev/sdf", "vol-data"))
+            .build();
+        assert_eq!(data_volume_id(&i, "/dev/sdf").as_deref(), Some("vol-data"));
+        assert_eq!(data_volume_id(&i, "/dev/sdg"), None);
+
+        let m = |secs, state, target| {
+            Ec2Modification::builder()
+                .start_time(DateTime::from_secs(secs))
+                .modification_state(state)
+                .target_size(target)
+                .build()
+        };
+        let latest = latest_modification(&[
+            m(100, S::Completed, 20),
+            m(300, S::Optimizing, 40),
+            m(200, S::Completed, 30),
+        ])
+        .unwrap();
+        assert_eq!(latest.state, VolumeModificationState::Optimizing);
+        assert_eq!(latest.target_size_gb, Some(40));
+        assert_eq!(
+            latest.started_at,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(300))
+        );
+        assert_eq!(latest_modification(&[]), None);
+        assert_eq!(gib(Some(-1)), 0);
+    }
+
+    #[test]
+    fn managed_machines_read_their_tags_and_tolerate_bad_ones() {
+        use aws_sdk_ec2::types::{InstanceState as Ec2State, InstanceStateName};
+        let resource = Uuid::new_v4();
+        let i = Instance::builder()
+            .instance_id("i-1")
+            .state(Ec2State::builder().name(InstanceStateName::Stopped).build())
+            .launch_time(DateTime::from_secs(1_700_000_000))
+            .tags(tag(TAG_RESOURCE, &resource.to_string()))
+            .tags(tag(TAG_TOKEN, "tok-1"))
+            .tags(tag(TAG_TENANT, "acme"))
+            .build();
+        let m = managed_machine(&i).unwrap();
+        assert_eq!(m.instance_id, "i-1");
+        assert_eq!(m.state, InstanceState::Stopped);
+        assert_eq!(m.resource_id, Some(resource));
+        assert_eq!(m.launch_token.as_ref().map(|t| t.as_str()), Some("tok-1"));
+        assert_eq!(m.tenant.as_deref(), Some("acme"));
+        assert_eq!(
+            m.launch_time,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        let bad = Instance::builder()
+            .instance_id("i-2")
+            .tags(tag(TAG_RESOURCE, "not-a-uuid"))
+            .tags(tag(TAG_TOKEN, &"x".repeat(65)))
+            .build();
+        let m = managed_machine(&bad).unwrap();
+        assert_eq!(
+            (m.resource_id, m.launch_token, m.tenant),
+            (None, None, None)
+        );
+        assert_eq!(m.state, InstanceState::Unknown);
+        assert!(managed_machine(&Instance::builder().build()).is_none());
     }
 }

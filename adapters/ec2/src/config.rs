@@ -17,6 +17,20 @@ use serde::Deserialize;
 /// The instance type used when neither the spec nor the plan names one.
 pub const DEFAULT_INSTANCE_TYPE: &str = "t3.micro";
 
+/// The device name of the data volume unless `data_volume.device_name` says otherwise.
+pub const DEFAULT_DATA_VOLUME_DEVICE: &str = "/dev/sdf";
+
+/// The EBS volume type of the data volume unless `data_volume.volume_type` says otherwise.
+pub const DEFAULT_DATA_VOLUME_TYPE: &str = "gp3";
+
+/// EBS volume types a data volume may have: those that need nothing but a size (`io1` and `io2`
+/// need provisioned IOPS, which the adapter does not set).
+const DATA_VOLUME_TYPES: [&str; 5] = ["gp3", "gp2", "st1", "sc1", "standard"];
+
+/// Device names AMIs use for their root volume: a data volume there would replace the root
+/// volume's mapping instead of adding a disk.
+const ROOT_DEVICES: [&str; 4] = ["/dev/sda1", "/dev/sda", "/dev/xvda", "xvda"];
+
 /// How the EC2 adapter reaches EC2 and what it launches.
 ///
 /// ```toml
@@ -33,9 +47,17 @@ pub const DEFAULT_INSTANCE_TYPE: &str = "t3.micro";
 /// image_id = "ami-0bbb"
 /// instance_type = "m6i.large"
 ///
+/// [ec2.data_volume]               # the defaults
+/// device_name = "/dev/sdf"
+/// volume_type = "gp3"
+/// encrypted = true
+///
 /// [ec2.timeouts]
 /// connect_ms = 3000
 /// ```
+///
+/// One `Ec2Config` is one region; [`Ec2Regions`](crate::Ec2Regions) reads either this form or
+/// one `[ec2.regions.<name>]` table per region.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ec2Config {
@@ -67,6 +89,9 @@ pub struct Ec2Config {
     /// When false it returns right after launching or adopting.
     #[serde(default = "default_true")]
     pub wait_for_running: bool,
+    /// The data volume added to a launch that asks for one (`data_volume_gb`).
+    #[serde(default)]
+    pub data_volume: DataVolumeConfig,
     /// Timeouts and polling.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
@@ -86,6 +111,36 @@ pub struct PlanConfig {
     /// The instance type for this plan, e.g. `t3.small`.
     #[serde(default)]
     pub instance_type: Option<String>,
+}
+
+/// How the data volume of a launch is made (an EBS volume in `RunInstances`' block device
+/// mappings). Its size comes from the request; it is always deleted with the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataVolumeConfig {
+    /// The device name the instance sees it under (default `/dev/sdf`); also how the adapter
+    /// finds it again in the instance's block device mappings, so changing it later hides the
+    /// data volumes of machines already launched.
+    pub device_name: String,
+    /// The EBS volume type (default `gp3`): `gp3`, `gp2`, `st1`, `sc1` or `standard`.
+    pub volume_type: String,
+    /// Whether the volume is encrypted (default true). Sent explicitly, so the account's
+    /// "encryption by default" setting does not decide it.
+    pub encrypted: bool,
+    /// The KMS key (id, ARN or alias) that encrypts it; the account's default EBS key when
+    /// absent. The engine's IAM identity needs grants on it (see the Terraform module).
+    pub kms_key_id: Option<String>,
+}
+
+impl Default for DataVolumeConfig {
+    fn default() -> Self {
+        Self {
+            device_name: DEFAULT_DATA_VOLUME_DEVICE.to_owned(),
+            volume_type: DEFAULT_DATA_VOLUME_TYPE.to_owned(),
+            encrypted: true,
+            kms_key_id: None,
+        }
+    }
 }
 
 /// Timeouts of EC2 calls and of waiting for `running`, in milliseconds.
@@ -134,6 +189,20 @@ pub enum ConfigError {
     /// `region` is empty.
     #[error("ec2.region must be set (e.g. \"eu-west-1\")")]
     MissingRegion,
+    /// `region` is not a region code.
+    #[error("{0:?} is not an AWS region code (e.g. \"eu-west-1\", \"us-gov-west-1\")")]
+    BadRegion(String),
+    /// A `data_volume` setting is unusable.
+    #[error("ec2.data_volume.{setting}: {problem}")]
+    BadDataVolume {
+        /// The setting.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The `[ec2]` table configures no region, or one region twice.
+    #[error("{0}")]
+    Regions(String),
     /// `endpoint_url` is not an http(s) URL.
     #[error("ec2.endpoint_url must start with http:// or https:// (got {0:?})")]
     BadEndpoint(String),
@@ -154,6 +223,7 @@ impl Ec2Config {
             subnet_ids: Vec::new(),
             security_group_ids: Vec::new(),
             wait_for_running: true,
+            data_volume: DataVolumeConfig::default(),
             timeouts: TimeoutsConfig::default(),
             max_attempts: default_max_attempts(),
         }
@@ -167,6 +237,10 @@ impl Ec2Config {
         if self.region.trim().is_empty() {
             return Err(ConfigError::MissingRegion);
         }
+        if !is_region_code(&self.region) {
+            return Err(ConfigError::BadRegion(self.region.clone()));
+        }
+        self.data_volume.validate()?;
         if let Some(url) = &self.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -258,6 +332,69 @@ impl Ec2Config {
     }
 }
 
+impl DataVolumeConfig {
+    /// Checks the settings AWS would otherwise refuse at the first launch, or silently misuse.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadDataVolume`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting, problem: String| Err(ConfigError::BadDataVolume { setting, problem });
+        let device = self.device_name.trim();
+        if device.is_empty() || device.contains(char::is_whitespace) {
+            return bad(
+                "device_name",
+                format!(
+                    "{:?} is not a device name such as /dev/sdf",
+                    self.device_name
+                ),
+            );
+        }
+        if ROOT_DEVICES.contains(&device) {
+            return bad(
+                "device_name",
+                format!(
+                    "{device} is where images keep their root volume; choose another device \
+                     (e.g. /dev/sdf)"
+                ),
+            );
+        }
+        if !DATA_VOLUME_TYPES.contains(&self.volume_type.as_str()) {
+            return bad(
+                "volume_type",
+                format!(
+                    "{:?} is not one of {} (io1 and io2 need provisioned IOPS, which setpoint \
+                     does not set)",
+                    self.volume_type,
+                    DATA_VOLUME_TYPES.join(", ")
+                ),
+            );
+        }
+        match &self.kms_key_id {
+            Some(k) if k.trim().is_empty() => bad("kms_key_id", "is empty; omit it".into()),
+            Some(_) if !self.encrypted => bad(
+                "kms_key_id",
+                "is set but encrypted = false: a key only encrypts an encrypted volume".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// True for AWS region codes: two letters, one or more words, a number (`eu-west-1`,
+/// `us-gov-west-1`, `ap-southeast-4`).
+pub(crate) fn is_region_code(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[0].bytes().all(|b| b.is_ascii_lowercase())
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +427,85 @@ mod tests {
         assert_eq!(c.default_instance_type, DEFAULT_INSTANCE_TYPE);
         c.validate().unwrap();
         assert!(toml::from_str::<Ec2Config>("region = \"x\"\nsecret_key = \"k\"").is_err());
+        assert_eq!(c.data_volume, DataVolumeConfig::default());
+        assert_eq!(c.data_volume.device_name, "/dev/sdf");
+        assert!(c.data_volume.encrypted);
+
+        let c: Ec2Config = toml::from_str(
+            "region = \"us-east-1\"\n[data_volume]\ndevice_name = \"/dev/sdg\"\n\
+             kms_key_id = \"alias/setpoint\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.data_volume.device_name, "/dev/sdg");
+        assert_eq!(c.data_volume.volume_type, "gp3");
+        assert_eq!(c.data_volume.kms_key_id.as_deref(), Some("alias/setpoint"));
+        c.validate().unwrap();
+        let e = toml::from_str::<Ec2Config>("region = \"us-east-1\"\n[data_volume]\nsize = 3\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+    }
+
+    #[test]
+    fn data_volume_settings_are_checked_by_name() {
+        let check = |f: fn(&mut DataVolumeConfig)| {
+            let mut c = Ec2Config::new("us-east-1");
+            f(&mut c.data_volume);
+            c.validate()
+        };
+        for (f, setting) in [
+            (
+                (|d: &mut DataVolumeConfig| d.device_name = "/dev/xvda".into())
+                    as fn(&mut DataVolumeConfig),
+                "device_name",
+            ),
+            (|d| d.device_name = " ".into(), "device_name"),
+            (|d| d.volume_type = "io2".into(), "volume_type"),
+            (
+                |d| {
+                    d.encrypted = false;
+                    d.kms_key_id = Some("k".into());
+                },
+                "kms_key_id",
+            ),
+        ] {
+            match check(f) {
+                Err(ConfigError::BadDataVolume {
+                    setting: s,
+                    problem,
+                }) => {
+                    assert_eq!(s, setting, "{problem}");
+                }
+                other => panic!("{setting}: {other:?}"),
+            }
+        }
+        check(|d| d.encrypted = false).unwrap();
+    }
+
+    #[test]
+    fn region_codes() {
+        for ok in [
+            "eu-west-1",
+            "us-gov-west-1",
+            "ap-southeast-4",
+            "il-central-1",
+        ] {
+            assert!(is_region_code(ok), "{ok}");
+        }
+        for bad in [
+            "x",
+            "eu_west_1",
+            "EU-west-1",
+            "eu-west",
+            "eu--1",
+            "europe-west-1",
+            "eu-west-1a",
+        ] {
+            assert!(!is_region_code(bad), "{bad}");
+        }
+        assert_eq!(
+            Ec2Config::new("eu-west-1a").validate(),
+            Err(ConfigError::BadRegion("eu-west-1a".into()))
+        );
     }
 
     #[test]

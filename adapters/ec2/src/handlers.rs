@@ -2,7 +2,8 @@
 //! any [`Compute`] (normally [`Ec2Compute`]).
 //!
 //! Both record on the resource (observed state): `ec2_instance_id`, `ec2_state`, `private_ip`,
-//! `availability_zone`, `ec2_subnet_id`, `ec2_adopted` for ensure; `ec2_state` and
+//! `availability_zone`, `ec2_subnet_id`, `ec2_adopted`, and with a data volume
+//! `ec2_data_volume_id` and `ec2_data_volume_gb` for ensure; `ec2_state` and
 //! `ec2_terminated_ids` for terminate.
 
 use std::sync::Arc;
@@ -49,6 +50,9 @@ pub struct EnsureInstanceSpec {
     /// Pins the subnet (otherwise chosen from `ec2.subnet_ids` by the token).
     #[serde(default)]
     pub subnet_id: Option<String>,
+    /// Size in GiB of a data volume to launch with (none when absent).
+    #[serde(default)]
+    pub data_volume_gb: Option<u32>,
 }
 
 /// The spec of an `ec2.terminate-instance` unit. Every field is optional; the resource defaults
@@ -119,6 +123,7 @@ impl<C: Compute> TypedHandler for EnsureInstance<C> {
             image_id: spec.image_id,
             instance_type: spec.instance_type,
             subnet_id: spec.subnet_id,
+            data_volume_gb: spec.data_volume_gb,
         };
         ctx.record_call(format!("ec2:ensure-instance token={}", ctx.token));
         let obs = self
@@ -134,6 +139,7 @@ impl<C: Compute> TypedHandler for EnsureInstance<C> {
             .with_code("ec2-instance-pending")
             .with_retry_after(PENDING_RETRY_AFTER));
         }
+        let volume = obs.data_volume.as_ref();
         Ok(Outcome::done().observed(json!({
             "ec2_instance_id": obs.instance_id,
             "ec2_state": obs.state.as_str(),
@@ -141,6 +147,8 @@ impl<C: Compute> TypedHandler for EnsureInstance<C> {
             "availability_zone": obs.availability_zone,
             "ec2_subnet_id": obs.subnet_id,
             "ec2_adopted": obs.adopted,
+            "ec2_data_volume_id": volume.map(|v| &v.volume_id),
+            "ec2_data_volume_gb": volume.map(|v| v.size_gb),
         })))
     }
 }
@@ -240,6 +248,7 @@ mod tests {
                 availability_zone: Some("us-east-1a".into()),
                 subnet_id: None,
                 instance_type: Some("t3.micro".into()),
+                data_volume: None,
                 adopted: true,
             })
         })

@@ -16,6 +16,16 @@
 //! it, changes its type while stopped, or starts it; already running at the wanted type, it
 //! does nothing. A retry after a crash continues from the state the instance is in.
 //!
+//! ## A data volume per machine, grown in place
+//! A launch with `data_volume_gb` adds an encrypted EBS volume (deleted with the instance) and
+//! tags it like the instance; a resize grows it with `ModifyVolume` and never shrinks it. EBS's
+//! limit on volume changes makes the unit wait ([`setpoint_adapter::AdapterError::waiting`]),
+//! not fail.
+//!
+//! ## One region per `Ec2Compute`
+//! [`Ec2Regions`] reads the `[ec2]` table (one region, or `[ec2.regions.<name>]` tables); an
+//! engine serving several regions builds one [`Ec2Compute`] per region.
+//!
 //! ## Using it in the engine
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,7 +39,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`]: [`Ec2Config`] (the `[ec2]` TOML table) and building the client.
+//! - [`config`]: [`Ec2Config`] (one region's settings) and building the client.
+//! - [`regions`]: [`Ec2Regions`] (the `[ec2]` table: one region or several).
 //! - [`compute`]: [`Ec2Compute`], tags, failpoints, waiting for `running`.
 //! - [`classify`](mod@classify): the one function that makes EC2 failures transient or permanent.
 //! - [`handlers`](mod@handlers): the `ec2.*` work kinds.
@@ -41,14 +52,22 @@ pub mod classify;
 pub mod compute;
 pub mod config;
 pub mod handlers;
+pub mod regions;
 
-pub use classify::{CAPACITY_RETRY_AFTER, THROTTLE_RETRY_AFTER, classify, classify_code};
-pub use compute::{
-    Ec2Compute, FAILPOINT_AFTER_RUN, FAILPOINT_BEFORE_RUN, TAG_MANAGED, TAG_RESOURCE, TAG_TENANT,
-    TAG_TOKEN,
+pub use classify::{
+    CAPACITY_RETRY_AFTER, THROTTLE_RETRY_AFTER, VOLUME_BUSY_RETRY_AFTER, VOLUME_COOLDOWN,
+    VOLUME_RATE_RECHECK, classify, classify_code, volume_change_refused,
 };
-pub use config::{ConfigError, DEFAULT_INSTANCE_TYPE, Ec2Config, PlanConfig, TimeoutsConfig};
+pub use compute::{
+    CODE_NO_DATA_VOLUME, DEFAULT_LIST_PAGE_SIZE, Ec2Compute, FAILPOINT_AFTER_RUN,
+    FAILPOINT_BEFORE_RUN, TAG_MANAGED, TAG_RESOURCE, TAG_TENANT, TAG_TOKEN,
+};
+pub use config::{
+    ConfigError, DEFAULT_DATA_VOLUME_DEVICE, DEFAULT_DATA_VOLUME_TYPE, DEFAULT_INSTANCE_TYPE,
+    DataVolumeConfig, Ec2Config, PlanConfig, TimeoutsConfig,
+};
 pub use handlers::{
     EnsureInstance, EnsureInstanceSpec, KIND_ENSURE_INSTANCE, KIND_TERMINATE_INSTANCE,
     PENDING_RETRY_AFTER, TerminateInstance, TerminateInstanceSpec, handlers,
 };
+pub use regions::Ec2Regions;

@@ -56,6 +56,7 @@ async fn launch(ec2: &Ec2Compute) -> (IdempotencyToken, ResizeRequest, InstanceO
         resource_id: req.resource_id,
         plan: "kvx.medium".into(),
         instance_type: None,
+        data_volume_gb: None,
     };
     (token, resize, obs)
 }

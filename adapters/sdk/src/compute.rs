@@ -3,13 +3,14 @@
 //! [`Compute`] is what the engine's KVX workflows call for a machine; `setpoint-ec2` implements
 //! it on Amazon EC2, and another cloud implements it in its own crate. The request and result
 //! types are plain named structs so a workflow reads `observation.private_ip`, not JSON.
-//! Four operations: ensure (launch once per token), describe, resize (change the size of the
-//! machine a token launched) and terminate.
+//! Five operations: ensure (launch once per token), describe, resize (change the size of the
+//! machine a token launched, and grow its data volume), terminate, and a read-only listing of
+//! every live machine the provider manages (to adopt or report machines no resource records).
 //! [`NopCompute`] and [`ComputeFns`] are test doubles for code that only needs *a* compute.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -46,6 +47,10 @@ pub struct InstanceRequest {
     /// its configuration and the token, so every retry of a token lands in the same place.
     #[serde(default)]
     pub subnet_id: Option<String>,
+    /// Size in GiB of the machine's data volume, made with the machine and deleted with it (EC2:
+    /// an EBS volume in the launch's block device mappings). `None`: no data volume.
+    #[serde(default)]
+    pub data_volume_gb: Option<u32>,
 }
 
 /// The life-cycle state of a machine, as the provider reports it.
@@ -129,14 +134,107 @@ pub struct InstanceObservation {
     /// Its size (EC2 instance type, e.g. `t3.small`), when the provider reports one.
     #[serde(default)]
     pub instance_type: Option<String>,
+    /// Its data volume, when it has one and the provider could read it.
+    #[serde(default)]
+    pub data_volume: Option<DataVolume>,
     /// True when the machine was made by an earlier attempt with the same token and this call
     /// adopted it instead of creating one; false when this call created it. Only informative:
     /// the engine treats both the same.
     pub adopted: bool,
 }
 
+/// A machine's data volume as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataVolume {
+    /// The provider's id of the volume (EBS volume id `vol-…`).
+    pub volume_id: String,
+    /// Its size in GiB as the provider reports it now. While a modification is under way the
+    /// provider may still report the old size: `modification` has the target.
+    pub size_gb: u32,
+    /// The latest change of the volume's size or type, if it was ever changed.
+    #[serde(default)]
+    pub modification: Option<VolumeModification>,
+}
+
+impl DataVolume {
+    /// The size the volume has or is being given: the larger of `size_gb` and the target of a
+    /// modification that has not failed. What a resize compares the wanted size with.
+    pub fn effective_size_gb(&self) -> u32 {
+        match &self.modification {
+            Some(m) if m.state != VolumeModificationState::Failed => {
+                self.size_gb.max(m.target_size_gb.unwrap_or(0))
+            }
+            _ => self.size_gb,
+        }
+    }
+}
+
+/// The latest modification of a data volume (EC2: `DescribeVolumesModifications`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeModification {
+    /// Where it stands.
+    pub state: VolumeModificationState,
+    /// The size in GiB it gives the volume, when it changes the size.
+    #[serde(default)]
+    pub target_size_gb: Option<u32>,
+    /// When it started (providers limit how often a volume may change, counted from here).
+    #[serde(default)]
+    pub started_at: Option<SystemTime>,
+}
+
+/// The state of a volume modification (the same names as EBS's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeModificationState {
+    /// Being applied; the new size is not usable yet.
+    Modifying,
+    /// The new size is usable; performance is still being adjusted.
+    Optimizing,
+    /// Done.
+    Completed,
+    /// Failed; the volume kept its previous settings.
+    Failed,
+    /// A state this crate does not know.
+    Unknown,
+}
+
+impl VolumeModificationState {
+    /// `modifying`, `optimizing`, `completed`, `failed` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeModificationState::Modifying => "modifying",
+            VolumeModificationState::Optimizing => "optimizing",
+            VolumeModificationState::Completed => "completed",
+            VolumeModificationState::Failed => "failed",
+            VolumeModificationState::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a name as [`VolumeModificationState::as_str`] writes it; anything else is
+    /// `Unknown`.
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "modifying" => VolumeModificationState::Modifying,
+            "optimizing" => VolumeModificationState::Optimizing,
+            "completed" => VolumeModificationState::Completed,
+            "failed" => VolumeModificationState::Failed,
+            _ => VolumeModificationState::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for VolumeModificationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The error code of a [`Compute::resize_instance`] that finds no live machine for its token.
 pub const CODE_MACHINE_NOT_FOUND: &str = "machine-not-found";
+
+/// The error code of a [`Compute::resize_instance`] asked for a data volume smaller than the
+/// one the machine has (volumes only grow).
+pub const CODE_VOLUME_SHRINK: &str = "volume-shrink";
 
 /// What size a [`Compute::resize_instance`] call gives a machine.
 ///
@@ -152,6 +250,11 @@ pub struct ResizeRequest {
     /// Overrides the plan's machine size (instance type on EC2).
     #[serde(default)]
     pub instance_type: Option<String>,
+    /// The wanted size in GiB of the machine's data volume. A larger size grows the volume in
+    /// place; the same size changes nothing; a smaller one is refused ([`CODE_VOLUME_SHRINK`]).
+    /// `None` leaves the volume alone.
+    #[serde(default)]
+    pub data_volume_gb: Option<u32>,
 }
 
 /// Which machines a [`Compute::terminate_instance`] call removes.
@@ -189,6 +292,48 @@ pub struct TerminateOutcome {
     pub already_gone: Vec<String>,
 }
 
+/// Which managed machines a [`Compute::list_managed_machines`] call returns: one page of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListMachinesRequest {
+    /// Only the machines tagged with this resource; all managed machines when absent.
+    #[serde(default)]
+    pub resource_id: Option<Uuid>,
+    /// Where to continue: the `next_page_token` of the previous page; the first page when
+    /// absent.
+    #[serde(default)]
+    pub page_token: Option<String>,
+    /// At most this many machines per page (a hint: the provider may clamp it to its own
+    /// limits, and may return fewer, even none, on a page that is not the last).
+    #[serde(default)]
+    pub page_size: Option<u32>,
+}
+
+/// One live machine the provider manages, as its tags describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedMachine {
+    /// The provider's id of the machine.
+    pub instance_id: String,
+    /// Its state (never gone: only live machines are listed).
+    pub state: InstanceState,
+    /// The resource it was launched for; `None` when the tag is missing or not a resource id.
+    pub resource_id: Option<Uuid>,
+    /// The token that launched it; `None` when the tag is missing or not a token.
+    pub launch_token: Option<IdempotencyToken>,
+    /// The tenant it was launched for; `None` when the tag is missing.
+    pub tenant: Option<String>,
+    /// When it was launched, when the provider reports it.
+    pub launch_time: Option<SystemTime>,
+}
+
+/// One page of [`Compute::list_managed_machines`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachinePage {
+    /// The machines on this page.
+    pub machines: Vec<ManagedMachine>,
+    /// Pass it as `page_token` for the next page; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
 /// Virtual machines, one per resource, identified by the idempotency token that launched them.
 ///
 /// # Rules every implementation keeps
@@ -205,9 +350,9 @@ pub struct TerminateOutcome {
 /// - **Cancel-safe.** The engine may drop a returned future at any await point (shutdown, a
 ///   lost lease); the next attempt with the same token must still converge.
 /// - **Fenced.** A mutating method calls [`Fence::check`] on its `fence` immediately before
-///   every call that changes the world (launch, stop, resize, start, terminate), so an attempt
-///   that lost its unit stops before another attempt acts; it changes nothing once the check
-///   fails.
+///   every call that changes the world (launch, stop, resize, grow a volume, start, terminate),
+///   so an attempt that lost its unit stops before another attempt acts; it changes nothing
+///   once the check fails.
 pub trait Compute: Send + Sync + 'static {
     /// Makes sure one machine exists for `token`, launching it only if no earlier attempt did.
     ///
@@ -240,8 +385,8 @@ pub trait Compute: Send + Sync + 'static {
         token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>>;
 
-    /// Gives the machine launched with `token` the size `request` asks for, and leaves it
-    /// running.
+    /// Gives the machine launched with `token` the size `request` asks for, grows its data
+    /// volume to `request.data_volume_gb` when that is larger, and leaves the machine running.
     ///
     /// Called by the update workflow's resize unit on every run and retry, with the token that
     /// *launched* the machine (recorded on the resource), not the unit's own token.
@@ -253,7 +398,10 @@ pub trait Compute: Send + Sync + 'static {
     ///   attempt meant to do, so a retry after a crash at any point (stopping, stopped with
     ///   the old size, stopped with the new size, starting) converges.
     /// - **Touches one machine.** It may stop, resize and start only the live managed machine
-    ///   launched with `token`; it never launches or terminates anything.
+    ///   launched with `token`, and grow only that machine's data volume; it never launches or
+    ///   terminates anything.
+    /// - **Volumes only grow.** The data volume is observed first: at the wanted size (or being
+    ///   given it) nothing is sent; larger than wanted is refused before anything changes.
     /// - **Bounded.** It returns no later than `deadline` (plus one provider call) with what it
     ///   sees. The result is [`InstanceState::Running`] only once the machine runs with the
     ///   wanted size; any other state means the resize is under way and the caller should call
@@ -264,10 +412,13 @@ pub trait Compute: Send + Sync + 'static {
     ///
     /// # Errors
     /// Permanent with code [`CODE_MACHINE_NOT_FOUND`] when no live managed machine carries
-    /// `token` (terminated outside setpoint: the resync heals it); permanent for a size the
-    /// provider does not offer or no permission; transient for throttling, capacity (the new
-    /// size may be unavailable in the zone), a state that forbids a step right now, timeouts,
-    /// 5xx and connection failures.
+    /// `token` (terminated outside setpoint: the resync heals it); permanent with
+    /// [`CODE_VOLUME_SHRINK`] for a data volume smaller than the machine's; permanent for a size
+    /// the provider does not offer or no permission; [`AdapterError::waiting`] when the provider
+    /// allows no change of the volume yet (EBS: a limit on modifications per volume, or the
+    /// previous one still under way); transient for throttling, capacity (the new size may be
+    /// unavailable in the zone), a state that forbids a step right now, timeouts, 5xx and
+    /// connection failures.
     fn resize_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -290,6 +441,24 @@ pub trait Compute: Send + Sync + 'static {
         request: &'a TerminateRequest,
         fence: &'a Fence,
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>>;
+
+    /// One page of the live machines the provider manages (EC2: tagged `setpoint:managed=true`,
+    /// not shutting down or terminated), optionally only those of one resource.
+    ///
+    /// Read-only: it changes nothing, takes no token and needs no fence. The engine calls it
+    /// (a) before launching for a resource that records no machine, to adopt or terminate one
+    /// tagged with the resource, and (b) in a periodic sweep that reports managed machines
+    /// belonging to no live resource. Callers page until `next_page_token` is `None`; a page may
+    /// hold fewer machines than asked, even none, without being the last. A listing is a
+    /// snapshot per page: a machine launched or terminated while paging may be missed or seen.
+    ///
+    /// # Errors
+    /// Transient for throttling, timeouts, 5xx and connection failures; permanent for no
+    /// permission or a page token the provider does not accept.
+    fn list_managed_machines<'a>(
+        &'a self,
+        request: &'a ListMachinesRequest,
+    ) -> BoxFuture<'a, Result<MachinePage, AdapterError>>;
 }
 
 impl<C: Compute + ?Sized> Compute for Arc<C> {
@@ -328,12 +497,19 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
     ) -> BoxFuture<'a, Result<TerminateOutcome, AdapterError>> {
         (**self).terminate_instance(token, request, fence)
     }
+
+    fn list_managed_machines<'a>(
+        &'a self,
+        request: &'a ListMachinesRequest,
+    ) -> BoxFuture<'a, Result<MachinePage, AdapterError>> {
+        (**self).list_managed_machines(request)
+    }
 }
 
 /// A [`Compute`] that makes nothing: ensure reports a running machine `i-nop-<token>`, describe
 /// finds nothing, resize reports `i-nop-<token>` running with the asked size (the request's
 /// `instance_type`, or none when only a plan is given), terminate reports everything as already
-/// gone. For engine tests that do not exercise compute.
+/// gone, the listing is empty. For engine tests that do not exercise compute.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NopCompute;
 
@@ -351,6 +527,7 @@ impl NopCompute {
             availability_zone: None,
             subnet_id: None,
             instance_type,
+            data_volume: None,
             adopted,
         }
     }
@@ -408,6 +585,13 @@ impl Compute for NopCompute {
             })
         })
     }
+
+    fn list_managed_machines<'a>(
+        &'a self,
+        _request: &'a ListMachinesRequest,
+    ) -> BoxFuture<'a, Result<MachinePage, AdapterError>> {
+        Box::pin(async { Ok(MachinePage::default()) })
+    }
 }
 
 type EnsureFn = dyn Fn(&IdempotencyToken, &InstanceRequest) -> Result<InstanceObservation, AdapterError>
@@ -421,6 +605,7 @@ type ResizeFn = dyn Fn(&IdempotencyToken, &ResizeRequest) -> Result<InstanceObse
 type TerminateFn = dyn Fn(&IdempotencyToken, &TerminateRequest) -> Result<TerminateOutcome, AdapterError>
     + Send
     + Sync;
+type ListFn = dyn Fn(&ListMachinesRequest) -> Result<MachinePage, AdapterError> + Send + Sync;
 
 /// A [`Compute`] made of closures, for tests: each method calls its closure, or behaves like
 /// [`NopCompute`] when none is set. The closures are synchronous; keep state in an `Arc<Mutex>`
@@ -431,6 +616,7 @@ pub struct ComputeFns {
     describe: Option<Arc<DescribeFn>>,
     resize: Option<Arc<ResizeFn>>,
     terminate: Option<Arc<TerminateFn>>,
+    list: Option<Arc<ListFn>>,
 }
 
 impl ComputeFns {
@@ -488,6 +674,16 @@ impl ComputeFns {
         self.terminate = Some(Arc::new(f));
         self
     }
+
+    /// Sets what [`Compute::list_managed_machines`] does. A closure that simulates a provider
+    /// should page with `page_token`/`page_size` and list only live machines.
+    pub fn on_list(
+        mut self,
+        f: impl Fn(&ListMachinesRequest) -> Result<MachinePage, AdapterError> + Send + Sync + 'static,
+    ) -> Self {
+        self.list = Some(Arc::new(f));
+        self
+    }
 }
 
 impl fmt::Debug for ComputeFns {
@@ -497,6 +693,7 @@ impl fmt::Debug for ComputeFns {
             .field("describe", &self.describe.is_some())
             .field("resize", &self.resize.is_some())
             .field("terminate", &self.terminate.is_some())
+            .field("list", &self.list.is_some())
             .finish()
     }
 }
@@ -555,6 +752,16 @@ impl Compute for ComputeFns {
             None => NopCompute.terminate_instance(token, request, fence),
         }
     }
+
+    fn list_managed_machines<'a>(
+        &'a self,
+        request: &'a ListMachinesRequest,
+    ) -> BoxFuture<'a, Result<MachinePage, AdapterError>> {
+        match &self.list {
+            Some(f) => Box::pin(std::future::ready(f(request))),
+            None => NopCompute.list_managed_machines(request),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -574,6 +781,7 @@ mod tests {
             image_id: None,
             instance_type: None,
             subnet_id: None,
+            data_volume_gb: None,
         }
     }
 
@@ -638,6 +846,7 @@ mod tests {
                 availability_zone: None,
                 subnet_id: None,
                 instance_type: None,
+                data_volume: None,
                 adopted,
             })
         });
@@ -686,6 +895,7 @@ mod tests {
                 availability_zone: None,
                 subnet_id: None,
                 instance_type: Some(size.clone()),
+                data_volume: None,
                 adopted: true,
             })
         });
@@ -698,6 +908,7 @@ mod tests {
             resource_id: Uuid::nil(),
             plan: "kvx.medium".into(),
             instance_type: Some("t3.medium".into()),
+            data_volume_gb: None,
         };
         for _ in 0..2 {
             let seen = compute
@@ -729,5 +940,104 @@ mod tests {
             .unwrap();
         assert_eq!(nop.instance_id, "i-nop-launch-1");
         assert_eq!(nop.instance_type.as_deref(), Some("t3.medium"));
+    }
+
+    #[test]
+    fn a_volume_being_grown_counts_at_its_target_size_unless_that_failed() {
+        let mut v = DataVolume {
+            volume_id: "vol-1".into(),
+            size_gb: 20,
+            modification: None,
+        };
+        assert_eq!(v.effective_size_gb(), 20);
+        for (state, effective) in [
+            (VolumeModificationState::Modifying, 40),
+            (VolumeModificationState::Optimizing, 40),
+            (VolumeModificationState::Completed, 40),
+            (VolumeModificationState::Unknown, 40),
+            (VolumeModificationState::Failed, 20),
+        ] {
+            v.modification = Some(VolumeModification {
+                state,
+                target_size_gb: Some(40),
+                started_at: None,
+            });
+            assert_eq!(v.effective_size_gb(), effective, "{state}");
+            assert_eq!(VolumeModificationState::parse(state.as_str()), state);
+        }
+        // A modification of the type only (no target size) leaves the size as reported.
+        v.modification = Some(VolumeModification {
+            state: VolumeModificationState::Modifying,
+            target_size_gb: None,
+            started_at: None,
+        });
+        assert_eq!(v.effective_size_gb(), 20);
+        let r: ResizeRequest = serde_json::from_value(serde_json::json!({
+            "resource_id": Uuid::nil(), "plan": "kvx.small"
+        }))
+        .unwrap();
+        assert_eq!(r.data_volume_gb, None);
+    }
+
+    /// A provider's listing simulated with the double: pages of `page_size` over live machines,
+    /// filtered by resource; the Nop double lists nothing.
+    #[tokio::test]
+    async fn fns_double_pages_a_listing_and_nop_lists_nothing() {
+        let resource = Uuid::from_u128(7);
+        let machines: Vec<ManagedMachine> = (0..5)
+            .map(|i| ManagedMachine {
+                instance_id: format!("i-{i}"),
+                state: if i == 2 {
+                    InstanceState::Stopped
+                } else {
+                    InstanceState::Running
+                },
+                resource_id: Some(if i < 3 { resource } else { Uuid::nil() }),
+                launch_token: IdempotencyToken::parse(format!("t-{i}")).ok(),
+                tenant: Some("acme".into()),
+                launch_time: Some(SystemTime::UNIX_EPOCH),
+            })
+            .collect();
+        let compute = ComputeFns::new().on_list(move |req| {
+            let all: Vec<&ManagedMachine> = machines
+                .iter()
+                .filter(|m| req.resource_id.is_none() || m.resource_id == req.resource_id)
+                .collect();
+            let start: usize = req.page_token.as_deref().map_or(0, |t| t.parse().unwrap());
+            let size = req.page_size.unwrap_or(100) as usize;
+            let end = (start + size).min(all.len());
+            Ok(MachinePage {
+                machines: all[start..end].iter().map(|m| (*m).clone()).collect(),
+                next_page_token: (end < all.len()).then(|| end.to_string()),
+            })
+        });
+        let mut req = ListMachinesRequest {
+            resource_id: Some(resource),
+            page_token: None,
+            page_size: Some(2),
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = compute.list_managed_machines(&req).await.unwrap();
+            seen.extend(page.machines.into_iter().map(|m| m.instance_id));
+            match page.next_page_token {
+                Some(t) => req.page_token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["i-0", "i-1", "i-2"]);
+        let none = NopCompute
+            .list_managed_machines(&ListMachinesRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(none, MachinePage::default());
+        let arc: Arc<dyn Compute> = Arc::new(ComputeFns::new());
+        assert!(
+            arc.list_managed_machines(&ListMachinesRequest::default())
+                .await
+                .unwrap()
+                .machines
+                .is_empty()
+        );
     }
 }

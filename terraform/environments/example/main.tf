@@ -193,6 +193,9 @@ module "setpoint" {
   ec2_image_id           = var.ec2_image_id
   ses_identity           = var.ses_identity
 
+  ec2_data_volume_kms_key_arn = var.ec2_data_volume_kms_key_arn
+  ec2_additional_regions      = var.ec2_additional_regions
+
   kubernetes_api_endpoint     = var.kubernetes_api_endpoint
   kubernetes_ca_data          = var.kubernetes_ca_data
   kubernetes_token_secret_arn = var.kubernetes_token_secret_arn

@@ -57,3 +57,8 @@ output "smtp_url_secret_arn" {
   description = "Secret holding the SMTP URL (SES SMTP credentials) the engine sends mail through."
   value       = module.setpoint.smtp_url_secret_arn
 }
+
+output "ec2_regions" {
+  description = "Every EC2 region the engine serves: var.region and the keys of ec2_additional_regions."
+  value       = module.setpoint.ec2_regions
+}

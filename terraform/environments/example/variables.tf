@@ -85,6 +85,33 @@ variable "ec2_image_id" {
   }
 }
 
+variable "ec2_data_volume_kms_key_arn" {
+  description = "Optional KMS key (ARN, in var.region) that encrypts the data volumes of the instances setpoint launches here; null uses the account's default EBS key. Passed to the module."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ec2_data_volume_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$", var.ec2_data_volume_kms_key_arn))
+    error_message = "ec2_data_volume_kms_key_arn must be a KMS key ARN."
+  }
+}
+
+variable "ec2_additional_regions" {
+  description = "Other regions setpoint serves, each with a subnet and security groups of a VPC there (made outside this example), an AMI of that region and optionally a KMS key of that region for data volumes. Passed to the module (see its ec2_additional_regions)."
+  type = map(object({
+    subnet_id               = string
+    security_group_ids      = list(string)
+    image_id                = string
+    data_volume_kms_key_arn = optional(string)
+  }))
+  default = {}
+
+  validation {
+    condition     = alltrue([for region, r in var.ec2_additional_regions : can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]+$", region))])
+    error_message = "ec2_additional_regions is keyed by region codes (e.g. us-east-1); the module checks the rest."
+  }
+}
+
 variable "kubernetes_api_endpoint" {
   description = "HTTPS endpoint of the existing Kubernetes (EKS) cluster setpoint runs KVX workloads in: aws eks describe-cluster --name NAME --query cluster.endpoint --output text."
   type        = string

@@ -30,8 +30,21 @@ locals {
       RUST_LOG                = var.rust_log
     },
     var.kubernetes_ca_data == null ? {} : { SETPOINT_KUBERNETES_CA_DATA = var.kubernetes_ca_data },
+    var.ec2_data_volume_kms_key_arn == null ? {} : { SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID = var.ec2_data_volume_kms_key_arn },
+    length(var.ec2_additional_regions) == 0 ? {} : { SETPOINT_EC2_REGIONS = local.ec2_additional_regions_json },
     var.kubernetes_workload_image == null ? {} : { SETPOINT_KUBERNETES_IMAGE = var.kubernetes_workload_image },
   )
+  # The regions served besides the deployment region, as the engine reads them: one table per
+  # region with the keys of its [ec2.regions.<name>] tables (SETPOINT_EC2_REGIONS).
+  ec2_additional_regions_json = jsonencode({
+    for region, r in var.ec2_additional_regions : region => {
+      subnet_ids         = [r.subnet_id]
+      security_group_ids = r.security_group_ids
+      default_image_id   = r.image_id
+      plans              = { for plan, type in var.ec2_plan_instance_types : plan => { instance_type = type } }
+      data_volume        = { kms_key_id = r.data_volume_kms_key_arn }
+    }
+  })
   # extra_environment adds to these and may not replace any (the task definition's
   # precondition says which): a silent override of, say, the listen address would break the
   # load balancer, and a silently ignored value would mislead.

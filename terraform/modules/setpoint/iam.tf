@@ -48,16 +48,19 @@ resource "aws_iam_role_policy" "execution_secrets" {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Task role: what the engine (and its metrics sidecar) may do in AWS. Least privilege for EC2:
+# Task role: what the engine (and its metrics sidecar) may do in AWS. Least privilege for EC2, in
+# every served region (the deployment region and ec2_additional_regions), each on the same terms:
 #  - launch only instances that carry the request tag setpoint:managed=true, only into the
-#    configured subnet and security groups;
-#  - create tags only as part of RunInstances (ec2:CreateAction), only on the new instance,
-#    never on existing resources;
+#    region's configured subnet and security groups, only with its configured image;
+#  - create tags only as part of RunInstances (ec2:CreateAction), only on the new instance and
+#    the volumes the launch makes, never on existing resources;
 #  - terminate only instances that carry setpoint:managed=true;
 #  - resize (a plan change) only instances that carry setpoint:managed=true: stop, start, and
 #    ModifyInstanceAttribute only when the request sets the instance type (not user data,
 #    security groups, termination protection or any other attribute);
-#  - describe anything (Describe* cannot be scoped to resources).
+#  - grow (ModifyVolume) only volumes that carry setpoint:managed=true (the launch tags them);
+#  - describe exactly what the adapter reads: instances, volumes, volume modifications;
+#  - with a data volume KMS key: what EBS needs of that key, only through EC2 in its region.
 # ---------------------------------------------------------------------------------------------
 resource "aws_iam_role" "engine" {
   name_prefix        = "${var.name}-engine-"
@@ -67,21 +70,35 @@ resource "aws_iam_role" "engine" {
 }
 
 locals {
-  ec2_arn = "arn:${local.partition}:ec2:${local.region}:${local.account_id}"
+  # Every region the engine serves, with what it launches there.
+  ec2_regions = merge(var.ec2_additional_regions, {
+    (local.region) = {
+      subnet_id               = var.ec2_subnet_id
+      security_group_ids      = var.ec2_security_group_ids
+      image_id                = var.ec2_image_id
+      data_volume_kms_key_arn = var.ec2_data_volume_kms_key_arn
+    }
+  })
+  ec2_region_names = sort(keys(local.ec2_regions))
+  # arn:PARTITION:ec2:REGION:ACCOUNT per served region.
+  ec2_arns = [for r in local.ec2_region_names : "arn:${local.partition}:ec2:${r}:${local.account_id}"]
+  # The data volume keys, and the EC2 endpoints they may be used through.
+  data_volume_kms_regions = [for r in local.ec2_region_names : r if local.ec2_regions[r].data_volume_kms_key_arn != null]
+  data_volume_kms_keys    = [for r in local.data_volume_kms_regions : local.ec2_regions[r].data_volume_kms_key_arn]
 }
 
 data "aws_iam_policy_document" "engine" {
-  #checkov:skip=CKV_AWS_356:Only ec2:Describe* has resource "*": EC2 Describe actions support no resource-level permissions. Every mutating action is scoped by ARN and tag conditions.
+  #checkov:skip=CKV_AWS_356:Only the three EC2 Describe actions have resource "*": EC2 Describe actions support no resource-level permissions. Every mutating action is scoped by ARN and tag conditions.
   statement {
     sid       = "Ec2Describe"
-    actions   = ["ec2:Describe*"]
+    actions   = ["ec2:DescribeInstances", "ec2:DescribeVolumes", "ec2:DescribeVolumesModifications"]
     resources = ["*"]
   }
 
   statement {
     sid       = "Ec2LaunchOnlyTaggedInstances"
     actions   = ["ec2:RunInstances"]
-    resources = ["${local.ec2_arn}:instance/*"]
+    resources = [for a in local.ec2_arns : "${a}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:RequestTag/setpoint:managed"
@@ -92,36 +109,41 @@ data "aws_iam_policy_document" "engine" {
   statement {
     sid     = "Ec2LaunchOnlyIntoConfiguredNetwork"
     actions = ["ec2:RunInstances"]
-    resources = concat(
-      ["${local.ec2_arn}:subnet/${var.ec2_subnet_id}"],
-      [for sg in var.ec2_security_group_ids : "${local.ec2_arn}:security-group/${sg}"],
-    )
+    resources = flatten([
+      for r in local.ec2_region_names : concat(
+        ["arn:${local.partition}:ec2:${r}:${local.account_id}:subnet/${local.ec2_regions[r].subnet_id}"],
+        [for sg in local.ec2_regions[r].security_group_ids : "arn:${local.partition}:ec2:${r}:${local.account_id}:security-group/${sg}"],
+      )
+    ])
   }
 
-  # What a launch creates or reads besides the instance: its network interface and volumes,
-  # and the snapshots behind an EBS-backed image. No key pair or launch template: the engine
-  # names neither, and EC2 checks only the resources a request names.
+  # What a launch creates or reads besides the instance: its network interface and volumes (the
+  # root volume and the data volume of its block device mapping), and the snapshots behind an
+  # EBS-backed image. No key pair or launch template: the engine names neither, and EC2 checks
+  # only the resources a request names.
   statement {
     sid     = "Ec2LaunchSupportingResources"
     actions = ["ec2:RunInstances"]
-    resources = [
-      "${local.ec2_arn}:network-interface/*",
-      "${local.ec2_arn}:volume/*",
-      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
-    ]
+    resources = flatten([
+      for r in local.ec2_region_names : [
+        "arn:${local.partition}:ec2:${r}:${local.account_id}:network-interface/*",
+        "arn:${local.partition}:ec2:${r}:${local.account_id}:volume/*",
+        "arn:${local.partition}:ec2:${r}::snapshot/*",
+      ]
+    ])
   }
 
   statement {
     sid       = "Ec2LaunchOnlyTheConfiguredImage"
     actions   = ["ec2:RunInstances"]
-    resources = ["arn:${local.partition}:ec2:${local.region}::image/${var.ec2_image_id}"]
+    resources = [for r in local.ec2_region_names : "arn:${local.partition}:ec2:${r}::image/${local.ec2_regions[r].image_id}"]
   }
 
   statement {
     sid     = "Ec2TagOnlyOnLaunch"
     actions = ["ec2:CreateTags"]
-    # The launch tags only the instance (its TagSpecifications name no volume or interface).
-    resources = ["${local.ec2_arn}:instance/*"]
+    # The launch tags the instance and the volumes it makes (TagSpecifications of both types).
+    resources = flatten([for a in local.ec2_arns : ["${a}:instance/*", "${a}:volume/*"]])
     condition {
       test     = "StringEquals"
       variable = "ec2:CreateAction"
@@ -132,7 +154,7 @@ data "aws_iam_policy_document" "engine" {
   statement {
     sid       = "Ec2TerminateOnlyManagedInstances"
     actions   = ["ec2:TerminateInstances"]
-    resources = ["${local.ec2_arn}:instance/*"]
+    resources = [for a in local.ec2_arns : "${a}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/setpoint:managed"
@@ -144,7 +166,7 @@ data "aws_iam_policy_document" "engine" {
   statement {
     sid       = "Ec2StopStartOnlyManagedInstances"
     actions   = ["ec2:StopInstances", "ec2:StartInstances"]
-    resources = ["${local.ec2_arn}:instance/*"]
+    resources = [for a in local.ec2_arns : "${a}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/setpoint:managed"
@@ -161,7 +183,7 @@ data "aws_iam_policy_document" "engine" {
   statement {
     sid       = "Ec2ResizeOnlyManagedInstances"
     actions   = ["ec2:ModifyInstanceAttribute"]
-    resources = ["${local.ec2_arn}:instance/*"]
+    resources = [for a in local.ec2_arns : "${a}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/setpoint:managed"
@@ -171,6 +193,49 @@ data "aws_iam_policy_document" "engine" {
       test     = "Null"
       variable = "ec2:Attribute/InstanceType"
       values   = ["false"]
+    }
+  }
+
+  # Growing the data volume on a size change (resize_instance): only volumes the launch tagged.
+  statement {
+    sid       = "Ec2GrowOnlyManagedVolumes"
+    actions   = ["ec2:ModifyVolume"]
+    resources = [for a in local.ec2_arns : "${a}:volume/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/setpoint:managed"
+      values   = ["true"]
+    }
+  }
+
+  # A data volume encrypted with a customer managed key: EBS asks KMS for a data key and a grant
+  # on the caller's behalf (the EBS encryption requirements list these actions). Only the
+  # configured keys, only through EC2 in their regions; grants only for AWS resources.
+  dynamic "statement" {
+    for_each = length(local.data_volume_kms_keys) > 0 ? [1] : []
+    content {
+      sid       = "KmsDataVolumeKeysThroughEc2"
+      actions   = ["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom", "kms:ReEncryptTo"]
+      resources = local.data_volume_kms_keys
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = [for r in local.data_volume_kms_regions : "ec2.${r}.amazonaws.com"]
+      }
+    }
+  }
+
+  dynamic "statement" {
+    for_each = length(local.data_volume_kms_keys) > 0 ? [1] : []
+    content {
+      sid       = "KmsDataVolumeGrantsForEbs"
+      actions   = ["kms:CreateGrant"]
+      resources = local.data_volume_kms_keys
+      condition {
+        test     = "Bool"
+        variable = "kms:GrantIsForAWSResource"
+        values   = ["true"]
+      }
     }
   }
 
@@ -188,4 +253,18 @@ resource "aws_iam_role_policy" "engine" {
   name_prefix = "engine-"
   role        = aws_iam_role.engine.id
   policy      = data.aws_iam_policy_document.engine.json
+
+  lifecycle {
+    # The deployment region is configured by ec2_subnet_id & co.; naming it again would leave
+    # two configurations of one region, of which the engine would take only one.
+    precondition {
+      condition     = !contains(keys(var.ec2_additional_regions), local.region)
+      error_message = "ec2_additional_regions names ${local.region}, the deployment region: configure it with ec2_subnet_id, ec2_security_group_ids, ec2_image_id and ec2_data_volume_kms_key_arn instead."
+    }
+    # KMS keys are regional: EBS in this region can only use a key of this region.
+    precondition {
+      condition     = var.ec2_data_volume_kms_key_arn == null || split(":", coalesce(var.ec2_data_volume_kms_key_arn, "a:b:c:d"))[3] == local.region
+      error_message = "ec2_data_volume_kms_key_arn must be a key in the deployment region ${local.region} (EBS uses keys of its own region only)."
+    }
+  }
 }

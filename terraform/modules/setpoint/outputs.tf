@@ -1,5 +1,5 @@
 output "engine_environment" {
-  description = "Environment of the engine container (no secrets): database host/port/name/user, listen addresses, AWS region, EC2 subnet, security groups and AMI, Kubernetes API URL (and CA bundle, workload image), From address, RUST_LOG."
+  description = "Environment of the engine container (no secrets): database host/port/name/user, listen addresses, AWS region, EC2 subnet, security groups, AMI and data volume KMS key, the other served regions (SETPOINT_EC2_REGIONS), Kubernetes API URL (and CA bundle, workload image), From address, RUST_LOG."
   value       = local.engine_environment
 }
 
@@ -117,4 +117,9 @@ output "ses_dkim_tokens" {
 output "kms_key_arn" {
   description = "ARN of the customer-managed KMS key that encrypts the database, the secret, the logs and the alarm topic."
   value       = aws_kms_key.this.arn
+}
+
+output "ec2_regions" {
+  description = "Every EC2 region the engine serves and its role may act in: the deployment region and the keys of ec2_additional_regions, sorted."
+  value       = local.ec2_region_names
 }

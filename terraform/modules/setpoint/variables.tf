@@ -299,6 +299,41 @@ variable "ec2_plan_instance_types" {
   }
 }
 
+variable "ec2_data_volume_kms_key_arn" {
+  description = "Optional ARN of the KMS key that encrypts the data volumes setpoint launches in the deployment region (SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID, the engine's ec2.data_volume.kms_key_id). Null (the default): the account's default EBS key (aws/ebs), which needs no grant. With a key, the engine role gets the KMS permissions EBS needs on exactly that key, only through EC2; the key's policy must let the account's IAM policies grant them (the default key policy does)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ec2_data_volume_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$", var.ec2_data_volume_kms_key_arn))
+    error_message = "ec2_data_volume_kms_key_arn must be a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID), not an alias or a bare key id."
+  }
+}
+
+variable "ec2_additional_regions" {
+  description = "EC2 regions setpoint also serves besides the deployment region, keyed by region code, each with the subnet and security groups (in that region's VPC) and the AMI (of that region) the engine launches with there, and optionally the KMS key of that region for its data volumes. The engine gets them as SETPOINT_EC2_REGIONS (JSON region tables, plans from ec2_plan_instance_types) and its role may act in every served region, on the same terms as in the deployment region."
+  type = map(object({
+    subnet_id               = string
+    security_group_ids      = list(string)
+    image_id                = string
+    data_volume_kms_key_arn = optional(string)
+  }))
+  default = {}
+
+  validation {
+    condition = alltrue([
+      for region, r in var.ec2_additional_regions :
+      can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]+$", region))
+      && can(regex("^subnet-[0-9a-f]+$", r.subnet_id))
+      && length(r.security_group_ids) >= 1
+      && alltrue([for sg in r.security_group_ids : can(regex("^sg-[0-9a-f]+$", sg))])
+      && can(regex("^ami-[0-9a-f]{8,17}$", r.image_id))
+      && (r.data_volume_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:${region}:[0-9]{12}:key/[A-Za-z0-9-]+$", coalesce(r.data_volume_kms_key_arn, "-"))))
+    ])
+    error_message = "ec2_additional_regions maps region codes (e.g. us-east-1) to { subnet_id = \"subnet-...\", security_group_ids = [\"sg-...\", ...] (at least one), image_id = \"ami-...\", data_volume_kms_key_arn = optional KMS key ARN in that same region }."
+  }
+}
+
 variable "secrets_kms_key_arns" {
   description = "Customer-managed KMS keys that encrypt the secrets you pass in (kubernetes_token_secret_arn, smtp_url_secret_arn, grpc_tls); the task execution role may decrypt with them. Leave empty when those secrets use the AWS managed key aws/secretsmanager."
   type        = list(string)

@@ -88,7 +88,13 @@ pub fn free_port() -> u16 {
 
 /// A configuration for tests: fast polling, one SDK attempt, short timeouts.
 pub fn config(endpoint: &str) -> Ec2Config {
-    let mut c = Ec2Config::new("us-east-1");
+    config_in("us-east-1", endpoint)
+}
+
+/// [`config`] for another region (one moto server answers every region, each with its own
+/// state: the region comes from the request's signature).
+pub fn config_in(region: &str, endpoint: &str) -> Ec2Config {
+    let mut c = Ec2Config::new(region);
     c.endpoint_url = Some(endpoint.to_owned());
     c.default_image_id = Some(ANY_AMI.to_owned());
     c.max_attempts = 1;
@@ -117,6 +123,7 @@ pub fn request(tenant: &str) -> InstanceRequest {
         image_id: None,
         instance_type: None,
         subnet_id: None,
+        data_volume_gb: None,
     }
 }
 
