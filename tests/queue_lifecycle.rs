@@ -365,7 +365,10 @@ async fn bad_units_park_with_a_clear_error_and_the_worker_keeps_running() {
     // an engine that serves it (it was parked before engines claimed by kind).
     assert_eq!(state(&db.pool, unknown).await.as_deref(), Some("pending"));
     let h = history(&db.pool, unknown).await;
-    assert_eq!(h.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["enqueued"]);
+    assert_eq!(
+        h.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+        ["enqueued"]
+    );
 }
 
 #[tokio::test]

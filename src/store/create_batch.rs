@@ -78,8 +78,8 @@ const CREATE_BATCH: &str = "WITH input AS (
          ORDER BY tenant, name
          RETURNING 1
      ), queued AS (
-         INSERT INTO work (id, kind, spec, token, resource_id, tenant) OVERRIDING SYSTEM VALUE
-         SELECT work_id, $14, work_spec, token, id, tenant FROM checked WHERE ok
+         INSERT INTO work (id, kind, spec, token, resource_id, tenant, state) OVERRIDING SYSTEM VALUE
+         SELECT work_id, $14, work_spec, token, id, tenant, 'queued' FROM checked WHERE ok
          RETURNING id, token
      ), ev AS (
          INSERT INTO work_events (work_id, token, event) SELECT id, token, 'enqueued' FROM queued

@@ -188,8 +188,8 @@ macro_rules! enqueue_sql {
         concat!(
             "WITH ins AS (
                  INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at,
-                                   max_attempts, holds_resource)
-                 SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20), h
+                                   max_attempts, holds_resource, state)
+                 SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20), h, 'queued'
                  FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::uuid[], $5::text[],
                              $6::bigint[], $7::timestamptz[], $8::int[], $9::bool[])
                       AS u(k, s, t, r, tn, p, ra, m, h) ",
@@ -298,7 +298,8 @@ macro_rules! claim_sql {
                  SELECT c.tid FROM unnest($6::text[]) AS k(kind)
                  CROSS JOIN LATERAL (
                      SELECT w.ctid AS tid, w.run_at, w.id FROM work w
-                     WHERE w.kind = k.kind AND w.state = 'pending' AND w.run_at <= now() ",
+                     WHERE w.kind = k.kind AND w.state IN ('pending', 'queued')
+                       AND w.run_at <= now() ",
             $bound,
             "
                        AND (w.lease_expires_at IS NULL OR w.lease_expires_at < now())
@@ -317,7 +318,7 @@ macro_rules! claim_sql {
                         attempt >= max_attempts AS exhausted
                  FROM work
                  WHERE ctid = ANY(ARRAY(SELECT tid FROM cand))
-                   AND state = 'pending' AND run_at <= now()
+                   AND state IN ('pending', 'queued') AND run_at <= now()
                    AND (lease_expires_at IS NULL OR lease_expires_at < now())
                  FOR UPDATE SKIP LOCKED
              ), claimed AS (
@@ -465,7 +466,7 @@ pub async fn work_heartbeat(
     let rows: Vec<(i64, i32, bool)> = sqlx::query_as(
         "WITH held AS (
              SELECT w.id, w.attempt FROM work w
-             WHERE w.id = ANY($2) AND w.lease_owner = $1 AND w.state = 'pending'
+             WHERE w.id = ANY($2) AND w.lease_owner = $1 AND w.state IN ('pending', 'queued')
          ), mine AS (
              SELECT w.id FROM work w
              WHERE w.id = ANY(ARRAY(SELECT id FROM held)) AND w.lease_owner = $1
@@ -653,8 +654,8 @@ pub async fn work_fail_if_leased(
     f: &Failure,
 ) -> Result<Option<(Option<Uuid>, Option<String>)>, StoreError> {
     let (state, delay_ms, event) = match f.action {
-        FailureAction::Retry { delay_ms } => ("pending", delay_ms, "failed"),
-        FailureAction::Wait { delay_ms } => ("pending", delay_ms, "waiting"),
+        FailureAction::Retry { delay_ms } => ("queued", delay_ms, "failed"),
+        FailureAction::Wait { delay_ms } => ("queued", delay_ms, "waiting"),
         FailureAction::Park => ("parked", 0, "failed"),
     };
     // What PostgreSQL refuses (a NUL byte) or what would bloat every read of the row (a
@@ -676,7 +677,7 @@ pub async fn work_fail_if_leased(
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message, detail)
              SELECT id, token, $9, $3, $1, $7, $6,
-                    $8::jsonb || jsonb_build_object('retry_in_ms', CASE WHEN $4 = 'pending' THEN $5 END)
+                    $8::jsonb || jsonb_build_object('retry_in_ms', CASE WHEN $4 = 'queued' THEN $5 END)
              FROM upd
              UNION ALL
              SELECT id, token, 'parked', $3, $1, $7, $6, NULL FROM upd WHERE $4 = 'parked'
@@ -739,7 +740,10 @@ pub struct WorkRow {
 /// migration 0004).
 macro_rules! state_expr {
     () => {
-        "CASE WHEN lease_owner IS NOT NULL THEN 'running' ELSE state::text END"
+        // `queued` is what this release writes for `pending` (migration 0007): one state to
+        // operators.
+        "CASE WHEN lease_owner IS NOT NULL THEN 'running' WHEN state = 'queued' THEN 'pending' \
+         ELSE state::text END"
     };
 }
 const STATE_EXPR: &str = state_expr!();
@@ -847,7 +851,7 @@ pub async fn work_retry_parked(
 ) -> Result<Option<WorkRow>, StoreError> {
     let sql = format!(
         "WITH upd AS (
-             UPDATE work SET state = 'pending', run_at = now(),
+             UPDATE work SET state = 'queued', run_at = now(),
                  max_attempts = greatest(max_attempts, attempt + $3)
              WHERE id = $1 AND state = 'parked'
              RETURNING *
@@ -909,7 +913,7 @@ pub async fn work_stats(conn: &mut PgConnection) -> Result<QueueStats, StoreErro
         .await?;
     let age: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - min(run_at))::float8 FROM work
-         WHERE state = 'pending' AND lease_owner IS NULL AND run_at <= now()",
+         WHERE state IN ('pending', 'queued') AND lease_owner IS NULL AND run_at <= now()",
     )
     .fetch_one(conn)
     .await?;

@@ -22,6 +22,9 @@ pub struct Outcome {
     pub observed: Option<Value>,
     /// Units to enqueue next, on the same resource.
     pub follow_ups: Vec<FollowUp>,
+    /// What a step of a resource's chain produced (set by the engine's wrapper around a
+    /// [`crate::Step`]); the engine records it and enqueues the chain's next step.
+    pub step: Option<crate::step::StepResult>,
 }
 
 impl Outcome {

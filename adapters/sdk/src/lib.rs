@@ -62,7 +62,9 @@ pub mod failpoint;
 pub mod fence;
 pub mod handler;
 pub mod journal;
+pub mod kind;
 pub mod mail;
+pub mod step;
 pub mod token;
 
 pub use cluster::{
@@ -80,5 +82,9 @@ pub use error::{AdapterError, ErrorClass};
 pub use fence::{CODE_LEASE_LOST, Fence};
 pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, typed};
 pub use journal::{Begun, Entry, Journal, MemoryJournal};
+pub use kind::{ResourceKind, StepDecl};
 pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};
+pub use step::{
+    ConditionStatus, ConditionUpdate, ResourceRef, Secrets, Step, StepInput, StepResult, Then,
+};
 pub use token::{IdempotencyToken, MAX_TOKEN_LEN, TokenError};

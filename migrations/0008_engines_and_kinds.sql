@@ -23,6 +23,16 @@ CREATE TABLE engines (
     stopped_at     timestamptz
 );
 
+-- A leased unit may now be `queued` as well as `pending` (migration 0007). NOT VALID, then
+-- VALIDATE: the check of existing rows does not block writes.
+ALTER TABLE work DROP CONSTRAINT work_lease;
+ALTER TABLE work ADD CONSTRAINT work_lease CHECK (
+    state <> 'running'
+    AND (lease_owner IS NULL) = (lease_expires_at IS NULL)
+    AND (state IN ('pending', 'queued') OR lease_owner IS NULL)
+) NOT VALID;
+ALTER TABLE work VALIDATE CONSTRAINT work_lease;
+
 -- A unit that does not hold its resource (a notification after a change, a drift check) runs
 -- beside it: the resource's status and its changes do not wait for it.
 ALTER TABLE work ADD COLUMN holds_resource boolean NOT NULL DEFAULT true;

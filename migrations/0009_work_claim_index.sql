@@ -5,4 +5,4 @@
 -- statement per file: PostgreSQL runs several statements of one query as one transaction).
 -- Forward-only: never edit a released migration.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS work_claim_idx ON work (kind, run_at, id)
-    WHERE state = 'pending';
+    WHERE state IN ('pending', 'queued');
