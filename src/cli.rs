@@ -45,6 +45,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// The whole stack on this machine, no cloud account: PostgreSQL, moto, an SMTP server, a
     /// Kubernetes test server, the workers, the API and metrics. Ctrl-C stops it all.
+    #[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
     Dev(crate::dev::stack::DevArgs),
     /// Apply the database migrations and exit (the expand migrations; with --contract also
     /// the contract ones, once no engine of the previous release runs).
@@ -132,8 +133,8 @@ pub struct ServeArgs {
     pub resync_interval: Option<Duration>,
     /// What to do with a machine terminated behind setpoint's back: heal or mark; overrides
     /// `workflows.drift`.
-    #[arg(long, env = "SETPOINT_DRIFT")]
-    pub drift: Option<crate::workflows::DriftAction>,
+    #[arg(long, env = "SETPOINT_DRIFT", value_parser = ["heal", "mark"])]
+    pub drift: Option<String>,
     /// The gRPC API.
     #[command(flatten)]
     pub api: crate::api::ApiArgs,

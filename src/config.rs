@@ -7,12 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use setpoint_ec2::{Ec2Config, Ec2Regions};
-use setpoint_email::{Password, Security, SmtpConfig};
-use setpoint_kubernetes::{BearerToken, ClusterAccess, KubernetesConfig};
 
 use crate::worker::{Backoff, WorkerConfig};
-use crate::workflows::{DriftAction, WorkflowConfig};
 
 /// A configuration problem, with what to change.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +64,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
         .transpose()
@@ -116,22 +114,12 @@ pub struct WorkflowsFile {
     /// Enqueue an observe unit per ready instance this often (drift detection); off when unset.
     #[serde(default, deserialize_with = "de_duration")]
     pub resync_interval: Option<Duration>,
-    /// What to do with a machine terminated behind setpoint's back: `heal` (default) or `mark`.
-    pub drift: Option<DriftAction>,
+    /// What to do with a machine terminated behind setpoint's back: `heal` (default) or `mark`
+    /// (read by the KVX plugin).
+    pub drift: Option<String>,
     /// How long a create step waits for its machine to run before the unit retries.
     #[serde(default, deserialize_with = "de_duration")]
     pub machine_wait: Option<Duration>,
-}
-
-impl WorkflowsFile {
-    /// The workflow configuration: defaults overridden by this table.
-    pub fn workflow_config(&self) -> WorkflowConfig {
-        let d = WorkflowConfig::default();
-        WorkflowConfig {
-            drift: self.drift.unwrap_or(d.drift),
-            machine_wait: self.machine_wait.unwrap_or(d.machine_wait),
-        }
-    }
 }
 
 /// The `[api]` table of the configuration file: the gRPC API of `serve`. Flags and
@@ -190,13 +178,17 @@ pub struct FileConfig {
     /// Worker settings.
     #[serde(default)]
     pub worker: WorkerFile,
-    /// The EC2 adapter: one region (`region` and its settings) or `[ec2.regions.<name>]`
-    /// tables. With `[kubernetes]` and `[smtp]` it turns on the KVX workflows.
-    pub ec2: Option<Ec2Regions>,
-    /// The Kubernetes adapter.
-    pub kubernetes: Option<KubernetesConfig>,
-    /// The SMTP adapter.
-    pub smtp: Option<SmtpConfig>,
+    /// The EC2 plugin's table (one region, or `[ec2.regions.<name>]` tables); read by the
+    /// plugin. With `[kubernetes]` and `[smtp]` it turns on the KVX kind.
+    pub ec2: Option<toml::Value>,
+    /// The Kubernetes plugin's table.
+    pub kubernetes: Option<toml::Value>,
+    /// The e-mail plugin's table.
+    pub smtp: Option<toml::Value>,
+    /// Each plugin's table, `[plugins.<name>]`; read by the plugin of that name. A table no
+    /// compiled-in plugin reads is refused at start-up.
+    #[serde(default)]
+    pub plugins: std::collections::BTreeMap<String, toml::Value>,
     /// Workflow settings (resync, drift).
     #[serde(default)]
     pub workflows: WorkflowsFile,
@@ -219,192 +211,6 @@ impl FileConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })
-    }
-
-    /// Applies the environment variables a deployment passes (see the README): the EC2 ones
-    /// (see [`FileConfig::apply_ec2_env`]), `SETPOINT_KUBERNETES_URL` with `SETPOINT_KUBERNETES_TOKEN` and
-    /// `SETPOINT_KUBERNETES_CA_DATA` (`kubernetes.access`, creating `[kubernetes]` when
-    /// absent), `SETPOINT_KUBERNETES_IMAGE` (`kubernetes.image`), `SETPOINT_SMTP_URL` (host,
-    /// port, security and AUTH of `[smtp]`, creating it when absent) and `SETPOINT_EMAIL_FROM`
-    /// (`smtp.from`). Empty values count as unset. `get` reads one variable.
-    ///
-    /// # Errors
-    /// When a value is malformed, a setting comes without the one it needs, or a value refines
-    /// a section that does not exist. The messages never contain the SMTP password or the
-    /// Kubernetes token.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        self.apply_ec2_env(&get)?;
-        self.apply_kubernetes_env(&get)?;
-        let from = get("SETPOINT_EMAIL_FROM");
-        if let Some(url) = get("SETPOINT_SMTP_URL") {
-            let endpoint = SmtpEndpoint::parse(&url)?;
-            let smtp = match self.smtp.take() {
-                Some(s) => s,
-                None => {
-                    let sender = from.clone().ok_or_else(|| {
-                        ConfigError::Invalid(
-                            "SETPOINT_SMTP_URL is set but there is no sender: set \
-                             SETPOINT_EMAIL_FROM or smtp.from"
-                                .into(),
-                        )
-                    })?;
-                    SmtpConfig::new(endpoint.host.clone(), sender)
-                }
-            };
-            self.smtp = Some(endpoint.apply(smtp));
-        }
-        if let (Some(from), Some(smtp)) = (from, self.smtp.as_mut()) {
-            smtp.from = from;
-        }
-        Ok(())
-    }
-
-    /// The EC2 part of [`FileConfig::apply_env`].
-    ///
-    /// - `SETPOINT_AWS_REGION` names the region the variables below refine: it creates `[ec2]`
-    ///   when absent, renames the region when exactly one is configured, and otherwise must
-    ///   name one of the configured regions.
-    /// - `SETPOINT_EC2_REGIONS` adds regions: a JSON object of region tables, the keys of
-    ///   `[ec2.regions.<name>]` (`{"us-east-1": {"subnet_ids": ["subnet-0abc"],
-    ///   "default_image_id": "ami-0abc"}}`). A region it names replaces the file's region of
-    ///   that name; it may not name `SETPOINT_AWS_REGION`'s region (configure that one with the
-    ///   variables below).
-    /// - `SETPOINT_EC2_SUBNET_ID`, `SETPOINT_EC2_SECURITY_GROUP_IDS` (comma lists),
-    ///   `SETPOINT_EC2_IMAGE_ID` (`default_image_id`), `SETPOINT_EC2_PLAN_INSTANCE_TYPES`
-    ///   (`plan=type,…`: `plans.<plan>.instance_type`) and `SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID`
-    ///   (`data_volume.kms_key_id`) refine `SETPOINT_AWS_REGION`'s region, or the only region.
-    fn apply_ec2_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let list = |v: String| -> Vec<String> {
-            v.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        };
-        let home = get("SETPOINT_AWS_REGION").map(|r| r.trim().to_owned());
-        if let Some(region) = &home {
-            match &mut self.ec2 {
-                None => self.ec2 = Some(Ec2Regions::single(Ec2Config::new(region))),
-                Some(ec2) if ec2.get(region).is_some() => {}
-                Some(ec2) if ec2.regions().len() == 1 => {
-                    if let Some(one) = ec2.only_mut() {
-                        one.region = region.clone();
-                    }
-                }
-                Some(ec2) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "SETPOINT_AWS_REGION={region} names none of the regions [ec2] \
-                         configures ({}): name one of them, or add [ec2.regions.{region}]",
-                        ec2.names().join(", ")
-                    )));
-                }
-            }
-        }
-        if let Some(tables) = get(EC2_REGIONS) {
-            let configs = Ec2Regions::from_json_tables(&tables)
-                .map_err(|e| ConfigError::Invalid(format!("{EC2_REGIONS}: {e}")))?;
-            for config in configs {
-                if home.as_deref() == Some(config.region.as_str()) {
-                    return Err(ConfigError::Invalid(format!(
-                        "{EC2_REGIONS} names {0}, which SETPOINT_AWS_REGION already names: \
-                         configure {0} either with the SETPOINT_EC2_* variables or in \
-                         {EC2_REGIONS}, not both",
-                        config.region
-                    )));
-                }
-                match &mut self.ec2 {
-                    Some(ec2) => {
-                        ec2.insert(config);
-                    }
-                    None => self.ec2 = Some(Ec2Regions::single(config)),
-                }
-            }
-        }
-        for (var, subnets) in [
-            ("SETPOINT_EC2_SUBNET_ID", true),
-            ("SETPOINT_EC2_SECURITY_GROUP_IDS", false),
-        ] {
-            let Some(value) = get(var) else { continue };
-            let ec2 = ec2_region(&mut self.ec2, var, home.as_deref())?;
-            if subnets {
-                ec2.subnet_ids = list(value);
-            } else {
-                ec2.security_group_ids = list(value);
-            }
-        }
-        if let Some(image) = get("SETPOINT_EC2_IMAGE_ID") {
-            let ec2 = ec2_region(&mut self.ec2, "SETPOINT_EC2_IMAGE_ID", home.as_deref())?;
-            ec2.default_image_id = Some(image.trim().to_owned());
-        }
-        if let Some(pairs) = get(PLAN_TYPES) {
-            let ec2 = ec2_region(&mut self.ec2, PLAN_TYPES, home.as_deref())?;
-            for (plan, instance_type) in plan_instance_types(&pairs)? {
-                ec2.plans.entry(plan).or_default().instance_type = Some(instance_type);
-            }
-        }
-        if let Some(key) = get(KMS_KEY) {
-            let ec2 = ec2_region(&mut self.ec2, KMS_KEY, home.as_deref())?;
-            ec2.data_volume.kms_key_id = Some(key.trim().to_owned());
-        }
-        Ok(())
-    }
-
-    /// The Kubernetes part of [`FileConfig::apply_env`]. `SETPOINT_KUBERNETES_URL` replaces
-    /// `kubernetes.access`: with `SETPOINT_KUBERNETES_TOKEN` (and optionally
-    /// `SETPOINT_KUBERNETES_CA_DATA`) it is token access, without them a plain URL.
-    fn apply_kubernetes_env(
-        &mut self,
-        get: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
-        let url = get("SETPOINT_KUBERNETES_URL").map(|u| u.trim().to_owned());
-        // Secrets stores and `kubectl create token` often end the value with a newline.
-        let token = get("SETPOINT_KUBERNETES_TOKEN").map(|t| BearerToken::new(t.trim()));
-        let ca = get("SETPOINT_KUBERNETES_CA_DATA")
-            .map(|c| ca_data(&c))
-            .transpose()?;
-        let access = match (url, token, ca) {
-            (Some(url), Some(token), ca) => Some(ClusterAccess::Token {
-                url,
-                token,
-                certificate_authority_data: ca,
-            }),
-            (Some(_), None, Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "SETPOINT_KUBERNETES_CA_DATA is set but SETPOINT_KUBERNETES_TOKEN is not: a \
-                     CA bundle is used only with token access (set the token, or unset the CA)"
-                        .into(),
-                ));
-            }
-            (Some(url), None, None) => Some(ClusterAccess::Url { url }),
-            (None, token, ca) if token.is_some() || ca.is_some() => {
-                let given = match (token.is_some(), ca.is_some()) {
-                    (true, true) => "SETPOINT_KUBERNETES_TOKEN and SETPOINT_KUBERNETES_CA_DATA are",
-                    (true, false) => "SETPOINT_KUBERNETES_TOKEN is",
-                    _ => "SETPOINT_KUBERNETES_CA_DATA is",
-                };
-                return Err(ConfigError::Invalid(format!(
-                    "{given} set but SETPOINT_KUBERNETES_URL is not: set the Kubernetes API \
-                     server URL (e.g. https://ABC.gr7.eu-west-1.eks.amazonaws.com)"
-                )));
-            }
-            (None, _, _) => None,
-        };
-        if let Some(access) = access {
-            match &mut self.kubernetes {
-                Some(k) => k.access = access,
-                None => self.kubernetes = Some(KubernetesConfig::new(access)),
-            }
-        }
-        if let Some(image) = get("SETPOINT_KUBERNETES_IMAGE") {
-            let k = section_for(
-                &mut self.kubernetes,
-                "SETPOINT_KUBERNETES_IMAGE",
-                "Kubernetes",
-                "SETPOINT_KUBERNETES_URL or add a [kubernetes] section",
-            )?;
-            k.image = image.trim().to_owned();
-        }
-        Ok(())
     }
 
     /// The worker configuration: defaults overridden by this file.
@@ -430,170 +236,6 @@ impl FileConfig {
             kinds: w.kinds.clone().unwrap_or(d.kinds),
         }
     }
-}
-
-/// `SETPOINT_KUBERNETES_CA_DATA` as the adapter takes it (base64 of the PEM text): accepts that
-/// form (what kubeconfig files and EKS give) or the PEM text itself, and checks that it holds at
-/// least one certificate.
-fn ca_data(value: &str) -> Result<String, ConfigError> {
-    use base64::Engine as _;
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    let engine = base64::engine::general_purpose::STANDARD;
-    let value = value.trim();
-    if value.starts_with("-----BEGIN") {
-        return if value.contains(BEGIN) {
-            Ok(engine.encode(format!("{value}\n")))
-        } else {
-            Err(ConfigError::Invalid(
-                "SETPOINT_KUBERNETES_CA_DATA is PEM but holds no CERTIFICATE block".into(),
-            ))
-        };
-    }
-    let compact: String = value.split_whitespace().collect();
-    match engine.decode(&compact) {
-        Ok(pem) if String::from_utf8_lossy(&pem).contains(BEGIN) => Ok(compact),
-        _ => Err(ConfigError::Invalid(
-            "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle: PEM certificates, or \
-             base64 of them (kubeconfig's certificate-authority-data, EKS's \
-             certificateAuthority.data)"
-                .into(),
-        )),
-    }
-}
-
-/// An SMTP relay as given by `SETPOINT_SMTP_URL`:
-/// `smtp://[user[:password]@]host[:port][?security=none|starttls|tls]` (default STARTTLS) or
-/// `smtps://…` (TLS from the first byte). User and password are percent-decoded. `Debug` and
-/// every error leave the password out.
-#[derive(Debug, Clone)]
-pub struct SmtpEndpoint {
-    /// Host name or IP address.
-    pub host: String,
-    /// Port; `None` for the security's usual port.
-    pub port: Option<u16>,
-    /// How the connection is secured.
-    pub security: Security,
-    /// The AUTH user.
-    pub username: Option<String>,
-    /// The AUTH password.
-    pub password: Option<Password>,
-}
-
-impl SmtpEndpoint {
-    /// Parses an SMTP URL.
-    ///
-    /// # Errors
-    /// When it is not of the form above. The message never contains the password.
-    pub fn parse(url: &str) -> Result<Self, ConfigError> {
-        let bad = |why: &str| {
-            ConfigError::Invalid(format!(
-                "SETPOINT_SMTP_URL is not smtp://[user[:password]@]host[:port] or \
-                 smtps://…: {why}"
-            ))
-        };
-        let (scheme, rest) = url
-            .trim()
-            .split_once("://")
-            .ok_or_else(|| bad("no scheme"))?;
-        let mut security = match scheme.to_ascii_lowercase().as_str() {
-            "smtp" => Security::Starttls,
-            "smtps" => Security::Tls,
-            _ => return Err(bad("the scheme must be smtp or smtps")),
-        };
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        let (userinfo, hostport) = match rest.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, rest),
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(u) => {
-                let (user, pass) = match u.split_once(':') {
-                    Some((user, pass)) => (user, Some(pass)),
-                    None => (u, None),
-                };
-                let user = percent_decode(user).ok_or_else(|| bad("bad escape in the user"))?;
-                let pass = pass
-                    .map(|p| percent_decode(p).ok_or_else(|| bad("bad escape in the password")))
-                    .transpose()?;
-                if user.is_empty() {
-                    return Err(bad("empty user"));
-                }
-                (Some(user), pass.map(Password::new))
-            }
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("unclosed [ in host"))?;
-            (h, after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(bad("no host"));
-        }
-        let port = port
-            .map(|p| {
-                p.parse::<u16>()
-                    .map_err(|_| bad("the port is not a number"))
-            })
-            .transpose()?;
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
-            match pair.split_once('=') {
-                Some(("security", v)) => {
-                    security = match v {
-                        "none" => Security::None,
-                        "starttls" => Security::Starttls,
-                        "tls" => Security::Tls,
-                        _ => return Err(bad("security must be none, starttls or tls")),
-                    }
-                }
-                _ => return Err(bad("the only query parameter is security")),
-            }
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            security,
-            username,
-            password,
-        })
-    }
-
-    /// `config` with this relay's host, port, security and AUTH.
-    pub fn apply(self, mut config: SmtpConfig) -> SmtpConfig {
-        config.host = self.host;
-        config.port = self.port;
-        config.security = self.security;
-        config.username = self.username;
-        config.password = self.password;
-        config
-    }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Builds a PostgreSQL URL from its parts (`SETPOINT_DATABASE_HOST`, `_PORT`, `_NAME`, `_USER`,
@@ -645,60 +287,10 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// How an environment variable that refines the EC2 section says to configure it.
-const EC2_HOW: &str = "SETPOINT_AWS_REGION or add an [ec2] section";
-
-/// The variable that sets `ec2.plans.<plan>.instance_type` of several plans at once.
-const PLAN_TYPES: &str = "SETPOINT_EC2_PLAN_INSTANCE_TYPES";
-
-/// The variable that adds EC2 regions (a JSON object of region tables).
-const EC2_REGIONS: &str = "SETPOINT_EC2_REGIONS";
-
-/// The variable that sets the KMS key of the data volumes (`data_volume.kms_key_id`).
-const KMS_KEY: &str = "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID";
-
-/// The EC2 region the variable `var` refines: `home` (`SETPOINT_AWS_REGION`), else the only
-/// configured region; an error saying how to configure it otherwise.
-fn ec2_region<'a>(
-    ec2: &'a mut Option<Ec2Regions>,
-    var: &str,
-    home: Option<&str>,
-) -> Result<&'a mut Ec2Config, ConfigError> {
-    let regions = section_for(ec2, var, "EC2", EC2_HOW)?;
-    let names = regions.names().join(", ");
-    let found = match home {
-        Some(h) => regions.get_mut(h),
-        None => regions.only_mut(),
-    };
-    found.ok_or_else(|| {
-        ConfigError::Invalid(format!(
-            "{var} is set but [ec2] configures several regions ({names}): set \
-             SETPOINT_AWS_REGION to the one it is for"
-        ))
-    })
-}
-
-/// Parses `plan=type,plan=type` (spaces and empty items ignored).
-fn plan_instance_types(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(|item| match item.split_once('=') {
-            Some((plan, ty)) if !plan.trim().is_empty() && !ty.trim().is_empty() => {
-                Ok((plan.trim().to_owned(), ty.trim().to_owned()))
-            }
-            _ => Err(ConfigError::Invalid(format!(
-                "{PLAN_TYPES}: {item:?} is not plan=instance-type \
-                 (e.g. kvx.small=t3.small,kvx.large=m6i.large)"
-            ))),
-        })
-        .collect()
-}
-
 /// The configuration section (`what`) that the variable `var` refines; an error saying how to
 /// configure it when it is missing.
-fn section_for<'a, T>(
+#[cfg_attr(not(any(feature = "ec2", feature = "kubernetes")), allow(dead_code))]
+pub(crate) fn section_for<'a, T>(
     section: &'a mut Option<T>,
     var: &str,
     what: &str,
@@ -735,316 +327,6 @@ mod tests {
         assert_eq!(w.heartbeat_interval, Duration::from_secs(3));
         let bad = toml::from_str::<FileConfig>("[worker]\nconcurency = 7\n");
         assert!(bad.unwrap_err().to_string().contains("concurency"));
-    }
-
-    /// A self-signed CA certificate (public; its key was thrown away).
-    const CA_PEM: &str = concat!(
-        "-----BEGIN CERTIFICATE-----\n",
-        "MIIBgTCCASegAwIBAgIUahtTjEBKVcp4Yjm2XouvhSdN3oQwCgYIKoZIzj0EAwIw\n",
-        "FTETMBEGA1UEAwwKa3ViZXJuZXRlczAgFw0yNjExMjcxMjEzMDFaGA8yMTI2MTEw\n",
-        "MzEyMTMwMVowFTETMBEGA1UEAwwKa3ViZXJuZXRlczBZMBMGByqGSM49AgEGCCqG\n",
-        "SM49AwEHA0IABCMneswNHt3uerlRxwK92zp9fllog87dOQPnakVzXnGS+gON49+7\n",
-        "30DF7XPywbHBKj1SZNe72QReJzUkXRoyULGjUzBRMB0GA1UdDgQWBBQ+WCVrqVpc\n",
-        "tkasZZXnbrq4xlnsATAfBgNVHSMEGDAWgBQ+WCVrqVpctkasZZXnbrq4xlnsATAP\n",
-        "BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCRnK2XG7Hb/NeTS1YL\n",
-        "eMMWSIka/lYoH4ukE08Go0An9AIgLwSE4ux3C/wGVhvx4F/tjNQGDVnHK3qnOZn7\n",
-        "aFcW/DU=\n",
-        "-----END CERTIFICATE-----\n",
-    );
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: std::collections::HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
-
-    fn b64(text: &str) -> String {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(text)
-    }
-
-    #[test]
-    fn kubernetes_token_access_from_the_environment() {
-        let url = "https://ABC.gr7.eu-west-1.eks.amazonaws.com";
-        let mut f = FileConfig::default();
-        f.apply_env(vars(&[
-            ("SETPOINT_KUBERNETES_URL", url),
-            ("SETPOINT_KUBERNETES_TOKEN", "eyJhbGciOi.s3cret-token\n"),
-            ("SETPOINT_KUBERNETES_CA_DATA", &b64(CA_PEM)),
-            (
-                "SETPOINT_KUBERNETES_IMAGE",
-                "registry.example.com/kvx-proxy:1.4",
-            ),
-        ]))
-        .expect("env");
-        let k = f
-            .kubernetes
-            .as_ref()
-            .expect("[kubernetes] made from the environment");
-        let ClusterAccess::Token {
-            url: got_url,
-            token,
-            certificate_authority_data,
-        } = &k.access
-        else {
-            panic!("{:?}", k.access)
-        };
-        assert_eq!(got_url, url);
-        assert_eq!(token.expose(), "eyJhbGciOi.s3cret-token", "trimmed");
-        assert_eq!(
-            certificate_authority_data.as_deref(),
-            Some(b64(CA_PEM).as_str())
-        );
-        assert_eq!(k.image, "registry.example.com/kvx-proxy:1.4");
-        let debug = format!("{f:?}");
-        assert!(!debug.contains("s3cret-token"), "{debug}");
-
-        // The PEM text itself is accepted and handed on as base64, as is base64 with line breaks.
-        for ca in [CA_PEM.to_owned(), b64(CA_PEM).replace('A', "A\n")] {
-            let mut f = FileConfig::default();
-            f.apply_env(vars(&[
-                ("SETPOINT_KUBERNETES_URL", url),
-                ("SETPOINT_KUBERNETES_TOKEN", "t"),
-                ("SETPOINT_KUBERNETES_CA_DATA", &ca),
-            ]))
-            .expect("env");
-            let Some(ClusterAccess::Token {
-                certificate_authority_data: Some(data),
-                ..
-            }) = f.kubernetes.map(|k| k.access)
-            else {
-                panic!("token access")
-            };
-            use base64::Engine as _;
-            let pem = base64::engine::general_purpose::STANDARD
-                .decode(&data)
-                .expect("base64");
-            assert_eq!(String::from_utf8(pem).expect("utf-8").trim(), CA_PEM.trim());
-        }
-
-        // Over a file: the URL replaces the access, the file's other settings stay.
-        let mut f: FileConfig = toml::from_str(
-            "[kubernetes]\naccess = { mode = \"in-cluster\" }\nimage = \"file/image:1\"\nport = 9000\n",
-        )
-        .expect("file");
-        f.apply_env(vars(&[(
-            "SETPOINT_KUBERNETES_URL",
-            "http://127.0.0.1:8001",
-        )]))
-        .expect("env");
-        let k = f.kubernetes.expect("kubernetes");
-        assert_eq!(
-            k.access,
-            ClusterAccess::Url {
-                url: "http://127.0.0.1:8001".into()
-            }
-        );
-        assert_eq!((k.image.as_str(), k.port), ("file/image:1", 9000));
-
-        // Nothing set: nothing made.
-        let mut f = FileConfig::default();
-        f.apply_env(vars(&[])).expect("env");
-        assert!(f.kubernetes.is_none());
-    }
-
-    #[test]
-    fn partial_kubernetes_settings_are_refused_clearly_without_the_token() {
-        let token = "s3cret-token";
-        let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
-            (
-                vec![("SETPOINT_KUBERNETES_TOKEN", token.into())],
-                "SETPOINT_KUBERNETES_TOKEN is set but SETPOINT_KUBERNETES_URL is not",
-            ),
-            (
-                vec![("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM))],
-                "SETPOINT_KUBERNETES_CA_DATA is set but SETPOINT_KUBERNETES_URL is not",
-            ),
-            (
-                vec![
-                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
-                    ("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM)),
-                ],
-                "SETPOINT_KUBERNETES_TOKEN and SETPOINT_KUBERNETES_CA_DATA are set but \
-                 SETPOINT_KUBERNETES_URL is not",
-            ),
-            (
-                vec![
-                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
-                    ("SETPOINT_KUBERNETES_CA_DATA", b64(CA_PEM)),
-                ],
-                "SETPOINT_KUBERNETES_TOKEN is not",
-            ),
-            (
-                vec![
-                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
-                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
-                    ("SETPOINT_KUBERNETES_CA_DATA", "not a certificate".into()),
-                ],
-                "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle",
-            ),
-            (
-                vec![
-                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
-                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
-                    ("SETPOINT_KUBERNETES_CA_DATA", b64("hello")),
-                ],
-                "SETPOINT_KUBERNETES_CA_DATA must be the cluster's CA bundle",
-            ),
-            (
-                vec![
-                    ("SETPOINT_KUBERNETES_URL", "https://k8s.example".into()),
-                    ("SETPOINT_KUBERNETES_TOKEN", token.into()),
-                    (
-                        "SETPOINT_KUBERNETES_CA_DATA",
-                        "-----BEGIN PRIVATE KEY-----".into(),
-                    ),
-                ],
-                "holds no CERTIFICATE block",
-            ),
-            (
-                vec![("SETPOINT_KUBERNETES_IMAGE", "kvx:1".into())],
-                "SETPOINT_KUBERNETES_IMAGE is set but Kubernetes is not configured",
-            ),
-            (
-                vec![("SETPOINT_EC2_IMAGE_ID", "ami-1".into())],
-                "SETPOINT_EC2_IMAGE_ID is set but EC2 is not configured",
-            ),
-        ];
-        for (pairs, want) in cases {
-            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let mut f = FileConfig::default();
-            let err = f.apply_env(vars(&pairs)).expect_err(want).to_string();
-            assert!(err.contains(want), "{pairs:?}: {err}");
-            assert!(!err.contains(token), "{err}");
-        }
-    }
-
-    #[test]
-    fn ec2_image_from_the_environment() {
-        let mut f = FileConfig::default();
-        f.apply_env(vars(&[
-            ("SETPOINT_AWS_REGION", "eu-west-1"),
-            ("SETPOINT_EC2_IMAGE_ID", " ami-0123456789abcdef0 "),
-        ]))
-        .expect("env");
-        assert_eq!(
-            f.ec2
-                .expect("ec2")
-                .only()
-                .expect("one region")
-                .default_image_id
-                .as_deref(),
-            Some("ami-0123456789abcdef0")
-        );
-    }
-
-    /// Regions from the environment: SETPOINT_EC2_REGIONS adds regions (JSON region tables),
-    /// SETPOINT_AWS_REGION names the one the single-region variables refine.
-    #[test]
-    fn ec2_regions_from_the_environment() {
-        let extra = r#"{"us-east-1": {"subnet_ids": ["subnet-east"],
-            "security_group_ids": ["sg-east"], "default_image_id": "ami-east",
-            "plans": {"kvx.small": {"instance_type": "t3.small"}},
-            "data_volume": {"kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/east"}}}"#;
-        let mut f = FileConfig::default();
-        f.apply_env(vars(&[
-            ("SETPOINT_AWS_REGION", "eu-west-1"),
-            ("SETPOINT_EC2_SUBNET_ID", "subnet-west"),
-            ("SETPOINT_EC2_IMAGE_ID", "ami-west"),
-            ("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "kvx.small=t3.small"),
-            (
-                "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID",
-                "arn:aws:kms:eu-west-1:123456789012:key/west",
-            ),
-            ("SETPOINT_EC2_REGIONS", extra),
-        ]))
-        .expect("env");
-        let ec2 = f.ec2.expect("ec2");
-        assert_eq!(ec2.names(), ["eu-west-1", "us-east-1"]);
-        let west = ec2.get("eu-west-1").expect("home region");
-        assert_eq!(west.subnet_ids, ["subnet-west"]);
-        assert_eq!(west.default_image_id.as_deref(), Some("ami-west"));
-        assert!(
-            west.data_volume
-                .kms_key_id
-                .as_deref()
-                .unwrap()
-                .ends_with("key/west")
-        );
-        let east = ec2.get("us-east-1").expect("added region");
-        assert_eq!(
-            east.subnet_ids,
-            ["subnet-east"],
-            "the home variables leave it alone"
-        );
-        assert_eq!(east.security_group_ids, ["sg-east"]);
-        assert_eq!(
-            east.plans["kvx.small"].instance_type.as_deref(),
-            Some("t3.small")
-        );
-        assert!(
-            east.data_volume
-                .kms_key_id
-                .as_deref()
-                .unwrap()
-                .ends_with("key/east")
-        );
-        ec2.validate().expect("valid");
-
-        // Over a file with several regions: SETPOINT_AWS_REGION picks the one to refine.
-        let file = "[ec2.regions.eu-west-1]\n[ec2.regions.us-west-2]\n";
-        let mut f: FileConfig = toml::from_str(file).expect("parse");
-        f.apply_env(vars(&[
-            ("SETPOINT_AWS_REGION", "us-west-2"),
-            ("SETPOINT_EC2_IMAGE_ID", "ami-2"),
-        ]))
-        .expect("env");
-        let ec2 = f.ec2.expect("ec2");
-        assert_eq!(
-            ec2.get("us-west-2").unwrap().default_image_id.as_deref(),
-            Some("ami-2")
-        );
-        assert_eq!(ec2.get("eu-west-1").unwrap().default_image_id, None);
-
-        for (file, pairs, want) in [
-            // Which of several regions a variable refines must be said.
-            (
-                file,
-                vec![("SETPOINT_EC2_IMAGE_ID", "ami-1")],
-                "set SETPOINT_AWS_REGION",
-            ),
-            // A home region that is none of several configured ones.
-            (
-                file,
-                vec![("SETPOINT_AWS_REGION", "ap-south-1")],
-                "names none of the regions [ec2] configures (eu-west-1, us-west-2)",
-            ),
-            // One region configured in two ways.
-            (
-                "",
-                vec![
-                    ("SETPOINT_AWS_REGION", "us-east-1"),
-                    ("SETPOINT_EC2_REGIONS", extra),
-                ],
-                "not both",
-            ),
-            (
-                "",
-                vec![("SETPOINT_EC2_REGIONS", r#"{"us-east-1": {"subnet": "x"}}"#)],
-                "SETPOINT_EC2_REGIONS: ec2.regions.us-east-1: unknown field `subnet`",
-            ),
-            (
-                "",
-                vec![("SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID", "k")],
-                "SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID is set but EC2 is not configured",
-            ),
-        ] {
-            let mut f: FileConfig = toml::from_str(file).expect("parse");
-            let err = f.apply_env(vars(&pairs)).expect_err(want).to_string();
-            assert!(err.contains(want), "{pairs:?}: {err}");
-        }
     }
 
     #[test]

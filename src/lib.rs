@@ -13,8 +13,13 @@
 //! - [`config`]: configuration from flags, environment and a TOML file.
 //! - [`dev`]: throw-away local peers (PostgreSQL) for `setpoint dev`, benchmarks and tests.
 //! - [`bench`]: the benchmarks behind `setpoint bench`.
-//! - [`workflows`]: the KVX steps of create, update, delete and drift resync.
-//! - [`engine`]: the adapters and workflows built from configuration (`serve` and `dev`).
+//! - [`kinds`]: resources of declared kinds: the catalog, the chain runner, drift checks,
+//!   conditions, sealed secret outputs.
+//! - [`plugin`]: how plugins add adapters and kinds; [`plugins`]: the built-in ones (the
+//!   EC2, Kubernetes and e-mail adapters, the KVX kind, the DNS kind).
+//! - [`engine`]: the engine as a library ([`engine::EngineBuilder`]): `serve`, `dev` and a
+//!   team's own binary are thin users of it.
+//! - [`names`]: naming rules every layer shares.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 
 #![deny(unsafe_code)]
@@ -26,11 +31,14 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod engine;
+pub mod kinds;
 pub mod metrics;
+pub mod names;
+pub mod plugin;
+pub mod plugins;
 pub mod queue;
 pub mod store;
 pub mod worker;
-pub mod workflows;
 
 pub use queue::NewWork;
 pub use worker::{Registry, Runtime, WorkerConfig};

@@ -2,7 +2,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -11,12 +10,11 @@ use serde_json::json;
 use setpoint::cli::{BenchCommand, Cli, Command, DbArgs, ServeArgs, WorkCommand};
 use setpoint::config::{FileConfig, database_url_from_parts, redact_url};
 use setpoint::dev::postgres::{ClusterOptions, Durability, TempCluster};
-use setpoint::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
+use setpoint::engine::EngineBuilder;
+use setpoint::kinds::SecretBox;
+use setpoint::plugins::kvx::KvxConfig;
 use setpoint::queue::{self, NewWork, WorkFilter, WorkRow};
-use setpoint::worker::builtin::{Noop, Probe};
-use setpoint::workflows::hooks::InstanceHooks;
-use setpoint::{Registry, Runtime, store};
-use setpoint_adapter::typed;
+use setpoint::store;
 use tokio_util::sync::CancellationToken;
 
 // The engine allocates small objects per unit of work (rows, specs, events, tasks) on every
@@ -66,6 +64,7 @@ fn init_tracing(format: &str) {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        #[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
         Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
         Command::Migrate(args) => {
             let (file, url) = resolve_db(&args.db)?;
@@ -124,20 +123,57 @@ async fn connect(url: &str, file: &FileConfig, max: u32) -> Result<sqlx::PgPool>
         .with_context(|| format!("cannot connect to {}", redact_url(url)))
 }
 
+/// The built-in adapters' configuration, checked before anything starts (the database
+/// included): their tables and variables parse, and the KVX kind has all three or none.
+fn preflight_adapters(file: &FileConfig) -> Result<()> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let json = |v: &Option<toml::Value>| v.as_ref().and_then(|v| serde_json::to_value(v).ok());
+    #[cfg(feature = "ec2")]
+    let ec2 = {
+        let mut s = setpoint::plugins::ec2::Ec2Settings::from_table(json(&file.ec2).as_ref())?;
+        s.apply_env(&env)?;
+        s.ec2.is_some()
+    };
+    #[cfg(not(feature = "ec2"))]
+    let ec2 = false;
+    #[cfg(feature = "kubernetes")]
+    let kubernetes = {
+        let mut s = setpoint::plugins::kubernetes::KubernetesSettings::from_table(
+            json(&file.kubernetes).as_ref(),
+        )?;
+        s.apply_env(&env)?;
+        s.kubernetes.is_some()
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    let kubernetes = false;
+    #[cfg(feature = "email")]
+    let smtp = {
+        let mut s = setpoint::plugins::email::SmtpSettings::from_table(json(&file.smtp).as_ref())?;
+        s.apply_env(&env)?;
+        s.smtp.is_some()
+    };
+    #[cfg(not(feature = "email"))]
+    let smtp = false;
+    let _ = (&env, &json, file);
+    setpoint::plugins::kvx::check_complete(ec2, kubernetes, smtp)?;
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
-    let (mut file, url) = resolve_db(&args.db)?;
-    file.apply_env(|k| std::env::var(k).ok())?;
-    // Checked before anything starts: all three adapters, or none.
-    let adapters =
-        AdapterConfigs::select(file.ec2.take(), file.kubernetes.take(), file.smtp.take())?;
-    // So is the API's TLS material: settings, files and the certificate and key themselves.
-    let mut api_config = args.api.config(&file.api)?;
+    let (file, url) = resolve_db(&args.db)?;
+    preflight_adapters(&file)?;
+    // The API's TLS material is checked before anything starts: settings, files, the
+    // certificate and key themselves.
+    let api_config = args.api.config(&file.api)?;
     if let Some(tls) = &api_config.tls {
         tls.check()?;
     }
-    let mut workflow_config = file.workflows.workflow_config();
-    if let Some(d) = args.drift {
-        workflow_config.drift = d;
+    let mut kvx = KvxConfig::default();
+    if let Some(d) = args.drift.as_deref().or(file.workflows.drift.as_deref()) {
+        kvx.drift = d.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(w) = file.workflows.machine_wait {
+        kvx.machine_wait = w;
     }
     let resync_interval = args.resync_interval.or(file.workflows.resync_interval);
     let mut worker = file.worker_config();
@@ -170,8 +206,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         worker.kinds = kinds.clone();
     }
     worker.validate()?;
+    let mut secrets = match std::env::var("SETPOINT_SECRETS_KEY") {
+        Ok(keys) if !keys.trim().is_empty() => Some(SecretBox::from_keys(&keys)?),
+        _ => None,
+    };
 
-    // Without a database, run our own and keep it between runs.
+    // Without a database, run our own and keep it between runs (and a secrets key with it).
     let mut _embedded = None;
     let url = match url {
         Some(url) => url,
@@ -183,6 +223,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from(".setpoint/postgres"));
             tracing::info!(dir = %dir.display(), "no database URL given: starting an embedded PostgreSQL");
             let dir = std::path::absolute(&dir).unwrap_or(dir);
+            if secrets.is_none() {
+                secrets = Some(setpoint::dev::local_secrets_key(&dir)?);
+            }
             let cluster = tokio::task::spawn_blocking(move || {
                 TempCluster::open_persistent(&dir, ClusterOptions::default())
             })
@@ -202,42 +245,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if migrate {
         store::migrate(&pool).await.context("applying migrations")?;
     }
-    let runtime_worker_id = worker
-        .worker_id
-        .clone()
-        .unwrap_or_else(setpoint::worker::default_worker_id);
-    worker.worker_id = Some(runtime_worker_id.clone());
-    let mut registry = Registry::new();
-    registry.register(typed(Noop))?;
-    if args
-        .enable_probe
-        .unwrap_or(file.enable_probe.unwrap_or(false))
-    {
-        registry.register(typed(Probe::new(pool.clone(), runtime_worker_id)))?;
-    }
-    let workflows_on = adapters.is_some();
-    match adapters {
-        Some(configs) => {
-            Adapters::build(configs, None).await?.register_workflows(
-                &mut registry,
-                pool.clone(),
-                workflow_config,
-            )?;
-            api_config = with_workflow_kinds(api_config);
-            tracing::info!(
-                create = %api_config.create_kind,
-                update = %api_config.update_kind,
-                delete = %api_config.delete_kind,
-                "KVX workflows on: [ec2], [kubernetes] and [smtp] are configured"
-            );
-        }
-        None => tracing::info!(
-            create = %api_config.create_kind,
-            "KVX workflows off: no [ec2], [kubernetes] or [smtp] configured, so the API \
-             enqueues its configured kinds (setpoint.noop unless --create-kind etc. are set)"
-        ),
-    }
-    let runtime = Runtime::new(pool.clone(), registry, worker)?.with_hooks(Arc::new(InstanceHooks));
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -245,32 +252,33 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("shutdown requested");
         signal.cancel();
     });
+    let mut builder = EngineBuilder::new(pool)
+        .worker(worker)
+        .probe(
+            args.enable_probe
+                .unwrap_or(file.enable_probe.unwrap_or(false)),
+        )
+        .drift(resync_interval)
+        .secrets(secrets.unwrap_or_else(SecretBox::none))
+        .api(args.api.listen(&file.api), api_config)
+        .plugins(setpoint::plugins::builtin(kvx));
     if let Some(addr) = args.metrics_listen.or(file.metrics_listen) {
-        setpoint::metrics::serve(addr, pool.clone(), shutdown.clone())
-            .await
-            .context("starting the metrics endpoint")?;
+        builder = builder.metrics(addr);
     }
-    let resync = match (workflows_on, resync_interval) {
-        (true, every) => spawn_resync(&pool, every, &shutdown),
-        (false, Some(_)) => {
-            tracing::warn!("resync interval ignored: the KVX workflows are off");
-            None
-        }
-        (false, None) => None,
-    };
-    let api = setpoint::api::start(
-        pool,
-        api_config,
-        args.api.listen(&file.api),
-        shutdown.clone(),
-    )
-    .await
-    .context("starting the gRPC API")?;
-    runtime.run(shutdown).await;
-    api.wait().await?;
-    if let Some(r) = resync {
-        let _ = r.await;
+    let engine = builder.file(file).start(shutdown.clone()).await?;
+    if engine.catalog.get(setpoint::plugins::kvx::KIND).is_none() {
+        tracing::info!(
+            "KVX workflows off: no [ec2], [kubernetes] or [smtp] configured, so the API's \
+             instances run its configured stand-in kinds (setpoint.noop unless --create-kind \
+             etc. are set)"
+        );
+    } else {
+        tracing::info!(
+            "KVX workflows on: [ec2], [kubernetes] and [smtp] are configured; instances run the \
+             kvx.instance kind's chains"
+        );
     }
+    engine.wait().await?;
     Ok(())
 }
 
@@ -287,6 +295,20 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// What an operator's action does to resources: the chain runner's hooks over the built-in
+/// kinds' declarations.
+fn hooks(pool: &sqlx::PgPool) -> Result<setpoint::kinds::Chains> {
+    let mut catalog = setpoint::kinds::KindCatalog::new();
+    for kind in setpoint::plugins::builtin_kinds() {
+        catalog.add(kind)?;
+    }
+    Ok(setpoint::kinds::Chains::new(
+        std::sync::Arc::new(catalog),
+        std::sync::Arc::new(SecretBox::none()),
+        pool.clone(),
+    ))
 }
 
 fn operator() -> String {
@@ -390,7 +412,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         } => {
             let mut tx = pool.begin().await?;
             let row =
-                queue::retry_parked(&mut tx, &InstanceHooks, id, &operator(), attempts).await?;
+                queue::retry_parked(&mut tx, &hooks(&pool)?, id, &operator(), attempts).await?;
             tx.commit().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&row)?);
@@ -406,7 +428,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         } => {
             let mut tx = pool.begin().await?;
             let row =
-                queue::cancel_parked(&mut tx, &InstanceHooks, id, &operator(), &reason).await?;
+                queue::cancel_parked(&mut tx, &hooks(&pool)?, id, &operator(), &reason).await?;
             tx.commit().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&row)?);

@@ -6,6 +6,7 @@
 //! |------------------------------------------|-----------|---------------------------------|
 //! | `units`                                  | gauge     | `kind`, `state`                 |
 //! | `units_parked`                           | gauge     |                                 |
+//! | `units_unserved`                         | gauge     | `kind`                          |
 //! | `oldest_pending_age_seconds`             | gauge     |                                 |
 //! | `units_claimed_total`                    | counter   | `kind`                          |
 //! | `units_succeeded_total`                  | counter   | `kind`                          |
@@ -39,19 +40,20 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use setpoint_adapter::AdapterError;
+use setpoint_adapter::{AdapterError, BoxFuture};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::engines::units_unserved;
+use crate::store::migrations_pending;
 use crate::store::work::work_stats;
-use crate::store::workflows::migrations_pending;
 
 /// Why the metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -200,17 +202,52 @@ async fn refresh_queue_gauges(pool: &PgPool, seen: &mut Vec<(String, String)>) {
     *seen = now;
 }
 
-/// Whether the engine can serve: the database answers and every migration is applied.
-async fn ready(pool: &PgPool) -> Result<(), String> {
+/// Refreshes the gauge of units that no live engine serves, per kind.
+async fn refresh_unserved(pool: &PgPool, seen: &mut Vec<String>) {
+    let Ok(mut conn) = pool.acquire().await else {
+        return;
+    };
+    let Ok(unserved) = units_unserved(&mut conn).await else {
+        return;
+    };
+    for kind in seen
+        .iter()
+        .filter(|k| !unserved.iter().any(|(u, _)| u == *k))
+    {
+        metrics::gauge!("setpoint_units_unserved", "kind" => kind.clone()).set(0.0);
+    }
+    for (kind, n) in &unserved {
+        metrics::gauge!("setpoint_units_unserved", "kind" => kind.clone()).set(*n as f64);
+    }
+    *seen = unserved.into_iter().map(|(k, _)| k).collect();
+}
+
+/// A readiness check of a plugin (`/readyz` fails while it does): its name and the check.
+pub type Readiness = (
+    String,
+    Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>,
+);
+
+/// Whether the engine can serve: the database answers, every migration is applied, and every
+/// plugin's check passes.
+async fn ready(pool: &PgPool, checks: &[Readiness]) -> Result<(), String> {
     let mut conn = tokio::time::timeout(Duration::from_secs(2), pool.acquire())
         .await
         .map_err(|_| "database: no connection within 2s".to_owned())?
         .map_err(|e| format!("database: {e}"))?;
     match migrations_pending(&mut conn).await {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("{n} migration(s) not applied")),
-        Err(e) => Err(format!("database: {e}")),
+        Ok(0) => {}
+        Ok(n) => return Err(format!("{n} migration(s) not applied")),
+        Err(e) => return Err(format!("database: {e}")),
     }
+    for (name, check) in checks {
+        match tokio::time::timeout(Duration::from_secs(2), check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(format!("{name}: {why}")),
+            Err(_) => return Err(format!("{name}: no answer within 2s")),
+        }
+    }
+    Ok(())
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -219,14 +256,18 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-async fn route(req: Request<hyper::body::Incoming>, pool: PgPool) -> Response<Full<Bytes>> {
+async fn route(
+    req: Request<hyper::body::Incoming>,
+    pool: PgPool,
+    checks: Arc<Vec<Readiness>>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => match HANDLE.get() {
             Some(h) => text(StatusCode::OK, h.render()),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no recorder\n".into()),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match ready(&pool).await {
+        "/readyz" => match ready(&pool, &checks).await {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -248,8 +289,10 @@ async fn route(req: Request<hyper::body::Incoming>, pool: PgPool) -> Response<Fu
 pub async fn serve(
     addr: SocketAddr,
     pool: PgPool,
+    checks: Vec<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, MetricsError> {
+    let checks = Arc::new(checks);
     let handle = install()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -261,8 +304,10 @@ pub async fn serve(
     let gauge_pool = pool.clone();
     tokio::spawn(async move {
         let mut seen = Vec::new();
+        let mut unserved = Vec::new();
         loop {
             refresh_queue_gauges(&gauge_pool, &mut seen).await;
+            refresh_unserved(&gauge_pool, &mut unserved).await;
             handle.run_upkeep();
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -284,10 +329,12 @@ pub async fn serve(
                 },
             };
             let pool = pool.clone();
+            let checks = checks.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let pool = pool.clone();
-                    async move { Ok::<_, Infallible>(route(req, pool).await) }
+                    let checks = checks.clone();
+                    async move { Ok::<_, Infallible>(route(req, pool, checks).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()

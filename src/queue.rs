@@ -213,7 +213,9 @@ pub async fn retry_parked(
             if let Some(resource_id) = row.resource_id {
                 let event = UnitEvent {
                     work_id: id,
+                    kind: &row.kind,
                     resource_id,
+                    holds_resource: row.holds_resource,
                     reason: "retried by an operator",
                     operator: Some(operator),
                 };
@@ -241,7 +243,9 @@ pub async fn cancel_parked(
             if let Some(resource_id) = row.resource_id {
                 let event = UnitEvent {
                     work_id: id,
+                    kind: &row.kind,
                     resource_id,
+                    holds_resource: row.holds_resource,
                     reason,
                     operator: Some(operator),
                 };

@@ -251,18 +251,7 @@ async fn changes_during_active_work_fail_with_details_naming_the_unit() {
     assert_eq!(info.metadata["work_id"], a.active_work_id.to_string());
     let pf = err.get_details_precondition_failure().unwrap();
     assert_eq!(pf.violations[0].subject, a.name);
-    let err = c
-        .delete_instance(authed(
-            &env.acme,
-            DeleteInstanceRequest {
-                name: a.name.clone(),
-                request_id: "r3".into(),
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    // Nothing was written by the refused calls; after the chain ends the same update works.
+    // Nothing was written by the refused call; after the chain ends the same update works.
     assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
     assert_eq!(count(&env.db, "SELECT count(*) FROM api_requests").await, 1);
     // An update that changes nothing has nothing to wait for: the instance, unchanged. The
@@ -318,6 +307,45 @@ async fn changes_during_active_work_fail_with_details_naming_the_unit() {
         .into_inner();
     assert_eq!(u.status, InstanceStatus::Updating as i32);
     assert_eq!(u.generation, 2);
+    env.stop().await;
+}
+
+/// A delete is the one change that does not wait: it supersedes the chain in flight (whose
+/// units are removed, with a `cancelled` event saying why) and the instance ends DELETED.
+#[tokio::test]
+async fn a_delete_supersedes_the_chain_in_flight() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "r1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = c
+        .delete_instance(authed(
+            &env.acme,
+            DeleteInstanceRequest {
+                name: a.name.clone(),
+                request_id: "r3".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.status, InstanceStatus::Deleting as i32);
+    assert_ne!(d.active_work_id, a.active_work_id);
+    let cancelled: (String, String) = sqlx::query_as(
+        "SELECT event, message FROM work_events WHERE work_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(a.active_work_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(cancelled.0, "cancelled");
+    assert!(cancelled.1.contains("superseded"), "{}", cancelled.1);
+    assert_eq!(count(&env.db, "SELECT count(*) FROM work").await, 1);
+    env.start_workers();
+    follow_until(&env, &a.name, InstanceStatus::Deleted).await;
     env.stop().await;
 }
 
@@ -1008,12 +1036,23 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
         .unwrap()
         .into_inner();
     assert_eq!(unit.last_error, raw);
-    // A parked unit blocks changes too, naming the unit.
+    // A parked unit blocks changes too (all but a delete, which supersedes it), naming the
+    // unit.
     let e = c
-        .delete_instance(authed(
+        .update_instance(authed(
             &env.acme,
-            DeleteInstanceRequest {
-                name: a.name.clone(),
+            UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: a.name.clone(),
+                    spec: Some(InstanceSpec {
+                        plan: "kvx.large".into(),
+                        ..spec()
+                    }),
+                    ..Instance::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec.plan".into()],
+                }),
                 request_id: "d1".into(),
             },
         ))

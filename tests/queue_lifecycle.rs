@@ -4,7 +4,6 @@
 
 mod common;
 
-use setpoint::workflows::hooks::InstanceHooks;
 use std::time::Duration;
 
 use common::*;
@@ -22,6 +21,15 @@ async fn enqueue(pool: &sqlx::PgPool, unit: NewWork) -> i64 {
     let e = queue::enqueue(&mut tx, unit).await.unwrap();
     tx.commit().await.unwrap();
     e.id
+}
+
+/// The hooks of operators' actions: the chain runner's, with no kind declared.
+fn hooks(pool: &sqlx::PgPool) -> setpoint::kinds::Chains {
+    setpoint::kinds::Chains::new(
+        std::sync::Arc::new(setpoint::kinds::KindCatalog::new()),
+        std::sync::Arc::new(setpoint::kinds::SecretBox::none()),
+        pool.clone(),
+    )
 }
 
 /// The kinds a claim in these tests serves.
@@ -134,7 +142,7 @@ async fn a_retried_check_of_a_ready_instance_shows_ready_while_it_runs() {
     };
     assert_eq!(status().await, "FAILED");
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+    queue::retry_parked(&mut tx, &hooks(&db.pool), id, "alice", 1)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -178,7 +186,7 @@ async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_
     // (No worker runs from here on: the test sets the unit's states itself.)
     rt.stop().await;
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+    queue::retry_parked(&mut tx, &hooks(&db.pool), id, "alice", 1)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -198,7 +206,7 @@ async fn a_retry_resolves_unknown_side_effects_only_of_a_unit_parked_as_outcome_
     .await
     .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 1)
+    queue::retry_parked(&mut tx, &hooks(&db.pool), id, "alice", 1)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -231,7 +239,7 @@ async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
 
     // Retry: runs again (and parks again, the cause being unchanged).
     let mut tx = db.pool.begin().await.unwrap();
-    queue::retry_parked(&mut tx, &InstanceHooks, id, "alice", 3)
+    queue::retry_parked(&mut tx, &hooks(&db.pool), id, "alice", 3)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -249,18 +257,18 @@ async fn permanent_error_parks_at_once_and_operator_can_retry_or_cancel() {
 
     // Cancel removes it; retry and cancel of a finished unit explain themselves.
     let mut tx = db.pool.begin().await.unwrap();
-    queue::cancel_parked(&mut tx, &InstanceHooks, id, "alice", "AMI retired")
+    queue::cancel_parked(&mut tx, &hooks(&db.pool), id, "alice", "AMI retired")
         .await
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(state(&db.pool, id).await, None);
     let mut conn = db.pool.acquire().await.unwrap();
     assert!(matches!(
-        queue::retry_parked(&mut conn, &InstanceHooks, id, "alice", 1).await,
+        queue::retry_parked(&mut conn, &hooks(&db.pool), id, "alice", 1).await,
         Err(QueueError::Finished(_))
     ));
     assert!(matches!(
-        queue::cancel_parked(&mut conn, &InstanceHooks, 999_999, "alice", "x").await,
+        queue::cancel_parked(&mut conn, &hooks(&db.pool), 999_999, "alice", "x").await,
         Err(QueueError::NotFound(_))
     ));
     let report = queue::show(&mut conn, &id.to_string()).await.unwrap();
@@ -281,7 +289,7 @@ async fn retry_of_a_pending_unit_is_refused() {
     let db = db().await;
     let id = enqueue(&db.pool, NewWork::new("setpoint.noop", json!({}))).await;
     let mut conn = db.pool.acquire().await.unwrap();
-    match queue::retry_parked(&mut conn, &InstanceHooks, id, "op", 1).await {
+    match queue::retry_parked(&mut conn, &hooks(&db.pool), id, "op", 1).await {
         Err(QueueError::NotParked { state, .. }) => assert_eq!(state, "pending"),
         other => panic!("unexpected {other:?}"),
     }

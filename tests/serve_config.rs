@@ -18,11 +18,16 @@ use setpoint::api::proto::instance_service_client::InstanceServiceClient;
 use setpoint::api::proto::{
     CreateInstanceRequest, GetInstanceRequest, Instance, InstanceSpec, InstanceStatus,
 };
-use setpoint::config::{FileConfig, SmtpEndpoint};
-use setpoint::engine::AdapterConfigs;
-use setpoint::workflows::DriftAction;
+use setpoint::config::{FileConfig, WorkflowsFile};
+use setpoint::plugins::ec2::Ec2Settings;
+use setpoint::plugins::email::{SmtpEndpoint, SmtpSettings};
+use setpoint::plugins::kubernetes::KubernetesSettings;
+use setpoint::plugins::kvx::{DriftAction, check_complete};
+use setpoint_ec2::Ec2Regions;
 use setpoint_email::Security;
+use setpoint_email::SmtpConfig;
 use setpoint_kubernetes::ClusterAccess;
+use setpoint_kubernetes::KubernetesConfig;
 
 use common::peers::{Bearer, Peers, subjects};
 use common::{EngineProcess, wait_for};
@@ -57,12 +62,48 @@ fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    move |k| map.get(k).cloned()
+    move |k| map.get(k).cloned().filter(|v| !v.trim().is_empty())
+}
+
+/// The configuration as `serve` reads it: the file, then the environment, table by table
+/// (each adapter's table is its plugin's).
+#[derive(Debug)]
+struct Parsed {
+    ec2: Option<Ec2Regions>,
+    kubernetes: Option<KubernetesConfig>,
+    smtp: Option<SmtpConfig>,
+    workflows: WorkflowsFile,
+}
+
+fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Parsed, String> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    let json = |v: &Option<toml::Value>| v.as_ref().map(|v| serde_json::to_value(v).expect("json"));
+    let mut ec2 = Ec2Settings::from_table(json(&file.ec2).as_ref()).map_err(|e| e.to_string())?;
+    ec2.apply_env(&env).map_err(|e| e.to_string())?;
+    let mut kubernetes = KubernetesSettings::from_table(json(&file.kubernetes).as_ref())
+        .map_err(|e| e.to_string())?;
+    kubernetes.apply_env(&env).map_err(|e| e.to_string())?;
+    let mut smtp =
+        SmtpSettings::from_table(json(&file.smtp).as_ref()).map_err(|e| e.to_string())?;
+    smtp.apply_env(&env).map_err(|e| e.to_string())?;
+    Ok(Parsed {
+        ec2: ec2.ec2,
+        kubernetes: kubernetes.kubernetes,
+        smtp: smtp.smtp,
+        workflows: file.workflows,
+    })
+}
+
+/// Whether the KVX kind is on (all three adapters), off (none), or refused (some), as the
+/// KVX plugin decides.
+fn complete(p: &Parsed) -> Result<bool, String> {
+    check_complete(p.ec2.is_some(), p.kubernetes.is_some(), p.smtp.is_some())
+        .map_err(|e| e.to_string())
 }
 
 #[test]
 fn file_sections_parse() {
-    let f: FileConfig = toml::from_str(FULL).expect("parse");
+    let f = parse(FULL, env(&[])).expect("parse");
     let ec2 = f.ec2.as_ref().and_then(|e| e.only()).expect("ec2");
     assert_eq!(ec2.region, "eu-west-1");
     assert_eq!(ec2.subnet_ids, ["subnet-file"]);
@@ -72,63 +113,55 @@ fn file_sections_parse() {
     assert_eq!(smtp.host, "mail.internal");
     assert_eq!(smtp.security, Security::None);
     assert_eq!(f.workflows.resync_interval, Some(Duration::from_secs(300)));
-    let wf = f.workflows.workflow_config();
-    assert_eq!(wf.drift, DriftAction::Mark);
-    assert_eq!(wf.machine_wait, Duration::from_secs(30));
+    assert_eq!(f.workflows.drift.as_deref(), Some("mark"));
+    assert_eq!(f.workflows.machine_wait, Some(Duration::from_secs(30)));
     // The password never shows in Debug.
     let debug = format!("{f:?}");
     assert!(!debug.contains("file-secret"), "{debug}");
-    assert!(
-        AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp)
-            .expect("complete")
-            .is_some()
-    );
+    assert!(complete(&f).expect("complete"));
 
-    // Several regions parse, but this engine serves one: the check names them.
+    // Several regions: the engine serves each of them.
     let several = FULL.replace(
-        "[ec2]\nregion = \"eu-west-1\"",
+        "[ec2]\nregion = \"eu-west-1\"\nsubnet_ids = [\"subnet-file\"]\ndefault_image_id = \"ami-1\"",
         "[ec2.regions.us-east-1]\n[ec2.regions.eu-west-1]",
     );
-    let f: FileConfig = toml::from_str(&several).expect("parse");
-    let err = AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("configures 2 regions (eu-west-1, us-east-1)"),
-        "{err}"
+    let f = parse(&several, env(&[])).expect("parse");
+    assert_eq!(
+        f.ec2.as_ref().map(|e| e.names()),
+        Some(vec!["eu-west-1", "us-east-1"])
     );
+    assert!(complete(&f).expect("complete"));
 
     // Unknown keys in a section are refused with the key's name.
     let bad = toml::from_str::<FileConfig>("[workflows]\ndrfit = \"heal\"\n").unwrap_err();
     assert!(bad.to_string().contains("drfit"), "{bad}");
-    let bad = toml::from_str::<FileConfig>("[workflows]\ndrift = \"ignore\"\n").unwrap_err();
-    assert!(bad.to_string().contains("ignore"), "{bad}");
-    // No section: workflows off, defaults for the rest.
-    let empty: FileConfig = toml::from_str("").expect("empty");
-    assert!(
-        AdapterConfigs::select(empty.ec2, empty.kubernetes, empty.smtp)
-            .expect("none")
-            .is_none()
-    );
+    let bad = "ignore".parse::<DriftAction>().unwrap_err();
+    assert!(bad.contains("ignore"), "{bad}");
+    // No section: the KVX kind off, defaults for the rest.
+    let empty = parse("", env(&[])).expect("empty");
+    assert!(!complete(&empty).expect("none"));
 }
 
 #[test]
 fn environment_overrides_and_creates_sections() {
     // Over a file: the environment wins field by field.
-    let mut f: FileConfig = toml::from_str(FULL).expect("parse");
-    f.apply_env(env(&[
-        ("SETPOINT_AWS_REGION", "us-west-2"),
-        ("SETPOINT_EC2_SUBNET_ID", "subnet-a"),
-        ("SETPOINT_EC2_SECURITY_GROUP_IDS", "sg-1, sg-2,,"),
-        (
-            "SETPOINT_SMTP_URL",
-            "smtps://AKIA%2Fx:env%40secret@email-smtp.eu-west-1.amazonaws.com",
-        ),
-        ("SETPOINT_EMAIL_FROM", "ops@example.com"),
-        (
-            "SETPOINT_EC2_PLAN_INSTANCE_TYPES",
-            "kvx.small=t3.small, kvx.large = m6i.large,",
-        ),
-    ]))
+    let f = parse(
+        FULL,
+        env(&[
+            ("SETPOINT_AWS_REGION", "us-west-2"),
+            ("SETPOINT_EC2_SUBNET_ID", "subnet-a"),
+            ("SETPOINT_EC2_SECURITY_GROUP_IDS", "sg-1, sg-2,,"),
+            (
+                "SETPOINT_SMTP_URL",
+                "smtps://AKIA%2Fx:env%40secret@email-smtp.eu-west-1.amazonaws.com",
+            ),
+            ("SETPOINT_EMAIL_FROM", "ops@example.com"),
+            (
+                "SETPOINT_EC2_PLAN_INSTANCE_TYPES",
+                "kvx.small=t3.small, kvx.large = m6i.large,",
+            ),
+        ]),
+    )
     .expect("env");
     let ec2 = f.ec2.as_ref().and_then(|e| e.only()).expect("ec2");
     assert_eq!(ec2.region, "us-west-2");
@@ -165,13 +198,15 @@ fn environment_overrides_and_creates_sections() {
 
     // Without a file: the environment alone makes [ec2] and [smtp]; [kubernetes] is missing
     // and the check names it.
-    let mut f = FileConfig::default();
-    f.apply_env(env(&[
-        ("SETPOINT_AWS_REGION", "us-east-1"),
-        ("SETPOINT_SMTP_URL", "smtp://user:pw@relay:2525"),
-        ("SETPOINT_EMAIL_FROM", "noreply@example.com"),
-        ("SETPOINT_EC2_SUBNET_ID", ""),
-    ]))
+    let f = parse(
+        "",
+        env(&[
+            ("SETPOINT_AWS_REGION", "us-east-1"),
+            ("SETPOINT_SMTP_URL", "smtp://user:pw@relay:2525"),
+            ("SETPOINT_EMAIL_FROM", "noreply@example.com"),
+            ("SETPOINT_EC2_SUBNET_ID", ""),
+        ]),
+    )
     .expect("env");
     assert!(
         f.ec2
@@ -184,41 +219,33 @@ fn environment_overrides_and_creates_sections() {
     let smtp = f.smtp.as_ref().expect("smtp");
     assert_eq!((smtp.host.as_str(), smtp.port), ("relay", Some(2525)));
     assert_eq!(smtp.security, Security::Starttls);
-    let err = AdapterConfigs::select(f.ec2, f.kubernetes, f.smtp).unwrap_err();
-    let msg = err.to_string();
+    let msg = complete(&f).unwrap_err();
     assert!(msg.contains("[kubernetes] missing"), "{msg}");
     assert!(msg.contains("[ec2], [smtp] given"), "{msg}");
 
     // Refining a section that does not exist is an error, not silently ignored.
-    let mut f = FileConfig::default();
-    let err = f
-        .apply_env(env(&[("SETPOINT_EC2_SUBNET_ID", "subnet-a")]))
-        .unwrap_err();
+    let err = parse("", env(&[("SETPOINT_EC2_SUBNET_ID", "subnet-a")])).unwrap_err();
     assert!(err.to_string().contains("SETPOINT_AWS_REGION"), "{err}");
     // A plan map that is not plan=type names the variable and shows the right form.
-    let mut f = FileConfig::default();
-    let err = f
-        .apply_env(env(&[
+    let err = parse(
+        "",
+        env(&[
             ("SETPOINT_AWS_REGION", "us-east-1"),
             ("SETPOINT_EC2_PLAN_INSTANCE_TYPES", "kvx.small:t3.small"),
-        ]))
-        .unwrap_err();
+        ]),
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains("SETPOINT_EC2_PLAN_INSTANCE_TYPES")
             && err.to_string().contains("kvx.small=t3.small"),
         "{err}"
     );
     // A URL without a sender cannot make [smtp]; the error does not show the password.
-    let mut f = FileConfig::default();
-    let err = f
-        .apply_env(env(&[("SETPOINT_SMTP_URL", "smtp://u:hunter2@relay")]))
-        .unwrap_err();
+    let err = parse("", env(&[("SETPOINT_SMTP_URL", "smtp://u:hunter2@relay")])).unwrap_err();
     assert!(err.to_string().contains("SETPOINT_EMAIL_FROM"), "{err}");
     assert!(!err.to_string().contains("hunter2"));
     // SETPOINT_EMAIL_FROM alone (no relay) leaves the workflows off.
-    let mut f = FileConfig::default();
-    f.apply_env(env(&[("SETPOINT_EMAIL_FROM", "noreply@example.com")]))
-        .expect("env");
+    let f = parse("", env(&[("SETPOINT_EMAIL_FROM", "noreply@example.com")])).expect("env");
     assert!(f.smtp.is_none());
 }
 
@@ -268,6 +295,9 @@ fn smtp_url_parses_and_never_shows_the_password() {
 
 const LIMIT: Duration = Duration::from_secs(150);
 
+/// A secrets key for the engines these tests start (32 zero bytes: a test key only).
+const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("setpoint-serve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -297,6 +327,8 @@ fn serve_command(env: &[(&str, &str)]) -> Command {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        // The KVX kind seals each instance's credentials: a key of the test's own.
+        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN")
         .stdin(Stdio::null())

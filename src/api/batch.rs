@@ -37,7 +37,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::convert;
 use super::errors::ApiError;
-use super::instances::work_spec;
+use super::operations::FirstUnits;
 use super::proto::Instance;
 use super::status::InstanceState;
 use super::wake::WorkerWaker;
@@ -98,8 +98,8 @@ pub struct CreateBatcher {
 }
 
 impl CreateBatcher {
-    /// Starts `executors` executors (at least one) on `pool` that enqueue units of
-    /// `create_kind`, batches of at most `max_batch`; they end when the last clone of the
+    /// Starts `executors` executors (at least one) on `pool` that enqueue the first units of
+    /// `first`'s creates, batches of at most `max_batch`; they end when the last clone of the
     /// batcher is dropped.
     ///
     /// The executors run on a thread of their own (one runtime for all of them), so that the
@@ -108,7 +108,7 @@ impl CreateBatcher {
     /// no difference in rate either way.)
     pub fn start(
         pool: PgPool,
-        create_kind: String,
+        first: FirstUnits,
         executors: usize,
         max_batch: usize,
         waker: WorkerWaker,
@@ -117,7 +117,7 @@ impl CreateBatcher {
         let executors = executors.max(1);
         let (jobs, rx) = mpsc::channel::<Job>(max_batch * executors * 4);
         let rx = Arc::new(Mutex::new(rx));
-        let kind: Arc<str> = create_kind.into();
+        let kind: Arc<FirstUnits> = Arc::new(first);
         let loops = move || {
             (0..executors)
                 .map(|_| {
@@ -182,7 +182,7 @@ impl CreateBatcher {
 async fn executor(
     pool: PgPool,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    kind: Arc<str>,
+    kind: Arc<FirstUnits>,
     max_batch: usize,
     waker: WorkerWaker,
 ) {
@@ -213,7 +213,7 @@ struct Executor {
 async fn run(
     pool: &PgPool,
     state: &mut Executor,
-    kind: &str,
+    kind: &FirstUnits,
     mut jobs: Vec<Job>,
     waker: &WorkerWaker,
 ) {
@@ -296,7 +296,7 @@ async fn run(
 async fn settle(
     pool: &PgPool,
     state: &mut Executor,
-    kind: &str,
+    first: &FirstUnits,
     creates: &[&NewCreate],
 ) -> Result<Vec<Settled>, ApiError> {
     let c = match &mut state.conn {
@@ -323,6 +323,7 @@ async fn settle(
         rows.push(InstanceRow {
             id: new_instance_id(),
             tenant: create.tenant.clone(),
+            kind: crate::plugins::kvx::KIND.to_owned(),
             name: create.name.clone(),
             spec: create.spec.clone(),
             generation: 1,
@@ -340,8 +341,13 @@ async fn settle(
     }
     let units: Vec<NewWork> = rows
         .iter()
-        .map(|row| NewWork::new(kind, work_spec(row, "create")))
-        .collect();
+        .map(|row| {
+            first
+                .first(row, "create")
+                .ok_or_else(|| ApiError::Internal("the instance kind declares no create".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    let kind = units.first().map(|u| u.kind.clone()).unwrap_or_default();
     let answers: Vec<Instance> = rows.iter().map(convert::instance).collect();
     let encoded: Vec<Vec<u8>> = answers.iter().map(Message::encode_to_vec).collect();
     let batch: Vec<BatchCreate<'_>> = creates
@@ -362,7 +368,7 @@ async fn settle(
             work_spec: &unit.spec,
         })
         .collect();
-    let written = instances_create_batch(c, CREATE_METHOD, kind, created_at, &batch).await?;
+    let written = instances_create_batch(c, CREATE_METHOD, &kind, created_at, &batch).await?;
     Ok(written
         .into_iter()
         .zip(answers)

@@ -327,7 +327,11 @@ async fn batched_writes(
 ) -> Result<Phase, BenchError> {
     let batcher = CreateBatcher::start(
         pool.clone(),
-        config.create_kind.clone(),
+        super::operations::FirstUnits::StandIn {
+            create: config.create_kind.clone(),
+            update: config.update_kind.clone(),
+            delete: config.delete_kind.clone(),
+        },
         config.create_batch_executors,
         config.create_batch_max,
         WorkerWaker::start(pool.clone()),
@@ -429,6 +433,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     let api = super::start(
         pool.clone(),
         config.clone(),
+        super::ApiServices::none(&pool),
         "127.0.0.1:0"
             .parse()
             .map_err(|e: std::net::AddrParseError| BenchError::Join(e.to_string()))?,

@@ -97,6 +97,15 @@ pub enum ApiError {
          for a new request"
     )]
     RequestIdReused(String),
+    /// No live engine serves what the request asks for (a region, a kind):
+    /// `FAILED_PRECONDITION` naming what is served.
+    #[error("{what} is not served by any running engine (served: {})", if served.is_empty() { "none".to_owned() } else { served.join(", ") })]
+    NotServed {
+        /// What is not served (`region us-west-2`).
+        what: String,
+        /// What is.
+        served: Vec<String>,
+    },
     /// An operator action on a unit that does not allow it.
     #[error(transparent)]
     Queue(QueueError),
@@ -214,6 +223,20 @@ impl From<ApiError> for Status {
                         ("resource".to_owned(), resource),
                         ("work_id".to_owned(), work_id.to_string()),
                     ]),
+                );
+                Status::with_error_details(Code::FailedPrecondition, message, d)
+            }
+            ApiError::NotServed { what, served } => {
+                let mut d = ErrorDetails::new();
+                d.add_precondition_failure_violation(
+                    "NOT_SERVED",
+                    what.clone(),
+                    format!("served: {}", served.join(", ")),
+                );
+                d.set_error_info(
+                    "NOT_SERVED",
+                    ERROR_DOMAIN,
+                    HashMap::from([("served".to_owned(), served.join(","))]),
                 );
                 Status::with_error_details(Code::FailedPrecondition, message, d)
             }

@@ -8,7 +8,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -22,6 +21,7 @@ use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
+use super::operations::{FirstUnits, ServedRegions};
 use super::page_token::{self, Scope};
 use super::proto::instance_service_server::InstanceService;
 use super::proto::{
@@ -35,19 +35,20 @@ use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, SpecFields};
 use super::wake::WorkerWaker;
 use super::watch::InstanceEvents;
 use super::watch_limit::WatchSlots;
-use crate::queue::{self, NewWork};
+use crate::plugins::kvx::KIND as KVX_KIND;
+use crate::queue;
 use crate::store::StoreError;
 use crate::store::instances::{
-    InstanceRow, instance_get, instance_get_by_id, instance_insert, instance_list,
+    InstanceRow, NewResource, instance_get, instance_get_by_id, instance_insert, instance_list,
     instance_start_operation, new_instance_id,
 };
 use crate::store::tokens::token_still_valid;
+use crate::store::work::work_supersede_for_resource;
 
 /// The service.
 #[derive(Debug, Clone)]
 pub struct Instances {
     pool: PgPool,
-    config: Arc<ApiConfig>,
     events: Arc<InstanceEvents>,
     /// Ends every Watch stream when the server shuts down (a graceful shutdown waits for open
     /// streams).
@@ -60,6 +61,10 @@ pub struct Instances {
     creates: Option<CreateBatcher>,
     /// Open Watch streams per tenant, up to [`ApiConfig::max_watches_per_tenant`].
     watches: WatchSlots,
+    /// How an operation starts: the KVX kind's chains, or stand-in kinds.
+    first: FirstUnits,
+    /// The regions live engines serve KVX instances in (checked only with the kind declared).
+    regions: Arc<ServedRegions>,
 }
 
 impl Instances {
@@ -69,14 +74,16 @@ impl Instances {
     pub fn new(
         pool: PgPool,
         config: Arc<ApiConfig>,
+        first: FirstUnits,
         events: Arc<InstanceEvents>,
         shutdown: CancellationToken,
     ) -> Self {
         let waker = WorkerWaker::start(pool.clone());
+        let regions = Arc::new(ServedRegions::new(pool.clone(), KVX_KIND));
         let creates = (config.create_batch_executors > 0).then(|| {
             CreateBatcher::start(
                 pool.clone(),
-                config.create_kind.clone(),
+                first.clone(),
                 config.create_batch_executors,
                 config.create_batch_max,
                 waker.clone(),
@@ -85,13 +92,30 @@ impl Instances {
         let watches = WatchSlots::new(config.max_watches_per_tenant);
         Self {
             pool,
-            config,
             events,
             shutdown,
             waker,
             creates,
             watches,
+            first,
+            regions,
         }
+    }
+
+    /// FAILED_PRECONDITION unless a live engine serves KVX instances in `region` (only when
+    /// the KVX kind is declared: stand-in kinds serve any region).
+    async fn ensure_region_served(&self, region: &str) -> Result<(), ApiError> {
+        if !matches!(self.first, FirstUnits::Declared(_)) {
+            return Ok(());
+        }
+        let served = self.regions.get().await?;
+        if served.iter().any(|r| r == region) {
+            return Ok(());
+        }
+        Err(ApiError::NotServed {
+            what: format!("region {region}"),
+            served: served.to_vec(),
+        })
     }
 
     /// A Create on its own: its own transaction, with the request id claimed first.
@@ -110,15 +134,22 @@ impl Instances {
             Begun::New(tx) => tx,
         };
         let id = new_instance_id();
-        let Some(mut row) = instance_insert(&mut tx, id, tenant, &c.name, &c.spec).await? else {
+        let new = NewResource {
+            id,
+            tenant,
+            kind: KVX_KIND,
+            name: &c.name,
+            spec: &c.spec,
+            spec_version: 1,
+        };
+        let Some(mut row) = instance_insert(&mut tx, new).await? else {
             return Err(ApiError::AlreadyExists(instance_name(tenant, &c.name)));
         };
-        let unit = queue::enqueue_quiet(
-            &mut tx,
-            NewWork::new(self.config.create_kind.clone(), work_spec(&row, "create"))
-                .for_resource(id, tenant),
-        )
-        .await?;
+        let first = self
+            .first
+            .first(&row, "create")
+            .ok_or_else(|| ApiError::Internal("the instance kind declares no create".into()))?;
+        let unit = queue::enqueue_quiet(&mut tx, first).await?;
         row.active_work_id = Some(unit.id);
         // A new instance has no failure and no conditions: every audience sees the same.
         let answer = convert::instance_for(&row, Audience::Tenant);
@@ -127,19 +158,6 @@ impl Instances {
         tracing::debug!(tenant, instance = %id, work_id = unit.id, "instance create accepted");
         Ok(answer)
     }
-}
-
-/// The spec a unit of `operation` is enqueued with: everything a workflow needs to find and
-/// change the instance.
-pub(super) fn work_spec(row: &InstanceRow, operation: &str) -> Value {
-    json!({
-        "instance_id": row.id,
-        "tenant": row.tenant,
-        "name": row.name,
-        "operation": operation,
-        "generation": row.generation,
-        "spec": row.spec,
-    })
 }
 
 /// FAILED_PRECONDITION when a unit of the instance is still in the queue.
@@ -159,7 +177,7 @@ async fn lock_live(
     tenant: &str,
     name: &str,
 ) -> Result<InstanceRow, ApiError> {
-    instance_get(tx, tenant, name, true)
+    instance_get(tx, tenant, KVX_KIND, name, true)
         .await?
         .ok_or_else(|| ApiError::NotFound(instance_name(tenant, name)))
 }
@@ -213,6 +231,7 @@ impl InstanceService for Instances {
         }
         validate::finish(v)?;
         let spec = spec.unwrap_or_default();
+        self.ensure_region_served(&spec.region).await?;
         // The hash covers what the request asks for, in one spelling: the parent resolved and
         // only the instance's spec (the rest of `instance` is output only and ignored).
         let body_hash = idempotency::body_hash(
@@ -257,7 +276,7 @@ impl InstanceService for Instances {
         validate::finish(v)?;
         let name = name.unwrap_or_default();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let row = instance_get(&mut conn, &caller.tenant, &name, false)
+        let row = instance_get(&mut conn, &caller.tenant, KVX_KIND, &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
@@ -303,6 +322,7 @@ impl InstanceService for Instances {
         let mut rows = instance_list(
             &mut conn,
             &caller.tenant,
+            KVX_KIND,
             status,
             after.as_deref(),
             limit + 1,
@@ -457,6 +477,17 @@ impl InstanceService for Instances {
                 current.owner_email.clone()
             },
         };
+        if new.size_gb < current.size_gb {
+            return Err(ApiError::Invalid(vec![Violation::new(
+                "instance.spec.size_gb",
+                format!(
+                    "can only grow: the data volume has {} GiB, and a volume cannot shrink \
+                     (create a new instance and move the data to make it smaller)",
+                    current.size_gb
+                ),
+            )])
+            .into());
+        }
         let audience = Audience::of(&caller);
         let (answer, stored) = if new == current {
             // Nothing to change: no new generation, no work, and nothing to wait for.
@@ -474,13 +505,13 @@ impl InstanceService for Instances {
             )
             .await
             .map_err(ApiError::from)?;
-            let unit = queue::enqueue_quiet(
-                &mut tx,
-                NewWork::new(self.config.update_kind.clone(), work_spec(&row, "update"))
-                    .for_resource(row.id, tenant),
-            )
-            .await
-            .map_err(ApiError::from)?;
+            let first = self
+                .first
+                .first(&row, "update")
+                .ok_or_else(|| ApiError::Internal("the instance kind declares no update".into()))?;
+            let unit = queue::enqueue_quiet(&mut tx, first)
+                .await
+                .map_err(ApiError::from)?;
             row.active_work_id = Some(unit.id);
             tracing::info!(tenant, instance = %row.id, work_id = unit.id, "instance update accepted");
             (
@@ -527,17 +558,29 @@ impl InstanceService for Instances {
             Begun::New(tx) => tx,
         };
         let row = lock_live(&mut tx, tenant, &name).await?;
-        ensure_idle(&row)?;
-        let mut row = instance_start_operation(&mut tx, row.id, "delete", None)
-            .await
-            .map_err(ApiError::from)?;
-        let unit = queue::enqueue_quiet(
+        // A delete supersedes the chain in flight: its units are removed (a running one
+        // stops at its next lease renewal) and the delete chain starts once that attempt
+        // can no longer act.
+        let superseded = work_supersede_for_resource(
             &mut tx,
-            NewWork::new(self.config.delete_kind.clone(), work_spec(&row, "delete"))
-                .for_resource(row.id, tenant),
+            row.id,
+            "superseded: the instance is being deleted",
         )
         .await
         .map_err(ApiError::from)?;
+        let mut row = instance_start_operation(&mut tx, row.id, "delete", None)
+            .await
+            .map_err(ApiError::from)?;
+        let mut first = self
+            .first
+            .first(&row, "delete")
+            .ok_or_else(|| ApiError::Internal("the instance kind declares no delete".into()))?;
+        if let Some(until) = superseded.running_until {
+            first = first.run_at(until);
+        }
+        let unit = queue::enqueue_quiet(&mut tx, first)
+            .await
+            .map_err(ApiError::from)?;
         row.active_work_id = Some(unit.id);
         // As for Update: the tenant's view is stored, the caller's is answered.
         let answer = convert::instance_for(&row, Audience::of(&caller));
@@ -566,7 +609,7 @@ impl InstanceService for Instances {
         // Subscribe before reading, so that no change after the first read is missed.
         let mut changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let first = instance_get(&mut conn, &caller.tenant, &name, false)
+        let first = instance_get(&mut conn, &caller.tenant, KVX_KIND, &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;

@@ -43,6 +43,7 @@ pub mod gate;
 pub mod idempotency;
 pub mod instances;
 pub mod methods;
+pub mod operations;
 pub mod page_token;
 pub mod proto;
 pub mod settings;
@@ -72,6 +73,42 @@ pub use tls::{PemSource, TlsConfig, TlsError};
 
 use proto::instance_service_server::InstanceServiceServer;
 use proto::work_service_server::WorkServiceServer;
+
+/// What the API serves besides the database: the declared kinds, their chains, and the keys
+/// of secret outputs.
+#[derive(Clone)]
+pub struct ApiServices {
+    /// The declared kinds.
+    pub catalog: Arc<crate::kinds::KindCatalog>,
+    /// Their chains (the first unit of an operation; the hooks of operators' actions).
+    pub chains: Arc<crate::kinds::Chains>,
+    /// The keys that open secret outputs (connection details).
+    pub secrets: Arc<crate::kinds::SecretBox>,
+}
+
+impl std::fmt::Debug for ApiServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServices").finish_non_exhaustive()
+    }
+}
+
+impl ApiServices {
+    /// No kinds: instances run the stand-in kinds of the API's configuration (tests, an
+    /// engine without adapters).
+    pub fn none(pool: &PgPool) -> Self {
+        let catalog = Arc::new(crate::kinds::KindCatalog::new());
+        let secrets = Arc::new(crate::kinds::SecretBox::none());
+        Self {
+            chains: Arc::new(crate::kinds::Chains::new(
+                catalog.clone(),
+                secrets.clone(),
+                pool.clone(),
+            )),
+            catalog,
+            secrets,
+        }
+    }
+}
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +166,20 @@ impl RunningApi {
 pub async fn start(
     pool: PgPool,
     config: ApiConfig,
+    services: ApiServices,
     listen: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<RunningApi, ServeError> {
     let config = Arc::new(config);
+    let first = if services.catalog.get(crate::plugins::kvx::KIND).is_some() {
+        operations::FirstUnits::Declared(services.chains.clone())
+    } else {
+        operations::FirstUnits::StandIn {
+            create: config.create_kind.clone(),
+            update: config.update_kind.clone(),
+            delete: config.delete_kind.clone(),
+        }
+    };
     let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
     let auth = Arc::new(auth::Authenticator::with_limits(
         pool.clone(),
@@ -177,13 +224,15 @@ pub async fn start(
             InstanceServiceServer::new(instances::Instances::new(
                 pool.clone(),
                 config.clone(),
+                first,
                 events,
                 shutdown.clone(),
             ))
             .max_decoding_message_size(max),
         )
         .add_service(
-            WorkServiceServer::new(work::Work::new(pool.clone())).max_decoding_message_size(max),
+            WorkServiceServer::new(work::Work::new(pool.clone(), services.chains.clone()))
+                .max_decoding_message_size(max),
         );
     let methods = methods::Methods::from_descriptor_sets(&[
         descriptors[0],

@@ -7,7 +7,7 @@
 //! admin callers of InstanceService and every WorkService caller keep the raw text.
 //!
 //! The `Ready` condition of a parked or cancelled unit is curated where it is written
-//! ([`crate::workflows::conditions`] keeps the raw text out of it and in the unit's history);
+//! ([`crate::kinds::conditions`] keeps the raw text out of it and in the unit's history);
 //! a condition written by an older version still holds raw text, so the tenant view writes
 //! those two messages again from the unit they name.
 
@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::auth::Caller;
 use super::status::InstanceState;
+use crate::kinds::conditions::{self, READY};
 use crate::store::instances::InstanceRow;
-use crate::workflows::conditions::{self, READY};
 
 /// Who an instance is shown to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +101,7 @@ mod tests {
 
     fn row(status: &str, operation: &str, active: bool, error: Option<&str>) -> InstanceRow {
         InstanceRow {
+            kind: "kvx.instance".into(),
             id: Uuid::nil(),
             tenant: "acme".into(),
             name: "web-1".into(),

@@ -52,16 +52,7 @@ pub fn text(field: &str, s: &str, max_chars: usize, out: &mut Vec<Violation>) ->
     true
 }
 
-/// True for a DNS label: 1–63 of `a-z0-9-`, starting with a letter, not ending with `-`.
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_lowercase()
-        && b[b.len() - 1] != b'-'
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
+pub use crate::names::is_dns_label;
 
 /// Checks a DNS-label-like name.
 pub fn dns_label(field: &str, s: &str, out: &mut Vec<Violation>) {

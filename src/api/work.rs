@@ -18,18 +18,19 @@ use super::validate::{self, MAX_KIND_CHARS, MAX_REASON_CHARS};
 use crate::queue::{self, UnitReport, WorkFilter};
 use crate::store::StoreError;
 use crate::store::events::events_for_work;
-use crate::workflows::hooks::InstanceHooks;
 
 /// The service.
 #[derive(Debug, Clone)]
 pub struct Work {
     pool: PgPool,
+    hooks: std::sync::Arc<crate::kinds::Chains>,
 }
 
 impl Work {
-    /// The service on `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// The service on `pool`; an operator's retry or cancel reaches resources through
+    /// `hooks` (the chain runner's).
+    pub fn new(pool: PgPool, hooks: std::sync::Arc<crate::kinds::Chains>) -> Self {
+        Self { pool, hooks }
     }
 
     async fn report(&self, id: i64) -> Result<WorkUnit, ApiError> {
@@ -202,9 +203,15 @@ impl WorkService for Work {
             .await
             .map_err(StoreError::from)
             .map_err(ApiError::from)?;
-        queue::retry_parked(&mut tx, &InstanceHooks, r.id, &operator(&caller), extra)
-            .await
-            .map_err(ApiError::from)?;
+        queue::retry_parked(
+            &mut tx,
+            self.hooks.as_ref(),
+            r.id,
+            &operator(&caller),
+            extra,
+        )
+        .await
+        .map_err(ApiError::from)?;
         tx.commit()
             .await
             .map_err(StoreError::from)
@@ -238,9 +245,15 @@ impl WorkService for Work {
             .await
             .map_err(StoreError::from)
             .map_err(ApiError::from)?;
-        let row = queue::cancel_parked(&mut tx, &InstanceHooks, r.id, &operator(&caller), &reason)
-            .await
-            .map_err(ApiError::from)?;
+        let row = queue::cancel_parked(
+            &mut tx,
+            self.hooks.as_ref(),
+            r.id,
+            &operator(&caller),
+            &reason,
+        )
+        .await
+        .map_err(ApiError::from)?;
         // Its history, read in the same transaction (the `cancelled` event included).
         let events = events_for_work(&mut tx, r.id)
             .await

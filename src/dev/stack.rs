@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::config::Credentials;
 use clap::Args;
 use serde_json::json;
-use setpoint_adapter::typed;
-use setpoint_ec2::{Ec2Config, PlanConfig};
+use setpoint_ec2::{Ec2Config, Ec2Regions, PlanConfig};
 use setpoint_email::{Security, SmtpConfig};
 use setpoint_kubernetes::{KubernetesConfig, TestApiServer};
 use tokio_util::sync::CancellationToken;
@@ -25,10 +24,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig};
 use crate::config::parse_duration;
 use crate::dev::postgres::{ClusterOptions, TempCluster, free_port};
-use crate::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
-use crate::worker::builtin::Noop;
-use crate::workflows::{DriftAction, WorkflowConfig};
-use crate::{Registry, Runtime, WorkerConfig, metrics, store};
+use crate::engine::EngineBuilder;
+use crate::plugins::ec2::{Ec2Plugin, Ec2Settings};
+use crate::plugins::email::{EmailPlugin, SmtpSettings};
+use crate::plugins::kubernetes::{KubernetesPlugin, KubernetesSettings};
+use crate::plugins::kvx::{KvxConfig, KvxPlugin};
+use crate::{WorkerConfig, metrics, store};
 
 /// The EC2 instance type of each plan on the dev stack (moto accepts any type).
 pub const DEV_PLAN_SIZES: &[(&str, &str)] = &[
@@ -72,8 +73,11 @@ pub struct DevArgs {
     #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
     /// What to do with a machine terminated behind setpoint's back: heal or mark.
-    #[arg(long, env = "SETPOINT_DRIFT", default_value = "heal")]
-    pub drift: DriftAction,
+    #[arg(long, env = "SETPOINT_DRIFT", default_value = "heal", value_parser = ["heal", "mark"])]
+    pub drift: String,
+    /// The regions the local engine serves (machines land in moto's region of that name).
+    #[arg(long, value_delimiter = ',', default_value = "us-east-1,us-west-2")]
+    pub regions: Vec<String>,
     /// Lease of a claimed unit.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub lease: Duration,
@@ -287,22 +291,28 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         _ => "(kubeconfig)".into(),
     };
 
-    // Adapters.
-    let mut ec2 = Ec2Config::new("us-east-1");
-    ec2.endpoint_url = Some(ec2_endpoint.clone());
-    ec2.default_image_id = Some("ami-12c6146b".into());
-    ec2.timeouts.poll_initial_ms = 200;
-    ec2.timeouts.poll_max_ms = 1_000;
-    // One size per plan, so a plan change resizes the machine (update chain) here too.
-    for (plan, instance_type) in DEV_PLAN_SIZES {
-        ec2.plans.insert(
-            (*plan).to_owned(),
-            PlanConfig {
-                image_id: None,
-                instance_type: Some((*instance_type).to_owned()),
-            },
-        );
+    // Plugins: the built-in adapters on the peers started above, one EC2 region per
+    // `--regions` entry (moto answers every region), and the KVX kind over them.
+    let mut regions = Vec::new();
+    for region in &args.regions {
+        let mut ec2 = Ec2Config::new(region.clone());
+        ec2.endpoint_url = Some(ec2_endpoint.clone());
+        ec2.default_image_id = Some("ami-12c6146b".into());
+        ec2.timeouts.poll_initial_ms = 200;
+        ec2.timeouts.poll_max_ms = 1_000;
+        // One size per plan, so a plan change resizes the machine (update chain) here too.
+        for (plan, instance_type) in DEV_PLAN_SIZES {
+            ec2.plans.insert(
+                (*plan).to_owned(),
+                PlanConfig {
+                    image_id: None,
+                    instance_type: Some((*instance_type).to_owned()),
+                },
+            );
+        }
+        regions.push(ec2);
     }
+    let regions = Ec2Regions::from_configs(regions).map_err(other)?;
     let (smtp_host, smtp_port) = smtp
         .rsplit_once(':')
         .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
@@ -311,30 +321,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     smtp_config.port = Some(smtp_port);
     smtp_config.security = Security::None;
     let credentials = Credentials::new("testing", "testing", None, None, "setpoint-dev");
-    let adapters = Adapters::build(
-        AdapterConfigs {
-            ec2,
-            kubernetes: k8s_config,
-            smtp: smtp_config,
-        },
-        Some(credentials),
-    )
-    .await
-    .map_err(other)?;
-
-    // Workers.
-    let mut registry = Registry::new();
-    registry.register(typed(Noop)).map_err(other)?;
-    adapters
-        .register_workflows(
-            &mut registry,
-            pool.clone(),
-            WorkflowConfig {
-                drift: args.drift,
-                ..WorkflowConfig::default()
-            },
-        )
-        .map_err(other)?;
+    let secrets = crate::dev::local_secrets_key(&dir).map_err(other)?;
     let worker = WorkerConfig {
         concurrency: args.concurrency,
         claim_batch: args.concurrency,
@@ -344,17 +331,38 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         shutdown_grace: Duration::from_secs(10),
         ..WorkerConfig::default()
     };
-    let runtime = Runtime::new(pool.clone(), registry, worker)
-        .map_err(other)?
-        .with_hooks(std::sync::Arc::new(crate::workflows::hooks::InstanceHooks));
+    let kvx = KvxConfig {
+        drift: args.drift.parse().map_err(other)?,
+        ..KvxConfig::default()
+    };
     let shutdown = CancellationToken::new();
-    let workers = tokio::spawn(runtime.run(shutdown.clone()));
-    let resync = spawn_resync(&pool, args.resync_interval, &shutdown);
-
-    // API, metrics, tokens.
-    let api_config = with_workflow_kinds(ApiConfig::default());
-    let running = api::start(pool.clone(), api_config, args.listen, shutdown.clone()).await?;
-    let metrics_addr = metrics::serve(args.metrics_listen, pool.clone(), shutdown.clone()).await?;
+    let engine = EngineBuilder::new(pool.clone())
+        .env(|_| None)
+        .worker(worker)
+        .secrets(secrets)
+        .drift(args.resync_interval)
+        .api(args.listen, ApiConfig::default())
+        .metrics(args.metrics_listen)
+        .plugin(Ec2Plugin::with_settings(
+            Ec2Settings { ec2: Some(regions) },
+            Some(credentials),
+        ))
+        .plugin(KubernetesPlugin::with_settings(KubernetesSettings {
+            kubernetes: Some(k8s_config),
+        }))
+        .plugin(EmailPlugin::with_settings(SmtpSettings {
+            smtp: Some(smtp_config),
+        }))
+        .plugin(KvxPlugin::new(kvx))
+        .start(shutdown.clone())
+        .await
+        .map_err(other)?;
+    let api_addr = engine
+        .api_addr
+        .ok_or_else(|| other("the API did not start"))?;
+    let metrics_addr = engine
+        .metrics_addr
+        .ok_or_else(|| other("the metrics endpoint did not start"))?;
     let admin = api::auth::create_token(&pool, &args.tenant, true, None)
         .await
         .map_err(other)?;
@@ -362,7 +370,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         .await
         .map_err(other)?;
 
-    let server = format!("http://{}", running.addr);
+    let server = format!("http://{api_addr}");
     let info = json!({
         "server": server,
         "admin_token": admin.token,
@@ -405,11 +413,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     wait_for_signal().await;
     eprintln!("setpoint dev: stopping");
     shutdown.cancel();
-    let _ = running.wait().await;
-    let _ = workers.await;
-    if let Some(r) = resync {
-        let _ = r.await;
-    }
+    let _ = engine.wait().await;
     pool.close().await;
     drop(peers);
     Ok(())

@@ -1,7 +1,8 @@
-//! SQL of the `instances` table: what the work life cycle owns (recording what workers
-//! observed, clearing `has_active_work` when a resource's chain of units ends) and what the
-//! gRPC API owns (create, read, list, change). `status` is derived by the trigger of
-//! `migrations/0002_api.sql` from `operation` and `has_active_work`; nothing here sets it.
+//! SQL of the `instances` table, the resources of every kind (KVX instances are kind
+//! `kvx.instance`): what the chains own (a step's outputs and conditions, clearing
+//! `has_active_work` when a resource's chain of units ends) and what the API owns (create,
+//! read, list, change). `status` is derived by the trigger of migrations 0002 and 0008 from
+//! `operation` and `has_active_work`; nothing here sets it.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -77,6 +78,8 @@ pub struct InstanceRow {
     pub id: Uuid,
     /// Owning tenant.
     pub tenant: String,
+    /// The resource's kind (`kvx.instance`).
+    pub kind: String,
     /// Short name, unique among the tenant's live instances.
     pub name: String,
     /// Desired spec.
@@ -105,14 +108,15 @@ pub struct InstanceRow {
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
-const INSTANCE_SELECT: &str = "SELECT i.id, i.tenant, i.name, i.spec, i.generation, i.observed,
+const INSTANCE_SELECT: &str =
+    "SELECT i.id, i.tenant, i.kind, i.name, i.spec, i.generation, i.observed,
         i.observed_generation, i.status, i.has_active_work, i.operation, i.created_at,
         i.updated_at, i.deleted_at, w.id AS active_work_id, w.last_error
      FROM instances i
      LEFT JOIN LATERAL (SELECT id, last_error FROM work WHERE resource_id = i.id AND holds_resource
                         ORDER BY id DESC LIMIT 1) w ON true";
 
-const INSTANCE_RETURNING: &str = "RETURNING id, tenant, name, spec, generation, observed,
+const INSTANCE_RETURNING: &str = "RETURNING id, tenant, kind, name, spec, generation, observed,
         observed_generation, status, has_active_work, operation, created_at, updated_at,
         deleted_at, NULL::bigint AS active_work_id, NULL::text AS last_error";
 
@@ -120,6 +124,7 @@ fn instance_row(r: sqlx::postgres::PgRow) -> Result<InstanceRow, StoreError> {
     Ok(InstanceRow {
         id: r.try_get("id")?,
         tenant: r.try_get("tenant")?,
+        kind: r.try_get("kind")?,
         name: r.try_get("name")?,
         spec: r.try_get("spec")?,
         generation: r.try_get("generation")?,
@@ -136,18 +141,33 @@ fn instance_row(r: sqlx::postgres::PgRow) -> Result<InstanceRow, StoreError> {
     })
 }
 
-/// Inserts a live instance with `operation = 'create'` and active work. Returns `None` when
-/// the tenant already has a live instance of that name.
+/// A resource to insert.
+#[derive(Debug, Clone, Copy)]
+pub struct NewResource<'a> {
+    /// Its id.
+    pub id: Uuid,
+    /// Its tenant.
+    pub tenant: &'a str,
+    /// Its kind.
+    pub kind: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its desired spec.
+    pub spec: &'a Value,
+    /// The version of its kind's schema the spec was written for.
+    pub spec_version: i32,
+}
+
+/// Inserts a live resource with `operation = 'create'` and active work. Returns `None` when
+/// the tenant already has a live resource of that kind and name.
 pub async fn instance_insert(
     conn: &mut PgConnection,
-    id: Uuid,
-    tenant: &str,
-    name: &str,
-    spec: &Value,
+    new: NewResource<'_>,
 ) -> Result<Option<InstanceRow>, StoreError> {
     let sql = format!(
-        "INSERT INTO instances (id, tenant, name, spec, operation, has_active_work)
-         VALUES ($1, $2, $3, $4, 'create', true)
+        "INSERT INTO instances (id, tenant, kind, name, spec, spec_version, operation,
+                                has_active_work)
+         VALUES ($1, $2, $3, $4, $5, $6, 'create', true)
          -- Any unique index is an arbiter: the name per (tenant, kind), and, until the contract
          -- migration drops it, the previous release's per (tenant, name); either way a taken
          -- name is no insert, never an error (also when a concurrent create wins the race).
@@ -155,30 +175,35 @@ pub async fn instance_insert(
          {INSTANCE_RETURNING}"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(tenant)
-        .bind(name)
-        .bind(spec)
+        .bind(new.id)
+        .bind(new.tenant)
+        .bind(new.kind)
+        .bind(new.name)
+        .bind(new.spec)
+        .bind(new.spec_version)
         .fetch_optional(conn)
         .await?
         .map(instance_row)
         .transpose()
 }
 
-/// The tenant's live instance `name`; with `lock`, the row is locked for update until the
-/// transaction ends.
+/// The tenant's live resource of `kind` called `name`; with `lock`, the row is locked for
+/// update until the transaction ends.
 pub async fn instance_get(
     conn: &mut PgConnection,
     tenant: &str,
+    kind: &str,
     name: &str,
     lock: bool,
 ) -> Result<Option<InstanceRow>, StoreError> {
     let sql = format!(
-        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.name = $2 AND i.deleted_at IS NULL{}",
+        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.kind = $2 AND i.name = $3
+           AND i.deleted_at IS NULL{}",
         if lock { " FOR UPDATE OF i" } else { "" }
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(tenant)
+        .bind(kind)
         .bind(name)
         .fetch_optional(conn)
         .await?
@@ -200,17 +225,18 @@ pub async fn instance_get_by_id(
         .transpose()
 }
 
-/// The tenant's live instances ordered by name, after `after_name`, optionally only those in
-/// `status`; at most `limit`.
+/// The tenant's live resources of `kind` ordered by name, after `after_name`, optionally only
+/// those in `status`; at most `limit`.
 pub async fn instance_list(
     conn: &mut PgConnection,
     tenant: &str,
+    kind: &str,
     status: Option<&str>,
     after_name: Option<&str>,
     limit: i64,
 ) -> Result<Vec<InstanceRow>, StoreError> {
     let sql = format!(
-        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.deleted_at IS NULL
+        "{INSTANCE_SELECT} WHERE i.tenant = $1 AND i.kind = $5 AND i.deleted_at IS NULL
            AND ($2::text IS NULL OR i.status = $2)
            AND ($3::text IS NULL OR i.name > $3)
          ORDER BY i.name LIMIT $4"
@@ -220,6 +246,7 @@ pub async fn instance_list(
         .bind(status)
         .bind(after_name)
         .bind(limit)
+        .bind(kind)
         .fetch_all(conn)
         .await?;
     rows.into_iter().map(instance_row).collect()
@@ -252,6 +279,192 @@ pub async fn instance_start_operation(
 /// The NOTIFY channel on which the `instances_notify` trigger announces every change of an
 /// instance (payload: the instance id).
 pub const INSTANCE_CHANNEL: &str = "setpoint_instances";
+
+/// What a chain step reads of its resource (live or deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResource {
+    /// Its id.
+    pub id: Uuid,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its desired spec.
+    pub spec: Value,
+    /// The schema version the spec was written for.
+    pub spec_version: i32,
+    /// Its spec generation.
+    pub generation: i64,
+    /// Its observed state: step outputs by name, and `conditions`.
+    pub observed: Value,
+    /// Its sealed secret outputs.
+    pub secrets: Option<Vec<u8>>,
+    /// The operation in progress, if any.
+    pub operation: Option<String>,
+    /// Its status.
+    pub status: String,
+    /// True once deleted.
+    pub deleted: bool,
+    /// A unit holding it is queued or running.
+    pub has_active_work: bool,
+}
+
+/// Resource `id`, live or deleted; with `lock`, locked until the transaction ends.
+pub async fn resource_for_step(
+    conn: &mut PgConnection,
+    id: Uuid,
+    lock: bool,
+) -> Result<Option<StepResource>, StoreError> {
+    let sql = if lock {
+        "SELECT id, tenant, kind, name, spec, spec_version, generation, observed, secrets,
+                operation, status, deleted_at IS NOT NULL AS deleted, has_active_work
+         FROM instances WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT id, tenant, kind, name, spec, spec_version, generation, observed, secrets,
+                operation, status, deleted_at IS NOT NULL AS deleted, has_active_work
+         FROM instances WHERE id = $1"
+    };
+    let row = sqlx::query(sql).bind(id).fetch_optional(conn).await?;
+    row.map(|r| {
+        Ok(StepResource {
+            id: r.try_get("id")?,
+            tenant: r.try_get("tenant")?,
+            kind: r.try_get("kind")?,
+            name: r.try_get("name")?,
+            spec: r.try_get("spec")?,
+            spec_version: r.try_get("spec_version")?,
+            generation: r.try_get("generation")?,
+            observed: r.try_get("observed")?,
+            secrets: r.try_get("secrets")?,
+            operation: r.try_get("operation")?,
+            status: r.try_get("status")?,
+            deleted: r.try_get("deleted")?,
+            has_active_work: r.try_get("has_active_work")?,
+        })
+    })
+    .transpose()
+}
+
+/// Records what a step learned: `outputs` (an object of output name → value) merged into the
+/// observed state, the whole `conditions` list (also mirrored into its column), and, when
+/// given, the sealed secrets.
+pub async fn resource_record_step(
+    conn: &mut PgConnection,
+    id: Uuid,
+    outputs: &Value,
+    conditions: &Value,
+    secrets: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE instances
+         SET observed = observed || $2::jsonb || jsonb_build_object('conditions', $3::jsonb),
+             conditions = $3::jsonb, secrets = coalesce($4, secrets), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(outputs)
+    .bind(conditions)
+    .bind(secrets)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A resource whose drift check is due, as [`drift_claim_due`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriftDue {
+    /// Its id.
+    pub id: Uuid,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its spec generation.
+    pub generation: i64,
+    /// Its status.
+    pub status: String,
+    /// A unit holding it is queued or running.
+    pub has_active_work: bool,
+}
+
+/// Gives at most `limit` live resources of `kinds` that have no drift check scheduled yet a
+/// first one, at random within `interval_ms` from now (which spreads checks evenly).
+pub async fn drift_schedule_new(
+    conn: &mut PgConnection,
+    kinds: &[String],
+    limit: i64,
+    interval_ms: i64,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE instances SET next_observe_at = now() + random() * make_interval(secs => $3::float8 / 1000)
+         WHERE id IN (SELECT id FROM instances
+                      WHERE deleted_at IS NULL AND next_observe_at IS NULL AND kind = ANY($1)
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(kinds)
+    .bind(limit)
+    .bind(interval_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Takes at most `limit` live resources of `kinds` whose drift check is due, skipping those
+/// another engine is taking, and moves their next check `interval_ms` on.
+pub async fn drift_claim_due(
+    conn: &mut PgConnection,
+    kinds: &[String],
+    limit: i64,
+    interval_ms: i64,
+) -> Result<Vec<DriftDue>, StoreError> {
+    let rows: Vec<(Uuid, String, String, i64, String, bool)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM instances
+             WHERE deleted_at IS NULL AND next_observe_at <= now() AND kind = ANY($1)
+             ORDER BY next_observe_at LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE instances i
+         SET next_observe_at = greatest(i.next_observe_at, now() - make_interval(secs => $3::float8 / 1000))
+                               + make_interval(secs => $3::float8 / 1000)
+         FROM due WHERE i.id = due.id
+         RETURNING i.id, i.tenant, i.kind, i.generation, i.status, i.has_active_work",
+    )
+    .bind(kinds)
+    .bind(limit)
+    .bind(interval_ms)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, tenant, kind, generation, status, has_active_work)| DriftDue {
+                id,
+                tenant,
+                kind,
+                generation,
+                status,
+                has_active_work,
+            },
+        )
+        .collect())
+}
+
+/// Sets when the drift check of resource `id` is next due (`None`: never).
+pub async fn resource_set_next_observe(
+    conn: &mut PgConnection,
+    id: Uuid,
+    at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE instances SET next_observe_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(at)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

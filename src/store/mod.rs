@@ -4,12 +4,12 @@
 
 pub mod api_requests;
 pub mod create_batch;
+pub mod engines;
 pub mod events;
 pub mod instances;
 pub mod journal;
 pub mod tokens;
 pub mod work;
-pub mod workflows;
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -235,4 +235,26 @@ pub async fn migrate_with(pool: &PgPool, which: Migrations) -> Result<bool, Stor
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     migrate_with(pool, Migrations::ExpandOrFresh).await?;
     Ok(())
+}
+
+/// How many of the embedded migrations ([`MIGRATOR`]) are not applied to the database
+/// yet (0 when it is up to date), for readiness checks.
+///
+/// # Errors
+/// Database errors (unreachable, no migrations table yet counts as all pending).
+pub async fn migrations_pending(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(v) => v,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .filter(|m| !applied.contains(&m.version))
+        .count())
 }

@@ -253,6 +253,8 @@ pub struct ClaimedWork {
     pub max_attempts: i32,
     /// When the unit became due.
     pub run_at: DateTime<Utc>,
+    /// False for a unit that runs beside its resource.
+    pub holds_resource: bool,
     /// True when the unit was taken over from a worker whose lease expired.
     pub rescued: bool,
 }
@@ -331,7 +333,8 @@ macro_rules! claim_sql {
                  WHERE w.ctid = p.tid
                    AND w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE NOT exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
-                           w.max_attempts, w.run_at, p.rescued, false AS poisoned, NULL::text AS reason
+                           w.max_attempts, w.run_at, w.holds_resource, p.rescued,
+                           false AS poisoned, NULL::text AS reason
              ),
              -- A picked unit that has used all its attempts is parked instead of claimed: its
              -- last attempt never reported back (its process died — an abort, an OOM kill —
@@ -347,8 +350,8 @@ macro_rules! claim_sql {
                          || 'token in the engine logs, fix the cause, then retry it'
                  WHERE w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
-                           w.max_attempts, w.run_at, true AS rescued, true AS poisoned,
-                           w.last_error AS reason
+                           w.max_attempts, w.run_at, w.holds_resource, true AS rescued,
+                           true AS poisoned, w.last_error AS reason
              ), ev AS (
                  INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message)
                  SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt,
@@ -424,6 +427,7 @@ pub async fn work_claim(
             attempt: r.try_get("attempt")?,
             max_attempts: r.try_get("max_attempts")?,
             run_at: r.try_get("run_at")?,
+            holds_resource: r.try_get("holds_resource")?,
             rescued: r.try_get("rescued")?,
         };
         if r.try_get::<bool, _>("poisoned")? {
@@ -645,14 +649,25 @@ pub struct Failure {
     pub action: FailureAction,
 }
 
+/// A failure that applied: the unit's resource, and whether the unit holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureApplied {
+    /// The unit's resource.
+    pub resource_id: Option<Uuid>,
+    /// The resource's tenant.
+    pub tenant: Option<String>,
+    /// False for a unit beside its resource.
+    pub holds_resource: bool,
+}
+
 /// Records a failed attempt if `worker` still holds the unit at the same attempt: back to
-/// pending with backoff, or parked. Writes `failed` (and `parked`) events. Returns the
-/// unit's resource (id, tenant) when the failure applied, `None` when it was fenced off.
+/// pending with backoff, or parked. Writes `failed` (and `parked`) events. Returns what the
+/// hooks need when the failure applied, `None` when it was fenced off.
 pub async fn work_fail_if_leased(
     conn: &mut PgConnection,
     worker: &str,
     f: &Failure,
-) -> Result<Option<(Option<Uuid>, Option<String>)>, StoreError> {
+) -> Result<Option<FailureApplied>, StoreError> {
     let (state, delay_ms, event) = match f.action {
         FailureAction::Retry { delay_ms } => ("queued", delay_ms, "failed"),
         FailureAction::Wait { delay_ms } => ("queued", delay_ms, "waiting"),
@@ -673,7 +688,7 @@ pub async fn work_fail_if_leased(
                  attempt = CASE WHEN $9 = 'waiting' THEN attempt - 1 ELSE attempt END,
                  last_error = $6, last_error_class = $7
              WHERE id = $2 AND attempt = $3 AND lease_owner = $1
-             RETURNING id, token, resource_id, tenant
+             RETURNING id, token, resource_id, tenant, holds_resource
          ), ev AS (
              INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message, detail)
              SELECT id, token, $9, $3, $1, $7, $6,
@@ -682,7 +697,7 @@ pub async fn work_fail_if_leased(
              UNION ALL
              SELECT id, token, 'parked', $3, $1, $7, $6, NULL FROM upd WHERE $4 = 'parked'
          )
-         SELECT resource_id, tenant FROM upd",
+         SELECT resource_id, tenant, holds_resource FROM upd",
     )
     .bind(worker)
     .bind(f.id)
@@ -695,8 +710,14 @@ pub async fn work_fail_if_leased(
     .bind(event)
     .fetch_optional(conn)
     .await?;
-    row.map(|r| Ok((r.try_get("resource_id")?, r.try_get("tenant")?)))
-        .transpose()
+    row.map(|r| {
+        Ok(FailureApplied {
+            resource_id: r.try_get("resource_id")?,
+            tenant: r.try_get("tenant")?,
+            holds_resource: r.try_get("holds_resource")?,
+        })
+    })
+    .transpose()
 }
 
 /// A row of the work table, as operators see it.
@@ -734,6 +755,8 @@ pub struct WorkRow {
     pub created_at: DateTime<Utc>,
     /// Spec as enqueued.
     pub spec: Value,
+    /// False for a unit that runs beside its resource.
+    pub holds_resource: bool,
 }
 
 /// The state operators see: a leased unit is `running` (in the table it stays `pending`, see
@@ -752,7 +775,7 @@ const WORK_COLUMNS: &str = concat!(
     "id, kind, ",
     state_expr!(),
     " AS state, token, resource_id, tenant, attempt, max_attempts, run_at, lease_owner, \
-     lease_expires_at, last_error, last_error_class, parent_id, created_at, spec"
+     lease_expires_at, last_error, last_error_class, parent_id, created_at, spec, holds_resource"
 );
 
 fn work_row(r: sqlx::postgres::PgRow) -> Result<WorkRow, StoreError> {
@@ -773,6 +796,7 @@ fn work_row(r: sqlx::postgres::PgRow) -> Result<WorkRow, StoreError> {
         parent_id: r.try_get("parent_id")?,
         created_at: r.try_get("created_at")?,
         spec: r.try_get("spec")?,
+        holds_resource: r.try_get("holds_resource")?,
     })
 }
 
@@ -894,6 +918,44 @@ pub async fn work_cancel_parked(
         .fetch_optional(conn)
         .await?;
     row.map(work_row).transpose()
+}
+
+/// What a delete superseding a resource's chain removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Superseded {
+    /// The units removed (pending, running or parked ones holding the resource).
+    pub removed: Vec<i64>,
+    /// The latest lease of a removed unit that was running: its attempt may act until then
+    /// (it stops at its next check of its fence), so the delete chain starts after it.
+    pub running_until: Option<DateTime<Utc>>,
+}
+
+/// Removes every unit holding resource `resource` (the chain a delete supersedes), writing a
+/// `cancelled` event for each with `reason`. A running one's attempt finds it gone at its next
+/// lease renewal and stops; its completion is fenced off.
+pub async fn work_supersede_for_resource(
+    conn: &mut PgConnection,
+    resource: Uuid,
+    reason: &str,
+) -> Result<Superseded, StoreError> {
+    let rows: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "WITH del AS (
+             DELETE FROM work WHERE resource_id = $1 AND holds_resource
+             RETURNING id, token, attempt, lease_expires_at
+         ), ev AS (
+             INSERT INTO work_events (work_id, token, event, attempt, worker, message)
+             SELECT id, token, 'cancelled', attempt, 'setpoint', $2 FROM del
+         )
+         SELECT id, lease_expires_at FROM del",
+    )
+    .bind(resource)
+    .bind(reason)
+    .fetch_all(conn)
+    .await?;
+    Ok(Superseded {
+        removed: rows.iter().map(|(id, _)| *id).collect(),
+        running_until: rows.iter().filter_map(|(_, at)| *at).max(),
+    })
 }
 
 /// Counts of units by state and kind, and the age of the oldest due pending unit.

@@ -10,7 +10,7 @@
 //! heartbeat keeps renewing an attempt until its completion is written, so a unit that ran
 //! longer than one lease is not given up at the first commit error.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -34,6 +34,10 @@ pub struct Finished {
     pub id: i64,
     /// The attempt that ran.
     pub attempt: i32,
+    /// Its work kind.
+    pub kind: String,
+    /// Its spec as enqueued.
+    pub spec: Value,
     /// The unit's token (follow-up tokens derive from it).
     pub token: IdempotencyToken,
     /// The unit's resource and tenant.
@@ -197,14 +201,16 @@ async fn commit(
     let applied: std::collections::HashSet<i64> = done.iter().map(|d| d.id).collect();
     let mut follow_ups = Vec::new();
     let mut completed = Vec::new();
-    let mut seen: BTreeSet<Uuid> = BTreeSet::new();
     for f in batch.iter().filter(|f| applied.contains(&f.id)) {
         if let Some(resource) = f.resource_id {
-            seen.insert(resource);
             completed.push(CompletedUnit {
                 work_id: f.id,
+                kind: &f.kind,
+                token: &f.token,
                 resource_id: resource,
-                observed: f.outcome.observed.as_ref(),
+                tenant: f.tenant.as_deref(),
+                spec: &f.spec,
+                outcome: &f.outcome,
             });
         }
         for step in &f.outcome.follow_ups {
@@ -280,6 +286,8 @@ mod tests {
         Finished {
             id,
             attempt,
+            kind: "test".into(),
+            spec: Value::Null,
             token: IdempotencyToken::generate(),
             resource_id: None,
             tenant: None,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use setpoint_adapter::BoxFuture;
+use setpoint_adapter::{BoxFuture, IdempotencyToken, Outcome};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -18,10 +18,18 @@ use crate::store::StoreError;
 pub struct CompletedUnit<'a> {
     /// The unit's id.
     pub work_id: i64,
+    /// Its work kind.
+    pub kind: &'a str,
+    /// Its token (what follows it derives its tokens from it).
+    pub token: &'a IdempotencyToken,
     /// Its resource.
     pub resource_id: Uuid,
-    /// What the handler reported observing, if anything (a JSON object).
-    pub observed: Option<&'a Value>,
+    /// The resource's tenant.
+    pub tenant: Option<&'a str>,
+    /// The unit's spec as enqueued.
+    pub spec: &'a Value,
+    /// What its handler returned.
+    pub outcome: &'a Outcome,
 }
 
 /// A unit that stopped being worked on: parked for an operator, retried or cancelled by one.
@@ -29,8 +37,12 @@ pub struct CompletedUnit<'a> {
 pub struct UnitEvent<'a> {
     /// The unit's id.
     pub work_id: i64,
+    /// Its work kind.
+    pub kind: &'a str,
     /// Its resource.
     pub resource_id: Uuid,
+    /// False for a unit that runs beside its resource (its park is not the resource's).
+    pub holds_resource: bool,
     /// Why (the failure for a park, the operator's reason for a cancel); raw text, for
     /// operators.
     pub reason: &'a str,

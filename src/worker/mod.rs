@@ -44,7 +44,8 @@ pub use registry::Registry;
 
 use crate::store::StoreError;
 use crate::store::work::{
-    ClaimFrom, ClaimedWork, Failure, FailureAction, work_abandon, work_claim, work_fail_if_leased,
+    ClaimFrom, ClaimedWork, Failure, FailureAction, FailureApplied as StoreFailure, work_abandon,
+    work_claim, work_fail_if_leased,
 };
 use completer::Finished;
 use hooks::UnitEvent;
@@ -485,7 +486,9 @@ async fn claim(
         if let Some(resource_id) = unit.resource_id {
             let event = UnitEvent {
                 work_id: unit.id,
+                kind: &unit.kind,
                 resource_id,
+                holds_resource: unit.holds_resource,
                 reason,
                 operator: None,
             };
@@ -586,6 +589,8 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
                 let finished = Finished {
                     id: unit.id,
                     attempt: unit.attempt,
+                    kind: unit.kind.clone(),
+                    spec: unit.spec.clone(),
                     token,
                     resource_id: unit.resource_id,
                     tenant: unit.tenant.clone(),
@@ -701,7 +706,7 @@ async fn fail(
     // Recording is worth retrying while the attempt holds the unit; after that the record
     // would be fenced off anyway, and another attempt redoes the unit.
     loop {
-        match record_failure(shared, &failure).await {
+        match record_failure(shared, &unit.kind, &failure).await {
             Ok(()) => break,
             Err(e) if fence.is_held() => {
                 tracing::warn!(error = %e, "recording the failure failed; retrying");
@@ -717,14 +722,20 @@ async fn fail(
     shared.inflight.remove((unit.id, unit.attempt));
 }
 
-async fn record_failure(shared: &Shared, failure: &Failure) -> Result<(), StoreError> {
+async fn record_failure(shared: &Shared, kind: &str, failure: &Failure) -> Result<(), StoreError> {
     let mut tx = shared.pool.begin().await?;
     let applied = work_fail_if_leased(&mut tx, &shared.worker_id, failure).await?;
     match applied {
-        Some((Some(resource_id), _)) if matches!(failure.action, FailureAction::Park) => {
+        Some(StoreFailure {
+            resource_id: Some(resource_id),
+            holds_resource,
+            ..
+        }) if matches!(failure.action, FailureAction::Park) => {
             let event = UnitEvent {
                 work_id: failure.id,
+                kind,
                 resource_id,
+                holds_resource,
                 reason: &failure.message,
                 operator: None,
             };

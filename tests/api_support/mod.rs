@@ -58,6 +58,7 @@ impl Env {
         let api = setpoint::api::start(
             db.pool.clone(),
             config,
+            setpoint::api::ApiServices::none(&db.pool),
             "127.0.0.1:0".parse().unwrap(),
             shutdown.clone(),
         )
@@ -133,9 +134,11 @@ impl Env {
         };
         let runtime = Runtime::new(self.db.pool.clone(), registry, config)
             .unwrap()
-            .with_hooks(std::sync::Arc::new(
-                setpoint::workflows::hooks::InstanceHooks,
-            ));
+            .with_hooks(std::sync::Arc::new(setpoint::kinds::Chains::new(
+                std::sync::Arc::new(setpoint::kinds::KindCatalog::new()),
+                std::sync::Arc::new(setpoint::kinds::SecretBox::none()),
+                self.db.pool.clone(),
+            )));
         let stop = self.shutdown.clone();
         tokio::spawn(async move { runtime.run(stop).await });
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+#[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
 pub mod peers;
 
 use std::io::{BufRead, BufReader};
@@ -124,9 +125,11 @@ pub fn start_runtime(pool: &PgPool, config: WorkerConfig, extra: Registry) -> In
         .expect("register noop");
     let runtime = Runtime::new(pool.clone(), registry, config)
         .expect("runtime")
-        .with_hooks(std::sync::Arc::new(
-            setpoint::workflows::hooks::InstanceHooks,
-        ));
+        .with_hooks(std::sync::Arc::new(setpoint::kinds::Chains::new(
+            std::sync::Arc::new(setpoint::kinds::KindCatalog::new()),
+            std::sync::Arc::new(setpoint::kinds::SecretBox::none()),
+            pool.clone(),
+        )));
     let stop = CancellationToken::new();
     let handle = tokio::spawn(runtime.run(stop.clone()));
     InProcess { stop, handle }

@@ -40,6 +40,11 @@ use serde_json::Value;
 /// person can act on; the engine then refuses to change the resource until an operator fixes it.
 pub type SpecUpgrade = Arc<dyn Fn(u32, Value) -> Result<Value, String> + Send + Sync>;
 
+/// Rules of a kind that its JSON Schema cannot say (a size that may only grow, values that
+/// depend on each other): called with the stored spec (`None` on create) and the new one,
+/// after the schema passed; returns every violation as (path inside the spec, message).
+pub type SpecCheck = Arc<dyn Fn(Option<&Value>, &Value) -> Vec<(String, String)> + Send + Sync>;
+
 /// One step of a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepDecl {
@@ -56,6 +61,10 @@ pub struct StepDecl {
     /// failure of it is a condition on the resource, not a failed resource. Only the last
     /// steps of a chain may run beside it.
     pub beside: bool,
+    /// For a step beside the resource: the condition (`Notified`) the engine sets on the
+    /// resource when the step is parked (`Unknown`) or cancelled (`False`); the step sets it
+    /// itself when it succeeds.
+    pub condition: Option<String>,
 }
 
 impl StepDecl {
@@ -68,6 +77,7 @@ impl StepDecl {
             name,
             work_kind: work_kind.into(),
             beside: false,
+            condition: None,
         }
     }
 
@@ -77,9 +87,11 @@ impl StepDecl {
         self
     }
 
-    /// Makes the step run beside the resource (see [`StepDecl::beside`]).
-    pub fn beside(mut self) -> Self {
+    /// Makes the step run beside the resource (see [`StepDecl::beside`]); `condition` is the
+    /// resource's condition that says how it went (see [`StepDecl::condition`]).
+    pub fn beside(mut self, condition: impl Into<String>) -> Self {
         self.beside = true;
+        self.condition = Some(condition.into());
         self
     }
 }
@@ -101,6 +113,8 @@ pub struct ResourceKind {
     pub upgrade: Option<SpecUpgrade>,
     /// Spec fields (dotted paths: `region`, `network.cidr`) that cannot change after create.
     pub immutable: Vec<String>,
+    /// Rules beyond the schema (see [`SpecCheck`]).
+    pub check: Option<SpecCheck>,
     /// The steps that create a resource.
     pub create: Vec<StepDecl>,
     /// The steps that apply a changed spec.
@@ -111,6 +125,9 @@ pub struct ResourceKind {
     pub observe: Option<StepDecl>,
     /// Chains a step may start by name (`heal`).
     pub chains: BTreeMap<String, Vec<StepDecl>>,
+    /// True when its steps produce secret outputs: an engine then refuses to start without a
+    /// key to seal them with.
+    pub secret_outputs: bool,
 }
 
 impl ResourceKind {
@@ -124,12 +141,20 @@ impl ResourceKind {
             schema_version: 1,
             upgrade: None,
             immutable: Vec::new(),
+            check: None,
             create: Vec::new(),
             update: Vec::new(),
             delete: Vec::new(),
             observe: None,
             chains: BTreeMap::new(),
+            secret_outputs: false,
         }
+    }
+
+    /// Says its steps produce secret outputs (see [`ResourceKind::secret_outputs`]).
+    pub fn with_secret_outputs(mut self) -> Self {
+        self.secret_outputs = true;
+        self
     }
 
     /// Sets the description.
@@ -151,6 +176,15 @@ impl ResourceKind {
         upgrade: impl Fn(u32, Value) -> Result<Value, String> + Send + Sync + 'static,
     ) -> Self {
         self.upgrade = Some(Arc::new(upgrade));
+        self
+    }
+
+    /// Sets the rules beyond the schema.
+    pub fn check(
+        mut self,
+        check: impl Fn(Option<&Value>, &Value) -> Vec<(String, String)> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Some(Arc::new(check));
         self
     }
 

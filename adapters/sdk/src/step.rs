@@ -201,12 +201,9 @@ impl fmt::Debug for StepResult {
     }
 }
 
-/// Runs one step of a kind's chains. Registered with the engine under [`Step::kind`], like a
-/// [`crate::Handler`], and named by [`crate::kind::StepDecl::work_kind`].
+/// Runs one step of a kind's chains. A plugin registers it with the engine under the work
+/// kind a [`crate::kind::StepDecl`] names (one implementation may serve several steps).
 pub trait Step: Send + Sync + 'static {
-    /// The work kind (`dns.zone.ensure`).
-    fn kind(&self) -> &str;
-
     /// Runs one attempt of the step.
     fn run<'a>(
         &'a self,
