@@ -265,6 +265,42 @@ pub struct Registrar {
     pub(crate) steps: Vec<(String, String, Arc<dyn Step>)>,
     pub(crate) regions: Vec<String>,
     pub(crate) health: Vec<Arc<dyn HealthCheck>>,
+    pub(crate) grpc: Vec<GrpcService>,
+}
+
+/// A gRPC service a plugin serves beside setpoint's own, on the same listener and behind the
+/// same gate: a call must carry a valid token, and the handler reads who is calling with
+/// [`crate::api::auth::Caller::of`]. Its methods are known to reflection, metrics and the
+/// gate's framing checks through the file descriptor set it comes with.
+pub struct GrpcService {
+    pub(crate) name: &'static str,
+    pub(crate) descriptors: &'static [u8],
+    pub(crate) add: Box<dyn FnOnce(&mut tonic::service::RoutesBuilder) + Send + Sync>,
+}
+
+impl std::fmt::Debug for GrpcService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcService")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcService {
+    /// The service's full name (`package.Service`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The encoded file descriptor set that describes it.
+    pub fn descriptors(&self) -> &'static [u8] {
+        self.descriptors
+    }
+
+    /// Adds it to `routes`.
+    pub fn add_to(self, routes: &mut tonic::service::RoutesBuilder) {
+        (self.add)(routes);
+    }
 }
 
 impl Registrar {
@@ -335,6 +371,46 @@ impl Registrar {
     /// Adds a check `/readyz` runs.
     pub fn health_check(&mut self, check: Arc<dyn HealthCheck>) {
         self.health.push(check);
+    }
+
+    /// Serves `service` (a tonic server type) on the engine's gRPC API, described by the
+    /// encoded file descriptor set `descriptors` (what `tonic_prost_build` writes with
+    /// `file_descriptor_set_path`). Ignored when the engine runs no API.
+    ///
+    /// # Errors
+    /// [`PluginError::Duplicate`] when a service of that name is registered already.
+    pub fn grpc_service<S>(
+        &mut self,
+        service: S,
+        descriptors: &'static [u8],
+    ) -> Result<(), PluginError>
+    where
+        S: tonic::codegen::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        if self.grpc.iter().any(|g| g.name == S::NAME) {
+            return Err(PluginError::Duplicate(format!(
+                "gRPC service {} is registered twice (plugin {})",
+                S::NAME,
+                self.plugin
+            )));
+        }
+        self.grpc.push(GrpcService {
+            name: S::NAME,
+            descriptors,
+            add: Box::new(move |routes| {
+                routes.add_service(service);
+            }),
+        });
+        Ok(())
     }
 
     fn claim_work_kind(&self, kind: &str) -> Result<(), PluginError> {

@@ -76,7 +76,6 @@ use proto::work_service_server::WorkServiceServer;
 
 /// What the API serves besides the database: the declared kinds, their chains, and the keys
 /// of secret outputs.
-#[derive(Clone)]
 pub struct ApiServices {
     /// The declared kinds.
     pub catalog: Arc<crate::kinds::KindCatalog>,
@@ -84,6 +83,8 @@ pub struct ApiServices {
     pub chains: Arc<crate::kinds::Chains>,
     /// The keys that open secret outputs (connection details).
     pub secrets: Arc<crate::kinds::SecretBox>,
+    /// Plugins' own gRPC services, served behind the same gate.
+    pub grpc: Vec<crate::plugin::GrpcService>,
 }
 
 impl std::fmt::Debug for ApiServices {
@@ -106,6 +107,7 @@ impl ApiServices {
             )),
             catalog,
             secrets,
+            grpc: Vec::new(),
         }
     }
 }
@@ -197,11 +199,12 @@ pub async fn start(
     // The google.rpc types too: a client that learns the API by reflection (grpcurl) can then
     // show an error's details (BadRequest field violations, PreconditionFailure, ErrorInfo)
     // instead of their raw bytes.
-    let descriptors = [
+    let mut descriptors = vec![
         proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_types::pb::FILE_DESCRIPTOR_SET,
     ];
+    descriptors.extend(services.grpc.iter().map(|g| g.descriptors()));
     let reflection_v1 = descriptors
         .iter()
         .fold(tonic_reflection::server::Builder::configure(), |b, d| {
@@ -234,12 +237,19 @@ pub async fn start(
             WorkServiceServer::new(work::Work::new(pool.clone(), services.chains.clone()))
                 .max_decoding_message_size(max),
         );
-    let methods = methods::Methods::from_descriptor_sets(&[
-        descriptors[0],
-        descriptors[1],
+    for plugin_service in services.grpc {
+        tracing::info!(
+            service = plugin_service.name(),
+            "gRPC API serves a plugin's service"
+        );
+        plugin_service.add_to(&mut routes);
+    }
+    let mut method_sets = descriptors.clone();
+    method_sets.extend([
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ]);
+    let methods = methods::Methods::from_descriptor_sets(&method_sets);
     let service = gate::Gate::new(
         routes.routes().prepare(),
         methods,

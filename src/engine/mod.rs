@@ -296,6 +296,7 @@ impl EngineBuilder {
                     catalog: catalog.clone(),
                     chains: chains.clone(),
                     secrets: secrets.clone(),
+                    grpc: std::mem::take(&mut registrar.grpc),
                 };
                 Some(
                     api::start(
