@@ -15,6 +15,7 @@
 //! - [`bench`]: the benchmarks behind `setpoint bench`.
 //! - [`workflows`]: the KVX steps of create, update, delete and drift resync.
 //! - [`engine`]: the adapters and workflows built from configuration (`serve` and `dev`).
+//! - [`maintenance`]: background services every engine runs (retention).
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod engine;
+pub mod maintenance;
 pub mod metrics;
 pub mod queue;
 pub mod store;

@@ -12,6 +12,7 @@ use setpoint::cli::{BenchCommand, Cli, Command, DbArgs, ServeArgs, WorkCommand};
 use setpoint::config::{FileConfig, database_url_from_parts, redact_url};
 use setpoint::dev::postgres::{ClusterOptions, Durability, TempCluster};
 use setpoint::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
+use setpoint::maintenance::retention::Retention;
 use setpoint::queue::{self, NewWork, WorkFilter, WorkRow};
 use setpoint::worker::builtin::{Noop, Probe};
 use setpoint::workflows::hooks::InstanceHooks;
@@ -140,6 +141,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         workflow_config.drift = d;
     }
     let resync_interval = args.resync_interval.or(file.workflows.resync_interval);
+    let retention_config = file.retention.retention_config()?;
     let mut worker = file.worker_config();
     if let Some(v) = args.concurrency {
         worker.concurrency = v;
@@ -258,6 +260,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         (false, None) => None,
     };
+    let retention = Retention::new(pool.clone(), retention_config)?.spawn(&shutdown);
     let api = setpoint::api::start(
         pool,
         api_config,
@@ -269,6 +272,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     runtime.run(shutdown).await;
     api.wait().await?;
     if let Some(r) = resync {
+        let _ = r.await;
+    }
+    if let Some(r) = retention {
         let _ = r.await;
     }
     Ok(())

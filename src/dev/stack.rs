@@ -2,8 +2,8 @@
 //!
 //! It starts what is not given on the command line — a PostgreSQL kept under `--dir`, a moto
 //! server (EC2), an aiosmtpd SMTP server writing a Maildir under `--dir`, the Kubernetes
-//! [`TestApiServer`] — then the workers with the KVX workflows, the gRPC API and the metrics
-//! endpoint; it creates an admin token and a tenant token and prints how to connect. Missing
+//! [`TestApiServer`] — then the workers with the KVX workflows, retention (its defaults), the
+//! gRPC API and the metrics endpoint; it creates an admin token and a tenant token and prints how to connect. Missing
 //! Python peers are installed with pip on first use. `Ctrl-C` (or SIGTERM) stops everything it
 //! started; a child peer also stops by itself when this process dies (a watchdog in its shell),
 //! so even SIGKILL leaves no stray server behind.
@@ -26,6 +26,7 @@ use crate::api::{self, ApiConfig};
 use crate::config::parse_duration;
 use crate::dev::postgres::{ClusterOptions, TempCluster, free_port};
 use crate::engine::{AdapterConfigs, Adapters, spawn_resync, with_workflow_kinds};
+use crate::maintenance::retention::{Retention, RetentionConfig};
 use crate::worker::builtin::Noop;
 use crate::workflows::{DriftAction, WorkflowConfig};
 use crate::{Registry, Runtime, WorkerConfig, metrics, store};
@@ -350,6 +351,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let shutdown = CancellationToken::new();
     let workers = tokio::spawn(runtime.run(shutdown.clone()));
     let resync = spawn_resync(&pool, args.resync_interval, &shutdown);
+    let retention = Retention::new(pool.clone(), RetentionConfig::default())
+        .map_err(other)?
+        .spawn(&shutdown);
 
     // API, metrics, tokens.
     let api_config = with_workflow_kinds(ApiConfig::default());
@@ -408,6 +412,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let _ = running.wait().await;
     let _ = workers.await;
     if let Some(r) = resync {
+        let _ = r.await;
+    }
+    if let Some(r) = retention {
         let _ = r.await;
     }
     pool.close().await;

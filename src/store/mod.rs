@@ -7,6 +7,7 @@ pub mod create_batch;
 pub mod events;
 pub mod instances;
 pub mod journal;
+pub mod retention;
 pub mod tokens;
 pub mod work;
 pub mod workflows;
