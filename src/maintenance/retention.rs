@@ -222,6 +222,8 @@ pub struct TableReport {
     pub statements: u64,
     /// The most rows one statement deleted.
     pub largest_statement: u64,
+    /// Time spent in its statements (pauses excluded).
+    pub busy: Duration,
 }
 
 /// What one round did.
@@ -422,9 +424,8 @@ impl Retention {
             };
             let period = chrono::TimeDelta::from_std(period)
                 .map_err(|_| RetentionError::Config(format!("{} is too long", table.setting())))?;
-            let done = self
-                .prune_table(conn, table, now - period, stop, &mut report.busy)
-                .await?;
+            let done = self.prune_table(conn, table, now - period, stop).await?;
+            report.busy += done.busy;
             report.tables.push(done);
             if stop.is_cancelled() {
                 report.interrupted = true;
@@ -443,7 +444,6 @@ impl Retention {
         table: Table,
         before: chrono::DateTime<chrono::Utc>,
         stop: &CancellationToken,
-        busy: &mut Duration,
     ) -> Result<TableReport, RetentionError> {
         let mut done = TableReport {
             table,
@@ -451,13 +451,14 @@ impl Retention {
             scanned: 0,
             statements: 0,
             largest_statement: 0,
+            busy: Duration::ZERO,
         };
         let mut cursor = Cursor::start(table);
         loop {
             let t0 = Instant::now();
             let step = self.step(conn, &cursor, before).await?;
             let took = t0.elapsed();
-            *busy += took;
+            done.busy += took;
             done.statements += 1;
             done.scanned += step.scanned;
             done.pruned += step.pruned;
