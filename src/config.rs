@@ -11,7 +11,7 @@ use setpoint_ec2::{Ec2Config, Ec2Regions};
 use setpoint_email::{Password, Security, SmtpConfig};
 use setpoint_kubernetes::{BearerToken, ClusterAccess, KubernetesConfig};
 
-use crate::maintenance::retention::RetentionConfig;
+use crate::maintenance::retention::{RetentionConfig, RetentionError};
 use crate::worker::{Backoff, WorkerConfig};
 use crate::workflows::{DriftAction, WorkflowConfig};
 
@@ -243,8 +243,12 @@ impl RetentionFile {
             batch: self.batch.unwrap_or(d.batch),
             pause: self.pause.unwrap_or(d.pause),
         };
-        c.validate()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        c.validate().map_err(|e| {
+            ConfigError::Invalid(match e {
+                RetentionError::Config(message) => message,
+                other => other.to_string(),
+            })
+        })?;
         Ok(c)
     }
 }

@@ -583,6 +583,99 @@ async fn the_service_prunes_on_its_interval_counts_rows_and_stops_on_shutdown() 
 }
 
 #[tokio::test]
+async fn shutdown_stops_a_round_at_its_pause_and_frees_the_lock() {
+    let db = test_db().await.expect("test database");
+    let pool = &db.pool;
+    fill_many(pool).await;
+    let shutdown = CancellationToken::new();
+    // One statement, then a pause far longer than any test.
+    let config = RetentionConfig {
+        interval: Some(Duration::from_secs(1)),
+        pause: Duration::from_secs(600),
+        ..hourly(100)
+    };
+    let task = service(&db, config).spawn(&shutdown).expect("spawned");
+    let old_events = "SELECT count(*) FROM work_events WHERE at < now() - interval '1 hour'";
+    let before = count(pool, old_events).await;
+    common::wait_for("the first statement", || async {
+        (count(pool, old_events).await < before).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(common::HUNG, task)
+        .await
+        .expect("the round stops at its pause")
+        .expect("task");
+    assert!(
+        count(pool, old_events).await > 0,
+        "the round did not finish"
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RETENTION_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(free, "the stopped round released the lock");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(RETENTION_LOCK_KEY)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn serve_prunes_by_its_retention_table_and_refuses_a_bad_one() {
+    let db = test_db().await.expect("test database");
+    let pool = &db.pool;
+    let unit = finished_unit(pool, &[3.0, 2.0]).await;
+    let recent = finished_unit(pool, &[0.1]).await;
+    request_id(pool, "old", 30.0).await;
+    request_id(pool, "new", 1.0).await;
+    let dir = std::env::temp_dir().join(format!("setpoint-retention-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        "[retention]\ninterval = \"1s\"\nwork_history = \"1h\"\n",
+    )
+    .unwrap();
+    let engine = common::EngineProcess::start(
+        &db.url,
+        "retention-serve",
+        &[],
+        &["--config", config.to_str().unwrap()],
+    );
+    common::wait_for("serve's first retention round", || async {
+        (engine.printed("retention round: rows pruned") && events_of(pool, unit).await == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(events_of(pool, recent).await, 1);
+    // work_history from the file; request_ids at its default, 24 hours.
+    assert_eq!(request_ids(pool).await, vec!["new"]);
+    drop(engine);
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[retention]\nbatch = 0\n").unwrap();
+    let mut engine = common::EngineProcess::start(
+        &db.url,
+        "retention-bad",
+        &[],
+        &["--config", bad.to_str().unwrap()],
+    );
+    assert!(!engine.wait_exit().await, "a bad [retention] stops serve");
+    assert!(
+        engine
+            .output()
+            .contains("retention.batch must be between 1 and 50000"),
+        "{}",
+        engine.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_request_id_replayed_after_its_window_is_a_new_request() {
     let env = Env::default().await;
     let mut c = env.instances().await;
