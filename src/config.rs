@@ -1,6 +1,6 @@
 //! Configuration: defaults, then an optional TOML file, then environment variables, then
-//! flags — each overriding the one before. Durations are written `250ms`, `30s`, `5m`, `1h`
-//! (a bare number means seconds).
+//! flags — each overriding the one before. Durations are written `250ms`, `30s`, `5m`, `1h`,
+//! `7d` (a bare number means seconds).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::maintenance::retention::{RetentionConfig, RetentionError};
 use crate::worker::{Backoff, WorkerConfig};
 
 /// A configuration problem, with what to change.
@@ -34,7 +35,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A duration as written in configuration (`250ms`, `30s`, `5m`, `1h`, or seconds).
+/// A duration as written in configuration (`250ms`, `30s`, `5m`, `1h`, `7d`, or seconds).
 ///
 /// # Errors
 /// When the text is not a number with one of those units.
@@ -46,15 +47,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration (write e.g. 250ms, 30s, 5m, 1h)"))?;
+        .map_err(|_| format!("{text:?} is not a duration (write e.g. 250ms, 30s, 5m, 1h, 7d)"))?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "{text:?} has an unknown unit {other:?} (use ms, s, m or h)"
+                "{text:?} has an unknown unit {other:?} (use ms, s, m, h or d)"
             ));
         }
     };
@@ -69,6 +71,30 @@ pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(
 ) -> Result<Option<Duration>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// A duration, or `"off"` (case does not matter), as the `[retention]` periods are written.
+/// `None` is off.
+///
+/// # Errors
+/// When the text is neither `off` nor a duration.
+pub fn parse_duration_or_off(text: &str) -> Result<Option<Duration>, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    parse_duration(text)
+        .map(Some)
+        .map_err(|e| format!("{e}, or \"off\""))
+}
+
+/// A key that may be a duration or `"off"`: `None` when the key is absent, `Some(None)` when
+/// it is `off`.
+fn de_duration_or_off<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<Duration>>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse_duration_or_off(&s).map_err(serde::de::Error::custom))
         .transpose()
 }
 
@@ -159,6 +185,62 @@ pub struct ApiFile {
     pub unknown_token_cache: Option<usize>,
 }
 
+/// The `[retention]` table of the configuration file: what old rows are pruned and how
+/// (`docs/retention.md`). Each period is a duration (`7d`, `24h`) or `"off"` (keep for
+/// ever); an absent key takes its default. File only: like the other tuning keys, it has no
+/// flag or environment variable.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    /// How often each engine tries a pruning round (default `1h`); `off` turns retention off
+    /// in this engine.
+    #[serde(default, deserialize_with = "de_duration_or_off")]
+    pub interval: Option<Option<Duration>>,
+    /// History of finished units (`work_events`), after their last event (default `7d`).
+    #[serde(default, deserialize_with = "de_duration_or_off")]
+    pub work_history: Option<Option<Duration>>,
+    /// Request ids (`api_requests`): the replay window (default `24h`).
+    #[serde(default, deserialize_with = "de_duration_or_off")]
+    pub request_ids: Option<Option<Duration>>,
+    /// Journal rows of finished units (`side_effects`), after their last change (default `30d`).
+    #[serde(default, deserialize_with = "de_duration_or_off")]
+    pub journal: Option<Option<Duration>>,
+    /// Deleted resources with no unit left (default `30d`).
+    #[serde(default, deserialize_with = "de_duration_or_off")]
+    pub tombstones: Option<Option<Duration>>,
+    /// Most rows one statement reads and deletes (default 2000).
+    pub batch: Option<usize>,
+    /// Shortest pause between two statements (default `100ms`).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub pause: Option<Duration>,
+}
+
+impl RetentionFile {
+    /// The retention configuration: defaults overridden by this table, validated.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when a value is out of range.
+    pub fn retention_config(&self) -> Result<RetentionConfig, ConfigError> {
+        let d = RetentionConfig::default();
+        let c = RetentionConfig {
+            interval: self.interval.unwrap_or(d.interval),
+            work_history: self.work_history.unwrap_or(d.work_history),
+            request_ids: self.request_ids.unwrap_or(d.request_ids),
+            journal: self.journal.unwrap_or(d.journal),
+            tombstones: self.tombstones.unwrap_or(d.tombstones),
+            batch: self.batch.unwrap_or(d.batch),
+            pause: self.pause.unwrap_or(d.pause),
+        };
+        c.validate().map_err(|e| {
+            ConfigError::Invalid(match e {
+                RetentionError::Config(message) => message,
+                other => other.to_string(),
+            })
+        })?;
+        Ok(c)
+    }
+}
+
 /// The configuration file (`--config` / `SETPOINT_CONFIG`). Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +277,9 @@ pub struct FileConfig {
     /// The gRPC API (listen address, TLS, limits).
     #[serde(default)]
     pub api: ApiFile,
+    /// Retention periods and pruning.
+    #[serde(default)]
+    pub retention: RetentionFile,
 }
 
 impl FileConfig {
@@ -314,6 +399,16 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(parse_duration_or_off("OFF").unwrap(), None);
+        assert_eq!(
+            parse_duration_or_off("24h").unwrap(),
+            Some(Duration::from_secs(86_400))
+        );
+        assert!(parse_duration_or_off("never").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
     }
@@ -327,6 +422,43 @@ mod tests {
         assert_eq!(w.heartbeat_interval, Duration::from_secs(3));
         let bad = toml::from_str::<FileConfig>("[worker]\nconcurency = 7\n");
         assert!(bad.unwrap_err().to_string().contains("concurency"));
+    }
+
+    #[test]
+    fn retention_table_overrides_defaults_and_turns_periods_off() {
+        let f: FileConfig = toml::from_str(
+            "[retention]\nwork_history = \"3d\"\nrequest_ids = \"off\"\nbatch = 500\n",
+        )
+        .unwrap();
+        let r = f.retention.retention_config().unwrap();
+        assert_eq!(r.work_history, Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(r.request_ids, None, "off");
+        assert_eq!(r.batch, 500);
+        let d = RetentionConfig::default();
+        assert_eq!(
+            (r.journal, r.tombstones, r.interval),
+            (d.journal, d.tombstones, d.interval)
+        );
+        assert_eq!(
+            FileConfig::default().retention.retention_config().unwrap(),
+            d,
+            "no [retention]: the defaults"
+        );
+
+        for (toml_text, want) in [
+            (
+                "[retention]\nrequest_ids = \"10s\"\n",
+                "retention.request_ids",
+            ),
+            ("[retention]\nbatch = 0\n", "retention.batch"),
+            ("[retention]\ninterval = \"0s\"\n", "retention.interval"),
+        ] {
+            let f: FileConfig = toml::from_str(toml_text).unwrap();
+            let err = f.retention.retention_config().unwrap_err().to_string();
+            assert!(err.contains(want), "{toml_text}: {err}");
+        }
+        let bad = toml::from_str::<FileConfig>("[retention]\njournal = \"forever\"\n");
+        assert!(bad.unwrap_err().to_string().contains("off"));
     }
 
     #[test]

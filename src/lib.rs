@@ -20,6 +20,7 @@
 //! - [`engine`]: the engine as a library ([`engine::EngineBuilder`]): `serve`, `dev` and a
 //!   team's own binary are thin users of it.
 //! - [`names`]: naming rules every layer shares.
+//! - [`maintenance`]: background services every engine runs (retention).
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 
 #![deny(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod config;
 pub mod dev;
 pub mod engine;
 pub mod kinds;
+pub mod maintenance;
 pub mod metrics;
 pub mod names;
 pub mod plugin;

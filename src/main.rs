@@ -237,6 +237,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     let pool_size = (worker.concurrency as u32 / 4).clamp(8, 64);
+    let retention = file.retention.retention_config()?;
     let pool = connect(&url, &file, pool_size).await?;
     // A flag or environment variable, when given, overrides the file, either way.
     let migrate = args
@@ -259,6 +260,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or(file.enable_probe.unwrap_or(false)),
         )
         .drift(resync_interval)
+        .retention(retention)
         .secrets(secrets.unwrap_or_else(SecretBox::none))
         .api(args.api.listen(&file.api), api_config)
         .plugins(setpoint::plugins::builtin(kvx));

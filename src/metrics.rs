@@ -21,6 +21,9 @@
 //! | `api_create_batches_total`               | counter   | `result`                        |
 //! | `api_create_batched_total`               | counter   | `result`                        |
 //! | `api_tls_certificate_expiry_seconds`     | gauge     |                                 |
+//! | `retention_rows_pruned_total`            | counter   | `table`                         |
+//! | `retention_rounds_total`                 | counter   | `result`                        |
+//! | `retention_round_duration_seconds`       | histogram | `result`                        |
 //!
 //! `result` is `ok`, `transient` or `permanent`; `action` is `retry`, `wait` (a wait that is
 //! not a failed attempt) or `park`. An attempt is *abandoned* when it lost its unit (its lease
@@ -33,7 +36,10 @@
 //! the calls refused because the lookup budget was spent (no database work). The API's group
 //! commit counts batches of creates and the creates in them, by `result`: `committed` or
 //! `failed` (a failed batch's creates then run one by one). With TLS, the API's server
-//! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). The queue gauges are refreshed from
+//! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). Retention
+//! counts the rows it deletes per `table` (`work_events`, `api_requests`, `side_effects`,
+//! `instances`) and its rounds by `result`: `done`, `skipped` (another engine was pruning) or
+//! `failed`. The queue gauges are refreshed from
 //! the database every few seconds by [`serve`]. The recording functions are cheap no-ops until
 //! a recorder is installed ([`install`]).
 
@@ -147,6 +153,18 @@ pub fn api_create_batch(result: &'static str, creates: usize) {
 /// The API's server certificate expires in `secs` seconds (negative: it has expired).
 pub fn api_tls_certificate_expiry(secs: f64) {
     metrics::gauge!("setpoint_api_tls_certificate_expiry_seconds").set(secs);
+}
+
+/// Retention deleted `rows` rows of `table`.
+pub fn retention_pruned(table: &'static str, rows: u64) {
+    metrics::counter!("setpoint_retention_rows_pruned_total", "table" => table).increment(rows);
+}
+
+/// A retention round ended with `result` (`done`, `skipped` or `failed`) after `took`.
+pub fn retention_round(result: &'static str, took: Duration) {
+    metrics::counter!("setpoint_retention_rounds_total", "result" => result).increment(1);
+    metrics::histogram!("setpoint_retention_round_duration_seconds", "result" => result)
+        .record(took.as_secs_f64());
 }
 
 /// Runs an adapter call, recording its latency and result class.

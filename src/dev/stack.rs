@@ -2,7 +2,7 @@
 //!
 //! It starts what is not given on the command line — a PostgreSQL kept under `--dir`, a moto
 //! server (EC2), an aiosmtpd SMTP server writing a Maildir under `--dir`, the Kubernetes
-//! [`TestApiServer`] — then the workers with the KVX workflows, the gRPC API and the metrics
+//! [`TestApiServer`] — then the workers with the KVX workflows, retention (its defaults), the gRPC API and the metrics
 //! endpoint; it creates an admin token and a tenant token and prints how to connect. Missing
 //! Python peers are installed with pip on first use. `Ctrl-C` (or SIGTERM) stops everything it
 //! started; a child peer also stops by itself when this process dies (a watchdog in its shell),
@@ -341,6 +341,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         .worker(worker)
         .secrets(secrets)
         .drift(args.resync_interval)
+        .retention(crate::maintenance::retention::RetentionConfig::default())
         .api(args.listen, ApiConfig::default())
         .metrics(args.metrics_listen)
         .plugin(Ec2Plugin::with_settings(

@@ -38,6 +38,7 @@ use crate::api::{self, ApiConfig};
 use crate::config::FileConfig;
 use crate::kinds::drift::{DriftConfig, DriftScheduler};
 use crate::kinds::{Chains, KindCatalog, SecretBox, StepHandler};
+use crate::maintenance::retention::{Retention, RetentionConfig, RetentionError};
 use crate::plugin::{ConfigContext, HealthCheck, Plugin, PluginError, Registrar, Services};
 use crate::worker::builtin::{Noop, Probe};
 use crate::worker::{Registry, Runtime, WorkerConfig, default_worker_id};
@@ -82,6 +83,9 @@ pub enum EngineError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    /// The retention settings are invalid.
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
 }
 
 /// Where plugins read environment variables.
@@ -94,6 +98,7 @@ pub struct EngineBuilder {
     api: Option<(SocketAddr, ApiConfig)>,
     metrics: Option<SocketAddr>,
     drift: Option<Duration>,
+    retention: Option<RetentionConfig>,
     secrets: SecretBox,
     probe: bool,
     file: FileConfig,
@@ -111,6 +116,7 @@ impl EngineBuilder {
             api: None,
             metrics: None,
             drift: None,
+            retention: None,
             secrets: SecretBox::none(),
             probe: false,
             file: FileConfig::default(),
@@ -140,6 +146,13 @@ impl EngineBuilder {
     /// Checks each resource of a kind with an observe step for drift every `interval`.
     pub fn drift(mut self, interval: Option<Duration>) -> Self {
         self.drift = interval;
+        self
+    }
+
+    /// Prunes old history, request ids, journal rows and tombstones as `config` says
+    /// (`docs/retention.md`). Without this call the engine prunes nothing.
+    pub fn retention(mut self, config: RetentionConfig) -> Self {
+        self.retention = Some(config);
         self
     }
 
@@ -289,6 +302,11 @@ impl EngineBuilder {
                 },
             );
             tasks.push(tokio::spawn(scheduler.run(shutdown.clone())));
+        }
+        if let Some(config) = self.retention.take()
+            && let Some(task) = Retention::new(self.pool.clone(), config)?.spawn(&shutdown)
+        {
+            tasks.push(task);
         }
         let api = match self.api.take() {
             Some((listen, config)) => {

@@ -8,6 +8,7 @@ pub mod engines;
 pub mod events;
 pub mod instances;
 pub mod journal;
+pub mod retention;
 pub mod tokens;
 pub mod work;
 
