@@ -382,3 +382,51 @@ async fn shutdown_fits_in_the_grace_and_releases_unfinished_units() {
     .await;
     drop(second);
 }
+
+/// Engines that start at once on a new database all migrate it: one applies the migrations
+/// (some build indexes CONCURRENTLY, which waits for every older snapshot) while the others
+/// wait without holding a snapshot, so nobody waits on a waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_starting_at_once_migrate_a_new_database_once() {
+    let db = db().await;
+    let name = format!("fresh_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = db.url.replace(&db.name, &name);
+    // Joined in one task (sqlx's migrator future is not Send); each has a session of its own.
+    let starts = (0..4).map(|_| {
+        let url = url.clone();
+        async move {
+            let pool = setpoint::store::connect(&url, 2).await.unwrap();
+            let contract =
+                setpoint::store::migrate_with(&pool, setpoint::store::Migrations::ExpandOrFresh)
+                    .await;
+            pool.close().await;
+            contract.map_err(|e| e.to_string())
+        }
+    });
+    let results = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(starts))
+        .await
+        .expect("a migration waited for ever");
+    for r in &results {
+        assert!(r.is_ok(), "{results:?}");
+    }
+    let pool = setpoint::store::connect(&url, 1).await.unwrap();
+    let pending = {
+        let mut conn = pool.acquire().await.unwrap();
+        setpoint::store::migrations_pending(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(pending, 0);
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let expected = setpoint::store::MIGRATOR.iter().count()
+        + setpoint::store::CONTRACT_MIGRATOR.iter().count();
+    assert_eq!(applied as usize, expected, "each migration applied once");
+    pool.close().await;
+}

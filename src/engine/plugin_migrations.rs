@@ -48,6 +48,17 @@ pub async fn apply(
     );
     migrator.dangerous_set_table_name(format!("_setpoint_plugin_{table}_migrations"));
     migrator.set_ignore_missing(true);
-    migrator.run(pool).await?;
+    migrator.set_locking(false);
+    let mut conn = pool.acquire().await?.detach();
+    // As the core's migrations: no statement or lock timeout (see store::migrate_with).
+    sqlx::raw_sql("SET statement_timeout = 0; SET lock_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    let lock = crate::store::MigrationLock::take(&mut conn).await?;
+    let result = migrator.run(&mut conn).await;
+    // Closing the session gives the lock back whatever happened.
+    let _ = lock.release(&mut conn).await;
+    let _ = sqlx::Connection::close(conn).await;
+    result?;
     Ok(())
 }

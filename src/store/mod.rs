@@ -111,6 +111,8 @@ pub fn storable_json(value: &serde_json::Value) -> serde_json::Value {
 pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     let mut m = sqlx::migrate!("./migrations");
     m.set_ignore_missing(true);
+    // [`migrate_with`] holds [`MigrationLock`] instead (see there why).
+    m.set_locking(false);
     m
 });
 
@@ -120,8 +122,65 @@ pub static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
 pub static CONTRACT_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| {
     let mut m = sqlx::migrate!("./migrations/contract");
     m.set_ignore_missing(true);
+    m.set_locking(false);
     m
 });
+
+/// The advisory lock key every setpoint migration runs under (core and plugins'): "setpoint"
+/// in ASCII.
+const MIGRATION_LOCK_KEY: i64 = 0x7365_7470_6f69_6e74;
+
+/// Held while one process migrates; the others wait for it.
+///
+/// It is taken by polling `pg_try_advisory_lock`, never by the blocking `pg_advisory_lock`
+/// that sqlx's migrator takes: a session blocked in that call keeps its statement's snapshot
+/// open, and `CREATE INDEX CONCURRENTLY` in the session that holds the lock waits for every
+/// older snapshot to end — so two engines starting at once on an old schema would wait for
+/// each other for ever. Between two tries this session holds no snapshot.
+#[derive(Debug)]
+pub struct MigrationLock(());
+
+impl MigrationLock {
+    /// Takes the lock on `conn` (a session of its own), waiting as long as another process
+    /// holds it and saying so every 10 s.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn take(conn: &mut PgConnection) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
+        let mut said = Duration::ZERO;
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(MIGRATION_LOCK_KEY)
+                .fetch_one(&mut *conn)
+                .await?;
+            if got {
+                return Ok(Self(()));
+            }
+            let waited = started.elapsed();
+            if waited >= said + Duration::from_secs(10) {
+                said = waited;
+                tracing::info!(
+                    waited_s = waited.as_secs(),
+                    "waiting for another process to finish migrating the database"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Gives the lock back (closing the session gives it back too).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn release(self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
 
 /// The longest any statement of the engine may run ([`connect`]); migrations are exempt.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -196,8 +255,8 @@ pub enum Migrations {
     Contract,
 }
 
-/// Applies the migrations `which` says. Safe to run from several processes at once (sqlx
-/// takes an advisory lock). Runs on a connection of its own without the pool's statement and
+/// Applies the migrations `which` says. Safe to run from several processes at once (one
+/// migrates, under [`MigrationLock`], while the others wait). Runs on a connection of its own without the pool's statement and
 /// lock timeouts: a migration may rewrite a large table, and must wait for the locks it needs
 /// rather than fail half-way through a rollout. Returns whether the contract migrations ran.
 ///
@@ -212,6 +271,7 @@ pub async fn migrate_with(pool: &PgPool, which: Migrations) -> Result<bool, Stor
     sqlx::query("SET lock_timeout = 0")
         .execute(&mut conn)
         .await?;
+    let lock = MigrationLock::take(&mut conn).await?;
     let fresh = match which {
         Migrations::ExpandOrFresh => {
             sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NULL")
@@ -225,6 +285,7 @@ pub async fn migrate_with(pool: &PgPool, which: Migrations) -> Result<bool, Stor
     if contract {
         CONTRACT_MIGRATOR.run(&mut conn).await?;
     }
+    lock.release(&mut conn).await?;
     let _ = conn.close().await;
     Ok(contract)
 }
