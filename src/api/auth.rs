@@ -32,6 +32,8 @@ pub struct Caller {
     pub admin: bool,
     /// The token's row id (for logs; never the token).
     pub token_id: i64,
+    /// The kinds of resources the token may use (glob patterns); `None`: every kind.
+    pub kinds: Option<Vec<String>>,
 }
 
 impl Caller {
@@ -44,6 +46,27 @@ impl Caller {
             .get::<Caller>()
             .cloned()
             .ok_or(ApiError::Unauthenticated("no bearer token"))
+    }
+
+    /// Whether the token may use resources of kind `kind`.
+    pub fn may_use_kind(&self, kind: &str) -> bool {
+        match &self.kinds {
+            None => true,
+            Some(patterns) => patterns
+                .iter()
+                .any(|p| globset::Glob::new(p).is_ok_and(|g| g.compile_matcher().is_match(kind))),
+        }
+    }
+
+    /// `PERMISSION_DENIED` unless the token may use resources of kind `kind`.
+    pub fn require_kind(&self, kind: &str) -> Result<(), ApiError> {
+        if self.may_use_kind(kind) {
+            Ok(())
+        } else {
+            Err(ApiError::PermissionDenied(
+                "this token is limited to other kinds of resources (setpoint tokens list shows                  its kinds)",
+            ))
+        }
     }
 
     /// `PERMISSION_DENIED` unless the caller is an admin.
@@ -81,9 +104,11 @@ pub struct NewToken {
     pub admin: bool,
     /// When it expires, if ever.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The kinds it may use, or `None` for every kind.
+    pub kinds: Option<Vec<String>>,
 }
 
-/// Makes and stores a token for `tenant`.
+/// Makes and stores a token for `tenant` that may use every kind of resource.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` for a tenant that is not a DNS label; database errors.
@@ -93,8 +118,48 @@ pub async fn create_token(
     admin: bool,
     expires_in: Option<Duration>,
 ) -> Result<NewToken, ApiError> {
+    create_token_for_kinds(pool, tenant, admin, expires_in, None).await
+}
+
+/// Makes and stores a token for `tenant`, limited to the kinds of resources `kinds` matches
+/// (glob patterns such as `dns.*`) when given.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` for a tenant that is not a DNS label or a pattern that is not a glob
+/// over kind names; database errors.
+pub async fn create_token_for_kinds(
+    pool: &PgPool,
+    tenant: &str,
+    admin: bool,
+    expires_in: Option<Duration>,
+    kinds: Option<Vec<String>>,
+) -> Result<NewToken, ApiError> {
     let mut v = Vec::new();
     validate::dns_label("tenant", tenant, &mut v);
+    if let Some(patterns) = &kinds {
+        if patterns.is_empty() {
+            v.push(Violation::new(
+                "kinds",
+                "name at least one kind pattern (e.g. dns.*), or leave kinds out for every kind",
+            ));
+        }
+        for p in patterns {
+            let ok = !p.is_empty()
+                && p.len() <= 128
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-_*?[]{},".contains(c))
+                && globset::Glob::new(p).is_ok();
+            if !ok {
+                v.push(Violation::new(
+                    "kinds",
+                    format!(
+                        "{:?} is not a pattern of kind names (e.g. dns.* or kvx.instance)",
+                        super::errors::clip(p, 64)
+                    ),
+                ));
+            }
+        }
+    }
     validate::finish(v)?;
     let expires_at = match expires_in {
         Some(d) => Some(
@@ -107,14 +172,23 @@ pub async fn create_token(
     };
     let token = generate_token();
     let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-    let id = token_insert(&mut conn, &hash_token(&token), tenant, admin, expires_at).await?;
-    tracing::info!(token_id = id, tenant, admin, "API token created");
+    let id = token_insert(
+        &mut conn,
+        &hash_token(&token),
+        tenant,
+        admin,
+        expires_at,
+        kinds.as_deref(),
+    )
+    .await?;
+    tracing::info!(token_id = id, tenant, admin, kinds = ?kinds, "API token created");
     Ok(NewToken {
         token,
         id,
         tenant: tenant.to_owned(),
         admin,
         expires_at,
+        kinds,
     })
 }
 
@@ -179,6 +253,7 @@ impl Authenticator {
             tenant: row.tenant,
             admin: row.admin,
             token_id: row.id,
+            kinds: row.kinds,
         })
     }
 }

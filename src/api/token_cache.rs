@@ -280,6 +280,7 @@ mod tests {
                 created_at: Utc::now(),
                 expires_at: None,
                 revoked_at: None,
+                kinds: None,
             };
             self.known.lock().unwrap().insert([n; 32], row);
         }

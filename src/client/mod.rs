@@ -1,6 +1,8 @@
-//! The client side of the `setpoint` binary: `setpoint instances …` against a running server
-//! (with a live progress display for `watch` and `--wait`, and `--json`), and
-//! `setpoint tokens create`, which writes to the database directly.
+//! The client side of the `setpoint` binary: `setpoint instances …` and `setpoint resources …`
+//! against a running server (with a live progress display for `watch` and `--wait`, and
+//! `--json`), and `setpoint tokens create`, which writes to the database directly.
+
+pub mod resources;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -13,11 +15,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-use crate::api::auth::create_token;
+use crate::api::auth::create_token_for_kinds;
 use crate::api::proto::instance_service_client::InstanceServiceClient;
+use crate::api::proto::resource_service_client::ResourceServiceClient;
 use crate::api::proto::{
-    CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
-    InstanceStatus, ListInstancesRequest, UpdateInstanceRequest, WatchInstanceRequest,
+    CreateInstanceRequest, DeleteInstanceRequest, GetConnectionDetailsRequest, GetInstanceRequest,
+    Instance, InstanceSpec, InstanceStatus, ListInstancesRequest, RotateInstanceCredentialsRequest,
+    UpdateInstanceRequest, WatchInstanceRequest,
 };
 use crate::api::{ApiError, convert};
 use crate::cli::DbArgs;
@@ -50,7 +54,7 @@ pub enum ClientError {
     Store(#[from] StoreError),
 }
 
-fn json_error(e: serde_json::Error) -> ClientError {
+pub(crate) fn json_error(e: serde_json::Error) -> ClientError {
     ClientError::Io(std::io::Error::other(e))
 }
 
@@ -184,6 +188,28 @@ pub enum InstancesCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Print an instance's credentials (its tenant's tokens only; never shown by get or list).
+    Credentials {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or full resource name.
+        name: String,
+    },
+    /// Replace an instance's credentials (the old ones stop working).
+    RotateCredentials {
+        /// Server.
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// Short name or full resource name.
+        name: String,
+        /// Request id (default: a new UUID).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow progress until READY or FAILED.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Follow an instance's state changes until it is deleted (Ctrl-C to stop).
     Watch {
         /// Server.
@@ -214,6 +240,10 @@ pub enum TokensCommand {
         /// Lifetime, e.g. 12h, 30d (default: no expiry).
         #[arg(long, value_parser = parse_lifetime)]
         expires_in: Option<Duration>,
+        /// Limit the token to these kinds of resources: glob patterns of kind names, comma
+        /// separated (e.g. `dns.*`). Default: every kind.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Option<Vec<String>>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -287,25 +317,31 @@ pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientE
             tenant,
             admin,
             expires_in,
+            kinds,
             json,
             ..
         } => {
-            let t = create_token(pool, &tenant, admin, expires_in).await?;
+            let t = create_token_for_kinds(pool, &tenant, admin, expires_in, kinds).await?;
             if json {
                 println!(
                     "{}",
                     serde_json::json!({
                         "token": t.token, "id": t.id, "tenant": t.tenant, "admin": t.admin,
-                        "expires_at": t.expires_at,
+                        "expires_at": t.expires_at, "kinds": t.kinds,
                     })
                 );
             } else {
                 println!("{}", t.token);
                 eprintln!(
-                    "token {} for tenant {}{}{} — shown once; store it now (only its hash is kept)",
+                    "token {} for tenant {}{}{}{} — shown once; store it now (only its hash is \
+                     kept)",
                     t.id,
                     t.tenant,
                     if t.admin { " (admin)" } else { "" },
+                    t.kinds
+                        .as_ref()
+                        .map(|k| format!(", kinds {}", k.join(",")))
+                        .unwrap_or_default(),
                     t.expires_at
                         .map(|e| format!(", expires {}", e.to_rfc3339()))
                         .unwrap_or_default()
@@ -324,8 +360,8 @@ pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientE
                 return Ok(());
             }
             println!(
-                "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  REVOKED",
-                "ID", "TENANT", "ADMIN", "CREATED", "EXPIRES"
+                "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  {:<20}  KINDS",
+                "ID", "TENANT", "ADMIN", "CREATED", "EXPIRES", "REVOKED"
             );
             let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
                 t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
@@ -333,13 +369,16 @@ pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientE
             };
             for t in &tokens {
                 println!(
-                    "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  {}",
+                    "{:>6}  {:<24} {:<5}  {:<20}  {:<20}  {:<20}  {}",
                     t.id,
                     t.tenant,
                     if t.admin { "yes" } else { "no" },
                     when(Some(t.created_at)),
                     when(t.expires_at),
                     when(t.revoked_at),
+                    t.kinds
+                        .as_ref()
+                        .map_or_else(|| "*".to_owned(), |k| k.join(",")),
                 );
             }
             Ok(())
@@ -372,6 +411,7 @@ pub async fn run_tokens(pool: &PgPool, cmd: TokensCommand) -> Result<(), ClientE
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: InstanceServiceClient<Channel>,
+    channel: Channel,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
@@ -402,12 +442,18 @@ impl Client {
             None => None,
         };
         Ok(Self {
-            inner: InstanceServiceClient::new(channel),
+            inner: InstanceServiceClient::new(channel.clone()),
+            channel,
             auth,
         })
     }
 
-    fn req<T>(&self, msg: T) -> Request<T> {
+    /// A ResourceService client on the same connection.
+    pub fn resources(&self) -> ResourceServiceClient<Channel> {
+        ResourceServiceClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(a) = &self.auth {
             r.metadata_mut().insert("authorization", a.clone());
@@ -605,7 +651,7 @@ async fn follow(
     Ok(last)
 }
 
-fn new_request_id(given: Option<String>) -> String {
+pub(crate) fn new_request_id(given: Option<String>) -> String {
     given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
@@ -780,6 +826,45 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
                 request_id: new_request_id(request_id),
             });
             let answer = c.inner.delete_instance(req).await?.into_inner();
+            finish_change(&mut c, answer, wait, conn.json).await
+        }
+        InstancesCommand::Credentials { conn, name } => {
+            let c = Client::connect(&conn).await?;
+            let req = c.req(GetConnectionDetailsRequest {
+                name: full_name(&name),
+            });
+            let details = c
+                .resources()
+                .get_connection_details(req)
+                .await?
+                .into_inner();
+            let v = details
+                .details
+                .as_ref()
+                .map(convert::struct_to_json)
+                .unwrap_or_default();
+            println!(
+                "{}",
+                if conn.json {
+                    v.to_string()
+                } else {
+                    serde_json::to_string_pretty(&v).map_err(json_error)?
+                }
+            );
+            Ok(())
+        }
+        InstancesCommand::RotateCredentials {
+            conn,
+            name,
+            request_id,
+            wait,
+        } => {
+            let mut c = Client::connect(&conn).await?;
+            let req = c.req(RotateInstanceCredentialsRequest {
+                name: full_name(&name),
+                request_id: new_request_id(request_id),
+            });
+            let answer = c.inner.rotate_instance_credentials(req).await?.into_inner();
             finish_change(&mut c, answer, wait, conn.json).await
         }
         InstancesCommand::Watch {

@@ -21,6 +21,8 @@ pub struct TokenRow {
     pub expires_at: Option<DateTime<Utc>>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The kinds of resources it may use (glob patterns), or `None` for every kind.
+    pub kinds: Option<Vec<String>>,
 }
 
 fn token_row(r: &sqlx::postgres::PgRow) -> Result<TokenRow, StoreError> {
@@ -31,6 +33,7 @@ fn token_row(r: &sqlx::postgres::PgRow) -> Result<TokenRow, StoreError> {
         created_at: r.try_get("created_at")?,
         expires_at: r.try_get("expires_at")?,
         revoked_at: r.try_get("revoked_at")?,
+        kinds: r.try_get("kinds")?,
     })
 }
 
@@ -41,15 +44,18 @@ pub async fn token_insert(
     tenant: &str,
     admin: bool,
     expires_at: Option<DateTime<Utc>>,
+    kinds: Option<&[String]>,
 ) -> Result<i64, StoreError> {
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO api_tokens (token_hash, tenant, admin, expires_at) VALUES ($1, $2, $3, $4)
+        "INSERT INTO api_tokens (token_hash, tenant, admin, expires_at, kinds)
+         VALUES ($1, $2, $3, $4, $5)
          RETURNING id",
     )
     .bind(token_hash)
     .bind(tenant)
     .bind(admin)
     .bind(expires_at)
+    .bind(kinds)
     .fetch_one(conn)
     .await?;
     Ok(id)
@@ -62,7 +68,7 @@ pub async fn token_get_by_hash(
     token_hash: &[u8],
 ) -> Result<Option<TokenRow>, StoreError> {
     let row = sqlx::query(
-        "SELECT id, tenant, admin, created_at, expires_at, revoked_at FROM api_tokens
+        "SELECT id, tenant, admin, created_at, expires_at, revoked_at, kinds FROM api_tokens
          WHERE token_hash = $1",
     )
     .bind(token_hash)
@@ -89,7 +95,7 @@ pub async fn tokens_list(
     tenant: Option<&str>,
 ) -> Result<Vec<TokenRow>, StoreError> {
     let rows = sqlx::query(
-        "SELECT id, tenant, admin, created_at, expires_at, revoked_at FROM api_tokens
+        "SELECT id, tenant, admin, created_at, expires_at, revoked_at, kinds FROM api_tokens
          WHERE $1::text IS NULL OR tenant = $1 ORDER BY id",
     )
     .bind(tenant)
@@ -106,7 +112,7 @@ pub async fn token_revoke(
 ) -> Result<Option<TokenRow>, StoreError> {
     let row = sqlx::query(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
-         RETURNING id, tenant, admin, created_at, expires_at, revoked_at",
+         RETURNING id, tenant, admin, created_at, expires_at, revoked_at, kinds",
     )
     .bind(id)
     .fetch_optional(conn)
