@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/setpoint/v1/instances.proto",
         "proto/setpoint/v1/work.proto",
+        "proto/setpoint/v1/resources.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -45,7 +45,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// The whole stack on this machine, no cloud account: PostgreSQL, moto, an SMTP server, a
     /// Kubernetes test server, the workers, the API and metrics. Ctrl-C stops it all.
-    #[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
+    #[cfg(all(
+        feature = "ec2",
+        feature = "kubernetes",
+        feature = "email",
+        feature = "dns"
+    ))]
     Dev(crate::dev::stack::DevArgs),
     /// Apply the database migrations and exit (the expand migrations; with --contract also
     /// the contract ones, once no engine of the previous release runs).
@@ -59,6 +64,9 @@ pub enum Command {
     /// Instances through the gRPC API (--server, --token).
     #[command(subcommand)]
     Instances(crate::client::InstancesCommand),
+    /// Resources of any kind through the gRPC API (--server, --token).
+    #[command(subcommand)]
+    Resources(crate::client::resources::ResourcesCommand),
     /// API tokens.
     #[command(subcommand)]
     Tokens(crate::client::TokensCommand),

@@ -64,7 +64,12 @@ fn init_tracing(format: &str) {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        #[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
+        #[cfg(all(
+            feature = "ec2",
+            feature = "kubernetes",
+            feature = "email",
+            feature = "dns"
+        ))]
         Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
         Command::Migrate(args) => {
             let (file, url) = resolve_db(&args.db)?;
@@ -92,6 +97,7 @@ async fn run(cli: Cli) -> Result<()> {
             .map(|_| ())
             .map_err(Into::into),
         Command::Instances(cmd) => Ok(setpoint::client::run_instances(cmd).await?),
+        Command::Resources(cmd) => Ok(setpoint::client::resources::run(cmd).await?),
         Command::Tokens(cmd) => {
             let (file, url) = resolve_db(cmd.db())?;
             let pool = connect(&url.context(NO_DB)?, &file, 2).await?;

@@ -326,6 +326,7 @@ async fn settle(
             kind: crate::plugins::kvx::KIND.to_owned(),
             name: create.name.clone(),
             spec: create.spec.clone(),
+            spec_version: 1,
             generation: 1,
             observed: Value::Object(serde_json::Map::new()),
             observed_generation: 0,

@@ -52,11 +52,21 @@ pub fn json_to_struct(v: &Value) -> prost_types::Struct {
     }
 }
 
+/// 2^53: every whole number up to it is exactly a double.
+const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
+
 /// JSON from a protobuf value.
 pub fn value_to_json(v: &prost_types::Value) -> Value {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        // A Struct holds every number as a double: a whole number within the exactly
+        // representable range comes back as a JSON integer, so that `300` is `300` to a
+        // schema's "integer" and to a step's u32, not `300.0`.
+        #[allow(clippy::cast_possible_truncation)]
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INTEGER => {
+            Value::from(*n as i64)
+        }
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
             .map(Value::Number)
             .unwrap_or(Value::Null),
@@ -182,7 +192,8 @@ mod tests {
 
     #[test]
     fn json_round_trips_through_struct() {
-        let v = serde_json::json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": "e"}});
+        let v = serde_json::json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": "e"}, "n": 300});
         assert_eq!(struct_to_json(&json_to_struct(&v)), v);
+        assert!(struct_to_json(&json_to_struct(&v))["n"].is_i64());
     }
 }

@@ -26,8 +26,8 @@ use super::page_token::{self, Scope};
 use super::proto::instance_service_server::InstanceService;
 use super::proto::{
     CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
-    InstanceStatus, ListInstancesRequest, ListInstancesResponse, UpdateInstanceRequest,
-    WatchInstanceRequest,
+    InstanceStatus, ListInstancesRequest, ListInstancesResponse, RotateInstanceCredentialsRequest,
+    UpdateInstanceRequest, WatchInstanceRequest,
 };
 use super::status::InstanceState;
 use super::tenant_view::Audience;
@@ -70,12 +70,14 @@ pub struct Instances {
 impl Instances {
     /// The service on `pool`, fed by `events` for Watch; Watch streams end at `shutdown`.
     /// Starts the Create batch executors of `config` (none when
-    /// [`ApiConfig::create_batch_executors`] is 0).
+    /// [`ApiConfig::create_batch_executors`] is 0). Watch streams count in `watches` (shared
+    /// with ResourceService).
     pub fn new(
         pool: PgPool,
         config: Arc<ApiConfig>,
         first: FirstUnits,
         events: Arc<InstanceEvents>,
+        watches: WatchSlots,
         shutdown: CancellationToken,
     ) -> Self {
         let waker = WorkerWaker::start(pool.clone());
@@ -89,7 +91,6 @@ impl Instances {
                 waker.clone(),
             )
         });
-        let watches = WatchSlots::new(config.max_watches_per_tenant);
         Self {
             pool,
             events,
@@ -219,6 +220,7 @@ impl InstanceService for Instances {
         request: Request<CreateInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         validate::parent(&r.parent, &caller.tenant, &mut v)?;
@@ -270,6 +272,7 @@ impl InstanceService for Instances {
         request: Request<GetInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
@@ -291,6 +294,7 @@ impl InstanceService for Instances {
         request: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         validate::parent(&r.parent, &caller.tenant, &mut v)?;
@@ -350,6 +354,7 @@ impl InstanceService for Instances {
         request: Request<UpdateInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         let instance = r.instance.clone().unwrap_or_default();
@@ -531,6 +536,7 @@ impl InstanceService for Instances {
         request: Request<DeleteInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
@@ -591,6 +597,69 @@ impl InstanceService for Instances {
         Ok(Response::new(answer))
     }
 
+    async fn rotate_instance_credentials(
+        &self,
+        request: Request<RotateInstanceCredentialsRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        validate::request_id(&r.request_id, &mut v);
+        validate::finish(v)?;
+        let name = name.unwrap_or_default();
+        if !matches!(self.first, FirstUnits::Declared(_)) {
+            return Err(ApiError::NotServed {
+                what: "credentials of KVX instances".into(),
+                served: Vec::new(),
+            }
+            .into());
+        }
+        let hash = idempotency::body_hash(
+            "RotateInstanceCredentials",
+            &RotateInstanceCredentialsRequest {
+                name: convert::instance_name(&caller.tenant, &name),
+                request_id: String::new(),
+            },
+        );
+        let tenant = caller.tenant.as_str();
+        let mut tx = match idempotency::begin::<Instance>(
+            &self.pool,
+            tenant,
+            &r.request_id,
+            "RotateInstanceCredentials",
+            &hash,
+        )
+        .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
+        let row = lock_live(&mut tx, tenant, &name).await?;
+        ensure_idle(&row)?;
+        let mut row = instance_start_operation(&mut tx, row.id, "update", None)
+            .await
+            .map_err(ApiError::from)?;
+        let first = self
+            .first
+            .first(&row, "rotate-credentials")
+            .ok_or_else(|| {
+                ApiError::Internal("the instance kind declares no rotate-credentials chain".into())
+            })?;
+        let unit = queue::enqueue_quiet(&mut tx, first)
+            .await
+            .map_err(ApiError::from)?;
+        row.active_work_id = Some(unit.id);
+        let answer = convert::instance_for(&row, Audience::of(&caller));
+        let stored = convert::instance_for(&row, Audience::Tenant);
+        idempotency::finish(tx, tenant, &r.request_id, &stored).await?;
+        self.waker.wake();
+        tracing::info!(tenant, instance = %row.id, work_id = unit.id,
+            "instance credential rotation accepted");
+        Ok(Response::new(answer))
+    }
+
     type WatchInstanceStream = WatchStream;
 
     async fn watch_instance(
@@ -598,6 +667,7 @@ impl InstanceService for Instances {
         request: Request<WatchInstanceRequest>,
     ) -> Result<Response<Self::WatchInstanceStream>, Status> {
         let caller = Caller::of(&request)?;
+        caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
         let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;

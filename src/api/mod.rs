@@ -46,6 +46,7 @@ pub mod methods;
 pub mod operations;
 pub mod page_token;
 pub mod proto;
+pub mod resources;
 pub mod settings;
 pub mod status;
 pub mod tenant_view;
@@ -72,6 +73,7 @@ pub use settings::{ApiArgs, ApiConfig, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
 pub use tls::{PemSource, TlsConfig, TlsError};
 
 use proto::instance_service_server::InstanceServiceServer;
+use proto::resource_service_server::ResourceServiceServer;
 use proto::work_service_server::WorkServiceServer;
 
 /// What the API serves besides the database: the declared kinds, their chains, and the keys
@@ -183,6 +185,7 @@ pub async fn start(
         }
     };
     let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
+    let watches = watch_limit::WatchSlots::new(config.max_watches_per_tenant);
     let auth = Arc::new(auth::Authenticator::with_limits(
         pool.clone(),
         config.tokens.clone(),
@@ -195,6 +198,9 @@ pub async fn start(
         .await;
     reporter
         .set_serving::<WorkServiceServer<work::Work>>()
+        .await;
+    reporter
+        .set_serving::<ResourceServiceServer<resources::Resources>>()
         .await;
     // The google.rpc types too: a client that learns the API by reflection (grpcurl) can then
     // show an error's details (BadRequest field violations, PreconditionFailure, ErrorInfo)
@@ -228,7 +234,22 @@ pub async fn start(
                 pool.clone(),
                 config.clone(),
                 first,
-                events,
+                events.clone(),
+                watches.clone(),
+                shutdown.clone(),
+            ))
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            ResourceServiceServer::new(resources::Resources::new(
+                pool.clone(),
+                resources::ResourcesParts {
+                    catalog: services.catalog.clone(),
+                    chains: services.chains.clone(),
+                    secrets: services.secrets.clone(),
+                    events,
+                    watches,
+                },
                 shutdown.clone(),
             ))
             .max_decoding_message_size(max),

@@ -106,6 +106,7 @@ mod tests {
             tenant: "acme".into(),
             name: "web-1".into(),
             spec: json!({}),
+            spec_version: 1,
             generation: 1,
             observed: json!({}),
             observed_generation: 0,

@@ -3,7 +3,12 @@
 
 pub mod cpu;
 pub mod postgres;
-#[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
+#[cfg(all(
+    feature = "ec2",
+    feature = "kubernetes",
+    feature = "email",
+    feature = "dns"
+))]
 pub mod stack;
 pub mod testdb;
 

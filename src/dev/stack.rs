@@ -1,9 +1,10 @@
 //! `setpoint dev`: the whole stack on one machine with no cloud account.
 //!
 //! It starts what is not given on the command line — a PostgreSQL kept under `--dir`, a moto
-//! server (EC2), an aiosmtpd SMTP server writing a Maildir under `--dir`, the Kubernetes
-//! [`TestApiServer`] — then the workers with the KVX workflows, retention (its defaults), the gRPC API and the metrics
-//! endpoint; it creates an admin token and a tenant token and prints how to connect. Missing
+//! server (EC2 and Route 53), an aiosmtpd SMTP server writing a Maildir under `--dir`, the
+//! Kubernetes [`TestApiServer`] — then an engine serving the KVX and DNS kinds, with
+//! retention (its defaults), the gRPC API and the metrics endpoint; it creates an admin token
+//! and a tenant token and prints how to connect. Missing
 //! Python peers are installed with pip on first use. `Ctrl-C` (or SIGTERM) stops everything it
 //! started; a child peer also stops by itself when this process dies (a watchdog in its shell),
 //! so even SIGKILL leaves no stray server behind.
@@ -25,6 +26,7 @@ use crate::api::{self, ApiConfig};
 use crate::config::parse_duration;
 use crate::dev::postgres::{ClusterOptions, TempCluster, free_port};
 use crate::engine::EngineBuilder;
+use crate::plugins::dns::DnsPlugin;
 use crate::plugins::ec2::{Ec2Plugin, Ec2Settings};
 use crate::plugins::email::{EmailPlugin, SmtpSettings};
 use crate::plugins::kubernetes::{KubernetesPlugin, KubernetesSettings};
@@ -346,6 +348,14 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         .metrics(args.metrics_listen)
         .plugin(Ec2Plugin::with_settings(
             Ec2Settings { ec2: Some(regions) },
+            Some(credentials.clone()),
+        ))
+        // moto serves Route 53 on the same endpoint as EC2.
+        .plugin(DnsPlugin::with_config(
+            setpoint_route53::Route53Config {
+                endpoint_url: Some(ec2_endpoint.clone()),
+                ..setpoint_route53::Route53Config::default()
+            },
             Some(credentials),
         ))
         .plugin(KubernetesPlugin::with_settings(KubernetesSettings {

@@ -114,13 +114,11 @@ impl Kind {
     }
 
     /// Every way `new` cannot be a spec of this kind, on create (`old` is `None`) or as a
-    /// change of `old`: the schema, the immutable fields, the kind's own rules. Empty when it
-    /// is fine.
+    /// change of `old`: the schema and the immutable fields (all at once), then the kind's own
+    /// rules (for a spec the schema accepts). Empty when it is fine.
     pub fn check_spec(&self, old: Option<&Value>, new: &Value) -> Vec<SpecViolation> {
         let mut out = self.validate(new);
-        if !out.is_empty() {
-            return out;
-        }
+        let schema_valid = out.is_empty();
         if let Some(old) = old {
             out.extend(
                 self.immutable_changes(old, new)
@@ -132,7 +130,8 @@ impl Kind {
                     }),
             );
         }
-        if let Some(check) = &self.decl.check {
+        // The kind's own rules read the spec as its type: only a spec its schema accepts.
+        if schema_valid && let Some(check) = &self.decl.check {
             out.extend(
                 check(old, new)
                     .into_iter()

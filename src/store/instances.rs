@@ -84,6 +84,8 @@ pub struct InstanceRow {
     pub name: String,
     /// Desired spec.
     pub spec: Value,
+    /// The version of its kind's schema the spec was written for.
+    pub spec_version: i32,
     /// Version of the spec.
     pub generation: i64,
     /// What workers observed.
@@ -109,14 +111,15 @@ pub struct InstanceRow {
 }
 
 const INSTANCE_SELECT: &str =
-    "SELECT i.id, i.tenant, i.kind, i.name, i.spec, i.generation, i.observed,
+    "SELECT i.id, i.tenant, i.kind, i.name, i.spec, i.spec_version, i.generation, i.observed,
         i.observed_generation, i.status, i.has_active_work, i.operation, i.created_at,
         i.updated_at, i.deleted_at, w.id AS active_work_id, w.last_error
      FROM instances i
      LEFT JOIN LATERAL (SELECT id, last_error FROM work WHERE resource_id = i.id AND holds_resource
                         ORDER BY id DESC LIMIT 1) w ON true";
 
-const INSTANCE_RETURNING: &str = "RETURNING id, tenant, kind, name, spec, generation, observed,
+const INSTANCE_RETURNING: &str =
+    "RETURNING id, tenant, kind, name, spec, spec_version, generation, observed,
         observed_generation, status, has_active_work, operation, created_at, updated_at,
         deleted_at, NULL::bigint AS active_work_id, NULL::text AS last_error";
 
@@ -127,6 +130,7 @@ fn instance_row(r: sqlx::postgres::PgRow) -> Result<InstanceRow, StoreError> {
         kind: r.try_get("kind")?,
         name: r.try_get("name")?,
         spec: r.try_get("spec")?,
+        spec_version: r.try_get("spec_version")?,
         generation: r.try_get("generation")?,
         observed: r.try_get("observed")?,
         observed_generation: r.try_get("observed_generation")?,
@@ -274,6 +278,50 @@ pub async fn instance_start_operation(
         .fetch_one(conn)
         .await?;
     instance_row(r)
+}
+
+/// Starts `operation` on resource `id` with `new_spec` written for version `spec_version` of
+/// its kind's schema (a new generation), as [`instance_start_operation`] does.
+///
+/// # Errors
+/// Database errors.
+pub async fn resource_start_operation(
+    conn: &mut PgConnection,
+    id: Uuid,
+    operation: &str,
+    new_spec: &Value,
+    spec_version: i32,
+) -> Result<InstanceRow, StoreError> {
+    let sql = format!(
+        "UPDATE instances SET spec = $3, spec_version = $4, generation = generation + 1,
+                operation = $2, has_active_work = true, updated_at = now()
+         WHERE id = $1
+         {INSTANCE_RETURNING}"
+    );
+    let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(operation)
+        .bind(new_spec)
+        .bind(spec_version)
+        .fetch_one(conn)
+        .await?;
+    instance_row(r)
+}
+
+/// The sealed secret outputs of resource `id`, if it has any.
+///
+/// # Errors
+/// Database errors.
+pub async fn resource_secrets(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let sealed: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT secrets FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(sealed.flatten())
 }
 
 /// The NOTIFY channel on which the `instances_notify` trigger announces every change of an

@@ -601,6 +601,10 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
                 // Crash tests stop here: the handler's side effects happened, the completion
                 // did not commit.
                 setpoint_adapter::failpoint::hit("worker.before-complete");
+                if setpoint_adapter::failpoint::any_armed() {
+                    // The same point for one kind of unit: `worker.before-complete:dns.zone.create.zone`.
+                    setpoint_adapter::failpoint::hit(&format!("worker.before-complete:{}", unit.kind));
+                }
                 if shared.completions.send(finished).await.is_err() {
                     tracing::warn!("completer gone; the unit will be rescued");
                 }

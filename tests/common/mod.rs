@@ -5,7 +5,12 @@
 #![allow(dead_code)]
 
 pub mod certs;
-#[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
+#[cfg(all(
+    feature = "ec2",
+    feature = "kubernetes",
+    feature = "email",
+    feature = "dns"
+))]
 pub mod peers;
 
 use std::io::{BufRead, BufReader};

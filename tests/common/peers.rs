@@ -128,3 +128,75 @@ pub fn subjects(maildir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// `setpoint dev` as a child process (its own process group, killed on drop) with `extra`
+/// flags and environment `env`, logging into `dir/dev.log`; returns it with its info file
+/// once it serves.
+pub async fn start_dev(
+    dir: &Path,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> (Proc, serde_json::Value) {
+    use std::os::unix::process::CommandExt;
+    let info = dir.join("info.json");
+    let _ = std::fs::remove_file(&info);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("dev.log"))
+        .expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .arg("dev")
+        .arg("--dir")
+        .arg(dir.join("stack"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        // A port of its own unless the test picks one (tests run side by side).
+        .args(
+            (!extra.iter().any(|a| a == "--listen"))
+                .then_some(["--listen", "127.0.0.1:0"])
+                .into_iter()
+                .flatten(),
+        )
+        .arg("--info-file")
+        .arg(&info)
+        .args(extra)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .envs(env.iter().copied())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("setpoint dev");
+    let proc = Proc(child);
+    let value = super::wait_for("setpoint dev to start", || {
+        let info = info.clone();
+        async move {
+            let text = std::fs::read_to_string(&info).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()
+        }
+    })
+    .await;
+    (proc, value)
+}
+
+/// A fresh directory for one test under the system's temp dir.
+pub fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("setpoint-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+/// Runs python3 `script` with `args`; its standard output parsed as JSON.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}

@@ -23,6 +23,9 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::classify::{classify, is_no_such_zone};
+
+/// Crash-test point right after `CreateHostedZone` returned (see [`setpoint_adapter::failpoint`]).
+pub const FAILPOINT_AFTER_CREATE_ZONE: &str = "route53.after-create-zone";
 use crate::config::{ConfigError, Route53Config};
 use crate::observation::{DeleteOutcome, Drift, SyncOutcome, ZoneInfo, ZoneObservation};
 use crate::plan::{self, Index, Rrset, build_error};
@@ -415,6 +418,8 @@ impl Route53Dns {
                 AdapterError::transient("CreateHostedZone succeeded but returned no zone")
             })?;
         info!(zone_id = %zone.id, resource_id = %request.resource_id, "zone created");
+        // Crash tests stop here: the zone exists, untagged, and its id is recorded nowhere.
+        setpoint_adapter::failpoint::hit(FAILPOINT_AFTER_CREATE_ZONE);
         Ok(zone)
     }
 

@@ -26,6 +26,11 @@ pub fn marker(name: &str) -> String {
     format!("setpoint failpoint reached: {name}")
 }
 
+/// Whether any failpoint is armed (so that a caller builds a name only when it may matter).
+pub fn any_armed() -> bool {
+    !armed().is_empty()
+}
+
 /// Stops the process here, for good, if `name` is listed in `SETPOINT_FAILPOINTS`.
 pub fn hit(name: &str) {
     if armed().iter().any(|n| n == name) {
