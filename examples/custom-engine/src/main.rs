@@ -39,6 +39,10 @@ struct Args {
     /// This engine's id in leases and in the engines table (default: host name and pid).
     #[arg(long, env = "SETPOINT_WORKER_ID")]
     worker_id: Option<String>,
+    /// How long running units may take to finish after SIGTERM (else the file's
+    /// `worker.shutdown_grace`).
+    #[arg(long, env = "SETPOINT_SHUTDOWN_GRACE", value_parser = setpoint::config::parse_duration)]
+    shutdown_grace: Option<std::time::Duration>,
     /// Log lines as `text` or `json`.
     #[arg(long, env = "SETPOINT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -91,6 +95,9 @@ async fn run(args: Args) -> Result<()> {
         )?;
     let mut worker = file.worker_config();
     worker.worker_id = args.worker_id.clone();
+    if let Some(grace) = args.shutdown_grace {
+        worker.shutdown_grace = grace;
+    }
     worker.validate()?;
     let api_config = args.api.config(&file.api)?;
     let secrets = match std::env::var("SETPOINT_SECRETS_KEY") {
