@@ -194,6 +194,21 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(|s| Duration::from_secs(s.min(3600)))
 }
 
+/// The first bytes of an answer's body, as text: enough to quote, however much the endpoint
+/// sends (the rest is never read).
+async fn head_of(mut response: reqwest::Response) -> String {
+    const MAX: usize = 4 * QUOTED_BODY;
+    let mut head = Vec::new();
+    while head.len() < MAX {
+        match response.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    head.truncate(MAX);
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 fn database(e: setpoint::store::StoreError) -> AdapterError {
     AdapterError::transient(format!("webhook_deliveries: {e}")).with_code("database")
 }
@@ -253,7 +268,7 @@ impl TypedHandler for Notify {
         let text = if status.is_success() {
             String::new()
         } else {
-            response.text().await.unwrap_or_default()
+            head_of(response).await
         };
 
         // 3. Record the answer, then classify it.

@@ -1,7 +1,7 @@
 //! The `webhook.notify` handler alone, in this process, against a real PostgreSQL and a real
-//! receiver: the two paths an engine run does not reach on demand. A unit whose notification
-//! was already accepted (its completion was lost) sends nothing again, and an attempt that lost
-//! its unit's lease sends nothing at all.
+//! receiver: the paths an engine run does not reach on demand. A unit whose notification was
+//! already accepted (its completion was lost) sends nothing again, an attempt that lost its
+//! unit's lease sends nothing at all, and rows past their retention are deleted.
 
 mod common;
 
@@ -126,4 +126,33 @@ async fn an_attempt_that_lost_its_unit_sends_nothing() {
             .expect("read")
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_delivery_deletes_rows_past_their_retention() {
+    let db = db().await;
+    let receiver = Receiver::start().await;
+    let notify = handler(&db.pool, &receiver).await;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries
+                (work_id, token, idempotency_key, event, attempt, status_code, answered_at)
+         VALUES (1, 'old', 'old-key', 'e', 1, 503, now() - interval '31 days'),
+                (2, 'recent', 'recent-key', 'e', 1, 503, now() - interval '29 days')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("old rows");
+    notify
+        .run(
+            &context(3, &IdempotencyToken::generate()),
+            spec("instance.ready"),
+        )
+        .await
+        .expect("delivered");
+    let left: Vec<String> = sqlx::query_scalar("SELECT token FROM webhook_deliveries ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("rows");
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(left[0], "recent", "the 31-day-old row is gone: {left:?}");
 }
