@@ -19,6 +19,11 @@ echo "== cargo test (workspace, debug profile)"
 cargo test --workspace --all-targets --no-fail-fast || failed $?
 cargo test --workspace --doc || failed $?
 
+echo "== cargo test (examples/custom-engine: an engine built outside the workspace)"
+# Its own lock and workspace, the same target directory: the dependencies it shares with the
+# workspace (all but its HTTP client) are compiled once for both.
+cargo test --locked --no-fail-fast --manifest-path examples/custom-engine/Cargo.toml || failed $?
+
 echo "== terraform"
 bash terraform/tests/run.sh || failed $?
 exit "$status"
