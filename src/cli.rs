@@ -55,6 +55,10 @@ pub enum Command {
     /// Apply the database migrations and exit (the expand migrations; with --contract also
     /// the contract ones, once no engine of the previous release runs).
     Migrate(MigrateArgs),
+    /// Print a new key for SETPOINT_SECRETS_KEY (what seals resources' secret outputs at rest).
+    /// Keep it in a secrets store; to rotate, put the new key first and keep the old ones after
+    /// it (`new:…,old:…`).
+    SecretsKey(SecretsKeyArgs),
     /// Operate on units of work.
     #[command(subcommand)]
     Work(WorkCommand),
@@ -70,6 +74,15 @@ pub enum Command {
     /// API tokens.
     #[command(subcommand)]
     Tokens(crate::client::TokensCommand),
+}
+
+/// `setpoint secrets-key`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretsKeyArgs {
+    /// The key's id (1 to 32 letters, digits or `-`), stored with everything it seals so that a
+    /// later key set can still open it.
+    #[arg(long, default_value = "k1")]
+    pub id: String,
 }
 
 /// `setpoint migrate`.

@@ -71,6 +71,13 @@ async fn run(cli: Cli) -> Result<()> {
             feature = "dns"
         ))]
         Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
+        Command::SecretsKey(args) => {
+            let key = setpoint::kinds::SecretBox::generate_key(&args.id)?;
+            // Checked the way the engine reads it, so that a bad id fails here, not at start-up.
+            setpoint::kinds::SecretBox::from_keys(&key)?;
+            println!("{key}");
+            Ok(())
+        }
         Command::Migrate(args) => {
             let (file, url) = resolve_db(&args.db)?;
             let url = url.context(NO_DB)?;
