@@ -285,6 +285,10 @@ pub struct BenchQueueArgs {
     /// Connections of the naive baseline.
     #[arg(long, default_value_t = 8)]
     pub baseline_clients: usize,
+    /// Drain each backlog a second time with this many units of a kind no engine serves at
+    /// the head of the queue (0: no second drain).
+    #[arg(long, default_value_t = 0)]
+    pub unserved: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

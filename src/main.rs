@@ -581,6 +581,7 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
         latency_duration: args.latency_duration,
         baseline_cycles: args.baseline_cycles,
         baseline_clients: args.baseline_clients,
+        unserved: args.unserved,
     };
     let report =
         setpoint::bench::run_queue_bench(&pool, &opts, |m| eprintln!("bench: {m}")).await?;
@@ -598,12 +599,29 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
         args.workers,
         args.claim_batch
     );
-    println!("{:>10}  {:>14}  {:>14}", "jobs", "enqueue/s", "drain/s");
+    println!(
+        "{:>10}  {:>14}  {:>14}  {:>10}",
+        "jobs", "enqueue/s", "drain/s", "unserved"
+    );
     for d in &report.drains {
         println!(
-            "{:>10}  {:>14.0}  {:>14.0}",
-            d.jobs, d.enqueue_per_sec, d.drain_per_sec
+            "{:>10}  {:>14.0}  {:>14.0}  {:>10}",
+            d.jobs, d.enqueue_per_sec, d.drain_per_sec, d.unserved
         );
+    }
+    for d in report.drains.iter().filter(|d| d.unserved > 0) {
+        if let Some(alone) = report
+            .drains
+            .iter()
+            .find(|a| a.jobs == d.jobs && a.unserved == 0)
+        {
+            println!(
+                "  drain of {} units with {} unserved at the head: {:+.1}% against without",
+                d.jobs,
+                d.unserved,
+                (d.drain_per_sec / alone.drain_per_sec - 1.0) * 100.0
+            );
+        }
     }
     if let (Some(p50), Some(p99), Some(max)) = (
         report.pickup_p50_ms,
@@ -628,9 +646,10 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
             );
         }
     }
-    if report.drains.len() >= 2 {
-        let first = &report.drains[0];
-        for d in &report.drains[1..] {
+    let alone: Vec<_> = report.drains.iter().filter(|d| d.unserved == 0).collect();
+    if alone.len() >= 2 {
+        let first = alone[0];
+        for d in &alone[1..] {
             println!(
                 "  drain rate at {} vs {}: {:+.1}%",
                 d.jobs,
