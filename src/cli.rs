@@ -251,7 +251,7 @@ pub enum BenchCommand {
     /// Queue throughput and pickup latency on a durable PostgreSQL, with a naive baseline.
     Queue(BenchQueueArgs),
     /// API Create calls/s next to PostgreSQL's single-insert commit rate (durable cluster).
-    Api(crate::api::bench::BenchApiArgs),
+    Api(crate::bench::api::BenchApiArgs),
 }
 
 /// `setpoint bench queue`.

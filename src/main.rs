@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Work(cmd) => work(cmd).await,
         Command::Bench(BenchCommand::Queue(args)) => bench_queue(args).await,
-        Command::Bench(BenchCommand::Api(args)) => setpoint::api::bench::run(args)
+        Command::Bench(BenchCommand::Api(args)) => setpoint::bench::api::run(args)
             .await
             .map(|_| ())
             .map_err(Into::into),

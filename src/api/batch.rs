@@ -369,7 +369,15 @@ async fn settle(
             work_spec: &unit.spec,
         })
         .collect();
-    let written = instances_create_batch(c, CREATE_METHOD, &kind, created_at, &batch).await?;
+    let written = instances_create_batch(
+        c,
+        CREATE_METHOD,
+        crate::plugins::kvx::KIND,
+        &kind,
+        created_at,
+        &batch,
+    )
+    .await?;
     Ok(written
         .into_iter()
         .zip(answers)
