@@ -155,7 +155,7 @@ fn preflight_adapters(file: &FileConfig) -> Result<()> {
             json(&file.kubernetes).as_ref(),
         )?;
         s.apply_env(&env)?;
-        s.kubernetes.is_some()
+        s.is_configured()
     };
     #[cfg(not(feature = "kubernetes"))]
     let kubernetes = false;
