@@ -4,6 +4,8 @@
 //! Route 53, aiosmtpd, the Kubernetes test server).
 //!
 //! - Each engine claims only its own kinds (every claim event, joined with the unit's kind).
+//!   Instances go through InstanceService, zones through ResourceService, both on the KVX
+//!   engine's API (an engine's API serves every kind it declares, whichever it claims).
 //! - With the DNS engine stopped, its units wait: nothing is parked, the KVX engine's
 //!   `/metrics` shows `setpoint_units_unserved{kind=…}` > 0, `setpoint work list --unserved`
 //!   lists them, while KVX work goes on; they run as soon as the DNS engine starts again.
@@ -16,19 +18,21 @@ mod common;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::peers::{Peers, subjects};
+use common::peers::{Bearer, Peers, subjects};
 use common::stack::{Api, TmpDir, client_for, full, wait_status};
 use common::{EngineProcess, setpoint, wait_for};
 use serde_json::{Value, json};
+use setpoint::api::proto::resource_service_client::ResourceServiceClient;
 use setpoint::api::proto::{
-    CreateInstanceRequest, Instance, InstanceSpec, InstanceStatus, UpdateInstanceRequest,
+    CreateInstanceRequest, CreateResourceRequest, Instance, InstanceSpec, InstanceStatus,
+    Resource, UpdateInstanceRequest,
 };
-use setpoint::kinds::{Chains, KindCatalog, SecretBox};
-use setpoint::store::instances::{NewResource, instance_insert, new_instance_id};
 use sqlx::PgPool;
+use tonic::service::interceptor::InterceptedService;
+
+type Resources = ResourceServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
 
 const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const KVX_ENGINE: &str = "engine-kvx";
@@ -174,45 +178,36 @@ async fn claims(pool: &PgPool) -> Vec<(String, String, i64)> {
     .expect("claims")
 }
 
-/// Creates zone `domain` as resource `name` of tenant demo the way the API does: the
-/// resource and the first unit of its create chain in one transaction.
-async fn create_zone(pool: &PgPool, name: &str, domain: &str) {
-    let mut catalog = KindCatalog::new();
-    catalog.add(setpoint::plugins::dns::kind()).expect("kind");
-    let chains = Chains::new(Arc::new(catalog), Arc::new(SecretBox::none()), pool.clone());
+/// A client of the generic resource API at `server` with bearer `token`.
+async fn resources(server: &str, token: &str) -> Resources {
+    let channel = tonic::transport::Channel::from_shared(server.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let header = format!("Bearer {token}").parse().expect("header");
+    ResourceServiceClient::with_interceptor(channel, Bearer(header))
+}
+
+/// Creates zone `domain` as resource `name` through the resource API.
+async fn create_zone(api: &Resources, name: &str, domain: &str) {
     let spec = json!({
         "name": domain,
         "records": [{ "name": "www", "type": "A", "ttl": 60, "values": ["192.0.2.10"] }],
     });
-    let id = new_instance_id();
-    let mut tx = pool.begin().await.expect("tx");
-    let row = instance_insert(
-        &mut tx,
-        NewResource {
-            id,
-            tenant: "demo",
-            kind: setpoint::plugins::dns::KIND,
-            name,
-            spec: &spec,
-            spec_version: 1,
-        },
-    )
-    .await
-    .expect("insert")
-    .expect("a new zone");
-    let unit = chains
-        .first_unit(
-            setpoint::plugins::dns::KIND,
-            "create",
-            id,
-            "demo",
-            row.generation,
-        )
-        .expect("a create chain");
-    setpoint::queue::enqueue(&mut tx, unit)
+    api.clone()
+        .create_resource(CreateResourceRequest {
+            parent: "tenants/demo".into(),
+            kind: setpoint::plugins::dns::KIND.into(),
+            resource_id: name.into(),
+            resource: Some(Resource {
+                spec: Some(setpoint::api::convert::json_to_struct(&spec)),
+                ..Resource::default()
+            }),
+            request_id: format!("create-{name}"),
+        })
         .await
-        .expect("enqueue");
-    tx.commit().await.expect("commit");
+        .unwrap_or_else(|e| panic!("create zone {name}: {e:?}"));
 }
 
 /// Status of resource `name` (any kind) of tenant demo.
@@ -320,6 +315,7 @@ async fn two_engines_claim_only_their_kinds_and_unserved_units_wait() {
         .await
         .expect("token");
     let api = client_for(&format!("http://{api_addr}"), &token.token).await;
+    let zones = resources(&format!("http://{api_addr}"), &token.token).await;
 
     // What each engine registered: only the work kinds its patterns match.
     let registered: Vec<(String, Vec<String>)> =
@@ -343,8 +339,8 @@ async fn two_engines_claim_only_their_kinds_and_unserved_units_wait() {
     for name in ["db-1", "db-2"] {
         create_instance(&api, name).await;
     }
-    create_zone(&db.pool, "zone-1", "one.example.com").await;
-    create_zone(&db.pool, "zone-2", "two.example.com").await;
+    create_zone(&zones, "zone-1", "one.example.com").await;
+    create_zone(&zones, "zone-2", "two.example.com").await;
     wait_ready(&db.pool, &["zone-1", "zone-2"]).await;
     wait_status(&api, "db-1", InstanceStatus::Ready, 1).await;
     wait_status(&api, "db-2", InstanceStatus::Ready, 1).await;
@@ -360,8 +356,8 @@ async fn two_engines_claim_only_their_kinds_and_unserved_units_wait() {
     dns.signal("TERM");
     assert!(dns.wait_exit().await, "{}", dns.output());
     drop(dns);
-    create_zone(&db.pool, "zone-3", "three.example.com").await;
-    create_zone(&db.pool, "zone-4", "four.example.com").await;
+    create_zone(&zones, "zone-3", "three.example.com").await;
+    create_zone(&zones, "zone-4", "four.example.com").await;
     api.clone()
         .update_instance(UpdateInstanceRequest {
             instance: Some(Instance {

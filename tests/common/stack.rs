@@ -125,31 +125,8 @@ pub fn observed(instance: &Instance) -> Value {
     instance
         .observed
         .as_ref()
-        .map(struct_to_json)
+        .map(setpoint::api::convert::struct_to_json)
         .unwrap_or(Value::Null)
-}
-
-fn struct_to_json(s: &prost_types::Struct) -> Value {
-    Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-fn value_to_json(v: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &v.kind {
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map(Value::Number)
-            .unwrap_or(Value::Null),
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
-        Some(Kind::NullValue(_)) | None => Value::Null,
-    }
 }
 
 /// An EC2 instance as moto holds it.
