@@ -296,10 +296,13 @@ macro_rules! claim_sql {
             // queue. A leased unit stays `pending` (migration 0004): the scan passes over the
             // units that are running and takes the due ones and those whose lease has expired
             // (their worker died), oldest first.
-            "WITH cand AS (
-                 SELECT c.tid FROM unnest($6::text[]) AS k(kind)
+            "WITH picked AS (
+                 SELECT c.tid, c.id, c.rescued, c.exhausted
+                 FROM unnest($6::text[]) AS k(kind)
                  CROSS JOIN LATERAL (
-                     SELECT w.ctid AS tid, w.run_at, w.id FROM work w
+                     SELECT w.ctid AS tid, w.run_at, w.id, w.lease_owner IS NOT NULL AS rescued,
+                            w.attempt >= w.max_attempts AS exhausted
+                     FROM work w
                      WHERE w.kind = k.kind AND w.state IN ('pending', 'queued')
                        AND w.run_at <= now() ",
             $bound,
@@ -307,22 +310,14 @@ macro_rules! claim_sql {
                        AND (w.lease_expires_at IS NULL OR w.lease_expires_at < now())
                      ORDER BY w.run_at, w.id
                      LIMIT $2
+                     -- Locked as the index scan finds them, skipping rows another worker is
+                     -- claiming at this moment, so a short claim means nothing more is due.
+                     -- Rows of one kind beyond the merged limit stay locked only until this
+                     -- statement's transaction ends; they are not claimed.
+                     FOR UPDATE SKIP LOCKED
                  ) c
                  ORDER BY c.run_at, c.id
                  LIMIT $2
-             ),
-             -- Then the candidates are locked, skipping those another worker is claiming at
-             -- this moment (the caller claims again at once when that left it short). The
-             -- lock re-checks the conditions on the row's newest version. The = ANY makes the
-             -- planner fetch the rows by ctid (no second index lookup, no hash of the table).
-             picked AS (
-                 SELECT ctid AS tid, id, lease_owner IS NOT NULL AS rescued,
-                        attempt >= max_attempts AS exhausted
-                 FROM work
-                 WHERE ctid = ANY(ARRAY(SELECT tid FROM cand))
-                   AND state IN ('pending', 'queued') AND run_at <= now()
-                   AND (lease_expires_at IS NULL OR lease_expires_at < now())
-                 FOR UPDATE SKIP LOCKED
              ), claimed AS (
                  -- No indexed column changes: a HOT update, found by the ctid the lock kept
                  -- valid.
@@ -360,10 +355,7 @@ macro_rules! claim_sql {
                  UNION ALL
                  SELECT id, token, 'parked', attempt, $1, 'transient', reason FROM poisoned
              )
-             -- One row at least, so that an empty claim still says how many candidates it saw.
-             SELECT x.*, n.candidates
-             FROM (SELECT count(*) AS candidates FROM cand) n
-             LEFT JOIN (SELECT * FROM claimed UNION ALL SELECT * FROM poisoned) x ON true"
+             SELECT * FROM claimed UNION ALL SELECT * FROM poisoned"
         )
     };
 }
@@ -379,9 +371,6 @@ pub struct Claimed {
     pub units: Vec<ClaimedWork>,
     /// Units parked instead, with the reason recorded (their resource needs its parked hook).
     pub poisoned: Vec<(ClaimedWork, String)>,
-    /// True when some due units were being claimed by another worker at that moment (they
-    /// were skipped): claiming again at once finds the next ones.
-    pub contended: bool,
 }
 
 /// Claims up to `limit` due units of the `kinds` `worker` serves: pending units whose
@@ -411,12 +400,7 @@ pub async fn work_claim(
     };
     let rows = query.bind(kinds).fetch_all(conn).await?;
     let mut out = Claimed::default();
-    let mut candidates = 0i64;
     for r in rows {
-        candidates = r.try_get("candidates")?;
-        if r.try_get::<Option<i64>, _>("id")?.is_none() {
-            continue;
-        }
         let unit = ClaimedWork {
             id: r.try_get("id")?,
             kind: r.try_get("kind")?,
@@ -437,9 +421,6 @@ pub async fn work_claim(
             out.units.push(unit);
         }
     }
-    // Candidates that were neither claimed nor parked were locked by another worker.
-    out.contended =
-        (out.units.len() + out.poisoned.len()) < usize::try_from(candidates).unwrap_or(0);
     Ok(out)
 }
 

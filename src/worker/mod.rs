@@ -404,7 +404,7 @@ async fn fetch_loop(
         // The time the claim is *sent*: the database's lease starts after it, so a fence
         // counted from here never outlives the lease.
         let sent_at = tokio::time::Instant::now();
-        let (units, contended) = match claim(shared, wanted, scanned_from).await {
+        let units = match claim(shared, wanted, scanned_from).await {
             Ok(claimed) => {
                 error_delay = Duration::from_millis(100);
                 claimed
@@ -440,10 +440,6 @@ async fn fetch_loop(
         }
         drop(permits);
         if got < wanted {
-            if contended {
-                // Another worker was claiming the same units: the next ones are there.
-                continue;
-            }
             from = ClaimFrom::Start;
             if scanned_from != ClaimFrom::Start {
                 // Nothing more after the position: look behind it before going idle.
@@ -460,14 +456,10 @@ async fn fetch_loop(
 
 /// Claims at most `n` units: the caller holds exactly `n` free slots. Units that used all
 /// their attempts without reporting back are parked by the same transaction, with their
-/// resources' hooks. Also says whether other workers were claiming the same units.
-async fn claim(
-    shared: &Shared,
-    n: usize,
-    from: ClaimFrom,
-) -> Result<(Vec<ClaimedWork>, bool), StoreError> {
+/// resources' hooks.
+async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<ClaimedWork>, StoreError> {
     if shared.served.is_empty() {
-        return Ok((Vec::new(), false));
+        return Ok(Vec::new());
     }
     let mut tx = shared.pool.begin().await?;
     let claimed = work_claim(
@@ -496,7 +488,7 @@ async fn claim(
         }
     }
     tx.commit().await?;
-    Ok((claimed.units, claimed.contended))
+    Ok(claimed.units)
 }
 
 /// Runs one attempt of a claimed unit and hands its result on. The attempt stops as soon as its
@@ -572,9 +564,10 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
         let calls = ctx.calls();
         let result = match result {
             // Lost while running, or the handler saw the loss first (a failed fence check).
-            None => return abandon(shared, &unit, &fence, &calls).await,
+            // Boxed like the failure path: rare, and its future is large.
+            None => return Box::pin(abandon(shared, &unit, &fence, &calls)).await,
             Some(Err(e)) if e.code.as_deref() == Some(CODE_LEASE_LOST) => {
-                return abandon(shared, &unit, &fence, &calls).await;
+                return Box::pin(abandon(shared, &unit, &fence, &calls)).await;
             }
             Some(r) => r,
         };
