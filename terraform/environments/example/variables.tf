@@ -200,3 +200,9 @@ variable "create_load_balancer" {
   type        = bool
   default     = true
 }
+
+variable "console_port" {
+  description = "Port of the web console on the internal load balancer (docs/console.md); null (the default) keeps it off. Browsers inside the VPC may reach it."
+  type        = number
+  default     = null
+}
