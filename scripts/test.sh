@@ -19,6 +19,12 @@ echo "== cargo test (workspace, debug profile)"
 cargo test --workspace --all-targets --no-fail-fast || failed $?
 cargo test --workspace --doc || failed $?
 
+echo "== cargo test (the core alone: no adapter plugins compiled in)"
+# The engine without its default features (ec2, kubernetes, email, dns): the library's unit tests
+# and the queue's life-cycle tests, which need no adapter.
+cargo test -p setpoint --no-default-features --lib --test queue_lifecycle --test queue_processes \
+  --no-fail-fast || failed $?
+
 echo "== cargo test (examples/custom-engine: an engine built outside the workspace)"
 # Its own lock and workspace, the same target directory: the dependencies it shares with the
 # workspace (all but its HTTP client) are compiled once for both.

@@ -55,6 +55,10 @@ pub enum Command {
     /// Apply the database migrations and exit (the expand migrations; with --contract also
     /// the contract ones, once no engine of the previous release runs).
     Migrate(MigrateArgs),
+    /// Print a new key for SETPOINT_SECRETS_KEY (what seals resources' secret outputs at rest).
+    /// Keep it in a secrets store; to rotate, put the new key first and keep the old ones after
+    /// it (`new:…,old:…`).
+    SecretsKey(SecretsKeyArgs),
     /// Operate on units of work.
     #[command(subcommand)]
     Work(WorkCommand),
@@ -70,6 +74,15 @@ pub enum Command {
     /// API tokens.
     #[command(subcommand)]
     Tokens(crate::client::TokensCommand),
+}
+
+/// `setpoint secrets-key`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretsKeyArgs {
+    /// The key's id (1 to 32 letters, digits or `-`), stored with everything it seals so that a
+    /// later key set can still open it.
+    #[arg(long, default_value = "k1")]
+    pub id: String,
 }
 
 /// `setpoint migrate`.
@@ -172,6 +185,11 @@ pub enum WorkCommand {
         /// Only units of this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Only units that wait because no live engine claims their kind (a kind whose
+        /// engines are stopped, or that no engine's `--kinds` / `worker.kinds` names), with
+        /// the count per kind.
+        #[arg(long, conflicts_with = "state")]
+        unserved: bool,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: i64,
@@ -248,7 +266,7 @@ pub enum BenchCommand {
     /// Queue throughput and pickup latency on a durable PostgreSQL, with a naive baseline.
     Queue(BenchQueueArgs),
     /// API Create calls/s next to PostgreSQL's single-insert commit rate (durable cluster).
-    Api(crate::api::bench::BenchApiArgs),
+    Api(crate::bench::api::BenchApiArgs),
 }
 
 /// `setpoint bench queue`.
@@ -282,6 +300,10 @@ pub struct BenchQueueArgs {
     /// Connections of the naive baseline.
     #[arg(long, default_value_t = 8)]
     pub baseline_clients: usize,
+    /// Drain each backlog a second time with this many units of a kind no engine serves at
+    /// the head of the queue (0: no second drain).
+    #[arg(long, default_value_t = 0)]
+    pub unserved: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

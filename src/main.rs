@@ -71,6 +71,13 @@ async fn run(cli: Cli) -> Result<()> {
             feature = "dns"
         ))]
         Command::Dev(args) => Ok(setpoint::dev::stack::run(args).await?),
+        Command::SecretsKey(args) => {
+            let key = setpoint::kinds::SecretBox::generate_key(&args.id)?;
+            // Checked the way the engine reads it, so that a bad id fails here, not at start-up.
+            setpoint::kinds::SecretBox::from_keys(&key)?;
+            println!("{key}");
+            Ok(())
+        }
         Command::Migrate(args) => {
             let (file, url) = resolve_db(&args.db)?;
             let url = url.context(NO_DB)?;
@@ -92,7 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Work(cmd) => work(cmd).await,
         Command::Bench(BenchCommand::Queue(args)) => bench_queue(args).await,
-        Command::Bench(BenchCommand::Api(args)) => setpoint::api::bench::run(args)
+        Command::Bench(BenchCommand::Api(args)) => setpoint::bench::api::run(args)
             .await
             .map(|_| ())
             .map_err(Into::into),
@@ -148,7 +155,7 @@ fn preflight_adapters(file: &FileConfig) -> Result<()> {
             json(&file.kubernetes).as_ref(),
         )?;
         s.apply_env(&env)?;
-        s.kubernetes.is_some()
+        s.is_configured()
     };
     #[cfg(not(feature = "kubernetes"))]
     let kubernetes = false;
@@ -363,12 +370,22 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         WorkCommand::List {
             state,
             kind,
+            unserved,
             limit,
             json,
             ..
         } => {
             if !(1..=10_000).contains(&limit) {
                 bail!("--limit must be between 1 and 10000");
+            }
+            if unserved {
+                let report = queue::unserved(&mut conn, kind.as_deref(), limit).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_unserved(&report);
+                }
+                return Ok(());
             }
             let rows = queue::list(
                 &mut conn,
@@ -508,6 +525,34 @@ async fn work(cmd: WorkCommand) -> Result<()> {
     Ok(())
 }
 
+fn print_unserved(report: &queue::Unserved) {
+    if report.kinds.is_empty() {
+        println!(
+            "no unit waits for an engine: a live engine claims the kind of every pending unit"
+        );
+        return;
+    }
+    let total: i64 = report.kinds.iter().map(|k| k.units).sum();
+    println!(
+        "{total} unit(s) wait because no live engine claims their kind; start an engine whose \
+         --kinds (worker.kinds) covers it:"
+    );
+    let kinds: Vec<Vec<String>> = report
+        .kinds
+        .iter()
+        .map(|k| vec![k.kind.clone(), k.units.to_string()])
+        .collect();
+    print_table(&["KIND", "UNITS"], &kinds);
+    println!();
+    print_rows(&report.units);
+    if (report.units.len() as i64) < total {
+        println!(
+            "(the oldest {} of {total}; --limit shows more)",
+            report.units.len()
+        );
+    }
+}
+
 fn print_rows(rows: &[WorkRow]) {
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -599,6 +644,7 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
         latency_duration: args.latency_duration,
         baseline_cycles: args.baseline_cycles,
         baseline_clients: args.baseline_clients,
+        unserved: args.unserved,
     };
     let report =
         setpoint::bench::run_queue_bench(&pool, &opts, |m| eprintln!("bench: {m}")).await?;
@@ -616,12 +662,29 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
         args.workers,
         args.claim_batch
     );
-    println!("{:>10}  {:>14}  {:>14}", "jobs", "enqueue/s", "drain/s");
+    println!(
+        "{:>10}  {:>14}  {:>14}  {:>10}",
+        "jobs", "enqueue/s", "drain/s", "unserved"
+    );
     for d in &report.drains {
         println!(
-            "{:>10}  {:>14.0}  {:>14.0}",
-            d.jobs, d.enqueue_per_sec, d.drain_per_sec
+            "{:>10}  {:>14.0}  {:>14.0}  {:>10}",
+            d.jobs, d.enqueue_per_sec, d.drain_per_sec, d.unserved
         );
+    }
+    for d in report.drains.iter().filter(|d| d.unserved > 0) {
+        if let Some(alone) = report
+            .drains
+            .iter()
+            .find(|a| a.jobs == d.jobs && a.unserved == 0)
+        {
+            println!(
+                "  drain of {} units with {} unserved at the head: {:+.1}% against without",
+                d.jobs,
+                d.unserved,
+                (d.drain_per_sec / alone.drain_per_sec - 1.0) * 100.0
+            );
+        }
     }
     if let (Some(p50), Some(p99), Some(max)) = (
         report.pickup_p50_ms,
@@ -646,9 +709,10 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
             );
         }
     }
-    if report.drains.len() >= 2 {
-        let first = &report.drains[0];
-        for d in &report.drains[1..] {
+    let alone: Vec<_> = report.drains.iter().filter(|d| d.unserved == 0).collect();
+    if alone.len() >= 2 {
+        let first = alone[0];
+        for d in &alone[1..] {
             println!(
                 "  drain rate at {} vs {}: {:+.1}%",
                 d.jobs,

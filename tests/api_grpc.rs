@@ -1546,6 +1546,7 @@ async fn race_batch(
     let written = setpoint::store::create_batch::instances_create_batch(
         conn,
         "CreateInstance",
+        "kvx.instance",
         "test.none",
         now,
         &creates,

@@ -431,11 +431,8 @@ async fn a_zone_lives_and_dies_beside_an_instance_of_the_same_name() {
     );
     assert!(!shown.contains(&password), "the password is shown: {shown}");
     assert!(
-        secret_values(
-            info["kubernetes_url"].as_str().expect("k8s"),
-            &instance.uid
-        )
-        .contains(&b64(&password)),
+        secret_values(info["kubernetes_url"].as_str().expect("k8s"), &instance.uid)
+            .contains(&b64(&password)),
         "the Secret holds the password"
     );
     let rotated = is
@@ -810,6 +807,48 @@ except urllib.error.HTTPError as e:
         .expect("row");
     assert_eq!(status, "DELETED");
     pool.close().await;
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `setpoint dev` prints under "Try" runs as written, in a shell that has only the
+/// system's PATH: the commands create an instance and a zone and both end READY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_try_lines_work_as_written() {
+    let dir = test_dir("e2e-dev-try");
+    let (engine, _info) = start_dev(&dir, &[], &[]).await;
+    let log = std::fs::read_to_string(dir.join("dev.log")).expect("log");
+    let block: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.starts_with("Try"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    assert!(block.len() >= 4, "no Try block in:\n{log}");
+    let script = format!("set -euo pipefail\n{}\n", block.join("\n"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env_remove("SETPOINT_SERVER")
+            .env_remove("SETPOINT_TOKEN")
+            .output()
+            .expect("bash")
+    })
+    .await
+    .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the Try lines failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("tenants/demo/instances/db-1  READY"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tenants/demo/zones/shop"), "{stdout}");
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -52,7 +52,7 @@ pub const CREATE_METHOD: &str = "CreateInstance";
 
 /// Default number of batch executors (concurrent batch transactions): one runs its statements
 /// while the other waits for its commit to reach the disk. More executors make smaller batches;
-/// on the 2-core benchmark machine 2 beat 4 (see the README's `bench api` figures).
+/// on the 2-core benchmark machine 2 beat 4 (see the `bench api` figures in docs/benchmarks.md).
 pub const DEFAULT_EXECUTORS: usize = 2;
 /// Default largest batch.
 pub const DEFAULT_MAX_BATCH: usize = 256;
@@ -104,7 +104,7 @@ impl CreateBatcher {
     ///
     /// The executors run on a thread of their own (one runtime for all of them), so that the
     /// wake-up after each batch's statement does not queue behind the tasks of all the
-    /// requests in flight. (Since a batch became one statement, the README's measurements show
+    /// requests in flight. (Since a batch became one statement, the measurements in docs/benchmarks.md show
     /// no difference in rate either way.)
     pub fn start(
         pool: PgPool,
@@ -369,7 +369,15 @@ async fn settle(
             work_spec: &unit.spec,
         })
         .collect();
-    let written = instances_create_batch(c, CREATE_METHOD, &kind, created_at, &batch).await?;
+    let written = instances_create_batch(
+        c,
+        CREATE_METHOD,
+        crate::plugins::kvx::KIND,
+        &kind,
+        created_at,
+        &batch,
+    )
+    .await?;
     Ok(written
         .into_iter()
         .zip(answers)

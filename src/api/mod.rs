@@ -35,7 +35,6 @@
 
 pub mod auth;
 pub mod batch;
-pub mod bench;
 pub mod cert_expiry;
 pub mod codec;
 pub mod convert;

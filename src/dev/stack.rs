@@ -373,6 +373,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         ))
         .plugin(KubernetesPlugin::with_settings(KubernetesSettings {
             kubernetes: Some(k8s_config),
+            clusters: Default::default(),
         }))
         .plugin(EmailPlugin::with_settings(SmtpSettings {
             smtp: Some(smtp_config),
@@ -426,11 +427,14 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
          \n  EC2 (moto)    {ec2_endpoint}\
          \n  Kubernetes    {k8s_url}\
          \n  mail          SMTP {smtp}; messages land in the Maildir {}\
-         \n\nTry:\
-         \n  export SETPOINT_SERVER={server} SETPOINT_TOKEN={}\
+         \n\nTry (in another terminal):\
+         \n  export {path}SETPOINT_SERVER={server} SETPOINT_TOKEN={}\
          \n  setpoint instances create db-1 --plan kvx.small --region us-east-1 --size-gb 10 \\\
          \n      --owner-email you@example.com --wait\
-         \n  setpoint instances get db-1\n",
+         \n  setpoint instances get db-1\
+         \n  setpoint resources create --kind dns.zone shop --set name=shop.example.com \\\
+         \n      --set 'records=[{{\"name\":\"www\",\"type\":\"A\",\"values\":[\"192.0.2.10\"]}}]' --wait\
+         \n  setpoint resources list --kind dns.zone\n",
         admin.token,
         args.tenant,
         tenant.token,
@@ -438,6 +442,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         crate::config::redact_url(&url),
         maildir.join("new").display(),
         tenant.token,
+        path = path_export(),
     );
 
     wait_for_signal().await;
@@ -447,6 +452,24 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     pool.close().await;
     drop(peers);
     Ok(())
+}
+
+/// `PATH="<this binary's folder>:$PATH" ` when `setpoint` is not on the PATH (a binary run
+/// from cargo's target folder), so that the printed commands work as written; else nothing.
+fn path_export() -> String {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    else {
+        return String::new();
+    };
+    let on_path =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == dir));
+    if on_path {
+        String::new()
+    } else {
+        format!("PATH=\"{}:$PATH\" ", dir.display())
+    }
 }
 
 async fn wait_for_signal() {

@@ -62,7 +62,7 @@ const CREATE_BATCH: &str = "WITH input AS (
                             LIMIT 1) seen ON true
          LEFT JOIN LATERAL (SELECT true AS taken FROM instances x
                             WHERE x.tenant = i.tenant AND x.name = i.name
-                              AND x.kind = 'kvx.instance' AND x.deleted_at IS NULL
+                              AND x.kind = $15 AND x.deleted_at IS NULL
                             LIMIT 1) live ON true
      ), claimed AS (
          INSERT INTO api_requests (tenant, request_id, method, body_hash, response)
@@ -70,9 +70,9 @@ const CREATE_BATCH: &str = "WITH input AS (
          ORDER BY tenant, request_id
          RETURNING 1
      ), inserted AS (
-         INSERT INTO instances (id, tenant, name, spec, operation, has_active_work, created_at,
-                                updated_at)
-         SELECT id, tenant, name, spec, 'create', true, $13, $13 FROM checked
+         INSERT INTO instances (id, tenant, kind, name, spec, operation, has_active_work,
+                                created_at, updated_at)
+         SELECT id, tenant, $15, name, spec, 'create', true, $13, $13 FROM checked
          -- The subquery runs first, once: every request id is claimed before the first name.
          WHERE ok AND (SELECT count(*) FROM claimed) >= 0
          ORDER BY tenant, name
@@ -122,6 +122,7 @@ pub async fn prepare_batch_connection(conn: &mut PgConnection) -> Result<(), Sto
 pub async fn instances_create_batch(
     conn: &mut PgConnection,
     method: &str,
+    resource_kind: &str,
     kind: &str,
     created_at: DateTime<Utc>,
     creates: &[BatchCreate<'_>],
@@ -148,6 +149,7 @@ pub async fn instances_create_batch(
         .bind(method)
         .bind(created_at)
         .bind(kind)
+        .bind(resource_kind)
         .fetch_all(conn)
         .await?;
     if rows.len() != n {

@@ -212,6 +212,7 @@ STATE="$WORK/example.tfstate"
 # self-signed certificate here; its key is discarded), a secret holding the service account's
 # token, made in moto the way the README says to make it in AWS, and the API's TLS material.
 K8S_TOKEN_SECRET_ARN=""
+SECRETS_KEY_ARN=""
 K8S_CA_DATA=""
 GRPC_TLS_VAR=""
 DATA_VOLUME_KMS_ARN=""
@@ -223,6 +224,14 @@ import sys, boto3
 sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="eu-west-1",
                   aws_access_key_id="test", aws_secret_access_key="test")
 print(sm.create_secret(Name="test/kubernetes-token", SecretString="not-a-real-service-account-token")["ARN"])
+PY
+  # The key that seals credentials at rest, in the form `setpoint secrets-key` prints.
+  python3 - "$ENDPOINT" >"$WORK/secrets-key-arn" <<'PY'
+import base64, os, sys, boto3
+sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="eu-west-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+key = "k1:" + base64.b64encode(os.urandom(32)).decode()
+print(sm.create_secret(Name="test/secrets-key", SecretString=key)["ARN"])
 PY
   # The API's TLS: a throw-away CA, a server certificate it signed, the server key, each a PEM
   # secret, as the module's grpc_tls takes them.
@@ -255,6 +264,7 @@ inputs_ok=0
 if [ $moto_ok -eq 1 ]; then
   step "cluster inputs: CA bundle, token secret, TLS secrets in moto" cluster_inputs && inputs_ok=1 || true
   K8S_TOKEN_SECRET_ARN="$(cat "$WORK/k8s-token-arn" 2>/dev/null || true)"
+  SECRETS_KEY_ARN="$(cat "$WORK/secrets-key-arn" 2>/dev/null || true)"
   K8S_CA_DATA="$(base64 -w0 "$WORK/k8s-ca.pem" 2>/dev/null || true)"
   GRPC_TLS_VAR="$(cat "$WORK/grpc-tls.tfvar" 2>/dev/null || true)"
   DATA_VOLUME_KMS_ARN="$(cat "$WORK/data-volume-kms-arn" 2>/dev/null || true)"
@@ -267,6 +277,7 @@ export EXTRA_REGION_KMS_ARN
 VARS=(-var "environment=moto" -var "region=eu-west-1" -var "ec2_image_id=ami-12c6146b"
   -var "kubernetes_api_endpoint=https://0123456789ABCDEF0123456789ABCDEF.gr7.eu-west-1.eks.amazonaws.com"
   -var "kubernetes_ca_data=$K8S_CA_DATA" -var "kubernetes_token_secret_arn=$K8S_TOKEN_SECRET_ARN"
+  -var "secrets_key_secret_arn=$SECRETS_KEY_ARN"
   -var "$GRPC_TLS_VAR" -var "ec2_data_volume_kms_key_arn=$DATA_VOLUME_KMS_ARN" -var "$EXTRA_REGIONS")
 
 # refused_plan WHY ARGS...: plans the example with VARS and ARGS, prints the output, and fails
@@ -288,7 +299,7 @@ refused_plan() {
 invalid_inputs_refused() {
   refused_plan "invalid inputs" -var 'engine_image=setpoint:latest' -var 'environment=Bad_Name' \
     -var 'vpc_cidr=10.0.0.0/8' -var 'kubernetes_api_endpoint=http://k8s.example' \
-    -var 'kubernetes_token_secret_arn=my-token' \
+    -var 'kubernetes_token_secret_arn=my-token' -var 'secrets_key_secret_arn=my-key' \
     -var 'grpc_tls={certificate_secret_arn="server.pem",private_key_secret_arn="server.key"}' \
     -var 'ec2_data_volume_kms_key_arn=alias/setpoint' \
     -var 'ec2_additional_regions={"us-east-1"={subnet_id="subnet-XYZ",security_group_ids=[],image_id="ami-1"}}'
@@ -297,6 +308,7 @@ invalid_inputs_refused() {
   grep -q 'vpc_cidr must be' <<<"$REFUSED"
   grep -q 'kubernetes_api_endpoint must be an https:// URL' <<<"$REFUSED"
   grep -q 'kubernetes_token_secret_arn must be a Secrets Manager secret ARN' <<<"$REFUSED"
+  grep -q 'secrets_key_secret_arn must be a Secrets Manager secret ARN' <<<"$REFUSED"
   grep -q 'grpc_tls must hold full Secrets Manager secret ARNs' <<<"$REFUSED"
   grep -q 'ec2_data_volume_kms_key_arn must be a KMS key ARN' <<<"$REFUSED"
   grep -q 'ec2_additional_regions maps region codes' <<<"$REFUSED"

@@ -264,8 +264,13 @@ check(env.get("SETPOINT_AWS_REGION") == region, "SETPOINT_AWS_REGION is the depl
 check(secrets_env.get("SETPOINT_DATABASE_PASSWORD") == secret["ARN"], "SETPOINT_DATABASE_PASSWORD comes from the secret (ECS secrets)")
 check(not any("PASSWORD" in k for k in env), "no password in the plain environment")
 check(set(secrets_env) == {"SETPOINT_DATABASE_PASSWORD", "SETPOINT_KUBERNETES_TOKEN", "SETPOINT_SMTP_URL",
+                           "SETPOINT_SECRETS_KEY",
                            "SETPOINT_TLS_CERT_PEM", "SETPOINT_TLS_KEY_PEM", "SETPOINT_TLS_CLIENT_CA_PEM"},
-      f"ECS secrets: database password, Kubernetes token, SMTP URL, API TLS certificate, key, client CA ({sorted(secrets_env)})")
+      f"ECS secrets: database password, Kubernetes token, SMTP URL, secrets key, API TLS certificate, key, client CA ({sorted(secrets_env)})")
+key_secrets = [x for x in sm.list_secrets()["SecretList"] if x["Name"] == "test/secrets-key"]
+check(len(key_secrets) == 1 and secrets_env.get("SETPOINT_SECRETS_KEY") == key_secrets[0]["ARN"],
+      "SETPOINT_SECRETS_KEY comes from the given key secret")
+check("SETPOINT_SECRETS_KEY" not in env, "no secrets key in the plain environment")
 for var, secret_name in [("SETPOINT_TLS_CERT_PEM", "test/grpc-tls-cert"), ("SETPOINT_TLS_KEY_PEM", "test/grpc-tls-key"),
                          ("SETPOINT_TLS_CLIENT_CA_PEM", "test/grpc-tls-client-ca")]:
     given = [x for x in sm.list_secrets()["SecretList"] if x["Name"] == secret_name]

@@ -202,6 +202,7 @@ module "setpoint" {
   kubernetes_api_endpoint     = var.kubernetes_api_endpoint
   kubernetes_ca_data          = var.kubernetes_ca_data
   kubernetes_token_secret_arn = var.kubernetes_token_secret_arn
+  secrets_key_secret_arn      = var.secrets_key_secret_arn
   kubernetes_workload_image   = var.kubernetes_workload_image
 
   grpc_tls          = var.grpc_tls

@@ -133,6 +133,16 @@ variable "kubernetes_ca_data" {
   }
 }
 
+variable "secrets_key_secret_arn" {
+  description = "Full ARN of the Secrets Manager secret holding the key that seals resources' secret outputs (a plain string made by `setpoint secrets-key`; see the module's secrets_key_secret_arn)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.secrets_key_secret_arn))
+    error_message = "secrets_key_secret_arn must be a Secrets Manager secret ARN."
+  }
+}
+
 variable "kubernetes_token_secret_arn" {
   description = "Full ARN of the Secrets Manager secret holding the token of the service account setpoint acts as in the cluster (a plain string; see the module's kubernetes_token_secret_arn for the permissions it needs)."
   type        = string

@@ -60,6 +60,7 @@ locals {
       SETPOINT_DATABASE_PASSWORD = aws_secretsmanager_secret.db_password.arn
       SETPOINT_KUBERNETES_TOKEN  = var.kubernetes_token_secret_arn
       SETPOINT_SMTP_URL          = local.smtp_url_secret_arn
+      SETPOINT_SECRETS_KEY       = var.secrets_key_secret_arn
     },
     var.grpc_tls == null ? {} : { SETPOINT_TLS_CERT_PEM = var.grpc_tls.certificate_secret_arn },
     var.grpc_tls == null ? {} : { SETPOINT_TLS_KEY_PEM = var.grpc_tls.private_key_secret_arn },

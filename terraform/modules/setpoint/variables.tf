@@ -402,6 +402,16 @@ variable "kubernetes_token_secret_arn" {
   }
 }
 
+variable "secrets_key_secret_arn" {
+  description = "Full ARN of a Secrets Manager secret whose plain-string value is the key that seals resources' secret outputs at rest (SETPOINT_SECRETS_KEY: make one with `setpoint secrets-key`; to rotate, store `new:…,old:…` so that what the old key sealed stays readable). KVX instances keep their generated credentials sealed with it, and the engine refuses to start without it. Injected by ECS at task start, never in the task definition; the task execution role may read exactly this secret. Losing it loses every stored credential: back the secret up."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.secrets_key_secret_arn))
+    error_message = "secrets_key_secret_arn must be a Secrets Manager secret ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX)."
+  }
+}
+
 variable "kubernetes_workload_image" {
   description = "Container image every KVX instance runs in the cluster (SETPOINT_KUBERNETES_IMAGE), with a tag or digest; null keeps the engine's default."
   type        = string

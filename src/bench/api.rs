@@ -3,7 +3,7 @@
 //! cluster in the same run (the same number of connections, each committing one-row INSERTs
 //! into a scratch table). Each Create writes its request id, instance, unit of work and its
 //! event, and stored answer; concurrent Creates share a transaction (the API's group commit,
-//! see [`super::batch`]). Workers do not run during the measurement: it measures the API's
+//! see [`crate::api::batch`]). Workers do not run during the measurement: it measures the API's
 //! write path alone.
 //!
 //! It also measures the two parts every Create holds, each on its own, with the same clients:
@@ -25,11 +25,11 @@ use sqlx::PgPool;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::batch::{CreateBatcher, NewCreate, Settled};
-use super::proto::instance_service_client::InstanceServiceClient;
-use super::proto::{CreateInstanceRequest, Instance, InstanceSpec};
-use super::wake::WorkerWaker;
-use super::{ApiConfig, ApiError, ServeError, auth, convert};
+use crate::api::batch::{CreateBatcher, NewCreate, Settled};
+use crate::api::proto::instance_service_client::InstanceServiceClient;
+use crate::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
+use crate::api::wake::WorkerWaker;
+use crate::api::{ApiConfig, ApiError, ServeError, auth, convert};
 use crate::config::parse_duration;
 use crate::dev::cpu::{CpuSample, PostgresServer, own_cpu, postgres_server_of};
 use crate::dev::postgres::{ClusterError, ClusterOptions, Durability, TempCluster};
@@ -53,10 +53,10 @@ pub struct BenchApiArgs {
     #[arg(long)]
     pub database_url: Option<String>,
     /// Concurrent batch transactions of the API's group commit (0: each Create on its own).
-    #[arg(long, default_value_t = super::batch::DEFAULT_EXECUTORS)]
+    #[arg(long, default_value_t = crate::api::batch::DEFAULT_EXECUTORS)]
     pub create_batch_executors: usize,
     /// Most Creates in one batch.
-    #[arg(long, default_value_t = super::batch::DEFAULT_MAX_BATCH)]
+    #[arg(long, default_value_t = crate::api::batch::DEFAULT_MAX_BATCH)]
     pub create_batch_max: usize,
 }
 
@@ -327,7 +327,7 @@ async fn batched_writes(
 ) -> Result<Phase, BenchError> {
     let batcher = CreateBatcher::start(
         pool.clone(),
-        super::operations::FirstUnits::StandIn {
+        crate::api::operations::FirstUnits::StandIn {
             create: config.create_kind.clone(),
             update: config.update_kind.clone(),
             delete: config.delete_kind.clone(),
@@ -430,10 +430,10 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
     // earlier run's).
     let run = format!("{:08x}", rand::random::<u32>());
     let shutdown = CancellationToken::new();
-    let api = super::start(
+    let api = crate::api::start(
         pool.clone(),
         config.clone(),
-        super::ApiServices::none(&pool),
+        crate::api::ApiServices::none(&pool),
         "127.0.0.1:0"
             .parse()
             .map_err(|e: std::net::AddrParseError| BenchError::Join(e.to_string()))?,

@@ -35,6 +35,9 @@ pub struct QueueBenchOptions {
     pub baseline_cycles: usize,
     /// Concurrent connections of the baseline.
     pub baseline_clients: usize,
+    /// When not 0, each backlog is drained a second time with this many units of a kind no
+    /// engine serves enqueued first (at the head of the queue), to show what they cost.
+    pub unserved: usize,
 }
 
 /// One drain run.
@@ -46,6 +49,8 @@ pub struct DrainFigures {
     pub enqueue_per_sec: f64,
     /// Drain rate from the first claim to the last completion committed (units/s).
     pub drain_per_sec: f64,
+    /// Units of a kind no engine serves that waited at the head of the queue meanwhile.
+    pub unserved: usize,
 }
 
 /// Everything `bench queue` measured.
@@ -108,9 +113,13 @@ async fn reset(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The kind of the units nobody serves (`--unserved`).
+const UNSERVED_KIND: &str = "bench.unserved";
+
 async fn wait_empty(pool: &PgPool) -> Result<(), StoreError> {
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM work")
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM work WHERE kind <> $1")
+            .bind(UNSERVED_KIND)
             .fetch_one(pool)
             .await?;
         if left == 0 {
@@ -149,9 +158,31 @@ pub async fn run_queue_bench(
     let mut drains = Vec::new();
     // A first, unreported run of WARM_UP units opens the pool's connections and warms the
     // server's caches, which would otherwise be charged to whichever backlog is measured first.
-    let runs = std::iter::once((WARM_UP, false)).chain(opts.jobs.iter().map(|&j| (j, true)));
-    for (jobs, measured) in runs {
+    let with_unserved = (opts.unserved > 0).then_some(opts.unserved);
+    let runs =
+        std::iter::once((WARM_UP, false, 0)).chain(opts.jobs.iter().flat_map(|&j| {
+            std::iter::once((j, true, 0)).chain(with_unserved.map(|u| (j, true, u)))
+        }));
+    for (jobs, measured, unserved) in runs {
         reset(pool).await?;
+        if unserved > 0 {
+            // First, so that they are the oldest due units: a claim that looked at due units
+            // in order, whatever their kind, would meet them before any served one.
+            progress(&format!(
+                "enqueueing {unserved} units of {UNSERVED_KIND}, which no engine serves"
+            ));
+            let mut left = unserved;
+            while left > 0 {
+                let n = left.min(opts.enqueue_batch.max(1));
+                let units: Vec<NewWork> = (0..n)
+                    .map(|_| NewWork::new(UNSERVED_KIND, json!({})))
+                    .collect();
+                let mut tx = pool.begin().await?;
+                work_enqueue(&mut tx, &units).await?;
+                tx.commit().await?;
+                left -= n;
+            }
+        }
         progress(&if measured {
             format!("enqueueing {jobs} units")
         } else {
@@ -209,6 +240,7 @@ pub async fn run_queue_bench(
                 jobs,
                 enqueue_per_sec: jobs as f64 / enqueue_secs,
                 drain_per_sec: jobs as f64 / drain_secs,
+                unserved,
             });
         }
     }
