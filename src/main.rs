@@ -293,10 +293,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 plaintext,
                 // Plain HTTP behind a load balancer that ends TLS: the browser still speaks
                 // HTTPS, so the cookie stays Secure unless told otherwise.
-                secure_cookies: file
-                    .console
-                    .secure_cookies
-                    .unwrap_or(plaintext && api_tls),
+                secure_cookies: file.console.secure_cookies.unwrap_or(plaintext && api_tls),
                 idle_timeout: file.console.idle_timeout.unwrap_or(defaults.idle_timeout),
                 max_sessions: file.console.max_sessions.unwrap_or(defaults.max_sessions),
             },

@@ -98,7 +98,9 @@ async fn text(c: &Client, css: &str) -> Option<String> {
 }
 
 async fn sign_in(c: &Client, console: &str, token: &str) {
-    c.goto(&format!("{console}/sign-in")).await.expect("sign-in page");
+    c.goto(&format!("{console}/sign-in"))
+        .await
+        .expect("sign-in page");
     c.find(Locator::Css("#token"))
         .await
         .expect("token field")
@@ -143,18 +145,17 @@ async fn click_and_confirm(c: &Client, css: &str) {
 }
 
 async fn parked_probes(url: &str, n: usize) -> Vec<i64> {
-    let pool = setpoint::store::connect(url, 2).await.expect("dev database");
+    let pool = setpoint::store::connect(url, 2)
+        .await
+        .expect("dev database");
     let mut conn = pool.acquire().await.expect("connection");
     let mut ids = Vec::new();
     for _ in 0..n {
         // Fails transiently on its first attempt, which is its last: parked. A retry succeeds.
         let unit = setpoint::queue::enqueue(
             &mut conn,
-            setpoint::NewWork::new(
-                "setpoint.probe",
-                json!({"fail_transient_until_attempt": 1}),
-            )
-            .max_attempts(1),
+            setpoint::NewWork::new("setpoint.probe", json!({"fail_transient_until_attempt": 1}))
+                .max_attempts(1),
         )
         .await
         .expect("enqueue a probe");
@@ -166,7 +167,9 @@ async fn parked_probes(url: &str, n: usize) -> Vec<i64> {
 }
 
 async fn other_tenant_token(url: &str) -> String {
-    let pool = setpoint::store::connect(url, 2).await.expect("dev database");
+    let pool = setpoint::store::connect(url, 2)
+        .await
+        .expect("dev database");
     let t = setpoint::api::auth::create_token(&pool, "other", false, None)
         .await
         .expect("token");
@@ -261,7 +264,9 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
         .await
         .expect("list");
     until("web-1 in the list", || async {
-        text(&c, "#resources").await.filter(|t| t.contains("web-1") && t.contains("READY"))
+        text(&c, "#resources")
+            .await
+            .filter(|t| t.contains("web-1") && t.contains("READY"))
     })
     .await;
     shot(&c, &shots, "resources").await;
@@ -280,23 +285,35 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
     shot(&c, &shots, "work").await;
     click_and_confirm(&c, &format!("#retry-{}", ids[0])).await;
     until("the retry's notice", || async {
-        text(&c, "#notice").await.filter(|t| t.starts_with("Retried"))
+        text(&c, "#notice")
+            .await
+            .filter(|t| t.starts_with("Retried"))
     })
     .await;
     click_and_confirm(&c, &format!("#cancel-{}", ids[1])).await;
     until("the cancel's notice", || async {
-        text(&c, "#notice").await.filter(|t| t.starts_with("Cancelled"))
+        text(&c, "#notice")
+            .await
+            .filter(|t| t.starts_with("Cancelled"))
     })
     .await;
     for id in &ids {
-        c.goto(&format!("{console}/work/{id}")).await.expect("unit page");
-        let expected = if *id == ids[0] { "retried" } else { "cancelled" };
+        c.goto(&format!("{console}/work/{id}"))
+            .await
+            .expect("unit page");
+        let expected = if *id == ids[0] {
+            "retried"
+        } else {
+            "cancelled"
+        };
         until("the operator's event in the unit's history", || async {
             text(&c, ".events").await.filter(|t| t.contains(expected))
         })
         .await;
     }
-    c.goto(&format!("{console}/work/{}", ids[0])).await.expect("unit");
+    c.goto(&format!("{console}/work/{}", ids[0]))
+        .await
+        .expect("unit");
     until("the retried unit to finish", || async {
         c.refresh().await.ok()?;
         text(&c, "#unit-state").await.filter(|s| s == "finished")

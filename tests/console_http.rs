@@ -94,7 +94,10 @@ async fn sign_in_sets_a_strict_cookie_and_every_post_needs_its_csrf_token() {
         assert!(session.contains(flag), "{session}");
     }
     assert!(!session.contains("Secure"), "plain HTTP: {session}");
-    assert!(!session.contains(&env.acme), "the token never leaves the server");
+    assert!(
+        !session.contains(&env.acme),
+        "the token never leaves the server"
+    );
     let page = c.get("/resources").await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains("tenant acme"), "{}", page.body);
@@ -171,7 +174,11 @@ async fn tenants_see_404_for_other_tenants_and_403_for_admin_pages() {
     let page = create_note(&mut acme, "mine", "acme's").await;
     assert_eq!(acme.get(&page).await.status, StatusCode::OK);
     let mut globex = signed_in(&env, &env.globex).await;
-    for path in [page.clone(), format!("{page}/edit"), format!("{page}/timeline")] {
+    for path in [
+        page.clone(),
+        format!("{page}/edit"),
+        format!("{page}/timeline"),
+    ] {
         let a = globex.get(&path).await;
         assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}: {}", a.body);
         assert!(!a.body.contains("acme's"));
@@ -279,7 +286,10 @@ async fn a_retry_sent_twice_with_one_request_id_acts_once() {
     assert_eq!(retried, 1);
     // The same id for another unit's retry is refused, not applied.
     let a = ops
-        .post("/work/999999/retry", &[("csrf", &csrf), ("request_id", &rid)])
+        .post(
+            "/work/999999/retry",
+            &[("csrf", &csrf), ("request_id", &rid)],
+        )
         .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
     env.stop().await;

@@ -20,7 +20,9 @@ use super::page_token::{self, Scope};
 use super::proto::{ListResourceHistoryRequest, ListResourceHistoryResponse, WorkEvent, WorkUnit};
 use super::tenant_view::Audience;
 use crate::store::StoreError;
-use crate::store::events::{WorkEvent as EventRow, events_for_works, resource_work_ids, work_kinds};
+use crate::store::events::{
+    WorkEvent as EventRow, events_for_works, resource_work_ids, work_kinds,
+};
 use crate::store::instances::instance_get;
 use crate::store::work::work_get_many;
 
@@ -248,7 +250,10 @@ mod tests {
         assert_eq!(e.message, "failed; waits for an operator");
         assert!(e.worker.is_empty());
         let detail = convert::struct_to_json(e.detail.as_ref().expect("calls"));
-        assert_eq!(detail, json!({"calls": ["ec2:ensure-instance token=tok-1"]}));
+        assert_eq!(
+            detail,
+            json!({"calls": ["ec2:ensure-instance token=tok-1"]})
+        );
         let quiet = tenant_event(&event("retried", None, "by api:token-3@ops", json!({})));
         assert_eq!(quiet.message, "retried by an operator");
         assert!(quiet.detail.is_none());

@@ -346,7 +346,12 @@ impl WorkService for Work {
         request: Request<GetWorkStatsRequest>,
     ) -> Result<Response<WorkStats>, Status> {
         admin(&request)?;
-        let mut conn = self.pool.acquire().await.map_err(StoreError::from).map_err(ApiError::from)?;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::from)
+            .map_err(ApiError::from)?;
         let stats = work_stats(&mut conn).await.map_err(ApiError::from)?;
         Ok(Response::new(WorkStats {
             counts: stats

@@ -145,10 +145,9 @@ pub fn fields(schema: &Value, immutable: &[String], spec: Option<&Value>) -> Vec
             let current = spec.and_then(|s| s.get(name));
             let (value, checked) = match (&input, current) {
                 (Input::Boolean, v) => (String::new(), v.and_then(Value::as_bool).unwrap_or(false)),
-                (Input::Json, Some(v)) => (
-                    serde_json::to_string_pretty(v).unwrap_or_default(),
-                    false,
-                ),
+                (Input::Json, Some(v)) => {
+                    (serde_json::to_string_pretty(v).unwrap_or_default(), false)
+                }
                 (_, Some(Value::String(s))) => (s.clone(), false),
                 (_, Some(v)) => (v.to_string(), false),
                 (Input::Select(values), None) => (
@@ -159,10 +158,7 @@ pub fn fields(schema: &Value, immutable: &[String], spec: Option<&Value>) -> Vec
                         .to_owned(),
                     false,
                 ),
-                (_, None) => (
-                    p.get("default").map(text_of).unwrap_or_default(),
-                    false,
-                ),
+                (_, None) => (p.get("default").map(text_of).unwrap_or_default(), false),
             };
             Field {
                 name: name.clone(),
@@ -195,7 +191,11 @@ fn text_of(v: &Value) -> String {
 
 fn input_of(p: &Value) -> Input {
     if let Some(values) = p.get("enum").and_then(Value::as_array) {
-        let values: Vec<String> = values.iter().filter_map(Value::as_str).map(str::to_owned).collect();
+        let values: Vec<String> = values
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
         if !values.is_empty() {
             return Input::Select(values);
         }
@@ -225,7 +225,10 @@ pub fn spec_of(fields: &mut [Field], form: &HashMap<String, String>) -> (Value, 
     let mut spec = Map::new();
     let mut errors = Vec::new();
     for f in fields.iter_mut() {
-        let raw = form.get(&f.form_name).map(String::as_str).unwrap_or_default();
+        let raw = form
+            .get(&f.form_name)
+            .map(String::as_str)
+            .unwrap_or_default();
         if f.input == Input::Boolean {
             f.checked = !raw.is_empty();
             spec.insert(f.name.clone(), Value::Bool(f.checked));

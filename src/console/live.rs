@@ -62,7 +62,11 @@ fn event(name: &str, data: &serde_json::Value) -> Event {
 }
 
 /// `GET /events`: see the module documentation.
-pub async fn events(State(console): State<Console>, user: User, Query(q): Query<LiveQuery>) -> Response {
+pub async fn events(
+    State(console): State<Console>,
+    user: User,
+    Query(q): Query<LiveQuery>,
+) -> Response {
     let names: Vec<String> = q
         .names
         .split(',')
@@ -123,11 +127,20 @@ async fn read(
             let _ = tx.send(event("signed-out", &json!({}))).await;
             Read::SignedOut
         }
-        Err(e) if matches!(e.code, Code::NotFound | Code::PermissionDenied | Code::InvalidArgument) => {
-            if last.remove(name).is_some() || !uids.values().any(|n| n == name) {
-                if tx.send(event("gone", &json!({ "name": name }))).await.is_err() {
-                    return Read::Closed;
-                }
+        Err(e)
+            if matches!(
+                e.code,
+                Code::NotFound | Code::PermissionDenied | Code::InvalidArgument
+            ) =>
+        {
+            let was_shown = last.remove(name).is_some() || !uids.values().any(|n| n == name);
+            if was_shown
+                && tx
+                    .send(event("gone", &json!({ "name": name })))
+                    .await
+                    .is_err()
+            {
+                return Read::Closed;
             }
             uids.retain(|_, n| n != name);
             Read::Gone

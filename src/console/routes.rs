@@ -2,7 +2,7 @@
 //! which page shows it. Pages mirror the API's names: a resource
 //! `tenants/acme/instances/db-1` is the page `/tenants/acme/instances/db-1`.
 //!
-//! Every POST passes [`User::check_post`] first (the session's CSRF token, and an `Origin`, if
+//! Every POST passes [`User::refusal`] first (the session's CSRF token, and an `Origin`, if
 //! sent, of this console); every mutating call carries the request id its form was rendered
 //! with, so submitting a form twice acts once. After a change the browser is sent to a page
 //! (303 See Other), never left on the POST.
@@ -27,8 +27,8 @@ use super::client::{Api, CallError, FieldError};
 use super::forms::{self, Field};
 use super::session::{self, Sessions};
 use super::views::{
-    self, Chrome, Choice, CountView, ErrorPage, FormPage, ParkedView, ResourcePage,
-    ResourceView, ResourcesPage, SignInPage, TimelinePartial, UnitPage, UnitView, WorkPage,
+    self, Choice, Chrome, CountView, ErrorPage, FormPage, ParkedView, ResourcePage, ResourceView,
+    ResourcesPage, SignInPage, TimelinePartial, UnitPage, UnitView, WorkPage,
 };
 use super::{ConsoleConfig, assets, csrf, live};
 use crate::api::InProcessApi;
@@ -179,7 +179,10 @@ async fn security_headers(
 ) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -232,7 +235,11 @@ pub fn page(status: StatusCode, t: &impl Template) -> Response {
             .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "console: a page could not be rendered");
-            (StatusCode::INTERNAL_SERVER_ERROR, "the page could not be shown").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be shown",
+            )
+                .into_response()
         }
     }
 }
@@ -303,15 +310,13 @@ impl User {
         self.console.sessions().remove(&self.session_id);
     }
 
-    /// Refuses a POST without this session's CSRF token, or from another origin.
-    ///
-    /// # Errors
-    /// The 403 page to answer with.
-    fn check_post(&self, headers: &HeaderMap, given: &str) -> Result<(), Response> {
+    /// The 403 page for a POST without this session's CSRF token, or from another origin;
+    /// `None` when the POST may go on.
+    fn refusal(&self, headers: &HeaderMap, given: &str) -> Option<Response> {
         if !same_origin(headers) || !csrf::matches(&self.csrf, given) {
-            return Err(forbidden_form(self.chrome()));
+            return Some(forbidden_form(self.chrome()));
         }
-        Ok(())
+        None
     }
 
     /// The answer to a failed API call: sign in again, 404, 403, or the API's message.
@@ -419,9 +424,11 @@ impl axum::extract::OptionalFromRequestParts<Console> for User {
         parts: &mut Parts,
         console: &Console,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(<User as FromRequestParts<Console>>::from_request_parts(parts, console)
-            .await
-            .ok())
+        Ok(
+            <User as FromRequestParts<Console>>::from_request_parts(parts, console)
+                .await
+                .ok(),
+        )
     }
 }
 
@@ -604,7 +611,7 @@ async fn sign_out(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    if let Err(r) = user.check_post(&headers, &f.csrf) {
+    if let Some(r) = user.refusal(&headers, &f.csrf) {
         return r;
     }
     user.end();
@@ -903,8 +910,12 @@ fn field_of(form: &HashMap<String, String>, key: &str) -> String {
     form.get(key).cloned().unwrap_or_default()
 }
 
-async fn create(user: User, headers: HeaderMap, Form(form): Form<HashMap<String, String>>) -> Response {
-    if let Err(r) = user.check_post(&headers, &field_of(&form, "csrf")) {
+async fn create(
+    user: User,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = user.refusal(&headers, &field_of(&form, "csrf")) {
         return r;
     }
     let kind = match kind_named(&user, &field_of(&form, "kind")).await {
@@ -1003,7 +1014,7 @@ async fn update(
     Path((tenant, collection, name)): Path<(String, String, String)>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = user.check_post(&headers, &field_of(&form, "csrf")) {
+    if let Some(r) = user.refusal(&headers, &field_of(&form, "csrf")) {
         return r;
     }
     let full = resource_name(&tenant, &collection, &name);
@@ -1069,7 +1080,7 @@ async fn delete(
     Path((tenant, collection, name)): Path<(String, String, String)>,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = user.check_post(&headers, &f.csrf) {
+    if let Some(r) = user.refusal(&headers, &f.csrf) {
         return r;
     }
     let deleted = call!(
@@ -1153,7 +1164,12 @@ async fn work_page(user: User, Query(q): Query<DoneQuery>) -> Response {
 }
 
 async fn unit_page(user: User, Path(id): Path<i64>, Query(q): Query<DoneQuery>) -> Response {
-    let unit = call!(user, user.console.api().work(), get_work, GetWorkRequest { id });
+    let unit = call!(
+        user,
+        user.console.api().work(),
+        get_work,
+        GetWorkRequest { id }
+    );
     match unit {
         Ok(u) => page(
             StatusCode::OK,
@@ -1180,7 +1196,7 @@ async fn retry(
     Path(id): Path<i64>,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = user.check_post(&headers, &f.csrf) {
+    if let Some(r) = user.refusal(&headers, &f.csrf) {
         return r;
     }
     let retried = call!(
@@ -1205,7 +1221,7 @@ async fn cancel(
     Path(id): Path<i64>,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = user.check_post(&headers, &f.csrf) {
+    if let Some(r) = user.refusal(&headers, &f.csrf) {
         return r;
     }
     let cancelled = call!(

@@ -82,12 +82,10 @@ pub async fn start(
             addr: listen,
             source,
         })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ConsoleError::Bind {
-            addr: listen,
-            source,
-        })?;
+    let addr = listener.local_addr().map_err(|source| ConsoleError::Bind {
+        addr: listen,
+        source,
+    })?;
     tracing::info!(%addr, tls = tls.is_some(), "web console listening");
     let serving_tls = tls.is_some();
     let task = tokio::spawn(async move {

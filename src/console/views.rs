@@ -110,11 +110,9 @@ pub fn status_name(status: i32) -> &'static str {
 
 /// RFC 3339 of a timestamp, to the second.
 pub fn time(t: Option<&prost_types::Timestamp>) -> String {
-    t.and_then(|t| {
-        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-    })
-    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-    .unwrap_or_default()
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
 }
 
 /// The console path of an API resource name (they are the same, below `/`).
@@ -126,7 +124,11 @@ impl ResourceView {
     /// `r` for display.
     pub fn of(r: &Resource) -> Self {
         let status = status_name(r.status);
-        let mut observed = r.observed.as_ref().map(struct_to_json).unwrap_or(Value::Null);
+        let mut observed = r
+            .observed
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or(Value::Null);
         let conditions = observed
             .as_object_mut()
             .and_then(|o| o.remove("conditions"))
@@ -134,7 +136,12 @@ impl ResourceView {
             .unwrap_or_default()
             .iter()
             .map(|c| {
-                let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+                let s = |k: &str| {
+                    c.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 ConditionView {
                     kind: s("type"),
                     status: s("status"),

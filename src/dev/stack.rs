@@ -356,7 +356,10 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         .drift(args.resync_interval)
         .retention(crate::maintenance::retention::RetentionConfig::default())
         .api(args.listen, ApiConfig::default())
-        .console(args.console_listen, crate::console::ConsoleConfig::default())
+        .console(
+            args.console_listen,
+            crate::console::ConsoleConfig::default(),
+        )
         .probe(args.enable_probe)
         .metrics(args.metrics_listen)
         .plugin(Ec2Plugin::with_settings(

@@ -123,7 +123,12 @@ impl Env {
             .expect("engine starts");
         let token = |tenant: &'static str, admin: bool| {
             let pool = db.pool.clone();
-            async move { create_token(&pool, tenant, admin, None).await.unwrap().token }
+            async move {
+                create_token(&pool, tenant, admin, None)
+                    .await
+                    .unwrap()
+                    .token
+            }
         };
         let acme = token("acme", false).await;
         let globex = token("globex", false).await;
