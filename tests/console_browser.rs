@@ -316,7 +316,10 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
         .expect("unit");
     until("the retried unit to finish", || async {
         c.refresh().await.ok()?;
-        text(&c, "#unit-state").await.filter(|s| s == "finished")
+        // The page shows states in capitals (CSS); WebDriver reads the rendered text.
+        text(&c, "#unit-state")
+            .await
+            .filter(|s| s.eq_ignore_ascii_case("finished"))
     })
     .await;
     shot(&c, &shots, "unit").await;

@@ -284,6 +284,18 @@ async fn a_retry_sent_twice_with_one_request_id_acts_once() {
     .await
     .unwrap();
     assert_eq!(retried, 1);
+    // Retried, the probe runs again and succeeds: the unit leaves the queue.
+    common::wait_for("the retried probe to finish", || {
+        let pool = env.db.pool.clone();
+        async move { state(pool).await.is_none().then_some(()) }
+    })
+    .await;
+    let unit_page = ops.get(&format!("/work/{}", unit.id)).await;
+    assert!(
+        unit_page.body.contains("id=\"unit-state\">finished<"),
+        "{}",
+        unit_page.body
+    );
     // The same id for another unit's retry is refused, not applied.
     let a = ops
         .post(
