@@ -259,7 +259,10 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
     })
     .await;
     assert!(timeline.contains("kvx.create.ec2"), "{timeline}");
+    // A taller window for this one, so that the picture shows the timeline too.
+    c.set_window_size(1280, 1800).await.expect("resize");
     shot(&c, &shots, "resource").await;
+    c.set_window_size(1280, 900).await.expect("resize");
     c.goto(&format!("{console}/resources?kind=kvx.instance"))
         .await
         .expect("list");
