@@ -14,6 +14,10 @@ command -v protoc >/dev/null 2>&1 || true   # not needed: protox compiles the .p
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# The console's browser tests drive Debian's headless Chromium through its WebDriver
+# (chromedriver); no driver is downloaded at test time.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}" >&2
   as_root apt-get update -qq

@@ -159,6 +159,16 @@ pub struct ServeArgs {
     /// The gRPC API.
     #[command(flatten)]
     pub api: crate::api::ApiArgs,
+    /// Address of the web console (e.g. 127.0.0.1:8080); off when unset. It serves HTTPS with
+    /// the API's certificate when the API serves TLS. Overrides `console.listen`.
+    #[arg(long, env = "SETPOINT_CONSOLE_LISTEN")]
+    pub console_listen: Option<std::net::SocketAddr>,
+    /// Serve the console over plain HTTP even when the API serves TLS (behind a load balancer
+    /// that ends TLS; its session cookie is then still `Secure`). Overrides
+    /// `console.plaintext`.
+    #[arg(long, env = "SETPOINT_CONSOLE_PLAINTEXT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub console_plaintext: Option<bool>,
 }
 
 /// `setpoint work …`.

@@ -185,6 +185,25 @@ pub struct ApiFile {
     pub unknown_token_cache: Option<usize>,
 }
 
+/// The `[console]` table of the configuration file: the web console (`docs/console.md`). The
+/// flags `--console-listen` and `--console-plaintext` (and their environment variables)
+/// override its keys.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFile {
+    /// Address of the console; off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Serve plain HTTP even when the API serves TLS (a load balancer ends TLS in front of it).
+    pub plaintext: Option<bool>,
+    /// Mark the session cookie `Secure` over plain HTTP too (TLS ends at a load balancer).
+    pub secure_cookies: Option<bool>,
+    /// A session unused this long ends (default `8h`).
+    #[serde(default, deserialize_with = "de_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Most sessions at once (default 10000).
+    pub max_sessions: Option<usize>,
+}
+
 /// The `[retention]` table of the configuration file: what old rows are pruned and how
 /// (`docs/retention.md`). Each period is a duration (`7d`, `24h`) or `"off"` (keep for
 /// ever); an absent key takes its default. File only: like the other tuning keys, it has no
@@ -280,6 +299,9 @@ pub struct FileConfig {
     /// Retention periods and pruning.
     #[serde(default)]
     pub retention: RetentionFile,
+    /// The web console.
+    #[serde(default)]
+    pub console: ConsoleFile,
 }
 
 impl FileConfig {

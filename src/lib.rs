@@ -17,6 +17,7 @@
 //!   conditions, sealed secret outputs.
 //! - [`plugin`]: how plugins add adapters and kinds; [`plugins`]: the built-in ones (the
 //!   EC2, Kubernetes and e-mail adapters, the KVX kind, the DNS kind).
+//! - [`console`]: the web console, a client of the API on an HTTP listener of its own.
 //! - [`engine`]: the engine as a library ([`engine::EngineBuilder`]): `serve`, `dev` and a
 //!   team's own binary are thin users of it.
 //! - [`names`]: naming rules every layer shares.
@@ -30,6 +31,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod engine;
 pub mod kinds;

@@ -178,6 +178,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // The API's TLS material is checked before anything starts: settings, files, the
     // certificate and key themselves.
     let api_config = args.api.config(&file.api)?;
+    let api_tls = api_config.tls.is_some();
     if let Some(tls) = &api_config.tls {
         tls.check()?;
     }
@@ -280,7 +281,28 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(addr) = args.metrics_listen.or(file.metrics_listen) {
         builder = builder.metrics(addr);
     }
+    if let Some(addr) = args.console_listen.or(file.console.listen) {
+        let plaintext = args
+            .console_plaintext
+            .or(file.console.plaintext)
+            .unwrap_or(false);
+        let defaults = setpoint::console::ConsoleConfig::default();
+        builder = builder.console(
+            addr,
+            setpoint::console::ConsoleConfig {
+                plaintext,
+                // Plain HTTP behind a load balancer that ends TLS: the browser still speaks
+                // HTTPS, so the cookie stays Secure unless told otherwise.
+                secure_cookies: file.console.secure_cookies.unwrap_or(plaintext && api_tls),
+                idle_timeout: file.console.idle_timeout.unwrap_or(defaults.idle_timeout),
+                max_sessions: file.console.max_sessions.unwrap_or(defaults.max_sessions),
+            },
+        );
+    }
     let engine = builder.file(file).start(shutdown.clone()).await?;
+    if let Some(url) = &engine.console_url {
+        tracing::info!(url = %url, "web console serving");
+    }
     if engine.catalog.get(setpoint::plugins::kvx::KIND).is_none() {
         tracing::info!(
             "KVX workflows off: no [ec2], [kubernetes] or [smtp] configured, so the API's \

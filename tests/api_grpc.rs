@@ -984,6 +984,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
             RetryWorkRequest {
                 id: a.active_work_id,
                 extra_attempts: 0,
+                request_id: String::new(),
             },
         ))
         .await
@@ -1082,6 +1083,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
             CancelWorkRequest {
                 id: a.active_work_id,
                 reason: "bad spec".into(),
+                request_id: String::new(),
             },
         ))
         .await
@@ -1668,7 +1670,11 @@ async fn control_characters_are_field_violations_and_limits_count_characters() {
             "{kind:?} {page_token:?}"
         );
     }
-    let cancel = |reason: String| CancelWorkRequest { id: 1, reason };
+    let cancel = |reason: String| CancelWorkRequest {
+        id: 1,
+        reason,
+        request_id: String::new(),
+    };
     let e = w
         .cancel_work(authed(&env.admin, cancel("why\0".into())))
         .await

@@ -244,18 +244,39 @@ impl Rpc {
                 RetryWorkRequest {
                     id: 1,
                     extra_attempts: 3,
+                    request_id: String::new(),
                 }
                 .encode_to_vec(),
             )],
-            (Rpc::RetryWork, Some(_)) => Vec::new(),
-            (Rpc::CancelWork, _) => vec![(
-                "reason",
-                CancelWorkRequest {
+            (Rpc::RetryWork, Some(_)) => vec![(
+                "request_id",
+                RetryWorkRequest {
                     id: 1,
-                    reason: v("why"),
+                    extra_attempts: 3,
+                    request_id: v("r1"),
                 }
                 .encode_to_vec(),
             )],
+            (Rpc::CancelWork, _) => vec![
+                (
+                    "reason",
+                    CancelWorkRequest {
+                        id: 1,
+                        reason: v("why"),
+                        request_id: String::new(),
+                    }
+                    .encode_to_vec(),
+                ),
+                (
+                    "request_id",
+                    CancelWorkRequest {
+                        id: 1,
+                        reason: String::new(),
+                        request_id: v("c1"),
+                    }
+                    .encode_to_vec(),
+                ),
+            ],
         }
     }
 }

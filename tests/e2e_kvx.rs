@@ -50,6 +50,10 @@ async fn start_dev_env(dir: &Path, extra: &[String], env: &[(&str, &str)]) -> (P
         .arg("--info-file")
         .arg(&info)
         .args(extra)
+        // The web console is on by default in dev, at 127.0.0.1:8080: a port of its own, so
+        // that stacks side by side do not collide (a flag in `extra` wins; a release before
+        // the console ignores the variable).
+        .env("SETPOINT_CONSOLE_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info,sqlx=warn")
         .envs(env.iter().copied())
         .stdout(log.try_clone().expect("log"))

@@ -5,6 +5,8 @@
 //! - [`proto`]: the generated messages, clients and servers, and the descriptor set.
 //! - [`instances`]: `InstanceService` (create, get, list, update, delete, watch).
 //! - [`work`]: `WorkService` for operators (admin tokens only).
+//! - [`history`]: a resource's units and their events (`ListResourceHistory`), curated for
+//!   tenants.
 //! - [`gate`]: what every call passes first: its metric label, the in-flight limit, the
 //!   timeout, the token, the framing of its body.
 //! - [`auth`]: bearer tokens → [`auth::Caller`].
@@ -39,6 +41,7 @@ pub mod convert;
 pub mod errors;
 pub mod frames;
 pub mod gate;
+pub mod history;
 pub mod idempotency;
 pub mod instances;
 pub mod methods;
@@ -141,11 +144,28 @@ pub enum ServeError {
     Join(String),
 }
 
+/// The API as an in-process caller reaches it (the web console): the same gate and services a
+/// network client reaches — token, limits, timeout, framing, validation, tenancy, request ids —
+/// without a network hop, so that TLS and client certificates are no concern of the caller.
+#[derive(Debug, Clone)]
+pub struct InProcessApi {
+    /// The gate with every service behind it: a tonic client runs over it as over a channel.
+    pub service: gate::Gate<Routes>,
+    /// The gate's authenticator (same caches and lookup budget).
+    pub auth: Arc<auth::Authenticator>,
+    /// The LISTEN/NOTIFY feed of resource changes behind Watch.
+    pub events: Arc<watch::InstanceEvents>,
+    /// The API's TLS material, if it serves TLS.
+    pub tls: Option<TlsConfig>,
+}
+
 /// A running API server.
 #[derive(Debug)]
 pub struct RunningApi {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// The same API for in-process callers.
+    pub in_process: InProcessApi,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
@@ -184,11 +204,13 @@ pub async fn start(
         }
     };
     let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
+    let feed = events.clone();
     let watches = watch_limit::WatchSlots::new(config.max_watches_per_tenant);
     let auth = Arc::new(auth::Authenticator::with_limits(
         pool.clone(),
         config.tokens.clone(),
     ));
+    let gate_auth = auth.clone();
     let max = config.max_message_bytes;
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -273,7 +295,7 @@ pub async fn start(
     let service = gate::Gate::new(
         routes.routes().prepare(),
         methods,
-        auth,
+        gate_auth,
         gate::GateLimits {
             max_in_flight: config.max_in_flight,
             request_timeout: config.request_timeout,
@@ -308,6 +330,12 @@ pub async fn start(
         source,
     })?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let in_process = InProcessApi {
+        service: service.clone(),
+        auth,
+        events: feed,
+        tls: config.tls.clone(),
+    };
     tracing::info!(%addr, tls = config.tls.is_some(), "gRPC API listening");
     let task = tokio::spawn(async move {
         let stop = shutdown.clone();
@@ -320,5 +348,9 @@ pub async fn start(
         tracing::info!("gRPC API stopped");
         Ok(())
     });
-    Ok(RunningApi { addr, task })
+    Ok(RunningApi {
+        addr,
+        in_process,
+        task,
+    })
 }

@@ -28,8 +28,8 @@ use super::proto::resource_service_server::ResourceService;
 use super::proto::{
     ConnectionDetails, CreateResourceRequest, DeleteResourceRequest, GetConnectionDetailsRequest,
     GetResourceRequest, Kind as KindMessage, ListKindsRequest, ListKindsResponse,
-    ListResourcesRequest, ListResourcesResponse, Resource, ResourceStatus, UpdateResourceRequest,
-    WatchResourceRequest,
+    ListResourceHistoryRequest, ListResourceHistoryResponse, ListResourcesRequest,
+    ListResourcesResponse, Resource, ResourceStatus, UpdateResourceRequest, WatchResourceRequest,
 };
 use super::status::InstanceState;
 use super::tenant_view::{self, Audience};
@@ -895,6 +895,25 @@ impl ResourceService for Resources {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_resource_history(
+        &self,
+        request: Request<ListResourceHistoryRequest>,
+    ) -> Result<Response<ListResourceHistoryResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let mut v = Vec::new();
+        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let page = super::history::page(&caller, &r, &mut v);
+        validate::finish(v)?;
+        let Some((kind, name)) = named else {
+            return Err(ApiError::NotFound(r.name).into());
+        };
+        let shown = resource_name(&kind, &caller.tenant, &name);
+        let answer =
+            super::history::list(&self.pool, &caller, kind.name(), &name, &shown, page).await?;
+        Ok(Response::new(answer))
     }
 
     async fn get_connection_details(

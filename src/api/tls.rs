@@ -263,6 +263,53 @@ impl TlsConfig {
         self.apply(tonic::transport::Server::builder()).map(drop)
     }
 
+    /// A rustls configuration of this material for an HTTPS listener of the engine's own (the
+    /// web console), offering the `alpn` protocols: the same certificate and key, and, with a
+    /// client CA, the same demand for client certificates that chain to it.
+    ///
+    /// # Errors
+    /// As [`TlsConfig::apply`].
+    pub fn rustls_server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        let loaded = self.load()?;
+        let unusable = |reason: String| TlsError::Unusable {
+            what: self.describe(),
+            reason,
+        };
+        let certs = CertificateDer::pem_slice_iter(&loaded.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unusable(format!("the certificate chain: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&loaded.key)
+            .map_err(|e| unusable(format!("the private key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unusable(e.to_string()))?;
+        let builder = match &loaded.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    let c = c.map_err(|e| unusable(format!("the client CA: {e}")))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| unusable(format!("the client CA: {e}")))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| unusable(format!("the client CA: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| unusable(e.to_string()))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
+
     /// Where the material comes from, for the start-up log (names only, never contents).
     pub fn describe(&self) -> String {
         match &self.client_ca {

@@ -1,5 +1,10 @@
 //! `setpoint.v1.WorkService`: the operators' view of units of work. Every call needs an admin
 //! token; admins see the units of every tenant.
+//!
+//! RetryWork and CancelWork take an optional `request_id` ([`super::idempotency`]): with one,
+//! the action and its stored answer commit together, so a repeat (a double click in the
+//! console, a client's retry after a lost answer) replays the answer and acts once. Without
+//! one they act as before, for clients written before the field existed.
 
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -8,16 +13,18 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::convert;
 use super::errors::{ApiError, Violation};
+use super::idempotency::{self, Begun};
 use super::page_token::{self, Scope};
 use super::proto::work_service_server::WorkService;
 use super::proto::{
-    CancelWorkRequest, GetWorkRequest, ListWorkRequest, ListWorkResponse, RetryWorkRequest,
-    WorkUnit,
+    CancelWorkRequest, GetWorkRequest, GetWorkStatsRequest, ListWorkRequest, ListWorkResponse,
+    RetryWorkRequest, WorkCount, WorkStats, WorkUnit,
 };
 use super::validate::{self, MAX_KIND_CHARS, MAX_REASON_CHARS};
 use crate::queue::{self, UnitReport, WorkFilter};
 use crate::store::StoreError;
 use crate::store::events::events_for_work;
+use crate::store::work::work_stats;
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -37,6 +44,38 @@ impl Work {
         let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
         let report = queue::show(&mut conn, &id.to_string()).await?;
         Ok(unit_of(&report))
+    }
+
+    /// The transaction of an operator's action: with a request id, claimed for it (or the
+    /// first answer to replay); without one, a plain transaction.
+    async fn begin(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+        method: &str,
+        hash: &[u8; 32],
+    ) -> Result<Begun<WorkUnit>, ApiError> {
+        if request_id.is_empty() {
+            let tx = self.pool.begin().await.map_err(StoreError::from)?;
+            return Ok(Begun::New(tx));
+        }
+        idempotency::begin(&self.pool, &caller.tenant, request_id, method, hash).await
+    }
+
+    /// Commits an operator's action, with its answer under the request id when there is one.
+    async fn commit(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        caller: &Caller,
+        request_id: &str,
+        answer: &WorkUnit,
+    ) -> Result<(), ApiError> {
+        if request_id.is_empty() {
+            tx.commit().await.map_err(StoreError::from)?;
+            Ok(())
+        } else {
+            idempotency::finish(tx, &caller.tenant, request_id, answer).await
+        }
     }
 }
 
@@ -191,18 +230,29 @@ impl WorkService for Work {
                 "must be between 0 and 100 (0 means 5)",
             ));
         }
+        if !r.request_id.is_empty() {
+            validate::request_id(&r.request_id, &mut v);
+        }
         validate::finish(v)?;
         let extra = if r.extra_attempts == 0 {
             5
         } else {
             r.extra_attempts
         };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(StoreError::from)
-            .map_err(ApiError::from)?;
+        let hash = idempotency::body_hash(
+            "RetryWork",
+            &RetryWorkRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
+        let mut tx = match self
+            .begin(&caller, &r.request_id, "RetryWork", &hash)
+            .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
         queue::retry_parked(
             &mut tx,
             self.hooks.as_ref(),
@@ -212,16 +262,18 @@ impl WorkService for Work {
         )
         .await
         .map_err(ApiError::from)?;
-        tx.commit()
+        // The answer is read in the request's transaction: it is what a repeat replays.
+        let report = queue::show(&mut tx, &r.id.to_string())
             .await
-            .map_err(StoreError::from)
             .map_err(ApiError::from)?;
+        let unit = unit_of(&report);
+        self.commit(tx, &caller, &r.request_id, &unit).await?;
         tracing::info!(
             work_id = r.id,
             token_id = caller.token_id,
             "parked unit retried via the API"
         );
-        Ok(Response::new(self.report(r.id).await?))
+        Ok(Response::new(unit))
     }
 
     async fn cancel_work(
@@ -233,18 +285,29 @@ impl WorkService for Work {
         let mut v = Vec::new();
         check_id(r.id, &mut v);
         validate::text("reason", &r.reason, MAX_REASON_CHARS, &mut v);
+        if !r.request_id.is_empty() {
+            validate::request_id(&r.request_id, &mut v);
+        }
         validate::finish(v)?;
         let reason = if r.reason.is_empty() {
             "cancelled by an operator".to_owned()
         } else {
             r.reason.clone()
         };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(StoreError::from)
-            .map_err(ApiError::from)?;
+        let hash = idempotency::body_hash(
+            "CancelWork",
+            &CancelWorkRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
+        let mut tx = match self
+            .begin(&caller, &r.request_id, "CancelWork", &hash)
+            .await?
+        {
+            Begun::Replay(answer) => return Ok(Response::new(answer)),
+            Begun::New(tx) => tx,
+        };
         let row = queue::cancel_parked(
             &mut tx,
             self.hooks.as_ref(),
@@ -258,16 +321,6 @@ impl WorkService for Work {
         let events = events_for_work(&mut tx, r.id)
             .await
             .map_err(ApiError::from)?;
-        tx.commit()
-            .await
-            .map_err(StoreError::from)
-            .map_err(ApiError::from)?;
-        tracing::info!(
-            work_id = r.id,
-            token = %row.token,
-            token_id = caller.token_id,
-            "parked unit cancelled via the API"
-        );
         // The unit as it was when cancelled (its kind, resource, attempts, last error), now
         // finished, with its history.
         let unit = WorkUnit {
@@ -278,6 +331,35 @@ impl WorkService for Work {
             lease_owner: String::new(),
             ..convert::work_unit(&row)
         };
+        self.commit(tx, &caller, &r.request_id, &unit).await?;
+        tracing::info!(
+            work_id = r.id,
+            token = %row.token,
+            token_id = caller.token_id,
+            "parked unit cancelled via the API"
+        );
         Ok(Response::new(unit))
+    }
+
+    async fn get_work_stats(
+        &self,
+        request: Request<GetWorkStatsRequest>,
+    ) -> Result<Response<WorkStats>, Status> {
+        admin(&request)?;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::from)
+            .map_err(ApiError::from)?;
+        let stats = work_stats(&mut conn).await.map_err(ApiError::from)?;
+        Ok(Response::new(WorkStats {
+            counts: stats
+                .counts
+                .into_iter()
+                .map(|(state, kind, count)| WorkCount { kind, state, count })
+                .collect(),
+            oldest_pending_age_seconds: stats.oldest_pending_age_secs,
+        }))
     }
 }

@@ -56,6 +56,17 @@ pub struct DevArgs {
         default_value = "127.0.0.1:9464"
     )]
     pub metrics_listen: SocketAddr,
+    /// Address of the web console (`docs/console.md`).
+    #[arg(
+        long,
+        env = "SETPOINT_CONSOLE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub console_listen: SocketAddr,
+    /// Also run units of kind `setpoint.probe` (behaves as its spec says: fail, park, sleep),
+    /// for trying the console's work page and for tests.
+    #[arg(long)]
+    pub enable_probe: bool,
     /// Use this database instead of starting one.
     #[arg(long)]
     pub database_url: Option<String>,
@@ -345,6 +356,11 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         .drift(args.resync_interval)
         .retention(crate::maintenance::retention::RetentionConfig::default())
         .api(args.listen, ApiConfig::default())
+        .console(
+            args.console_listen,
+            crate::console::ConsoleConfig::default(),
+        )
+        .probe(args.enable_probe)
         .metrics(args.metrics_listen)
         .plugin(Ec2Plugin::with_settings(
             Ec2Settings { ec2: Some(regions) },
@@ -375,6 +391,10 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let metrics_addr = engine
         .metrics_addr
         .ok_or_else(|| other("the metrics endpoint did not start"))?;
+    let console = engine
+        .console_url
+        .clone()
+        .ok_or_else(|| other("the console did not start"))?;
     let admin = api::auth::create_token(&pool, &args.tenant, true, None)
         .await
         .map_err(other)?;
@@ -389,6 +409,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         "tenant_token": tenant.token,
         "tenant": args.tenant,
         "metrics": format!("http://{metrics_addr}"),
+        "console": console,
         "database_url": url,
         "ec2_endpoint": ec2_endpoint,
         "smtp": smtp,
@@ -401,6 +422,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     println!(
         "\nsetpoint dev is running (Ctrl-C stops everything it started)\n\
          \n  gRPC API      {server}  (plaintext; grpcurl works via reflection)\
+         \n  console       {console}  (sign in with a token below)\
          \n  admin token   {}  (tenant {}, admin: WorkService too)\
          \n  tenant token  {}  (tenant {})\
          \n  metrics       http://{metrics_addr}/metrics   (/healthz, /readyz)\

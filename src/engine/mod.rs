@@ -1,8 +1,8 @@
 //! The engine as a library: the composition root. An [`EngineBuilder`] takes the database,
 //! the settings and the plugins, and [`EngineBuilder::start`] runs the engine (workers, the
-//! chain runner of every declared kind, the drift scheduler, the gRPC API, metrics) until a
-//! shutdown token fires. `setpoint serve`, `setpoint dev` and a platform team's own binary are
-//! thin users of it.
+//! chain runner of every declared kind, the drift scheduler, the gRPC API, the web console,
+//! metrics) until a shutdown token fires. `setpoint serve`, `setpoint dev` and a platform
+//! team's own binary are thin users of it.
 //!
 //! ```no_run
 //! # async fn f(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig};
 use crate::config::FileConfig;
+use crate::console::{self, ConsoleConfig, RunningConsole};
 use crate::kinds::drift::{DriftConfig, DriftScheduler};
 use crate::kinds::{Chains, KindCatalog, SecretBox, StepHandler};
 use crate::maintenance::retention::{Retention, RetentionConfig, RetentionError};
@@ -86,6 +87,12 @@ pub enum EngineError {
     /// The retention settings are invalid.
     #[error(transparent)]
     Retention(#[from] RetentionError),
+    /// The console could not start.
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
+    /// The console was asked for without the API it is a client of.
+    #[error("the web console needs the gRPC API: it calls the API's services")]
+    ConsoleWithoutApi,
 }
 
 /// Where plugins read environment variables.
@@ -96,6 +103,7 @@ pub struct EngineBuilder {
     pool: PgPool,
     worker: WorkerConfig,
     api: Option<(SocketAddr, ApiConfig)>,
+    console: Option<(SocketAddr, ConsoleConfig)>,
     metrics: Option<SocketAddr>,
     drift: Option<Duration>,
     retention: Option<RetentionConfig>,
@@ -114,6 +122,7 @@ impl EngineBuilder {
             pool,
             worker: WorkerConfig::default(),
             api: None,
+            console: None,
             metrics: None,
             drift: None,
             retention: None,
@@ -134,6 +143,13 @@ impl EngineBuilder {
     /// Serves the gRPC API on `listen` (port 0 picks one).
     pub fn api(mut self, listen: SocketAddr, config: ApiConfig) -> Self {
         self.api = Some((listen, config));
+        self
+    }
+
+    /// Serves the web console on `listen` (port 0 picks one), as a client of the API: it needs
+    /// [`EngineBuilder::api`] too, and starts after it (see `docs/console.md`).
+    pub fn console(mut self, listen: SocketAddr, config: ConsoleConfig) -> Self {
+        self.console = Some((listen, config));
         self
     }
 
@@ -333,13 +349,23 @@ impl EngineBuilder {
             None => None,
         };
         let api_addr = api.as_ref().map(|a| a.addr);
+        let console = match (self.console.take(), &api) {
+            (Some((listen, config)), Some(api)) => Some(
+                console::start(api.in_process.clone(), listen, config, shutdown.clone()).await?,
+            ),
+            (Some(_), None) => return Err(EngineError::ConsoleWithoutApi),
+            (None, _) => None,
+        };
+        let console_url = console.as_ref().map(RunningConsole::url);
         let worker = tokio::spawn(runtime.run(shutdown.clone()));
         Ok(Engine {
             worker_id,
             api_addr,
+            console_url,
             metrics_addr,
             catalog,
             api,
+            console,
             worker,
             tasks,
         })
@@ -425,11 +451,14 @@ pub struct Engine {
     pub worker_id: String,
     /// Where its API listens, if it serves one.
     pub api_addr: Option<SocketAddr>,
+    /// Where its web console is (`http://…` or `https://…`), if it serves one.
+    pub console_url: Option<String>,
     /// Where its metrics listen, if it serves them.
     pub metrics_addr: Option<SocketAddr>,
     /// The kinds it serves.
     pub catalog: Arc<KindCatalog>,
     api: Option<api::RunningApi>,
+    console: Option<RunningConsole>,
     worker: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -439,6 +468,7 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("worker_id", &self.worker_id)
             .field("api_addr", &self.api_addr)
+            .field("console_url", &self.console_url)
             .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
@@ -451,6 +481,9 @@ impl Engine {
     /// # Errors
     /// When the API failed.
     pub async fn wait(self) -> Result<(), EngineError> {
+        if let Some(console) = self.console {
+            console.wait().await;
+        }
         if let Some(api) = self.api {
             api.wait().await?;
         }

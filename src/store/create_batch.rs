@@ -80,9 +80,10 @@ const CREATE_BATCH: &str = "WITH input AS (
      ), queued AS (
          INSERT INTO work (id, kind, spec, token, resource_id, tenant, state) OVERRIDING SYSTEM VALUE
          SELECT work_id, $14, work_spec, token, id, tenant, 'queued' FROM checked WHERE ok
-         RETURNING id, token
+         RETURNING id, token, resource_id, kind
      ), ev AS (
-         INSERT INTO work_events (work_id, token, event) SELECT id, token, 'enqueued' FROM queued
+         INSERT INTO work_events (work_id, token, event, resource_id, kind)
+         SELECT id, token, 'enqueued', resource_id, kind FROM queued
      )
      SELECT ord, ok FROM checked ORDER BY ord";
 

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
+use uuid::Uuid;
 
 use super::StoreError;
 
@@ -76,6 +77,63 @@ pub async fn work_id_for_token(
     .bind(token)
     .fetch_optional(conn)
     .await?)
+}
+
+/// The ids of resource `resource_id`'s units, newest first, below `before` (a page's cursor),
+/// at most `limit`: those whose `enqueued` event names the resource (finished or not) and
+/// those still in the work table (which covers units enqueued before events named resources).
+pub async fn resource_work_ids(
+    conn: &mut PgConnection,
+    resource_id: Uuid,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM (
+             (SELECT work_id AS id FROM work_events
+              WHERE resource_id = $1 AND ($2::bigint IS NULL OR work_id < $2)
+              ORDER BY work_id DESC LIMIT $3)
+             UNION
+             (SELECT id FROM work
+              WHERE resource_id = $1 AND ($2::bigint IS NULL OR id < $2)
+              ORDER BY id DESC LIMIT $3)
+         ) u ORDER BY id DESC LIMIT $3",
+    )
+    .bind(resource_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The work kinds of units `work_ids`, from their `enqueued` events (units enqueued before
+/// events named kinds have none).
+pub async fn work_kinds(
+    conn: &mut PgConnection,
+    work_ids: &[i64],
+) -> Result<Vec<(i64, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT work_id, kind FROM work_events
+         WHERE work_id = ANY($1) AND event = 'enqueued' AND kind IS NOT NULL",
+    )
+    .bind(work_ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The histories of units `work_ids`, by unit, each oldest first.
+pub async fn events_for_works(
+    conn: &mut PgConnection,
+    work_ids: &[i64],
+) -> Result<Vec<WorkEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, work_id, token, event, attempt, worker, error_class, message, detail, at
+         FROM work_events WHERE work_id = ANY($1) ORDER BY work_id, id",
+    )
+    .bind(work_ids)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(event_row).collect()
 }
 
 fn event_row(r: sqlx::postgres::PgRow) -> Result<WorkEvent, StoreError> {

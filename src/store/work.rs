@@ -195,11 +195,12 @@ macro_rules! enqueue_sql {
                       AS u(k, s, t, r, tn, p, ra, m, h) ",
             $conflict,
             "
-                 RETURNING id, token, parent_id
+                 RETURNING id, token, parent_id, resource_id, kind
              ), ev AS (
-                 INSERT INTO work_events (work_id, token, event, detail)
+                 INSERT INTO work_events (work_id, token, event, detail, resource_id, kind)
                  SELECT id, token, 'enqueued',
-                        CASE WHEN parent_id IS NULL THEN NULL ELSE jsonb_build_object('parent_id', parent_id) END
+                        CASE WHEN parent_id IS NULL THEN NULL ELSE jsonb_build_object('parent_id', parent_id) END,
+                        resource_id, kind
                  FROM ins
              )
              SELECT id, token FROM ins"
@@ -849,6 +850,21 @@ pub async fn work_get(conn: &mut PgConnection, id: i64) -> Result<Option<WorkRow
         .await?
         .map(work_row)
         .transpose()
+}
+
+/// The units among `ids` still in the table, in no particular order.
+pub async fn work_get_many(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> Result<Vec<WorkRow>, StoreError> {
+    let sql = format!("SELECT {WORK_COLUMNS} FROM work WHERE id = ANY($1)");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .map(work_row)
+        .collect()
 }
 
 /// One unit by token, if it is still in the table.

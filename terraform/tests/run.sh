@@ -363,12 +363,43 @@ print(f"summary: {len(rc)} resources to create, production safety switches on")
 PY
 }
 
+plan_console_exposure() {
+  # The web console behind the load balancer (off by default, so the apply below has none): a
+  # listener and a sticky target group on its port, the engine listening there, the rules to
+  # reach it; and a console port that collides with the API's is refused.
+  tf "$EXAMPLE" plan -input=false -no-color -lock=false -state="$WORK/never.tfstate" "${VARS[@]}" \
+    -var 'console_port=8443' -out="$WORK/console.tfplan"
+  tf "$EXAMPLE" show -json "$WORK/console.tfplan" >"$WORK/console.json"
+  python3 - "$WORK/console.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+rc = {r["address"]: r["change"]["after"] for r in plan["resource_changes"] if r["mode"] == "managed"}
+def one(suffix):
+    found = [v for k, v in rc.items() if k.endswith(suffix)]
+    assert len(found) == 1, f"{suffix}: {len(found)}"
+    return found[0]
+listener = one("aws_lb_listener.console[0]")
+assert listener["port"] == 8443 and listener["protocol"] == "TCP", listener
+tg = one("aws_lb_target_group.console[0]")
+assert tg["port"] == 8443 and tg["stickiness"][0]["enabled"] is True and tg["stickiness"][0]["type"] == "source_ip", tg
+task = one("aws_ecs_task_definition.engine")
+env = {e["name"]: e["value"] for e in json.loads(task["container_definitions"])[0]["environment"]}
+assert env["SETPOINT_CONSOLE_LISTEN"] == "0.0.0.0:8443", env
+rules = [k for k in rc if "console" in k and "security_group" in k]
+assert len(rules) >= 3, rules
+print(f"summary: console on 8443: listener, sticky target group, {len(rules)} security group rules, SETPOINT_CONSOLE_LISTEN")
+PY
+  refused_plan "a console port that is the API's" -var 'console_port=50051'
+  grep -q 'console_port must be between 1024 and 65535 and differ from grpc_port' <<<"$REFUSED"
+}
+
 resource_types_in_plan=""
 if [ $ex_ok -eq 1 ] && [ $moto_ok -eq 1 ] && [ $inputs_ok -eq 1 ]; then
   step "invalid inputs are refused (validation blocks)" invalid_inputs_refused || true
   step "extra_environment cannot replace the module's variables" extra_environment_cannot_replace || true
   step "served regions: deployment region once, keys of their own region" regions_refused || true
   step "plan example (production defaults)" plan_production_defaults || true
+  step "plan example with the web console behind the load balancer" plan_console_exposure || true
 
   # Apply a throw-away variant: production=false turns deletion protection off so destroy works.
   APPLY_VARS=("${VARS[@]}" -var "production=false")

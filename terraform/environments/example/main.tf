@@ -188,6 +188,9 @@ module "setpoint" {
   grpc_allowed_cidrs   = [var.vpc_cidr]
   create_load_balancer = var.create_load_balancer
 
+  console_port          = var.console_port
+  console_allowed_cidrs = [var.vpc_cidr]
+
   ec2_subnet_id          = aws_subnet.workloads.id
   ec2_security_group_ids = [aws_security_group.workloads.id]
   ec2_image_id           = var.ec2_image_id

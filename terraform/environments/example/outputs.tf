@@ -8,6 +8,11 @@ output "grpc_endpoint" {
   value       = module.setpoint.grpc_endpoint
 }
 
+output "console_url" {
+  description = "URL of setpoint's web console on the internal load balancer (null unless console_port is set)."
+  value       = module.setpoint.console_url
+}
+
 output "engine_environment" {
   description = "Environment the engine container runs with (no secrets)."
   value       = module.setpoint.engine_environment

@@ -210,3 +210,14 @@ variable "create_load_balancer" {
   type        = bool
   default     = true
 }
+
+variable "console_port" {
+  description = "Port of the web console on the internal load balancer (docs/console.md); null (the default) keeps it off. Browsers inside the VPC may reach it."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.console_port == null ? true : (var.console_port >= 1024 && var.console_port <= 65535)
+    error_message = "console_port must be null (console off) or a port between 1024 and 65535."
+  }
+}

@@ -33,7 +33,10 @@ locals {
     var.ec2_data_volume_kms_key_arn == null ? {} : { SETPOINT_EC2_DATA_VOLUME_KMS_KEY_ID = var.ec2_data_volume_kms_key_arn },
     length(var.ec2_additional_regions) == 0 ? {} : { SETPOINT_EC2_REGIONS = local.ec2_additional_regions_json },
     var.kubernetes_workload_image == null ? {} : { SETPOINT_KUBERNETES_IMAGE = var.kubernetes_workload_image },
+    var.console_port == null ? {} : { SETPOINT_CONSOLE_LISTEN = "0.0.0.0:${var.console_port}" },
   )
+  # The console behind the load balancer: only with a console port and a load balancer.
+  console_lb = var.console_port != null && var.create_load_balancer
   # The regions served besides the deployment region, as the engine reads them: one table per
   # region with the keys of its [ec2.regions.<name>] tables (SETPOINT_EC2_REGIONS).
   ec2_additional_regions_json = jsonencode({
@@ -101,10 +104,13 @@ locals {
     readonlyRootFilesystem = true
     stopTimeout            = var.engine_stop_timeout
     command                = var.engine_command
-    portMappings = [
-      { name = "grpc", containerPort = var.grpc_port, protocol = "tcp" },
-      { name = "metrics", containerPort = var.metrics_port, protocol = "tcp" },
-    ]
+    portMappings = concat(
+      [
+        { name = "grpc", containerPort = var.grpc_port, protocol = "tcp" },
+        { name = "metrics", containerPort = var.metrics_port, protocol = "tcp" },
+      ],
+      var.console_port == null ? [] : [{ name = "console", containerPort = var.console_port, protocol = "tcp" }],
+    )
     environment = [for k in sort(keys(local.engine_environment)) : { name = k, value = local.engine_environment[k] }]
     secrets     = [for k in sort(keys(local.engine_secrets)) : { name = k, valueFrom = local.engine_secrets[k] }]
     logConfiguration = {
@@ -239,7 +245,16 @@ resource "aws_ecs_service" "engine" {
     }
   }
 
-  depends_on = [aws_iam_role_policy.engine, aws_iam_role_policy.execution_secrets, aws_lb_listener.grpc, aws_secretsmanager_secret_version.smtp_url]
+  dynamic "load_balancer" {
+    for_each = local.console_lb ? [1] : []
+    content {
+      target_group_arn = aws_lb_target_group.console[0].arn
+      container_name   = "setpoint"
+      container_port   = var.console_port
+    }
+  }
+
+  depends_on = [aws_iam_role_policy.engine, aws_iam_role_policy.execution_secrets, aws_lb_listener.grpc, aws_lb_listener.console, aws_secretsmanager_secret_version.smtp_url]
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -297,5 +312,53 @@ resource "aws_lb_listener" "grpc" {
   default_action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.grpc[0].arn
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# The web console on the same internal load balancer (console_port; off by default). TCP pass-
+# through like the API: TLS, with grpc_tls, ends in the engine. Sessions live in each task's
+# memory, so a browser must keep reaching the same task: stickiness by source address.
+# ---------------------------------------------------------------------------------------------
+resource "aws_lb_target_group" "console" {
+  count                = local.console_lb ? 1 : 0
+  name_prefix          = "spcons"
+  port                 = var.console_port
+  protocol             = "TCP"
+  target_type          = "ip"
+  vpc_id               = var.vpc_id
+  deregistration_delay = var.engine_stop_timeout
+  tags                 = local.tags
+
+  stickiness {
+    enabled = true
+    type    = "source_ip"
+  }
+
+  health_check {
+    protocol            = "TCP"
+    port                = "traffic-port"
+    interval            = 10
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_lb_listener" "console" {
+  #checkov:skip=CKV_AWS_2:TCP pass-through to the console; TLS (the grpc_tls variable) is terminated by the engine, not by the load balancer.
+  #checkov:skip=CKV_AWS_103:Same: no TLS listener on the load balancer, so no TLS policy to set.
+  count             = local.console_lb ? 1 : 0
+  load_balancer_arn = aws_lb.grpc[0].arn
+  port              = var.console_port
+  protocol          = "TCP"
+  tags              = local.tags
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.console[0].arn
   }
 }

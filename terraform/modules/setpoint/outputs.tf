@@ -83,6 +83,11 @@ output "grpc_endpoint" {
   value       = var.create_load_balancer ? "${aws_lb.grpc[0].dns_name}:${var.grpc_port}" : null
 }
 
+output "console_url" {
+  description = "URL of the web console on the internal load balancer (null when console_port is not set or there is no load balancer)."
+  value       = local.console_lb ? "${var.grpc_tls == null ? "http" : "https"}://${aws_lb.grpc[0].dns_name}:${var.console_port}" : null
+}
+
 output "log_group_name" {
   description = "CloudWatch log group of the engine (and its metrics sidecar)."
   value       = aws_cloudwatch_log_group.engine.name

@@ -135,3 +135,44 @@ resource "aws_vpc_security_group_egress_rule" "lb_to_engine" {
   to_port                      = var.grpc_port
   referenced_security_group_id = aws_security_group.engine.id
 }
+
+# The web console (console_port): from the load balancer, and from the console's CIDRs.
+resource "aws_vpc_security_group_ingress_rule" "engine_console_from_lb" {
+  count                        = local.console_lb ? 1 : 0
+  security_group_id            = aws_security_group.engine.id
+  description                  = "Web console from the internal load balancer"
+  ip_protocol                  = "tcp"
+  from_port                    = var.console_port
+  to_port                      = var.console_port
+  referenced_security_group_id = aws_security_group.lb[0].id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "engine_console" {
+  for_each          = var.console_port == null ? toset([]) : toset(var.console_allowed_cidrs)
+  security_group_id = aws_security_group.engine.id
+  description       = "Web console from ${each.value}"
+  ip_protocol       = "tcp"
+  from_port         = var.console_port
+  to_port           = var.console_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_ingress_rule" "lb_console" {
+  for_each          = local.console_lb ? toset(var.console_allowed_cidrs) : toset([])
+  security_group_id = aws_security_group.lb[0].id
+  description       = "Web console from ${each.value}"
+  ip_protocol       = "tcp"
+  from_port         = var.console_port
+  to_port           = var.console_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_egress_rule" "lb_to_engine_console" {
+  count                        = local.console_lb ? 1 : 0
+  security_group_id            = aws_security_group.lb[0].id
+  description                  = "Web console and its health checks to the engine tasks"
+  ip_protocol                  = "tcp"
+  from_port                    = var.console_port
+  to_port                      = var.console_port
+  referenced_security_group_id = aws_security_group.engine.id
+}

@@ -182,6 +182,28 @@ variable "metrics_allowed_cidrs" {
   }
 }
 
+variable "console_port" {
+  description = "Port of the engine's web console (SETPOINT_CONSOLE_LISTEN; docs/console.md), exposed on the internal load balancer. null (the default) keeps the console off. It serves HTTPS with grpc_tls's certificate when grpc_tls is set (TLS ends in the engine, as for the API), plain HTTP otherwise."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.console_port == null ? true : (var.console_port >= 1024 && var.console_port <= 65535 && var.console_port != var.grpc_port && var.console_port != var.metrics_port)
+    error_message = "console_port must be between 1024 and 65535 and differ from grpc_port and metrics_port."
+  }
+}
+
+variable "console_allowed_cidrs" {
+  description = "CIDR blocks of browsers allowed to reach the web console on the internal load balancer (and the tasks). Only used with console_port."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.console_allowed_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "console_allowed_cidrs must hold valid CIDR blocks and not 0.0.0.0/0 (the console is internal)."
+  }
+}
+
 variable "create_load_balancer" {
   description = "Create an internal Network Load Balancer in front of the gRPC port (TCP, so HTTP/2 passes through untouched)."
   type        = bool
