@@ -108,6 +108,7 @@ async fn create(api: &mut Api, name: &str) -> Result<Instance, tonic::Status> {
             ..Instance::default()
         }),
         request_id: format!("create-{name}"),
+        bulk: false,
     })
     .await
     .map(|r| r.into_inner())
@@ -314,6 +315,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         api.delete_instance(DeleteInstanceRequest {
             name: full(n),
             request_id: format!("delete-{n}"),
+            bulk: false,
         })
         .await
         .expect("delete");
@@ -404,6 +406,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
             instance: Some(changed.clone()),
             update_mask: None,
             request_id: "update-chg-1".into(),
+            bulk: false,
         })
         .await
         .expect_err("refused while active");
@@ -428,6 +431,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         instance: Some(changed.clone()),
         update_mask: None,
         request_id: "update-chg-2".into(),
+        bulk: false,
     })
     .await
     .expect("accepted after the chain");
@@ -464,6 +468,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         instance: Some(changed),
         update_mask: None,
         request_id: "update-chg-3".into(),
+        bulk: false,
     })
     .await
     .expect("a second update");
@@ -488,6 +493,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         }),
         update_mask: None,
         request_id: "update-chg-4".into(),
+        bulk: false,
     })
     .await
     .expect("an update of a machine-less instance");

@@ -62,6 +62,25 @@ pub async fn instances_clear_active_work(
     Ok(())
 }
 
+/// How many of `tenant`'s resources have a change in flight (`has_active_work`), counting at
+/// most `up_to` of them: the API's per-tenant quota only needs to know whether the limit is
+/// reached, so the count stops there and its cost is bounded whatever the backlog
+/// (`instances_active_tenant_idx`, migration 0016).
+pub async fn tenant_changes_in_flight(
+    conn: &mut PgConnection,
+    tenant: &str,
+    up_to: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM instances
+                               WHERE tenant = $1 AND has_active_work LIMIT $2) a",
+    )
+    .bind(tenant)
+    .bind(up_to)
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Marks the instance as having active work (an operator retried its parked unit).
 pub async fn instance_mark_active(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
     sqlx::query("UPDATE instances SET has_active_work = true, updated_at = now() WHERE id = $1")
