@@ -54,6 +54,16 @@ const CREATE_BATCH: &str = "WITH input AS (
                               $11::jsonb[])
              AS u(ord, tenant, request_id, body_hash, response, id, name, spec, work_id, token,
                   work_spec)
+     ), last AS MATERIALIZED (
+         -- Each tenant's last unit waiting in the change lane: one probe per tenant of the
+         -- batch, not per create (a probe may pass the entries of the other executor's
+         -- uncommitted batch of the same tenant).
+         SELECT t.tenant,
+                (SELECT w.fair_at FROM work w
+                 WHERE coalesce(w.tenant, '') = t.tenant AND w.kind = $14
+                   AND w.lane = 0 AND w.state IN ('pending', 'queued')
+                 ORDER BY w.fair_at DESC LIMIT 1) AS fair_at
+         FROM (SELECT DISTINCT tenant FROM input) t
      ), checked AS (
          SELECT i.*, seen.taken IS NULL AND live.taken IS NULL AS ok,
                 -- The unit's place in the change lane: after its tenant's last unit waiting
@@ -69,10 +79,7 @@ const CREATE_BATCH: &str = "WITH input AS (
                             WHERE x.tenant = i.tenant AND x.name = i.name
                               AND x.kind = $15 AND x.deleted_at IS NULL
                             LIMIT 1) live ON true
-         LEFT JOIN LATERAL (SELECT w.fair_at FROM work w
-                            WHERE coalesce(w.tenant, '') = i.tenant AND w.kind = $14
-                              AND w.lane = 0 AND w.state IN ('pending', 'queued')
-                            ORDER BY w.fair_at DESC LIMIT 1) last ON true
+         LEFT JOIN last ON last.tenant = i.tenant
      ), claimed AS (
          INSERT INTO api_requests (tenant, request_id, method, body_hash, response)
          SELECT tenant, request_id, $12, body_hash, response FROM checked WHERE ok

@@ -255,7 +255,10 @@ macro_rules! enqueue_sql {
                       WITH ORDINALITY AS u(k, s, t, r, tn, p, ra, m, h, l, o)
              ), g AS (
                  SELECT DISTINCT coalesce(tn, '') AS tn, k, l FROM u
-             ), last AS (
+             ), last AS MATERIALIZED (
+                 -- Materialized: inlined into the insert's join, the probe would run once per
+                 -- unit instead of once per group, and each probe may have to pass the index
+                 -- entries of concurrent enqueues of the same tenant (not visible to it).
                  SELECT g.tn, g.k, g.l,
                         greatest(now() - make_interval(secs => $11::float8 / 1000),
                                  (SELECT w.fair_at FROM work w
