@@ -32,7 +32,7 @@ use crate::dev::postgres::{ClusterOptions, Durability, TempCluster};
 use crate::engine::EngineBuilder;
 use crate::plugin::{ConfigContext, Plugin, PluginError, Registrar, Services};
 use crate::store::events::events_fill_history;
-use crate::store::instances::{Fill, instances_fill_ready, instances_ready_after_ms};
+use crate::store::instances::{Fill, instances_fill_ready, instances_ready_ids};
 use crate::store::{self, StoreError, TableSize};
 use crate::worker::WorkerConfig;
 
@@ -42,6 +42,8 @@ pub const KIND: &str = "bench.item";
 const NEWCOMER: &str = "newcomer";
 /// Resources written per fill statement.
 const FILL_BATCH: i64 = 50_000;
+/// How often the created resources are polled for READY (the resolution of create -> READY).
+const READY_POLL: Duration = Duration::from_millis(50);
 
 /// `setpoint bench scale`.
 #[derive(Debug, Clone, Args)]
@@ -128,7 +130,7 @@ pub struct ScaleReport {
     pub create_errors: u64,
     /// From a Create's answer (its commit) to its first adapter call.
     pub commit_to_first_call: Spread,
-    /// From a Create's commit to READY (the commit of the unit that ended its chain).
+    /// From a Create's commit to READY (seen by polling every 50 ms).
     pub create_to_ready: Spread,
     /// Drift checks run per second while Creates were submitted.
     pub drift_checks_per_sec: f64,
@@ -321,6 +323,26 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
     let window = Instant::now();
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // Seen READY, polled: the first time each created resource was seen READY.
+    let seen_ready: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let polling = CancellationToken::new();
+    let poller = {
+        let (pool, seen, stop) = (pool.clone(), seen_ready.clone(), polling.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Ok(mut conn) = pool.acquire().await
+                    && let Ok(ids) = instances_ready_ids(&mut conn, NEWCOMER, KIND).await
+                {
+                    let now = Instant::now();
+                    let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    for id in ids {
+                        seen.entry(id).or_insert(now);
+                    }
+                }
+                tokio::time::sleep(READY_POLL).await;
+            }
+        })
+    };
     let mut sent = Vec::new();
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
         .parse()
@@ -373,17 +395,26 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
     let accepted = std::mem::take(&mut *accepted.lock().unwrap_or_else(PoisonError::into_inner));
 
     say("waiting for every create to be READY");
-    let ready = {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-            let ready = instances_ready_after_ms(&mut conn, NEWCOMER, KIND).await?;
-            if ready.len() >= accepted.len() || Instant::now() > deadline {
-                break ready;
-            }
-            drop(conn);
-            tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let seen = seen_ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if seen >= accepted.len() {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    polling.cancel();
+    let _ = poller.await;
+    let ready: Vec<f64> = {
+        let seen = seen_ready.lock().unwrap_or_else(PoisonError::into_inner);
+        accepted
+            .iter()
+            .filter_map(|(uid, at)| seen.get(uid).map(|r| r.saturating_duration_since(*at)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect()
     };
     let first_calls = std::mem::take(
         &mut *calls

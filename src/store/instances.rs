@@ -136,19 +136,18 @@ pub async fn instances_fill_ready(
     Ok(ids)
 }
 
-/// Milliseconds from creation to READY of `tenant`'s READY resources of `kind` (the time the
-/// chain that ended their create committed), for benchmarks.
+/// The ids of `tenant`'s READY resources of `kind` (benchmarks poll it to time create ->
+/// READY: `updated_at` cannot tell, a later drift check moves it).
 ///
 /// # Errors
 /// Database errors.
-pub async fn instances_ready_after_ms(
+pub async fn instances_ready_ids(
     conn: &mut PgConnection,
     tenant: &str,
     kind: &str,
-) -> Result<Vec<f64>, StoreError> {
+) -> Result<Vec<Uuid>, StoreError> {
     Ok(sqlx::query_scalar(
-        "SELECT extract(epoch FROM updated_at - created_at)::float8 * 1000 FROM instances
-         WHERE tenant = $1 AND kind = $2 AND status = 'READY'",
+        "SELECT id FROM instances WHERE tenant = $1 AND kind = $2 AND status = 'READY'",
     )
     .bind(tenant)
     .bind(kind)
