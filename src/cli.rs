@@ -267,6 +267,9 @@ pub enum BenchCommand {
     Queue(BenchQueueArgs),
     /// API Create calls/s next to PostgreSQL's single-insert commit rate (durable cluster).
     Api(crate::bench::api::BenchApiArgs),
+    /// An engine watching N READY resources with drift running: Create latency, drift rate,
+    /// table sizes (durable cluster, adapters that answer in a set time).
+    Scale(crate::bench::scale::BenchScaleArgs),
 }
 
 /// `setpoint bench queue`.

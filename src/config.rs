@@ -174,6 +174,9 @@ pub struct ApiFile {
     pub request_timeout: Option<Duration>,
     /// Most open WatchInstance streams per tenant.
     pub max_watches_per_tenant: Option<usize>,
+    /// Most resources of one tenant with a change in flight; one more change is refused with
+    /// `RESOURCE_EXHAUSTED` and a retry delay.
+    pub max_changes_in_flight_per_tenant: Option<usize>,
     /// Database lookups of tokens in neither cache, per second (the whole process).
     pub token_lookups_per_second: Option<u32>,
     /// How many such lookups may come at once.

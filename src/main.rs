@@ -103,6 +103,16 @@ async fn run(cli: Cli) -> Result<()> {
             .await
             .map(|_| ())
             .map_err(Into::into),
+        Command::Bench(BenchCommand::Scale(args)) => {
+            let json_out = args.json;
+            let report = setpoint::bench::scale::run(args, |m| eprintln!("bench: {m}")).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                setpoint::bench::scale::print(&report);
+            }
+            Ok(())
+        }
         Command::Instances(cmd) => Ok(setpoint::client::run_instances(cmd).await?),
         Command::Resources(cmd) => Ok(setpoint::client::resources::run(cmd).await?),
         Command::Tokens(cmd) => {

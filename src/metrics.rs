@@ -150,6 +150,11 @@ pub fn api_create_batch(result: &'static str, creates: usize) {
         .increment(creates as u64);
 }
 
+/// A change was refused because its tenant reached its quota of changes in flight.
+pub fn api_quota_refused() {
+    metrics::counter!("setpoint_api_quota_refused_total").increment(1);
+}
+
 /// The API's server certificate expires in `secs` seconds (negative: it has expired).
 pub fn api_tls_certificate_expiry(secs: f64) {
     metrics::gauge!("setpoint_api_tls_certificate_expiry_seconds").set(secs);

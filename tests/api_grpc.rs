@@ -239,6 +239,7 @@ async fn changes_during_active_work_fail_with_details_naming_the_unit() {
             paths: vec!["spec.plan".into()],
         }),
         request_id: "r2".into(),
+        bulk: false,
     };
     let err = c
         .update_instance(authed(&env.acme, update.clone()))
@@ -266,6 +267,7 @@ async fn changes_during_active_work_fail_with_details_naming_the_unit() {
             paths: vec!["spec.plan".into()],
         }),
         request_id: "r4".into(),
+        bulk: false,
     };
     let unchanged = c
         .update_instance(authed(&env.acme, same("tenants/-/instances/web-1")))
@@ -327,6 +329,7 @@ async fn a_delete_supersedes_the_chain_in_flight() {
             DeleteInstanceRequest {
                 name: a.name.clone(),
                 request_id: "r3".into(),
+                bulk: false,
             },
         ))
         .await
@@ -480,6 +483,7 @@ async fn every_validation_rule_refuses_with_field_violations_and_writes_nothing(
                     paths: vec!["spec.region".into(), "uid".into()],
                 }),
                 request_id: "u1".into(),
+                bulk: false,
             },
         ))
         .await
@@ -542,6 +546,7 @@ async fn tenants_see_and_change_only_their_own_instances() {
             }),
             update_mask: None,
             request_id: "g1".into(),
+            bulk: false,
         },
     ))
     .await
@@ -551,6 +556,7 @@ async fn tenants_see_and_change_only_their_own_instances() {
         DeleteInstanceRequest {
             name: a.name.clone(),
             request_id: "g2".into(),
+            bulk: false,
         },
     ))
     .await
@@ -1055,6 +1061,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
                     paths: vec!["spec.plan".into()],
                 }),
                 request_id: "d1".into(),
+                bulk: false,
             },
         ))
         .await
@@ -1133,6 +1140,7 @@ async fn work_service_is_admin_only_and_operates_parked_units() {
             DeleteInstanceRequest {
                 name: a.name.clone(),
                 request_id: "d2".into(),
+                bulk: false,
             },
         ))
         .await
@@ -1198,6 +1206,7 @@ async fn update_delete_and_paged_list_through_the_life_cycle() {
                     paths: vec!["spec.size_gb".into()],
                 }),
                 request_id: "u1".into(),
+                bulk: false,
             },
         ))
         .await
@@ -1237,6 +1246,7 @@ async fn update_delete_and_paged_list_through_the_life_cycle() {
             DeleteInstanceRequest {
                 name: name.clone(),
                 request_id: "d1".into(),
+                bulk: false,
             },
         ))
         .await
@@ -1728,6 +1738,7 @@ async fn control_characters_are_field_violations_and_limits_count_characters() {
                     paths: vec!["spec.plan".into()],
                 }),
                 request_id: "u1".into(),
+                bulk: false,
             },
         ))
         .await
@@ -1749,6 +1760,7 @@ async fn a_flood_of_update_mask_paths_gets_one_small_error() {
         }),
         update_mask: Some(prost_types::FieldMask { paths }),
         request_id: "u1".into(),
+        bulk: false,
     };
     // 32,000 empty paths fit in 64 KB; they made 9.9 MB of trailers before.
     let e = c
@@ -2079,5 +2091,144 @@ async fn unknown_tokens_beyond_the_lookup_budget_are_unavailable_and_known_unkno
             assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
         }
     }
+    env.stop().await;
+}
+
+/// Acme's instances, units and stored request ids.
+async fn acme_written(env: &Env) -> (i64, i64, i64) {
+    (
+        count(
+            &env.db,
+            "SELECT count(*) FROM instances WHERE tenant = 'acme'",
+        )
+        .await,
+        count(&env.db, "SELECT count(*) FROM work WHERE tenant = 'acme'").await,
+        count(
+            &env.db,
+            "SELECT count(*) FROM api_requests WHERE tenant = 'acme'",
+        )
+        .await,
+    )
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_quota_of_changes_in_flight_is_refused_with_a_retry_delay() {
+    use setpoint::api::proto::{
+        DeleteInstanceRequest, Instance, InstanceSpec, UpdateInstanceRequest,
+    };
+    let env = Env::start(ApiConfig {
+        max_changes_in_flight_per_tenant: 2,
+        ..ApiConfig::default()
+    })
+    .await;
+    let mut c = env.instances().await;
+    // No workers run: every accepted change stays in flight.
+    for (name, rid) in [("web-1", "r1"), ("web-2", "r2")] {
+        c.create_instance(authed(&env.acme, create_req(name, rid)))
+            .await
+            .unwrap();
+    }
+    let e = c
+        .create_instance(authed(&env.acme, create_req("web-3", "r3")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("2 resources with a change in progress")
+            && e.message().contains("api.max_changes_in_flight_per_tenant")
+            && e.message().contains("retry in 5s"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.get_details_quota_failure().unwrap().violations[0].subject,
+        "tenants/acme"
+    );
+    assert_eq!(
+        e.get_details_retry_info().unwrap().retry_delay,
+        Some(std::time::Duration::from_secs(5))
+    );
+    assert_eq!(
+        acme_written(&env).await,
+        (2, 2, 2),
+        "nothing of the refused create"
+    );
+    // The quota is per tenant.
+    c.create_instance(authed(&env.globex, create_req("web-3", "r3")))
+        .await
+        .unwrap();
+    // A repeat of an accepted create still gets its first answer.
+    let again = c
+        .create_instance(authed(&env.acme, create_req("web-1", "r1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.name, "tenants/acme/instances/web-1");
+
+    // web-1's chain ends (as a worker would end it): one change in flight, room for one.
+    sqlx::query("UPDATE instances SET has_active_work = false WHERE name = 'web-1'")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM work WHERE tenant = 'acme' AND resource_id = (SELECT id FROM instances WHERE name = 'web-1' AND tenant = 'acme')")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    c.create_instance(authed(&env.acme, create_req("web-3", "r4")))
+        .await
+        .unwrap();
+    // At the quota again: changing or deleting the idle web-1 would add a change in flight.
+    let update = UpdateInstanceRequest {
+        instance: Some(Instance {
+            name: "tenants/-/instances/web-1".into(),
+            spec: Some(InstanceSpec {
+                plan: "kvx.large".into(),
+                ..spec()
+            }),
+            ..Instance::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.plan".into()],
+        }),
+        request_id: "r5".into(),
+        bulk: false,
+    };
+    let e = c
+        .update_instance(authed(&env.acme, update))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let delete = |name: &str, rid: &str| DeleteInstanceRequest {
+        name: format!("tenants/-/instances/{name}"),
+        request_id: rid.into(),
+        bulk: false,
+    };
+    let e = c
+        .delete_instance(authed(&env.acme, delete("web-1", "r6")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(
+        count(
+            &env.db,
+            "SELECT count(*) FROM instances WHERE tenant = 'acme' AND name = 'web-1' \
+             AND generation = 1 AND operation IS NULL AND status = 'READY'"
+        )
+        .await,
+        1,
+        "the refused update and delete wrote nothing"
+    );
+    // Deleting a resource whose change is in flight adds nothing: it is taken.
+    c.delete_instance(authed(&env.acme, delete("web-2", "r7")))
+        .await
+        .unwrap();
+    // Once the chains finish, changes are taken again.
+    env.start_workers();
+    common::wait_for("room under the quota", || {
+        let mut c = c.clone();
+        let req = authed(&env.acme, delete("web-1", "r8"));
+        async move { c.delete_instance(req).await.ok() }
+    })
+    .await;
     env.stop().await;
 }

@@ -129,6 +129,7 @@ impl Rpc {
                     paths: vec!["spec.plan".into()],
                 }),
                 request_id: "u1".into(),
+                bulk: false,
             };
             f(&mut r);
             r.encode_to_vec()
@@ -213,6 +214,7 @@ impl Rpc {
                     DeleteInstanceRequest {
                         name: v(NAME),
                         request_id: "d1".into(),
+                        bulk: false,
                     }
                     .encode_to_vec(),
                 ),
@@ -221,6 +223,7 @@ impl Rpc {
                     DeleteInstanceRequest {
                         name: NAME.into(),
                         request_id: v("d1"),
+                        bulk: false,
                     }
                     .encode_to_vec(),
                 ),
@@ -498,6 +501,7 @@ fn cases() -> Vec<Case> {
             paths: vec![String::new(); 31_000],
         }),
         request_id: "u1".into(),
+        bulk: false,
     }
     .encode_to_vec();
     assert!(flood.len() < 64 * 1024, "{}", flood.len());

@@ -89,3 +89,52 @@ fn bench_queue_reports_enqueue_and_drain_rates_on_a_durable_cluster() {
         "the benchmark runs durable: {settings}"
     );
 }
+
+#[test]
+fn bench_scale_reports_create_latency_drift_rate_and_table_sizes() {
+    let (ok, out, err) = setpoint(
+        None,
+        &[
+            "bench",
+            "scale",
+            "--resources",
+            "2000",
+            "--tenants",
+            "10",
+            "--drift-interval",
+            "20s",
+            "--adapter-latency",
+            "5ms",
+            "--create-rate",
+            "20",
+            "--duration",
+            "2s",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(r["resources"], 2000, "{out}");
+    assert_eq!(r["create_errors"], 0, "{out}");
+    let creates = r["creates"].as_u64().unwrap();
+    assert!(creates > 0, "{out}");
+    // Every accepted create reached its first adapter call and READY.
+    assert_eq!(
+        r["commit_to_first_call"]["n"].as_u64(),
+        Some(creates),
+        "{out}"
+    );
+    assert_eq!(r["create_to_ready"]["n"].as_u64(), Some(creates), "{out}");
+    assert!(r["drift_checks_per_sec"].as_f64().unwrap() > 0.0, "{out}");
+    let tables: Vec<&str> = r["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tables,
+        ["instances", "work", "work_events", "api_requests"],
+        "{out}"
+    );
+}

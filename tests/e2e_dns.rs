@@ -181,6 +181,7 @@ async fn create_zone(rs: &mut Rs, name: &str, domain: &str) -> Result<Resource, 
             ..Resource::default()
         }),
         request_id: format!("create-{name}"),
+        bulk: false,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -300,6 +301,7 @@ async fn a_zone_lives_and_dies_beside_an_instance_of_the_same_name() {
             ..Instance::default()
         }),
         request_id: "create-shop-instance".into(),
+        bulk: false,
     })
     .await
     .expect("the instance is created beside the zone");
@@ -580,6 +582,7 @@ async fn bad_specs_are_refused_with_every_violation_and_nothing_written() {
                 paths: vec!["spec.name".into(), "spec.ttl".into()],
             }),
             request_id: uuid::Uuid::new_v4().to_string(),
+            bulk: false,
         })
         .await
         .expect_err("refused");
@@ -698,6 +701,7 @@ async fn an_engine_killed_at_each_dns_step_leaves_exactly_one_zone() {
     rs.delete_resource(DeleteResourceRequest {
         name: "tenants/demo/zones/fp-0".into(),
         request_id: "delete-fp-0".into(),
+        bulk: false,
     })
     .await
     .expect("delete");
@@ -770,6 +774,7 @@ async fn a_delete_during_a_kvx_create_leaves_nothing() {
         .delete_resource(DeleteResourceRequest {
             name: "tenants/demo/instances/brief".into(),
             request_id: "delete-brief".into(),
+            bulk: false,
         })
         .await
         .expect("a delete is accepted while the create runs");

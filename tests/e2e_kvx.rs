@@ -112,6 +112,7 @@ async fn create(api: &mut Api, name: &str) -> Result<Instance, tonic::Status> {
             ..Instance::default()
         }),
         request_id: format!("create-{name}"),
+        bulk: false,
     })
     .await
     .map(|r| r.into_inner())
@@ -318,6 +319,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         api.delete_instance(DeleteInstanceRequest {
             name: full(n),
             request_id: format!("delete-{n}"),
+            bulk: false,
         })
         .await
         .expect("delete");
@@ -408,6 +410,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
             instance: Some(changed.clone()),
             update_mask: None,
             request_id: "update-chg-1".into(),
+            bulk: false,
         })
         .await
         .expect_err("refused while active");
@@ -432,6 +435,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         instance: Some(changed.clone()),
         update_mask: None,
         request_id: "update-chg-2".into(),
+        bulk: false,
     })
     .await
     .expect("accepted after the chain");
@@ -468,6 +472,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         instance: Some(changed),
         update_mask: None,
         request_id: "update-chg-3".into(),
+        bulk: false,
     })
     .await
     .expect("a second update");
@@ -492,6 +497,7 @@ async fn twenty_instances_live_and_die_and_changes_wait_for_the_chain() {
         }),
         update_mask: None,
         request_id: "update-chg-4".into(),
+        bulk: false,
     })
     .await
     .expect("an update of a machine-less instance");

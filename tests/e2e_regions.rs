@@ -56,6 +56,7 @@ async fn create(
                 ..Instance::default()
             }),
             request_id: format!("create-{name}"),
+            bulk: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -202,6 +203,7 @@ async fn two_regions_place_size_grow_refuse_and_survive_a_sigkill() {
             }),
             update_mask: None,
             request_id: "grow-west".into(),
+            bulk: false,
         })
         .await
         .expect("grow west");
@@ -326,6 +328,7 @@ async fn two_regions_place_size_grow_refuse_and_survive_a_sigkill() {
             .delete_instance(DeleteInstanceRequest {
                 name: full(name),
                 request_id: format!("delete-{name}"),
+                bulk: false,
             })
             .await
             .expect("delete");

@@ -205,6 +205,7 @@ async fn create_zone(api: &Resources, name: &str, domain: &str) {
                 ..Resource::default()
             }),
             request_id: format!("create-{name}"),
+            bulk: false,
         })
         .await
         .unwrap_or_else(|e| panic!("create zone {name}: {e:?}"));
@@ -277,6 +278,7 @@ async fn create_instance(api: &Api, name: &str) {
                 ..Instance::default()
             }),
             request_id: format!("create-{name}"),
+            bulk: false,
         })
         .await
         .expect("create");
@@ -367,6 +369,7 @@ async fn two_engines_claim_only_their_kinds_and_unserved_units_wait() {
             }),
             update_mask: None,
             request_id: "grow-db-1".into(),
+            bulk: false,
         })
         .await
         .expect("update db-1");

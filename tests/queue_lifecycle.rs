@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use setpoint::Registry;
 use setpoint::queue::{self, NewWork, QueueError};
 use setpoint::store::work::{
-    ClaimFrom, Completion, work_claim, work_complete_if_leased, work_enqueue, work_heartbeat,
+    ClaimFrom, ClaimedWork, Completion, Lane, work_claim, work_complete_if_leased, work_enqueue,
+    work_heartbeat,
 };
 use setpoint_adapter::{AdapterError, BoxFuture, Handler, IdempotencyToken, Outcome, WorkContext};
 use uuid::Uuid;
@@ -752,4 +753,158 @@ async fn a_waiting_unit_does_not_use_up_its_attempts() {
     assert_eq!(waits.len(), 4, "{h:?}");
     assert!(h.iter().any(|e| e.0 == "succeeded"), "{h:?}");
     assert!(!h.iter().any(|e| e.0 == "parked"), "{h:?}");
+}
+
+/// Completes `units` as their worker `w` would (they leave the table).
+async fn complete_all(conn: &mut sqlx::PgConnection, w: &str, units: &[ClaimedWork]) {
+    let done: Vec<Completion> = units
+        .iter()
+        .map(|u| Completion {
+            id: u.id,
+            attempt: u.attempt,
+            detail: json!({}),
+        })
+        .collect();
+    let completed = work_complete_if_leased(conn, w, &done).await.unwrap();
+    assert_eq!(completed.len(), units.len());
+}
+
+/// `n` units of `kind` in `lane` for tenant `tenant`, each on a resource of its own, enqueued
+/// with statements of at most 1,000 units (as the API's batches and the drift scheduler do).
+async fn enqueue_for(pool: &sqlx::PgPool, tenant: &str, kind: &str, lane: Lane, n: usize) {
+    let mut left = n;
+    while left > 0 {
+        let now = left.min(1000);
+        let units: Vec<NewWork> = (0..now)
+            .map(|_| {
+                NewWork::new(kind, json!({}))
+                    .for_resource(Uuid::new_v4(), tenant)
+                    .in_lane(lane)
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        work_enqueue(&mut tx, &units).await.unwrap();
+        tx.commit().await.unwrap();
+        left -= now;
+    }
+}
+
+#[tokio::test]
+async fn one_tenants_burst_does_not_hold_back_another_tenants_single_change() {
+    let db = db().await;
+    enqueue_for(&db.pool, "a", "setpoint.noop", Lane::Change, 10_000).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // The workers are already busy with A's backlog.
+    let first = work_claim(&mut conn, "w", &noop(), 100, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    assert_eq!(first.len(), 100);
+    assert!(first.iter().all(|u| u.tenant.as_deref() == Some("a")));
+    complete_all(&mut conn, "w", &first).await;
+    let b = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.noop", json!({})).for_resource(Uuid::new_v4(), "b"),
+    )
+    .await;
+    // Claim rounds of 100 as the workers run them after a wake-up (from the start).
+    let mut a_claimed = first.len();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let got = work_claim(&mut conn, "w", &noop(), 100, 60_000, ClaimFrom::Start)
+            .await
+            .unwrap()
+            .units;
+        assert!(!got.is_empty(), "B's unit was never claimed");
+        let found = got.iter().any(|u| u.id == b);
+        a_claimed += got.iter().filter(|u| u.id != b).count();
+        complete_all(&mut conn, "w", &got).await;
+        if found {
+            break;
+        }
+    }
+    assert_eq!(
+        rounds, 1,
+        "B is claimed in the first round after its commit"
+    );
+    assert!(
+        a_claimed < 1_000,
+        "B waited for {a_claimed} of A's 10,000 units (10% is 1,000)"
+    );
+    // A's backlog still drains, in its own order.
+    let rest = work_claim(&mut conn, "w", &noop(), 10_000, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    assert_eq!(a_claimed + rest.len(), 10_000);
+}
+
+#[tokio::test]
+async fn a_users_change_is_claimed_in_the_first_round_after_its_commit_despite_100k_drift_checks() {
+    let db = db().await;
+    // 100,000 drift checks of 100 tenants are due (an earlier sweep).
+    for t in 0..100 {
+        enqueue_for(
+            &db.pool,
+            &format!("t{t}"),
+            "setpoint.noop",
+            Lane::Drift,
+            1000,
+        )
+        .await;
+    }
+    let kinds = vec!["setpoint.noop".to_owned(), "setpoint.probe".to_owned()];
+    let mut conn = db.pool.acquire().await.unwrap();
+    let first = work_claim(&mut conn, "w", &kinds, 100, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    assert_eq!(first.len(), 100);
+    assert!(first.iter().all(|u| u.lane == Lane::Drift));
+    // Fair between tenants within the drift lane too: the first round spreads over them.
+    let tenants: std::collections::HashSet<_> = first.iter().map(|u| u.tenant.clone()).collect();
+    assert!(
+        tenants.len() >= 10,
+        "{} tenants in the first round",
+        tenants.len()
+    );
+    // A user's update (of another kind: its step) commits while the checks are claimed.
+    let update = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({})).for_resource(Uuid::new_v4(), "t7"),
+    )
+    .await;
+    let next = work_claim(&mut conn, "w", &kinds, 100, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    let claimed = next.iter().find(|u| u.id == update);
+    assert_eq!(
+        claimed.map(|u| u.lane),
+        Some(Lane::Change),
+        "the change is claimed in the next round"
+    );
+    // A bulk unit waits behind both lanes.
+    let bulk = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({}))
+            .for_resource(Uuid::new_v4(), "t8")
+            .in_lane(Lane::Bulk),
+    )
+    .await;
+    let change = enqueue(
+        &db.pool,
+        NewWork::new("setpoint.probe", json!({})).for_resource(Uuid::new_v4(), "t9"),
+    )
+    .await;
+    let round = work_claim(&mut conn, "w", &kinds, 100, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    assert!(round.iter().any(|u| u.id == change));
+    assert!(
+        round.iter().all(|u| u.id != bulk),
+        "bulk waits while checks are due"
+    );
 }

@@ -408,6 +408,7 @@ async fn create_to_ready(
                 ..Instance::default()
             }),
             request_id: "create-db-1".into(),
+            bulk: false,
         })
         .await
         .expect("create")

@@ -199,6 +199,7 @@ async fn update(api: &Api, name: &str, spec: InstanceSpec) {
             }),
             update_mask: None,
             request_id: format!("upgrade-update-{name}"),
+            bulk: false,
         })
         .await
         .unwrap_or_else(|e| panic!("update {name}: {e:?}"));
@@ -209,6 +210,7 @@ async fn delete(api: &Api, name: &str) {
         .delete_instance(DeleteInstanceRequest {
             name: full(name),
             request_id: format!("upgrade-delete-{name}-{}", uuid::Uuid::new_v4().simple()),
+            bulk: false,
         })
         .await
         .unwrap_or_else(|e| panic!("delete {name}: {e:?}"));
@@ -224,6 +226,7 @@ async fn create(api: &Api, name: &str, region: &str) {
                 ..Instance::default()
             }),
             request_id: format!("upgrade-create-{name}"),
+            bulk: false,
         })
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e:?}"));

@@ -72,6 +72,9 @@ pub struct NewCreate {
     pub spec: Value,
     /// sha256 of the request without its request id ([`super::idempotency::body_hash`]).
     pub body_hash: [u8; 32],
+    /// A bulk create: its unit runs in the bulk lane. Batches only take changes of the
+    /// change lane; a bulk create runs on its own.
+    pub bulk: bool,
 }
 
 /// How a batch settled one Create.

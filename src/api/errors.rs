@@ -59,13 +59,16 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(&'static str),
     /// A limit of the server or of the caller's tenant is reached: `RESOURCE_EXHAUSTED` with a
-    /// `QuotaFailure` naming the limit.
+    /// `QuotaFailure` naming the limit, and a `RetryInfo` when a delay is known.
     #[error("{description}")]
     Exhausted {
         /// What the limit applies to, e.g. `tenants/acme`.
         subject: String,
         /// The limit, with its value and the setting that changes it.
         description: String,
+        /// How long the caller should wait before trying again (`google.rpc.RetryInfo`),
+        /// when the server knows.
+        retry_after: Option<std::time::Duration>,
     },
     /// The token may not do this: `PERMISSION_DENIED`.
     #[error("{0}")]
@@ -192,9 +195,13 @@ impl From<ApiError> for Status {
             ApiError::Exhausted {
                 subject,
                 description,
+                retry_after,
             } => {
                 let mut d = ErrorDetails::new();
                 d.add_quota_failure_violation(subject, description);
+                if let Some(delay) = retry_after {
+                    d.set_retry_info(Some(delay));
+                }
                 Status::with_error_details(Code::ResourceExhausted, message, d)
             }
             ApiError::PermissionDenied(_) => Status::permission_denied(message),

@@ -122,6 +122,7 @@ where
                  shortly",
                 shared.limits.max_in_flight
             ),
+            retry_after: None,
         };
         return Ok(Status::from(e).into_http());
     };

@@ -29,6 +29,7 @@ use super::proto::{
     InstanceStatus, ListInstancesRequest, ListInstancesResponse, RotateInstanceCredentialsRequest,
     UpdateInstanceRequest, WatchInstanceRequest,
 };
+use super::quota::{ChangeQuota, lane_of};
 use super::status::InstanceState;
 use super::tenant_view::Audience;
 use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, SpecFields};
@@ -65,19 +66,23 @@ pub struct Instances {
     first: FirstUnits,
     /// The regions live engines serve KVX instances in (checked only with the kind declared).
     regions: Arc<ServedRegions>,
+    /// The per-tenant quota on changes in flight (shared with ResourceService).
+    quota: ChangeQuota,
 }
 
 impl Instances {
     /// The service on `pool`, fed by `events` for Watch; Watch streams end at `shutdown`.
     /// Starts the Create batch executors of `config` (none when
     /// [`ApiConfig::create_batch_executors`] is 0). Watch streams count in `watches` (shared
-    /// with ResourceService).
+    /// with ResourceService), and so do changes in flight (`quota`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: PgPool,
         config: Arc<ApiConfig>,
         first: FirstUnits,
         events: Arc<InstanceEvents>,
         watches: WatchSlots,
+        quota: ChangeQuota,
         shutdown: CancellationToken,
     ) -> Self {
         let waker = WorkerWaker::start(pool.clone());
@@ -100,6 +105,7 @@ impl Instances {
             watches,
             first,
             regions,
+            quota,
         }
     }
 
@@ -134,6 +140,7 @@ impl Instances {
             Begun::Replay(answer) => return Ok(answer),
             Begun::New(tx) => tx,
         };
+        self.quota.admit(&mut tx, tenant).await?;
         let id = new_instance_id();
         let new = NewResource {
             id,
@@ -149,7 +156,8 @@ impl Instances {
         let first = self
             .first
             .first(&row, "create")
-            .ok_or_else(|| ApiError::Internal("the instance kind declares no create".into()))?;
+            .ok_or_else(|| ApiError::Internal("the instance kind declares no create".into()))?
+            .in_lane(lane_of(c.bulk));
         let unit = queue::enqueue_quiet(&mut tx, first).await?;
         row.active_work_id = Some(unit.id);
         // A new instance has no failure and no conditions: every audience sees the same.
@@ -246,6 +254,7 @@ impl InstanceService for Instances {
                     ..Instance::default()
                 }),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let create = NewCreate {
@@ -254,13 +263,18 @@ impl InstanceService for Instances {
             name: r.instance_id,
             spec: convert::spec_to_json(&spec),
             body_hash,
+            bulk: r.bulk,
         };
+        // A batch cannot refuse one of its creates, so only a tenant known to have room goes
+        // into one; any other create counts its tenant's changes on its own.
         let create = match &self.creates {
-            Some(batcher) => match batcher.submit(create).await? {
-                (Settled::Created(answer), _) => return Ok(Response::new(*answer)),
-                (Settled::Alone, c) => c,
-            },
-            None => create,
+            Some(batcher) if !create.bulk && self.quota.admit_known(&create.tenant) => {
+                match batcher.submit(create).await? {
+                    (Settled::Created(answer), _) => return Ok(Response::new(*answer)),
+                    (Settled::Alone, c) => c,
+                }
+            }
+            _ => create,
         };
         // Boxed: the one-request path's future is large, and this function's own future would
         // otherwise be as large (and copied) for every Create.
@@ -437,6 +451,7 @@ impl InstanceService for Instances {
                 }),
                 update_mask: r.update_mask.clone(),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let tenant = caller.tenant.as_str();
@@ -502,6 +517,7 @@ impl InstanceService for Instances {
             )
         } else {
             ensure_idle(&row)?;
+            self.quota.admit(&mut tx, tenant).await?;
             let mut row = instance_start_operation(
                 &mut tx,
                 row.id,
@@ -513,7 +529,8 @@ impl InstanceService for Instances {
             let first = self
                 .first
                 .first(&row, "update")
-                .ok_or_else(|| ApiError::Internal("the instance kind declares no update".into()))?;
+                .ok_or_else(|| ApiError::Internal("the instance kind declares no update".into()))?
+                .in_lane(lane_of(r.bulk));
             let unit = queue::enqueue_quiet(&mut tx, first)
                 .await
                 .map_err(ApiError::from)?;
@@ -548,6 +565,7 @@ impl InstanceService for Instances {
             &DeleteInstanceRequest {
                 name: convert::instance_name(&caller.tenant, &name),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let tenant = caller.tenant.as_str();
@@ -564,6 +582,10 @@ impl InstanceService for Instances {
             Begun::New(tx) => tx,
         };
         let row = lock_live(&mut tx, tenant, &name).await?;
+        // A resource whose change is in flight already counts: deleting it adds nothing.
+        if !row.has_active_work {
+            self.quota.admit(&mut tx, tenant).await?;
+        }
         // A delete supersedes the chain in flight: its units are removed (a running one
         // stops at its next lease renewal) and the delete chain starts once that attempt
         // can no longer act.
@@ -580,7 +602,8 @@ impl InstanceService for Instances {
         let mut first = self
             .first
             .first(&row, "delete")
-            .ok_or_else(|| ApiError::Internal("the instance kind declares no delete".into()))?;
+            .ok_or_else(|| ApiError::Internal("the instance kind declares no delete".into()))?
+            .in_lane(lane_of(r.bulk));
         if let Some(until) = superseded.running_until {
             first = first.run_at(until);
         }
@@ -638,6 +661,7 @@ impl InstanceService for Instances {
         };
         let row = lock_live(&mut tx, tenant, &name).await?;
         ensure_idle(&row)?;
+        self.quota.admit(&mut tx, tenant).await?;
         let mut row = instance_start_operation(&mut tx, row.id, "update", None)
             .await
             .map_err(ApiError::from)?;

@@ -48,6 +48,7 @@ pub mod methods;
 pub mod operations;
 pub mod page_token;
 pub mod proto;
+pub mod quota;
 pub mod resources;
 pub mod settings;
 pub mod status;
@@ -206,6 +207,7 @@ pub async fn start(
     let events = watch::InstanceEvents::start(&pool, shutdown.clone()).await?;
     let feed = events.clone();
     let watches = watch_limit::WatchSlots::new(config.max_watches_per_tenant);
+    let quota = quota::ChangeQuota::new(config.max_changes_in_flight_per_tenant);
     let auth = Arc::new(auth::Authenticator::with_limits(
         pool.clone(),
         config.tokens.clone(),
@@ -257,6 +259,7 @@ pub async fn start(
                 first,
                 events.clone(),
                 watches.clone(),
+                quota.clone(),
                 shutdown.clone(),
             ))
             .max_decoding_message_size(max),
@@ -270,6 +273,7 @@ pub async fn start(
                     secrets: services.secrets.clone(),
                     events,
                     watches,
+                    quota,
                 },
                 shutdown.clone(),
             ))

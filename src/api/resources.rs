@@ -31,6 +31,7 @@ use super::proto::{
     ListResourceHistoryRequest, ListResourceHistoryResponse, ListResourcesRequest,
     ListResourcesResponse, Resource, ResourceStatus, UpdateResourceRequest, WatchResourceRequest,
 };
+use super::quota::{ChangeQuota, lane_of};
 use super::status::InstanceState;
 use super::tenant_view::{self, Audience};
 use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS};
@@ -64,6 +65,7 @@ pub struct Resources {
     waker: WorkerWaker,
     watches: WatchSlots,
     regions: Arc<Mutex<HashMap<String, Arc<ServedRegions>>>>,
+    quota: ChangeQuota,
 }
 
 /// What the service shares with the rest of the API.
@@ -79,6 +81,8 @@ pub struct ResourcesParts {
     pub events: Arc<InstanceEvents>,
     /// Open streams per tenant (shared with InstanceService).
     pub watches: WatchSlots,
+    /// The per-tenant quota on changes in flight (shared with InstanceService).
+    pub quota: ChangeQuota,
 }
 
 impl Resources {
@@ -94,6 +98,7 @@ impl Resources {
             shutdown,
             waker,
             watches: parts.watches,
+            quota: parts.quota,
             regions: Arc::default(),
         }
     }
@@ -459,6 +464,7 @@ impl ResourceService for Resources {
                     ..Resource::default()
                 }),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let tenant = caller.tenant.as_str();
@@ -474,6 +480,7 @@ impl ResourceService for Resources {
             Begun::Replay(answer) => return Ok(Response::new(answer)),
             Begun::New(tx) => tx,
         };
+        self.quota.admit(&mut tx, tenant).await?;
         let id = new_instance_id();
         let version = i32::try_from(kind.decl.schema_version).unwrap_or(i32::MAX);
         let new = NewResource {
@@ -497,7 +504,8 @@ impl ResourceService for Resources {
             .first_unit(kind.name(), "create", row.id, tenant, row.generation)
             .ok_or_else(|| {
                 ApiError::Internal(format!("kind {} declares no create chain", kind.name()))
-            })?;
+            })?
+            .in_lane(lane_of(r.bulk));
         let unit = queue::enqueue_quiet(&mut tx, first)
             .await
             .map_err(ApiError::from)?;
@@ -659,6 +667,7 @@ impl ResourceService for Resources {
                 }),
                 update_mask: r.update_mask.clone(),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let mut tx = match idempotency::begin::<Resource>(
@@ -712,6 +721,7 @@ impl ResourceService for Resources {
                 )])
                 .into());
             }
+            self.quota.admit(&mut tx, tenant).await?;
             let schema_version = i32::try_from(kind.decl.schema_version).unwrap_or(i32::MAX);
             let mut row = resource_start_operation(&mut tx, row.id, "update", &new, schema_version)
                 .await
@@ -721,7 +731,8 @@ impl ResourceService for Resources {
                 .first_unit(kind.name(), "update", row.id, tenant, row.generation)
                 .ok_or_else(|| {
                     ApiError::Internal(format!("kind {} declares no update chain", kind.name()))
-                })?;
+                })?
+                .in_lane(lane_of(r.bulk));
             let unit = queue::enqueue_quiet(&mut tx, first)
                 .await
                 .map_err(ApiError::from)?;
@@ -757,6 +768,7 @@ impl ResourceService for Resources {
             &DeleteResourceRequest {
                 name: resource_name(&kind, tenant, &name),
                 request_id: String::new(),
+                bulk: false,
             },
         );
         let mut tx = match idempotency::begin::<Resource>(
@@ -775,6 +787,10 @@ impl ResourceService for Resources {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(resource_name(&kind, tenant, &name)))?;
+        // A resource whose change is in flight already counts: deleting it adds nothing.
+        if !row.has_active_work {
+            self.quota.admit(&mut tx, tenant).await?;
+        }
         let superseded = work_supersede_for_resource(
             &mut tx,
             row.id,
@@ -790,7 +806,8 @@ impl ResourceService for Resources {
             .first_unit(kind.name(), "delete", row.id, tenant, row.generation)
             .ok_or_else(|| {
                 ApiError::Internal(format!("kind {} declares no delete chain", kind.name()))
-            })?;
+            })?
+            .in_lane(lane_of(r.bulk));
         if let Some(until) = superseded.running_until {
             first = first.run_at(until);
         }

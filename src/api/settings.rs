@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::batch;
+use super::quota;
 use super::tls::{TlsConfig, TlsError};
 use super::token_cache::{self, TokenLimits};
 use crate::config::{ApiFile, parse_duration};
@@ -54,6 +55,9 @@ pub struct ApiConfig {
     /// Most open WatchInstance streams per tenant; one more is refused with
     /// `RESOURCE_EXHAUSTED`.
     pub max_watches_per_tenant: usize,
+    /// Most resources of one tenant with a change in flight (see [`super::quota`]); one more
+    /// change is refused with `RESOURCE_EXHAUSTED` and a retry delay.
+    pub max_changes_in_flight_per_tenant: usize,
     /// The caches and the budget of token lookups.
     pub tokens: TokenLimits,
 }
@@ -71,6 +75,7 @@ impl Default for ApiConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_watches_per_tenant: DEFAULT_MAX_WATCHES_PER_TENANT,
+            max_changes_in_flight_per_tenant: quota::DEFAULT_MAX_CHANGES_IN_FLIGHT,
             tokens: TokenLimits::default(),
         }
     }
@@ -138,6 +143,10 @@ pub struct ApiArgs {
     /// Most open WatchInstance streams per tenant [default: 100].
     #[arg(long, env = "SETPOINT_MAX_WATCHES_PER_TENANT")]
     pub max_watches_per_tenant: Option<usize>,
+    /// Most resources of one tenant with a change (create, update, delete) in progress; one
+    /// more change is refused with RESOURCE_EXHAUSTED and a retry delay [default: 1000].
+    #[arg(long, env = "SETPOINT_MAX_CHANGES_IN_FLIGHT_PER_TENANT")]
+    pub max_changes_in_flight_per_tenant: Option<usize>,
 }
 
 /// `value`, unless it lies outside `range`: then an error naming `key` and the range.
@@ -225,6 +234,14 @@ impl ApiArgs {
                 .unwrap_or(DEFAULT_MAX_WATCHES_PER_TENANT),
             1..=1_000_000,
         )?;
+        let max_changes_in_flight_per_tenant = in_range(
+            "the quota of changes in flight (--max-changes-in-flight-per-tenant, \
+             SETPOINT_MAX_CHANGES_IN_FLIGHT_PER_TENANT, api.max_changes_in_flight_per_tenant)",
+            self.max_changes_in_flight_per_tenant
+                .or(file.max_changes_in_flight_per_tenant)
+                .unwrap_or(quota::DEFAULT_MAX_CHANGES_IN_FLIGHT),
+            1..=100_000_000,
+        )?;
         let tokens = TokenLimits {
             lookups_per_second: in_range(
                 "api.token_lookups_per_second",
@@ -256,6 +273,7 @@ impl ApiArgs {
             max_in_flight,
             request_timeout,
             max_watches_per_tenant,
+            max_changes_in_flight_per_tenant,
             tokens,
             create_kind: self.create_kind.clone(),
             update_kind: self.update_kind.clone(),
@@ -313,6 +331,7 @@ mod tests {
             "[api]\nlisten = \"0.0.0.0:6000\"\nmax_message_bytes = 2048\n\
              create_batch_executors = 0\ncreate_batch_max = 16\nmax_in_flight = 64\n\
              request_timeout = \"5s\"\nmax_watches_per_tenant = 3\n\
+             max_changes_in_flight_per_tenant = 7\n\
              token_lookups_per_second = 7\ntoken_lookup_burst = 9\n\
              unknown_token_ttl = \"2m\"\nunknown_token_cache = 1000\n",
         );
@@ -334,6 +353,7 @@ mod tests {
             (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
             (64, Duration::from_secs(5), 3)
         );
+        assert_eq!(c.max_changes_in_flight_per_tenant, 7);
         assert_eq!(
             (
                 c.tokens.lookups_per_second,
@@ -352,10 +372,13 @@ mod tests {
             "250ms",
             "--max-watches-per-tenant",
             "1",
+            "--max-changes-in-flight-per-tenant",
+            "2",
         ])
         .config_with_env(&f, &no_env)
         .expect("config");
         assert_eq!(c.create_batch_max, 64);
+        assert_eq!(c.max_changes_in_flight_per_tenant, 2);
         assert_eq!(
             (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
             (10, Duration::from_millis(250), 1)
@@ -369,6 +392,7 @@ mod tests {
             (c.max_in_flight, c.request_timeout, c.max_watches_per_tenant),
             (1024, Duration::from_secs(30), 100)
         );
+        assert_eq!(c.max_changes_in_flight_per_tenant, 1000);
         assert_eq!(c.tokens, TokenLimits::default());
         assert!(c.tls.is_none());
     }
@@ -389,6 +413,10 @@ mod tests {
                 "api.token_lookups_per_second",
             ),
             ("[api]\ntoken_lookup_burst = 0\n", "api.token_lookup_burst"),
+            (
+                "[api]\nmax_changes_in_flight_per_tenant = 0\n",
+                "api.max_changes_in_flight_per_tenant",
+            ),
             (
                 "[api]\nunknown_token_ttl = \"0s\"\n",
                 "api.unknown_token_ttl",

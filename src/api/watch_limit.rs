@@ -45,6 +45,7 @@ impl WatchSlots {
                      (api.max_watches_per_tenant); close one first",
                     self.max_per_tenant
                 ),
+                retry_after: None,
             });
         }
         *n += 1;

@@ -81,6 +81,9 @@ pub enum BenchError {
     /// A task failed.
     #[error("task failed: {0}")]
     Join(String),
+    /// The engine failed to start or to stop.
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 /// The figures.
@@ -349,6 +352,7 @@ async fn batched_writes(
                 name: format!("w{run}-{c}-{i}"),
                 spec: spec.clone(),
                 body_hash: [0; 32],
+                bulk: false,
             };
             Box::pin(async move {
                 match batcher.submit(create).await {
@@ -467,6 +471,7 @@ pub async fn run(args: BenchApiArgs) -> Result<BenchApiReport, BenchError> {
                     ..Instance::default()
                 }),
                 request_id: format!("bench-{run}-{c}-{i}"),
+                bulk: false,
             });
             req.metadata_mut()
                 .insert("authorization", auth_header.clone());

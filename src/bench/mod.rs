@@ -5,5 +5,6 @@
 
 pub mod api;
 pub mod queue;
+pub mod scale;
 
 pub use queue::{DrainFigures, QueueBenchOptions, QueueBenchReport, run_queue_bench};

@@ -40,6 +40,10 @@ pub enum InstancesCommand {
         /// Request id (default: a new UUID; pass the same one to retry safely).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until the instance is READY or FAILED.
         #[arg(long)]
         wait: bool,
@@ -83,6 +87,10 @@ pub enum InstancesCommand {
         /// Request id (default: a new UUID).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until READY or FAILED.
         #[arg(long)]
         wait: bool,
@@ -97,6 +105,10 @@ pub enum InstancesCommand {
         /// Request id (default: a new UUID).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until it is gone.
         #[arg(long)]
         wait: bool,
@@ -359,6 +371,7 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
             size_gb,
             owner_email,
             request_id,
+            bulk,
             wait,
         } => {
             let mut c = Client::connect(&conn).await?;
@@ -375,6 +388,7 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
                     ..Instance::default()
                 }),
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = c.inner.create_instance(req).await?.into_inner();
             finish_change(&mut c, answer, wait, conn.json).await
@@ -444,6 +458,7 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
             size_gb,
             owner_email,
             request_id,
+            bulk,
             wait,
         } => {
             let mut c = Client::connect(&conn).await?;
@@ -475,6 +490,7 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
                 }),
                 update_mask: Some(prost_types::FieldMask { paths }),
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = c.inner.update_instance(req).await?.into_inner();
             finish_change(&mut c, answer, wait, conn.json).await
@@ -483,12 +499,14 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
             conn,
             name,
             request_id,
+            bulk,
             wait,
         } => {
             let mut c = Client::connect(&conn).await?;
             let req = c.req(DeleteInstanceRequest {
                 name: full_name(&name),
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = c.inner.delete_instance(req).await?.into_inner();
             finish_change(&mut c, answer, wait, conn.json).await

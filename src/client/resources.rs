@@ -44,6 +44,10 @@ pub enum ResourcesCommand {
         /// Request id (default: a new UUID; pass the same one to retry safely).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until the resource is READY or FAILED.
         #[arg(long)]
         wait: bool,
@@ -90,6 +94,10 @@ pub enum ResourcesCommand {
         /// Request id (default: a new UUID).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until READY or FAILED.
         #[arg(long)]
         wait: bool,
@@ -107,6 +115,10 @@ pub enum ResourcesCommand {
         /// Request id (default: a new UUID).
         #[arg(long)]
         request_id: Option<String>,
+        /// Mark the change as bulk (a mass update, an import): its work runs after users'
+        /// changes and drift checks.
+        #[arg(long)]
+        bulk: bool,
         /// Follow progress until it is gone.
         #[arg(long)]
         wait: bool,
@@ -493,6 +505,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
             name,
             spec,
             request_id,
+            bulk,
             wait,
         } => {
             let (spec, _) = spec.build()?;
@@ -514,6 +527,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
                     ..Resource::default()
                 }),
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = rs.create_resource(req).await?.into_inner();
             finish_change(&c, &mut rs, answer, wait, conn.json).await
@@ -586,6 +600,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
             name,
             spec,
             request_id,
+            bulk,
             wait,
         } => {
             let whole = spec.spec_file.is_some();
@@ -611,6 +626,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
                 }),
                 update_mask: Some(prost_types::FieldMask { paths }),
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = rs.update_resource(req).await?.into_inner();
             finish_change(&c, &mut rs, answer, wait, conn.json).await
@@ -620,6 +636,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
             kind,
             name,
             request_id,
+            bulk,
             wait,
         } => {
             let c = Client::connect(&conn).await?;
@@ -628,6 +645,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
             let req = c.req(DeleteResourceRequest {
                 name,
                 request_id: new_request_id(request_id),
+                bulk,
             });
             let answer = rs.delete_resource(req).await?.into_inner();
             finish_change(&c, &mut rs, answer, wait, conn.json).await

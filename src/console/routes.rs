@@ -943,6 +943,8 @@ async fn create(
                 ..Resource::default()
             }),
             request_id: rid,
+            // A person at a form makes one change at a time: never bulk.
+            bulk: false,
         }
     );
     match created {
@@ -1046,6 +1048,8 @@ async fn update(
             }),
             update_mask: None,
             request_id: rid,
+            // A person at a form makes one change at a time: never bulk.
+            bulk: false,
         }
     );
     match updated {
@@ -1090,6 +1094,8 @@ async fn delete(
         DeleteResourceRequest {
             name: resource_name(&tenant, &collection, &name),
             request_id: f.request_id,
+            // A person at a form makes one change at a time: never bulk.
+            bulk: false,
         }
     );
     match deleted {

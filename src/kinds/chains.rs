@@ -367,7 +367,8 @@ impl Chains {
             .spec(),
         )
         .with_token(u.token.derive(&step_name))
-        .for_resource(res.id, tenant);
+        .for_resource(res.id, tenant)
+        .in_lane(u.lane);
         unit.parent_id = Some(u.work_id);
         if step.beside {
             unit = unit.beside_resource();

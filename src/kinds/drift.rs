@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::chains::Chains;
 use crate::store::StoreError;
 use crate::store::instances::{drift_claim_due, drift_schedule_new};
-use crate::store::work::work_enqueue;
+use crate::store::work::{Lane, work_enqueue};
 
 /// A drift scheduler's settings.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +107,7 @@ impl DriftScheduler {
                 .filter_map(|r| {
                     self.chains
                         .first_unit(&r.kind, "observe", r.id, &r.tenant, r.generation)
-                        .map(|u| u.beside_resource())
+                        .map(|u| u.beside_resource().in_lane(Lane::Drift))
                 })
                 .collect();
             work_enqueue(&mut tx, &units).await?;

@@ -54,8 +54,23 @@ const CREATE_BATCH: &str = "WITH input AS (
                               $11::jsonb[])
              AS u(ord, tenant, request_id, body_hash, response, id, name, spec, work_id, token,
                   work_spec)
+     ), last AS MATERIALIZED (
+         -- Each tenant's last unit waiting in the change lane: one probe per tenant of the
+         -- batch, not per create (a probe may pass the entries of the other executor's
+         -- uncommitted batch of the same tenant).
+         SELECT t.tenant,
+                (SELECT w.fair_at FROM work w
+                 WHERE coalesce(w.tenant, '') = t.tenant AND w.kind = $14
+                   AND w.lane = 0 AND w.state IN ('pending', 'queued')
+                 ORDER BY w.fair_at DESC LIMIT 1) AS fair_at
+         FROM (SELECT DISTINCT tenant FROM input) t
      ), checked AS (
-         SELECT i.*, seen.taken IS NULL AND live.taken IS NULL AS ok
+         SELECT i.*, seen.taken IS NULL AND live.taken IS NULL AS ok,
+                -- The unit's place in the change lane: after its tenant's last unit waiting
+                -- there (see `work_enqueue`), or now.
+                greatest(now() - make_interval(secs => $16::float8 / 1000), last.fair_at)
+                    + make_interval(secs => $16::float8 / 1000
+                        * row_number() OVER (PARTITION BY i.tenant ORDER BY i.ord)) AS fair_at
          FROM input i
          LEFT JOIN LATERAL (SELECT true AS taken FROM api_requests a
                             WHERE a.tenant = i.tenant AND a.request_id = i.request_id
@@ -64,6 +79,7 @@ const CREATE_BATCH: &str = "WITH input AS (
                             WHERE x.tenant = i.tenant AND x.name = i.name
                               AND x.kind = $15 AND x.deleted_at IS NULL
                             LIMIT 1) live ON true
+         LEFT JOIN last ON last.tenant = i.tenant
      ), claimed AS (
          INSERT INTO api_requests (tenant, request_id, method, body_hash, response)
          SELECT tenant, request_id, $12, body_hash, response FROM checked WHERE ok
@@ -78,8 +94,10 @@ const CREATE_BATCH: &str = "WITH input AS (
          ORDER BY tenant, name
          RETURNING 1
      ), queued AS (
-         INSERT INTO work (id, kind, spec, token, resource_id, tenant, state) OVERRIDING SYSTEM VALUE
-         SELECT work_id, $14, work_spec, token, id, tenant, 'queued' FROM checked WHERE ok
+         INSERT INTO work (id, kind, spec, token, resource_id, tenant, state, lane, fair_at)
+         OVERRIDING SYSTEM VALUE
+         SELECT work_id, $14, work_spec, token, id, tenant, 'queued', 0, fair_at
+         FROM checked WHERE ok
          RETURNING id, token, resource_id, kind
      ), ev AS (
          INSERT INTO work_events (work_id, token, event, resource_id, kind)
@@ -150,6 +168,7 @@ pub async fn instances_create_batch(
         .bind(created_at)
         .bind(kind)
         .bind(resource_kind)
+        .bind(super::work::FAIR_SPACING_MS)
         .fetch_all(conn)
         .await?;
     if rows.len() != n {

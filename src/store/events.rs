@@ -9,6 +9,37 @@ use uuid::Uuid;
 
 use super::StoreError;
 
+/// Writes the history a finished create leaves behind (`enqueued`, `claimed`, `succeeded`)
+/// for units `-from` down to `-(from + n - 1)`: negative ids, which the table's id sequence
+/// never hands out, so they never mix with real units (for `setpoint bench scale`, whose
+/// resources are written in bulk and must carry the history of their creation).
+///
+/// # Errors
+/// Database errors.
+pub async fn events_fill_history(
+    conn: &mut PgConnection,
+    from: i64,
+    n: i64,
+    worker: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO work_events (work_id, token, event, attempt, worker, detail)
+         SELECT -g, 'bench-fill-' || g, e.event, CASE WHEN e.event = 'enqueued' THEN NULL ELSE 1 END,
+                CASE WHEN e.event = 'enqueued' THEN NULL ELSE $3 END,
+                CASE WHEN e.event = 'succeeded'
+                     THEN jsonb_build_object('duration_ms', 50, 'calls', jsonb_build_array('bench.apply'))
+                END
+         FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g,
+              unnest(ARRAY['enqueued', 'claimed', 'succeeded']) AS e(event)",
+    )
+    .bind(from)
+    .bind(n)
+    .bind(worker)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// One event in a unit's history.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkEvent {

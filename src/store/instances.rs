@@ -62,6 +62,99 @@ pub async fn instances_clear_active_work(
     Ok(())
 }
 
+/// How many of `tenant`'s resources have a change in flight (`has_active_work`), counting at
+/// most `up_to` of them: the API's per-tenant quota only needs to know whether the limit is
+/// reached, so the count stops there and its cost is bounded whatever the backlog
+/// (`instances_active_tenant_idx`, migration 0021).
+pub async fn tenant_changes_in_flight(
+    conn: &mut PgConnection,
+    tenant: &str,
+    up_to: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM instances
+                               WHERE tenant = $1 AND has_active_work LIMIT $2) a",
+    )
+    .bind(tenant)
+    .bind(up_to)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Where [`instances_fill_ready`] writes: `n` resources of `kind`, named `{name_prefix}{i}`
+/// for `i` from `from`, spread over tenants `{tenant_prefix}0` … `{tenant_prefix}{tenants-1}`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fill<'a> {
+    /// The resources' kind.
+    pub kind: &'a str,
+    /// Their spec.
+    pub spec: &'a Value,
+    /// Tenant names are this and a number.
+    pub tenant_prefix: &'a str,
+    /// How many tenants.
+    pub tenants: i64,
+    /// Names are this and a number.
+    pub name_prefix: &'a str,
+    /// The first number.
+    pub from: i64,
+    /// How many.
+    pub n: i64,
+    /// Next drift checks fall at random within this many milliseconds from now.
+    pub interval_ms: i64,
+}
+
+/// Writes READY resources as [`Fill`] says: the state a fleet is in once created, with its next
+/// drift check due at a random time within the interval (so checks spread as the scheduler
+/// spreads them), in one statement (for `setpoint bench scale`, on a throw-away database).
+/// Returns the ids written.
+///
+/// # Errors
+/// Database errors (a name already taken among them).
+pub async fn instances_fill_ready(
+    conn: &mut PgConnection,
+    fill: Fill<'_>,
+) -> Result<Vec<Uuid>, StoreError> {
+    // The ids are made here, ordered by time like the API's (see `new_instance_id`).
+    let ids: Vec<Uuid> = (0..fill.n).map(|_| new_instance_id()).collect();
+    sqlx::query(
+        "INSERT INTO instances (id, tenant, kind, name, spec, generation, observed_generation,
+                                status, has_active_work, next_observe_at, created_at, updated_at)
+         SELECT u.id, $2 || ((u.i - 1) % $3), $1, $4 || ($5 + u.i - 1), $6, 1, 1, 'READY', false,
+                now() + make_interval(secs => random() * $7::float8 / 1000), now(), now()
+         FROM unnest($8::uuid[]) WITH ORDINALITY AS u(id, i)",
+    )
+    .bind(fill.kind)
+    .bind(fill.tenant_prefix)
+    .bind(fill.tenants.max(1))
+    .bind(fill.name_prefix)
+    .bind(fill.from)
+    .bind(fill.spec)
+    .bind(fill.interval_ms)
+    .bind(&ids)
+    .execute(conn)
+    .await?;
+    Ok(ids)
+}
+
+/// The ids of `tenant`'s READY resources of `kind` (benchmarks poll it to time create ->
+/// READY: `updated_at` cannot tell, a later drift check moves it).
+///
+/// # Errors
+/// Database errors.
+pub async fn instances_ready_ids(
+    conn: &mut PgConnection,
+    tenant: &str,
+    kind: &str,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM instances WHERE tenant = $1 AND kind = $2 AND status = 'READY'",
+    )
+    .bind(tenant)
+    .bind(kind)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Marks the instance as having active work (an operator retried its parked unit).
 pub async fn instance_mark_active(conn: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
     sqlx::query("UPDATE instances SET has_active_work = true, updated_at = now() WHERE id = $1")

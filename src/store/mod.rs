@@ -243,6 +243,44 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     Ok(pool)
 }
 
+/// The size of a table on disk: its heap (with TOAST) and its indexes, in bytes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSize {
+    /// The table.
+    pub table: String,
+    /// Heap and TOAST bytes.
+    pub table_bytes: i64,
+    /// Bytes of all its indexes.
+    pub index_bytes: i64,
+    /// The planner's row estimate (`reltuples`, after ANALYZE).
+    pub rows_estimate: i64,
+}
+
+/// The sizes of `tables` (for benchmarks and capacity planning).
+///
+/// # Errors
+/// Database errors.
+pub async fn table_sizes(pool: &PgPool, tables: &[&str]) -> Result<Vec<TableSize>, StoreError> {
+    let rows: Vec<(String, i64, i64, f32)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_table_size(c.oid), pg_indexes_size(c.oid), c.reltuples
+         FROM pg_class c JOIN unnest($1::text[]) WITH ORDINALITY AS t(name, o) ON c.relname = t.name
+         WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace
+         ORDER BY t.o",
+    )
+    .bind(tables)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, table_bytes, index_bytes, rows)| TableSize {
+            table,
+            table_bytes,
+            index_bytes,
+            rows_estimate: rows.max(0.0) as i64,
+        })
+        .collect())
+}
+
 /// A connection of its own, outside `pool` but with its settings, for a task that keeps it
 /// (a batch executor): it never waits for the pool, and the pool's test before each acquire
 /// (a round trip) is saved.

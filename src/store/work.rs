@@ -14,6 +14,47 @@ use super::StoreError;
 /// The NOTIFY channel that wakes idle workers when work is enqueued or made due.
 pub const WORK_CHANNEL: &str = "setpoint_work";
 
+/// The claim's lanes, taken in this order: a due unit of a lower lane is always claimed before
+/// any unit of a higher one, so a user's change never waits behind drift checks or an import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    /// A user's change (and the chain it starts): the default.
+    #[default]
+    Change,
+    /// A drift check and what it starts.
+    Drift,
+    /// Bulk work: a mass update or an import a client marked as bulk.
+    Bulk,
+}
+
+impl Lane {
+    /// The value stored in `work.lane`.
+    pub fn db(self) -> i16 {
+        match self {
+            Lane::Change => 0,
+            Lane::Drift => 1,
+            Lane::Bulk => 2,
+        }
+    }
+
+    /// The lane stored as `v`; an unknown value (a later release's lane) is bulk.
+    pub fn from_db(v: i16) -> Lane {
+        match v {
+            0 => Lane::Change,
+            1 => Lane::Drift,
+            _ => Lane::Bulk,
+        }
+    }
+}
+
+/// How far apart an enqueue places consecutive units of one tenant in their lane
+/// (`work.fair_at`): a tenant with no units waiting gets `now()`, one with a backlog the place
+/// after its last unit plus this. A tenant's burst of N units thus lies N seconds into the
+/// future, and another tenant's single unit enqueued a moment later sorts before all but the
+/// first few of them, while the claim stays one index scan.
+pub const FAIR_SPACING_MS: i64 = 1000;
+
 /// A unit of work to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewWork {
@@ -40,6 +81,8 @@ pub struct NewWork {
     /// False for a unit that runs beside its resource (a notification, a drift check): the
     /// resource's status and its changes do not wait for it. Default true.
     pub holds_resource: bool,
+    /// The lane the unit is claimed in (default [`Lane::Change`]).
+    pub lane: Lane,
 }
 
 impl NewWork {
@@ -56,7 +99,14 @@ impl NewWork {
             max_attempts: None,
             fresh_token: true,
             holds_resource: true,
+            lane: Lane::Change,
         }
+    }
+
+    /// Sets the lane.
+    pub fn in_lane(mut self, lane: Lane) -> Self {
+        self.lane = lane;
+        self
     }
 
     /// Sets the token (e.g. a derived one).
@@ -141,6 +191,7 @@ pub async fn work_enqueue_quiet(
     let mut run_ats = Vec::with_capacity(n);
     let mut max_attempts = Vec::with_capacity(n);
     let mut holds = Vec::with_capacity(n);
+    let mut lanes = Vec::with_capacity(n);
     for u in units {
         kinds.push(u.kind.as_str());
         specs.push(&u.spec);
@@ -151,6 +202,7 @@ pub async fn work_enqueue_quiet(
         run_ats.push(u.run_at);
         max_attempts.push(u.max_attempts);
         holds.push(u.holds_resource);
+        lanes.push(u.lane.db());
     }
     // ON CONFLICT makes every row a speculative insertion (an extra WAL record and a second
     // pass over the unique index), about a fifth of the insert's cost; it is only needed when
@@ -170,6 +222,8 @@ pub async fn work_enqueue_quiet(
         .bind(&run_ats)
         .bind(&max_attempts)
         .bind(&holds)
+        .bind(&lanes)
+        .bind(FAIR_SPACING_MS)
         .fetch_all(&mut *conn)
         .await?;
     rows.into_iter()
@@ -183,16 +237,41 @@ pub async fn work_enqueue_quiet(
 }
 
 /// The enqueue statement; `{conflict}` is empty or skips tokens already in the table.
+///
+/// Each unit's `fair_at` is its tenant's place in its kind and lane: after the tenant's last
+/// unit still waiting there (one backward probe of `work_tenant_fair_idx` per tenant, kind
+/// and lane of the call), or `now()` for a tenant with none, plus [`FAIR_SPACING_MS`] per unit
+/// of the same tenant before it in this call; never before its `run_at`, so that the units
+/// the claim's scan passes before reaching those it takes are due ones.
 macro_rules! enqueue_sql {
     ($conflict:literal) => {
         concat!(
-            "WITH ins AS (
-                 INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at,
-                                   max_attempts, holds_resource, state)
-                 SELECT k, s, t, r, tn, p, coalesce(ra, now()), coalesce(m, 20), h, 'queued'
+            "WITH u AS (
+                 SELECT k, s, t, r, tn, p, coalesce(ra, now()) AS ra, coalesce(m, 20) AS m, h, l,
+                        row_number() OVER (PARTITION BY coalesce(tn, ''), k, l ORDER BY o) AS nth
                  FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::uuid[], $5::text[],
-                             $6::bigint[], $7::timestamptz[], $8::int[], $9::bool[])
-                      AS u(k, s, t, r, tn, p, ra, m, h) ",
+                             $6::bigint[], $7::timestamptz[], $8::int[], $9::bool[],
+                             $10::smallint[])
+                      WITH ORDINALITY AS u(k, s, t, r, tn, p, ra, m, h, l, o)
+             ), g AS (
+                 SELECT DISTINCT coalesce(tn, '') AS tn, k, l FROM u
+             ), last AS MATERIALIZED (
+                 -- Materialized: inlined into the insert's join, the probe would run once per
+                 -- unit instead of once per group, and each probe may have to pass the index
+                 -- entries of concurrent enqueues of the same tenant (not visible to it).
+                 SELECT g.tn, g.k, g.l,
+                        greatest(now() - make_interval(secs => $11::float8 / 1000),
+                                 (SELECT w.fair_at FROM work w
+                                  WHERE coalesce(w.tenant, '') = g.tn AND w.kind = g.k
+                                    AND w.lane = g.l AND w.state IN ('pending', 'queued')
+                                  ORDER BY w.fair_at DESC LIMIT 1)) AS base
+                 FROM g
+             ), ins AS (
+                 INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at,
+                                   max_attempts, holds_resource, state, lane, fair_at)
+                 SELECT u.k, u.s, u.t, u.r, u.tn, u.p, u.ra, u.m, u.h, 'queued', u.l,
+                        greatest(u.ra, last.base + make_interval(secs => u.nth * $11::float8 / 1000))
+                 FROM u JOIN last ON last.tn = coalesce(u.tn, '') AND last.k = u.k AND last.l = u.l ",
             $conflict,
             "
                  RETURNING id, token, parent_id, resource_id, kind
@@ -258,22 +337,28 @@ pub struct ClaimedWork {
     pub holds_resource: bool,
     /// True when the unit was taken over from a worker whose lease expired.
     pub rescued: bool,
+    /// The lane it was claimed in.
+    pub lane: Lane,
+    /// Its place in the lane (see [`FAIR_SPACING_MS`]).
+    pub fair_at: DateTime<Utc>,
 }
 
-/// Where a claim's scan starts: a position in the claim order (`run_at`, then `id`).
+/// Where a claim's scan starts: a position in the claim order (`lane`, `fair_at`, then `id`).
 ///
 /// A claim that starts after the last unit its worker claimed skips the units that worker
 /// is running and the index entries of units already finished (they stay in the index until
 /// vacuum), which on a large backlog is most of what a scan from the start reads. It also
-/// skips whatever became claimable behind that position: a unit whose lease expired, or one
-/// whose enqueue committed after a later unit was claimed. The caller must therefore scan
-/// from the start regularly; [`ClaimFrom::Start`] sees every claimable unit.
+/// skips whatever became claimable behind that position: a unit whose lease expired, one
+/// whose enqueue committed after a later unit was claimed, and a unit of a lower lane or of a
+/// tenant placed before the position (a user's change while drift checks are claimed). The
+/// caller must therefore scan from the start regularly; [`ClaimFrom::Start`] sees every
+/// claimable unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimFrom {
-    /// The oldest claimable unit: sees every due unit and every expired lease.
+    /// The first claimable unit: sees every due unit and every expired lease.
     Start,
-    /// Only units after this (`run_at`, `id`) in the claim order.
-    After(DateTime<Utc>, i64),
+    /// Only units after this (`lane`, `fair_at`, `id`) in the claim order.
+    After(i16, DateTime<Utc>, i64),
 }
 
 impl ClaimFrom {
@@ -281,14 +366,16 @@ impl ClaimFrom {
     pub fn after_last(units: &[ClaimedWork]) -> ClaimFrom {
         units
             .iter()
-            .map(|u| (u.run_at, u.id))
+            .map(|u| (u.lane.db(), u.fair_at, u.id))
             .max()
-            .map_or(ClaimFrom::Start, |(at, id)| ClaimFrom::After(at, id))
+            .map_or(ClaimFrom::Start, |(lane, at, id)| {
+                ClaimFrom::After(lane, at, id)
+            })
     }
 }
 
-/// The claim statement; `{bound}` is empty or starts the scan after ($4, $5). `$6` lists the
-/// kinds the claiming worker serves.
+/// The claim statement; `{bound}` is empty or starts the scan after ($7, $4, $5). `$6` lists
+/// the kinds the claiming worker serves.
 macro_rules! claim_sql {
     ($bound:literal) => {
         concat!(
@@ -296,12 +383,17 @@ macro_rules! claim_sql {
             // this worker does not serve are never read, however many lie at the head of the
             // queue. A leased unit stays `pending` (migration 0004): the scan passes over the
             // units that are running and takes the due ones and those whose lease has expired
-            // (their worker died), oldest first.
+            // (their worker died), in claim order: lane first (a user's change, then drift
+            // checks, then bulk work), then each unit's place among its lane's tenants
+            // (`fair_at`, see `work_enqueue`), on work_fair_claim_idx. Since `fair_at` is never
+            // before `run_at`, the scan passes over no unit that is not due until it has taken
+            // every due unit placed up to now.
             "WITH picked AS (
                  SELECT c.tid, c.id, c.rescued, c.exhausted
                  FROM unnest($6::text[]) AS k(kind)
                  CROSS JOIN LATERAL (
-                     SELECT w.ctid AS tid, w.run_at, w.id, w.lease_owner IS NOT NULL AS rescued,
+                     SELECT w.ctid AS tid, w.lane, w.fair_at, w.id,
+                            w.lease_owner IS NOT NULL AS rescued,
                             w.attempt >= w.max_attempts AS exhausted
                      FROM work w
                      WHERE w.kind = k.kind AND w.state IN ('pending', 'queued')
@@ -309,7 +401,7 @@ macro_rules! claim_sql {
             $bound,
             "
                        AND (w.lease_expires_at IS NULL OR w.lease_expires_at < now())
-                     ORDER BY w.run_at, w.id
+                     ORDER BY w.lane, w.fair_at, w.id
                      LIMIT $2
                      -- Locked as the index scan finds them, skipping rows another worker is
                      -- claiming at this moment, so a short claim means nothing more is due.
@@ -317,7 +409,7 @@ macro_rules! claim_sql {
                      -- statement's transaction ends; they are not claimed.
                      FOR UPDATE SKIP LOCKED
                  ) c
-                 ORDER BY c.run_at, c.id
+                 ORDER BY c.lane, c.fair_at, c.id
                  LIMIT $2
              ), claimed AS (
                  -- No indexed column changes: a HOT update, found by the ctid the lock kept
@@ -330,7 +422,7 @@ macro_rules! claim_sql {
                    AND w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE NOT exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
                            w.max_attempts, w.run_at, w.holds_resource, p.rescued,
-                           false AS poisoned, NULL::text AS reason
+                           false AS poisoned, NULL::text AS reason, w.lane, w.fair_at
              ),
              -- A picked unit that has used all its attempts is parked instead of claimed: its
              -- last attempt never reported back (its process died — an abort, an OOM kill —
@@ -347,7 +439,7 @@ macro_rules! claim_sql {
                  WHERE w.ctid = ANY(ARRAY(SELECT tid FROM picked WHERE exhausted))
                  RETURNING w.id, w.kind, w.spec, w.token, w.resource_id, w.tenant, w.attempt,
                            w.max_attempts, w.run_at, w.holds_resource, true AS rescued,
-                           true AS poisoned, w.last_error AS reason
+                           true AS poisoned, w.last_error AS reason, w.lane, w.fair_at
              ), ev AS (
                  INSERT INTO work_events (work_id, token, event, attempt, worker, error_class, message)
                  SELECT id, token, CASE WHEN rescued THEN 'rescued' ELSE 'claimed' END, attempt,
@@ -362,7 +454,7 @@ macro_rules! claim_sql {
 }
 const CLAIM_FROM_START: &str = claim_sql!("");
 // A row comparison is a btree scan key: the scan descends straight to the position.
-const CLAIM_AFTER: &str = claim_sql!("AND (w.run_at, w.id) > ($4, $5)");
+const CLAIM_AFTER: &str = claim_sql!("AND (w.lane, w.fair_at, w.id) > ($7, $4, $5)");
 
 /// What one claim statement did: the units it claimed, and the units it parked because they
 /// had used all their attempts without reporting back (`poisoned`).
@@ -395,11 +487,14 @@ pub async fn work_claim(
     };
     let mut query = query.bind(worker).bind(limit).bind(lease_ms);
     query = match from {
-        ClaimFrom::After(at, id) => query.bind(at).bind(id),
-        // Unused by the statement, but its parameter numbers are fixed.
-        ClaimFrom::Start => query.bind(None::<DateTime<Utc>>).bind(None::<i64>),
+        ClaimFrom::After(lane, at, id) => query.bind(at).bind(id).bind(kinds).bind(lane),
+        // $4 and $5 are unused by the statement, but its parameter numbers are fixed.
+        ClaimFrom::Start => query
+            .bind(None::<DateTime<Utc>>)
+            .bind(None::<i64>)
+            .bind(kinds),
     };
-    let rows = query.bind(kinds).fetch_all(conn).await?;
+    let rows = query.fetch_all(conn).await?;
     let mut out = Claimed::default();
     for r in rows {
         let unit = ClaimedWork {
@@ -414,6 +509,8 @@ pub async fn work_claim(
             run_at: r.try_get("run_at")?,
             holds_resource: r.try_get("holds_resource")?,
             rescued: r.try_get("rescued")?,
+            lane: Lane::from_db(r.try_get("lane")?),
+            fair_at: r.try_get("fair_at")?,
         };
         if r.try_get::<bool, _>("poisoned")? {
             let reason: Option<String> = r.try_get("reason")?;
@@ -667,6 +764,9 @@ pub async fn work_fail_if_leased(
              UPDATE work
              SET state = $4::work_state, lease_owner = NULL, lease_expires_at = NULL,
                  run_at = now() + make_interval(secs => $5::float8 / 1000),
+                 -- A unit waiting out its backoff must not lie at the head of the claim's
+                 -- order, where every scan would pass it; it keeps its place otherwise.
+                 fair_at = greatest(fair_at, now() + make_interval(secs => $5::float8 / 1000)),
                  attempt = CASE WHEN $9 = 'waiting' THEN attempt - 1 ELSE attempt END,
                  last_error = $6, last_error_class = $7
              WHERE id = $2 AND attempt = $3 AND lease_owner = $1

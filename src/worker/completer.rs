@@ -24,7 +24,7 @@ use super::hooks::{CompletedUnit, Hooks};
 use super::inflight::InFlight;
 use crate::store::StoreError;
 use crate::store::work::{
-    Completion, NewWork, work_abandon, work_complete_if_leased, work_enqueue,
+    Completion, Lane, NewWork, work_abandon, work_complete_if_leased, work_enqueue,
 };
 
 /// A unit whose handler succeeded, waiting to be committed.
@@ -44,6 +44,8 @@ pub struct Finished {
     pub resource_id: Option<Uuid>,
     /// Tenant of the resource.
     pub tenant: Option<String>,
+    /// The lane it ran in; its follow-ups run in the same one.
+    pub lane: Lane,
     /// What the handler returned.
     pub outcome: Outcome,
     /// Event detail: adapter calls, duration.
@@ -210,6 +212,7 @@ async fn commit(
                 resource_id: resource,
                 tenant: f.tenant.as_deref(),
                 spec: &f.spec,
+                lane: f.lane,
                 outcome: &f.outcome,
             });
         }
@@ -228,6 +231,7 @@ async fn commit(
                 max_attempts: None,
                 fresh_token: false,
                 holds_resource: true,
+                lane: f.lane,
             });
         }
     }
@@ -291,6 +295,7 @@ mod tests {
             token: IdempotencyToken::generate(),
             resource_id: None,
             tenant: None,
+            lane: Lane::Change,
             outcome: Outcome::done(),
             detail: Value::Null,
             fence,

@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::store::StoreError;
+use crate::store::work::Lane;
 
 /// A unit whose completion applied, as its resource's hook sees it.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct CompletedUnit<'a> {
     pub tenant: Option<&'a str>,
     /// The unit's spec as enqueued.
     pub spec: &'a Value,
+    /// The lane it ran in (what follows it runs in the same one).
+    pub lane: Lane,
     /// What its handler returned.
     pub outcome: &'a Outcome,
 }

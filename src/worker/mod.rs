@@ -394,7 +394,14 @@ async fn fetch_loop(
             }
         }
         let wanted = permits.len();
-        if last_full_scan.elapsed() >= cfg.poll_interval {
+        // A unit committed since the last claim (its NOTIFY arrived while this worker was
+        // busy) may lie before the position: a user's change while drift checks are claimed,
+        // or another tenant's single change beside one tenant's burst. Scanning from the
+        // start at once lets the claim order (lanes, then tenants) hold within a round,
+        // instead of within a poll interval.
+        if last_full_scan.elapsed() >= cfg.poll_interval
+            || futures::FutureExt::now_or_never(wake.notified()).is_some()
+        {
             from = ClaimFrom::Start;
         }
         let scanned_from = from;
@@ -587,6 +594,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
                     token,
                     resource_id: unit.resource_id,
                     tenant: unit.tenant.clone(),
+                    lane: unit.lane,
                     outcome,
                     detail,
                     fence,

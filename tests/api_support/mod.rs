@@ -193,6 +193,7 @@ pub fn create_req(name: &str, rid: &str) -> CreateInstanceRequest {
             ..Instance::default()
         }),
         request_id: rid.into(),
+        bulk: false,
     }
 }
 
