@@ -514,6 +514,31 @@ pub async fn resource_set_next_observe(
     Ok(())
 }
 
+/// Which of `ids` name a resource of any kind that still has a row, and whether it is deleted
+/// (a tombstone, kept until retention removes it): `(id, deleted)` for each one found. A
+/// resource id that is absent has no row at all: it never existed here, or its tombstone was
+/// pruned.
+///
+/// # Errors
+/// Database errors.
+pub async fn resources_known(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, bool)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT id, deleted_at IS NOT NULL AS deleted FROM instances WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("deleted")?)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::new_instance_id;
