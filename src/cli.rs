@@ -175,6 +175,11 @@ pub enum WorkCommand {
         /// Only units of this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Only units that wait because no live engine claims their kind (a kind whose
+        /// engines are stopped, or that no engine's `--kinds` / `worker.kinds` names), with
+        /// the count per kind.
+        #[arg(long, conflicts_with = "state")]
+        unserved: bool,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: i64,

@@ -165,7 +165,7 @@ fn preflight_adapters(file: &FileConfig) -> Result<()> {
             json(&file.kubernetes).as_ref(),
         )?;
         s.apply_env(&env)?;
-        s.kubernetes.is_some()
+        s.is_configured()
     };
     #[cfg(not(feature = "kubernetes"))]
     let kubernetes = false;
@@ -356,12 +356,22 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         WorkCommand::List {
             state,
             kind,
+            unserved,
             limit,
             json,
             ..
         } => {
             if !(1..=10_000).contains(&limit) {
                 bail!("--limit must be between 1 and 10000");
+            }
+            if unserved {
+                let report = queue::unserved(&mut conn, kind.as_deref(), limit).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_unserved(&report);
+                }
+                return Ok(());
             }
             let rows = queue::list(
                 &mut conn,
@@ -578,6 +588,34 @@ async fn print_orphans(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
          resource's machine; untagged: no resource tag. The last two are never terminated."
     );
     Ok(())
+}
+
+fn print_unserved(report: &queue::Unserved) {
+    if report.kinds.is_empty() {
+        println!(
+            "no unit waits for an engine: a live engine claims the kind of every pending unit"
+        );
+        return;
+    }
+    let total: i64 = report.kinds.iter().map(|k| k.units).sum();
+    println!(
+        "{total} unit(s) wait because no live engine claims their kind; start an engine whose \
+         --kinds (worker.kinds) covers it:"
+    );
+    let kinds: Vec<Vec<String>> = report
+        .kinds
+        .iter()
+        .map(|k| vec![k.kind.clone(), k.units.to_string()])
+        .collect();
+    print_table(&["KIND", "UNITS"], &kinds);
+    println!();
+    print_rows(&report.units);
+    if (report.units.len() as i64) < total {
+        println!(
+            "(the oldest {} of {total}; --limit shows more)",
+            report.units.len()
+        );
+    }
 }
 
 fn print_rows(rows: &[WorkRow]) {

@@ -193,8 +193,13 @@ impl<'a> ConfigContext<'a> {
     }
 }
 
+/// The name under which [`Services`] holds the engine's `sqlx::PgPool` (its statement and lock
+/// timeouts set), for a plugin that keeps tables of its own: `services.get::<PgPool>(POOL)`.
+pub const POOL: &str = "setpoint.pool";
+
 /// What plugins share: clients and settings by type and name (the EC2 plugin provides a
-/// `Compute` per region; the KVX kind uses them).
+/// `Compute` per region; the KVX kind uses them). The engine provides its database pool under
+/// [`POOL`] before any plugin's `provide`.
 #[derive(Default)]
 pub struct Services {
     items: HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>,

@@ -16,12 +16,13 @@ use setpoint_adapter::OUTCOME_UNKNOWN;
 use sqlx::PgConnection;
 
 use crate::store::StoreError;
+use crate::store::engines::units_unserved;
 use crate::store::events::{WorkEvent, events_for_work, last_failure_code, work_id_for_token};
 use crate::store::journal::side_effects_resolve_unknown;
 pub use crate::store::work::{Enqueued, NewWork, WorkFilter, WorkRow};
 use crate::store::work::{
     notify_workers, work_cancel_parked, work_enqueue, work_enqueue_quiet, work_get,
-    work_get_by_token, work_list, work_retry_parked,
+    work_get_by_token, work_list, work_list_of_kinds, work_retry_parked,
 };
 use crate::worker::hooks::{UnitEvent, UnitHooks};
 
@@ -168,6 +169,49 @@ pub async fn list(
     filter: &WorkFilter,
 ) -> Result<Vec<WorkRow>, QueueError> {
     Ok(work_list(conn, filter).await?)
+}
+
+/// Units that wait because no live engine claims their kind: the count per kind, and the
+/// oldest `limit` units of those kinds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unserved {
+    /// Each unserved kind with its waiting units, by kind.
+    pub kinds: Vec<UnservedKind>,
+    /// The oldest waiting units of those kinds.
+    pub units: Vec<WorkRow>,
+}
+
+/// One kind no live engine serves.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnservedKind {
+    /// The work kind.
+    pub kind: String,
+    /// How many of its units wait.
+    pub units: i64,
+}
+
+/// The units no live engine serves (see [`Unserved`]), only of `kind` when given.
+///
+/// # Errors
+/// Database errors.
+pub async fn unserved(
+    conn: &mut PgConnection,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Unserved, QueueError> {
+    let kinds: Vec<UnservedKind> = units_unserved(conn)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| kind.is_none_or(|want| want == k))
+        .map(|(kind, units)| UnservedKind { kind, units })
+        .collect();
+    let names: Vec<String> = kinds.iter().map(|k| k.kind.clone()).collect();
+    let units = if names.is_empty() {
+        Vec::new()
+    } else {
+        work_list_of_kinds(conn, &names, limit).await?
+    };
+    Ok(Unserved { kinds, units })
 }
 
 async fn explain_not_parked(conn: &mut PgConnection, id: i64) -> QueueError {

@@ -804,6 +804,8 @@ async fn serve_starts_with_exactly_the_terraform_module_environment() {
         // aiosmtpd offers neither STARTTLS nor AUTH; SES SMTP gets smtp://USER:PASS@…:587.
         ("SETPOINT_SMTP_URL", &smtp_url),
         ("SETPOINT_EMAIL_FROM", "noreply@setpoint.test"),
+        // From the Secrets Manager secret the module names (`secrets_key_secret_arn`).
+        ("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY),
         ("RUST_LOG", "info,sqlx=warn"),
     ];
     let names: Vec<&str> = env.iter().map(|(k, _)| *k).collect();

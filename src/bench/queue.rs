@@ -159,9 +159,10 @@ pub async fn run_queue_bench(
     // A first, unreported run of WARM_UP units opens the pool's connections and warms the
     // server's caches, which would otherwise be charged to whichever backlog is measured first.
     let with_unserved = (opts.unserved > 0).then_some(opts.unserved);
-    let runs = std::iter::once((WARM_UP, false, 0)).chain(opts.jobs.iter().flat_map(|&j| {
-        std::iter::once((j, true, 0)).chain(with_unserved.map(|u| (j, true, u)))
-    }));
+    let runs =
+        std::iter::once((WARM_UP, false, 0)).chain(opts.jobs.iter().flat_map(|&j| {
+            std::iter::once((j, true, 0)).chain(with_unserved.map(|u| (j, true, u)))
+        }));
     for (jobs, measured, unserved) in runs {
         reset(pool).await?;
         if unserved > 0 {

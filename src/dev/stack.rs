@@ -368,6 +368,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         ))
         .plugin(KubernetesPlugin::with_settings(KubernetesSettings {
             kubernetes: Some(k8s_config),
+            clusters: Default::default(),
         }))
         .plugin(EmailPlugin::with_settings(SmtpSettings {
             smtp: Some(smtp_config),

@@ -204,6 +204,9 @@ impl EngineBuilder {
     pub async fn start(mut self, shutdown: CancellationToken) -> Result<Engine, EngineError> {
         self.configure_plugins()?;
         let mut services = Services::new();
+        // The engine's own pool, for plugins that keep tables of their own (their migrations
+        // have run by the time handlers run).
+        services.provide::<PgPool>(crate::plugin::POOL, Arc::new(self.pool.clone()));
         for plugin in &mut self.plugins {
             plugin.provide(&mut services).await?;
         }
@@ -469,5 +472,49 @@ impl Engine {
             let _ = t.await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// Records whether the engine's pool reached it.
+    struct NeedsPool(Arc<AtomicBool>);
+
+    impl Plugin for NeedsPool {
+        fn name(&self) -> &str {
+            "needs-pool"
+        }
+
+        fn configure(&mut self, _cx: &ConfigContext<'_>) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        fn register(&self, services: &Services, _r: &mut Registrar) -> Result<(), PluginError> {
+            self.0.store(
+                services.get::<PgPool>(crate::plugin::POOL).is_some(),
+                Ordering::SeqCst,
+            );
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn plugins_get_the_engines_pool() {
+        let db = crate::dev::testdb::test_db().await.expect("db");
+        let seen = Arc::new(AtomicBool::new(false));
+        let shutdown = CancellationToken::new();
+        let engine = EngineBuilder::new(db.pool.clone())
+            .env(|_| None)
+            .plugin(NeedsPool(seen.clone()))
+            .start(shutdown.clone())
+            .await
+            .expect("engine");
+        shutdown.cancel();
+        engine.wait().await.expect("stopped");
+        assert!(seen.load(Ordering::SeqCst));
     }
 }

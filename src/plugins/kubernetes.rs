@@ -1,10 +1,15 @@
 //! The Kubernetes plugin: the objects that front a KVX machine (the cluster domain).
 //!
 //! It reads the historical `[kubernetes]` table (see the `setpoint-kubernetes` crate) and the
-//! deployment's environment variables, and provides a `dyn Cluster` for every region (`*`) to
-//! the plugins after it; it also registers the adapter's own work kinds
+//! deployment's environment variables, and provides that cluster for every region (`*`) to the
+//! plugins after it. Clusters that front the machines of some regions only are tables of their
+//! own, `[kubernetes.clusters.<name>]` (or `[plugins.kubernetes.clusters.<name>]`), each with
+//! `regions = [...]` and the keys of `[kubernetes]`; its token may come from an environment
+//! variable named by `token_env`, so that no token sits in the file. A region's own cluster
+//! wins over the `*` one. It also registers the adapter's own work kinds
 //! (`k8s.apply-instance`, `k8s.delete-instance`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use setpoint_adapter::{BoxFuture, Cluster};
@@ -16,21 +21,69 @@ use crate::plugin::{ConfigContext, Plugin, PluginError, Registrar, Services};
 /// The Kubernetes settings: the `[kubernetes]` table refined by the environment.
 #[derive(Debug, Default, Clone)]
 pub struct KubernetesSettings {
-    /// The cluster, if Kubernetes is configured at all.
+    /// The cluster of every region without one of its own, if any.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Clusters of some regions only, by name.
+    pub clusters: BTreeMap<String, RegionalCluster>,
+}
+
+/// A cluster that fronts the machines of some regions.
+#[derive(Debug, Clone)]
+pub struct RegionalCluster {
+    /// The regions it serves.
+    pub regions: Vec<String>,
+    /// How to reach it.
+    pub config: KubernetesConfig,
 }
 
 impl KubernetesSettings {
-    /// The settings of the `[kubernetes]` table `table` (JSON), if any.
+    /// The settings of the `[kubernetes]` table `table` (JSON), if any; a `token_env` of a
+    /// regional cluster is read from the process's environment.
     ///
     /// # Errors
     /// Unknown keys (by name) and bad values.
     pub fn from_table(table: Option<&serde_json::Value>) -> Result<Self, ConfigError> {
-        let kubernetes = table
-            .map(|t| serde_json::from_value::<KubernetesConfig>(t.clone()))
-            .transpose()
-            .map_err(|e| ConfigError::Invalid(format!("[kubernetes]: {e}")))?;
-        Ok(Self { kubernetes })
+        Self::from_table_with_env(table, &|k| std::env::var(k).ok())
+    }
+
+    /// As [`KubernetesSettings::from_table`], with environment variables read by `get`.
+    ///
+    /// # Errors
+    /// Unknown keys (by name), bad values, a region served by two clusters, a `token_env`
+    /// that is not set.
+    pub fn from_table_with_env(
+        table: Option<&serde_json::Value>,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let Some(table) = table else {
+            return Ok(Self::default());
+        };
+        let mut table = table.clone();
+        let clusters = table
+            .as_object_mut()
+            .and_then(|t| t.remove("clusters"))
+            .map(|c| regional_clusters(&c, get))
+            .transpose()?
+            .unwrap_or_default();
+        // Only `clusters` in the table: no cluster for every region.
+        let only_clusters = table.as_object().is_some_and(serde_json::Map::is_empty);
+        let kubernetes = if only_clusters && !clusters.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_value::<KubernetesConfig>(table)
+                    .map_err(|e| ConfigError::Invalid(format!("[kubernetes]: {e}")))?,
+            )
+        };
+        Ok(Self {
+            kubernetes,
+            clusters,
+        })
+    }
+
+    /// Whether any cluster is configured.
+    pub fn is_configured(&self) -> bool {
+        self.kubernetes.is_some() || !self.clusters.is_empty()
     }
 
     /// Applies the Kubernetes environment variables. `SETPOINT_KUBERNETES_URL` replaces
@@ -89,6 +142,73 @@ impl KubernetesSettings {
     }
 }
 
+/// The `clusters` table: name → `{ regions = [...], token_env = "VAR"?, <[kubernetes] keys> }`.
+fn regional_clusters(
+    value: &serde_json::Value,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, RegionalCluster>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(format!("[kubernetes.clusters]: {m}"));
+    let map = value
+        .as_object()
+        .ok_or_else(|| invalid("must be a table of clusters by name".into()))?;
+    let mut out = BTreeMap::new();
+    let mut served: BTreeMap<String, String> = BTreeMap::new();
+    for (name, entry) in map {
+        let at = |m: &str| invalid(format!("{name}: {m}"));
+        let mut entry = entry
+            .as_object()
+            .cloned()
+            .ok_or_else(|| at("must be a table"))?;
+        let regions: Vec<String> = entry
+            .remove("regions")
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| at("regions must be a list of region names"))?
+            .unwrap_or_default();
+        if regions.is_empty() {
+            return Err(at(
+                "name the regions whose machines it fronts: regions = [\"eu-west-1\"]",
+            ));
+        }
+        for region in &regions {
+            if !crate::names::is_region_name(region) {
+                return Err(at(&format!("{region:?} is not a region name")));
+            }
+            if let Some(other) = served.insert(region.clone(), name.clone()) {
+                return Err(at(&format!(
+                    "region {region} is served by cluster {other} already: one cluster per region"
+                )));
+            }
+        }
+        if let Some(var) = entry.remove("token_env") {
+            let var = var
+                .as_str()
+                .ok_or_else(|| at("token_env must name an environment variable"))?
+                .to_owned();
+            let token = get(&var)
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    at(&format!(
+                        "token_env names {var}, which is not set in the environment"
+                    ))
+                })?;
+            let access = entry
+                .get_mut("access")
+                .and_then(serde_json::Value::as_object_mut)
+                .ok_or_else(|| at("token_env needs an access table with mode = \"token\""))?;
+            access.insert("token".into(), serde_json::Value::String(token));
+        }
+        let config: KubernetesConfig = serde_json::from_value(serde_json::Value::Object(entry))
+            .map_err(|e| {
+                // serde's message names the key; a token never appears in it.
+                at(&e.to_string())
+            })?;
+        out.insert(name.clone(), RegionalCluster { regions, config });
+    }
+    Ok(out)
+}
+
 /// `SETPOINT_KUBERNETES_CA_DATA` as the adapter takes it (base64 of the PEM text): accepts that
 /// form (what kubeconfig files and EKS give) or the PEM text itself, and checks that it holds at
 /// least one certificate.
@@ -122,6 +242,7 @@ fn ca_data(value: &str) -> Result<String, ConfigError> {
 #[derive(Default)]
 pub struct KubernetesPlugin {
     settings: KubernetesSettings,
+    /// The cluster the adapter's own work kinds use: the `*` one, else the first regional.
     cluster: Option<Arc<dyn Cluster>>,
 }
 
@@ -151,9 +272,10 @@ impl Plugin for KubernetesPlugin {
 
     fn configure(&mut self, cx: &ConfigContext<'_>) -> Result<(), PluginError> {
         let err = |e: ConfigError| cx.error(e.to_string());
-        if self.settings.kubernetes.is_none() {
+        if !self.settings.is_configured() {
             let table = cx.legacy("kubernetes").or(cx.table());
-            self.settings = KubernetesSettings::from_table(table).map_err(err)?;
+            self.settings =
+                KubernetesSettings::from_table_with_env(table, &|k| cx.env(k)).map_err(err)?;
         }
         self.settings.apply_env(&|k| cx.env(k)).map_err(err)
     }
@@ -163,19 +285,30 @@ impl Plugin for KubernetesPlugin {
         services: &'a mut Services,
     ) -> BoxFuture<'a, Result<(), PluginError>> {
         Box::pin(async move {
-            let Some(config) = &self.settings.kubernetes else {
-                return Ok(());
+            let connect = |config: &KubernetesConfig| {
+                let config = config.clone();
+                async move {
+                    KubernetesCluster::connect(&config)
+                        .await
+                        .map(|c| Arc::new(c) as Arc<dyn Cluster>)
+                        .map_err(|e| PluginError::Start {
+                            plugin: "kubernetes".into(),
+                            message: e.to_string(),
+                        })
+                }
             };
-            let cluster =
-                KubernetesCluster::connect(config)
-                    .await
-                    .map_err(|e| PluginError::Start {
-                        plugin: "kubernetes".into(),
-                        message: e.to_string(),
-                    })?;
-            let cluster: Arc<dyn Cluster> = Arc::new(cluster);
-            services.provide::<dyn Cluster>("*", cluster.clone());
-            self.cluster = Some(cluster);
+            if let Some(config) = &self.settings.kubernetes {
+                let cluster = connect(config).await?;
+                services.provide::<dyn Cluster>("*", cluster.clone());
+                self.cluster = Some(cluster);
+            }
+            for regional in self.settings.clusters.values() {
+                let cluster = connect(&regional.config).await?;
+                for region in &regional.regions {
+                    services.provide::<dyn Cluster>(region, cluster.clone());
+                }
+                self.cluster.get_or_insert(cluster);
+            }
             Ok(())
         })
     }
@@ -233,6 +366,79 @@ mod tests {
         "aFcW/DU=\n",
         "-----END CERTIFICATE-----\n",
     );
+
+    #[test]
+    fn clusters_of_some_regions_take_their_tokens_from_the_environment() {
+        let text = r#"
+[kubernetes]
+access = { mode = "url", url = "http://127.0.0.1:8001" }
+[kubernetes.clusters.eu]
+regions = ["eu-west-1", "eu-central-1"]
+token_env = "EU_TOKEN"
+image = "eu/kvx:1"
+access = { mode = "token", url = "https://eu.example" }
+[kubernetes.clusters.us]
+regions = ["us-east-1"]
+access = { mode = "url", url = "http://127.0.0.1:8002" }
+"#;
+        let file: toml::Table = toml::from_str(text).expect("toml");
+        let table = serde_json::to_value(&file["kubernetes"]).expect("json");
+        let env = vars(&[("EU_TOKEN", "s3cret-eu\n")]);
+        let s = KubernetesSettings::from_table_with_env(Some(&table), &env).expect("settings");
+        assert!(
+            s.kubernetes.is_some(),
+            "the cluster of every other region stays"
+        );
+        let eu = &s.clusters["eu"];
+        assert_eq!(eu.regions, ["eu-west-1", "eu-central-1"]);
+        assert_eq!(eu.config.image, "eu/kvx:1");
+        let ClusterAccess::Token { token, url, .. } = &eu.config.access else {
+            panic!("{:?}", eu.config.access)
+        };
+        assert_eq!(
+            (token.expose(), url.as_str()),
+            ("s3cret-eu", "https://eu.example")
+        );
+        assert!(!format!("{s:?}").contains("s3cret-eu"));
+        assert_eq!(s.clusters["us"].regions, ["us-east-1"]);
+
+        // Only regional clusters: none for every region.
+        let only = serde_json::json!({"clusters": {"us": {"regions": ["us-east-1"],
+            "access": {"mode": "url", "url": "http://127.0.0.1:8002"}}}});
+        let s = KubernetesSettings::from_table_with_env(Some(&only), &env).expect("settings");
+        assert!(s.kubernetes.is_none() && s.is_configured());
+
+        for (bad, want) in [
+            (
+                serde_json::json!({"clusters": {"a": {"regions": ["us-east-1"], "access": {"mode": "url", "url": "http://x"}},
+                                                "b": {"regions": ["us-east-1"], "access": {"mode": "url", "url": "http://y"}}}}),
+                "served by cluster a already",
+            ),
+            (
+                serde_json::json!({"clusters": {"a": {"access": {"mode": "url", "url": "http://x"}}}}),
+                "name the regions",
+            ),
+            (
+                serde_json::json!({"clusters": {"a": {"regions": ["mars"], "access": {"mode": "url", "url": "http://x"}}}}),
+                "not a region name",
+            ),
+            (
+                serde_json::json!({"clusters": {"a": {"regions": ["us-east-1"], "token_env": "NOPE",
+                                                      "access": {"mode": "token", "url": "https://x"}}}}),
+                "NOPE, which is not set",
+            ),
+            (
+                serde_json::json!({"clusters": {"a": {"regions": ["us-east-1"], "colour": 1,
+                                                      "access": {"mode": "url", "url": "http://x"}}}}),
+                "colour",
+            ),
+        ] {
+            let err = KubernetesSettings::from_table_with_env(Some(&bad), &env)
+                .expect_err(want)
+                .to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
 
     #[test]
     fn kubernetes_token_access_from_the_environment() {

@@ -839,6 +839,26 @@ pub async fn work_list(
     rows.into_iter().map(work_row).collect()
 }
 
+/// Waiting units (pending or queued) of the kinds `kinds`, oldest first: what `setpoint work
+/// list --unserved` shows of the kinds [`super::engines::units_unserved`] names.
+pub async fn work_list_of_kinds(
+    conn: &mut PgConnection,
+    kinds: &[String],
+    limit: i64,
+) -> Result<Vec<WorkRow>, StoreError> {
+    let sql = format!(
+        "SELECT {WORK_COLUMNS} FROM work
+         WHERE state IN ('pending', 'queued') AND kind = ANY($1)
+         ORDER BY id LIMIT $2"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(kinds)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(work_row).collect()
+}
+
 /// One unit by id, if it is still in the table.
 pub async fn work_get(conn: &mut PgConnection, id: i64) -> Result<Option<WorkRow>, StoreError> {
     let sql = format!("SELECT {WORK_COLUMNS} FROM work WHERE id = $1");

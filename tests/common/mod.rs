@@ -12,6 +12,8 @@ pub mod certs;
     feature = "dns"
 ))]
 pub mod peers;
+#[cfg(all(feature = "ec2", feature = "kubernetes", feature = "email"))]
+pub mod stack;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -75,7 +75,7 @@ pub const DEFAULT_LIST_PAGE_SIZE: u32 = 500;
 const LIST_PAGE_BOUNDS: (u32, u32) = (5, 1000);
 
 /// The error code of a resize that wants a data volume the instance does not have.
-pub const CODE_NO_DATA_VOLUME: &str = "ec2-no-data-volume";
+pub use setpoint_adapter::CODE_NO_DATA_VOLUME;
 
 /// The EC2 implementation of [`Compute`]. Cheap to clone (the client is shared).
 #[derive(Debug, Clone)]

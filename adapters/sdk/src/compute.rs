@@ -236,6 +236,10 @@ pub const CODE_MACHINE_NOT_FOUND: &str = "machine-not-found";
 /// one the machine has (volumes only grow).
 pub const CODE_VOLUME_SHRINK: &str = "volume-shrink";
 
+/// The error code of a [`Compute::resize_instance`] asked for a data volume size on a machine
+/// that has no data volume (launched without one, e.g. by a release before data volumes).
+pub const CODE_NO_DATA_VOLUME: &str = "no-data-volume";
+
 /// What size a [`Compute::resize_instance`] call gives a machine.
 ///
 /// The size is resolved the way [`Compute::ensure_instance`] resolves it for a launch:

@@ -72,9 +72,9 @@ pub use cluster::{
     ClusterObservation, DeleteOutcome, NopCluster, SecretData,
 };
 pub use compute::{
-    CODE_MACHINE_NOT_FOUND, CODE_VOLUME_SHRINK, Compute, ComputeFns, DataVolume,
-    InstanceObservation, InstanceRequest, InstanceState, ListMachinesRequest, MachinePage,
-    ManagedMachine, NopCompute, ResizeRequest, TerminateOutcome, TerminateRequest,
+    CODE_MACHINE_NOT_FOUND, CODE_NO_DATA_VOLUME, CODE_VOLUME_SHRINK, Compute, ComputeFns,
+    DataVolume, InstanceObservation, InstanceRequest, InstanceState, ListMachinesRequest,
+    MachinePage, ManagedMachine, NopCompute, ResizeRequest, TerminateOutcome, TerminateRequest,
     VolumeModification, VolumeModificationState,
 };
 pub use context::WorkContext;

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, ConditionStatus, DataVolume, IdempotencyToken,
-    InstanceObservation, InstanceRequest, InstanceState, ListMachinesRequest, ResizeRequest, Step,
-    StepInput, StepResult, TerminateRequest, Then, WorkContext,
+    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, CODE_NO_DATA_VOLUME, ConditionStatus,
+    DataVolume, IdempotencyToken, InstanceObservation, InstanceRequest, InstanceState,
+    ListMachinesRequest, ResizeRequest, Step, StepInput, StepResult, TerminateRequest, Then,
+    WorkContext,
 };
 
 use super::{DriftAction, Kvx, KvxSpec, MACHINE_AVAILABLE, READY, call};
@@ -125,15 +126,65 @@ impl Step for MachineStep {
 
 impl MachineStep {
     /// The region a machine lives in: its own when recorded, else the spec's (a new launch),
-    /// else, for a machine an engine of the previous release launched, the default region.
-    fn region_of(&self, spec: &KvxSpec, machine: Option<&Machine>) -> String {
+    /// else, for a machine an engine of the previous release launched, where it is found.
+    async fn region_of(
+        &self,
+        ctx: &WorkContext,
+        spec: &KvxSpec,
+        machine: Option<&Machine>,
+    ) -> Result<String, AdapterError> {
         match machine {
-            Some(m) => m
-                .region
-                .clone()
-                .unwrap_or_else(|| self.kvx.default_region.clone()),
-            None => spec.region.clone(),
+            Some(m) => match &m.region {
+                Some(region) => Ok(region.clone()),
+                None => self.locate_unrecorded(ctx, m).await,
+            },
+            None => Ok(spec.region.clone()),
         }
+    }
+
+    /// The region of a machine recorded by an engine of the previous release, which ran one
+    /// region and did not record it (nor honour the spec's region): the served region where a
+    /// machine with its launch token is found, the default region first; the default region
+    /// when none is found (it is gone). Not simply the default region: an upgrade that adds a
+    /// region may make another one the default (`[ec2.regions.*]` are taken in name order),
+    /// and the machine would be looked for where it is not — relaunched on update, left
+    /// running on delete. Once a step records the region, this lookup is not made again.
+    async fn locate_unrecorded(
+        &self,
+        ctx: &WorkContext,
+        machine: &Machine,
+    ) -> Result<String, AdapterError> {
+        let default = self.kvx.default_region.as_str();
+        let Ok(token) = machine.token() else {
+            return Ok(default.to_owned());
+        };
+        let regions = std::iter::once(default)
+            .chain(self.kvx.computes.keys().map(String::as_str))
+            .filter(|r| self.kvx.serves(r));
+        let mut tried = Vec::new();
+        for region in regions {
+            if tried.contains(&region) {
+                continue;
+            }
+            tried.push(region);
+            let compute = self.kvx.compute(region)?;
+            let seen = call(
+                ctx,
+                &token,
+                "compute",
+                "describe_instance",
+                compute.describe_instance(&token),
+            )
+            .await?;
+            if seen.is_some() {
+                if region != default {
+                    tracing::info!(work_id = ctx.work_id, machine = %machine.instance_id, region,
+                        "a machine recorded without its region runs outside the default region");
+                }
+                return Ok(region.to_owned());
+            }
+        }
+        Ok(default.to_owned())
     }
 
     /// Launches (or adopts) the instance's machine with this unit's token, after dealing with
@@ -307,11 +358,11 @@ impl MachineStep {
                 "update: no machine recorded; launching one");
             return self.ensure(ctx, input, spec, None).await;
         };
-        let region = self.region_of(spec, Some(&machine));
+        let region = self.region_of(ctx, spec, Some(&machine)).await?;
         let compute = self.kvx.compute(&region)?;
         // The machine is found by the token that launched it, never by this unit's token.
         let launch_token = machine.token()?;
-        let request = ResizeRequest {
+        let mut request = ResizeRequest {
             resource_id: input.resource.id,
             plan: spec.plan.clone(),
             instance_type: None,
@@ -320,24 +371,38 @@ impl MachineStep {
         let deadline = ctx
             .deadline
             .min(Instant::now() + self.kvx.config.machine_wait);
-        let seen = match call(
-            ctx,
-            &launch_token,
-            "compute",
-            "resize_instance",
-            compute.resize_instance(&launch_token, &request, deadline, &ctx.fence),
-        )
-        .await
-        {
-            Ok(seen) => seen,
-            Err(e) if e.code.as_deref() == Some(CODE_MACHINE_NOT_FOUND) => {
-                // Terminated outside setpoint: the update still wants a machine of the new
-                // plan; it launches one with its own token (a retry adopts it).
-                tracing::warn!(work_id = ctx.work_id, token = %ctx.token, machine = %machine.instance_id,
-                    "update: the machine is gone; launching a new one");
-                return self.ensure(ctx, input, spec, Some(machine)).await;
+        let mut no_volume = false;
+        let seen = loop {
+            match call(
+                ctx,
+                &launch_token,
+                "compute",
+                "resize_instance",
+                compute.resize_instance(&launch_token, &request, deadline, &ctx.fence),
+            )
+            .await
+            {
+                Ok(seen) => break seen,
+                Err(e) if e.code.as_deref() == Some(CODE_MACHINE_NOT_FOUND) => {
+                    // Terminated outside setpoint: the update still wants a machine of the new
+                    // plan; it launches one with its own token (a retry adopts it).
+                    tracing::warn!(work_id = ctx.work_id, token = %ctx.token, machine = %machine.instance_id,
+                        "update: the machine is gone; launching a new one");
+                    return self.ensure(ctx, input, spec, Some(machine)).await;
+                }
+                Err(e)
+                    if e.code.as_deref() == Some(CODE_NO_DATA_VOLUME)
+                        && request.data_volume_gb.is_some() =>
+                {
+                    // A machine launched before machines had a data volume (by the previous
+                    // release): the plan still applies; the size cannot, and says so below.
+                    tracing::warn!(work_id = ctx.work_id, token = %ctx.token, machine = %machine.instance_id,
+                        "update: the machine has no data volume; resizing it without one");
+                    request.data_volume_gb = None;
+                    no_volume = true;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         if seen.state != InstanceState::Running || seen.private_ip.is_none() {
             return Err(AdapterError::transient(format!(
@@ -358,17 +423,26 @@ impl MachineStep {
             region: Some(region),
             ..machine.seen(seen)
         };
-        let volume = machine
-            .data_volume
-            .as_ref()
-            .map(|v| format!(", data volume {} GiB", v.effective_size_gb()))
-            .unwrap_or_default();
+        let volume = match &machine.data_volume {
+            Some(v) => format!(", data volume {} GiB", v.effective_size_gb()),
+            None if no_volume => format!(
+                "; it has no data volume (launched before setpoint gave machines one), so \
+                 size_gb {} is not applied: replace the machine to have one",
+                spec.size_gb
+            ),
+            None => String::new(),
+        };
+        let reason = match (no_volume, resized) {
+            (true, _) => "NoDataVolume",
+            (false, true) => "Resized",
+            (false, false) => "MachineRunning",
+        };
         Ok(StepResult::next()
             .output(json!(machine))
             .condition(
                 MACHINE_AVAILABLE,
                 ConditionStatus::True,
-                if resized { "Resized" } else { "MachineRunning" },
+                reason,
                 if resized {
                     format!(
                         "machine {} was resized from {from} to {size} for plan {}{volume}",
@@ -398,7 +472,7 @@ impl MachineStep {
         spec: &KvxSpec,
         machine: Option<Machine>,
     ) -> Result<StepResult, AdapterError> {
-        let region = self.region_of(spec, machine.as_ref());
+        let region = self.region_of(ctx, spec, machine.as_ref()).await?;
         let compute = self.kvx.compute(&region)?;
         let request = TerminateRequest {
             instance_id: machine
@@ -456,7 +530,7 @@ impl MachineStep {
         let Some(machine) = machine.filter(|m| !m.instance_id.is_empty()) else {
             return Ok(StepResult::next());
         };
-        let region = self.region_of(spec, Some(&machine));
+        let region = self.region_of(ctx, spec, Some(&machine)).await?;
         let compute = self.kvx.compute(&region)?;
         let token = machine.token()?;
         let seen = call(
