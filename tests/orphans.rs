@@ -59,7 +59,7 @@ async fn launch(ec2: &Ec2Compute, resource: Uuid) -> String {
         subnet_id: None,
         data_volume_gb: None,
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     ec2.ensure_instance(
         &IdempotencyToken::generate(),
         &req,
@@ -132,6 +132,18 @@ async fn resource(pool: &PgPool, name: &str, deleted: bool) -> Uuid {
     id
 }
 
+/// A test database with the sweep's tables, which an engine's EC2 plugin migrates at start.
+async fn db_with_orphan_tables() -> setpoint::dev::testdb::TestDb {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    for m in setpoint::plugins::orphans::store::migrations() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql))
+            .execute(&db.pool)
+            .await
+            .expect("the sweep's tables");
+    }
+    db
+}
+
 fn sweep(pool: &PgPool, ec2: &Arc<Ec2Compute>, config: OrphanConfig) -> OrphanSweep {
     let computes: BTreeMap<String, Arc<dyn Compute>> =
         BTreeMap::from([(REGION.to_owned(), ec2.clone() as Arc<dyn Compute>)]);
@@ -170,7 +182,7 @@ async fn orphans_are_reported_then_terminated_only_when_configured() {
     );
     wait_port(port).await;
     let endpoint = format!("http://127.0.0.1:{port}");
-    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let db = db_with_orphan_tables().await;
     let ec2 = compute(&endpoint).await;
     let handle = setpoint::metrics::install().expect("recorder");
 
@@ -198,7 +210,9 @@ async fn orphans_are_reported_then_terminated_only_when_configured() {
     );
     let metrics = handle.render();
     assert!(
-        metrics.contains(&format!("setpoint_orphan_machines{{region=\"{REGION}\"}} 3")),
+        metrics.contains(&format!(
+            "setpoint_orphan_machines{{region=\"{REGION}\"}} 3"
+        )),
         "{metrics}"
     );
     // The command lists them, in text and in JSON.
@@ -261,7 +275,11 @@ async fn orphans_are_reported_then_terminated_only_when_configured() {
         .await
         .expect("sweep");
     assert_eq!(report.regions[0].terminated, 2, "{report:?}");
-    let now = states(&ec2, &[&live_machine, &tomb_machine, &orphan, &second, &untagged]).await;
+    let now = states(
+        &ec2,
+        &[&live_machine, &tomb_machine, &orphan, &second, &untagged],
+    )
+    .await;
     for id in [&orphan, &second] {
         assert!(
             ["shutting-down", "terminated"].contains(&now[id.as_str()].as_str()),
@@ -269,7 +287,11 @@ async fn orphans_are_reported_then_terminated_only_when_configured() {
         );
     }
     for id in [&live_machine, &tomb_machine, &untagged] {
-        assert_eq!(now[id.as_str()], "running", "{id} is never terminated: {now:?}");
+        assert_eq!(
+            now[id.as_str()],
+            "running",
+            "{id} is never terminated: {now:?}"
+        );
     }
     // The next sweep no longer lists the live machines as terminable, and keeps what it
     // terminated visible to the operator.
@@ -287,7 +309,9 @@ async fn orphans_are_reported_then_terminated_only_when_configured() {
     assert_eq!(terminated, BTreeSet::from([orphan.clone(), second.clone()]));
     let metrics = handle.render();
     assert!(
-        metrics.contains(&format!("setpoint_orphan_machines{{region=\"{REGION}\"}} 2")),
+        metrics.contains(&format!(
+            "setpoint_orphan_machines{{region=\"{REGION}\"}} 2"
+        )),
         "the tombstone's and the untagged machine are left: {metrics}"
     );
     db.pool.close().await;
@@ -304,7 +328,7 @@ async fn one_engine_sweeps_at_a_time() {
         &dir.join("moto.log"),
     );
     wait_port(port).await;
-    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let db = db_with_orphan_tables().await;
     let ec2 = compute(&format!("http://127.0.0.1:{port}")).await;
     launch(&ec2, Uuid::new_v4()).await;
     // Held by this session, as a sweeping engine holds it.
