@@ -5,14 +5,19 @@
 //! none for deleted ones, no stale Kubernetes object, no duplicate mail, every instance READY
 //! or DELETED (or parked on a step, with its reason), every request answered.
 //!
-//! Seeded: the seed is printed; `SETPOINT_CHAOS_SEED=<seed> cargo test --test chaos` replays
-//! its workload and fault schedule. `setpoint bench chaos` is the long version.
+//! Seeded: the test runs seed 16 unless `SETPOINT_CHAOS_SEED=<seed>` picks another, so every run
+//! replays the same workload and fault schedule (processes still race as they like). Its
+//! checks are about the end state only: nothing asserts on how fast anything happened.
+//! `setpoint bench chaos` is the long version, with a random seed per run.
 
 use setpoint::bench::chaos::{ChaosConfig, run};
 
+/// The seed the test replays unless `SETPOINT_CHAOS_SEED` says otherwise.
+const DEFAULT_SEED: u64 = 16;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_killed_paused_and_cut_off_lose_and_duplicate_nothing() {
-    let seed = ChaosConfig::seed_from_env();
+    let seed = ChaosConfig::seed_from_env_or(DEFAULT_SEED);
     eprintln!("chaos seed {seed} (replay: SETPOINT_CHAOS_SEED={seed})");
     let dir = std::env::temp_dir().join(format!(
         "setpoint-chaos-test-{}",
@@ -39,7 +44,10 @@ async fn engines_killed_paused_and_cut_off_lose_and_duplicate_nothing() {
     assert!(faults.kills > 0, "seed {seed}: {faults:?}");
     assert!(faults.pauses > 0, "seed {seed}: {faults:?}");
     assert_eq!(faults.pg_restarts, 2, "seed {seed}: {faults:?}");
-    assert!(faults.smtp_outages > 0 && faults.ec2_outages > 0, "seed {seed}: {faults:?}");
+    assert!(
+        faults.smtp_outages > 0 && faults.ec2_outages > 0,
+        "seed {seed}: {faults:?}"
+    );
     assert_eq!(report.findings.duplicates(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

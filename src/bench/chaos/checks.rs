@@ -103,7 +103,9 @@ pub async fn open_units(pool: &PgPool) -> Result<Vec<String>, ChaosError> {
         let state: String = r.try_get("state")?;
         let attempt: i32 = r.try_get("attempt")?;
         let error: String = r.try_get("last_error")?;
-        out.push(format!("unit {id} {kind} {state} attempt {attempt}: {error}"));
+        out.push(format!(
+            "unit {id} {kind} {state} attempt {attempt}: {error}"
+        ));
     }
     if rows.len() > 20 {
         out.push(format!("and {} more", rows.len() - 20));
@@ -181,12 +183,11 @@ pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError>
         }
         match row.status.as_str() {
             "READY" => f.ready += 1,
-            other => match parked.get(&row.id).and_then(|units| {
-                units.iter().find(|(kind, _)| !kind.ends_with(".notify"))
-            }) {
-                Some((kind, reason)) => f
-                    .parked
-                    .push((name.clone(), format!("{kind}: {reason}"))),
+            other => match parked
+                .get(&row.id)
+                .and_then(|units| units.iter().find(|(kind, _)| !kind.ends_with(".notify")))
+            {
+                Some((kind, reason)) => f.parked.push((name.clone(), format!("{kind}: {reason}"))),
                 None => f.violations.push(format!(
                     "{name} is {other}, and no unit of it is parked on a step"
                 )),
@@ -195,8 +196,9 @@ pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError>
     }
     for name in by_name.keys() {
         if !model.instances.contains_key(name) {
-            f.violations
-                .push(format!("instance {name} exists but was never created by the workload"));
+            f.violations.push(format!(
+                "instance {name} exists but was never created by the workload"
+            ));
         }
     }
     // Uncertain notifications: a parked notify unit, the instance READY (or DELETED) with
@@ -218,7 +220,8 @@ pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError>
             let notified = from_observed(&row.observed)
                 .into_iter()
                 .find(|c| c.kind == "Notified");
-            if !row.deleted && notified.as_ref().map(|c| c.status) != Some(ConditionStatus::Unknown) {
+            if !row.deleted && notified.as_ref().map(|c| c.status) != Some(ConditionStatus::Unknown)
+            {
                 f.violations.push(format!(
                     "{} has a parked {kind} unit but its Notified condition is {:?}",
                     row.name,
@@ -282,7 +285,9 @@ async fn check_machines(
                 f.violations.push(format!(
                     "deleted {} still has live machine(s) {:?}",
                     row.name,
-                    mine.iter().map(|m| (&m.instance_id, m.state)).collect::<Vec<_>>()
+                    mine.iter()
+                        .map(|m| (&m.instance_id, m.state))
+                        .collect::<Vec<_>>()
                 ));
             }
             continue;
@@ -293,7 +298,9 @@ async fn check_machines(
                 "{} has {} live machines: {:?}",
                 row.name,
                 mine.len(),
-                mine.iter().map(|m| (&m.instance_id, m.state)).collect::<Vec<_>>()
+                mine.iter()
+                    .map(|m| (&m.instance_id, m.state))
+                    .collect::<Vec<_>>()
             ));
         }
         if row.status != "READY" {
@@ -365,7 +372,8 @@ async fn check_objects(
     rows: &BTreeMap<String, DbInstance>,
     f: &mut Findings,
 ) -> Result<(), ChaosError> {
-    let by_id: HashMap<String, &DbInstance> = rows.values().map(|r| (r.id.to_string(), r)).collect();
+    let by_id: HashMap<String, &DbInstance> =
+        rows.values().map(|r| (r.id.to_string(), r)).collect();
     let mut deployments: HashMap<String, usize> = HashMap::new();
     for (path, kind) in [
         ("/api/v1/secrets", "Secret"),
@@ -382,14 +390,17 @@ async fn check_objects(
             let name = meta["name"].as_str().unwrap_or("?");
             let Some(row) = by_id.get(uid) else {
                 f.stale_objects += 1;
-                f.violations
-                    .push(format!("{kind} {name} belongs to no known instance ({uid})"));
+                f.violations.push(format!(
+                    "{kind} {name} belongs to no known instance ({uid})"
+                ));
                 continue;
             };
             if row.deleted {
                 f.stale_objects += 1;
-                f.violations
-                    .push(format!("{kind} {name} of deleted {} is still there", row.name));
+                f.violations.push(format!(
+                    "{kind} {name} of deleted {} is still there",
+                    row.name
+                ));
                 continue;
             }
             let generation = meta["annotations"][setpoint_kubernetes::names::ANNOTATION_GENERATION]

@@ -82,7 +82,11 @@ struct Down {
 }
 
 fn secs(rng: &mut StdRng, lo: f64, hi: f64) -> Duration {
-    Duration::from_secs_f64(if hi > lo { rng.random_range(lo..hi) } else { lo })
+    Duration::from_secs_f64(if hi > lo {
+        rng.random_range(lo..hi)
+    } else {
+        lo
+    })
 }
 
 /// Plans the faults of `config` from its seed.
@@ -183,18 +187,13 @@ pub fn plan(config: &ChaosConfig) -> Plan {
         1.0,
         4.0,
     ));
-    events.sort_by(|a, b| a.0.cmp(&b.0));
+    events.sort_by_key(|a| a.0);
     Plan { events }
 }
 
 /// Executes `plan` from `start`, supervising the engines meanwhile (one that exited on its own
 /// is started again); returns what was done.
-pub async fn execute(
-    plan: &Plan,
-    world: &mut World,
-    start: Instant,
-    verbose: bool,
-) -> FaultCounts {
+pub async fn execute(plan: &Plan, world: &mut World, start: Instant, verbose: bool) -> FaultCounts {
     let mut counts = FaultCounts::default();
     let mut since = std::collections::HashMap::new();
     let say = |m: String| {
@@ -213,7 +212,9 @@ pub async fn execute(
             tokio::time::sleep(nap).await;
             let restarted = world.supervise();
             if restarted > 0 {
-                say(format!("{restarted} engine(s) had exited and were started again"));
+                say(format!(
+                    "{restarted} engine(s) had exited and were started again"
+                ));
             }
         }
         let t = format!("{:>6.1}s", at.as_secs_f64());
@@ -329,7 +330,11 @@ mod tests {
         assert_eq!(count(&|e| *e == Action::PgStop), 2);
         assert_eq!(count(&|e| *e == Action::SmtpStop), 3);
         assert_eq!(count(&|e| *e == Action::Ec2Stop), 3);
-        assert!(a.events.iter().all(|(at, _)| *at <= Duration::from_secs(600)));
+        assert!(
+            a.events
+                .iter()
+                .all(|(at, _)| *at <= Duration::from_secs(600))
+        );
         // Never every engine down at once, and outages of one peer never overlap.
         let mut down = [false; 3];
         let (mut smtp, mut ec2) = (false, false);

@@ -166,12 +166,19 @@ pub struct ChaosConfig {
 }
 
 impl ChaosConfig {
-    /// The seed from `SETPOINT_CHAOS_SEED`, else a random one.
+    /// The seed from `SETPOINT_CHAOS_SEED`, else a random one (the bench: each run explores
+    /// another schedule).
     pub fn seed_from_env() -> u64 {
+        Self::seed_from_env_or(rand::random())
+    }
+
+    /// The seed from `SETPOINT_CHAOS_SEED`, else `default` (the test: every run replays the
+    /// same workload and fault schedule, so a failure is reproduced by running it again).
+    pub fn seed_from_env_or(default: u64) -> u64 {
         std::env::var(SEED_VAR)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(rand::random)
+            .unwrap_or(default)
     }
 
     /// The short soak of `cargo test`: a little over a minute of faults, fewer of each, a
@@ -259,7 +266,10 @@ impl ChaosReport {
         let d = &self.findings;
         let mut s = String::new();
         let mut line = |k: &str, v: String| s.push_str(&format!("  {k:<34} {v}\n"));
-        line("seed", format!("{} (replay: {SEED_VAR}={})", self.seed, self.seed));
+        line(
+            "seed",
+            format!("{} (replay: {SEED_VAR}={})", self.seed, self.seed),
+        );
         line("engines", self.engines.to_string());
         line("faults for", format!("{:.0} s", self.fault_secs));
         line(
@@ -317,7 +327,10 @@ impl ChaosReport {
         );
         line(
             "uncertain notifications",
-            format!("{} (Notified=Unknown, unit parked)", d.uncertain_notifications),
+            format!(
+                "{} (Notified=Unknown, unit parked)",
+                d.uncertain_notifications
+            ),
         );
         line("mails", d.mails.to_string());
         line(
@@ -400,9 +413,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
             .push(format!("{} requests were never answered", ops.unanswered));
     }
     for a in &ops.unexpected {
-        findings
-            .violations
-            .push(format!("unexpected answer: {a}"));
+        findings.violations.push(format!("unexpected answer: {a}"));
     }
     if converge_secs.is_none() {
         findings.violations.push(format!(

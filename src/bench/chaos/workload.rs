@@ -34,6 +34,8 @@ const CLIENTS: usize = 4;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(180);
 /// How long one call may take before it is sent again elsewhere.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time the clients go on after the fault phase to reach the wanted operations.
+const CATCH_UP: Duration = Duration::from_secs(120);
 /// The plans the workload moves instances between.
 const PLANS: [&str; 3] = ["kvx.small", "kvx.medium", "kvx.large"];
 
@@ -104,9 +106,18 @@ pub struct Workload {
 
 /// An operation, chosen under the lock.
 enum Op {
-    Create { name: String, plan: &'static str },
-    Update { name: String, plan: &'static str, size: i32 },
-    Delete { name: String },
+    Create {
+        name: String,
+        plan: &'static str,
+    },
+    Update {
+        name: String,
+        plan: &'static str,
+        size: i32,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 /// How a request ended.
@@ -141,9 +152,8 @@ impl Workload {
         // Some operations end without a request (an update of a busy instance is skipped):
         // aim a little higher than asked.
         let planned = (config.ops as f64 * 1.3).max(1.0);
-        let pace = Duration::from_secs_f64(
-            config.duration.as_secs_f64() * CLIENTS as f64 / planned,
-        );
+        let pace =
+            Duration::from_secs_f64(config.duration.as_secs_f64() * CLIENTS as f64 / planned);
         Ok(Self {
             inner: Arc::new(Inner {
                 channels,
@@ -181,9 +191,11 @@ impl Workload {
     }
 
     /// Runs the clients: paced until `until`, then unpaced until the wanted number of
-    /// operations was accepted (for at most half the phase again). Returns the counts.
+    /// operations was accepted (for at most half the phase again, and at least
+    /// [`CATCH_UP`]: on a busy machine the count is reached a little later, never missed).
+    /// Returns the counts.
     pub async fn run(self, until: Instant) -> OpCounts {
-        let hard_stop = until + (until - Instant::now()) / 2;
+        let hard_stop = until + ((until - Instant::now()) / 2).max(CATCH_UP);
         let mut clients = Vec::new();
         for c in 0..CLIENTS {
             let me = self.clone();
@@ -199,7 +211,11 @@ impl Workload {
                     me.one().await;
                     if Instant::now() < until {
                         let jitter = me.state(|s| s.rng.random_range(0.5..1.5));
-                        let nap = me.inner.pace.mul_f64(jitter).saturating_sub(started.elapsed());
+                        let nap = me
+                            .inner
+                            .pace
+                            .mul_f64(jitter)
+                            .saturating_sub(started.elapsed());
                         tokio::time::sleep(nap).await;
                     }
                 }

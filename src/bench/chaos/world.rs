@@ -47,7 +47,11 @@ impl Group {
     /// Sends `signal` (`KILL`, `STOP`, `CONT`) to the whole group.
     pub fn signal(&self, signal: &str) {
         let _ = Command::new("kill")
-            .args([&format!("-{signal}"), "--", &format!("-{}", self.child.id())])
+            .args([
+                &format!("-{signal}"),
+                "--",
+                &format!("-{}", self.child.id()),
+            ])
             .stderr(Stdio::null())
             .status();
     }
@@ -152,7 +156,10 @@ impl World {
             .args(["dev", "--help"])
             .output()
             .map_err(|e| {
-                ChaosError::Setup(format!("cannot run {}: {e}", config.engine_binary.display()))
+                ChaosError::Setup(format!(
+                    "cannot run {}: {e}",
+                    config.engine_binary.display()
+                ))
             })?;
         let help = String::from_utf8_lossy(&help.stdout).into_owned();
         let mut extra_flags = Vec::new();
@@ -238,11 +245,6 @@ impl World {
     /// The Kubernetes test server's URL.
     pub fn k8s_url(&self) -> String {
         self.k8s.url()
-    }
-
-    /// How many engine slots there are.
-    pub fn engines(&self) -> usize {
-        self.slots.len()
     }
 
     fn spawn_engine(&mut self, i: usize) -> Result<(), ChaosError> {
