@@ -26,8 +26,8 @@ use common::{EngineProcess, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::api::proto::resource_service_client::ResourceServiceClient;
 use setpoint::api::proto::{
-    CreateInstanceRequest, CreateResourceRequest, Instance, InstanceSpec, InstanceStatus,
-    Resource, UpdateInstanceRequest,
+    CreateInstanceRequest, CreateResourceRequest, Instance, InstanceSpec, InstanceStatus, Resource,
+    UpdateInstanceRequest,
 };
 use sqlx::PgPool;
 use tonic::service::interceptor::InterceptedService;

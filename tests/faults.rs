@@ -278,7 +278,11 @@ async fn an_update_after_a_cancelled_create_adopts_the_machine_it_launched() {
     assert!(ok, "{err}");
     let cancelled = get(&mut api, "cc").await;
     assert_eq!(cancelled.status, InstanceStatus::Failed as i32);
-    assert_eq!(recorded_machine(&cancelled), None, "the launch was never recorded");
+    assert_eq!(
+        recorded_machine(&cancelled),
+        None,
+        "the launch was never recorded"
+    );
 
     update(&mut api, "cc", "kvx.medium").await.expect("update");
     let updated = ready_at(&api, "cc", 2).await;
@@ -363,7 +367,11 @@ async fn an_uncertain_notification_leaves_the_instance_ready_and_changeable() {
         }
     })
     .await;
-    assert_eq!(ready_mails(&peers.maildir, "nn"), 2, "one mail per generation");
+    assert_eq!(
+        ready_mails(&peers.maildir, "nn"),
+        2,
+        "one mail per generation"
+    );
     db.pool.close().await;
     drop(peers);
     let _ = std::fs::remove_dir_all(&dir);
@@ -455,11 +463,10 @@ async fn three_engines_check_each_instance_once_per_interval() {
              per interval)"
         );
     }
-    let active: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM instances WHERE has_active_work")
-            .fetch_one(&db.pool)
-            .await
-            .expect("active");
+    let active: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE has_active_work")
+        .fetch_one(&db.pool)
+        .await
+        .expect("active");
     assert_eq!(active, 0, "a queued check never marks its instance active");
     let holding: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM work WHERE kind = 'kvx.observe' AND holds_resource",
@@ -539,7 +546,9 @@ async fn engine_connections_time_out_statements_and_lock_waits() {
         .execute(&mut *holder)
         .await
         .expect("lock");
-    let waited = sqlx::query("SELECT count(*) FROM work").fetch_one(&pool).await;
+    let waited = sqlx::query("SELECT count(*) FROM work")
+        .fetch_one(&pool)
+        .await;
     let e = waited.expect_err("the lock wait times out");
     assert!(e.to_string().contains("lock timeout"), "{e}");
     holder.rollback().await.expect("rollback");

@@ -360,7 +360,12 @@ mod tests {
         let leases = Renewing::default();
         let inflight = InFlight::default();
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(heartbeat(leases.clone(), inflight.clone(), timing, stop.clone()));
+        tokio::spawn(heartbeat(
+            leases.clone(),
+            inflight.clone(),
+            timing,
+            stop.clone(),
+        ));
         // Claimed just after the heartbeat's first (empty) round.
         tokio::time::sleep(Duration::from_millis(1)).await;
         let claimed = Instant::now();

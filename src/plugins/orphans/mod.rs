@@ -47,7 +47,9 @@ use crate::plugin::{BackgroundTask, TaskContext};
 use crate::store::StoreError;
 use crate::store::instances::resources_known;
 pub use store::{OrphanRow, SweepRow};
-use store::{orphan_lock_try, orphan_now, orphans_per_region, orphans_record, orphans_record_failure};
+use store::{
+    orphan_lock_try, orphan_now, orphans_per_region, orphans_record, orphans_record_failure,
+};
 
 /// Default of [`OrphanConfig::interval`]: a sweep every 10 minutes.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
@@ -118,8 +120,7 @@ impl OrphanConfig {
         }
         if self.terminate && self.max_terminations == 0 {
             return Err(OrphanError::Config(
-                "orphans.max_terminations must be at least 1 when orphans.terminate is true"
-                    .into(),
+                "orphans.max_terminations must be at least 1 when orphans.terminate is true".into(),
             ));
         }
         Ok(())
@@ -340,7 +341,9 @@ impl OrphanSweep {
             if stop.is_cancelled() {
                 break;
             }
-            let report = self.sweep_region(conn, region, compute.as_ref(), stop).await?;
+            let report = self
+                .sweep_region(conn, region, compute.as_ref(), stop)
+                .await?;
             regions.push(report);
         }
         Ok(SweepReport { ran: true, regions })
@@ -374,14 +377,13 @@ impl OrphanSweep {
         // Read after the listing: a resource created since is found, so a machine is never
         // taken for an orphan because its resource was written after the check.
         let ids: Vec<uuid::Uuid> = machines.iter().filter_map(|m| m.resource_id).collect();
-        let known: HashMap<uuid::Uuid, bool> = resources_known(conn, &ids).await?.into_iter().collect();
+        let known: HashMap<uuid::Uuid, bool> =
+            resources_known(conn, &ids).await?.into_iter().collect();
         let now = orphan_now(conn).await?;
         let found = classify(&machines, &known);
         let min_age = chrono::TimeDelta::from_std(self.config.min_age)
             .map_err(|_| OrphanError::Config("orphans.min_age is too long".into()))?;
-        let old_enough = |m: &ManagedMachine| {
-            launched_at(m).is_some_and(|t| t <= now - min_age)
-        };
+        let old_enough = |m: &ManagedMachine| launched_at(m).is_some_and(|t| t <= now - min_age);
         let terminable: Vec<&str> = found
             .iter()
             .filter(|(m, r)| {
@@ -391,11 +393,15 @@ impl OrphanSweep {
             .collect();
         let held = terminable.len() > self.config.max_terminations;
         if held {
-            tracing::error!(region, machines = terminable.len(), limit = self.config.max_terminations,
+            tracing::error!(
+                region,
+                machines = terminable.len(),
+                limit = self.config.max_terminations,
                 "orphan sweep: more machines would be terminated than [orphans] max_terminations \
                  allows; terminating none. A database restored from a backup, or another \
                  deployment in this account and region, makes live machines look orphaned: \
-                 check `setpoint work orphans`, then raise the limit if they really are");
+                 check `setpoint work orphans`, then raise the limit if they really are"
+            );
         }
         let token = IdempotencyToken::generate();
         let mut orphans = Vec::with_capacity(found.len());
@@ -456,10 +462,19 @@ impl OrphanSweep {
         };
         orphans_record(conn, &sweep, &orphans).await?;
         if !orphans.is_empty() {
-            tracing::warn!(region, machines = machines.len(), orphans = orphans.len(), terminated,
-                "orphan sweep: managed machines that belong to no live resource (see `setpoint work orphans`)");
+            tracing::warn!(
+                region,
+                machines = machines.len(),
+                orphans = orphans.len(),
+                terminated,
+                "orphan sweep: managed machines that belong to no live resource (see `setpoint work orphans`)"
+            );
         } else {
-            tracing::info!(region, machines = machines.len(), "orphan sweep: no orphaned machines");
+            tracing::info!(
+                region,
+                machines = machines.len(),
+                "orphan sweep: no orphaned machines"
+            );
         }
         crate::metrics::orphans_terminated(region, terminated as u64);
         Ok(RegionReport {
