@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 use setpoint_adapter::{Compute, ListMachinesRequest, ManagedMachine};
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -17,6 +17,8 @@ use super::ChaosError;
 use super::workload::Model;
 use super::world::{REGION, TENANT, World};
 use crate::kinds::conditions::{ConditionStatus, from_observed};
+use crate::store::instances::{self, ResourceSummary};
+use crate::store::work;
 
 /// What the final checks found.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -51,12 +53,9 @@ impl Findings {
     }
 }
 
-/// The units that count as open: all but parked ones and drift checks (which keep coming
-/// while drift checks are on, and never hold their resource). [`wait_converged`] counts the
-/// same.
-const OPEN_UNITS: &str = "SELECT id, kind, state, attempt, coalesce(last_error, '') AS last_error
-                            FROM work WHERE state <> 'parked' AND kind <> 'kvx.observe'
-                           ORDER BY id";
+/// Drift checks keep coming while drift checks are on and never hold their resource: the
+/// units that count as open are all but parked ones and these.
+const DRIFT_KIND: &str = "kvx.observe";
 
 /// Waits until no unit is open and no instance has active work (twice in a row, a second
 /// apart), supervising the engines meanwhile; returns how long after `since` that was, or
@@ -70,12 +69,7 @@ pub async fn wait_converged(
     let mut quiet_since: Option<Instant> = None;
     loop {
         world.supervise();
-        let open: Result<i64, sqlx::Error> = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM work WHERE state <> 'parked' AND kind <> 'kvx.observe')
-                  + (SELECT count(*) FROM instances WHERE has_active_work)",
-        )
-        .fetch_one(pool)
-        .await;
+        let open = open_count(pool).await;
         match open {
             Ok(0) => match quiet_since {
                 Some(q) if q.elapsed() >= Duration::from_secs(1) => {
@@ -93,60 +87,49 @@ pub async fn wait_converged(
     }
 }
 
+/// Open units plus resources with active work; an error while PostgreSQL restarts.
+async fn open_count(pool: &PgPool) -> Result<i64, ChaosError> {
+    let mut conn = pool.acquire().await?;
+    let (units, _) = work::work_open(&mut conn, DRIFT_KIND, 0).await?;
+    Ok(units + instances::resources_active_count(&mut conn).await?)
+}
+
 /// The open units, one line each (for a report of a soak that did not converge).
 pub async fn open_units(pool: &PgPool) -> Result<Vec<String>, ChaosError> {
-    let rows = sqlx::query(OPEN_UNITS).fetch_all(pool).await?;
-    let mut out = Vec::new();
-    for r in rows.iter().take(20) {
-        let id: i64 = r.try_get("id")?;
-        let kind: String = r.try_get("kind")?;
-        let state: String = r.try_get("state")?;
-        let attempt: i32 = r.try_get("attempt")?;
-        let error: String = r.try_get("last_error")?;
-        out.push(format!(
-            "unit {id} {kind} {state} attempt {attempt}: {error}"
-        ));
-    }
-    if rows.len() > 20 {
-        out.push(format!("and {} more", rows.len() - 20));
+    let mut conn = pool.acquire().await?;
+    let (total, rows) = work::work_open(&mut conn, DRIFT_KIND, 20).await?;
+    let mut out: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "unit {} {} {} attempt {}: {}",
+                r.id,
+                r.kind,
+                r.state,
+                r.attempt,
+                r.last_error.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    if total > rows.len() as i64 {
+        out.push(format!("and {} more", total - rows.len() as i64));
     }
     Ok(out)
 }
 
 /// One instance as the database holds it.
-struct DbInstance {
-    id: Uuid,
-    name: String,
-    status: String,
-    generation: i64,
-    deleted: bool,
-    observed: Value,
-}
+type DbInstance = ResourceSummary;
 
 /// Checks machines, Kubernetes objects, mails, statuses and generations.
 pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError> {
     let mut f = Findings::default();
     let pool = world.pool();
-    let rows = sqlx::query(
-        "SELECT id, name, status, generation, deleted_at IS NOT NULL AS deleted, observed
-           FROM instances WHERE tenant = $1 AND kind = 'kvx.instance'",
-    )
-    .bind(TENANT)
-    .fetch_all(pool)
-    .await?;
-    let mut by_name: BTreeMap<String, DbInstance> = BTreeMap::new();
-    for r in &rows {
-        let row = DbInstance {
-            id: r.try_get("id")?,
-            name: r.try_get("name")?,
-            status: r.try_get("status")?,
-            generation: r.try_get("generation")?,
-            deleted: r.try_get("deleted")?,
-            observed: r.try_get("observed")?,
-        };
-        by_name.insert(row.name.clone(), row);
-    }
-    let parked = parked_units(pool).await?;
+    let mut conn = pool.acquire().await?;
+    let rows = instances::resources_of_tenant_kind(&mut conn, TENANT, "kvx.instance").await?;
+    let by_name: BTreeMap<String, DbInstance> =
+        rows.into_iter().map(|r| (r.name.clone(), r)).collect();
+    let parked = parked_units(&mut conn).await?;
+    drop(conn);
 
     // Statuses and generations against what the workload had accepted.
     for (name, inst) in &model.instances {
@@ -238,18 +221,12 @@ pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError>
 }
 
 /// Parked units by resource: (kind, reason).
-async fn parked_units(pool: &PgPool) -> Result<HashMap<Uuid, Vec<(String, String)>>, ChaosError> {
-    let rows = sqlx::query(
-        "SELECT resource_id, kind, coalesce(last_error, '') AS last_error
-           FROM work WHERE state = 'parked' AND resource_id IS NOT NULL",
-    )
-    .fetch_all(pool)
-    .await?;
+async fn parked_units(
+    conn: &mut PgConnection,
+) -> Result<HashMap<Uuid, Vec<(String, String)>>, ChaosError> {
     let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
-    for r in &rows {
-        out.entry(r.try_get("resource_id")?)
-            .or_default()
-            .push((r.try_get("kind")?, r.try_get("last_error")?));
+    for (resource, kind, reason) in work::work_parked_of_resources(conn).await? {
+        out.entry(resource).or_default().push((kind, reason));
     }
     Ok(out)
 }

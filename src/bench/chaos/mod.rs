@@ -199,7 +199,7 @@ impl ChaosConfig {
             lease: Duration::from_secs(3),
             resync: Some(Duration::from_secs(20)),
             backoff_cap: Duration::from_secs(10),
-            settle: Duration::from_secs(150),
+            settle: Duration::from_secs(240),
             engine_binary,
             dir,
             verbose: true,
