@@ -237,6 +237,17 @@ pub enum WorkCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Machines tagged as managed by setpoint that belong to no live resource, as the last
+    /// orphan sweep found them (an engine with EC2 configured sweeps every `[orphans]
+    /// interval`, 10m by default; docs/faults.md says when it terminates them).
+    Orphans {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Print JSON: `{"sweeps": [...], "orphans": [...]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue a unit by hand (for smoke tests: `--kind setpoint.noop`).
     Enqueue {
         /// Database.
@@ -270,6 +281,15 @@ pub enum BenchCommand {
     /// An engine watching N READY resources with drift running: Create latency, drift rate,
     /// table sizes (durable cluster, adapters that answer in a set time).
     Scale(crate::bench::scale::BenchScaleArgs),
+    /// The chaos soak: engines killed and paused, PostgreSQL restarted, SMTP and EC2 stopped,
+    /// while instances are created, updated and deleted; then nothing lost or duplicated.
+    #[cfg(all(
+        feature = "ec2",
+        feature = "kubernetes",
+        feature = "email",
+        feature = "dns"
+    ))]
+    Chaos(crate::bench::chaos::BenchChaosArgs),
 }
 
 /// `setpoint bench queue`.

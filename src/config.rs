@@ -90,7 +90,7 @@ pub fn parse_duration_or_off(text: &str) -> Result<Option<Duration>, String> {
 
 /// A key that may be a duration or `"off"`: `None` when the key is absent, `Some(None)` when
 /// it is `off`.
-fn de_duration_or_off<'de, D: serde::Deserializer<'de>>(
+pub(crate) fn de_duration_or_off<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<Duration>>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
@@ -289,6 +289,9 @@ pub struct FileConfig {
     pub kubernetes: Option<toml::Value>,
     /// The e-mail plugin's table.
     pub smtp: Option<toml::Value>,
+    /// The orphan-machine sweep's table (read by the EC2 plugin): how often managed machines
+    /// that belong to no resource are looked for, and whether they are terminated.
+    pub orphans: Option<toml::Value>,
     /// Each plugin's table, `[plugins.<name>]`; read by the plugin of that name. A table no
     /// compiled-in plugin reads is refused at start-up.
     #[serde(default)]

@@ -113,6 +113,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(all(
+            feature = "ec2",
+            feature = "kubernetes",
+            feature = "email",
+            feature = "dns"
+        ))]
+        Command::Bench(BenchCommand::Chaos(args)) => setpoint::bench::chaos::bench(args)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Instances(cmd) => Ok(setpoint::client::run_instances(cmd).await?),
         Command::Resources(cmd) => Ok(setpoint::client::resources::run(cmd).await?),
         Command::Tokens(cmd) => {
@@ -368,6 +378,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         | WorkCommand::Show { db, .. }
         | WorkCommand::Retry { db, .. }
         | WorkCommand::Cancel { db, .. }
+        | WorkCommand::Orphans { db, .. }
         | WorkCommand::Enqueue { db, .. } => db.clone(),
     };
     let (file, url) = resolve_db(&db)?;
@@ -493,6 +504,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
                 println!("unit {id} cancelled");
             }
         }
+        WorkCommand::Orphans { json, .. } => print_orphans(&mut conn, json).await?,
         WorkCommand::Enqueue {
             kind,
             spec,
@@ -529,6 +541,84 @@ async fn work(cmd: WorkCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `setpoint work orphans`: what the last sweep of each region found.
+async fn print_orphans(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
+    use setpoint::plugins::orphans::store;
+    if !store::orphan_tables_exist(conn).await? {
+        if json {
+            println!("{}", json!({"sweeps": [], "orphans": []}));
+        } else {
+            println!(
+                "no orphan sweep has run on this database: an engine with EC2 configured sweeps \
+                 every [orphans] interval (10m by default)"
+            );
+        }
+        return Ok(());
+    }
+    let sweeps = store::sweeps_list(conn).await?;
+    let orphans = store::orphans_list(conn).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"sweeps": sweeps, "orphans": orphans}))?
+        );
+        return Ok(());
+    }
+    if sweeps.is_empty() {
+        println!("no region has been swept yet");
+    }
+    for s in &sweeps {
+        let at = s.swept_at.format("%Y-%m-%d %H:%M:%S UTC");
+        match &s.error {
+            Some(e) => println!(
+                "{}: the sweep at {at} could not list the machines ({e}); below is what an \
+                 earlier sweep found",
+                s.region
+            ),
+            None => println!(
+                "{}: swept at {at}: {} managed machine(s), {} orphan(s), {} terminated",
+                s.region, s.machines, s.orphans, s.terminated
+            ),
+        }
+    }
+    if orphans.is_empty() {
+        println!("no orphaned machines");
+        return Ok(());
+    }
+    println!();
+    let table: Vec<Vec<String>> = orphans
+        .iter()
+        .map(|o| {
+            vec![
+                o.region.clone(),
+                o.instance_id.clone(),
+                o.state.clone(),
+                o.resource_id
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                o.reason.clone(),
+                o.launched_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_else(|| "?".into()),
+                o.action.clone(),
+                o.note.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "REGION", "MACHINE", "STATE", "RESOURCE", "REASON", "LAUNCHED", "ACTION", "NOTE",
+        ],
+        &table,
+    );
+    println!(
+        "\nunknown-resource: the tag names a resource this database has no row of (terminated when \
+         [orphans] terminate = true, once older than min_age); deleted-resource: a deleted \
+         resource's machine; untagged: no resource tag. The last two are never terminated."
+    );
     Ok(())
 }
 

@@ -24,6 +24,9 @@
 //! | `retention_rows_pruned_total`            | counter   | `table`                         |
 //! | `retention_rounds_total`                 | counter   | `result`                        |
 //! | `retention_round_duration_seconds`       | histogram | `result`                        |
+//! | `orphan_machines`                        | gauge     | `region`                        |
+//! | `orphan_machines_terminated_total`       | counter   | `region`                        |
+//! | `orphan_sweeps_total`                    | counter   | `result`                        |
 //!
 //! `result` is `ok`, `transient` or `permanent`; `action` is `retry`, `wait` (a wait that is
 //! not a failed attempt) or `park`. An attempt is *abandoned* when it lost its unit (its lease
@@ -39,7 +42,10 @@
 //! certificate expires in `api_tls_certificate_expiry_seconds` (negative once it has). Retention
 //! counts the rows it deletes per `table` (`work_events`, `api_requests`, `side_effects`,
 //! `instances`) and its rounds by `result`: `done`, `skipped` (another engine was pruning) or
-//! `failed`. The queue gauges are refreshed from
+//! `failed`. The orphan sweep (`[orphans]`, EC2) exports the managed machines that belong to no
+//! live resource per `region`, as the last sweep found them (every engine reports the same
+//! figure, whichever swept: aggregate with `max`, not `sum`), the machines it terminated, and
+//! its rounds by `result` (`done`, `skipped`, `failed`). The queue gauges are refreshed from
 //! the database every few seconds by [`serve`]. The recording functions are cheap no-ops until
 //! a recorder is installed ([`install`]).
 
@@ -170,6 +176,22 @@ pub fn retention_round(result: &'static str, took: Duration) {
     metrics::counter!("setpoint_retention_rounds_total", "result" => result).increment(1);
     metrics::histogram!("setpoint_retention_round_duration_seconds", "result" => result)
         .record(took.as_secs_f64());
+}
+
+/// An orphan sweep ended with `result` (`done`, `skipped` or `failed`).
+pub fn orphan_sweep(result: &'static str) {
+    metrics::counter!("setpoint_orphan_sweeps_total", "result" => result).increment(1);
+}
+
+/// The last sweep of `region` found `n` orphaned machines still there.
+pub fn orphan_machines(region: &str, n: i64) {
+    metrics::gauge!("setpoint_orphan_machines", "region" => region.to_owned()).set(n as f64);
+}
+
+/// A sweep of `region` terminated `n` orphaned machines.
+pub fn orphans_terminated(region: &str, n: u64) {
+    metrics::counter!("setpoint_orphan_machines_terminated_total", "region" => region.to_owned())
+        .increment(n);
 }
 
 /// Runs an adapter call, recording its latency and result class.

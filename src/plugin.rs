@@ -51,6 +51,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use setpoint_adapter::{BoxFuture, Handler, ResourceKind, Step};
+use tokio_util::sync::CancellationToken;
 
 /// Why a plugin could not be configured or registered. Messages name the plugin and the key
 /// or variable at fault, never a secret's value.
@@ -261,6 +262,30 @@ pub trait HealthCheck: Send + Sync + 'static {
     fn check(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
+/// What a plugin's [`BackgroundTask`] runs with.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The engine's database (the pool its workers use).
+    pub pool: sqlx::PgPool,
+    /// The engine's id (`engines.id`, the workers' name in leases), for logs.
+    pub engine: String,
+    /// Fires when the engine shuts down; the task must return soon after, since the engine
+    /// waits for it.
+    pub shutdown: CancellationToken,
+}
+
+/// A task a plugin runs beside the workers for as long as the engine runs: a periodic sweep,
+/// a refresh. Every engine runs its own; a task that must run in one engine at a time takes a
+/// lock of its own (a session advisory lock, as retention does).
+pub trait BackgroundTask: Send + Sync + 'static {
+    /// What it is, for logs (`orphan machines sweep`).
+    fn name(&self) -> &str;
+
+    /// Runs until `cx.shutdown` fires. Errors are the task's to log and retry: nothing
+    /// restarts a task that returned early.
+    fn run(self: Arc<Self>, cx: TaskContext) -> BoxFuture<'static, ()>;
+}
+
 /// What a plugin registers with the engine.
 #[derive(Default)]
 pub struct Registrar {
@@ -271,6 +296,7 @@ pub struct Registrar {
     pub(crate) regions: Vec<String>,
     pub(crate) health: Vec<Arc<dyn HealthCheck>>,
     pub(crate) grpc: Vec<GrpcService>,
+    pub(crate) tasks: Vec<(String, Arc<dyn BackgroundTask>)>,
 }
 
 /// A gRPC service a plugin serves beside setpoint's own, on the same listener and behind the
@@ -376,6 +402,11 @@ impl Registrar {
     /// Adds a check `/readyz` runs.
     pub fn health_check(&mut self, check: Arc<dyn HealthCheck>) {
         self.health.push(check);
+    }
+
+    /// Runs `task` in the background while the engine runs (see [`BackgroundTask`]).
+    pub fn background(&mut self, task: Arc<dyn BackgroundTask>) {
+        self.tasks.push((self.plugin.clone(), task));
     }
 
     /// Serves `service` (a tonic server type) on the engine's gRPC API, described by the

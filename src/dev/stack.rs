@@ -100,6 +100,10 @@ pub struct DevArgs {
     /// Units run at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// Longest retry delay after transient failures (the chaos soak shortens it, so that its
+    /// time to converge measures the engine rather than a long backoff).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub backoff_cap: Duration,
     /// Also write the connection details as JSON to this file (for scripts and tests).
     #[arg(long)]
     pub info_file: Option<PathBuf>,
@@ -342,6 +346,10 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         heartbeat_interval: args.lease / 3,
         poll_interval: args.poll_interval,
         shutdown_grace: Duration::from_secs(10),
+        backoff: crate::worker::Backoff {
+            cap: args.backoff_cap,
+            ..crate::worker::Backoff::default()
+        },
         ..WorkerConfig::default()
     };
     let kvx = KvxConfig {

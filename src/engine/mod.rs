@@ -40,7 +40,9 @@ use crate::console::{self, ConsoleConfig, RunningConsole};
 use crate::kinds::drift::{DriftConfig, DriftScheduler};
 use crate::kinds::{Chains, KindCatalog, SecretBox, StepHandler};
 use crate::maintenance::retention::{Retention, RetentionConfig, RetentionError};
-use crate::plugin::{ConfigContext, HealthCheck, Plugin, PluginError, Registrar, Services};
+use crate::plugin::{
+    ConfigContext, HealthCheck, Plugin, PluginError, Registrar, Services, TaskContext,
+};
 use crate::worker::builtin::{Noop, Probe};
 use crate::worker::{Registry, Runtime, WorkerConfig, default_worker_id};
 use crate::{metrics, store};
@@ -327,6 +329,15 @@ impl EngineBuilder {
         {
             tasks.push(task);
         }
+        for (plugin, task) in std::mem::take(&mut registrar.tasks) {
+            tracing::info!(plugin, task = task.name(), "background task started");
+            let cx = TaskContext {
+                pool: self.pool.clone(),
+                engine: worker_id.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(tokio::spawn(task.run(cx)));
+        }
         let api = match self.api.take() {
             Some((listen, config)) => {
                 let services = api::ApiServices {
@@ -394,6 +405,7 @@ impl EngineBuilder {
             ("ec2", self.file.ec2.as_ref()),
             ("kubernetes", self.file.kubernetes.as_ref()),
             ("smtp", self.file.smtp.as_ref()),
+            ("orphans", self.file.orphans.as_ref()),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, to_json(v))))
@@ -410,6 +422,7 @@ impl EngineBuilder {
                  feature",
                 match *t {
                     "smtp" => "email",
+                    "orphans" => "ec2",
                     other => other,
                 }
             )));

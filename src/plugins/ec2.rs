@@ -4,8 +4,10 @@
 //! the `setpoint-ec2` crate) and the deployment's environment variables, and provides a
 //! `dyn Compute` per region (and the home region as `compute.default-region`) to the plugins
 //! after it; it also registers the adapter's own work kinds (`ec2.ensure-instance`,
-//! `ec2.terminate-instance`) in the home region.
+//! `ec2.terminate-instance`) in the home region, and the sweep for orphaned machines over every
+//! region (the `[orphans]` table; see [`crate::plugins::orphans`]), whose tables it migrates.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aws_sdk_ec2::config::Credentials;
@@ -13,7 +15,8 @@ use setpoint_adapter::{BoxFuture, Compute};
 use setpoint_ec2::{Ec2Compute, Ec2Config, Ec2Regions};
 
 use crate::config::{ConfigError, section_for};
-use crate::plugin::{ConfigContext, Plugin, PluginError, Registrar, Services};
+use crate::plugin::{ConfigContext, Plugin, PluginError, PluginMigration, Registrar, Services};
+use crate::plugins::orphans::{OrphanConfig, OrphanTask};
 
 /// The EC2 settings: the `[ec2]` table refined by the environment.
 #[derive(Debug, Default, Clone)]
@@ -182,6 +185,7 @@ pub struct Ec2Plugin {
     settings: Ec2Settings,
     credentials: Option<Credentials>,
     computes: Vec<(String, Arc<Ec2Compute>)>,
+    orphans: OrphanConfig,
 }
 
 impl Ec2Plugin {
@@ -197,6 +201,7 @@ impl Ec2Plugin {
             settings,
             credentials,
             computes: Vec::new(),
+            orphans: OrphanConfig::default(),
         }
     }
 }
@@ -207,7 +212,7 @@ impl Plugin for Ec2Plugin {
     }
 
     fn legacy_tables(&self) -> &[&'static str] {
-        &["ec2"]
+        &["ec2", "orphans"]
     }
 
     fn configure(&mut self, cx: &ConfigContext<'_>) -> Result<(), PluginError> {
@@ -220,6 +225,8 @@ impl Plugin for Ec2Plugin {
         if let Some(ec2) = &self.settings.ec2 {
             ec2.validate().map_err(|e| cx.error(e.to_string()))?;
         }
+        self.orphans =
+            OrphanConfig::from_table(cx.legacy("orphans")).map_err(|e| cx.error(e.to_string()))?;
         Ok(())
     }
 
@@ -264,7 +271,19 @@ impl Plugin for Ec2Plugin {
                 r.handler_arc(handler)?;
             }
         }
+        if !self.computes.is_empty() && self.orphans.interval.is_some() {
+            let computes: BTreeMap<String, Arc<dyn Compute>> = self
+                .computes
+                .iter()
+                .map(|(region, c)| (region.clone(), c.clone() as Arc<dyn Compute>))
+                .collect();
+            r.background(Arc::new(OrphanTask::new(computes, self.orphans.clone())));
+        }
         Ok(())
+    }
+
+    fn migrations(&self) -> Vec<PluginMigration> {
+        crate::plugins::orphans::store::migrations()
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! | plugin       | feature      | provides / registers                                        |
 //! |--------------|--------------|-------------------------------------------------------------|
-//! | `ec2`        | `ec2`        | a compute per served region (`[ec2]`)                        |
+//! | `ec2`        | `ec2`        | a compute per served region (`[ec2]`); the orphan sweep (`[orphans]`) |
 //! | `kubernetes` | `kubernetes` | a cluster (`[kubernetes]`)                                  |
 //! | `email`      | `email`      | a mailer (`[smtp]`)                                         |
 //! | `kvx`        | (always)     | the `kvx.instance` kind over a compute, a cluster, a mailer |
@@ -20,6 +20,7 @@ pub mod email;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod kvx;
+pub mod orphans;
 
 use setpoint_adapter::ResourceKind;
 

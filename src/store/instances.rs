@@ -607,6 +607,91 @@ pub async fn resource_set_next_observe(
     Ok(())
 }
 
+/// Which of `ids` name a resource of any kind that still has a row, and whether it is deleted
+/// (a tombstone, kept until retention removes it): `(id, deleted)` for each one found. A
+/// resource id that is absent has no row at all: it never existed here, or its tombstone was
+/// pruned.
+///
+/// # Errors
+/// Database errors.
+pub async fn resources_known(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, bool)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT id, deleted_at IS NOT NULL AS deleted FROM instances WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("deleted")?)))
+        .collect()
+}
+
+/// How many resources have active work (a chain of units running).
+///
+/// # Errors
+/// Database errors.
+pub async fn resources_active_count(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM instances WHERE has_active_work")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// One resource as [`resources_of_tenant_kind`] reads it, tombstones included.
+#[derive(Debug, Clone)]
+pub struct ResourceSummary {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name (unique per tenant and kind).
+    pub name: String,
+    /// Its status (`READY`, `DELETED`, ...).
+    pub status: String,
+    /// Its spec's generation.
+    pub generation: i64,
+    /// Deleted: a tombstone.
+    pub deleted: bool,
+    /// Its observed state (outputs and conditions).
+    pub observed: Value,
+}
+
+/// Every resource of `tenant` of kind `kind`, tombstones included, by name.
+///
+/// # Errors
+/// Database errors.
+pub async fn resources_of_tenant_kind(
+    conn: &mut PgConnection,
+    tenant: &str,
+    kind: &str,
+) -> Result<Vec<ResourceSummary>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, name, status, generation, deleted_at IS NOT NULL AS deleted, observed
+           FROM instances WHERE tenant = $1 AND kind = $2 ORDER BY name",
+    )
+    .bind(tenant)
+    .bind(kind)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ResourceSummary {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                status: r.try_get("status")?,
+                generation: r.try_get("generation")?,
+                deleted: r.try_get("deleted")?,
+                observed: r.try_get("observed")?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::new_instance_id;

@@ -941,6 +941,59 @@ pub async fn work_list_of_kinds(
     rows.into_iter().map(work_row).collect()
 }
 
+/// Units still to run: every unit but parked ones and those of `except_kind` (a kind that keeps
+/// coming back, such as a drift check, and never holds its resource), oldest first, at most
+/// `limit` of them, and how many there are in all. What "settled" means to the chaos soak.
+///
+/// # Errors
+/// Database errors.
+pub async fn work_open(
+    conn: &mut PgConnection,
+    except_kind: &str,
+    limit: i64,
+) -> Result<(i64, Vec<WorkRow>), StoreError> {
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work WHERE state <> 'parked' AND kind <> $1")
+            .bind(except_kind)
+            .fetch_one(&mut *conn)
+            .await?;
+    let sql = format!(
+        "SELECT {WORK_COLUMNS} FROM work WHERE state <> 'parked' AND kind <> $1
+         ORDER BY id LIMIT $2"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(except_kind)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    let rows = rows.into_iter().map(work_row).collect::<Result<_, _>>()?;
+    Ok((total, rows))
+}
+
+/// Every parked unit of a resource: `(resource id, kind, last error)`, by id.
+///
+/// # Errors
+/// Database errors.
+pub async fn work_parked_of_resources(
+    conn: &mut PgConnection,
+) -> Result<Vec<(Uuid, String, String)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT resource_id, kind, coalesce(last_error, '') AS last_error
+           FROM work WHERE state = 'parked' AND resource_id IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("resource_id")?,
+                r.try_get("kind")?,
+                r.try_get("last_error")?,
+            ))
+        })
+        .collect()
+}
+
 /// One unit by id, if it is still in the table.
 pub async fn work_get(conn: &mut PgConnection, id: i64) -> Result<Option<WorkRow>, StoreError> {
     let sql = format!("SELECT {WORK_COLUMNS} FROM work WHERE id = $1");

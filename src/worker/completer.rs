@@ -329,6 +329,74 @@ mod tests {
         assert!(store.discarded.lock().expect("lock").is_empty());
     }
 
+    /// Renews whatever it is asked to and counts the renewals.
+    #[derive(Clone, Default)]
+    struct Renewing {
+        renewals: Arc<Mutex<u32>>,
+    }
+
+    impl super::super::heartbeat::LeaseStore for Renewing {
+        fn renew<'a>(
+            &'a self,
+            units: &'a [super::super::inflight::AttemptKey],
+        ) -> BoxFuture<'a, Result<crate::store::work::Renewals, StoreError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                *self.renewals.lock().expect("lock") += units.len() as u32;
+                Ok(crate::store::work::Renewals {
+                    renewed: units.to_vec(),
+                    lost: Vec::new(),
+                })
+            })
+        }
+    }
+
+    /// Defect 5 with the real heartbeat: a unit that runs 45 s on a 30 s lease is renewed by
+    /// the heartbeat all along (the renewals are counted), and its completion, refused five
+    /// times by the database, is retried until it commits: never given up at claim + lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_unit_longer_than_its_lease_is_renewed_and_committed_after_errors() {
+        use super::super::heartbeat::{Timing, run as heartbeat};
+        let lease = Duration::from_secs(30);
+        let timing = Timing {
+            interval: Duration::from_secs(10),
+            hold: lease - lease / 5,
+        };
+        let leases = Renewing::default();
+        let inflight = InFlight::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(heartbeat(
+            leases.clone(),
+            inflight.clone(),
+            timing,
+            stop.clone(),
+        ));
+        // Claimed just after the heartbeat's first (empty) round.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let claimed = Instant::now();
+        let fence = Fence::until(claimed + timing.hold);
+        inflight.insert((1, 1), fence.clone(), claimed);
+        // The handler runs for 45 s: past the lease, and past the fence it was claimed with.
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        let renewals = *leases.renewals.lock().expect("lock");
+        assert!(renewals >= 4, "renewed {renewals} times in 45 s");
+        assert!(fence.is_held(), "the renewals kept the attempt's fence");
+        let store = Flaky {
+            failures: Arc::new(Mutex::new(5)),
+            ..Flaky::default()
+        };
+        let mut batch = vec![finished(1, 1, fence.clone())];
+        commit_with_retry(&store, &inflight, &mut batch).await;
+        assert_eq!(*store.commits.lock().expect("lock"), vec![vec![(1, 1)]]);
+        assert!(store.discarded.lock().expect("lock").is_empty());
+        assert!(
+            claimed.elapsed() > lease,
+            "committed after claim + lease, at {:?}",
+            claimed.elapsed()
+        );
+        stop.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn commits_stop_once_the_fence_is_lost() {
         let fence = Fence::until(Instant::now() + Duration::from_secs(1));
