@@ -266,7 +266,10 @@ impl World {
             .arg(&slot.info)
             .args(&self.extra_flags)
             .env("RUST_LOG", "info,sqlx=warn")
-            .env("SETPOINT_LOG_FORMAT", "text");
+            .env("SETPOINT_LOG_FORMAT", "text")
+            // `dev` serves the web console on 127.0.0.1:8080 by default: the soak's engines run
+            // side by side, so each takes a free port (a binary without a console ignores it).
+            .env("SETPOINT_CONSOLE_LISTEN", "127.0.0.1:0");
         if let Some(r) = self.resync {
             cmd.args(["--resync-interval", &format!("{}ms", r.as_millis())]);
         }
