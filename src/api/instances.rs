@@ -9,14 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::ApiConfig;
-use super::auth::{self, Caller};
+use super::auth::Caller;
 use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
@@ -38,12 +36,10 @@ use super::watch::InstanceEvents;
 use super::watch_limit::WatchSlots;
 use crate::plugins::kvx::KIND as KVX_KIND;
 use crate::queue;
-use crate::store::StoreError;
 use crate::store::instances::{
-    InstanceRow, NewResource, instance_get, instance_get_by_id, instance_insert, instance_list,
+    InstanceRow, NewResource, instance_get, instance_insert, instance_list,
     instance_start_operation, new_instance_id,
 };
-use crate::store::tokens::token_still_valid;
 use crate::store::work::work_supersede_for_resource;
 
 /// The service.
@@ -200,23 +196,6 @@ fn list_scope(tenant: &str, status_filter: i32) -> Scope {
 /// The last name of the page before, from a ListInstances page token of this scope.
 fn parse_page_token(token: &str, scope: &Scope) -> Option<String> {
     page_token::decode(scope, token).filter(|name| validate::is_dns_label(name))
-}
-
-/// Whether token `token_id` no longer lets its holder in. A database error counts as "not
-/// known to be revoked": the check runs again, and the stream cannot send anything new
-/// without the database either.
-async fn token_revoked(pool: &PgPool, token_id: i64) -> bool {
-    let valid = match pool.acquire().await {
-        Ok(mut c) => token_still_valid(&mut c, token_id).await,
-        Err(e) => Err(StoreError::from(e)),
-    };
-    match valid {
-        Ok(valid) => !valid,
-        Err(e) => {
-            tracing::debug!(error = %e, token_id, "cannot check a watcher's token now");
-            false
-        }
-    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<Instance, Status>> + Send + 'static>>;
@@ -701,81 +680,23 @@ impl InstanceService for Instances {
         let slot = self.watches.open(&caller.tenant)?;
         let audience = Audience::of(&caller);
         // Subscribe before reading, so that no change after the first read is missed.
-        let mut changes = self.events.subscribe();
+        let changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
         let first = instance_get(&mut conn, &caller.tenant, KVX_KIND, &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
         drop(conn);
-        let (tx, rx) = mpsc::channel::<Result<Instance, Status>>(16);
-        let pool = self.pool.clone();
-        let shutdown = self.shutdown.clone();
-        let token_id = caller.token_id;
-        tokio::spawn(async move {
-            // Held while the stream is open: its end (the client's cancel included) frees it.
-            let _slot = slot;
-            let id = first.id;
-            let mut last = convert::instance_for(&first, audience);
-            if tx.send(Ok(last.clone())).await.is_err() {
-                return;
-            }
-            // A stream outlives the check of its first message: the token is checked again as
-            // often as a unary call would check it, so a revoked or expired token ends it.
-            let mut recheck = tokio::time::interval_at(
-                tokio::time::Instant::now() + auth::CACHE_TTL,
-                auth::CACHE_TTL,
-            );
-            loop {
-                let next = tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down; watch again"))).await;
-                        return;
-                    }
-                    _ = recheck.tick() => {
-                        if token_revoked(&pool, token_id).await {
-                            let e = ApiError::Unauthenticated("token revoked or expired: watch again with a valid token");
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                        continue;
-                    }
-                    n = changes.recv() => n,
-                };
-                match next {
-                    Ok(changed) if changed == id || changed.is_nil() => {}
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-                let row = match pool.acquire().await {
-                    Ok(mut c) => instance_get_by_id(&mut c, id).await,
-                    Err(e) => Err(StoreError::from(e)),
-                };
-                match row {
-                    Ok(Some(row)) => {
-                        let now = convert::instance_for(&row, audience);
-                        let gone = row.deleted_at.is_some();
-                        if now != last {
-                            last = now.clone();
-                            if tx.send(Ok(now)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if gone {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(ApiError::from(e).into())).await;
-                        return;
-                    }
-                }
-            }
+        let stream = super::watch::follow(super::watch::Follow {
+            pool: self.pool.clone(),
+            changes,
+            shutdown: self.shutdown.clone(),
+            token_id: caller.token_id,
+            slot,
+            first,
+            view: move |row: &InstanceRow| convert::instance_for(row, audience),
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

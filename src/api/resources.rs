@@ -12,13 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
 use sqlx::PgPool;
-use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::auth::{self, Caller};
+use super::auth::Caller;
 use super::convert::{json_to_struct, struct_to_json, timestamp};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
@@ -40,12 +38,10 @@ use super::watch::InstanceEvents;
 use super::watch_limit::WatchSlots;
 use crate::kinds::{Chains, Kind, KindCatalog, SecretBox, SpecViolation};
 use crate::queue;
-use crate::store::StoreError;
 use crate::store::instances::{
-    InstanceRow, NewResource, instance_get, instance_get_by_id, instance_insert, instance_list,
+    InstanceRow, NewResource, instance_get, instance_insert, instance_list,
     instance_start_operation, new_instance_id, resource_secrets, resource_start_operation,
 };
-use crate::store::tokens::token_still_valid;
 use crate::store::work::work_supersede_for_resource;
 
 /// The longest kind name a request may carry.
@@ -389,20 +385,6 @@ fn ensure_idle(kind: &Kind, row: &InstanceRow) -> Result<(), ApiError> {
         });
     }
     Ok(())
-}
-
-async fn token_revoked(pool: &PgPool, token_id: i64) -> bool {
-    let valid = match pool.acquire().await {
-        Ok(mut c) => token_still_valid(&mut c, token_id).await,
-        Err(e) => Err(StoreError::from(e)),
-    };
-    match valid {
-        Ok(valid) => !valid,
-        Err(e) => {
-            tracing::debug!(error = %e, token_id, "cannot check a watcher's token now");
-            false
-        }
-    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<Resource, Status>> + Send + 'static>>;
@@ -840,78 +822,23 @@ impl ResourceService for Resources {
         };
         let slot = self.watches.open(&caller.tenant)?;
         let audience = Audience::of(&caller);
-        let mut changes = self.events.subscribe();
+        let changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
         let first = instance_get(&mut conn, &caller.tenant, kind.name(), &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
         drop(conn);
-        let (tx, rx) = mpsc::channel::<Result<Resource, Status>>(16);
-        let pool = self.pool.clone();
-        let shutdown = self.shutdown.clone();
-        let token_id = caller.token_id;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let id = first.id;
-            let mut last = resource_for(&kind, &first, audience);
-            if tx.send(Ok(last.clone())).await.is_err() {
-                return;
-            }
-            let mut recheck = tokio::time::interval_at(
-                tokio::time::Instant::now() + auth::CACHE_TTL,
-                auth::CACHE_TTL,
-            );
-            loop {
-                let next = tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down; watch again"))).await;
-                        return;
-                    }
-                    _ = recheck.tick() => {
-                        if token_revoked(&pool, token_id).await {
-                            let e = ApiError::Unauthenticated("token revoked or expired: watch again with a valid token");
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                        continue;
-                    }
-                    n = changes.recv() => n,
-                };
-                match next {
-                    Ok(changed) if changed == id || changed.is_nil() => {}
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-                let row = match pool.acquire().await {
-                    Ok(mut c) => instance_get_by_id(&mut c, id).await,
-                    Err(e) => Err(StoreError::from(e)),
-                };
-                match row {
-                    Ok(Some(row)) => {
-                        let now = resource_for(&kind, &row, audience);
-                        let gone = row.deleted_at.is_some();
-                        if now != last {
-                            last = now.clone();
-                            if tx.send(Ok(now)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if gone {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(ApiError::from(e).into())).await;
-                        return;
-                    }
-                }
-            }
+        let stream = super::watch::follow(super::watch::Follow {
+            pool: self.pool.clone(),
+            changes,
+            shutdown: self.shutdown.clone(),
+            token_id: caller.token_id,
+            slot,
+            first,
+            view: move |row: &InstanceRow| resource_for(&kind, row, audience),
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_resource_history(
