@@ -1,10 +1,7 @@
 //! `setpoint instances …`: KVX instances through `InstanceService`.
 
-use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
-
 use clap::Subcommand;
-use tonic::Code;
+use tonic::codec::Streaming;
 
 use crate::api::convert;
 use crate::api::proto::{
@@ -13,6 +10,7 @@ use crate::api::proto::{
     UpdateInstanceRequest, WatchInstanceRequest,
 };
 
+use super::progress::{self, Watched};
 use super::{Client, ClientArgs, ClientError, json_error, new_request_id};
 
 /// `setpoint instances …`.
@@ -188,14 +186,6 @@ fn instance_json(i: &Instance) -> serde_json::Value {
     })
 }
 
-fn print_instance(i: &Instance, json: bool) {
-    if json {
-        println!("{}", instance_json(i));
-    } else {
-        print!("{}", instance_text(i));
-    }
-}
-
 /// An instance as a person reads it: name and status, spec, identity, then what the workers
 /// observed (machine, endpoint, conditions) as far as they got, and the last error.
 fn instance_text(i: &Instance) -> String {
@@ -263,73 +253,12 @@ fn instance_text(i: &Instance) -> String {
     out
 }
 
-/// Follows `name` until it is done (or deleted, or forever without `until_done`), printing a
-/// line per change; on a terminal a spinner line shows the time spent.
-async fn follow(
-    client: &mut Client,
-    name: &str,
-    until_done: bool,
-    json: bool,
-) -> Result<Option<Instance>, ClientError> {
+/// Opens the watch of instance `name`.
+async fn watch(client: &mut Client, name: &str) -> Result<Streaming<Instance>, ClientError> {
     let req = client.req(WatchInstanceRequest {
         name: name.to_owned(),
     });
-    let mut stream = client.inner.watch_instance(req).await?.into_inner();
-    let live = !json && std::io::stderr().is_terminal();
-    let start = Instant::now();
-    let mut last: Option<Instance> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(120));
-    let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-    let mut frame = 0usize;
-    loop {
-        let msg = tokio::select! {
-            m = stream.message() => m?,
-            _ = tick.tick() => {
-                if live && let Some(i) = &last {
-                    frame += 1;
-                    eprint!("\r{} {} {}  {:.1}s   ", spinner[frame % spinner.len()], i.name,
-                            status_name(i.status), start.elapsed().as_secs_f64());
-                    let _ = std::io::stderr().flush();
-                }
-                continue;
-            }
-        };
-        let Some(i) = msg else { break };
-        if live {
-            eprint!("\r\x1b[2K");
-        }
-        if json {
-            println!("{}", instance_json(&i));
-        } else {
-            println!(
-                "{:>7.1}s  {}  {}  generation {}/{}{}{}",
-                start.elapsed().as_secs_f64(),
-                i.name,
-                status_name(i.status),
-                i.observed_generation,
-                i.generation,
-                if i.has_active_work {
-                    format!("  work {} running", i.active_work_id)
-                } else {
-                    String::new()
-                },
-                if i.last_error.is_empty() {
-                    String::new()
-                } else {
-                    format!("  error: {}", i.last_error)
-                }
-            );
-        }
-        let done = is_done(&i);
-        last = Some(i);
-        if until_done && done {
-            break;
-        }
-    }
-    if live {
-        eprint!("\r\x1b[2K");
-    }
-    Ok(last)
+    Ok(client.inner.watch_instance(req).await?.into_inner())
 }
 
 async fn finish_change(
@@ -338,21 +267,37 @@ async fn finish_change(
     wait: bool,
     json: bool,
 ) -> Result<(), ClientError> {
-    if !wait {
-        print_instance(&answer, json);
-        return Ok(());
+    let name = answer.name.clone();
+    progress::finish_change(answer, wait, json, watch(client, &name)).await
+}
+
+impl Watched for Instance {
+    fn name(&self) -> &str {
+        &self.name
     }
-    let last = match follow(client, &answer.name, true, json).await {
-        Ok(l) => l,
-        // Deleted and gone before the watch started.
-        Err(ClientError::Call(s)) if s.code() == Code::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    match last {
-        Some(i) if i.status == InstanceStatus::Failed as i32 => {
-            Err(ClientError::Failed(i.name.clone(), i.last_error.clone()))
-        }
-        _ => Ok(()),
+    fn status_text(&self) -> &'static str {
+        status_name(self.status)
+    }
+    fn generations(&self) -> (i64, i64) {
+        (self.observed_generation, self.generation)
+    }
+    fn active_work(&self) -> Option<i64> {
+        self.has_active_work.then_some(self.active_work_id)
+    }
+    fn last_error(&self) -> &str {
+        &self.last_error
+    }
+    fn is_done(&self) -> bool {
+        is_done(self)
+    }
+    fn is_failed(&self) -> bool {
+        self.status == InstanceStatus::Failed as i32
+    }
+    fn json(&self) -> serde_json::Value {
+        instance_json(self)
+    }
+    fn text(&self) -> String {
+        instance_text(self)
     }
 }
 
@@ -398,7 +343,7 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
             let req = c.req(GetInstanceRequest {
                 name: full_name(&name),
             });
-            print_instance(&c.inner.get_instance(req).await?.into_inner(), conn.json);
+            progress::print(&c.inner.get_instance(req).await?.into_inner(), conn.json);
             Ok(())
         }
         InstancesCommand::List {
@@ -556,7 +501,8 @@ pub async fn run_instances(cmd: InstancesCommand) -> Result<(), ClientError> {
             until_done,
         } => {
             let mut c = Client::connect(&conn).await?;
-            follow(&mut c, &full_name(&name), until_done, conn.json).await?;
+            let stream = watch(&mut c, &full_name(&name)).await?;
+            progress::follow(stream, until_done, conn.json).await?;
             Ok(())
         }
     }

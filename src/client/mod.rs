@@ -3,6 +3,7 @@
 //! `--json`), and `setpoint tokens …`, which writes to the database directly.
 
 pub mod instances;
+mod progress;
 pub mod resources;
 pub mod tokens;
 

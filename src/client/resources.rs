@@ -1,15 +1,14 @@
 //! `setpoint resources …`: resources of any kind through `ResourceService`, with the same
 //! live progress and `--json` as `setpoint instances`.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use serde_json::{Map, Value};
-use tonic::Code;
+use tonic::codec::Streaming;
 use tonic::transport::Channel;
 
+use super::progress::{self, Watched};
 use super::{Client, ClientArgs, ClientError, json_error, new_request_id};
 use crate::api::convert::{json_to_struct, struct_to_json};
 use crate::api::proto::resource_service_client::ResourceServiceClient;
@@ -358,82 +357,16 @@ fn resource_text(r: &Resource) -> String {
     out
 }
 
-fn print_resource(r: &Resource, json: bool) {
-    if json {
-        println!("{}", resource_json(r));
-    } else {
-        print!("{}", resource_text(r));
-    }
-}
-
-/// Follows `name` until it is done (or deleted, or for ever without `until_done`), printing a
-/// line per change; on a terminal a spinner line shows the time spent.
-async fn follow(
+/// Opens the watch of resource `name`.
+async fn watch(
     client: &Client,
     rs: &mut ResourceServiceClient<Channel>,
     name: &str,
-    until_done: bool,
-    json: bool,
-) -> Result<Option<Resource>, ClientError> {
+) -> Result<Streaming<Resource>, ClientError> {
     let req = client.req(WatchResourceRequest {
         name: name.to_owned(),
     });
-    let mut stream = rs.watch_resource(req).await?.into_inner();
-    let live = !json && std::io::stderr().is_terminal();
-    let start = Instant::now();
-    let mut last: Option<Resource> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(120));
-    let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-    let mut frame = 0usize;
-    loop {
-        let msg = tokio::select! {
-            m = stream.message() => m?,
-            _ = tick.tick() => {
-                if live && let Some(r) = &last {
-                    frame += 1;
-                    eprint!("\r{} {} {}  {:.1}s   ", spinner[frame % spinner.len()], r.name,
-                            status_name(r.status), start.elapsed().as_secs_f64());
-                    let _ = std::io::stderr().flush();
-                }
-                continue;
-            }
-        };
-        let Some(r) = msg else { break };
-        if live {
-            eprint!("\r\x1b[2K");
-        }
-        if json {
-            println!("{}", resource_json(&r));
-        } else {
-            println!(
-                "{:>7.1}s  {}  {}  generation {}/{}{}{}",
-                start.elapsed().as_secs_f64(),
-                r.name,
-                status_name(r.status),
-                r.observed_generation,
-                r.generation,
-                if r.has_active_work {
-                    format!("  work {} running", r.active_work_id)
-                } else {
-                    String::new()
-                },
-                if r.last_error.is_empty() {
-                    String::new()
-                } else {
-                    format!("  error: {}", r.last_error)
-                }
-            );
-        }
-        let done = is_done(&r);
-        last = Some(r);
-        if until_done && done {
-            break;
-        }
-    }
-    if live {
-        eprint!("\r\x1b[2K");
-    }
-    Ok(last)
+    Ok(rs.watch_resource(req).await?.into_inner())
 }
 
 async fn finish_change(
@@ -443,20 +376,37 @@ async fn finish_change(
     wait: bool,
     json: bool,
 ) -> Result<(), ClientError> {
-    if !wait {
-        print_resource(&answer, json);
-        return Ok(());
+    let name = answer.name.clone();
+    progress::finish_change(answer, wait, json, watch(client, rs, &name)).await
+}
+
+impl Watched for Resource {
+    fn name(&self) -> &str {
+        &self.name
     }
-    let last = match follow(client, rs, &answer.name, true, json).await {
-        Ok(l) => l,
-        Err(ClientError::Call(s)) if s.code() == Code::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    match last {
-        Some(r) if r.status == ResourceStatus::Failed as i32 => {
-            Err(ClientError::Failed(r.name.clone(), r.last_error.clone()))
-        }
-        _ => Ok(()),
+    fn status_text(&self) -> &'static str {
+        status_name(self.status)
+    }
+    fn generations(&self) -> (i64, i64) {
+        (self.observed_generation, self.generation)
+    }
+    fn active_work(&self) -> Option<i64> {
+        self.has_active_work.then_some(self.active_work_id)
+    }
+    fn last_error(&self) -> &str {
+        &self.last_error
+    }
+    fn is_done(&self) -> bool {
+        is_done(self)
+    }
+    fn is_failed(&self) -> bool {
+        self.status == ResourceStatus::Failed as i32
+    }
+    fn json(&self) -> Value {
+        resource_json(self)
+    }
+    fn text(&self) -> String {
+        resource_text(self)
     }
 }
 
@@ -540,7 +490,7 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
                 .get_resource(c.req(GetResourceRequest { name }))
                 .await?
                 .into_inner();
-            print_resource(&r, conn.json);
+            progress::print(&r, conn.json);
             Ok(())
         }
         ResourcesCommand::List {
@@ -659,7 +609,8 @@ pub async fn run(cmd: ResourcesCommand) -> Result<(), ClientError> {
             let c = Client::connect(&conn).await?;
             let mut rs = c.resources();
             let name = full_name(&c, &mut rs, kind.as_deref(), &name).await?;
-            follow(&c, &mut rs, &name, until_done, conn.json).await?;
+            let stream = watch(&c, &mut rs, &name).await?;
+            progress::follow(stream, until_done, conn.json).await?;
             Ok(())
         }
         ResourcesCommand::ConnectionDetails { conn, kind, name } => {
