@@ -604,6 +604,163 @@ async fn tenants_see_and_change_only_their_own_instances() {
 }
 
 #[tokio::test]
+async fn an_admin_reads_every_tenants_instances_and_changes_none_of_them() {
+    let env = Env::default().await;
+    let mut c = env.instances().await;
+    let a = c
+        .create_instance(authed(&env.acme, create_req("web-1", "a1")))
+        .await
+        .unwrap()
+        .into_inner();
+    for (token, name) in [(&env.acme, "web-2"), (&env.globex, "db-1")] {
+        c.create_instance(authed(token, create_req(name, name)))
+            .await
+            .unwrap();
+    }
+    let ops = &env.admin;
+    // Any tenant's instance, by its name; the admin reads the raw view.
+    let got = get_ok(&mut c, ops, &a.name).await;
+    assert_eq!(
+        (got.uid.as_str(), got.name.as_str()),
+        (a.uid.as_str(), "tenants/acme/instances/web-1")
+    );
+    let mut watch = c
+        .watch_instance(authed(
+            ops,
+            WatchInstanceRequest {
+                name: a.name.clone(),
+            },
+        ))
+        .await
+        .expect("an admin watches another tenant's instance")
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("the first state");
+    assert_eq!(first.uid, a.uid);
+    drop(watch);
+    let list = |parent: &str, page_size: i32, page_token: String| ListInstancesRequest {
+        parent: parent.into(),
+        page_size,
+        page_token,
+        status_filter: 0,
+    };
+    // `tenants/*`: every tenant's, by tenant then name, page by page.
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut first_token = String::new();
+    loop {
+        let page = c
+            .list_instances(authed(ops, list("tenants/*", 2, token.clone())))
+            .await
+            .unwrap()
+            .into_inner();
+        names.extend(page.instances.into_iter().map(|i| i.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if first_token.is_empty() {
+            first_token = page.next_page_token.clone();
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        names,
+        [
+            "tenants/acme/instances/web-1",
+            "tenants/acme/instances/web-2",
+            "tenants/globex/instances/db-1"
+        ]
+    );
+    // One tenant's; and `tenants/-` stays the admin's own tenant (which has none).
+    let acme = c
+        .list_instances(authed(ops, list("tenants/acme", 0, String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acme.instances.len(), 2);
+    let own = c
+        .list_instances(authed(ops, list("tenants/-", 0, String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(own.instances.is_empty(), "{own:?}");
+    // A page token stays with its parent and its caller.
+    for (token_of, parent) in [
+        (ops, "tenants/acme"),
+        (ops, "tenants/-"),
+        (&env.acme, "tenants/*"),
+    ] {
+        let e = c
+            .list_instances(authed(token_of, list(parent, 2, first_token.clone())))
+            .await
+            .expect_err("another listing's token");
+        assert!(
+            matches!(e.code(), Code::InvalidArgument | Code::PermissionDenied),
+            "{parent}: {e:?}"
+        );
+    }
+    // Reading is all: an admin changes only its own tenant's instances.
+    let e = c
+        .update_instance(authed(
+            ops,
+            UpdateInstanceRequest {
+                instance: Some(Instance {
+                    name: a.name.clone(),
+                    spec: Some(spec()),
+                    ..Default::default()
+                }),
+                update_mask: None,
+                request_id: "o1".into(),
+                bulk: false,
+            },
+        ))
+        .await
+        .expect_err("an admin's change of another tenant's instance");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .delete_instance(authed(
+            ops,
+            DeleteInstanceRequest {
+                name: a.name.clone(),
+                request_id: "o2".into(),
+                bulk: false,
+            },
+        ))
+        .await
+        .expect_err("an admin's delete of another tenant's instance");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mut r = create_req("web-9", "o3");
+    r.parent = "tenants/acme".into();
+    let e = c
+        .create_instance(authed(ops, r))
+        .await
+        .expect_err("create elsewhere");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A tenant still sees only its own: `tenants/*` needs an admin, another tenant is not found.
+    let e = c
+        .list_instances(authed(&env.globex, list("tenants/*", 0, String::new())))
+        .await
+        .expect_err("a tenant listing every tenant");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .list_instances(authed(&env.globex, list("tenants/acme", 0, String::new())))
+        .await
+        .expect_err("a tenant listing another");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .get_instance(authed(
+            &env.globex,
+            GetInstanceRequest {
+                name: a.name.clone(),
+            },
+        ))
+        .await
+        .expect_err("a tenant reading another's instance");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(count(&env.db, "SELECT count(*) FROM instances").await, 3);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn missing_invalid_expired_tokens_are_unauthenticated_and_health_needs_none() {
     let env = Env::default().await;
     let mut c = env.instances().await;

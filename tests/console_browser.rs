@@ -4,7 +4,9 @@
 //!
 //! One scenario, as a person would go through it: a tenant signs in, creates a KVX instance
 //! from the form generated from its schema, sees it become READY without reloading (server-sent
-//! events) and reads its timeline; an admin retries one parked unit and cancels another, each
+//! events) with what the engine observed (the machine, the observed generation) and reads its
+//! timeline; an admin of another tenant finds that instance in the list of every tenant's
+//! resources and opens it read only, then retries one parked unit and cancels another, each
 //! after a confirmation; a tenant of another tenant gets 404 for that instance's page and 403
 //! for the admin pages; everyone signs out.
 //!
@@ -166,11 +168,12 @@ async fn parked_probes(url: &str, n: usize) -> Vec<i64> {
     ids
 }
 
-async fn other_tenant_token(url: &str) -> String {
+/// A new token of `tenant` (an admin's when `admin`).
+async fn token_of(url: &str, tenant: &str, admin: bool) -> String {
     let pool = setpoint::store::connect(url, 2)
         .await
         .expect("dev database");
-    let t = setpoint::api::auth::create_token(&pool, "other", false, None)
+    let t = setpoint::api::auth::create_token(&pool, tenant, admin, None)
         .await
         .expect("token");
     pool.close().await;
@@ -194,7 +197,9 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
     let console = info["console"].as_str().expect("console url").to_owned();
     let db = info["database_url"].as_str().expect("database").to_owned();
     let tenant = info["tenant_token"].as_str().expect("token").to_owned();
-    let admin = info["admin_token"].as_str().expect("token").to_owned();
+    // `setpoint dev`'s admin token is of the same tenant as its tenant token; an admin of
+    // another tenant shows that an admin reads every tenant's resources.
+    let admin = token_of(&db, "ops", true).await;
     let (_driver, c) = browser(&dir).await;
 
     // A tenant signs in and creates an instance from the generated form.
@@ -246,6 +251,15 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
         text(&c, "#status").await.filter(|s| s == "READY")
     })
     .await;
+    // What the engine observed comes with it, still without a reload: the machine the
+    // create chain made, and the generation it was brought to.
+    until("the observed state without reloading", || async {
+        let generation = text(&c, "#observed-generation").await?;
+        let observed = text(&c, "#observed").await?;
+        (generation == "1" && observed.contains("machine") && observed.contains("instance_id"))
+            .then_some(())
+    })
+    .await;
     assert_eq!(
         c.current_url().await.expect("url").to_string(),
         page_url,
@@ -275,9 +289,37 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
     shot(&c, &shots, "resources").await;
     sign_out(&c).await;
 
-    // An admin retries one parked unit and cancels another.
+    // An admin of another tenant finds demo's instance among every tenant's, and reads it.
     let ids = parked_probes(&db, 2).await;
     sign_in(&c, &console, &admin).await;
+    c.goto(&format!("{console}/resources?kind=kvx.instance"))
+        .await
+        .expect("list");
+    until("demo's web-1 in the admin's list", || async {
+        let row = text(&c, "tr[data-resource='tenants/demo/instances/web-1']").await?;
+        (row.contains("demo") && row.contains("web-1") && row.contains("READY")).then_some(())
+    })
+    .await;
+    shot(&c, &shots, "resources-admin").await;
+    c.find(Locator::Css(
+        "tr[data-resource='tenants/demo/instances/web-1'] a",
+    ))
+    .await
+    .expect("the instance's link")
+    .click()
+    .await
+    .expect("open it");
+    until("demo's instance, read only", || async {
+        text(&c, "#read-only").await.filter(|t| t.contains("demo"))
+    })
+    .await;
+    assert!(
+        c.find(Locator::Css("#edit")).await.is_err(),
+        "an admin does not change another tenant's resource"
+    );
+    let observed = text(&c, "#observed").await.unwrap_or_default();
+    assert!(observed.contains("instance_id"), "{observed}");
+    // The admin retries one parked unit and cancels another.
     until("two parked units on the work page", || async {
         c.goto(&format!("{console}/work")).await.ok()?;
         let t = text(&c, "#parked").await?;
@@ -329,7 +371,7 @@ async fn a_tenant_and_an_admin_use_the_console_in_a_browser() {
     sign_out(&c).await;
 
     // Another tenant: 404 for demo's instance, 403 for the admin pages.
-    let other = other_tenant_token(&db).await;
+    let other = token_of(&db, "other", false).await;
     sign_in(&c, &console, &other).await;
     c.goto(&page_url).await.expect("goto");
     let title = until("an error page", || async { text(&c, "#error-title").await }).await;

@@ -178,6 +178,7 @@ async fn tenants_see_404_for_other_tenants_and_403_for_admin_pages() {
         page.clone(),
         format!("{page}/edit"),
         format!("{page}/timeline"),
+        format!("{page}/details"),
     ] {
         let a = globex.get(&path).await;
         assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}: {}", a.body);
@@ -225,6 +226,265 @@ async fn a_revoked_token_ends_its_session() {
         assert!(start.elapsed() < HUNG, "the session outlived its token");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_its_session() {
+    let env = Env::start(ApiConfig::default()).await;
+    let short = setpoint::api::auth::create_token(
+        &env.db.pool,
+        "acme",
+        false,
+        Some(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let mut c = signed_in(&env, &short.token).await;
+    assert_eq!(c.get("/resources").await.status, StatusCode::OK);
+    // The API checks a token's expiry on every call, cached or not: once it passes, the next
+    // page ends the session, and the same cookie does not open a page again.
+    let start = Instant::now();
+    loop {
+        let a = c.get("/resources").await;
+        if a.status == StatusCode::SEE_OTHER {
+            assert_eq!(a.location(), "/sign-in?ended=1");
+            break;
+        }
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        assert!(start.elapsed() < HUNG, "the session outlived its token");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ended = c.get("/sign-in?ended=1").await;
+    assert!(ended.body.contains("Your session ended"), "{}", ended.body);
+    let a = c.get("/resources").await;
+    assert_eq!(
+        (a.status, a.location().as_str()),
+        (StatusCode::SEE_OTHER, "/sign-in?ended=1"),
+        "the session is gone, not just refused once"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_sees_every_tenants_resources_and_changes_none_of_them() {
+    use setpoint::api::proto::resource_service_client::ResourceServiceClient;
+    use setpoint::api::proto::{
+        GetConnectionDetailsRequest, GetResourceRequest, ListResourceHistoryRequest,
+        ListResourcesRequest,
+    };
+    use tonic::Code;
+
+    let env = Env::start(ApiConfig::default()).await;
+    let mut acme = signed_in(&env, &env.acme).await;
+    let mine = create_note(&mut acme, "mine", "acme's words").await;
+    let mut globex = signed_in(&env, &env.globex).await;
+    let theirs = create_note(&mut globex, "theirs", "globex's words").await;
+    assert_eq!(
+        (mine.as_str(), theirs.as_str()),
+        ("/tenants/acme/notes/mine", "/tenants/globex/notes/theirs")
+    );
+
+    // The admin's list: every tenant's, with a tenant column and a tenant filter.
+    let mut ops = signed_in(&env, &env.admin).await;
+    let all = ops.get("/resources?kind=test.note").await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert!(all.body.contains("<th>Tenant</th>"), "{}", all.body);
+    assert!(all.body.contains("id=\"tenant\""), "the tenant filter");
+    for (tenant, page) in [("acme", &mine), ("globex", &theirs)] {
+        assert!(
+            all.body.contains(&format!("href=\"{page}\"")),
+            "{}",
+            all.body
+        );
+        assert!(
+            all.body
+                .contains(&format!("<td class=\"tenant\">{tenant}</td>")),
+            "{}",
+            all.body
+        );
+    }
+    let one = ops.get("/resources?kind=test.note&tenant=globex").await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.body);
+    assert!(
+        one.body.contains(&theirs) && !one.body.contains(&mine),
+        "{}",
+        one.body
+    );
+    // Any tenant's page, read only: no Change or Delete, and the API refuses them anyway.
+    let page = ops.get(&mine).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("acme&#39;s words") || page.body.contains("acme's words"));
+    assert!(page.body.contains("id=\"read-only\""), "{}", page.body);
+    assert!(!page.body.contains("id=\"edit\""), "{}", page.body);
+    for path in [format!("{mine}/timeline"), format!("{mine}/details")] {
+        assert_eq!(ops.get(&path).await.status, StatusCode::OK, "{path}");
+    }
+    assert_eq!(
+        ops.get(&format!("{mine}/edit")).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let csrf = ops.csrf().await;
+    let a = ops
+        .post(
+            &format!("{mine}/delete"),
+            &[("csrf", &csrf), ("request_id", "ops-1")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    // A tenant's list is its own, whatever the query says; no tenant column.
+    let own = acme.get("/resources?kind=test.note&tenant=globex").await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+    assert!(
+        own.body.contains(&mine) && !own.body.contains(&theirs),
+        "{}",
+        own.body
+    );
+    assert!(!own.body.contains("<th>Tenant</th>"));
+    assert_eq!(acme.get(&theirs).await.status, StatusCode::NOT_FOUND);
+
+    // The same rules in the gRPC API the console calls.
+    let mut rs = ResourceServiceClient::connect(env.api.clone())
+        .await
+        .unwrap();
+    fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    let list = |parent: &str| ListResourcesRequest {
+        parent: parent.into(),
+        kind: "test.note".into(),
+        ..ListResourcesRequest::default()
+    };
+    let names = rs
+        .list_resources(authed(&env.admin, list("tenants/*")))
+        .await
+        .unwrap()
+        .into_inner()
+        .resources
+        .into_iter()
+        .map(|r| r.name)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        names,
+        ["tenants/acme/notes/mine", "tenants/globex/notes/theirs"]
+    );
+    let got = rs
+        .get_resource(authed(
+            &env.admin,
+            GetResourceRequest {
+                name: "tenants/globex/notes/theirs".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.name, "tenants/globex/notes/theirs");
+    let history = rs
+        .list_resource_history(authed(
+            &env.admin,
+            ListResourceHistoryRequest {
+                name: "tenants/globex/notes/theirs".into(),
+                ..ListResourceHistoryRequest::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!history.units.is_empty());
+    let e = rs
+        .get_connection_details(authed(
+            &env.admin,
+            GetConnectionDetailsRequest {
+                name: "tenants/globex/notes/theirs".into(),
+            },
+        ))
+        .await
+        .expect_err("another tenant's secrets");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = rs
+        .list_resources(authed(&env.acme, list("tenants/*")))
+        .await
+        .expect_err("a tenant listing every tenant");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = rs
+        .list_resources(authed(&env.acme, list("tenants/globex")))
+        .await
+        .expect_err("a tenant listing another");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = rs
+        .get_resource(authed(
+            &env.acme,
+            GetResourceRequest {
+                name: "tenants/globex/notes/theirs".into(),
+            },
+        ))
+        .await
+        .expect_err("a tenant reading another's");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_ready_resource_page_shows_what_the_engine_observed() {
+    let env = Env::start(ApiConfig::default()).await;
+    let mut c = signed_in(&env, &env.acme).await;
+    let page = create_note(&mut c, "seen", "hello").await;
+    // The page as the live script fetches its details again once the note is READY: the
+    // step's output in the observed state, and the generation it was brought to.
+    let details = common::wait_for("the note to be READY with its observed state", || {
+        let mut c2 = env.client(None);
+        c2.cookies = c.cookies.clone();
+        let page = page.clone();
+        async move {
+            let p = c2.get(&page).await;
+            if !p.body.contains(">READY<") {
+                return None;
+            }
+            Some(c2.get(&format!("{page}/details")).await)
+        }
+    })
+    .await;
+    assert_eq!(details.status, StatusCode::OK);
+    assert!(
+        details
+            .body
+            .trim_start()
+            .starts_with("<div id=\"details\">"),
+        "a fragment, not a page: {}",
+        details.body
+    );
+    assert!(
+        details
+            .body
+            .contains("1 (observed <span id=\"observed-generation\">1</span>)"),
+        "{}",
+        details.body
+    );
+    let observed = details
+        .body
+        .split("<pre id=\"observed\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</pre>").next())
+        .unwrap_or_default()
+        .replace("&#34;", "\"")
+        .replace("&quot;", "\"");
+    assert!(observed.contains("\"write\""), "{observed}");
+    assert!(observed.contains("\"chars\": 5"), "{observed}");
+    // The whole page shows the same.
+    let full = c.get(&page).await;
+    assert!(
+        full.body
+            .contains("<span id=\"observed-generation\">1</span>"),
+        "{}",
+        full.body
+    );
+    assert!(
+        full.body
+            .contains("data-details=\"/tenants/acme/notes/seen/details\"")
+    );
     env.stop().await;
 }
 

@@ -78,20 +78,23 @@ pub fn page(caller: &Caller, r: &ListResourceHistoryRequest, v: &mut Vec<Violati
     }
 }
 
-/// The history of the caller's live resource `name` of kind `kind`, one page of it.
+/// The history of `tenant`'s live resource `name` of kind `kind`, one page of it, as
+/// `caller` may read it (the tenant is the caller's own, or any for an admin: the caller of
+/// [`super::validate::name_tenant`] has checked that).
 ///
 /// # Errors
-/// `NOT_FOUND` when the caller's tenant has no such live resource; database errors.
+/// `NOT_FOUND` when the tenant has no such live resource; database errors.
 pub async fn list(
     pool: &PgPool,
     caller: &Caller,
+    tenant: &str,
     kind: &str,
     name: &str,
     resource_name: &str,
     page: Page,
 ) -> Result<ListResourceHistoryResponse, ApiError> {
     let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-    let row = instance_get(&mut conn, &caller.tenant, kind, name, false)
+    let row = instance_get(&mut conn, tenant, kind, name, false)
         .await?
         .ok_or_else(|| ApiError::NotFound(resource_name.to_owned()))?;
     let mut ids = resource_work_ids(&mut conn, row.id, page.before, page.limit + 1).await?;

@@ -19,8 +19,9 @@ use super::batch::{CREATE_METHOD, CreateBatcher, NewCreate, Settled};
 use super::convert::{self, instance_name};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
+use super::listing;
 use super::operations::{FirstUnits, ServedRegions};
-use super::page_token::{self, Scope};
+use super::page_token::Scope;
 use super::proto::instance_service_server::InstanceService;
 use super::proto::{
     CreateInstanceRequest, DeleteInstanceRequest, GetInstanceRequest, Instance, InstanceSpec,
@@ -30,15 +31,15 @@ use super::proto::{
 use super::quota::{ChangeQuota, lane_of};
 use super::status::InstanceState;
 use super::tenant_view::Audience;
-use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, SpecFields};
+use super::validate::{self, Access, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, SpecFields, Tenants};
 use super::wake::WorkerWaker;
 use super::watch::InstanceEvents;
 use super::watch_limit::WatchSlots;
 use crate::plugins::kvx::KIND as KVX_KIND;
 use crate::queue;
 use crate::store::instances::{
-    InstanceRow, NewResource, instance_get, instance_insert, instance_list,
-    instance_start_operation, new_instance_id,
+    InstanceRow, NewResource, instance_get, instance_insert, instance_start_operation,
+    new_instance_id,
 };
 use crate::store::work::work_supersede_for_resource;
 
@@ -187,15 +188,16 @@ async fn lock_live(
         .ok_or_else(|| ApiError::NotFound(instance_name(tenant, name)))
 }
 
-/// The scope of a ListInstances page token: the caller's tenant (which `parent` must name)
-/// and the status filter.
-fn list_scope(tenant: &str, status_filter: i32) -> Scope {
-    Scope::new("ListInstances", &[tenant, &status_filter.to_string()])
-}
-
-/// The last name of the page before, from a ListInstances page token of this scope.
-fn parse_page_token(token: &str, scope: &Scope) -> Option<String> {
-    page_token::decode(scope, token).filter(|name| validate::is_dns_label(name))
+/// The scope of a ListInstances page token: the caller's tenant, the status filter, and the
+/// parent when it is not the caller's own tenant (an admin's listing of another tenant, or of
+/// every tenant).
+fn list_scope(caller_tenant: &str, tenants: &Tenants, status_filter: i32) -> Scope {
+    listing::scope(
+        "ListInstances",
+        caller_tenant,
+        tenants,
+        &[&status_filter.to_string()],
+    )
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<Instance, Status>> + Send + 'static>>;
@@ -210,7 +212,7 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        validate::parent(&r.parent, &caller, Access::Change, &mut v)?;
         validate::dns_label("instance_id", &r.instance_id, &mut v);
         validate::request_id(&r.request_id, &mut v);
         let spec = r.instance.as_ref().and_then(|i| i.spec.clone());
@@ -268,11 +270,11 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        let name = validate::instance_name("name", &r.name, &caller, Access::Read, &mut v)?;
         validate::finish(v)?;
-        let name = name.unwrap_or_default();
+        let (tenant, name) = name.unwrap_or_default();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let row = instance_get(&mut conn, &caller.tenant, KVX_KIND, &name, false)
+        let row = instance_get(&mut conn, &tenant, KVX_KIND, &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
@@ -290,7 +292,7 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        let tenants = validate::parent(&r.parent, &caller, Access::Read, &mut v)?;
         let limit = validate::page_size(r.page_size, 50, &mut v);
         let status = match InstanceStatus::try_from(r.status_filter) {
             Ok(s) => InstanceState::from_proto(s).and_then(InstanceState::db),
@@ -299,11 +301,11 @@ impl InstanceService for Instances {
                 None
             }
         };
-        let scope = list_scope(&caller.tenant, r.status_filter);
+        let scope = list_scope(&caller.tenant, &tenants, r.status_filter);
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let t = parse_page_token(&r.page_token, &scope);
+            let t = listing::cursor(&scope, &tenants, &r.page_token);
             if t.is_none() {
                 v.push(Violation::new(
                     "page_token",
@@ -316,22 +318,17 @@ impl InstanceService for Instances {
         };
         validate::finish(v)?;
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let mut rows = instance_list(
+        let (rows, next_page_token) = listing::page(
             &mut conn,
-            &caller.tenant,
+            &scope,
+            &tenants,
             KVX_KIND,
             status,
-            after.as_deref(),
-            limit + 1,
+            after.as_ref(),
+            limit,
         )
         .await
         .map_err(ApiError::from)?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(0));
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => page_token::encode(&scope, &last.name),
-            _ => String::new(),
-        };
         let audience = Audience::of(&caller);
         Ok(Response::new(ListInstancesResponse {
             instances: rows
@@ -351,8 +348,14 @@ impl InstanceService for Instances {
         let r = request.into_inner();
         let mut v = Vec::new();
         let instance = r.instance.clone().unwrap_or_default();
-        let name =
-            validate::instance_name("instance.name", &instance.name, &caller.tenant, &mut v)?;
+        let name = validate::instance_name(
+            "instance.name",
+            &instance.name,
+            &caller,
+            Access::Change,
+            &mut v,
+        )?
+        .map(|(_, name)| name);
         validate::request_id(&r.request_id, &mut v);
         let paths = r
             .update_mask
@@ -535,7 +538,8 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        let name = validate::instance_name("name", &r.name, &caller, Access::Change, &mut v)?
+            .map(|(_, name)| name);
         validate::request_id(&r.request_id, &mut v);
         validate::finish(v)?;
         let name = name.unwrap_or_default();
@@ -607,7 +611,8 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        let name = validate::instance_name("name", &r.name, &caller, Access::Change, &mut v)?
+            .map(|(_, name)| name);
         validate::request_id(&r.request_id, &mut v);
         validate::finish(v)?;
         let name = name.unwrap_or_default();
@@ -673,16 +678,17 @@ impl InstanceService for Instances {
         caller.require_kind(KVX_KIND)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let name = validate::instance_name("name", &r.name, &caller.tenant, &mut v)?;
+        let name = validate::instance_name("name", &r.name, &caller, Access::Read, &mut v)?;
         validate::finish(v)?;
-        let name = name.unwrap_or_default();
-        // The slot first: a tenant at its limit costs no database work.
+        let (tenant, name) = name.unwrap_or_default();
+        // The slot first: a tenant at its limit costs no database work. Streams count against
+        // the caller's own tenant, whichever tenant's instance it watches.
         let slot = self.watches.open(&caller.tenant)?;
         let audience = Audience::of(&caller);
         // Subscribe before reading, so that no change after the first read is missed.
         let changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let first = instance_get(&mut conn, &caller.tenant, KVX_KIND, &name, false)
+        let first = instance_get(&mut conn, &tenant, KVX_KIND, &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
@@ -706,15 +712,15 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_bind_the_tenant_and_the_filter() {
-        let t = page_token::encode(&list_scope("acme", 2), "web-1");
-        assert_eq!(
-            parse_page_token(&t, &list_scope("acme", 2)).as_deref(),
-            Some("web-1")
-        );
-        assert_eq!(parse_page_token(&t, &list_scope("acme", 0)), None);
-        assert_eq!(parse_page_token(&t, &list_scope("globex", 2)), None);
-        assert_eq!(parse_page_token("zz", &list_scope("acme", 0)), None);
-        let not_a_name = page_token::encode(&list_scope("acme", 0), "x\0y");
-        assert_eq!(parse_page_token(&not_a_name, &list_scope("acme", 0)), None);
+        let acme = Tenants::One("acme".into());
+        let globex = Tenants::One("globex".into());
+        let t = crate::api::page_token::encode(&list_scope("acme", &acme, 2), "web-1");
+        assert!(listing::cursor(&list_scope("acme", &acme, 2), &acme, &t).is_some());
+        assert!(listing::cursor(&list_scope("acme", &acme, 0), &acme, &t).is_none());
+        assert!(listing::cursor(&list_scope("globex", &globex, 2), &globex, &t).is_none());
+        assert!(listing::cursor(&list_scope("ops", &acme, 2), &acme, &t).is_none());
+        assert!(listing::cursor(&list_scope("acme", &acme, 0), &acme, "zz").is_none());
+        let not_a_name = crate::api::page_token::encode(&list_scope("acme", &acme, 0), "x\0y");
+        assert!(listing::cursor(&list_scope("acme", &acme, 0), &acme, &not_a_name).is_none());
     }
 }

@@ -44,6 +44,7 @@ pub mod gate;
 pub mod history;
 pub mod idempotency;
 pub mod instances;
+pub mod listing;
 pub mod methods;
 pub mod operations;
 pub mod page_token;

@@ -20,8 +20,9 @@ use super::auth::Caller;
 use super::convert::{json_to_struct, struct_to_json, timestamp};
 use super::errors::{ApiError, Violation};
 use super::idempotency::{self, Begun};
+use super::listing;
 use super::operations::ServedRegions;
-use super::page_token::{self, Scope};
+use super::page_token::Scope;
 use super::proto::resource_service_server::ResourceService;
 use super::proto::{
     ConnectionDetails, CreateResourceRequest, DeleteResourceRequest, GetConnectionDetailsRequest,
@@ -32,15 +33,15 @@ use super::proto::{
 use super::quota::{ChangeQuota, lane_of};
 use super::status::InstanceState;
 use super::tenant_view::{self, Audience};
-use super::validate::{self, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS};
+use super::validate::{self, Access, MAX_MASK_PATH_CHARS, MAX_MASK_PATHS, Tenants};
 use super::wake::WorkerWaker;
 use super::watch::InstanceEvents;
 use super::watch_limit::WatchSlots;
 use crate::kinds::{Chains, Kind, KindCatalog, SecretBox, SpecViolation};
 use crate::queue;
 use crate::store::instances::{
-    InstanceRow, NewResource, instance_get, instance_insert, instance_list,
-    instance_start_operation, new_instance_id, resource_secrets, resource_start_operation,
+    InstanceRow, NewResource, instance_get, instance_insert, instance_start_operation,
+    new_instance_id, resource_secrets, resource_start_operation,
 };
 use crate::store::work::work_supersede_for_resource;
 
@@ -131,15 +132,17 @@ impl Resources {
     }
 
     /// Parses `tenants/{tenant}/{collection}/{resource}` (`tenants/-` for the caller's own):
-    /// the kind and the short name. Another tenant is `NOT_FOUND`; a kind the token may not use
-    /// is `PERMISSION_DENIED`.
+    /// the kind, the tenant and the short name. Another tenant is `NOT_FOUND` for a tenant's
+    /// token; an admin may name any tenant's resource to read it ([`Access::Read`]), and only
+    /// its own tenant's to change it. A kind the token may not use is `PERMISSION_DENIED`.
     fn name(
         &self,
         caller: &Caller,
+        access: Access,
         field: &str,
         name: &str,
         v: &mut Vec<Violation>,
-    ) -> Result<Option<(Arc<Kind>, String)>, ApiError> {
+    ) -> Result<Option<Named>, ApiError> {
         let parts: Vec<&str> = name.split('/').collect();
         let ["tenants", t, collection, n] = parts.as_slice() else {
             v.push(Violation::new(
@@ -156,9 +159,7 @@ impl Resources {
             ));
             return Ok(None);
         }
-        if *t != "-" && *t != caller.tenant {
-            return Err(ApiError::NotFound(name.to_owned()));
-        }
+        let tenant = validate::name_tenant(t, name, caller, access)?;
         let Some(kind) = self.catalog.by_collection(collection) else {
             v.push(Violation::new(
                 field,
@@ -170,7 +171,11 @@ impl Resources {
             return Ok(None);
         };
         caller.require_kind(kind.name())?;
-        Ok(Some((kind.clone(), (*n).to_owned())))
+        Ok(Some(Named {
+            kind: kind.clone(),
+            tenant,
+            name: (*n).to_owned(),
+        }))
     }
 
     /// FAILED_PRECONDITION unless a live engine serves `kind` in the spec's `region`, for a
@@ -206,6 +211,16 @@ impl Resources {
             served: regions.to_vec(),
         })
     }
+}
+
+/// A resource a request names.
+struct Named {
+    /// Its kind.
+    kind: Arc<Kind>,
+    /// Its tenant (the caller's, or for an admin's read any tenant's).
+    tenant: String,
+    /// Its short name.
+    name: String,
 }
 
 /// `tenants/{tenant}/{collection}/{name}`.
@@ -370,9 +385,15 @@ fn apply_path(spec: &mut Value, from: &Value, path: &[&str]) {
     }
 }
 
-/// The scope of a ListResources page token.
-fn list_scope(tenant: &str, kind: &str, status_filter: i32) -> Scope {
-    Scope::new("ListResources", &[tenant, kind, &status_filter.to_string()])
+/// The scope of a ListResources page token: the caller's tenant, the kind and the status
+/// filter, and the parent when it is not the caller's own tenant.
+fn list_scope(caller_tenant: &str, tenants: &Tenants, kind: &str, status_filter: i32) -> Scope {
+    listing::scope(
+        "ListResources",
+        caller_tenant,
+        tenants,
+        &[kind, &status_filter.to_string()],
+    )
 }
 
 /// FAILED_PRECONDITION when a unit of the resource is still in the queue.
@@ -422,7 +443,7 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        validate::parent(&r.parent, &caller, Access::Change, &mut v)?;
         let kind = self.kind(&caller, "kind", &r.kind, &mut v)?;
         validate::dns_label("resource_id", &r.resource_id, &mut v);
         validate::request_id(&r.request_id, &mut v);
@@ -507,13 +528,13 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let named = self.name(&caller, Access::Read, "name", &r.name, &mut v)?;
         validate::finish(v)?;
-        let Some((kind, name)) = named else {
+        let Some(Named { kind, tenant, name }) = named else {
             return Err(ApiError::NotFound(r.name).into());
         };
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let row = instance_get(&mut conn, &caller.tenant, kind.name(), &name, false)
+        let row = instance_get(&mut conn, &tenant, kind.name(), &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
@@ -531,7 +552,7 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        validate::parent(&r.parent, &caller.tenant, &mut v)?;
+        let tenants = validate::parent(&r.parent, &caller, Access::Read, &mut v)?;
         let kind = self.kind(&caller, "kind", &r.kind, &mut v)?;
         let limit = validate::page_size(r.page_size, 50, &mut v);
         let filter = match ResourceStatus::try_from(r.status_filter) {
@@ -541,12 +562,11 @@ impl ResourceService for Resources {
                 None
             }
         };
-        let scope = list_scope(&caller.tenant, &r.kind, r.status_filter);
+        let scope = list_scope(&caller.tenant, &tenants, &r.kind, r.status_filter);
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let t = page_token::decode(&scope, &r.page_token)
-                .filter(|name| validate::is_dns_label(name));
+            let t = listing::cursor(&scope, &tenants, &r.page_token);
             if t.is_none() {
                 v.push(Violation::new(
                     "page_token",
@@ -562,22 +582,17 @@ impl ResourceService for Resources {
             return Err(ApiError::Internal("a checked list lost its kind".into()).into());
         };
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let mut rows = instance_list(
+        let (rows, next_page_token) = listing::page(
             &mut conn,
-            &caller.tenant,
+            &scope,
+            &tenants,
             kind.name(),
             filter,
-            after.as_deref(),
-            limit + 1,
+            after.as_ref(),
+            limit,
         )
         .await
         .map_err(ApiError::from)?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(0));
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => page_token::encode(&scope, &last.name),
-            _ => String::new(),
-        };
         let audience = Audience::of(&caller);
         Ok(Response::new(ListResourcesResponse {
             resources: rows
@@ -596,7 +611,13 @@ impl ResourceService for Resources {
         let r = request.into_inner();
         let mut v = Vec::new();
         let given = r.resource.clone().unwrap_or_default();
-        let named = self.name(&caller, "resource.name", &given.name, &mut v)?;
+        let named = self.name(
+            &caller,
+            Access::Change,
+            "resource.name",
+            &given.name,
+            &mut v,
+        )?;
         validate::request_id(&r.request_id, &mut v);
         let paths = r
             .update_mask
@@ -635,7 +656,7 @@ impl ResourceService for Resources {
         }
         let spec = request_spec(Some(&given), &mut v);
         validate::finish(v)?;
-        let (Some((kind, name)), Some(spec)) = (named, spec) else {
+        let (Some(Named { kind, name, .. }), Some(spec)) = (named, spec) else {
             return Err(ApiError::Internal("a checked update lost its name or spec".into()).into());
         };
         let tenant = caller.tenant.as_str();
@@ -738,10 +759,10 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let named = self.name(&caller, Access::Change, "name", &r.name, &mut v)?;
         validate::request_id(&r.request_id, &mut v);
         validate::finish(v)?;
-        let Some((kind, name)) = named else {
+        let Some(Named { kind, name, .. }) = named else {
             return Err(ApiError::NotFound(r.name).into());
         };
         let tenant = caller.tenant.as_str();
@@ -815,16 +836,17 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let named = self.name(&caller, Access::Read, "name", &r.name, &mut v)?;
         validate::finish(v)?;
-        let Some((kind, name)) = named else {
+        let Some(Named { kind, tenant, name }) = named else {
             return Err(ApiError::NotFound(r.name).into());
         };
+        // Streams count against the caller's own tenant, whichever tenant's resource it watches.
         let slot = self.watches.open(&caller.tenant)?;
         let audience = Audience::of(&caller);
         let changes = self.events.subscribe();
         let mut conn = self.pool.acquire().await.map_err(ApiError::from)?;
-        let first = instance_get(&mut conn, &caller.tenant, kind.name(), &name, false)
+        let first = instance_get(&mut conn, &tenant, kind.name(), &name, false)
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(r.name.clone()))?;
@@ -848,15 +870,23 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let named = self.name(&caller, Access::Read, "name", &r.name, &mut v)?;
         let page = super::history::page(&caller, &r, &mut v);
         validate::finish(v)?;
-        let Some((kind, name)) = named else {
+        let Some(Named { kind, tenant, name }) = named else {
             return Err(ApiError::NotFound(r.name).into());
         };
-        let shown = resource_name(&kind, &caller.tenant, &name);
-        let answer =
-            super::history::list(&self.pool, &caller, kind.name(), &name, &shown, page).await?;
+        let shown = resource_name(&kind, &tenant, &name);
+        let answer = super::history::list(
+            &self.pool,
+            &caller,
+            &tenant,
+            kind.name(),
+            &name,
+            &shown,
+            page,
+        )
+        .await?;
         Ok(Response::new(answer))
     }
 
@@ -867,9 +897,9 @@ impl ResourceService for Resources {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut v = Vec::new();
-        let named = self.name(&caller, "name", &r.name, &mut v)?;
+        let named = self.name(&caller, Access::Change, "name", &r.name, &mut v)?;
         validate::finish(v)?;
-        let Some((kind, name)) = named else {
+        let Some(Named { kind, name, .. }) = named else {
             return Err(ApiError::NotFound(r.name).into());
         };
         let details =

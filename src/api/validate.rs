@@ -2,6 +2,7 @@
 //! client learns every problem of a request at once; a request with any violation is refused
 //! with `INVALID_ARGUMENT` before anything is written.
 
+use super::auth::Caller;
 use super::errors::{ApiError, Violation};
 use super::proto::InstanceSpec;
 
@@ -187,47 +188,120 @@ pub fn page_size(n: i32, default: i32, out: &mut Vec<Violation>) -> i64 {
     i64::from(if n == 0 { default } else { n })
 }
 
-/// Checks `parent` (`tenants/{tenant}`; empty or `tenants/-` for the caller's own). Another
-/// tenant is `NOT_FOUND`: a caller learns nothing about tenants that are not its own.
-pub fn parent(parent: &str, caller_tenant: &str, out: &mut Vec<Violation>) -> Result<(), ApiError> {
+/// The parent of a listing of every tenant's resources: admins only (`tenants/-` keeps
+/// meaning the caller's own tenant, for admins too).
+pub const ALL_TENANTS: &str = "tenants/*";
+
+/// What a call does with the tenant a `parent` or a name names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads it (Get, List, Watch, history): an admin may name any tenant.
+    Read,
+    /// Changes it, or reads its secrets: only the caller's own tenant, admins included.
+    Change,
+}
+
+/// The tenants a listing covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tenants {
+    /// One tenant's resources.
+    One(String),
+    /// Every tenant's ([`ALL_TENANTS`], admins only).
+    All,
+}
+
+impl Tenants {
+    /// The parent naming these tenants (`tenants/acme`, `tenants/*`).
+    pub fn parent(&self) -> String {
+        match self {
+            Tenants::One(t) => format!("tenants/{t}"),
+            Tenants::All => ALL_TENANTS.to_owned(),
+        }
+    }
+}
+
+/// The tenant a name's tenant segment `named` (a DNS label or `-`) stands for, for `caller`
+/// doing `access`; `full` is the name as given, for the error. Another tenant is `NOT_FOUND`
+/// for a tenant's token (it learns nothing about tenants that are not its own); an admin may
+/// read any tenant's, and is told plainly that it changes only its own.
+fn tenant_of(named: &str, full: &str, caller: &Caller, access: Access) -> Result<String, ApiError> {
+    if named == "-" || named == caller.tenant {
+        return Ok(caller.tenant.clone());
+    }
+    if !caller.admin {
+        return Err(ApiError::NotFound(full.to_owned()));
+    }
+    match access {
+        Access::Read => Ok(named.to_owned()),
+        Access::Change => Err(ApiError::PermissionDenied(
+            "an admin token reads every tenant's resources but changes only its own tenant's \
+             (and reads only its own connection details); use a token of that tenant",
+        )),
+    }
+}
+
+/// Checks `parent` (`tenants/{tenant}`; empty or `tenants/-` for the caller's own; for an
+/// admin reading, any tenant, or [`ALL_TENANTS`] for every tenant) and returns the tenants it
+/// covers. Another tenant is `NOT_FOUND` for a tenant's token; `tenants/*` is
+/// `PERMISSION_DENIED` for it.
+pub fn parent(
+    parent: &str,
+    caller: &Caller,
+    access: Access,
+    out: &mut Vec<Violation>,
+) -> Result<Tenants, ApiError> {
+    let own = Tenants::One(caller.tenant.clone());
     if parent.is_empty() {
-        return Ok(());
+        return Ok(own);
     }
     match parent.strip_prefix("tenants/") {
-        Some(t) if t == "-" || is_dns_label(t) => {
-            if t == caller_tenant || t == "-" {
-                Ok(())
+        Some("*") if access == Access::Read => {
+            if caller.admin {
+                Ok(Tenants::All)
             } else {
-                Err(ApiError::NotFound(parent.to_owned()))
+                Err(ApiError::PermissionDenied(
+                    "tenants/* lists every tenant's resources and needs an admin token \
+                     (tenants/- or an empty parent is your own tenant)",
+                ))
             }
+        }
+        Some(t) if t == "-" || is_dns_label(t) => {
+            tenant_of(t, parent, caller, access).map(Tenants::One)
         }
         _ => {
             out.push(Violation::new(
                 "parent",
-                "must be tenants/{tenant} (tenants/- or empty for the caller's tenant)",
+                match access {
+                    Access::Read => {
+                        "must be tenants/{tenant} (tenants/- or empty for the caller's tenant; \
+                         tenants/* for every tenant, admins only)"
+                    }
+                    Access::Change => {
+                        "must be tenants/{tenant} (tenants/- or empty for the caller's tenant)"
+                    }
+                },
             ));
-            Ok(())
+            Ok(own)
         }
     }
 }
 
 /// Parses `tenants/{tenant}/instances/{instance}` of field `field` (`tenants/-/…` means the
-/// caller's tenant). Returns the instance's short name, or `None` after recording a violation.
-/// Another tenant is `NOT_FOUND`.
+/// caller's tenant). Returns the instance's tenant and short name, or `None` after recording
+/// a violation. Another tenant is `NOT_FOUND` for a tenant's token; an admin may name any
+/// tenant's instance to read it ([`Access::Read`]).
 pub fn instance_name(
     field: &str,
     name: &str,
-    caller_tenant: &str,
+    caller: &Caller,
+    access: Access,
     out: &mut Vec<Violation>,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<(String, String)>, ApiError> {
     let parts: Vec<&str> = name.split('/').collect();
     match parts.as_slice() {
         ["tenants", t, "instances", n] if (*t == "-" || is_dns_label(t)) && is_dns_label(n) => {
-            if *t == caller_tenant || *t == "-" {
-                Ok(Some((*n).to_owned()))
-            } else {
-                Err(ApiError::NotFound(name.to_owned()))
-            }
+            let tenant = tenant_of(t, name, caller, access)?;
+            Ok(Some((tenant, (*n).to_owned())))
         }
         _ => {
             out.push(Violation::new(
@@ -237,6 +311,20 @@ pub fn instance_name(
             Ok(None)
         }
     }
+}
+
+/// The tenant segment of a resource name, checked for `caller` doing `access` (see
+/// [`instance_name`]); `full` is the whole name, for the error.
+///
+/// # Errors
+/// `NOT_FOUND` (a tenant naming another), `PERMISSION_DENIED` (an admin changing another's).
+pub fn name_tenant(
+    named: &str,
+    full: &str,
+    caller: &Caller,
+    access: Access,
+) -> Result<String, ApiError> {
+    tenant_of(named, full, caller, access)
 }
 
 /// `Err(Invalid)` when `out` holds violations.
@@ -283,18 +371,98 @@ mod tests {
 
     #[test]
     fn parents_name_the_callers_tenant() {
+        let acme = caller("acme", false);
         let mut v = Vec::new();
         for own in ["", "tenants/acme", "tenants/-"] {
-            assert!(parent(own, "acme", &mut v).is_ok(), "{own}");
+            for access in [Access::Read, Access::Change] {
+                assert_eq!(
+                    parent(own, &acme, access, &mut v).ok(),
+                    Some(Tenants::One("acme".into())),
+                    "{own}"
+                );
+            }
         }
         assert!(v.is_empty(), "{v:?}");
         assert!(matches!(
-            parent("tenants/other", "acme", &mut v),
+            parent("tenants/other", &acme, Access::Read, &mut v),
             Err(ApiError::NotFound(_))
         ));
+        assert!(matches!(
+            parent("tenants/*", &acme, Access::Read, &mut v),
+            Err(ApiError::PermissionDenied(_))
+        ));
         for bad in ["acme", "tenants/", "tenants/Acme", "tenants/acme/x"] {
-            parent(bad, "acme", &mut v).ok();
+            parent(bad, &acme, Access::Read, &mut v).ok();
         }
         assert_eq!(v.len(), 4, "{v:?}");
+    }
+
+    #[test]
+    fn an_admin_reads_any_tenant_but_changes_only_its_own() {
+        let ops = caller("ops", true);
+        let mut v = Vec::new();
+        assert_eq!(
+            parent("tenants/-", &ops, Access::Read, &mut v).ok(),
+            Some(Tenants::One("ops".into())),
+            "tenants/- stays the caller's own tenant"
+        );
+        assert_eq!(
+            parent("tenants/acme", &ops, Access::Read, &mut v).ok(),
+            Some(Tenants::One("acme".into()))
+        );
+        assert_eq!(
+            parent(ALL_TENANTS, &ops, Access::Read, &mut v).ok(),
+            Some(Tenants::All)
+        );
+        assert!(v.is_empty(), "{v:?}");
+        assert!(matches!(
+            parent("tenants/acme", &ops, Access::Change, &mut v),
+            Err(ApiError::PermissionDenied(_))
+        ));
+        parent(ALL_TENANTS, &ops, Access::Change, &mut v).ok();
+        assert_eq!(v.len(), 1, "a create names one tenant: {v:?}");
+        let mut v = Vec::new();
+        assert_eq!(
+            instance_name(
+                "name",
+                "tenants/acme/instances/db",
+                &ops,
+                Access::Read,
+                &mut v
+            )
+            .ok()
+            .flatten(),
+            Some(("acme".into(), "db".into()))
+        );
+        assert!(matches!(
+            instance_name(
+                "name",
+                "tenants/acme/instances/db",
+                &ops,
+                Access::Change,
+                &mut v
+            ),
+            Err(ApiError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            instance_name(
+                "name",
+                "tenants/acme/instances/db",
+                &caller("globex", false),
+                Access::Read,
+                &mut v
+            ),
+            Err(ApiError::NotFound(_))
+        ));
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    fn caller(tenant: &str, admin: bool) -> Caller {
+        Caller {
+            tenant: tenant.into(),
+            admin,
+            token_id: 1,
+            kinds: None,
+        }
     }
 }

@@ -27,8 +27,8 @@ use super::client::{Api, CallError, FieldError};
 use super::forms::{self, Field};
 use super::session::{self, Sessions};
 use super::views::{
-    self, Choice, Chrome, CountView, ErrorPage, FormPage, ParkedView, ResourcePage, ResourceView,
-    ResourcesPage, SignInPage, TimelinePartial, UnitPage, UnitView, WorkPage,
+    self, Choice, Chrome, CountView, DetailsPartial, ErrorPage, FormPage, ParkedView, ResourcePage,
+    ResourceView, ResourcesPage, SignInPage, TimelinePartial, UnitPage, UnitView, WorkPage,
 };
 use super::{ConsoleConfig, assets, csrf, live};
 use crate::api::InProcessApi;
@@ -41,6 +41,7 @@ use crate::api::proto::{
     ListResourcesRequest, ListWorkRequest, Resource, ResourceStatus, RetryWorkRequest,
     UpdateResourceRequest,
 };
+use crate::api::validate::ALL_TENANTS;
 use crate::api::watch::InstanceEvents;
 
 /// The Content-Security-Policy of every response: scripts and styles only from this console's
@@ -150,6 +151,10 @@ pub fn router(console: Console) -> Router {
         .route(
             "/tenants/{tenant}/{collection}/{name}/timeline",
             get(timeline),
+        )
+        .route(
+            "/tenants/{tenant}/{collection}/{name}/details",
+            get(details),
         )
         .route(
             "/tenants/{tenant}/{collection}/{name}/edit",
@@ -633,6 +638,8 @@ async fn sign_out(
 struct ListQuery {
     kind: Option<String>,
     status: Option<String>,
+    /// Admins: one tenant's resources; empty or absent for every tenant's.
+    tenant: Option<String>,
     page: Option<String>,
     done: Option<String>,
 }
@@ -673,6 +680,18 @@ async fn resources(user: User, Query(q): Query<ListQuery>) -> Response {
         .iter()
         .find(|(name, _)| *name == status)
         .map_or(ResourceStatus::Unspecified, |(_, s)| *s);
+    // An admin sees every tenant's resources (the API's `tenants/*`), or one tenant's; a
+    // tenant its own (the API refuses anything else anyway).
+    let tenant = if user.caller.admin {
+        q.tenant.as_deref().unwrap_or_default().trim().to_owned()
+    } else {
+        String::new()
+    };
+    let parent = match (user.caller.admin, tenant.is_empty()) {
+        (true, true) => ALL_TENANTS.to_owned(),
+        (true, false) => format!("tenants/{tenant}"),
+        (false, _) => String::new(),
+    };
     let (rows, next) = if kind.is_empty() {
         (Vec::new(), String::new())
     } else {
@@ -681,7 +700,7 @@ async fn resources(user: User, Query(q): Query<ListQuery>) -> Response {
             user.console.api().resources(),
             list_resources,
             ListResourcesRequest {
-                parent: String::new(),
+                parent,
                 kind: kind.clone(),
                 page_size: 50,
                 page_token: q.page.clone().unwrap_or_default(),
@@ -699,6 +718,7 @@ async fn resources(user: User, Query(q): Query<ListQuery>) -> Response {
         let query = form_urlencoded::Serializer::new(String::new())
             .append_pair("kind", &kind)
             .append_pair("status", &status)
+            .append_pair("tenant", &tenant)
             .append_pair("page", &next)
             .finish();
         format!("/resources?{query}")
@@ -735,6 +755,8 @@ async fn resources(user: User, Query(q): Query<ListQuery>) -> Response {
                 })
                 .collect(),
             kind,
+            tenant,
+            show_tenant: user.caller.admin,
             rows: views,
             next_page,
             live,
@@ -790,17 +812,36 @@ async fn resource_page(
         Ok(u) => u,
         Err(e) => return user.failure(&e),
     };
+    let r = ResourceView::of(&r);
     page(
         StatusCode::OK,
         &ResourcePage {
             chrome: user.chrome(),
-            r: ResourceView::of(&r),
+            own: r.tenant == user.caller.tenant,
+            r,
             units,
             delete_request_id: request_id(),
-            editable: true,
             notice: notice(q.done.as_deref()),
         },
     )
+}
+
+/// The resource page's facts, spec, observed state and conditions alone: the page's script
+/// fetches them again when the resource changes, so that a page opened while the resource
+/// was CREATING shows what the engine observed once it is READY.
+async fn details(
+    user: User,
+    Path((tenant, collection, name)): Path<(String, String, String)>,
+) -> Response {
+    match get_resource(&user, resource_name(&tenant, &collection, &name)).await {
+        Ok(r) => page(
+            StatusCode::OK,
+            &DetailsPartial {
+                r: ResourceView::of(&r),
+            },
+        ),
+        Err(e) => user.failure(&e),
+    }
 }
 
 async fn timeline(
@@ -975,6 +1016,16 @@ async fn edit_form(
         Ok(r) => r,
         Err(e) => return user.failure(&e),
     };
+    if views::tenant_of(&r.name) != user.caller.tenant {
+        // An admin reading another tenant's resource: the API would refuse the change.
+        return error_page(
+            user.chrome(),
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "An admin token reads every tenant's resources but changes only its own tenant's; \
+             use a token of this resource's tenant.",
+        );
+    }
     let kind = match kind_named(&user, &r.kind).await {
         Ok(k) => k,
         Err(resp) => return resp,

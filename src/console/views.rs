@@ -52,6 +52,8 @@ pub struct ResourceView {
     pub name: String,
     /// Its short name.
     pub short: String,
+    /// Its tenant.
+    pub tenant: String,
     /// Its page.
     pub href: String,
     /// Its kind.
@@ -115,6 +117,13 @@ pub fn time(t: Option<&prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
+/// The tenant of an API resource name (`acme` of `tenants/acme/instances/db-1`).
+pub fn tenant_of(name: &str) -> &str {
+    name.strip_prefix("tenants/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+}
+
 /// The console path of an API resource name (they are the same, below `/`).
 pub fn href(name: &str) -> String {
     format!("/{name}")
@@ -153,6 +162,7 @@ impl ResourceView {
         let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
         Self {
             short: r.name.rsplit('/').next().unwrap_or_default().to_owned(),
+            tenant: tenant_of(&r.name).to_owned(),
             href: href(&r.name),
             name: r.name.clone(),
             kind: r.kind.clone(),
@@ -184,6 +194,10 @@ pub struct ResourcesPage {
     pub statuses: Vec<Choice>,
     /// The kind shown.
     pub kind: String,
+    /// The tenant filter (admins): empty for every tenant.
+    pub tenant: String,
+    /// Rows name their tenant (an admin's list).
+    pub show_tenant: bool,
     /// The kind's description.
     pub kind_description: String,
     /// The resources.
@@ -307,10 +321,20 @@ pub struct ResourcePage {
     pub units: Vec<UnitView>,
     /// The delete form's request id.
     pub delete_request_id: String,
-    /// The kind can be changed (it has an update chain; the API decides in the end).
-    pub editable: bool,
+    /// The resource is the caller's own tenant's, so Change and Delete are offered (an admin
+    /// reads other tenants' resources, and changes only its own tenant's).
+    pub own: bool,
     /// A message from the last action.
     pub notice: String,
+}
+
+/// A resource's facts, spec, observed state and conditions alone (the live page fetches them
+/// again when the resource changes).
+#[derive(Template)]
+#[template(path = "console/details.html")]
+pub struct DetailsPartial {
+    /// The resource.
+    pub r: ResourceView,
 }
 
 /// A resource's timeline alone (the live page fetches it again when the status changes).

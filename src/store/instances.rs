@@ -349,6 +349,37 @@ pub async fn instance_list(
     rows.into_iter().map(instance_row).collect()
 }
 
+/// Live resources of `kind` of every tenant, ordered by tenant and name, after the cursor
+/// `after` (a tenant and a name) when given: an admin's listing across tenants. The order is
+/// that of `instances_tenant_kind_name_live_key` once the kind is fixed.
+///
+/// # Errors
+/// Database errors.
+pub async fn instance_list_all_tenants(
+    conn: &mut PgConnection,
+    kind: &str,
+    status: Option<&str>,
+    after: Option<(&str, &str)>,
+    limit: i64,
+) -> Result<Vec<InstanceRow>, StoreError> {
+    let sql = format!(
+        "{INSTANCE_SELECT} WHERE i.kind = $1 AND i.deleted_at IS NULL
+           AND ($2::text IS NULL OR i.status = $2)
+           AND ($3::text IS NULL OR (i.tenant, i.name) > ($3::text, $4::text))
+         ORDER BY i.tenant, i.name LIMIT $5"
+    );
+    let (after_tenant, after_name) = after.unzip();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(status)
+        .bind(after_tenant)
+        .bind(after_name)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(instance_row).collect()
+}
+
 /// Starts `operation` (`update` or `delete`) on instance `id`: sets the new spec (bumping the
 /// generation) when one is given, and marks the instance active. The trigger sets the status.
 pub async fn instance_start_operation(

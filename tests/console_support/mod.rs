@@ -26,16 +26,22 @@ use setpoint_adapter::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// A step that succeeds at once.
+/// A step that succeeds at once, and reports what it wrote: the length of the note's text
+/// (kept as the step's output in the resource's observed state).
 struct Done;
 
 impl Step for Done {
     fn run<'a>(
         &'a self,
         _ctx: &'a WorkContext,
-        _input: &'a StepInput,
+        input: &'a StepInput,
     ) -> BoxFuture<'a, Result<StepResult, AdapterError>> {
-        Box::pin(async { Ok(StepResult::next()) })
+        let chars = input
+            .spec
+            .get("text")
+            .and_then(serde_json::Value::as_str)
+            .map_or(0, |t| t.chars().count());
+        Box::pin(async move { Ok(StepResult::next().output(json!({ "chars": chars }))) })
     }
 }
 
@@ -83,6 +89,8 @@ impl Plugin for Notes {
 pub struct Env {
     pub db: TestDb,
     pub console: String,
+    /// The gRPC API's address (`http://…`).
+    pub api: String,
     pub shutdown: CancellationToken,
     pub acme: String,
     pub globex: String,
@@ -135,6 +143,7 @@ impl Env {
         let admin = token("ops", true).await;
         Env {
             console: engine.console_url.clone().expect("console url"),
+            api: format!("http://{}", engine.api_addr.expect("API address")),
             db,
             shutdown,
             acme,

@@ -8,7 +8,11 @@ function liveUpdates() {
   if (!holder || !window.EventSource) return;
   const names = holder.dataset.live;
   if (!names) return;
-  const timeline = holder.dataset.timeline;
+  // The parts of a resource's page the server renders again after a change: its details
+  // (generation, observed state, conditions) and its timeline.
+  const fragments = [];
+  if (holder.dataset.details) fragments.push([holder.dataset.details, "details"]);
+  if (holder.dataset.timeline) fragments.push([holder.dataset.timeline, "timeline"]);
   const source = new EventSource("/events?names=" + encodeURIComponent(names));
   source.addEventListener("resource", (ev) => {
     const r = JSON.parse(ev.data);
@@ -27,7 +31,7 @@ function liveUpdates() {
         }
       }
     }
-    if (timeline) refreshTimeline(timeline);
+    if (fragments.length) refreshFragments(fragments);
   });
   source.addEventListener("gone", (ev) => {
     const r = JSON.parse(ev.data);
@@ -43,20 +47,28 @@ function liveUpdates() {
   });
 }
 
-let refreshing = false;
-async function refreshTimeline(url) {
-  if (refreshing) return;
-  refreshing = true;
+let fetching = false;
+let again = false;
+async function refreshFragments(fragments) {
+  // One refresh at a time; a change that arrives meanwhile asks for one more, so the page
+  // always ends showing what the server had after the last change.
+  if (fetching) { again = true; return; }
+  fetching = true;
   try {
-    const response = await fetch(url, { credentials: "same-origin" });
-    if (response.ok) {
-      const html = await response.text();
-      const old = document.getElementById("timeline");
-      // The fragment is the server's own escaped HTML (the same template as the page).
-      if (old) old.outerHTML = html;
-    }
+    do {
+      again = false;
+      for (const [url, id] of fragments) {
+        const response = await fetch(url, { credentials: "same-origin" });
+        // A redirect means the session ended (the sign-in page): the stream says so too.
+        if (!response.ok || response.redirected) continue;
+        const html = await response.text();
+        const old = document.getElementById(id);
+        // The fragment is the server's own escaped HTML (the same template as the page).
+        if (old) old.outerHTML = html;
+      }
+    } while (again);
   } finally {
-    refreshing = false;
+    fetching = false;
   }
 }
 
