@@ -27,6 +27,8 @@
 //! | `orphan_machines`                        | gauge     | `region`                        |
 //! | `orphan_machines_terminated_total`       | counter   | `region`                        |
 //! | `orphan_sweeps_total`                    | counter   | `result`                        |
+//! | `batch_calls_total`                      | counter   | `work_kind`                     |
+//! | `batch_items_total`                      | counter   | `work_kind`                     |
 //!
 //! `result` is `ok`, `transient` or `permanent`; `action` is `retry`, `wait` (a wait that is
 //! not a failed attempt) or `park`. An attempt is *abandoned* when it lost its unit (its lease
@@ -45,7 +47,9 @@
 //! `failed`. The orphan sweep (`[orphans]`, EC2) exports the managed machines that belong to no
 //! live resource per `region`, as the last sweep found them (every engine reports the same
 //! figure, whichever swept: aggregate with `max`, not `sum`), the machines it terminated, and
-//! its rounds by `result` (`done`, `skipped`, `failed`). The queue gauges are refreshed from
+//! its rounds by `result` (`done`, `skipped`, `failed`). A batch step (a drift check that
+//! observes many resources per call) counts its calls and the items they answered per
+//! `work_kind`: items per call is how well the checks of a round are gathered. The queue gauges are refreshed from
 //! the database every few seconds by [`serve`]. The recording functions are cheap no-ops until
 //! a recorder is installed ([`install`]).
 
@@ -176,6 +180,14 @@ pub fn retention_round(result: &'static str, took: Duration) {
     metrics::counter!("setpoint_retention_rounds_total", "result" => result).increment(1);
     metrics::histogram!("setpoint_retention_round_duration_seconds", "result" => result)
         .record(took.as_secs_f64());
+}
+
+/// A batch step of `work_kind` made one call answering `items` units.
+pub fn batch_call(work_kind: &str, items: usize) {
+    metrics::counter!("setpoint_batch_calls_total", "work_kind" => work_kind.to_owned())
+        .increment(1);
+    metrics::counter!("setpoint_batch_items_total", "work_kind" => work_kind.to_owned())
+        .increment(items as u64);
 }
 
 /// An orphan sweep ended with `result` (`done`, `skipped` or `failed`).

@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use setpoint_adapter::{BoxFuture, Handler, ResourceKind, Step};
+use setpoint_adapter::{BatchStep, BoxFuture, Handler, ResourceKind, Step};
 use tokio_util::sync::CancellationToken;
 
 /// Why a plugin could not be configured or registered. Messages name the plugin and the key
@@ -286,13 +286,23 @@ pub trait BackgroundTask: Send + Sync + 'static {
     fn run(self: Arc<Self>, cx: TaskContext) -> BoxFuture<'static, ()>;
 }
 
+/// What a plugin registered to run a step: a [`Step`] run per unit, or a [`BatchStep`] whose
+/// units share calls.
+#[derive(Clone)]
+pub enum StepImpl {
+    /// Runs each unit alone.
+    One(Arc<dyn Step>),
+    /// Runs the units that come together in one call per batch key.
+    Batch(Arc<dyn BatchStep>),
+}
+
 /// What a plugin registers with the engine.
 #[derive(Default)]
 pub struct Registrar {
     plugin: String,
     pub(crate) handlers: Vec<(String, Arc<dyn Handler>)>,
     pub(crate) kinds: Vec<(String, ResourceKind)>,
-    pub(crate) steps: Vec<(String, String, Arc<dyn Step>)>,
+    pub(crate) steps: Vec<(String, String, StepImpl)>,
     pub(crate) regions: Vec<String>,
     pub(crate) health: Vec<Arc<dyn HealthCheck>>,
     pub(crate) grpc: Vec<GrpcService>,
@@ -386,7 +396,25 @@ impl Registrar {
     ) -> Result<(), PluginError> {
         let work_kind = work_kind.into();
         self.claim_work_kind(&work_kind)?;
-        self.steps.push((self.plugin.clone(), work_kind, step));
+        self.steps
+            .push((self.plugin.clone(), work_kind, StepImpl::One(step)));
+        Ok(())
+    }
+
+    /// Registers `step` as what runs units of `work_kind`, a step its kind declares batched
+    /// ([`setpoint_adapter::StepDecl::batched`]): the units that run together share calls.
+    ///
+    /// # Errors
+    /// [`PluginError::Duplicate`] when that work kind is taken.
+    pub fn batch_step(
+        &mut self,
+        work_kind: impl Into<String>,
+        step: Arc<dyn BatchStep>,
+    ) -> Result<(), PluginError> {
+        let work_kind = work_kind.into();
+        self.claim_work_kind(&work_kind)?;
+        self.steps
+            .push((self.plugin.clone(), work_kind, StepImpl::Batch(step)));
         Ok(())
     }
 

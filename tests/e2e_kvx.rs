@@ -732,6 +732,28 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         InstanceStatus::Ready,
     )
     .await;
+
+    // The drift checks of one round were observed together: one describe for many machines.
+    let pool = setpoint::store::connect(&db.url, 2).await.expect("db");
+    let calls: Vec<Value> = sqlx::query_scalar(
+        "SELECT detail->'calls' FROM work_events WHERE event = 'succeeded' AND work_id IN \
+         (SELECT work_id FROM work_events WHERE event = 'enqueued' AND kind = 'kvx.observe')",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    let batches: Vec<usize> = calls
+        .iter()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(|c| c.as_str()?.split(" batch=").nth(1)?.parse().ok())
+        .collect();
+    let largest = batches.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "{} drift checks, the largest batch observed {largest} machines in one call",
+        batches.len()
+    );
+    assert!(largest > 1, "drift checks were observed one call each");
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

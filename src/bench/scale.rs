@@ -16,7 +16,8 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, ResourceKind, Step, StepDecl, StepInput, StepResult, WorkContext,
+    AdapterError, BatchStep, BoxFuture, ResourceKind, Step, StepDecl, StepInput, StepResult,
+    WorkContext,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
@@ -69,6 +70,10 @@ pub struct BenchScaleArgs {
     /// Units the engine runs at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Most drift checks observed by one adapter call (the kind's observe step batches; 1
+    /// observes each resource with a call of its own).
+    #[arg(long, default_value_t = 200)]
+    pub observe_batch: usize,
     /// Use this (empty, scratch) database instead of a throw-away durable cluster.
     #[arg(long, env = "SETPOINT_BENCH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
@@ -136,8 +141,11 @@ pub struct ScaleReport {
     pub drift_checks_per_sec: f64,
     /// Drift checks per second the interval asks for (resources / interval).
     pub drift_checks_needed_per_sec: f64,
-    /// Adapter calls per sweep: drift observes each resource with one call.
+    /// Adapter calls per sweep: the resources, divided by the drift checks each observe call
+    /// answered while Creates were submitted.
     pub adapter_calls_per_sweep: usize,
+    /// Drift checks per observe call, on average, while Creates were submitted.
+    pub checks_per_observe_call: f64,
     /// Table and index sizes after the run.
     pub sizes: Vec<TableSize>,
 }
@@ -149,13 +157,41 @@ struct Calls {
     first_call: Mutex<HashMap<Uuid, Instant>>,
     /// Drift checks run.
     observed: AtomicU64,
+    /// Observe calls made (each answers a batch of checks).
+    observe_calls: AtomicU64,
 }
 
 /// A step that answers after the set time, like an adapter whose peer takes that long.
 struct SlowStep {
     latency: Duration,
     calls: Arc<Calls>,
-    observe: bool,
+}
+
+/// The drift check: one call for a batch of resources, answering after the set time, like a
+/// describe of many machines at once.
+struct SlowObserve {
+    latency: Duration,
+    calls: Arc<Calls>,
+}
+
+impl BatchStep for SlowObserve {
+    fn batch_key(&self, _input: &StepInput) -> String {
+        String::new()
+    }
+
+    fn run_batch<'a>(
+        &'a self,
+        items: &'a [(WorkContext, StepInput)],
+    ) -> BoxFuture<'a, Vec<Result<StepResult, AdapterError>>> {
+        Box::pin(async move {
+            self.calls.observe_calls.fetch_add(1, Ordering::Relaxed);
+            self.calls
+                .observed
+                .fetch_add(items.len() as u64, Ordering::Relaxed);
+            tokio::time::sleep(self.latency).await;
+            items.iter().map(|_| Ok(StepResult::next())).collect()
+        })
+    }
 }
 
 impl Step for SlowStep {
@@ -165,16 +201,12 @@ impl Step for SlowStep {
         input: &'a StepInput,
     ) -> BoxFuture<'a, Result<StepResult, AdapterError>> {
         Box::pin(async move {
-            if self.observe {
-                self.calls.observed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.calls
-                    .first_call
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(input.resource.id)
-                    .or_insert_with(Instant::now);
-            }
+            self.calls
+                .first_call
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(input.resource.id)
+                .or_insert_with(Instant::now);
             tokio::time::sleep(self.latency).await;
             Ok(StepResult::next())
         })
@@ -186,15 +218,20 @@ impl Step for SlowStep {
 struct ScalePlugin {
     latency: Duration,
     calls: Arc<Calls>,
+    observe_batch: usize,
 }
 
-fn kind() -> ResourceKind {
+fn kind(observe_batch: usize) -> ResourceKind {
     ResourceKind::new(KIND, "items")
         .describe("A resource of `setpoint bench scale`: its adapter answers after a set time")
         .create([StepDecl::new("apply", "bench.item.create")])
         .update([StepDecl::new("apply", "bench.item.update")])
         .delete([StepDecl::new("delete", "bench.item.delete")])
-        .observe(StepDecl::new("observe", "bench.item.observe").beside("DriftChecked"))
+        .observe(
+            StepDecl::new("observe", "bench.item.observe")
+                .beside("DriftChecked")
+                .batched(observe_batch),
+        )
 }
 
 impl Plugin for ScalePlugin {
@@ -207,18 +244,23 @@ impl Plugin for ScalePlugin {
     }
 
     fn register(&self, _services: &Services, r: &mut Registrar) -> Result<(), PluginError> {
-        r.kind(kind())?;
-        let step = |observe| {
+        r.kind(kind(self.observe_batch))?;
+        let step = || {
             Arc::new(SlowStep {
                 latency: self.latency,
                 calls: self.calls.clone(),
-                observe,
             })
         };
-        r.step("bench.item.create", step(false))?;
-        r.step("bench.item.update", step(false))?;
-        r.step("bench.item.delete", step(false))?;
-        r.step("bench.item.observe", step(true))?;
+        r.step("bench.item.create", step())?;
+        r.step("bench.item.update", step())?;
+        r.step("bench.item.delete", step())?;
+        r.batch_step(
+            "bench.item.observe",
+            Arc::new(SlowObserve {
+                latency: self.latency,
+                calls: self.calls.clone(),
+            }),
+        )?;
         Ok(())
     }
 }
@@ -299,6 +341,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         .plugin(ScalePlugin {
             latency: args.adapter_latency,
             calls: calls.clone(),
+            observe_batch: args.observe_batch.max(1),
         })
         .start(shutdown.clone())
         .await
@@ -320,6 +363,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
     let total = (f64::from(args.create_rate) * args.duration.as_secs_f64()).round() as u64;
     let every = Duration::from_secs_f64(1.0 / f64::from(args.create_rate.max(1)));
     let observed_before = calls.observed.load(Ordering::Relaxed);
+    let observe_calls_before = calls.observe_calls.load(Ordering::Relaxed);
     let window = Instant::now();
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -390,8 +434,15 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         s.await.map_err(|e| BenchError::Join(e.to_string()))?;
     }
     let window_secs = window.elapsed().as_secs_f64();
-    let drift_checks_per_sec =
-        (calls.observed.load(Ordering::Relaxed) - observed_before) as f64 / window_secs;
+    let checks_in_window = calls.observed.load(Ordering::Relaxed) - observed_before;
+    let drift_checks_per_sec = checks_in_window as f64 / window_secs;
+    let observe_calls_in_window =
+        calls.observe_calls.load(Ordering::Relaxed) - observe_calls_before;
+    let checks_per_observe_call = if observe_calls_in_window == 0 {
+        1.0
+    } else {
+        checks_in_window as f64 / observe_calls_in_window as f64
+    };
     let accepted = std::mem::take(&mut *accepted.lock().unwrap_or_else(PoisonError::into_inner));
 
     say("waiting for every create to be READY");
@@ -457,7 +508,8 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         create_to_ready: Spread::of(ready),
         drift_checks_per_sec,
         drift_checks_needed_per_sec: args.resources as f64 / args.drift_interval.as_secs_f64(),
-        adapter_calls_per_sweep: args.resources,
+        adapter_calls_per_sweep: (args.resources as f64 / checks_per_observe_call).ceil() as usize,
+        checks_per_observe_call,
         sizes,
     })
 }
@@ -487,8 +539,11 @@ pub fn print(r: &ScaleReport) {
     spread("commit -> first adapter call", &r.commit_to_first_call);
     spread("create -> READY", &r.create_to_ready);
     println!(
-        "  drift checks               {:.1}/s (the interval needs {:.1}/s); {} adapter calls per sweep",
-        r.drift_checks_per_sec, r.drift_checks_needed_per_sec, r.adapter_calls_per_sweep
+        "  drift checks               {:.1}/s (the interval needs {:.1}/s); {} adapter calls per sweep ({:.1} checks per call)",
+        r.drift_checks_per_sec,
+        r.drift_checks_needed_per_sec,
+        r.adapter_calls_per_sweep,
+        r.checks_per_observe_call
     );
     println!("  table            rows (est.)     heap MB   indexes MB");
     for s in &r.sizes {

@@ -41,7 +41,7 @@ use crate::kinds::drift::{DriftConfig, DriftScheduler};
 use crate::kinds::{Chains, KindCatalog, SecretBox, StepHandler};
 use crate::maintenance::retention::{Retention, RetentionConfig, RetentionError};
 use crate::plugin::{
-    ConfigContext, HealthCheck, Plugin, PluginError, Registrar, Services, TaskContext,
+    ConfigContext, HealthCheck, Plugin, PluginError, Registrar, Services, StepImpl, TaskContext,
 };
 use crate::worker::builtin::{Noop, Probe};
 use crate::worker::{Registry, Runtime, WorkerConfig, default_worker_id};
@@ -65,6 +65,9 @@ pub enum EngineError {
     /// A chain names a step nobody registered.
     #[error("{0}")]
     MissingStep(String),
+    /// A step is registered as a batch step and declared as one that is not, or the reverse.
+    #[error("{0}")]
+    StepMismatch(String),
     /// A kind keeps secret outputs and no key is configured.
     #[error(
         "resource kind {0} keeps secret outputs (sealed at rest), and no key is configured: set \
@@ -275,14 +278,37 @@ impl EngineBuilder {
         for (_, handler) in std::mem::take(&mut registrar.handlers) {
             registry.register_arc(handler)?;
         }
-        for (_, work_kind, step) in std::mem::take(&mut registrar.steps) {
-            if catalog.position(&work_kind).is_none() {
+        for (plugin, work_kind, step) in std::mem::take(&mut registrar.steps) {
+            let decl = catalog.position(&work_kind).and_then(|p| catalog.step(p));
+            if decl.is_none() {
                 tracing::warn!(
                     work_kind,
                     "a step is registered that no declared chain names"
                 );
             }
-            registry.register(StepHandler::new(work_kind, step, chains.clone()))?;
+            let batch = decl.and_then(|d| d.batch);
+            match (&step, batch) {
+                (StepImpl::One(_), Some(_)) => {
+                    return Err(EngineError::StepMismatch(format!(
+                        "step work kind {work_kind:?} is declared batched, and plugin {plugin} \
+                         registers a step that runs one unit at a time: register it with \
+                         Registrar::batch_step"
+                    )));
+                }
+                (StepImpl::Batch(_), None) if decl.is_some() => {
+                    return Err(EngineError::StepMismatch(format!(
+                        "plugin {plugin} registers a batch step for {work_kind:?}, which its kind \
+                         does not declare batched (StepDecl::batched)"
+                    )));
+                }
+                _ => {}
+            }
+            registry.register(StepHandler::new(
+                work_kind,
+                step,
+                batch.unwrap_or(1),
+                chains.clone(),
+            ))?;
         }
         let worker = WorkerConfig {
             worker_id: Some(worker_id.clone()),

@@ -303,6 +303,13 @@ impl KindCatalog {
                         step.name
                     )));
                 }
+                if step.batch.is_some() && chain != "observe" {
+                    return Err(invalid(format!(
+                        "in chain {chain:?}, step {:?} batches: only the observe step may \
+                         (a batch runs under no single unit's fence, so it must change nothing)",
+                        step.name
+                    )));
+                }
                 if step.output == "conditions" {
                     return Err(invalid(
                         "no step output may be called \"conditions\" (the engine keeps the \
@@ -481,6 +488,20 @@ mod tests {
                 .to_string()
                 .contains("not a valid JSON Schema")
         );
+        let batched_create = ResourceKind::new("a.d", "ds")
+            .create([StepDecl::new("n", "a.d.n").batched(10)])
+            .delete([StepDecl::new("d", "a.d.d")]);
+        assert!(
+            c.add(batched_create)
+                .unwrap_err()
+                .to_string()
+                .contains("only the observe step may")
+        );
+        let batched_observe = ResourceKind::new("a.e", "es")
+            .create([StepDecl::new("n", "a.e.n")])
+            .delete([StepDecl::new("d", "a.e.d")])
+            .observe(StepDecl::new("o", "a.e.o").batched(10));
+        c.add(batched_observe).unwrap();
     }
 
     #[test]

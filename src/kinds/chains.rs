@@ -25,9 +25,11 @@ use setpoint_adapter::{
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::batch::Batcher;
 use super::catalog::{KindCatalog, Position};
 use super::conditions::{self, ConditionStatus, READY};
 use super::secrets::SecretBox;
+use crate::plugin::StepImpl;
 use crate::store::StoreError;
 use crate::store::instances::{
     instance_mark_active, instance_merge_observed, instances_clear_active_work, resource_for_step,
@@ -118,19 +120,36 @@ impl Chains {
     }
 }
 
-/// Runs a [`Step`] as the handler of the work kind it was registered under.
+/// How a [`StepHandler`] runs its step.
+enum Runner {
+    One(Arc<dyn Step>),
+    Batch(Arc<Batcher>),
+}
+
+/// Runs a step as the handler of the work kind it was registered under.
 pub struct StepHandler {
     work_kind: String,
-    step: Arc<dyn Step>,
+    runner: Runner,
     chains: Arc<Chains>,
 }
 
 impl StepHandler {
-    /// `step`, run for units of `work_kind`.
-    pub fn new(work_kind: impl Into<String>, step: Arc<dyn Step>, chains: Arc<Chains>) -> Self {
+    /// `step`, run for units of `work_kind`; a batch step takes at most `batch_max` items per
+    /// call.
+    pub fn new(
+        work_kind: impl Into<String>,
+        step: StepImpl,
+        batch_max: usize,
+        chains: Arc<Chains>,
+    ) -> Self {
+        let work_kind = work_kind.into();
+        let runner = match step {
+            StepImpl::One(s) => Runner::One(s),
+            StepImpl::Batch(s) => Runner::Batch(Batcher::new(work_kind.clone(), s, batch_max)),
+        };
         Self {
-            work_kind: work_kind.into(),
-            step,
+            work_kind,
+            runner,
             chains,
         }
     }
@@ -252,7 +271,10 @@ impl Handler for StepHandler {
             };
             tracing::debug!(work_id = ctx.work_id, token = %ctx.token, resource = %input.resource.id,
                 chain = %input.chain, step = %input.step, "running a chain step");
-            let result = self.step.run(ctx, &input).await?;
+            let result = match &self.runner {
+                Runner::One(step) => step.run(ctx, &input).await?,
+                Runner::Batch(batcher) => batcher.run(ctx, &input).await?,
+            };
             Ok(Outcome {
                 step: Some(result),
                 ..Outcome::default()

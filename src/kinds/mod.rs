@@ -7,12 +7,14 @@
 //! [`secrets::SecretBox`]) and its conditions ([`conditions`]).
 //!
 //! # Layout
+//! - [`batch`]: units of a batch step that run together share one call to the peer.
 //! - [`catalog`]: declared kinds, spec validation against their JSON Schema, step positions.
 //! - [`chains`]: the chain runner (a handler per step, the hooks that record and continue).
 //! - [`conditions`]: Kubernetes-style conditions on a resource.
 //! - [`drift`]: each resource's drift check, once per interval across all engines.
 //! - [`secrets`]: sealing secret outputs at rest.
 
+pub mod batch;
 pub mod catalog;
 pub mod chains;
 pub mod conditions;

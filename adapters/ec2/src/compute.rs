@@ -22,7 +22,7 @@
 //!
 //! `list_managed_machines` pages through the live instances tagged [`TAG_MANAGED`]`=true`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -64,6 +64,9 @@ pub const FAILPOINT_AFTER_RUN: &str = "ec2.after-run-instances";
 
 /// States in which an instance still exists (what `ensure` adopts).
 const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+/// EC2 takes at most 200 values per filter: a batched describe asks for this many at a time.
+const VALUES_PER_FILTER: usize = 200;
 
 /// Keeps this much of the deadline free when polling, for the last call to return.
 const POLL_MARGIN: Duration = Duration::from_millis(500);
@@ -168,12 +171,7 @@ impl Ec2Compute {
                 Vec::new(),
             )
             .await?;
-        found.sort_by_key(|i| {
-            (
-                i.launch_time().map(|t| (t.secs(), t.subsec_nanos())),
-                i.instance_id().map(str::to_owned),
-            )
-        });
+        oldest_first(&mut found);
         Ok(found)
     }
 
@@ -263,6 +261,137 @@ impl Ec2Compute {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// For each token, what [`Self::observe_by_token`] answers for it alone, with one
+    /// `DescribeInstances` per [`VALUES_PER_FILTER`] tokens (and per page) and one
+    /// `DescribeVolumes` and `DescribeVolumesModifications` per as many data volumes, instead
+    /// of up to three calls per token.
+    async fn observe_by_tokens(
+        &self,
+        tokens: &[IdempotencyToken],
+    ) -> Result<Vec<Option<InstanceObservation>>, AdapterError> {
+        let mut by_token: HashMap<String, Vec<Instance>> = HashMap::new();
+        for chunk in tokens.chunks(VALUES_PER_FILTER) {
+            let found = self
+                .describe(
+                    vec![
+                        filter_values(
+                            &format!("tag:{TAG_TOKEN}"),
+                            chunk.iter().map(|t| t.as_str().to_owned()).collect(),
+                        ),
+                        filter(&format!("tag:{TAG_MANAGED}"), ["true"]),
+                        filter("instance-state-name", LIVE_STATES),
+                    ],
+                    Vec::new(),
+                )
+                .await?;
+            for i in found {
+                if let Some(t) = tag_value(&i, TAG_TOKEN) {
+                    by_token.entry(t.to_owned()).or_default().push(i);
+                }
+            }
+        }
+        let device = &self.config.data_volume.device_name;
+        let adopted: Vec<Option<Instance>> = tokens
+            .iter()
+            .map(|t| {
+                // Not removed: a token may be asked for twice.
+                let mut found = by_token.get(t.as_str()).cloned().unwrap_or_default();
+                oldest_first(&mut found);
+                if found.len() > 1 {
+                    warn!(token = %t, count = found.len(),
+                        "more than one live instance carries this token; observing the oldest");
+                }
+                found.into_iter().next()
+            })
+            .collect();
+        let volume_ids: Vec<String> = adopted
+            .iter()
+            .flatten()
+            .filter_map(|i| data_volume_id(i, device))
+            .collect();
+        let volumes = self.data_volumes(&volume_ids).await?;
+        Ok(adopted
+            .iter()
+            .map(|found| {
+                let i = found.as_ref()?;
+                let mut obs = observation(i, true)?;
+                if let Some(id) = data_volume_id(i, device) {
+                    obs.data_volume = volumes.get(&id).cloned();
+                }
+                Some(obs)
+            })
+            .collect())
+    }
+
+    /// The volumes of `ids` that EC2 knows, with their latest modification, by id.
+    async fn data_volumes(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, DataVolume>, AdapterError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(VALUES_PER_FILTER) {
+            let mut next: Option<String> = None;
+            let mut sizes: Vec<(String, u32)> = Vec::new();
+            loop {
+                let page = self
+                    .client
+                    .describe_volumes()
+                    .filters(filter_values("volume-id", chunk.to_vec()))
+                    .set_next_token(next.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeVolumes", &e))?;
+                sizes.extend(
+                    page.volumes()
+                        .iter()
+                        .filter_map(|v| Some((v.volume_id()?.to_owned(), gib(v.size())))),
+                );
+                match page.next_token() {
+                    Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                    _ => break,
+                }
+            }
+            let mut modifications: HashMap<String, Vec<Ec2Modification>> = HashMap::new();
+            let mut next: Option<String> = None;
+            loop {
+                let page = self
+                    .client
+                    .describe_volumes_modifications()
+                    .filters(filter_values("volume-id", chunk.to_vec()))
+                    .set_next_token(next.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeVolumesModifications", &e))?;
+                for m in page.volumes_modifications() {
+                    if let Some(id) = m.volume_id() {
+                        modifications
+                            .entry(id.to_owned())
+                            .or_default()
+                            .push(m.clone());
+                    }
+                }
+                match page.next_token() {
+                    Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                    _ => break,
+                }
+            }
+            for (volume_id, size_gb) in sizes {
+                let modification = modifications
+                    .get(&volume_id)
+                    .and_then(|m| latest_modification(m));
+                out.insert(
+                    volume_id.clone(),
+                    DataVolume {
+                        volume_id,
+                        size_gb,
+                        modification,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Image, instance type and subnet for a launch, from the request, its plan and defaults.
@@ -797,6 +926,14 @@ impl Compute for Ec2Compute {
         Box::pin(self.observe_by_token(token).instrument(span))
     }
 
+    fn describe_instances<'a>(
+        &'a self,
+        tokens: &'a [IdempotencyToken],
+    ) -> BoxFuture<'a, Result<Vec<Option<InstanceObservation>>, AdapterError>> {
+        let span = info_span!("ec2.describe_instances", tokens = tokens.len());
+        Box::pin(self.observe_by_tokens(tokens).instrument(span))
+    }
+
     fn resize_instance<'a>(
         &'a self,
         token: &'a IdempotencyToken,
@@ -965,6 +1102,24 @@ fn filter<const N: usize>(name: &str, values: [&str; N]) -> Filter {
         .name(name)
         .set_values(Some(values.iter().map(|v| (*v).to_owned()).collect()))
         .build()
+}
+
+fn filter_values(name: &str, values: Vec<String>) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values))
+        .build()
+}
+
+/// Orders instances oldest first (by launch time, then id): the order every attempt adopts
+/// from, so that all pick the same one.
+fn oldest_first(found: &mut [Instance]) {
+    found.sort_by_key(|i| {
+        (
+            i.launch_time().map(|t| (t.secs(), t.subsec_nanos())),
+            i.instance_id().map(str::to_owned),
+        )
+    });
 }
 
 fn tag(key: &str, value: &str) -> Tag {

@@ -287,3 +287,66 @@ async fn the_data_volume_settings_come_from_the_config() {
     assert_eq!(v.volume_type(), Some(&VolumeType::Gp2));
     assert_eq!(v.attachments()[0].device(), Some("/dev/sdh"));
 }
+
+#[tokio::test]
+async fn a_batched_describe_answers_each_token_as_a_describe_of_its_own() {
+    let ec2 = ec2().await;
+    let (plain, _, _) = launch(&ec2, Some(10)).await;
+    let (grown, req, _) = launch(&ec2, Some(10)).await;
+    ec2.resize_instance(
+        &grown,
+        &resize_to(&req, Some(20)),
+        deadline(),
+        &Fence::unbounded(),
+    )
+    .await
+    .unwrap();
+    let (bare, _, _) = launch(&ec2, None).await;
+    let (gone, gone_req, gone_obs) = launch(&ec2, Some(5)).await;
+    ec2.terminate_instance(
+        &gone,
+        &TerminateRequest {
+            instance_id: Some(gone_obs.instance_id.clone()),
+            resource_id: Some(gone_req.resource_id),
+            launch_token: Some(gone.clone()),
+        },
+        &Fence::unbounded(),
+    )
+    .await
+    .unwrap();
+    let unknown = IdempotencyToken::generate();
+
+    // Twice the same token, and more tokens than one filter takes, in any order.
+    let mut tokens = vec![
+        grown.clone(),
+        unknown.clone(),
+        plain.clone(),
+        bare.clone(),
+        gone.clone(),
+        grown.clone(),
+    ];
+    tokens.extend((0..250).map(|_| IdempotencyToken::generate()));
+    let batch = ec2.describe_instances(&tokens).await.unwrap();
+    assert_eq!(batch.len(), tokens.len());
+    for (token, seen) in tokens.iter().zip(&batch).take(6) {
+        assert_eq!(
+            seen,
+            &ec2.describe_instance(token).await.unwrap(),
+            "{token}"
+        );
+    }
+    assert_eq!(
+        batch[0]
+            .as_ref()
+            .unwrap()
+            .data_volume
+            .as_ref()
+            .unwrap()
+            .effective_size_gb(),
+        20
+    );
+    assert!(batch[2].as_ref().unwrap().data_volume.is_some());
+    assert!(batch[3].as_ref().unwrap().data_volume.is_none());
+    assert!(batch[1].is_none() && batch[4].is_none());
+    assert!(batch[6..].iter().all(Option::is_none));
+}

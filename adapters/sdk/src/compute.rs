@@ -389,6 +389,27 @@ pub trait Compute: Send + Sync + 'static {
         token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>>;
 
+    /// [`Compute::describe_instance`] for many launch tokens at once: one answer per token, in
+    /// the order of `tokens`, each what `describe_instance` would answer for it alone. A
+    /// provider that can describe many machines in one call (EC2: a filter on the token tag)
+    /// overrides it so that a drift round costs one call per page instead of one per machine;
+    /// the default asks one token at a time.
+    ///
+    /// # Errors
+    /// As [`Compute::describe_instance`]; an error answers for every token.
+    fn describe_instances<'a>(
+        &'a self,
+        tokens: &'a [IdempotencyToken],
+    ) -> BoxFuture<'a, Result<Vec<Option<InstanceObservation>>, AdapterError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(tokens.len());
+            for token in tokens {
+                out.push(self.describe_instance(token).await?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Gives the machine launched with `token` the size `request` asks for, grows its data
     /// volume to `request.data_volume_gb` when that is larger, and leaves the machine running.
     ///
@@ -481,6 +502,13 @@ impl<C: Compute + ?Sized> Compute for Arc<C> {
         token: &'a IdempotencyToken,
     ) -> BoxFuture<'a, Result<Option<InstanceObservation>, AdapterError>> {
         (**self).describe_instance(token)
+    }
+
+    fn describe_instances<'a>(
+        &'a self,
+        tokens: &'a [IdempotencyToken],
+    ) -> BoxFuture<'a, Result<Vec<Option<InstanceObservation>>, AdapterError>> {
+        (**self).describe_instances(tokens)
     }
 
     fn resize_instance<'a>(

@@ -65,6 +65,9 @@ pub struct StepDecl {
     /// resource when the step is parked (`Unknown`) or cancelled (`False`); the step sets it
     /// itself when it succeeds.
     pub condition: Option<String>,
+    /// For a step that batches (see [`crate::step::BatchStep`]): the most items one call takes.
+    /// Only an observe step may batch.
+    pub batch: Option<usize>,
 }
 
 impl StepDecl {
@@ -78,12 +81,20 @@ impl StepDecl {
             work_kind: work_kind.into(),
             beside: false,
             condition: None,
+            batch: None,
         }
     }
 
     /// Keeps the step's output under `output` instead of its name.
     pub fn output(mut self, output: impl Into<String>) -> Self {
         self.output = output.into();
+        self
+    }
+
+    /// Makes the step a batch step taking at most `max` items per call (see
+    /// [`crate::step::BatchStep`]; at least 1).
+    pub fn batched(mut self, max: usize) -> Self {
+        self.batch = Some(max.max(1));
         self
     }
 

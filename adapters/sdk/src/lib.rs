@@ -85,6 +85,7 @@ pub use journal::{Begun, Entry, Journal, MemoryJournal};
 pub use kind::{ResourceKind, StepDecl};
 pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};
 pub use step::{
-    ConditionStatus, ConditionUpdate, ResourceRef, Secrets, Step, StepInput, StepResult, Then,
+    BatchStep, ConditionStatus, ConditionUpdate, ResourceRef, Secrets, Step, StepInput, StepResult,
+    Then,
 };
 pub use token::{IdempotencyToken, MAX_TOKEN_LEN, TokenError};

@@ -212,6 +212,29 @@ pub trait Step: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<StepResult, AdapterError>>;
 }
 
+/// Runs one step for many resources with one call to its peer: a drift check that observes
+/// every machine of a region with one describe instead of one describe per machine. A kind
+/// declares such a step with [`crate::kind::StepDecl::batched`] and a plugin registers it with
+/// the engine as a batch step.
+///
+/// The engine gathers the units of the step that run at the same moment (a drift round claims
+/// many at once), grouped by [`BatchStep::batch_key`], into calls of at most the declared
+/// number of items, and records each item's result for its own unit as if the step had run for
+/// it alone: its output, conditions, next chain, or its error (retried or parked like any
+/// other). Meant for steps that change nothing (observation): a batch runs on behalf of every
+/// unit in it, under no single unit's fence.
+pub trait BatchStep: Send + Sync + 'static {
+    /// Items with the same key may share a call (the region, the account, the endpoint).
+    fn batch_key(&self, input: &StepInput) -> String;
+
+    /// Runs the step for every item: one result per item, in the order of `items`. An item's
+    /// [`WorkContext`] is its own unit's (token, attempt, recorded calls).
+    fn run_batch<'a>(
+        &'a self,
+        items: &'a [(WorkContext, StepInput)],
+    ) -> BoxFuture<'a, Vec<Result<StepResult, AdapterError>>>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

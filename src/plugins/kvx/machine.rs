@@ -1,16 +1,17 @@
 //! The machine steps of the KVX kind: launch (create, heal), resize (update), terminate
 //! (delete), and the drift check (observe).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, CODE_NO_DATA_VOLUME, ConditionStatus,
-    DataVolume, IdempotencyToken, InstanceObservation, InstanceRequest, InstanceState,
-    ListMachinesRequest, ResizeRequest, Step, StepInput, StepResult, TerminateRequest, Then,
-    WorkContext,
+    AdapterError, BatchStep, BoxFuture, CODE_MACHINE_NOT_FOUND, CODE_NO_DATA_VOLUME, Compute,
+    ConditionStatus, DataVolume, IdempotencyToken, InstanceObservation, InstanceRequest,
+    InstanceState, ListMachinesRequest, ResizeRequest, Step, StepInput, StepResult,
+    TerminateRequest, Then, WorkContext,
 };
 
 use super::{DriftAction, Kvx, KvxSpec, MACHINE_AVAILABLE, READY, call};
@@ -541,6 +542,18 @@ impl MachineStep {
             compute.describe_instance(&token),
         )
         .await?;
+        Ok(self.observed(ctx, input, machine, region, seen))
+    }
+
+    /// What a drift check records for `machine` (in `region`) given what the provider `seen`.
+    fn observed(
+        &self,
+        ctx: &WorkContext,
+        input: &StepInput,
+        machine: Machine,
+        region: String,
+        seen: Option<InstanceObservation>,
+    ) -> StepResult {
         match seen {
             Some(seen) if !seen.state.is_gone() => {
                 let state = seen.state;
@@ -549,7 +562,7 @@ impl MachineStep {
                     region: Some(region),
                     ..machine.seen(seen)
                 };
-                Ok(StepResult::next().output(json!(machine)).condition(
+                StepResult::next().output(json!(machine)).condition(
                     MACHINE_AVAILABLE,
                     if available {
                         ConditionStatus::True
@@ -562,7 +575,7 @@ impl MachineStep {
                         "MachineNotRunning"
                     },
                     format!("machine {} is {state}", machine.instance_id),
-                ))
+                )
             }
             _ => {
                 tracing::warn!(work_id = ctx.work_id, token = %ctx.token, resource = %input.resource.id,
@@ -582,7 +595,7 @@ impl MachineStep {
                         machine.instance_id
                     ),
                 );
-                Ok(match self.kvx.config.drift {
+                match self.kvx.config.drift {
                     DriftAction::Heal => result
                         .condition(
                             READY,
@@ -598,9 +611,126 @@ impl MachineStep {
                         "the machine is gone; delete the instance, or run the engine with drift \
                          action `heal` to replace it",
                     ),
-                })
+                }
             }
         }
+    }
+}
+
+/// The KVX drift check in batches: the checks of one region that run together are observed
+/// with one [`Compute::describe_instances`] (EC2: one `DescribeInstances` per 200 machines),
+/// and each records what a check of its own would have.
+pub(super) struct ObserveBatch {
+    pub step: MachineStep,
+}
+
+/// A check's machine, its region and launch token, once read from its input.
+struct Observed {
+    machine: Machine,
+    region: String,
+    token: IdempotencyToken,
+}
+
+impl ObserveBatch {
+    /// What one item needs before the shared call: `None` for an instance with no machine
+    /// recorded (nothing to observe).
+    async fn prepare(
+        &self,
+        ctx: &WorkContext,
+        input: &StepInput,
+    ) -> Result<Option<Observed>, AdapterError> {
+        let spec: KvxSpec = input.spec()?;
+        let machine: Option<Machine> = input.output("machine");
+        let Some(machine) = machine.filter(|m| !m.instance_id.is_empty()) else {
+            return Ok(None);
+        };
+        let region = self.step.region_of(ctx, &spec, Some(&machine)).await?;
+        let token = machine.token()?;
+        Ok(Some(Observed {
+            machine,
+            region,
+            token,
+        }))
+    }
+}
+
+impl BatchStep for ObserveBatch {
+    fn batch_key(&self, input: &StepInput) -> String {
+        // The recorded region, else the spec's; a machine of the previous release whose region
+        // is not recorded is looked for in `prepare`, and grouped by what that finds.
+        input
+            .output::<Machine>("machine")
+            .and_then(|m| m.region)
+            .or_else(|| input.spec.get("region")?.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    fn run_batch<'a>(
+        &'a self,
+        items: &'a [(WorkContext, StepInput)],
+    ) -> BoxFuture<'a, Vec<Result<StepResult, AdapterError>>> {
+        Box::pin(async move {
+            let mut results: Vec<Option<Result<StepResult, AdapterError>>> =
+                (0..items.len()).map(|_| None).collect();
+            let mut by_region: BTreeMap<String, Vec<(usize, Observed)>> = BTreeMap::new();
+            for (n, (ctx, input)) in items.iter().enumerate() {
+                match self.prepare(ctx, input).await {
+                    Ok(Some(o)) => by_region.entry(o.region.clone()).or_default().push((n, o)),
+                    Ok(None) => results[n] = Some(Ok(StepResult::next())),
+                    Err(e) => results[n] = Some(Err(e)),
+                }
+            }
+            for (region, group) in by_region {
+                let tokens: Vec<IdempotencyToken> =
+                    group.iter().map(|(_, o)| o.token.clone()).collect();
+                let seen = match self.step.kvx.compute(&region) {
+                    Ok(compute) => {
+                        // Listed in every unit's history: each check made this call.
+                        for (n, o) in &group {
+                            items[*n].0.record_call(format!(
+                                "compute:describe_instances token={} batch={}",
+                                o.token,
+                                tokens.len()
+                            ));
+                        }
+                        crate::metrics::adapter_call(
+                            "compute",
+                            "describe_instances",
+                            compute.describe_instances(&tokens),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match seen {
+                    Ok(seen) if seen.len() == group.len() => {
+                        for ((n, o), seen) in group.into_iter().zip(seen) {
+                            let (ctx, input) = &items[n];
+                            results[n] = Some(Ok(self
+                                .step
+                                .observed(ctx, input, o.machine, o.region, seen)));
+                        }
+                    }
+                    Ok(_) => {
+                        for (n, _) in group {
+                            results[n] = Some(Err(AdapterError::transient(
+                                "the provider answered a different number of machines than \
+                                 it was asked for",
+                            )));
+                        }
+                    }
+                    Err(e) => {
+                        for (n, _) in group {
+                            results[n] = Some(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(AdapterError::transient("item left unanswered"))))
+                .collect()
+        })
     }
 }
 

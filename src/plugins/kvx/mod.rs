@@ -237,9 +237,11 @@ pub fn kind() -> ResourceKind {
                 .beside(NOTIFIED),
         ])
         .observe(
+            // One DescribeInstances filter takes 200 launch tokens.
             StepDecl::new("observe", "kvx.observe")
                 .output("machine")
-                .beside(DRIFT_CHECKED),
+                .beside(DRIFT_CHECKED)
+                .batched(200),
         )
         .chain(
             "heal",
@@ -349,7 +351,7 @@ impl Plugin for KvxPlugin {
         }
         r.kind(kind())?;
         use cluster::{ApplyCluster, ApplyMode, DeleteCluster, Mail, Notify};
-        use machine::{MachineStep, Mode};
+        use machine::{MachineStep, Mode, ObserveBatch};
         let machine = |mode| {
             Arc::new(MachineStep {
                 kvx: kvx.clone(),
@@ -380,7 +382,15 @@ impl Plugin for KvxPlugin {
         )?;
         r.step("kvx.delete.ec2", machine(Mode::Delete))?;
         r.step("kvx.delete.notify", notify(Mail::Deleted))?;
-        r.step("kvx.observe", machine(Mode::Observe))?;
+        r.batch_step(
+            "kvx.observe",
+            Arc::new(ObserveBatch {
+                step: MachineStep {
+                    kvx: kvx.clone(),
+                    mode: Mode::Observe,
+                },
+            }),
+        )?;
         r.step("kvx.heal.ec2", machine(Mode::Heal))?;
         r.step("kvx.heal.k8s", apply(ApplyMode::Heal))?;
         r.step("kvx.rotate.k8s", apply(ApplyMode::Rotate))?;
