@@ -104,24 +104,70 @@ impl CompletionStore for PgCompletions {
 }
 
 /// Runs until `rx` closes, committing what arrives in batches of at most `max_batch`.
+///
+/// Batches are formed in lane order, as claims are: of the completions waiting, a user's
+/// changes go first, then drift checks, then bulk work, each lane in arrival order. Without
+/// it a create's completion waited behind every drift check that finished before it, and a
+/// READY that the claim had put first came after a whole drift round.
 pub async fn run(
     store: impl CompletionStore,
     inflight: InFlight,
     mut rx: mpsc::Receiver<Finished>,
     max_batch: usize,
 ) {
+    let mut waiting = Waiting::default();
     let mut batch: Vec<Finished> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(f) => waiting.push(f),
+                None => return,
             }
         }
+        // Everything that finished meanwhile (bounded by the channel's capacity).
+        while let Ok(f) = rx.try_recv() {
+            waiting.push(f);
+        }
+        waiting.take(max_batch, &mut batch);
         commit_with_retry(&store, &inflight, &mut batch).await;
         for f in batch.drain(..) {
             inflight.remove((f.id, f.attempt));
+        }
+    }
+}
+
+/// Completions waiting for a batch, one queue per lane.
+#[derive(Default)]
+struct Waiting {
+    lanes: [std::collections::VecDeque<Finished>; 3],
+}
+
+impl Waiting {
+    fn lane(lane: Lane) -> usize {
+        match lane {
+            Lane::Change => 0,
+            Lane::Drift => 1,
+            Lane::Bulk => 2,
+        }
+    }
+
+    fn push(&mut self, f: Finished) {
+        self.lanes[Self::lane(f.lane)].push_back(f);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.iter().all(std::collections::VecDeque::is_empty)
+    }
+
+    /// Moves up to `max` completions into `batch`, the first lanes first.
+    fn take(&mut self, max: usize, batch: &mut Vec<Finished>) {
+        for lane in &mut self.lanes {
+            while batch.len() < max {
+                match lane.pop_front() {
+                    Some(f) => batch.push(f),
+                    None => break,
+                }
+            }
         }
     }
 }
@@ -410,6 +456,31 @@ mod tests {
         assert!(batch.is_empty());
         assert!(store.commits.lock().expect("lock").is_empty());
         assert_eq!(*store.discarded.lock().expect("lock"), vec![(1, 1)]);
+    }
+
+    /// A user's change finished after a drift round is committed in the first batch.
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_formed_in_lane_order() {
+        let held = || Fence::until(Instant::now() + Duration::from_secs(30));
+        let store = Flaky::default();
+        let (tx, rx) = mpsc::channel(100);
+        for id in 1..=5 {
+            let mut f = finished(id, 1, held());
+            f.lane = if id == 5 {
+                Lane::Change
+            } else if id == 1 {
+                Lane::Bulk
+            } else {
+                Lane::Drift
+            };
+            tx.send(f).await.expect("send");
+        }
+        drop(tx);
+        run(store.clone(), InFlight::default(), rx, 2).await;
+        assert_eq!(
+            *store.commits.lock().expect("lock"),
+            vec![vec![(5, 1), (2, 1)], vec![(3, 1), (4, 1)], vec![(1, 1)]]
+        );
     }
 
     /// Defect 4: a batch holding a stale and a live attempt of one unit kept the first it saw.
