@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod budgets;
 pub mod cli;
 pub mod client;
 pub mod config;

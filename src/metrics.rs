@@ -206,6 +206,35 @@ pub fn orphans_terminated(region: &str, n: u64) {
         .increment(n);
 }
 
+/// A token of budget `key` was taken: from this engine's reserve, or `granted` by the table.
+pub fn budget_take(key: &str, from: &'static str) {
+    metrics::counter!("setpoint_budget_takes_total", "key" => key.to_owned(), "from" => from)
+        .increment(1);
+}
+
+/// A unit found no token of budget `key` and waits.
+pub fn budget_wait(key: &str) {
+    metrics::counter!("setpoint_budget_waits_total", "key" => key.to_owned()).increment(1);
+}
+
+/// A unit in the middle of a step waited for its next token of budget `key` in place.
+pub fn budget_wait_in_place(key: &str) {
+    metrics::counter!("setpoint_budget_waits_in_place_total", "key" => key.to_owned()).increment(1);
+}
+
+/// The peer throttled a call of budget `key`.
+pub fn budget_throttle(key: &str) {
+    metrics::counter!("setpoint_budget_throttles_total", "key" => key.to_owned()).increment(1);
+}
+
+/// Budget `key` as the last statement of this engine left it: its current rate, its tokens
+/// (negative: the debt after a throttle) and its configured rate.
+pub fn budget_state(key: &str, rate: f64, tokens: f64, max_rate: f64) {
+    metrics::gauge!("setpoint_budget_rate", "key" => key.to_owned()).set(rate);
+    metrics::gauge!("setpoint_budget_tokens", "key" => key.to_owned()).set(tokens);
+    metrics::gauge!("setpoint_budget_max_rate", "key" => key.to_owned()).set(max_rate);
+}
+
 /// Runs an adapter call, recording its latency and result class.
 pub async fn adapter_call<T>(
     adapter: &'static str,

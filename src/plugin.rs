@@ -197,6 +197,13 @@ impl<'a> ConfigContext<'a> {
 /// timeouts set), for a plugin that keeps tables of its own: `services.get::<PgPool>(POOL)`.
 pub const POOL: &str = "setpoint.pool";
 
+/// The name under which [`Services`] holds the engine's request budgets (an
+/// `Arc<dyn setpoint_adapter::Budgets>`, shared by every engine through PostgreSQL; see
+/// docs/budgets.md), provided before any plugin's `provide`: an adapter draws its calls' tokens
+/// from it (`services.get::<dyn Budgets>(BUDGETS)`). Handlers find the same in
+/// `WorkContext::budgets`.
+pub const BUDGETS: &str = "setpoint.budgets";
+
 /// What plugins share: clients and settings by type and name (the EC2 plugin provides a
 /// `Compute` per region; the KVX kind uses them). The engine provides its database pool under
 /// [`POOL`] before any plugin's `provide`.

@@ -226,6 +226,9 @@ impl EngineBuilder {
         // The engine's own pool, for plugins that keep tables of their own (their migrations
         // have run by the time handlers run).
         services.provide::<PgPool>(crate::plugin::POOL, Arc::new(self.pool.clone()));
+        let budgets: Arc<dyn setpoint_adapter::Budgets> =
+            Arc::new(crate::budgets::PgBudgets::new(self.pool.clone()));
+        services.provide::<dyn setpoint_adapter::Budgets>(crate::plugin::BUDGETS, budgets.clone());
         for plugin in &mut self.plugins {
             plugin.provide(&mut services).await?;
         }
@@ -314,7 +317,9 @@ impl EngineBuilder {
             worker_id: Some(worker_id.clone()),
             ..self.worker.clone()
         };
-        let runtime = Runtime::new(self.pool.clone(), registry, worker)?.with_hooks(chains.clone());
+        let runtime = Runtime::new(self.pool.clone(), registry, worker)?
+            .with_hooks(chains.clone())
+            .with_budgets(budgets);
         let record = store::engines::EngineRecord {
             id: worker_id.clone(),
             version: VERSION.to_owned(),

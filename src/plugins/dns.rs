@@ -291,7 +291,7 @@ impl Plugin for DnsPlugin {
 
     fn provide<'a>(
         &'a mut self,
-        _services: &'a mut Services,
+        services: &'a mut Services,
     ) -> BoxFuture<'a, Result<(), PluginError>> {
         Box::pin(async move {
             let Some(config) = self.config.clone() else {
@@ -310,6 +310,12 @@ impl Plugin for DnsPlugin {
                     Route53Dns::from_client(client, config)
                 }
                 None => Route53Dns::connect(config).await.map_err(|e| fail(&e))?,
+            };
+            // Every engine on the database shares the changes' budget (docs/budgets.md).
+            let client = match services.get::<dyn setpoint_adapter::Budgets>(crate::plugin::BUDGETS)
+            {
+                Some(budgets) => client.with_budgets(budgets),
+                None => client,
             };
             self.dns = Some(Arc::new(Dns { client }));
             Ok(())

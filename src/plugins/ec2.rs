@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aws_sdk_ec2::config::Credentials;
-use setpoint_adapter::{BoxFuture, Compute};
+use setpoint_adapter::{BoxFuture, Budgets, Compute};
 use setpoint_ec2::{Ec2Compute, Ec2Config, Ec2Regions};
 
 use crate::config::{ConfigError, section_for};
@@ -253,6 +253,11 @@ impl Plugin for Ec2Plugin {
                         Ec2Compute::from_client(client, config)
                     }
                     None => Ec2Compute::connect(config).await.map_err(|e| fail(&e))?,
+                };
+                // Every engine on the database shares the calls' budgets (docs/budgets.md).
+                let compute = match services.get::<dyn Budgets>(crate::plugin::BUDGETS) {
+                    Some(budgets) => compute.with_budgets(budgets),
+                    None => compute,
                 };
                 let compute = Arc::new(compute);
                 services.provide::<dyn Compute>(region.clone(), compute.clone());

@@ -251,6 +251,12 @@ impl Plugin for EmailPlugin {
                 plugin: "email".into(),
                 message: e.to_string(),
             })?;
+            // Every engine on the database shares the relay's budget (docs/budgets.md).
+            let mailer = match services.get::<dyn setpoint_adapter::Budgets>(crate::plugin::BUDGETS)
+            {
+                Some(budgets) => mailer.with_budgets(budgets),
+                None => mailer,
+            };
             let mailer: Arc<dyn Mailer> = Arc::new(mailer);
             services.provide::<dyn Mailer>("default", mailer.clone());
             self.mailer = Some(mailer);

@@ -3,6 +3,7 @@
 //! choose what commits together.
 
 pub mod api_requests;
+pub mod budgets;
 pub mod create_batch;
 pub mod engines;
 pub mod events;

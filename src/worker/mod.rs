@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, CODE_LEASE_LOST, ErrorClass, Fence, IdempotencyToken, WorkContext,
+    AdapterError, Budgets, CODE_LEASE_LOST, ErrorClass, Fence, IdempotencyToken, Unlimited,
+    WorkContext,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -198,6 +199,7 @@ pub struct Runtime {
     control: PgPool,
     registry: Arc<Registry>,
     hooks: Hooks,
+    budgets: Arc<dyn Budgets>,
     config: WorkerConfig,
     worker_id: String,
     served: Vec<String>,
@@ -209,10 +211,14 @@ struct Shared {
     registry: Arc<Registry>,
     served: Vec<String>,
     hooks: Hooks,
+    budgets: Arc<dyn Budgets>,
     config: WorkerConfig,
     worker_id: String,
     inflight: InFlight,
     completions: mpsc::Sender<Finished>,
+    /// Wakes the fetch loop: a unit that waits for budget wakes it when it is due again,
+    /// so it is claimed at its slot rather than at the next poll.
+    wake: Arc<Notify>,
 }
 
 impl Runtime {
@@ -249,6 +255,7 @@ impl Runtime {
             control,
             registry: Arc::new(registry),
             hooks: Arc::new(NoHooks),
+            budgets: Arc::new(Unlimited),
             config,
             worker_id,
             served,
@@ -258,6 +265,13 @@ impl Runtime {
     /// Sets what the units' life cycle does to their resources (default: nothing).
     pub fn with_hooks(mut self, hooks: Hooks) -> Self {
         self.hooks = hooks;
+        self
+    }
+
+    /// Sets where handlers draw request budgets from (`WorkContext::budgets`; default:
+    /// unlimited).
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.budgets = budgets;
         self
     }
 
@@ -320,10 +334,12 @@ impl Runtime {
             registry: self.registry.clone(),
             served: self.served.clone(),
             hooks: self.hooks.clone(),
+            budgets: self.budgets.clone(),
             config: cfg.clone(),
             worker_id: self.worker_id.clone(),
             inflight: inflight.clone(),
             completions: tx,
+            wake: wake.clone(),
         });
         tracing::info!(worker = %self.worker_id, kinds = ?self.served, concurrency = cfg.concurrency, "worker started");
 
@@ -538,12 +554,14 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
             started + shared.config.max_runtime,
             journal,
         )
-        .with_fence(fence.clone());
+        .with_fence(fence.clone())
+        .with_budgets(shared.budgets.clone());
         if let Some(resource) = unit.resource_id {
             ctx = ctx.with_resource(resource, unit.tenant.clone());
         }
         tracing::debug!(rescued = unit.rescued, "running");
-        let run = AssertUnwindSafe(handler.handle(&ctx, &unit.spec)).catch_unwind();
+        let run = AssertUnwindSafe(crate::budgets::as_unit(unit.id, handler.handle(&ctx, &unit.spec)))
+            .catch_unwind();
         let result = tokio::select! {
             biased;
             _ = fence.lost() => None,
@@ -657,8 +675,12 @@ async fn fail(
 ) {
     let exhausted = unit.attempt >= unit.max_attempts;
     let (action, message) = match err.class {
-        ErrorClass::Transient if err.waiting => {
-            let delay = err.retry_after.unwrap_or(shared.config.backoff.base);
+        // A throttled call is not a failure either: the peer asked for less, the unit waits
+        // (its budget, when it has one, already chose when) and never parks for it.
+        ErrorClass::Transient if err.waiting || err.throttled => {
+            let delay = err
+                .retry_after
+                .unwrap_or_else(|| shared.config.backoff.delay(unit.attempt, None));
             (
                 FailureAction::Wait {
                     delay_ms: delay.as_millis() as i64,
@@ -712,7 +734,21 @@ async fn fail(
     // would be fenced off anyway, and another attempt redoes the unit.
     loop {
         match record_failure(shared, &unit.kind, &failure).await {
-            Ok(()) => break,
+            Ok(()) => {
+                if let FailureAction::Wait { delay_ms } = failure.action {
+                    // Claimed at its slot, not at the next poll: a budget hands out slots
+                    // a fraction of a second apart.
+                    let wake = shared.wake.clone();
+                    let due = Duration::from_millis(u64::try_from(delay_ms).unwrap_or(0));
+                    if due < shared.config.poll_interval * 10 {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(due).await;
+                            wake.notify_one();
+                        });
+                    }
+                }
+                break;
+            }
             Err(e) if fence.is_held() => {
                 tracing::warn!(error = %e, "recording the failure failed; retrying");
                 tokio::time::sleep(delay).await;

@@ -138,7 +138,8 @@ pub fn classify_code(
         | "TooManyRequestsException" => AdapterError::transient(format!(
             "{operation} was throttled by EC2 ({aws}); retrying later"
         ))
-        .with_retry_after(THROTTLE_RETRY_AFTER),
+        .with_retry_after(THROTTLE_RETRY_AFTER)
+        .throttling(),
         "InsufficientInstanceCapacity"
         | "InsufficientCapacity"
         | "InsufficientHostCapacity"
@@ -244,7 +245,8 @@ pub fn classify_code(
         _ if status == 429 => AdapterError::transient(format!(
             "{operation} was throttled (HTTP 429: {aws}); retrying later"
         ))
-        .with_retry_after(THROTTLE_RETRY_AFTER),
+        .with_retry_after(THROTTLE_RETRY_AFTER)
+        .throttling(),
         _ if (400..500).contains(&status) => AdapterError::permanent(format!(
             "{operation}: EC2 rejected the request with {code_str} (HTTP {status}: {aws}); the \
              same request will fail again, fix it and retry the unit"
@@ -377,7 +379,9 @@ mod tests {
             let e = check(&service(code, 503), ErrorClass::Transient);
             assert_eq!(e.code.as_deref(), Some(code));
             assert_eq!(e.retry_after, Some(THROTTLE_RETRY_AFTER));
+            assert!(e.throttled, "a budget lowers its rate on it");
         }
+        assert!(!check(&service("InternalError", 500), ErrorClass::Transient).throttled);
     }
 
     #[test]

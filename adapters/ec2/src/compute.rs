@@ -37,10 +37,11 @@ use aws_sdk_ec2::types::{
 };
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_MACHINE_NOT_FOUND, CODE_VOLUME_SHRINK, Compute, DataVolume,
-    ErrorClass, Fence, IdempotencyToken, InstanceObservation, InstanceRequest, InstanceState,
-    ListMachinesRequest, MachinePage, ManagedMachine, ResizeRequest, TerminateOutcome,
-    TerminateRequest, VolumeModification, VolumeModificationState,
+    AdapterError, BoxFuture, Budget, BudgetKey, Budgets, CODE_MACHINE_NOT_FOUND,
+    CODE_VOLUME_SHRINK, Compute, DataVolume, ErrorClass, Fence, IdempotencyToken,
+    InstanceObservation, InstanceRequest, InstanceState, Limit, ListMachinesRequest, MachinePage,
+    ManagedMachine, ResizeRequest, TerminateOutcome, TerminateRequest, Unlimited,
+    VolumeModification, VolumeModificationState,
 };
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
@@ -85,6 +86,39 @@ pub use setpoint_adapter::CODE_NO_DATA_VOLUME;
 pub struct Ec2Compute {
     client: Client,
     config: Arc<Ec2Config>,
+    budgets: Ec2Budgets,
+}
+
+/// The request budgets of one region's calls, one per class of EC2's request-rate buckets
+/// (see [`crate::config::Ec2BudgetsConfig`]).
+#[derive(Debug, Clone)]
+pub struct Ec2Budgets {
+    /// `RunInstances` (its own resource bucket).
+    pub run_instances: Budget,
+    /// Every other call that changes something (stop, start, modify, terminate).
+    pub mutating: Budget,
+    /// `Describe*` calls.
+    pub describe: Budget,
+}
+
+impl Ec2Budgets {
+    /// The budgets of `config`'s region and account (or endpoint), drawn from `budgets`.
+    pub fn new(budgets: Arc<dyn Budgets>, config: &Ec2Config) -> Self {
+        let c = &config.budgets;
+        let scope = c.scope_for(config.endpoint_url.as_deref());
+        let budget = |class: &str, limit: Limit| {
+            Budget::new(
+                budgets.clone(),
+                BudgetKey::new("ec2", scope.clone(), config.region.clone(), class),
+                limit,
+            )
+        };
+        Self {
+            run_instances: budget("run_instances", c.run_instances),
+            mutating: budget("mutating", c.mutating),
+            describe: budget("describe", c.describe),
+        }
+    }
 }
 
 /// How to wait for `running`: pauses start at `initial` and double up to `max`.
@@ -108,9 +142,22 @@ impl Ec2Compute {
     /// [`Ec2Config::client_with_credentials`]) with `config`'s launch settings.
     pub fn from_client(client: Client, config: Ec2Config) -> Self {
         Self {
+            budgets: Ec2Budgets::new(Arc::new(Unlimited), &config),
             client,
             config: Arc::new(config),
         }
+    }
+
+    /// Draws the calls' tokens from `budgets` (the engine's, shared by every engine), at the
+    /// limits of `[ec2.budgets]`. Without it nothing is limited.
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.budgets = Ec2Budgets::new(budgets, &self.config);
+        self
+    }
+
+    /// The budgets its calls draw from.
+    pub fn budgets(&self) -> &Ec2Budgets {
+        &self.budgets
     }
 
     /// The EC2 client, for tools and tests.
@@ -140,14 +187,19 @@ impl Ec2Compute {
         let mut next: Option<String> = None;
         loop {
             let page = self
-                .client
-                .describe_instances()
-                .set_filters(Some(filters.clone()).filter(|f| !f.is_empty()))
-                .set_instance_ids(Some(ids.clone()).filter(|i| !i.is_empty()))
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| classify("DescribeInstances", &e))?;
+                .budgets
+                .describe
+                .call(async {
+                    self.client
+                        .describe_instances()
+                        .set_filters(Some(filters.clone()).filter(|f| !f.is_empty()))
+                        .set_instance_ids(Some(ids.clone()).filter(|i| !i.is_empty()))
+                        .set_next_token(next.take())
+                        .send()
+                        .await
+                        .map_err(|e| classify("DescribeInstances", &e))
+                })
+                .await?;
             for reservation in page.reservations() {
                 out.extend(reservation.instances().iter().cloned());
             }
@@ -227,12 +279,17 @@ impl Ec2Compute {
     /// id.
     async fn data_volume(&self, volume_id: &str) -> Result<Option<DataVolume>, AdapterError> {
         let volumes = self
-            .client
-            .describe_volumes()
-            .filters(filter("volume-id", [volume_id]))
-            .send()
-            .await
-            .map_err(|e| classify("DescribeVolumes", &e))?;
+            .budgets
+            .describe
+            .call(async {
+                self.client
+                    .describe_volumes()
+                    .filters(filter("volume-id", [volume_id]))
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeVolumes", &e))
+            })
+            .await?;
         let Some(volume) = volumes
             .volumes()
             .iter()
@@ -241,12 +298,17 @@ impl Ec2Compute {
             return Ok(None);
         };
         let modifications = self
-            .client
-            .describe_volumes_modifications()
-            .filters(filter("volume-id", [volume_id]))
-            .send()
-            .await
-            .map_err(|e| classify("DescribeVolumesModifications", &e))?;
+            .budgets
+            .describe
+            .call(async {
+                self.client
+                    .describe_volumes_modifications()
+                    .filters(filter("volume-id", [volume_id]))
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeVolumesModifications", &e))
+            })
+            .await?;
         Ok(Some(DataVolume {
             volume_id: volume_id.to_owned(),
             size_gb: gib(volume.size()),
@@ -503,12 +565,16 @@ impl Ec2Compute {
             "launching instance (RunInstances)"
         );
         failpoint::hit(FAILPOINT_BEFORE_RUN);
+        // The token first: the fence check must be the last thing before the launch.
+        self.budgets.run_instances.take().await?;
         fence.check()?;
-        let out = call.send().await.map_err(|e| {
-            let e = classify("RunInstances", &e);
-            warn!(error = %e, "RunInstances failed");
-            e
-        })?;
+        let sent = call.send().await.map_err(|e| classify("RunInstances", &e));
+        let out = self
+            .budgets
+            .run_instances
+            .report(sent)
+            .await
+            .inspect_err(|e| warn!(error = %e, "RunInstances failed"))?;
         failpoint::hit(FAILPOINT_AFTER_RUN);
 
         let (obs, instance) = out
@@ -645,24 +711,34 @@ impl Ec2Compute {
                     );
                     fence.check()?;
                     let out = self
-                        .client
-                        .stop_instances()
-                        .instance_ids(&id)
-                        .send()
-                        .await
-                        .map_err(|e| classify("StopInstances", &e))?;
+                        .budgets
+                        .mutating
+                        .call(async {
+                            self.client
+                                .stop_instances()
+                                .instance_ids(&id)
+                                .send()
+                                .await
+                                .map_err(|e| classify("StopInstances", &e))
+                        })
+                        .await?;
                     apply_state_change(&mut obs, out.stopping_instances());
                 }
                 ResizeStep::Modify => {
                     info!(instance_id = %id, to = %wanted, "changing the instance type (ModifyInstanceAttribute)");
                     fence.check()?;
-                    self.client
-                        .modify_instance_attribute()
-                        .instance_id(&id)
-                        .instance_type(AttributeValue::builder().value(&wanted).build())
-                        .send()
-                        .await
-                        .map_err(|e| classify("ModifyInstanceAttribute", &e))?;
+                    self.budgets
+                        .mutating
+                        .call(async {
+                            self.client
+                                .modify_instance_attribute()
+                                .instance_id(&id)
+                                .instance_type(AttributeValue::builder().value(&wanted).build())
+                                .send()
+                                .await
+                                .map_err(|e| classify("ModifyInstanceAttribute", &e))
+                        })
+                        .await?;
                     obs.instance_type = Some(wanted.clone());
                     // Stopped with the new type: the next step (start) needs no wait.
                     continue;
@@ -671,12 +747,17 @@ impl Ec2Compute {
                     info!(instance_id = %id, instance_type = %wanted, "starting the instance (StartInstances)");
                     fence.check()?;
                     let out = self
-                        .client
-                        .start_instances()
-                        .instance_ids(&id)
-                        .send()
-                        .await
-                        .map_err(|e| classify("StartInstances", &e))?;
+                        .budgets
+                        .mutating
+                        .call(async {
+                            self.client
+                                .start_instances()
+                                .instance_ids(&id)
+                                .send()
+                                .await
+                                .map_err(|e| classify("StartInstances", &e))
+                        })
+                        .await?;
                     apply_state_change(&mut obs, out.starting_instances());
                 }
             }
@@ -749,6 +830,7 @@ impl Ec2Compute {
             "growing the data volume (ModifyVolume)"
         );
         let started = volume.modification.as_ref().and_then(|m| m.started_at);
+        self.budgets.mutating.take().await?;
         fence.check()?;
         let out = self
             .client
@@ -791,14 +873,19 @@ impl Ec2Compute {
             .unwrap_or(DEFAULT_LIST_PAGE_SIZE)
             .clamp(min, max);
         let page = self
-            .client
-            .describe_instances()
-            .set_filters(Some(filters))
-            .max_results(i32::try_from(size).unwrap_or(1000))
-            .set_next_token(req.page_token.clone())
-            .send()
-            .await
-            .map_err(|e| classify("DescribeInstances", &e))?;
+            .budgets
+            .describe
+            .call(async {
+                self.client
+                    .describe_instances()
+                    .set_filters(Some(filters))
+                    .max_results(i32::try_from(size).unwrap_or(1000))
+                    .set_next_token(req.page_token.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeInstances", &e))
+            })
+            .await?;
         let machines = page
             .reservations()
             .iter()
@@ -887,13 +974,18 @@ impl Ec2Compute {
     }
 
     async fn terminate_ids(&self, ids: &[String]) -> Result<(), AdapterError> {
-        self.client
-            .terminate_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
+        self.budgets
+            .mutating
+            .call(async {
+                self.client
+                    .terminate_instances()
+                    .set_instance_ids(Some(ids.to_vec()))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("TerminateInstances", &e))
+            })
             .await
-            .map(|_| ())
-            .map_err(|e| classify("TerminateInstances", &e))
     }
 }
 

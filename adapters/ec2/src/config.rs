@@ -13,6 +13,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::config::ProvideCredentials;
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use serde::Deserialize;
+use setpoint_adapter::Limit;
 
 /// The instance type used when neither the spec nor the plan names one.
 pub const DEFAULT_INSTANCE_TYPE: &str = "t3.micro";
@@ -99,6 +100,86 @@ pub struct Ec2Config {
     /// transport errors, with the same `ClientToken`). The engine retries the unit on top.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// The request budgets this region's calls share with every engine (`[ec2.budgets]`).
+    #[serde(default)]
+    pub budgets: Ec2BudgetsConfig,
+}
+
+/// EC2's request-rate buckets as setpoint's shared budgets (docs/budgets.md), per account and
+/// region: `[ec2.budgets]` with `scope` and one `{ rate, burst }` table per class.
+///
+/// ```toml
+/// [ec2.budgets]                       # the defaults
+/// # scope = "123456789012"            # the account; default: endpoint_url, else "aws"
+/// run_instances = { rate = 2.0, burst = 5.0 }
+/// mutating = { rate = 5.0, burst = 50.0 }
+/// describe = { rate = 20.0, burst = 100.0 }
+/// ```
+///
+/// The defaults stay under EC2's published buckets (RunInstances' resource bucket refills 2
+/// per second; mutating and describe calls refill 5 and 20 per second in the smallest
+/// accounts), leaving a margin for the account's other callers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2BudgetsConfig {
+    /// What engines share a budget by: the account id. Engines that name the same scope and
+    /// region share one bucket per class.
+    pub scope: Option<String>,
+    /// `RunInstances`.
+    pub run_instances: Limit,
+    /// Other calls that change something: Stop/Start/TerminateInstances,
+    /// ModifyInstanceAttribute, ModifyVolume.
+    pub mutating: Limit,
+    /// DescribeInstances, DescribeVolumes, DescribeVolumesModifications.
+    pub describe: Limit,
+}
+
+/// The default `run_instances` budget: 2 per second, burst 5.
+pub const DEFAULT_RUN_INSTANCES_BUDGET: Limit = Limit::new(2.0, 5.0);
+/// The default `mutating` budget: 5 per second, burst 50.
+pub const DEFAULT_MUTATING_BUDGET: Limit = Limit::new(5.0, 50.0);
+/// The default `describe` budget: 20 per second, burst 100.
+pub const DEFAULT_DESCRIBE_BUDGET: Limit = Limit::new(20.0, 100.0);
+
+// Every limit is checked finite by `Ec2Config::validate`.
+impl Eq for Ec2BudgetsConfig {}
+
+impl Default for Ec2BudgetsConfig {
+    fn default() -> Self {
+        Self {
+            scope: None,
+            run_instances: DEFAULT_RUN_INSTANCES_BUDGET,
+            mutating: DEFAULT_MUTATING_BUDGET,
+            describe: DEFAULT_DESCRIBE_BUDGET,
+        }
+    }
+}
+
+impl Ec2BudgetsConfig {
+    /// The scope of the keys: `scope`, else the endpoint URL, else `aws`.
+    pub fn scope_for(&self, endpoint_url: Option<&str>) -> String {
+        self.scope
+            .clone()
+            .or_else(|| endpoint_url.map(str::to_owned))
+            .unwrap_or_else(|| "aws".to_owned())
+    }
+
+    /// Checks every limit.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadBudget`] naming the class.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (class, limit) in [
+            ("run_instances", self.run_instances),
+            ("mutating", self.mutating),
+            ("describe", self.describe),
+        ] {
+            limit
+                .validate()
+                .map_err(|problem| ConfigError::BadBudget { class, problem })?;
+        }
+        Ok(())
+    }
 }
 
 /// Image and instance type of one KVX plan; each falls back to the `default_*` settings.
@@ -206,6 +287,14 @@ pub enum ConfigError {
     /// `endpoint_url` is not an http(s) URL.
     #[error("ec2.endpoint_url must start with http:// or https:// (got {0:?})")]
     BadEndpoint(String),
+    /// A budget's rate or burst is unusable.
+    #[error("ec2.budgets.{class}: {problem}")]
+    BadBudget {
+        /// The class.
+        class: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A timeout is zero or `max_attempts` is zero.
     #[error("ec2.{0} must be greater than zero")]
     Zero(&'static str),
@@ -226,6 +315,7 @@ impl Ec2Config {
             data_volume: DataVolumeConfig::default(),
             timeouts: TimeoutsConfig::default(),
             max_attempts: default_max_attempts(),
+            budgets: Ec2BudgetsConfig::default(),
         }
     }
 
@@ -241,6 +331,7 @@ impl Ec2Config {
             return Err(ConfigError::BadRegion(self.region.clone()));
         }
         self.data_volume.validate()?;
+        self.budgets.validate()?;
         if let Some(url) = &self.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {

@@ -59,12 +59,13 @@ pub use classify::{
     VOLUME_RATE_RECHECK, classify, classify_code, volume_change_refused,
 };
 pub use compute::{
-    CODE_NO_DATA_VOLUME, DEFAULT_LIST_PAGE_SIZE, Ec2Compute, FAILPOINT_AFTER_RUN,
+    CODE_NO_DATA_VOLUME, DEFAULT_LIST_PAGE_SIZE, Ec2Budgets, Ec2Compute, FAILPOINT_AFTER_RUN,
     FAILPOINT_BEFORE_RUN, TAG_MANAGED, TAG_RESOURCE, TAG_TENANT, TAG_TOKEN,
 };
 pub use config::{
-    ConfigError, DEFAULT_DATA_VOLUME_DEVICE, DEFAULT_DATA_VOLUME_TYPE, DEFAULT_INSTANCE_TYPE,
-    DataVolumeConfig, Ec2Config, PlanConfig, TimeoutsConfig,
+    ConfigError, DEFAULT_DATA_VOLUME_DEVICE, DEFAULT_DATA_VOLUME_TYPE, DEFAULT_DESCRIBE_BUDGET,
+    DEFAULT_INSTANCE_TYPE, DEFAULT_MUTATING_BUDGET, DEFAULT_RUN_INSTANCES_BUDGET, DataVolumeConfig,
+    Ec2BudgetsConfig, Ec2Config, PlanConfig, TimeoutsConfig,
 };
 pub use handlers::{
     EnsureInstance, EnsureInstanceSpec, KIND_ENSURE_INSTANCE, KIND_TERMINATE_INSTANCE,

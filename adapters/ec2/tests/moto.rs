@@ -425,6 +425,8 @@ async fn real_throttling_and_server_error_responses_are_transient() {
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     assert_eq!(e.code.as_deref(), Some("RequestLimitExceeded"));
     assert!(e.retry_after.is_some());
+    // A throttle is a wait, never a failed attempt (docs/budgets.md).
+    assert!(e.throttled && e.waiting, "{e:?}");
 
     let ec2 = compute(config(&fake_endpoint(500, UNAVAILABLE))).await;
     let e = ec2

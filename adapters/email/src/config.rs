@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use setpoint_adapter::Limit;
 
 /// How the connection to the relay is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -110,6 +111,34 @@ pub struct SmtpConfig {
     /// Hitting it leaves the outcome unknown (the relay may have taken the message).
     #[serde(default = "default_data_timeout")]
     pub data_timeout_secs: u64,
+    /// The request budget its messages share with every engine (`[smtp.budgets]`).
+    #[serde(default)]
+    pub budgets: SmtpBudgetsConfig,
+}
+
+/// The relay's rate limit as setpoint's shared budget (docs/budgets.md), keyed by the relay's
+/// `host:port`.
+///
+/// ```toml
+/// [smtp.budgets]                      # the default
+/// send = { rate = 10.0, burst = 20.0 }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpBudgetsConfig {
+    /// Messages sent.
+    pub send: Limit,
+}
+
+/// The default `send` budget: 10 messages per second, burst 20.
+pub const DEFAULT_SEND_BUDGET: Limit = Limit::new(10.0, 20.0);
+
+impl Default for SmtpBudgetsConfig {
+    fn default() -> Self {
+        Self {
+            send: DEFAULT_SEND_BUDGET,
+        }
+    }
 }
 
 fn default_connect_timeout() -> u64 {
@@ -139,6 +168,7 @@ impl SmtpConfig {
             connect_timeout_secs: default_connect_timeout(),
             command_timeout_secs: default_command_timeout(),
             data_timeout_secs: default_data_timeout(),
+            budgets: SmtpBudgetsConfig::default(),
         }
     }
 
@@ -191,6 +221,9 @@ impl fmt::Debug for SmtpConfig {
 /// Why an [`SmtpConfig`] cannot be used. Never contains the password.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The `send` budget's rate or burst is unusable.
+    #[error("smtp.budgets.send: {0}")]
+    BadBudget(String),
     /// `from` is not a mailbox.
     #[error("smtp.from {from:?} is not a valid sender address: {reason}")]
     BadSender {

@@ -43,7 +43,9 @@ mod smtp;
 mod templates;
 
 pub use attempts::{MAX_ATTEMPT_SLOTS, slot_key};
-pub use config::{ConfigError, Password, Security, SmtpConfig};
+pub use config::{
+    ConfigError, DEFAULT_SEND_BUDGET, Password, Security, SmtpBudgetsConfig, SmtpConfig,
+};
 pub use handler::SendEmail;
 pub use smtp::{
     FAILPOINT_AFTER_SEND, FAILPOINT_BEFORE_BEGIN, GREYLIST_RETRY, SLOW_DOWN_RETRY, SmtpMailer,

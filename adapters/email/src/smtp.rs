@@ -15,6 +15,7 @@
 //! short backoff does not spend the unit's attempts on retries the relay is bound to refuse.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::Address;
@@ -28,7 +29,8 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use lettre::transport::smtp::response::Response;
 use setpoint_adapter::failpoint;
 use setpoint_adapter::{
-    AdapterError, BoxFuture, Delivery, Fence, IdempotencyToken, Journal, MailRequest, Mailer,
+    AdapterError, BoxFuture, Budget, BudgetKey, Budgets, Delivery, Fence, IdempotencyToken,
+    Journal, MailRequest, Mailer, Unlimited,
 };
 use tokio::time::timeout;
 use tracing::{info, warn};
@@ -66,6 +68,7 @@ pub struct SmtpMailer {
     tls: Option<TlsParameters>,
     credentials: Option<Credentials>,
     message_id_domain: String,
+    send_budget: Budget,
 }
 
 impl fmt::Debug for SmtpMailer {
@@ -135,7 +138,13 @@ impl SmtpMailer {
             }
             None => from.email.domain().to_owned(),
         };
+        config
+            .budgets
+            .send
+            .validate()
+            .map_err(ConfigError::BadBudget)?;
         Ok(Self {
+            send_budget: send_budget(Arc::new(Unlimited), &config),
             config,
             from,
             hello,
@@ -143,6 +152,13 @@ impl SmtpMailer {
             credentials,
             message_id_domain,
         })
+    }
+
+    /// Draws the messages' tokens from `budgets` (the engine's, shared by every engine), at
+    /// the limit of `budgets.send`. Without it nothing is limited.
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.send_budget = send_budget(budgets, &self.config);
+        self
     }
 
     /// The `Message-ID` of every message sent for `token`: `<TOKEN@DOMAIN>`, where DOMAIN is
@@ -373,10 +389,17 @@ impl Mailer for SmtpMailer {
             };
 
             // 3. Everything that can fail without sending. A failure records nothing: the
-            //    slot stays free for the next attempt.
+            //    slot stays free for the next attempt. First a token of the relay's budget
+            //    (a wait when there is none); a rate reply lowers the shared rate.
+            self.send_budget.take().await?;
             let conn = match self.prepare(&envelope, &email).await {
                 Ok(conn) => conn,
                 Err(error) => {
+                    let error = if error.throttled {
+                        self.send_budget.throttled(error).await
+                    } else {
+                        error
+                    };
                     warn!(%token, template, class = %error.class, code = ?error.code,
                         error = %error.message, "e-mail not sent; nothing recorded");
                     return Err(error);
@@ -472,6 +495,20 @@ impl SmtpMailer {
     }
 }
 
+/// The `smtp/<host:port>/global/send` budget of `config`.
+fn send_budget(budgets: Arc<dyn Budgets>, config: &SmtpConfig) -> Budget {
+    Budget::new(
+        budgets,
+        BudgetKey::new(
+            "smtp",
+            format!("{}:{}", config.host, config.effective_port()),
+            "global",
+            "send",
+        ),
+        config.budgets.send,
+    )
+}
+
 /// How long a 4xx reply asks the client to wait, from its text (see the module docs).
 fn wait_hint(reply: &str) -> Option<Duration> {
     let text = reply.to_ascii_lowercase();
@@ -504,6 +541,8 @@ fn classify(e: &lettre::transport::smtp::Error, step: &str) -> AdapterError {
         }
         let transient = AdapterError::transient(error).with_code(format!("smtp-{code}"));
         return match wait_hint(&e.to_string()) {
+            // A rate reply (421/451 "slow down", "too many", …): the relay throttles.
+            Some(wait) if wait == SLOW_DOWN_RETRY => transient.with_retry_after(wait).throttling(),
             Some(wait) => transient.with_retry_after(wait),
             None => transient,
         };

@@ -132,7 +132,9 @@ pub fn classify_status(what: &str, status: &Status) -> AdapterError {
         .map(|d| d.causes.as_slice())
         .unwrap_or_default();
     let err = match code {
-        429 => AdapterError::transient(message).with_code("TooManyRequests"),
+        429 => AdapterError::transient(message)
+            .with_code("TooManyRequests")
+            .throttling(),
         500..=599 | 408 | 410 => AdapterError::transient(message).with_code(reason),
         409 if causes
             .iter()

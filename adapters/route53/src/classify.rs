@@ -138,7 +138,8 @@ pub fn classify_code(
         | "RequestLimitExceeded" => AdapterError::transient(format!(
             "{operation} was throttled by Route 53 ({aws}); retrying later"
         ))
-        .with_retry_after(THROTTLE_RETRY_AFTER),
+        .with_retry_after(THROTTLE_RETRY_AFTER)
+        .throttling(),
         "PriorRequestNotComplete" => AdapterError::transient(format!(
             "{operation}: Route 53 is still applying an earlier change to this zone ({aws}); \
              retrying later"
@@ -224,7 +225,8 @@ pub fn classify_code(
         _ if status == 429 => AdapterError::transient(format!(
             "{operation} was throttled (HTTP 429: {aws}); retrying later"
         ))
-        .with_retry_after(THROTTLE_RETRY_AFTER),
+        .with_retry_after(THROTTLE_RETRY_AFTER)
+        .throttling(),
         _ if (400..500).contains(&status) => AdapterError::permanent(format!(
             "{operation}: Route 53 rejected the request with {code_str} (HTTP {status}: {aws}); \
              the same request will fail again, fix it and retry the unit"

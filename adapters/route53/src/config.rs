@@ -14,6 +14,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_route53::config::ProvideCredentials;
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use serde::Deserialize;
+use setpoint_adapter::Limit;
 
 /// The region requests are signed for. Route 53 is a global service answered from
 /// `us-east-1`.
@@ -53,6 +54,41 @@ pub struct Route53Config {
     /// Record sets per `ListResourceRecordSets` page (1–300).
     #[serde(default = "default_records_page_size")]
     pub records_page_size: u32,
+    /// The request budget its record changes share with every engine (`budgets`).
+    #[serde(default)]
+    pub budgets: Route53BudgetsConfig,
+}
+
+/// Route 53's request budget as setpoint's shared budget (docs/budgets.md): `change` limits
+/// `ChangeResourceRecordSets` (5 per second per account on AWS).
+///
+/// ```toml
+/// [plugins.dns.budgets]               # the defaults
+/// # scope = "123456789012"            # the account; default: endpoint_url, else "aws"
+/// change = { rate = 5.0, burst = 5.0 }
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Route53BudgetsConfig {
+    /// What engines share the budget by: the account id.
+    pub scope: Option<String>,
+    /// `ChangeResourceRecordSets`.
+    pub change: Limit,
+}
+
+/// The default `change` budget: 5 per second, burst 5.
+pub const DEFAULT_CHANGE_BUDGET: Limit = Limit::new(5.0, 5.0);
+
+// The limit is checked finite by `Route53Config::validate`.
+impl Eq for Route53BudgetsConfig {}
+
+impl Default for Route53BudgetsConfig {
+    fn default() -> Self {
+        Self {
+            scope: None,
+            change: DEFAULT_CHANGE_BUDGET,
+        }
+    }
 }
 
 /// Timeouts of Route 53 calls, in milliseconds.
@@ -105,6 +141,9 @@ pub enum ConfigError {
     /// A timeout, `max_attempts` or a page size is zero.
     #[error("route53.{0} must be greater than zero")]
     Zero(&'static str),
+    /// The `change` budget's rate or burst is unusable.
+    #[error("route53.budgets.change: {0}")]
+    BadBudget(String),
     /// A page size is above what Route 53 accepts.
     #[error("route53.{0} must be at most {1}")]
     TooLarge(&'static str, u32),
@@ -119,6 +158,7 @@ impl Default for Route53Config {
             max_attempts: default_max_attempts(),
             zones_page_size: default_zones_page_size(),
             records_page_size: default_records_page_size(),
+            budgets: Route53BudgetsConfig::default(),
         }
     }
 }
@@ -150,6 +190,10 @@ impl Route53Config {
                 return Err(ConfigError::Zero(name));
             }
         }
+        self.budgets
+            .change
+            .validate()
+            .map_err(ConfigError::BadBudget)?;
         if self.zones_page_size > 100 {
             return Err(ConfigError::TooLarge("zones_page_size", 100));
         }

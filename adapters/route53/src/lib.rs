@@ -68,7 +68,10 @@ pub mod value;
 pub mod zone;
 
 pub use classify::{BUSY_RETRY_AFTER, THROTTLE_RETRY_AFTER, classify, classify_code};
-pub use config::{ConfigError, DEFAULT_REGION, Route53Config, TimeoutsConfig};
+pub use config::{
+    ConfigError, DEFAULT_CHANGE_BUDGET, DEFAULT_REGION, Route53BudgetsConfig, Route53Config,
+    TimeoutsConfig,
+};
 pub use observation::{
     DeleteOutcome, Drift, ObservedRecord, RecordValues, SyncOutcome, ZoneInfo, ZoneObservation,
 };

@@ -18,7 +18,9 @@ use aws_sdk_route53::Client;
 use aws_sdk_route53::types::{
     ChangeBatch, DelegationSet, HostedZone, HostedZoneConfig, RrType, Tag, TagResourceType,
 };
-use setpoint_adapter::{AdapterError, Fence, IdempotencyToken};
+use setpoint_adapter::{
+    AdapterError, Budget, BudgetKey, Budgets, Fence, IdempotencyToken, Unlimited,
+};
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
@@ -58,6 +60,7 @@ const ZONE_ID_PREFIX: &str = "/hostedzone/";
 pub struct Route53Dns {
     client: Client,
     config: Arc<Route53Config>,
+    change: Budget,
 }
 
 impl Route53Dns {
@@ -74,9 +77,17 @@ impl Route53Dns {
     /// [`Route53Config::client_with_credentials`]) with `config`'s paging settings.
     pub fn from_client(client: Client, config: Route53Config) -> Self {
         Self {
+            change: change_budget(Arc::new(Unlimited), &config),
             client,
             config: Arc::new(config),
         }
+    }
+
+    /// Draws the record changes' tokens from `budgets` (the engine's, shared by every engine),
+    /// at the limit of `budgets.change`. Without it nothing is limited.
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.change = change_budget(budgets, &self.config);
+        self
     }
 
     /// The Route 53 client, for tools and tests.
@@ -655,17 +666,36 @@ impl Route53Dns {
                 changes = batch.changes().len(),
                 "changing records (ChangeResourceRecordSets)"
             );
+            // The token first: the fence check must be the last thing before the change.
+            self.change.take().await?;
             fence.check()?;
-            self.client
+            let sent = self
+                .client
                 .change_resource_record_sets()
                 .hosted_zone_id(zone_id)
                 .change_batch(batch)
                 .send()
                 .await
-                .map_err(|e| classify("ChangeResourceRecordSets", &e))?;
+                .map_err(|e| classify("ChangeResourceRecordSets", &e));
+            self.change.report(sent).await?;
         }
         Ok(count)
     }
+}
+
+/// The `route53/<scope>/global/change` budget of `config`.
+fn change_budget(budgets: Arc<dyn Budgets>, config: &Route53Config) -> Budget {
+    let scope = config
+        .budgets
+        .scope
+        .clone()
+        .or_else(|| config.endpoint_url.clone())
+        .unwrap_or_else(|| "aws".to_owned());
+    Budget::new(
+        budgets,
+        BudgetKey::new("route53", scope, "global", "change"),
+        config.budgets.change,
+    )
 }
 
 /// A zone id without Route 53's `/hostedzone/` prefix.

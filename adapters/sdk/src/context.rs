@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::budget::{Budget, BudgetKey, Budgets, Limit, Unlimited};
 use crate::fence::Fence;
 use crate::journal::Journal;
 use crate::token::IdempotencyToken;
@@ -36,6 +37,10 @@ pub struct WorkContext {
     /// Whether this attempt still holds the unit: check it immediately before every side
     /// effect ([`Fence::check`]). Unbounded unless the engine sets one ([`WorkContext::with_fence`]).
     pub fence: Fence,
+    /// Where request budgets come from: the engine's, shared by every engine through
+    /// PostgreSQL; [`Unlimited`] unless the engine sets it ([`WorkContext::with_budgets`]).
+    /// A handler takes a token before each call to its peer ([`WorkContext::budget`]).
+    pub budgets: Arc<dyn Budgets>,
     /// Adapter calls made by this attempt, recorded in the unit's history when it ends.
     calls: Arc<Mutex<Vec<String>>>,
 }
@@ -61,6 +66,7 @@ impl WorkContext {
             deadline,
             journal,
             fence: Fence::unbounded(),
+            budgets: Arc::new(Unlimited),
             calls: Arc::default(),
         }
     }
@@ -76,6 +82,19 @@ impl WorkContext {
     pub fn with_fence(mut self, fence: Fence) -> Self {
         self.fence = fence;
         self
+    }
+
+    /// Sets where the unit's request budgets come from (the engine does).
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.budgets = budgets;
+        self
+    }
+
+    /// The budget `key` at `limit`, drawn from [`WorkContext::budgets`]: take a token with
+    /// `ctx.budget(key, limit).take().await?` (a waiting error when there is none), or wrap the
+    /// call with [`Budget::call`] so that a throttling answer lowers the shared rate too.
+    pub fn budget(&self, key: BudgetKey, limit: Limit) -> Budget {
+        Budget::new(self.budgets.clone(), key, limit)
     }
 
     /// Records that the adapter is about to call `call` (e.g. `"ec2:RunInstances"`) with this

@@ -51,6 +51,11 @@ pub struct AdapterError {
     /// [`AdapterError::waiting`]; the engine retries after `retry_after` without counting the
     /// attempt against the unit's attempt limit, and shows the unit as waiting.
     pub waiting: bool,
+    /// True when the peer refused the call for its rate limit (EC2 `RequestLimitExceeded`,
+    /// HTTP 429, an SMTP 421/451 rate reply). Set by [`AdapterError::throttling`]. A
+    /// [`crate::Budget`] lowers its shared rate on it and turns it into a wait; the engine never
+    /// counts a throttled attempt nor parks a unit for throttling.
+    pub throttled: bool,
 }
 
 impl AdapterError {
@@ -62,6 +67,7 @@ impl AdapterError {
             code: None,
             retry_after: None,
             waiting: false,
+            throttled: false,
         }
     }
 
@@ -75,6 +81,7 @@ impl AdapterError {
             code: None,
             retry_after: Some(retry_after),
             waiting: true,
+            throttled: false,
         }
     }
 
@@ -86,6 +93,7 @@ impl AdapterError {
             code: None,
             retry_after: None,
             waiting: false,
+            throttled: false,
         }
     }
 
@@ -98,6 +106,12 @@ impl AdapterError {
     /// Asks the engine not to retry before `delay` has passed.
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
+        self
+    }
+
+    /// Marks the error as the peer's throttling answer (see field `throttled`).
+    pub fn throttling(mut self) -> Self {
+        self.throttled = true;
         self
     }
 

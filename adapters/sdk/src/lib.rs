@@ -54,6 +54,7 @@
 //! The per-domain traits (compute, cluster, mail) are what the engine's KVX
 //! workflows call; an alternative cloud or mail provider implements them.
 
+pub mod budget;
 pub mod cluster;
 pub mod compute;
 pub mod context;
@@ -67,6 +68,7 @@ pub mod mail;
 pub mod step;
 pub mod token;
 
+pub use budget::{Budget, BudgetKey, Budgets, CODE_BUDGET_WAIT, CODE_THROTTLED, Limit, Unlimited};
 pub use cluster::{
     BackendAddress, CODE_SUPERSEDED, Cluster, ClusterFns, ClusterInstanceSpec, ClusterObject,
     ClusterObservation, DeleteOutcome, NopCluster, SecretData,

@@ -1,0 +1,342 @@
+//! The engine's request budgets: the SDK's [`Budgets`] on the `request_budgets` table, shared
+//! by every engine on the database (docs/budgets.md).
+//!
+//! Each engine takes tokens in small batches into a local reserve per key (at most a tenth of
+//! the burst, at least one), so a busy key costs a few row updates per second per engine, not
+//! one per call; a reserve not spent within [`RESERVE_TTL`] is given back with the key's next
+//! statement. A take that finds no token returns a *waiting* error (the unit gives its
+//! attempt back and leaves its worker slot and lease, see [`AdapterError::waiting`]) and
+//! promises the unit the next token not yet promised: the unit finds it when it comes back, on
+//! any engine, whoever took meanwhile (a unit is known by the task-local [`as_unit`] the
+//! worker sets). A throttle report lowers the shared rate
+//! (multiplicative decrease, at most once a second per key) and throws away this engine's
+//! reserve of the key; the rate recovers additively with the takes that follow.
+//!
+//! A unit waits *in place* (sleeps, keeping its worker slot and lease, then takes its
+//! promised token) in two cases only: when the wait is at most [`IN_PLACE_ALWAYS`], and when
+//! the attempt was granted a token before (it is in the middle of a step that makes several
+//! calls) and the wait is at most [`IN_PLACE_AFTER_PROGRESS`]. Every other wait — the first
+//! call of an attempt, which is what a backlog of units waits on — leaves the worker.
+//!
+//! A database failure during a take grants nothing and asks the unit to wait
+//! [`DB_RETRY`]: a budget that cannot be read is not a reason to flood the peer, nor to
+//! fail an attempt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use setpoint_adapter::{AdapterError, BoxFuture, BudgetKey, Budgets, CODE_BUDGET_WAIT, Limit};
+use sqlx::PgPool;
+
+use crate::store::StoreError;
+use crate::store::budgets::{
+    Aimd, budget_claim_reservation, budget_ensure, budget_reserve, budget_take, budget_throttle,
+};
+
+/// How long a batch of tokens may sit in an engine's reserve before it is given back.
+pub const RESERVE_TTL: Duration = Duration::from_secs(1);
+
+/// How long a unit waits when the budget table could not be read.
+pub const DB_RETRY: Duration = Duration::from_secs(1);
+
+/// A wait this short is spent in place: leaving and coming back costs more.
+pub const IN_PLACE_ALWAYS: Duration = Duration::from_millis(100);
+
+/// A unit that was granted a token in this attempt already (it is in the middle of a step
+/// that makes several calls) waits this long for its next token in place, holding its slot
+/// and lease: leaving would throw away the calls it made, and the next attempt would need as
+/// many tokens again before reaching this point, which under load it never gets.
+pub const IN_PLACE_AFTER_PROGRESS: Duration = Duration::from_secs(30);
+
+/// The shortest wait handed out (a slot due now is still a round trip away).
+const MIN_WAIT: Duration = Duration::from_millis(20);
+
+/// This engine's share of one key.
+#[derive(Debug, Default)]
+struct Local {
+    /// Tokens taken from the row and not spent yet.
+    reserve: f64,
+    /// When they were taken.
+    taken_at: Option<Instant>,
+    /// Whether this engine made sure the row exists.
+    ensured: bool,
+}
+
+/// The engine's [`Budgets`]: token buckets in PostgreSQL. Cheap to clone.
+#[derive(Clone)]
+pub struct PgBudgets {
+    pool: PgPool,
+    aimd: Aimd,
+    keys: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Local>>>>>,
+}
+
+impl std::fmt::Debug for PgBudgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBudgets")
+            .field("aimd", &self.aimd)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgBudgets {
+    /// Budgets on `pool`'s `request_budgets` table, with the default AIMD settings.
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_aimd(pool, Aimd::default())
+    }
+
+    /// Budgets with these AIMD settings.
+    pub fn with_aimd(pool: PgPool, aimd: Aimd) -> Self {
+        Self {
+            pool,
+            aimd,
+            keys: Arc::default(),
+        }
+    }
+
+    /// How many tokens one statement takes for a key with `limit`: a tenth of the burst, at
+    /// least one.
+    pub fn batch(limit: Limit) -> f64 {
+        (limit.burst / 10.0).floor().max(1.0)
+    }
+
+    fn local(&self, key: &str) -> Arc<tokio::sync::Mutex<Local>> {
+        let mut keys = match self.keys.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        keys.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// A take, waiting in place where that costs less than leaving (see the module docs).
+    async fn take_inner(&self, key: &BudgetKey, limit: Limit) -> Result<(), AdapterError> {
+        loop {
+            match self.take_once(key, limit).await {
+                Ok(()) => {
+                    set_progressed();
+                    return Ok(());
+                }
+                Err(e) => {
+                    let wait = e.retry_after.unwrap_or(DB_RETRY);
+                    let in_place = wait <= IN_PLACE_ALWAYS
+                        || (progressed() && wait <= IN_PLACE_AFTER_PROGRESS);
+                    if !in_place || e.code.as_deref() != Some(CODE_BUDGET_WAIT) {
+                        return Err(e);
+                    }
+                    crate::metrics::budget_wait_in_place(&key.to_string());
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn take_once(&self, key: &BudgetKey, limit: Limit) -> Result<(), AdapterError> {
+        let name = key.to_string();
+        let unit = current_unit();
+        let local = self.local(&name);
+        // One statement per key at a time in this engine: the others wait for its batch.
+        let mut local = local.lock().await;
+        let fresh = local.taken_at.is_some_and(|t| t.elapsed() < RESERVE_TTL);
+        if local.reserve >= 1.0 && fresh {
+            local.reserve -= 1.0;
+            crate::metrics::budget_take(&name, "reserve");
+            return Ok(());
+        }
+        let give_back = std::mem::take(&mut local.reserve).max(0.0);
+        let want = Self::batch(limit);
+        let taken = match self
+            .take_row(&name, limit, want, give_back, unit, &mut local)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(budget = %name, error = %e, "the request budget could not be read; the unit waits");
+                return Err(AdapterError::waiting(
+                    format!("waiting for budget {name}: the budget table could not be read ({e})"),
+                    DB_RETRY,
+                )
+                .with_code(CODE_BUDGET_WAIT));
+            }
+        };
+        let wait_secs = match taken {
+            Take::Promised => {
+                crate::metrics::budget_take(&name, "promised");
+                return Ok(());
+            }
+            Take::Early(secs) => secs,
+            Take::Row(t) => {
+                crate::metrics::budget_state(&name, t.rate, t.tokens, limit.rate);
+                if t.granted >= 1.0 {
+                    local.reserve = t.granted - 1.0;
+                    local.taken_at = Some(Instant::now());
+                    crate::metrics::budget_take(&name, "granted");
+                    return Ok(());
+                }
+                t.wait_secs
+            }
+        };
+        crate::metrics::budget_wait(&name);
+        let wait = Duration::from_secs_f64(wait_secs.max(0.0)).max(MIN_WAIT);
+        Err(AdapterError::waiting(
+            format!(
+                "waiting for budget {name}: a token is promised in {} ms",
+                wait.as_millis()
+            ),
+            wait,
+        )
+        .with_code(CODE_BUDGET_WAIT))
+    }
+
+    /// One transaction: the unit's promised token if it has one, else a take that, finding
+    /// none, promises the unit the next one.
+    async fn take_row(
+        &self,
+        name: &str,
+        limit: Limit,
+        want: f64,
+        give_back: f64,
+        unit: Option<i64>,
+        local: &mut Local,
+    ) -> Result<Take, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !local.ensured {
+            budget_ensure(&mut tx, name, limit.rate, limit.burst).await?;
+            local.ensured = true;
+        }
+        if let Some(work_id) = unit {
+            match budget_claim_reservation(&mut tx, name, work_id).await? {
+                Some(secs) if secs <= 0.0 => {
+                    tx.commit().await?;
+                    return Ok(Take::Promised);
+                }
+                Some(secs) => {
+                    tx.commit().await?;
+                    return Ok(Take::Early(secs));
+                }
+                None => {}
+            }
+        }
+        let taken = loop {
+            let taken = budget_take(
+                &mut tx,
+                name,
+                limit.rate,
+                limit.burst,
+                want,
+                give_back,
+                unit.is_some(),
+                &self.aimd,
+            )
+            .await?;
+            match taken {
+                Some(t) => break t,
+                // Removed by an operator since: make it again.
+                None => budget_ensure(&mut tx, name, limit.rate, limit.burst).await?,
+            }
+        };
+        if let Some(work_id) = unit
+            && taken.granted < 1.0
+        {
+            budget_reserve(&mut tx, name, work_id, taken.wait_secs).await?;
+        }
+        tx.commit().await?;
+        Ok(Take::Row(taken))
+    }
+
+    async fn throttled_inner(&self, key: &BudgetKey, limit: Limit) -> Duration {
+        let name = key.to_string();
+        let unit = current_unit();
+        crate::metrics::budget_throttle(&name);
+        let local = self.local(&name);
+        let mut local = local.lock().await;
+        // This engine's reserve was taken at the rate that was too high.
+        local.reserve = 0.0;
+        let done = async {
+            let mut conn = self.pool.acquire().await?;
+            budget_ensure(&mut conn, &name, limit.rate, limit.burst).await?;
+            local.ensured = true;
+            let t = budget_throttle(&mut conn, &name, limit.rate, limit.burst, &self.aimd).await?;
+            drop(conn);
+            if let Some(t) = &t
+                && t.decreased
+            {
+                tracing::info!(budget = %name, rate = t.rate, max_rate = limit.rate,
+                    "the peer throttled: the shared rate is lowered");
+            }
+            // The throttled unit gets in line like any waiter (promised the next token).
+            self.take_row(&name, limit, 0.0, 0.0, unit, &mut local)
+                .await
+        };
+        match done.await {
+            Ok(Take::Row(t)) => {
+                crate::metrics::budget_state(&name, t.rate, t.tokens, limit.rate);
+                Duration::from_secs_f64(t.wait_secs.max(0.0)).max(MIN_WAIT)
+            }
+            Ok(Take::Early(secs)) => Duration::from_secs_f64(secs).max(MIN_WAIT),
+            Ok(Take::Promised) => MIN_WAIT,
+            Err(e) => {
+                tracing::warn!(budget = %name, error = %e, "a throttle could not be recorded in the request budget");
+                DB_RETRY
+            }
+        }
+    }
+}
+
+/// What [`PgBudgets::take_row`] found.
+enum Take {
+    /// The unit's promised token, now spent.
+    Promised,
+    /// The unit's promised token is due in this many seconds.
+    Early(f64),
+    /// The row's answer (granted tokens, or a wait with a promise).
+    Row(crate::store::budgets::Taken),
+}
+
+/// The unit whose handler runs in this task, as its budgets see it.
+struct UnitBudget {
+    work_id: i64,
+    /// Whether this attempt was granted a token already (it made progress).
+    progressed: std::cell::Cell<bool>,
+}
+
+tokio::task_local! {
+    /// The unit whose handler runs in this task (set by the worker), so that a wait promises
+    /// the next token to that unit, on whichever engine it runs next.
+    static UNIT: UnitBudget;
+}
+
+/// Runs `fut` (one attempt of a unit's handler) as unit `work_id` for the budgets it takes
+/// from.
+pub async fn as_unit<F: std::future::Future>(work_id: i64, fut: F) -> F::Output {
+    let unit = UnitBudget {
+        work_id,
+        progressed: std::cell::Cell::new(false),
+    };
+    UNIT.scope(unit, fut).await
+}
+
+fn current_unit() -> Option<i64> {
+    UNIT.try_with(|u| u.work_id).ok()
+}
+
+fn progressed() -> bool {
+    UNIT.try_with(|u| u.progressed.get()).unwrap_or(false)
+}
+
+fn set_progressed() {
+    let _ = UNIT.try_with(|u| u.progressed.set(true));
+}
+
+impl Budgets for PgBudgets {
+    fn take<'a>(
+        &'a self,
+        key: &'a BudgetKey,
+        limit: Limit,
+    ) -> BoxFuture<'a, Result<(), AdapterError>> {
+        Box::pin(self.take_inner(key, limit))
+    }
+
+    fn throttled<'a>(&'a self, key: &'a BudgetKey, limit: Limit) -> BoxFuture<'a, Duration> {
+        Box::pin(self.throttled_inner(key, limit))
+    }
+}

@@ -1,0 +1,712 @@
+//! Shared request budgets (issue 19, docs/budgets.md) against real PostgreSQL and moto.
+//!
+//! - The take statement under concurrency from two pools (two engines): never more tokens
+//!   than the bucket holds plus what it refills.
+//! - AIMD: however many reports of a throttle arrive, the rate halves at most once a second
+//!   per key, never below its floor, and recovers by a hundredth of the configured rate per
+//!   second.
+//! - A unit that finds no token waits: its attempt is given back, it holds no lease while it
+//!   waits, and it runs once the budget has a token.
+//! - The issue's test: a throttling proxy in front of moto (EC2's `RequestLimitExceeded` above
+//!   R calls per second per `Action`), three `setpoint serve` engines on one database, N KVX
+//!   creates. After the first 10 s fewer than 5% of the calls are throttled, no unit parks,
+//!   every instance becomes READY; it prints the total time against N / R. N defaults to 100
+//!   (`SETPOINT_BUDGET_TEST_N`, e.g. 1000) and R to 10 (`SETPOINT_BUDGET_TEST_R`).
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::peers::Peers;
+use common::stack::{Api, TmpDir, client_for};
+use common::{EngineProcess, setpoint, wait_for};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
+use setpoint::budgets::PgBudgets;
+use setpoint::queue::{self, NewWork};
+use setpoint::store::budgets::{Aimd, budget_ensure, budget_take, budget_throttle};
+use setpoint::worker::{Registry, Runtime};
+use setpoint_adapter::{AdapterError, BudgetKey, Limit, Outcome, TypedHandler, WorkContext, typed};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Takes from one key with many concurrent callers on two pools for a while: what was
+/// granted never exceeds the burst plus the refill, and is most of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_from_two_pools_never_exceed_the_bucket() {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let other = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&db.url)
+        .await
+        .expect("second pool");
+    let (rate, burst) = (40.0, 10.0);
+    let key = "test/acct/region/concurrent";
+    let mut conn = db.pool.acquire().await.expect("conn");
+    budget_ensure(&mut conn, key, rate, burst)
+        .await
+        .expect("ensure");
+    drop(conn);
+
+    let aimd = Aimd::default();
+    let run_for = Duration::from_secs(3);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let pool = if i % 2 == 0 {
+            db.pool.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0.0;
+            let mut waits = 0u32;
+            while started.elapsed() < run_for {
+                let mut conn = pool.acquire().await.expect("conn");
+                let t = budget_take(&mut conn, key, rate, burst, 2.0, 0.0, false, &aimd)
+                    .await
+                    .expect("take")
+                    .expect("row");
+                assert!(t.granted >= 0.0 && t.granted <= 2.0, "{t:?}");
+                if t.granted > 0.0 {
+                    granted += t.granted;
+                } else {
+                    waits += 1;
+                    assert!(
+                        t.wait_secs > 0.0,
+                        "a wait says when its token is there: {t:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            (granted, waits)
+        }));
+    }
+    let mut granted = 0.0;
+    let mut waits = 0;
+    for t in tasks {
+        let (g, w) = t.await.expect("task");
+        granted += g;
+        waits += w;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let most = burst + rate * elapsed;
+    println!("granted {granted} tokens in {elapsed:.2} s (at most {most:.1}), {waits} waits");
+    assert!(granted <= most + 0.001, "granted {granted} > {most}");
+    assert!(
+        granted >= 0.8 * rate * run_for.as_secs_f64(),
+        "the bucket starved its callers: {granted}"
+    );
+    assert!(
+        waits > 0,
+        "16 callers at most 2 tokens each must have waited"
+    );
+}
+
+/// Throttle reports from two pools at once lower the rate once; the next second's report
+/// lowers it again; the floor holds; takes bring it back slowly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aimd_decreases_once_a_second_and_recovers_slowly() {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let other = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .expect("second pool");
+    let (rate, burst) = (10.0, 10.0);
+    let key = "test/acct/region/aimd";
+    let aimd = Aimd::default();
+    let mut conn = db.pool.acquire().await.expect("conn");
+    budget_ensure(&mut conn, key, rate, burst)
+        .await
+        .expect("ensure");
+    drop(conn);
+
+    let report = |pool: PgPool| async move {
+        let mut conn = pool.acquire().await.expect("conn");
+        budget_throttle(&mut conn, key, rate, burst, &aimd)
+            .await
+            .expect("throttle")
+            .expect("row")
+    };
+    let burst_of_reports = || {
+        let mut all = Vec::new();
+        for i in 0..10 {
+            let pool = if i % 2 == 0 {
+                db.pool.clone()
+            } else {
+                other.clone()
+            };
+            all.push(tokio::spawn(report(pool)));
+        }
+        all
+    };
+    let mut decreased = 0;
+    let mut last_rate = 0.0;
+    for r in burst_of_reports() {
+        let t = r.await.expect("task");
+        decreased += usize::from(t.decreased);
+        last_rate = t.rate;
+    }
+    assert_eq!(
+        decreased, 1,
+        "ten reports in one instant lower the rate once"
+    );
+    assert!((last_rate - 5.0).abs() < 0.05, "halved: {last_rate}");
+
+    // Within the second: no further decrease.
+    let t = report(db.pool.clone()).await;
+    assert!(!t.decreased, "{t:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t = report(other.clone()).await;
+    assert!(t.decreased, "a new second, a new decrease: {t:?}");
+    // 5 + about 0.1 per second of recovery, halved.
+    assert!(t.rate > 2.5 && t.rate < 2.7, "{t:?}");
+
+    // Never below a twentieth of the configured rate.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1010)).await;
+        report(db.pool.clone()).await;
+    }
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let floor = rate * aimd.floor;
+    let t = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, false, &aimd)
+        .await
+        .expect("take")
+        .expect("row");
+    assert!(
+        t.rate >= floor && t.rate < floor + 0.1,
+        "at the floor: {t:?}"
+    );
+
+    // Additive increase: a hundredth of the configured rate per second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, false, &aimd)
+        .await
+        .expect("take")
+        .expect("row");
+    let gained = later.rate - t.rate;
+    assert!(
+        (0.18..0.3).contains(&gained),
+        "2 s recover about 0.2/s: {t:?} → {later:?}"
+    );
+}
+
+/// Takes one token of a tiny budget, then succeeds.
+struct Metered;
+
+impl TypedHandler for Metered {
+    type Spec = Value;
+    const KIND: &'static str = "test.metered";
+
+    async fn run(&self, ctx: &WorkContext, _spec: Value) -> Result<Outcome, AdapterError> {
+        ctx.budget(
+            BudgetKey::new("test", "acct", "global", "metered"),
+            Limit::new(1.0, 1.0),
+        )
+        .take()
+        .await?;
+        Ok(Outcome::done())
+    }
+}
+
+/// Five units on a budget of one token per second: they all finish, one per token; the ones
+/// that waited show `waiting` events, never a failure, hold no lease and no attempt while
+/// they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_waiting_for_budget_counts_no_attempt_and_holds_no_lease() {
+    let db = common::db().await;
+    let mut registry = Registry::new();
+    registry.register(typed(Metered)).expect("register");
+    let runtime = Runtime::new(db.pool.clone(), registry, common::fast_config("w-budget"))
+        .expect("runtime")
+        .with_budgets(Arc::new(PgBudgets::new(db.pool.clone())));
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(runtime.run(stop.clone()));
+
+    let mut ids = Vec::new();
+    let mut tx = db.pool.begin().await.expect("tx");
+    for i in 0..5 {
+        let mut unit = NewWork::new(Metered::KIND, json!({ "i": i }));
+        unit.max_attempts = Some(1);
+        ids.push(queue::enqueue(&mut tx, unit).await.expect("enqueue").id);
+    }
+    tx.commit().await.expect("commit");
+    queue::wake_workers(&db.pool).await.expect("wake");
+
+    // While some wait: none of the waiting ones holds a lease or an attempt.
+    let waiting: Vec<(i64, i32, Option<String>)> = wait_for("a unit waiting for budget", || {
+        let pool = db.pool.clone();
+        async move {
+            let rows: Vec<(i64, i32, Option<String>)> = sqlx::query_as(
+                "SELECT id, attempt, lease_owner FROM work
+                 WHERE state = 'queued' AND last_error LIKE 'waiting for budget%'",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+            (!rows.is_empty()).then_some(rows)
+        }
+    })
+    .await;
+    for (id, attempt, owner) in &waiting {
+        assert_eq!(*attempt, 0, "unit {id} waits with its attempt given back");
+        assert_eq!(*owner, None, "unit {id} waits without a lease");
+    }
+    let started = Instant::now();
+    common::wait_drained(&db.pool).await;
+    stop.cancel();
+    handle.await.expect("runtime");
+    println!(
+        "5 units on 1 token/s drained {:.1} s after the first wait",
+        started.elapsed().as_secs_f64()
+    );
+
+    let events: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event, count(*) FROM work_events WHERE work_id = ANY($1) GROUP BY 1 ORDER BY 1",
+    )
+    .bind(&ids)
+    .fetch_all(&db.pool)
+    .await
+    .expect("events");
+    let count = |e: &str| events.iter().find(|(n, _)| n == e).map_or(0, |(_, c)| *c);
+    assert_eq!(count("succeeded"), 5, "{events:?}");
+    assert_eq!(count("failed") + count("parked"), 0, "{events:?}");
+    assert!(
+        count("waiting") >= 3,
+        "at 1 token/s most of them waited: {events:?}"
+    );
+    // With one attempt allowed, a wait that counted would have parked the unit.
+}
+
+// ---------------------------------------------------------------------------------------
+// The issue's test: a throttling proxy in front of moto.
+
+/// What the proxy saw: (when, action, throttled).
+type Calls = Arc<Mutex<Vec<(Instant, String, bool)>>>;
+
+/// An HTTP proxy in front of moto that answers EC2's `RequestLimitExceeded` (HTTP 503) to a
+/// call when `limit` calls of the same `Action` passed in the last second.
+struct ThrottlingProxy {
+    addr: SocketAddr,
+    calls: Calls,
+    stop: CancellationToken,
+}
+
+impl ThrottlingProxy {
+    async fn start(upstream: String, limit: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let calls: Calls = Arc::default();
+        let windows: Arc<Mutex<HashMap<String, VecDeque<Instant>>>> = Arc::default();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let (client, upstream, windows, seen) = (
+                    client.clone(),
+                    upstream.clone(),
+                    windows.clone(),
+                    seen.clone(),
+                );
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (client, upstream, windows, seen) = (
+                            client.clone(),
+                            upstream.clone(),
+                            windows.clone(),
+                            seen.clone(),
+                        );
+                        async move {
+                            Ok::<_, Infallible>(
+                                proxy(req, &client, &upstream, limit, &windows, &seen).await,
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, calls, stop }
+    }
+}
+
+impl Drop for ThrottlingProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+async fn proxy(
+    req: hyper::Request<hyper::body::Incoming>,
+    client: &Client,
+    upstream: &str,
+    limit: usize,
+    windows: &Mutex<HashMap<String, VecDeque<Instant>>>,
+    seen: &Mutex<Vec<(Instant, String, bool)>>,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let action = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "Action")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let now = Instant::now();
+    let throttle = {
+        let mut windows = windows.lock().expect("windows");
+        let window = windows.entry(action.clone()).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        let throttle = window.len() >= limit;
+        if !throttle {
+            window.push_back(now);
+        }
+        throttle
+    };
+    seen.lock().expect("seen").push((now, action, throttle));
+    if throttle {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+                   <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
+                   </Error></Errors><RequestID>throttling-proxy</RequestID></Response>";
+        return hyper::Response::builder()
+            .status(503)
+            .header("content-type", "text/xml;charset=UTF-8")
+            .body(Full::new(Bytes::from(xml)))
+            .unwrap_or_default();
+    }
+    let uri = format!(
+        "{upstream}{}",
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut forward = hyper::Request::builder().method(parts.method).uri(uri);
+    for (k, v) in &parts.headers {
+        forward = forward.header(k, v);
+    }
+    let Ok(forward) = forward.body(Full::new(body)) else {
+        return bad_gateway();
+    };
+    match client.request(forward).await {
+        Ok(answer) => {
+            let (parts, body) = answer.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            hyper::Response::from_parts(parts, Full::new(body))
+        }
+        Err(_) => bad_gateway(),
+    }
+}
+
+fn bad_gateway() -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"bad gateway")));
+    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+    r
+}
+
+const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// The engines' configuration: EC2 through the proxy, with budgets above the proxy's limit
+/// for RunInstances and describes, so that only AIMD keeps them under it.
+fn write_config(dir: &Path, db_url: &str, ec2: &str, peers: &Peers, r: usize) -> PathBuf {
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+database_url = "{db_url}"
+
+[api]
+max_changes_in_flight_per_tenant = 100000
+
+[worker]
+poll_interval = "200ms"
+lease = "10s"
+backoff_base = "200ms"
+backoff_cap = "2s"
+
+[ec2]
+region = "us-east-1"
+endpoint_url = "{ec2}"
+default_image_id = "ami-12c6146b"
+# A throttled call goes back to the budget at once instead of being resent by the SDK.
+max_attempts = 1
+
+[ec2.timeouts]
+poll_initial_ms = 200
+poll_max_ms = 1000
+
+[ec2.budgets]
+run_instances = {{ rate = {run}, burst = {r} }}
+describe = {{ rate = {describe}, burst = {r} }}
+
+[kubernetes]
+access = {{ mode = "url", url = "{k8s}" }}
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "none"
+from = "setpoint <noreply@setpoint.test>"
+"#,
+            run = 1.5 * r as f64,
+            describe = 2.0 * r as f64,
+            k8s = peers.k8s.url(),
+            smtp_port = peers.smtp_port,
+        ),
+    )
+    .expect("config");
+    config
+}
+
+fn serve(config: &Path, id: &str) -> EngineProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--worker-id", id])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("SETPOINT_LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            "info,sqlx=warn,aws_smithy_runtime=warn,setpoint::worker=warn",
+        )
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut engine = EngineProcess::from_command(cmd);
+    engine.worker_id = id.to_owned();
+    engine
+}
+
+async fn create_instance(api: Api, name: String) {
+    let request = CreateInstanceRequest {
+        parent: "tenants/demo".into(),
+        instance_id: name.clone(),
+        instance: Some(Instance {
+            spec: Some(InstanceSpec {
+                plan: "kvx.small".into(),
+                region: "us-east-1".into(),
+                size_gb: 10,
+                owner_email: "owner@example.com".into(),
+            }),
+            ..Instance::default()
+        }),
+        request_id: format!("create-{name}"),
+        bulk: false,
+    };
+    let mut api = api;
+    api.create_instance(request)
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_engines_stay_under_a_throttling_ec2_together() {
+    let n = env_number("SETPOINT_BUDGET_TEST_N", 100);
+    let r = env_number("SETPOINT_BUDGET_TEST_R", 10);
+    let dir = TmpDir::new("budgets");
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let peers = Peers::start(&dir).await;
+    let proxy = ThrottlingProxy::start(peers.moto.clone(), r).await;
+    let (ok, _, err) = setpoint(Some(&db.url), &["migrate"]);
+    assert!(ok, "{err}");
+    let config = write_config(&dir, &db.url, &format!("http://{}", proxy.addr), &peers, r);
+
+    let engines: Vec<EngineProcess> = (1..=3)
+        .map(|i| serve(&config, &format!("engine-{i}")))
+        .collect();
+    let mut api_addr = String::new();
+    for e in &engines {
+        api_addr = wait_for("an engine's API", || {
+            let out = e.output();
+            async move {
+                out.lines().find_map(|l| {
+                    let v: Value = serde_json::from_str(l).ok()?;
+                    (v["fields"]["message"] == "gRPC API listening")
+                        .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                        .flatten()
+                })
+            }
+        })
+        .await;
+    }
+    let token = setpoint::api::auth::create_token(&db.pool, "demo", false, None)
+        .await
+        .expect("token");
+    let api = client_for(&format!("http://{api_addr}"), &token.token).await;
+
+    let started = Instant::now();
+    let names: Vec<String> = (0..n).map(|i| format!("vm-{i:04}")).collect();
+    for chunk in names.chunks(32) {
+        let all: Vec<_> = chunk
+            .iter()
+            .map(|name| tokio::spawn(create_instance(api.clone(), name.clone())))
+            .collect();
+        for t in all {
+            t.await.expect("create task");
+        }
+    }
+    let submitted = started.elapsed();
+    let ready = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM instances WHERE tenant = 'demo' AND status = 'READY'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("ready")
+    };
+    let mut last_print = Instant::now();
+    loop {
+        let done = ready(db.pool.clone()).await as usize;
+        if done >= n {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(10) {
+            last_print = Instant::now();
+            println!(
+                "{done}/{n} READY after {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            let units: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT kind, state::text, count(*) FROM work GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("units");
+            let rows: Vec<(String, f64, f64)> =
+                sqlx::query_as("SELECT key, rate, tokens FROM request_budgets ORDER BY key")
+                    .fetch_all(&db.pool)
+                    .await
+                    .expect("budgets");
+            println!("  units {units:?}\n  budgets {rows:?}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60 + 2 * n as u64),
+            "not every instance became READY in time"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let total = started.elapsed();
+
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM work WHERE state = 'parked')
+              + (SELECT count(*) FROM work_events WHERE event = 'parked')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("parked");
+    let (waits, throttle_waits, failed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE event = 'waiting'),
+                count(*) FILTER (WHERE event = 'waiting' AND detail->>'code' = 'RequestLimitExceeded'),
+                count(*) FILTER (WHERE event = 'failed')
+         FROM work_events",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("events");
+    let budgets: Vec<(String, f64, f64, i64, i64)> = sqlx::query_as(
+        "SELECT key, rate, max_rate, throttles, waits FROM request_budgets ORDER BY key",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("budgets");
+
+    let calls = proxy.calls.lock().expect("calls").clone();
+    let first = calls.first().map_or(started, |c| c.0);
+    let after: Vec<_> = calls
+        .iter()
+        .filter(|c| c.0.duration_since(first) >= Duration::from_secs(10))
+        .collect();
+    let throttled_after = after.iter().filter(|c| c.2).count();
+    let throttled_all = calls.iter().filter(|c| c.2).count();
+    let mut by_action: HashMap<&str, (usize, usize)> = HashMap::new();
+    for c in &calls {
+        let e = by_action.entry(c.1.as_str()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(c.2);
+    }
+    let share = throttled_after as f64 / after.len().max(1) as f64;
+    println!(
+        "N = {n}, R = {r}/s per action, 3 engines: all READY in {:.1} s (submitted in {:.1} s); \
+         N / R = {:.1} s, ratio {:.2}",
+        total.as_secs_f64(),
+        submitted.as_secs_f64(),
+        n as f64 / r as f64,
+        total.as_secs_f64() / (n as f64 / r as f64)
+    );
+    println!(
+        "EC2 calls {} ({} throttled); after the first 10 s {} ({} throttled, {:.2}%)",
+        calls.len(),
+        throttled_all,
+        after.len(),
+        throttled_after,
+        share * 100.0
+    );
+    println!("by action (calls, throttled): {by_action:?}");
+    println!(
+        "unit events: {waits} waits ({throttle_waits} after a throttle), {failed} failed, {parked} parked"
+    );
+    println!("budgets (key, rate, max_rate, throttles, waits): {budgets:#?}");
+
+    assert_eq!(parked, 0, "no unit parks");
+    assert!(
+        share < 0.05,
+        "{:.2}% throttled after the first 10 s",
+        share * 100.0
+    );
+    drop(engines);
+}
