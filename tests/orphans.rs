@@ -24,8 +24,16 @@ use uuid::Uuid;
 
 const REGION: &str = "eu-west-1";
 
+/// The region of the extra-machines test: the gauge `setpoint_orphan_machines{region}` is
+/// global to the test binary, so that test sweeps a region no other test asserts on.
+const EXTRA_REGION: &str = "eu-west-3";
+
 fn ec2_config(endpoint: &str) -> Ec2Config {
-    let mut c = Ec2Config::new(REGION);
+    ec2_config_in(endpoint, REGION)
+}
+
+fn ec2_config_in(endpoint: &str, region: &str) -> Ec2Config {
+    let mut c = Ec2Config::new(region);
     c.endpoint_url = Some(endpoint.to_owned());
     c.default_image_id = Some("ami-12c6146b".into());
     c.timeouts.poll_initial_ms = 50;
@@ -38,7 +46,11 @@ fn credentials() -> Credentials {
 }
 
 async fn compute(endpoint: &str) -> Arc<Ec2Compute> {
-    let config = ec2_config(endpoint);
+    compute_in(endpoint, REGION).await
+}
+
+async fn compute_in(endpoint: &str, region: &str) -> Arc<Ec2Compute> {
+    let config = ec2_config_in(endpoint, region);
     let client = config
         .client_with_credentials(credentials())
         .await
@@ -145,8 +157,17 @@ async fn db_with_orphan_tables() -> setpoint::dev::testdb::TestDb {
 }
 
 fn sweep(pool: &PgPool, ec2: &Arc<Ec2Compute>, config: OrphanConfig) -> OrphanSweep {
+    sweep_in(pool, ec2, config, REGION)
+}
+
+fn sweep_in(
+    pool: &PgPool,
+    ec2: &Arc<Ec2Compute>,
+    config: OrphanConfig,
+    region: &str,
+) -> OrphanSweep {
     let computes: BTreeMap<String, Arc<dyn Compute>> =
-        BTreeMap::from([(REGION.to_owned(), ec2.clone() as Arc<dyn Compute>)]);
+        BTreeMap::from([(region.to_owned(), ec2.clone() as Arc<dyn Compute>)]);
     OrphanSweep::new(pool.clone(), computes, config).expect("sweep")
 }
 
@@ -435,7 +456,7 @@ async fn an_extra_machine_of_a_live_resource_is_reported_then_terminated() {
     wait_port(port).await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let db = db_with_orphan_tables().await;
-    let ec2 = compute(&endpoint).await;
+    let ec2 = compute_in(&endpoint, EXTRA_REGION).await;
 
     let live = resource(&db.pool, "live", false).await;
     let recorded = launch(&ec2, live).await;
@@ -452,7 +473,7 @@ async fn an_extra_machine_of_a_live_resource_is_reported_then_terminated() {
         .await
         .expect("busy");
 
-    let report = sweep(&db.pool, &ec2, OrphanConfig::default())
+    let report = sweep_in(&db.pool, &ec2, OrphanConfig::default(), EXTRA_REGION)
         .run_once()
         .await
         .expect("sweep");
@@ -474,7 +495,7 @@ async fn an_extra_machine_of_a_live_resource_is_reported_then_terminated() {
         min_age: Duration::ZERO,
         ..OrphanConfig::default()
     };
-    let report = sweep(&db.pool, &ec2, terminating.clone())
+    let report = sweep_in(&db.pool, &ec2, terminating.clone(), EXTRA_REGION)
         .run_once()
         .await
         .expect("sweep");
@@ -494,7 +515,7 @@ async fn an_extra_machine_of_a_live_resource_is_reported_then_terminated() {
         .execute(&db.pool)
         .await
         .expect("settled");
-    let report = sweep(&db.pool, &ec2, terminating)
+    let report = sweep_in(&db.pool, &ec2, terminating, EXTRA_REGION)
         .run_once()
         .await
         .expect("sweep");
