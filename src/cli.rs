@@ -237,9 +237,10 @@ pub enum WorkCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Machines tagged as managed by setpoint that belong to no live resource, as the last
-    /// orphan sweep found them (an engine with EC2 configured sweeps every `[orphans]
-    /// interval`, 10m by default; docs/faults.md says when it terminates them).
+    /// Machines tagged as managed by setpoint that belong to no live resource, or are extra
+    /// machines of one (not the machine its record names), as the last orphan sweep found
+    /// them (an engine with EC2 configured sweeps every `[orphans] interval`, 10m by default;
+    /// docs/faults.md says when it terminates them).
     Orphans {
         /// Database.
         #[command(flatten)]

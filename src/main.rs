@@ -615,9 +615,11 @@ async fn print_orphans(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
         &table,
     );
     println!(
-        "\nunknown-resource: the tag names a resource this database has no row of (terminated when \
-         [orphans] terminate = true, once older than min_age); deleted-resource: a deleted \
-         resource's machine; untagged: no resource tag. The last two are never terminated."
+        "\nunknown-resource: the tag names a resource this database has no row of; extra: the tag \
+         names a live resource whose record names another machine (a second launch of one \
+         unit). Both are terminated when [orphans] terminate = true, once older than min_age. \
+         deleted-resource: a deleted resource's machine; untagged: no resource tag. The last \
+         two are never terminated."
     );
     Ok(())
 }

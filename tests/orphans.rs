@@ -24,8 +24,16 @@ use uuid::Uuid;
 
 const REGION: &str = "eu-west-1";
 
+/// The region of the extra-machines test: the gauge `setpoint_orphan_machines{region}` is
+/// global to the test binary, so that test sweeps a region no other test asserts on.
+const EXTRA_REGION: &str = "eu-west-3";
+
 fn ec2_config(endpoint: &str) -> Ec2Config {
-    let mut c = Ec2Config::new(REGION);
+    ec2_config_in(endpoint, REGION)
+}
+
+fn ec2_config_in(endpoint: &str, region: &str) -> Ec2Config {
+    let mut c = Ec2Config::new(region);
     c.endpoint_url = Some(endpoint.to_owned());
     c.default_image_id = Some("ami-12c6146b".into());
     c.timeouts.poll_initial_ms = 50;
@@ -38,7 +46,11 @@ fn credentials() -> Credentials {
 }
 
 async fn compute(endpoint: &str) -> Arc<Ec2Compute> {
-    let config = ec2_config(endpoint);
+    compute_in(endpoint, REGION).await
+}
+
+async fn compute_in(endpoint: &str, region: &str) -> Arc<Ec2Compute> {
+    let config = ec2_config_in(endpoint, region);
     let client = config
         .client_with_credentials(credentials())
         .await
@@ -145,8 +157,17 @@ async fn db_with_orphan_tables() -> setpoint::dev::testdb::TestDb {
 }
 
 fn sweep(pool: &PgPool, ec2: &Arc<Ec2Compute>, config: OrphanConfig) -> OrphanSweep {
+    sweep_in(pool, ec2, config, REGION)
+}
+
+fn sweep_in(
+    pool: &PgPool,
+    ec2: &Arc<Ec2Compute>,
+    config: OrphanConfig,
+    region: &str,
+) -> OrphanSweep {
     let computes: BTreeMap<String, Arc<dyn Compute>> =
-        BTreeMap::from([(REGION.to_owned(), ec2.clone() as Arc<dyn Compute>)]);
+        BTreeMap::from([(region.to_owned(), ec2.clone() as Arc<dyn Compute>)]);
     OrphanSweep::new(pool.clone(), computes, config).expect("sweep")
 }
 
@@ -418,4 +439,107 @@ async fn an_engine_sweeps_on_the_interval_of_its_orphans_table() {
     assert!(e.to_string().contains("orphans"), "{e}");
     db.pool.close().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A live resource records one machine, and a second one carries its tag (two attempts of one
+/// unit both launched: moto ignores `ClientToken`). The sweep reports the second as `extra`,
+/// never the recorded one, nor a machine of a resource that a unit holds (its launch is not
+/// recorded yet); configured to terminate, it terminates the extra machine and only it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extra_machine_of_a_live_resource_is_reported_then_terminated() {
+    let dir = test_dir("orphans-extra");
+    let port = free_port();
+    let _moto: Proc = spawn(
+        &format!("exec python3 -m moto.server -H 127.0.0.1 -p {port}"),
+        &dir.join("moto.log"),
+    );
+    wait_port(port).await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let db = db_with_orphan_tables().await;
+    let ec2 = compute_in(&endpoint, EXTRA_REGION).await;
+
+    let live = resource(&db.pool, "live", false).await;
+    let recorded = launch(&ec2, live).await;
+    let extra = launch(&ec2, live).await;
+    record_machine(&db.pool, live, &recorded).await;
+    // A resource a unit holds: its second machine may be the one its chain is launching.
+    let busy = resource(&db.pool, "busy", false).await;
+    let busy_recorded = launch(&ec2, busy).await;
+    let busy_new = launch(&ec2, busy).await;
+    record_machine(&db.pool, busy, &busy_recorded).await;
+    sqlx::query("UPDATE instances SET has_active_work = true WHERE id = $1")
+        .bind(busy)
+        .execute(&db.pool)
+        .await
+        .expect("busy");
+
+    let report = sweep_in(&db.pool, &ec2, OrphanConfig::default(), EXTRA_REGION)
+        .run_once()
+        .await
+        .expect("sweep");
+    assert_eq!(report.regions[0].machines, 4);
+    assert_eq!(found(&report), set(&[(&extra, "extra", "reported")]));
+    let (ok, out, err) = common::setpoint(Some(&db.url), &["work", "orphans", "--json"]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed["orphans"][0]["instance_id"], extra.as_str(), "{out}");
+    assert_eq!(listed["orphans"][0]["reason"], "extra", "{out}");
+    assert_eq!(
+        listed["orphans"][0]["resource_id"],
+        live.to_string(),
+        "{out}"
+    );
+
+    let terminating = OrphanConfig {
+        terminate: true,
+        min_age: Duration::ZERO,
+        ..OrphanConfig::default()
+    };
+    let report = sweep_in(&db.pool, &ec2, terminating.clone(), EXTRA_REGION)
+        .run_once()
+        .await
+        .expect("sweep");
+    assert_eq!(report.regions[0].terminated, 1, "{report:?}");
+    assert_eq!(found(&report), set(&[(&extra, "extra", "terminated")]));
+    let now = states(&ec2, &[&recorded, &extra, &busy_recorded, &busy_new]).await;
+    assert!(
+        ["shutting-down", "terminated"].contains(&now[extra.as_str()].as_str()),
+        "{now:?}"
+    );
+    for id in [&recorded, &busy_recorded, &busy_new] {
+        assert_eq!(now[id.as_str()], "running", "{id}: {now:?}");
+    }
+    // Once its chain ends (nothing holds it), the busy resource's unrecorded machine is extra.
+    sqlx::query("UPDATE instances SET has_active_work = false WHERE id = $1")
+        .bind(busy)
+        .execute(&db.pool)
+        .await
+        .expect("settled");
+    let report = sweep_in(&db.pool, &ec2, terminating, EXTRA_REGION)
+        .run_once()
+        .await
+        .expect("sweep");
+    assert!(
+        found(&report).contains(&(busy_new.clone(), "extra".into(), "terminated".into())),
+        "{:?}",
+        found(&report)
+    );
+    let now = states(&ec2, &[&recorded, &busy_recorded]).await;
+    assert!(now.values().all(|s| s == "running"), "{now:?}");
+    db.pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Records `machine` as the resource's machine, as the KVX chain's `machine` output does.
+async fn record_machine(pool: &PgPool, resource: Uuid, machine: &str) {
+    sqlx::query(
+        "UPDATE instances SET observed = jsonb_build_object('machine',
+             jsonb_build_object('instance_id', $2::text, 'state', 'running'))
+          WHERE id = $1",
+    )
+    .bind(resource)
+    .bind(machine)
+    .execute(pool)
+    .await
+    .expect("record the machine");
 }

@@ -107,6 +107,32 @@ pub struct DevArgs {
     /// Also write the connection details as JSON to this file (for scripts and tests).
     #[arg(long)]
     pub info_file: Option<PathBuf>,
+    /// How often the orphan sweep runs (`[orphans] interval`; 10m when unset).
+    #[arg(long, value_parser = parse_duration)]
+    pub orphans_interval: Option<Duration>,
+    /// Let the orphan sweep terminate `unknown-resource` and `extra` machines once older than
+    /// `--orphans-min-age` (`[orphans] terminate`; docs/faults.md says what it risks).
+    #[arg(long)]
+    pub orphans_terminate: bool,
+    /// The age a machine needs before the orphan sweep terminates it (`[orphans] min_age`).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub orphans_min_age: Duration,
+}
+
+impl DevArgs {
+    /// The `[orphans]` table these flags make.
+    fn orphans_table(&self) -> toml::Value {
+        let mut t = toml::map::Map::new();
+        if let Some(i) = self.orphans_interval {
+            t.insert("interval".into(), format!("{}ms", i.as_millis()).into());
+        }
+        t.insert("terminate".into(), self.orphans_terminate.into());
+        t.insert(
+            "min_age".into(),
+            format!("{}ms", self.orphans_min_age.as_millis()).into(),
+        );
+        toml::Value::Table(t)
+    }
 }
 
 /// Why `setpoint dev` could not start.
@@ -357,8 +383,13 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         ..KvxConfig::default()
     };
     let shutdown = CancellationToken::new();
+    let file = crate::config::FileConfig {
+        orphans: Some(args.orphans_table()),
+        ..crate::config::FileConfig::default()
+    };
     let engine = EngineBuilder::new(pool.clone())
         .env(|_| None)
+        .file(file)
         .worker(worker)
         .secrets(secrets)
         .drift(args.resync_interval)

@@ -7,6 +7,13 @@
 //! forever and on moto, the client token covers EC2's eventually consistent `DescribeInstances`
 //! right after a launch.
 //!
+//! moto does not honour `ClientToken`, so there two attempts of one unit that race (a stale
+//! one past its lease and the live one) can both launch. Every lookup by token then picks the
+//! same instance, the oldest (launch time, then id); `ensure` and `resize` terminate the others
+//! once their fence holds, and `ensure` looks again right after its own launch, adopting an
+//! older instance if another attempt launched one meanwhile. `describe` changes nothing: it
+//! only logs the extras, which the orphan sweep reports as `extra` machines.
+//!
 //! `resize` finds the instance by the same token tag and walks it to the wanted instance type
 //! one observed step at a time: `StopInstances`, wait for `stopped`, `ModifyInstanceAttribute`
 //! (`InstanceType`), `StartInstances`, wait for `running`. Each step is chosen from the state it
@@ -211,7 +218,7 @@ impl Ec2Compute {
     }
 
     /// Live (not terminated, not shutting down) managed instances carrying `tag=value`,
-    /// oldest first.
+    /// oldest first ([`launch_order`]).
     async fn live_tagged(&self, tag: &str, value: &str) -> Result<Vec<Instance>, AdapterError> {
         let mut found = self
             .describe(
@@ -223,16 +230,18 @@ impl Ec2Compute {
                 Vec::new(),
             )
             .await?;
-        oldest_first(&mut found);
+        found.sort_by_key(launch_order);
         Ok(found)
     }
 
-    /// The instance launched with `token`, if any is live, with its data volume.
+    /// The instance launched with `token`, if any is live, with its data volume. Read-only:
+    /// extra instances carrying the token are reported, not terminated (see
+    /// [`Ec2Compute::find_by_token`]).
     async fn observe_by_token(
         &self,
         token: &IdempotencyToken,
     ) -> Result<Option<InstanceObservation>, AdapterError> {
-        match self.find_by_token(token).await? {
+        match self.find_by_token(token, None).await? {
             Some(i) => match observation(&i, true) {
                 Some(obs) => Ok(Some(self.with_data_volume(obs, Some(&i)).await?)),
                 None => Ok(None),
@@ -241,23 +250,70 @@ impl Ec2Compute {
         }
     }
 
-    /// The live instance launched with `token`, as EC2 describes it.
+    /// The live instance launched with `token`, as EC2 describes it: the oldest, if several
+    /// carry the token (see [`Ec2Compute::keep_one`]). With a `fence` (ensure, resize) the
+    /// others are terminated; without one (describe, which changes nothing) they are only
+    /// reported.
     async fn find_by_token(
         &self,
         token: &IdempotencyToken,
+        fence: Option<&Fence>,
     ) -> Result<Option<Instance>, AdapterError> {
         let found = self.live_tagged(TAG_TOKEN, token.as_str()).await?;
-        if found.len() > 1 {
-            // Only possible where ClientToken is not honoured (moto) and two launches raced;
-            // adopt the oldest, leave the rest visible to an operator (and to terminate by
-            // resource, which removes them all).
+        self.keep_one(token, found, fence).await
+    }
+
+    /// One instance of `found` (the live instances carrying `token`): the oldest by launch
+    /// time, ties broken by id ([`launch_order`]), so that every attempt of a unit, stale or
+    /// live, picks the same one whatever order EC2 lists them in.
+    ///
+    /// More than one instance carries a token only where `ClientToken` is not honoured
+    /// (moto) and two attempts launched at once: a stale attempt past its lease and the live
+    /// one. With a `fence`, the others are terminated once the fence is checked (a stale
+    /// attempt terminates nothing: its lease-lost error comes back instead); terminating an
+    /// instance that is already going is success. Without one they are only logged, and the
+    /// orphan sweep reports (and, when configured, terminates) them as `extra` machines.
+    async fn keep_one(
+        &self,
+        token: &IdempotencyToken,
+        mut found: Vec<Instance>,
+        fence: Option<&Fence>,
+    ) -> Result<Option<Instance>, AdapterError> {
+        found.sort_by_key(launch_order);
+        if found.len() <= 1 {
+            return Ok(found.pop());
+        }
+        let kept = found.remove(0);
+        let kept_id = kept.instance_id().unwrap_or_default();
+        let extras: Vec<String> = found
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect();
+        let Some(fence) = fence else {
             warn!(
                 %token,
-                count = found.len(),
-                "more than one live instance carries this token; adopting the oldest"
+                adopted = kept_id,
+                extras = ?extras,
+                "more than one live instance carries this token; adopting the oldest, the \
+                 orphan sweep reports the others"
             );
-        }
-        Ok(found.into_iter().next())
+            return Ok(Some(kept));
+        };
+        warn!(
+            %token,
+            adopted = kept_id,
+            extras = ?extras,
+            "more than one live instance carries this token (two attempts launched where \
+             ClientToken is not honoured); adopting the oldest, terminating the others"
+        );
+        let outcome = self.terminate_ids_tolerant(extras, fence).await?;
+        info!(
+            %token,
+            terminated = ?outcome.terminated,
+            already_gone = ?outcome.already_gone,
+            "extra instances carrying this token terminated"
+        );
+        Ok(Some(kept))
     }
 
     /// `obs` with the data volume `instance` has at the configured device, if any.
@@ -360,7 +416,7 @@ impl Ec2Compute {
             .map(|t| {
                 // Not removed: a token may be asked for twice.
                 let mut found = by_token.get(t.as_str()).cloned().unwrap_or_default();
-                oldest_first(&mut found);
+                found.sort_by_key(launch_order);
                 if found.len() > 1 {
                     warn!(token = %t, count = found.len(),
                         "more than one live instance carries this token; observing the oldest");
@@ -398,13 +454,18 @@ impl Ec2Compute {
             let mut sizes: Vec<(String, u32)> = Vec::new();
             loop {
                 let page = self
-                    .client
-                    .describe_volumes()
-                    .filters(filter_values("volume-id", chunk.to_vec()))
-                    .set_next_token(next.take())
-                    .send()
-                    .await
-                    .map_err(|e| classify("DescribeVolumes", &e))?;
+                    .budgets
+                    .describe
+                    .call(async {
+                        self.client
+                            .describe_volumes()
+                            .filters(filter_values("volume-id", chunk.to_vec()))
+                            .set_next_token(next.take())
+                            .send()
+                            .await
+                            .map_err(|e| classify("DescribeVolumes", &e))
+                    })
+                    .await?;
                 sizes.extend(
                     page.volumes()
                         .iter()
@@ -419,13 +480,18 @@ impl Ec2Compute {
             let mut next: Option<String> = None;
             loop {
                 let page = self
-                    .client
-                    .describe_volumes_modifications()
-                    .filters(filter_values("volume-id", chunk.to_vec()))
-                    .set_next_token(next.take())
-                    .send()
-                    .await
-                    .map_err(|e| classify("DescribeVolumesModifications", &e))?;
+                    .budgets
+                    .describe
+                    .call(async {
+                        self.client
+                            .describe_volumes_modifications()
+                            .filters(filter_values("volume-id", chunk.to_vec()))
+                            .set_next_token(next.take())
+                            .send()
+                            .await
+                            .map_err(|e| classify("DescribeVolumesModifications", &e))
+                    })
+                    .await?;
                 for m in page.volumes_modifications() {
                     if let Some(id) = m.volume_id() {
                         modifications
@@ -591,6 +657,46 @@ impl Ec2Compute {
         Ok((obs, instance))
     }
 
+    /// After a launch: looks again for every live instance carrying `token`, because where
+    /// `ClientToken` is not honoured (moto) another attempt of the unit (a stale one, past its
+    /// lease) may have launched one too between this attempt's lookup and its launch. Every
+    /// attempt keeps the same one ([`Ec2Compute::keep_one`]: the oldest), so this attempt
+    /// adopts the other instance when that one is older, and terminates the rest, its own
+    /// launch included, after checking its fence. Where the lookup does not show the launch
+    /// yet (EC2's eventual consistency) the launch counts as found.
+    async fn settle_launch(
+        &self,
+        token: &IdempotencyToken,
+        obs: InstanceObservation,
+        instance: Instance,
+        fence: &Fence,
+    ) -> Result<(InstanceObservation, Instance), AdapterError> {
+        let mut found = self.live_tagged(TAG_TOKEN, token.as_str()).await?;
+        if !found
+            .iter()
+            .any(|i| i.instance_id() == Some(obs.instance_id.as_str()))
+        {
+            found.push(instance.clone());
+        }
+        if found.len() <= 1 {
+            return Ok((obs, instance));
+        }
+        match self.keep_one(token, found, Some(fence)).await? {
+            Some(kept) if kept.instance_id() != Some(obs.instance_id.as_str()) => {
+                let adopted = observation(&kept, true).ok_or_else(|| {
+                    AdapterError::transient("EC2 listed an instance without an id")
+                })?;
+                info!(
+                    instance_id = %adopted.instance_id,
+                    terminated = %obs.instance_id,
+                    "another attempt launched first; adopting its instance"
+                );
+                Ok((adopted, kept))
+            }
+            _ => Ok((obs, instance)),
+        }
+    }
+
     /// The block device mapping of a `gb` GiB data volume. `DeleteOnTermination` and
     /// `Encrypted` are explicit: EC2 defaults the first to true but moto to false, and the
     /// second follows the account's "encryption by default" unless set.
@@ -618,7 +724,7 @@ impl Ec2Compute {
         fence: &Fence,
     ) -> Result<InstanceObservation, AdapterError> {
         // Observe before act: an earlier attempt may have launched the instance already.
-        let found = self.find_by_token(token).await?;
+        let found = self.find_by_token(token, Some(fence)).await?;
         let (obs, instance) = match found.and_then(|i| Some((observation(&i, true)?, i))) {
             Some((obs, instance)) => {
                 info!(
@@ -631,7 +737,8 @@ impl Ec2Compute {
             None => {
                 // Resolve parameters only now: a bad plan must not hide an existing instance.
                 let launch = self.launch_params(token, req)?;
-                self.run_instance(token, req, &launch, fence).await?
+                let (obs, instance) = self.run_instance(token, req, &launch, fence).await?;
+                self.settle_launch(token, obs, instance, fence).await?
             }
         };
         if !self.config.wait_for_running {
@@ -673,7 +780,10 @@ impl Ec2Compute {
             ))
             .with_code(CODE_MACHINE_NOT_FOUND)
         };
-        let instance = self.find_by_token(token).await?.ok_or_else(not_found)?;
+        let instance = self
+            .find_by_token(token, Some(fence))
+            .await?
+            .ok_or_else(not_found)?;
         let obs = observation(&instance, true).ok_or_else(not_found)?;
         let mut obs = self.with_data_volume(obs, Some(&instance)).await?;
         // The volume first: a size that can never be reached (smaller) is refused before the
@@ -953,6 +1063,24 @@ impl Ec2Compute {
 
         let ids: Vec<String> = targets.into_iter().collect();
         info!(instance_ids = ?ids, "terminating (TerminateInstances)");
+        let done = self.terminate_ids_tolerant(ids, fence).await?;
+        outcome.terminated.extend(done.terminated);
+        outcome.already_gone.extend(done.already_gone);
+        Ok(outcome)
+    }
+
+    /// Terminates `ids` after checking `fence`; an id EC2 no longer knows is already gone, and
+    /// one already shutting down or terminated is terminated again without error (EC2 and
+    /// moto accept that), so a retry is harmless.
+    async fn terminate_ids_tolerant(
+        &self,
+        ids: Vec<String>,
+        fence: &Fence,
+    ) -> Result<TerminateOutcome, AdapterError> {
+        let mut outcome = TerminateOutcome::default();
+        if ids.is_empty() {
+            return Ok(outcome);
+        }
         fence.check()?;
         match self.terminate_ids(&ids).await {
             Ok(()) => outcome.terminated.extend(ids),
@@ -1189,6 +1317,17 @@ fn is_not_found(e: &AdapterError) -> bool {
     e.class == ErrorClass::Permanent && e.code.as_deref() == Some("InvalidInstanceID.NotFound")
 }
 
+/// The order in which the instances carrying one token are ranked: launch time, then id.
+/// The first is the one every attempt adopts ([`Ec2Compute::keep_one`]).
+type LaunchOrder = (Option<(i64, u32)>, Option<String>);
+
+fn launch_order(i: &Instance) -> LaunchOrder {
+    (
+        i.launch_time().map(|t| (t.secs(), t.subsec_nanos())),
+        i.instance_id().map(str::to_owned),
+    )
+}
+
 fn filter<const N: usize>(name: &str, values: [&str; N]) -> Filter {
     Filter::builder()
         .name(name)
@@ -1201,17 +1340,6 @@ fn filter_values(name: &str, values: Vec<String>) -> Filter {
         .name(name)
         .set_values(Some(values))
         .build()
-}
-
-/// Orders instances oldest first (by launch time, then id): the order every attempt adopts
-/// from, so that all pick the same one.
-fn oldest_first(found: &mut [Instance]) {
-    found.sort_by_key(|i| {
-        (
-            i.launch_time().map(|t| (t.secs(), t.subsec_nanos())),
-            i.instance_id().map(str::to_owned),
-        )
-    });
 }
 
 fn tag(key: &str, value: &str) -> Tag {

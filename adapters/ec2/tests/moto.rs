@@ -467,6 +467,152 @@ async fn ensure_fails_transiently_while_the_peer_is_down_then_succeeds_once() {
     assert_eq!(tagged(ec2.client(), &token).await.len(), 1);
 }
 
+/// What an attempt of a unit launches, tagged as setpoint tags (moto ignores the client
+/// token, so every call launches).
+async fn launch_tagged(
+    ec2: &setpoint_ec2::Ec2Compute,
+    token: &IdempotencyToken,
+    req: &setpoint_adapter::InstanceRequest,
+) -> String {
+    let launched = ec2
+        .client()
+        .run_instances()
+        .image_id(ANY_AMI)
+        .min_count(1)
+        .max_count(1)
+        .client_token(token.as_str())
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                .tags(tag(TAG_TOKEN, token.as_str()))
+                .tags(tag(TAG_RESOURCE, &req.resource_id.to_string()))
+                .tags(tag(TAG_TENANT, &req.tenant))
+                .tags(tag(TAG_MANAGED, "true"))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    launched.instances()[0].instance_id().unwrap().to_owned()
+}
+
+/// Live (not shutting down or terminated) ids among `tagged`.
+fn live(tagged: &[(String, String)]) -> Vec<String> {
+    tagged
+        .iter()
+        .filter(|(_, state)| !["shutting-down", "terminated"].contains(&state.as_str()))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Two live machines carry one launch token: a stale attempt (past its lease) and the live
+/// one both launched, which moto allows since it ignores `ClientToken`. The stale attempt
+/// terminates nothing (its fence is lost); describe changes nothing; the live attempt's ensure
+/// adopts the oldest, terminates the other and names only the adopted one, and a rerun
+/// changes nothing more. Resize, the other fenced lookup, does the same.
+#[tokio::test]
+async fn two_machines_with_one_token_ensure_adopts_the_oldest_and_terminates_the_other() {
+    let ec2 = compute(config(&moto().url())).await;
+    let token = IdempotencyToken::generate();
+    let req = request("acme");
+    let first = launch_tagged(&ec2, &token, &req).await;
+    // A later launch time whatever moto's clock resolution.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let second = launch_tagged(&ec2, &token, &req).await;
+    assert_eq!(live(&tagged(ec2.client(), &token).await).len(), 2);
+
+    let stale = Fence::unbounded();
+    stale.lose("test: the lease ran out");
+    let e = ec2
+        .ensure_instance(&token, &req, deadline(), &stale)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code.as_deref(),
+        Some(setpoint_adapter::CODE_LEASE_LOST),
+        "{e}"
+    );
+    let seen = ec2.describe_instance(&token).await.unwrap().unwrap();
+    assert_eq!(seen.instance_id, first, "describe names the oldest");
+    assert_eq!(
+        live(&tagged(ec2.client(), &token).await).len(),
+        2,
+        "a stale attempt and describe terminate nothing"
+    );
+
+    let obs = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    assert!(obs.adopted);
+    assert_eq!(obs.instance_id, first, "the oldest is adopted");
+    assert_eq!(obs.state, InstanceState::Running);
+    let now = tagged(ec2.client(), &token).await;
+    assert_eq!(live(&now), vec![first.clone()], "{now:?}");
+    assert!(now.iter().any(|(id, _)| *id == second), "{now:?}");
+
+    let again = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    assert_eq!(again.instance_id, first);
+    assert_eq!(
+        live(&tagged(ec2.client(), &token).await),
+        vec![first.clone()]
+    );
+
+    // Resize looks the machine up by its launch token the same way.
+    let third = launch_tagged(&ec2, &token, &req).await;
+    assert_eq!(live(&tagged(ec2.client(), &token).await).len(), 2);
+    let resize = setpoint_adapter::ResizeRequest {
+        resource_id: req.resource_id,
+        plan: req.plan.clone(),
+        instance_type: None,
+        data_volume_gb: None,
+    };
+    let resized = ec2
+        .resize_instance(&token, &resize, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    assert_eq!(resized.instance_id, first);
+    let now = tagged(ec2.client(), &token).await;
+    assert_eq!(
+        live(&now),
+        vec![first.clone()],
+        "{third} terminated: {now:?}"
+    );
+}
+
+/// The race itself: between the live attempt's lookup by tag (nothing found) and its own
+/// `RunInstances`, another launch with the same token lands (a proxy sends each
+/// `RunInstances` to moto twice). The attempt looks again after its launch, keeps the one
+/// machine every attempt would pick (the oldest; ties by id) and terminates the other.
+#[tokio::test]
+async fn a_launch_that_raced_another_with_its_token_keeps_one_machine() {
+    let proxy = duplicating_proxy(&format!("127.0.0.1:{}", moto().port), "Action=RunInstances");
+    let ec2 = compute(config(&proxy)).await;
+    let token = IdempotencyToken::generate();
+    let req = request("acme");
+
+    let obs = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    let all = tagged(ec2.client(), &token).await;
+    assert_eq!(all.len(), 2, "the proxy launched twice: {all:?}");
+    assert_eq!(live(&all), vec![obs.instance_id.clone()], "{all:?}");
+    assert_eq!(obs.state, InstanceState::Running);
+
+    // The kept machine is the one a rerun (a later attempt) adopts, without launching.
+    let again = ec2
+        .ensure_instance(&token, &req, deadline(), &Fence::unbounded())
+        .await
+        .unwrap();
+    assert!(again.adopted);
+    assert_eq!(again.instance_id, obs.instance_id);
+    assert_eq!(tagged(ec2.client(), &token).await.len(), 2);
+}
+
 fn tag(k: &str, v: &str) -> aws_sdk_ec2::types::Tag {
     aws_sdk_ec2::types::Tag::builder().key(k).value(v).build()
 }

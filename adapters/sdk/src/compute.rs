@@ -362,9 +362,14 @@ pub trait Compute: Send + Sync + 'static {
     ///
     /// Called by the create workflow's `ensure-instance` unit, on its first run and on every
     /// retry, always with that unit's token. May launch exactly one machine per token (and tag
-    /// it with the token, the resource and the tenant); changes nothing else. Waits for the
-    /// machine to run until `deadline` at the latest, then returns what it sees (possibly
-    /// [`InstanceState::Pending`]) so the engine can check again later.
+    /// it with the token, the resource and the tenant); changes nothing else, but for one
+    /// repair: where the provider does not honour client tokens (moto), two attempts that
+    /// raced (a stale one past its lease and the live one) can both launch, and then every
+    /// attempt adopts the same machine, the oldest (launch time, then id), and a provider
+    /// terminates the others carrying the token once `fence` is checked. The observation names
+    /// the adopted machine only. Waits for the machine to run until `deadline` at the latest,
+    /// then returns what it sees (possibly [`InstanceState::Pending`]) so the engine can check
+    /// again later.
     ///
     /// # Errors
     /// Transient for throttling, capacity, timeouts, 5xx and connection failures; permanent for
@@ -377,10 +382,12 @@ pub trait Compute: Send + Sync + 'static {
         fence: &'a Fence,
     ) -> BoxFuture<'a, Result<InstanceObservation, AdapterError>>;
 
-    /// The machine launched with `token`, if one exists and is not terminated.
+    /// The machine launched with `token`, if one exists and is not terminated; of several
+    /// (see [`Compute::ensure_instance`]), the one ensure adopts (EC2: the oldest).
     ///
-    /// Called by workflows that need the current state (e.g. before configuring the cluster).
-    /// Changes nothing.
+    /// Called by workflows that need the current state (e.g. before configuring the cluster)
+    /// and by the drift check. Changes nothing, so it takes no fence: extra machines it sees
+    /// are left to ensure, resize and the engine's orphan sweep (reason `extra`).
     ///
     /// # Errors
     /// Only transport and permission failures; "not found" is `Ok(None)`.
@@ -423,8 +430,9 @@ pub trait Compute: Send + Sync + 'static {
     ///   attempt meant to do, so a retry after a crash at any point (stopping, stopped with
     ///   the old size, stopped with the new size, starting) converges.
     /// - **Touches one machine.** It may stop, resize and start only the live managed machine
-    ///   launched with `token`, and grow only that machine's data volume; it never launches or
-    ///   terminates anything.
+    ///   launched with `token`, and grow only that machine's data volume; it never launches
+    ///   anything, and terminates only extra machines carrying `token` (the same repair as
+    ///   [`Compute::ensure_instance`], after checking `fence`).
     /// - **Volumes only grow.** The data volume is observed first: at the wanted size (or being
     ///   given it) nothing is sent; larger than wanted is refused before anything changes.
     /// - **Bounded.** It returns no later than `deadline` (plus one provider call) with what it

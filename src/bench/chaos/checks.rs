@@ -42,6 +42,11 @@ pub struct Findings {
     pub stale_objects: usize,
     /// Mails sent more than once (the same `Message-ID` again).
     pub duplicate_mails: usize,
+    /// Machines the engines' orphan sweep terminated as `extra` (a second machine of a live
+    /// instance) during the run.
+    pub swept_extra: usize,
+    /// Machines the engines' orphan sweep terminated as `unknown-resource`.
+    pub swept_unknown: usize,
     /// Everything that is wrong, one sentence each.
     pub violations: Vec<String>,
 }
@@ -85,6 +90,50 @@ pub async fn wait_converged(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Waits until an orphan sweep has run after this call began (by the database's clock), for
+/// at most `limit`; false when none did (a binary without the sweep, or a database error).
+pub async fn wait_swept(pool: &PgPool, limit: Duration) -> bool {
+    let Ok(start) = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
+        .fetch_one(pool)
+        .await
+    else {
+        return false;
+    };
+    let until = Instant::now() + limit;
+    loop {
+        let last: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT max(swept_at) FROM orphan_sweeps")
+                .fetch_one(pool)
+                .await
+                .ok()
+                .flatten();
+        if last.is_some_and(|t| t > start) {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Machines the orphan sweep terminated, by reason: (extra, unknown-resource); zeros when the
+/// sweep's tables do not exist.
+async fn swept_counts(pool: &PgPool) -> (usize, usize) {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT reason, count(*) FROM orphan_machines WHERE action = 'terminated' GROUP BY reason",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let of = |reason: &str| {
+        rows.iter()
+            .find(|(r, _)| r == reason)
+            .map_or(0, |(_, n)| usize::try_from(*n).unwrap_or(0))
+    };
+    (of("extra"), of("unknown-resource"))
 }
 
 /// Open units plus resources with active work; an error while PostgreSQL restarts.
@@ -214,6 +263,7 @@ pub async fn check(world: &World, model: &Model) -> Result<Findings, ChaosError>
         }
     }
 
+    (f.swept_extra, f.swept_unknown) = swept_counts(pool).await;
     check_machines(world, &by_name, &mut f).await?;
     check_objects(world, &by_name, &mut f).await?;
     check_mails(&world.maildir, &by_name, model, &mut f);

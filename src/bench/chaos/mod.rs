@@ -14,7 +14,9 @@
 //! Once the faults are over, every engine runs and every request was answered, the soak waits
 //! until no unit is left to run, then checks:
 //! - exactly one live machine per live instance, the one its record names, running; none for a
-//!   deleted instance; no managed machine of an instance the database does not know;
+//!   deleted instance; no managed machine of an instance the database does not know (the
+//!   engines' orphan sweep runs every 10 s and terminates `extra` and `unknown-resource`
+//!   machines, and the checks come after one sweep that followed convergence);
 //! - no Kubernetes object of a deleted instance, none of an older generation than its
 //!   instance's;
 //! - no mail sent twice (each chain's mail has its own `Message-ID`, derived from the chain's
@@ -152,6 +154,11 @@ pub struct ChaosConfig {
     pub lease: Duration,
     /// The engines' drift check interval (`None`: no drift checks).
     pub resync: Option<Duration>,
+    /// The interval of the engines' orphan sweep, which then terminates `unknown-resource` and
+    /// `extra` machines at any age (`None`: the engines' default, report only every 10
+    /// minutes). The checks wait for one sweep after convergence: a stale attempt's launch
+    /// that lands after its unit completed is the sweep's to remove.
+    pub orphan_sweep: Option<Duration>,
     /// Longest retry delay of the engines (when the binary takes `--backoff-cap`): the time
     /// to converge then measures the engine, not a ten-minute backoff.
     pub backoff_cap: Duration,
@@ -198,6 +205,7 @@ impl ChaosConfig {
             outage: (Duration::from_secs(10), Duration::from_secs(12)),
             lease: Duration::from_secs(3),
             resync: Some(Duration::from_secs(20)),
+            orphan_sweep: Some(Duration::from_secs(10)),
             backoff_cap: Duration::from_secs(10),
             settle: Duration::from_secs(240),
             engine_binary,
@@ -222,6 +230,7 @@ impl ChaosConfig {
             outage: (Duration::from_secs(10), Duration::from_secs(30)),
             lease: args.lease,
             resync: Some(Duration::from_secs(30)),
+            orphan_sweep: Some(Duration::from_secs(10)),
             backoff_cap: Duration::from_secs(15),
             settle: Duration::from_secs(300),
             engine_binary,
@@ -334,6 +343,15 @@ impl ChaosReport {
         );
         line("mails", d.mails.to_string());
         line(
+            "machines the orphan sweep terminated",
+            format!(
+                "{} (extra {}, unknown-resource {})",
+                d.swept_extra + d.swept_unknown,
+                d.swept_extra,
+                d.swept_unknown
+            ),
+        );
+        line(
             "duplicates found",
             format!(
                 "{} (machines {}, Kubernetes objects {}, mails {})",
@@ -406,6 +424,14 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
         Some(s) => format!("converged {s:.1} s after the last fault"),
         None => "did not converge within the settle time".into(),
     });
+    if let Some(interval) = world.orphan_sweep() {
+        let swept = checks::wait_swept(world.pool(), interval * 3).await;
+        say(if swept {
+            "an orphan sweep ran after convergence".into()
+        } else {
+            "no orphan sweep ran after convergence".into()
+        });
+    }
     let mut findings = checks::check(&world, &workload.model()).await?;
     if ops.unanswered > 0 {
         findings

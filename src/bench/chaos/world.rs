@@ -89,6 +89,7 @@ pub struct World {
     binary: PathBuf,
     lease: Duration,
     resync: Option<Duration>,
+    orphan_sweep: Option<Duration>,
     extra_flags: Vec<String>,
     pg: TempCluster,
     db_url: String,
@@ -173,6 +174,20 @@ impl World {
             ]);
         }
 
+        // The orphan sweep, when the binary can be told to terminate.
+        let orphan_sweep = config
+            .orphan_sweep
+            .filter(|_| help.contains("--orphans-terminate"));
+        if let Some(interval) = orphan_sweep {
+            extra_flags.extend([
+                "--orphans-interval".to_owned(),
+                format!("{}ms", interval.as_millis()),
+                "--orphans-terminate".to_owned(),
+                "--orphans-min-age".to_owned(),
+                "0s".to_owned(),
+            ]);
+        }
+
         let mut slots = Vec::new();
         for i in 0..config.engines {
             slots.push(Slot {
@@ -188,6 +203,7 @@ impl World {
             binary: config.engine_binary.clone(),
             lease: config.lease,
             resync: config.resync,
+            orphan_sweep,
             extra_flags,
             pg,
             db_url,
@@ -225,6 +241,11 @@ impl World {
             .iter()
             .map(|s| format!("http://127.0.0.1:{}", s.port))
             .collect()
+    }
+
+    /// The interval of the engines' orphan sweep, when they run one that terminates.
+    pub fn orphan_sweep(&self) -> Option<Duration> {
+        self.orphan_sweep
     }
 
     /// The tenant token the workload uses.

@@ -1,29 +1,42 @@
-//! Orphaned machines: machines tagged as managed by setpoint that belong to no live resource.
+//! Orphaned machines: machines tagged as managed by setpoint that belong to no live resource,
+//! or that carry a live resource's tag but are not the machine its record names.
 //!
 //! A chain never leaves a machine behind on purpose, but some do stay: a create an operator
 //! cancelled after its launch, a resource whose tombstone was pruned while a machine of it
-//! somehow lived on, or a database restored from before some launches. Before a launch, the
-//! machine steps adopt or terminate the machines tagged with *their* resource; this sweep finds
-//! the rest. Every `[orphans] interval` one engine at a time (a session advisory lock, as
+//! somehow lived on, a database restored from before some launches, or a second launch of one
+//! unit (a stale attempt past its lease launching while the live one did, where the provider
+//! does not honour client tokens, as moto does not). Before a launch, the machine steps adopt or
+//! terminate the machines tagged with *their* resource, and the EC2 adapter terminates extra
+//! machines carrying the token it launches with; this sweep finds the rest. Every `[orphans] interval` one engine at a time (a session advisory lock, as
 //! retention takes) lists the managed machines of every region it serves (tag
 //! `setpoint:managed=true`), looks their resource ids up in `instances` (every kind, tombstones
-//! included), and records each orphan in `orphan_machines`, where `setpoint work orphans` and
-//! the gauge `setpoint_orphan_machines{region}` read them. Kinds of orphan:
+//! included) and the machines their records name, and records each orphan in
+//! `orphan_machines`, where `setpoint work orphans` and the gauge
+//! `setpoint_orphan_machines{region}` read them. Kinds of orphan:
 //!
 //! | reason             | the machine's resource tag                      | terminated when configured |
 //! |--------------------|-------------------------------------------------|----------------------------|
 //! | `unknown-resource` | names a resource this database has no row of    | yes, once old enough       |
+//! | `extra`            | names a live resource whose record names other machines, and no unit holds it | yes, once old enough |
 //! | `deleted-resource` | names a deleted resource (a tombstone)          | never                      |
 //! | `untagged`         | missing or not a resource id                    | never                      |
+//!
+//! A record names a machine by an output holding an `instance_id` (KVX's `machine`) or by
+//! `ec2_instance_id` (the `ec2.ensure-instance` kind). A resource that records no machine, or
+//! that a unit holds (a chain is running, or parked: it may be launching or replacing its
+//! machine), has no extras: its machines are left to its chain and its next update or heal.
 //!
 //! # The risk of terminating
 //! The database decides what is an orphan. A database restored from an older backup does not
 //! know the resources created after the backup, so their machines — live, holding data — look
-//! like `unknown-resource` orphans; so do the machines of another setpoint deployment sharing
-//! the cloud account and region. Hence: report only by default (`terminate = false`); when
-//! terminating, only machines launched at least `min_age` (1 h) before the sweep (by the
-//! database's clock), never a machine whose resource has a row in any state, re-checked just
-//! before each termination; and at most `max_terminations` (10) per region and sweep — a sweep
+//! like `unknown-resource` orphans, and a resource that replaced its machine after the backup
+//! names the old one, so its live machine looks `extra`; so do the machines of another setpoint
+//! deployment sharing the cloud account and region. Hence: report only by default
+//! (`terminate = false`); when terminating, only machines launched at least `min_age` (1 h)
+//! before the sweep (by the database's clock), never an `unknown-resource` machine whose
+//! resource has a row in any state, never an `extra` machine its resource's record names or
+//! whose resource a unit holds, both re-checked just before each termination; and at most
+//! `max_terminations` (10) per region and sweep — a sweep
 //! that finds more terminates none of them and marks them `held` (a restored or foreign
 //! database is the likely cause). Restore a database only with the sweep's `terminate` off,
 //! and never point two deployments at one account and region with it on.
@@ -46,9 +59,10 @@ use tokio_util::sync::CancellationToken;
 use crate::plugin::{BackgroundTask, TaskContext};
 use crate::store::StoreError;
 use crate::store::instances::resources_known;
-pub use store::{OrphanRow, SweepRow};
+pub use store::{LiveRecord, OrphanRow, SweepRow};
 use store::{
-    orphan_lock_try, orphan_now, orphans_per_region, orphans_record, orphans_record_failure,
+    orphan_lock_try, orphan_now, orphans_live_records, orphans_per_region, orphans_record,
+    orphans_record_failure,
 };
 
 /// Default of [`OrphanConfig::interval`]: a sweep every 10 minutes.
@@ -85,8 +99,8 @@ pub struct OrphanConfig {
     /// How often each engine tries a sweep ([`DEFAULT_INTERVAL`]); `None` turns the sweep off
     /// in this engine. Every engine tries; one at a time sweeps.
     pub interval: Option<Duration>,
-    /// Terminate `unknown-resource` orphans (default false: report only). See the module docs
-    /// for the risk.
+    /// Terminate `unknown-resource` and `extra` orphans (default false: report only). See the
+    /// module docs for the risk.
     pub terminate: bool,
     /// Only machines launched at least this long before the sweep are terminated
     /// ([`DEFAULT_MIN_AGE`]).
@@ -172,6 +186,10 @@ struct OrphansFile {
 pub enum Reason {
     /// Its resource tag names a resource this database has no row of.
     UnknownResource,
+    /// Its resource tag names a live resource that no unit holds and whose record names other
+    /// machines: a second launch for the resource (two attempts of one unit that both
+    /// launched, where the provider does not honour client tokens).
+    Extra,
     /// Its resource tag names a deleted resource (a tombstone).
     DeletedResource,
     /// Its resource tag is missing or not a resource id.
@@ -183,17 +201,27 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownResource => "unknown-resource",
+            Reason::Extra => "extra",
             Reason::DeletedResource => "deleted-resource",
             Reason::Untagged => "untagged",
         }
     }
+
+    /// Whether a sweep configured to terminate may terminate a machine orphaned so (once old
+    /// enough, within the limit).
+    pub fn terminable(self) -> bool {
+        matches!(self, Reason::UnknownResource | Reason::Extra)
+    }
 }
 
-/// Classifies `machines` against the resources the database knows (`id → deleted`): the
-/// orphans among them, with why. A machine of a live resource is never one.
+/// Classifies `machines` against the resources the database knows (`id → deleted`) and the
+/// records of the live ones among them (`live`): the orphans, with why. A machine of a live
+/// resource is one only when it is an [`Reason::Extra`]: the resource's record is settled
+/// ([`LiveRecord::settled`]), names at least one machine, and not this one.
 pub fn classify<'a>(
     machines: &'a [ManagedMachine],
     known: &HashMap<uuid::Uuid, bool>,
+    live: &HashMap<uuid::Uuid, LiveRecord>,
 ) -> Vec<(&'a ManagedMachine, Reason)> {
     machines
         .iter()
@@ -202,7 +230,10 @@ pub fn classify<'a>(
             Some(id) => match known.get(&id) {
                 None => Some((m, Reason::UnknownResource)),
                 Some(true) => Some((m, Reason::DeletedResource)),
-                Some(false) => None,
+                Some(false) => live
+                    .get(&id)
+                    .is_some_and(|r| r.is_extra(&m.instance_id))
+                    .then_some((m, Reason::Extra)),
             },
         })
         .collect()
@@ -379,16 +410,23 @@ impl OrphanSweep {
         let ids: Vec<uuid::Uuid> = machines.iter().filter_map(|m| m.resource_id).collect();
         let known: HashMap<uuid::Uuid, bool> =
             resources_known(conn, &ids).await?.into_iter().collect();
+        let live_ids: Vec<uuid::Uuid> = known
+            .iter()
+            .filter(|(_, deleted)| !**deleted)
+            .map(|(id, _)| *id)
+            .collect();
+        let live: HashMap<uuid::Uuid, LiveRecord> = orphans_live_records(conn, &live_ids)
+            .await?
+            .into_iter()
+            .collect();
         let now = orphan_now(conn).await?;
-        let found = classify(&machines, &known);
+        let found = classify(&machines, &known, &live);
         let min_age = chrono::TimeDelta::from_std(self.config.min_age)
             .map_err(|_| OrphanError::Config("orphans.min_age is too long".into()))?;
         let old_enough = |m: &ManagedMachine| launched_at(m).is_some_and(|t| t <= now - min_age);
         let terminable: Vec<&str> = found
             .iter()
-            .filter(|(m, r)| {
-                self.config.terminate && *r == Reason::UnknownResource && old_enough(m)
-            })
+            .filter(|(m, r)| self.config.terminate && r.terminable() && old_enough(m))
             .map(|(m, _)| m.instance_id.as_str())
             .collect();
         let held = terminable.len() > self.config.max_terminations;
@@ -407,7 +445,7 @@ impl OrphanSweep {
         let mut orphans = Vec::with_capacity(found.len());
         let mut terminated = 0;
         for (m, reason) in &found {
-            let (action, note) = if !self.config.terminate || *reason != Reason::UnknownResource {
+            let (action, note) = if !self.config.terminate || !reason.terminable() {
                 ("reported", None)
             } else if !old_enough(m) {
                 (
@@ -429,7 +467,10 @@ impl OrphanSweep {
             } else if stop.is_cancelled() {
                 ("reported", Some("the engine was shutting down".into()))
             } else {
-                match self.terminate(conn, region, compute, m, &token).await? {
+                match self
+                    .terminate(conn, region, compute, m, *reason, &token)
+                    .await?
+                {
                     Ok(()) => {
                         terminated += 1;
                         ("terminated", None)
@@ -467,7 +508,8 @@ impl OrphanSweep {
                 machines = machines.len(),
                 orphans = orphans.len(),
                 terminated,
-                "orphan sweep: managed machines that belong to no live resource (see `setpoint work orphans`)"
+                "orphan sweep: managed machines that belong to no live resource, or extra machines \
+                 of one (see `setpoint work orphans`)"
             );
         } else {
             tracing::info!(
@@ -486,23 +528,54 @@ impl OrphanSweep {
         })
     }
 
-    /// Terminates orphan `m` after checking once more that its resource has no row. The
-    /// outer error is the database's; the inner one the provider's refusal, as text.
+    /// Terminates orphan `m` after checking once more what made it one: for an
+    /// `unknown-resource` machine that its resource has no row, for an `extra` one that its
+    /// resource is still live, settled, and names other machines. The outer error is the
+    /// database's; the inner one the provider's refusal (or the re-check's finding), as text.
     async fn terminate(
         &self,
         conn: &mut PgConnection,
         region: &str,
         compute: &dyn Compute,
         m: &ManagedMachine,
+        reason: Reason,
         token: &IdempotencyToken,
     ) -> Result<Result<(), String>, OrphanError> {
-        if let Some(id) = m.resource_id
-            && !resources_known(conn, &[id]).await?.is_empty()
-        {
-            return Ok(Err("its resource exists now; not terminated".into()));
+        match (reason, m.resource_id) {
+            (Reason::UnknownResource, Some(id)) => {
+                if !resources_known(conn, &[id]).await?.is_empty() {
+                    return Ok(Err("its resource exists now; not terminated".into()));
+                }
+            }
+            (Reason::Extra, Some(id)) => {
+                let still = orphans_live_records(conn, &[id])
+                    .await?
+                    .into_iter()
+                    .any(|(_, r)| r.is_extra(&m.instance_id));
+                if !still {
+                    return Ok(Err(
+                        "its resource's record names it now, or a unit holds the resource; \
+                         not terminated"
+                            .into(),
+                    ));
+                }
+            }
+            (Reason::UnknownResource | Reason::Extra, None) => {
+                return Ok(Err("no resource tag; not terminated".into()));
+            }
+            (Reason::DeletedResource | Reason::Untagged, _) => {
+                return Ok(Err("never terminated for this reason".into()));
+            }
         }
-        tracing::warn!(region, machine = %m.instance_id, resource = ?m.resource_id, token = %token,
-            "orphan sweep: terminating a managed machine that belongs to no resource");
+        match reason {
+            Reason::Extra => tracing::warn!(region, machine = %m.instance_id,
+                resource = ?m.resource_id, launch_token = ?m.launch_token.as_ref().map(|t| t.as_str()),
+                token = %token,
+                "orphan sweep: terminating an extra machine of a live resource (its record names another)"),
+            _ => tracing::warn!(region, machine = %m.instance_id, resource = ?m.resource_id,
+                token = %token,
+                "orphan sweep: terminating a managed machine that belongs to no resource"),
+        }
         let request = TerminateRequest {
             instance_id: Some(m.instance_id.clone()),
             resource_id: None,
@@ -636,7 +709,7 @@ mod tests {
             machine("i-untagged", None),
         ];
         let known = HashMap::from([(live, false), (gone, true)]);
-        let found: Vec<(&str, Reason)> = classify(&machines, &known)
+        let found: Vec<(&str, Reason)> = classify(&machines, &known, &HashMap::new())
             .into_iter()
             .map(|(m, r)| (m.instance_id.as_str(), r))
             .collect();
@@ -648,6 +721,47 @@ mod tests {
                 ("i-untagged", Reason::Untagged),
             ]
         );
+    }
+
+    #[test]
+    fn a_live_resource_has_extras_only_once_settled_and_recording_another_machine() {
+        let (settled, busy, bare, ec2) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let machines = vec![
+            machine("i-recorded", Some(settled)),
+            machine("i-extra", Some(settled)),
+            machine("i-launching", Some(busy)),
+            machine("i-unrecorded", Some(bare)),
+            machine("i-ec2-extra", Some(ec2)),
+        ];
+        let known = HashMap::from([(settled, false), (busy, false), (bare, false), (ec2, false)]);
+        let record = |machines: &[&str], settled| LiveRecord {
+            machines: machines.iter().map(|m| (*m).to_owned()).collect(),
+            settled,
+        };
+        let live = HashMap::from([
+            (settled, record(&["i-recorded"], true)),
+            // A unit holds it: the machine it launches is not recorded yet.
+            (busy, record(&["i-old"], false)),
+            // Records no machine: left to its chain, its next update or heal.
+            (bare, record(&[], true)),
+            (ec2, record(&["i-ec2"], true)),
+        ]);
+        let found: Vec<(&str, Reason)> = classify(&machines, &known, &live)
+            .into_iter()
+            .map(|(m, r)| (m.instance_id.as_str(), r))
+            .collect();
+        assert_eq!(
+            found,
+            vec![("i-extra", Reason::Extra), ("i-ec2-extra", Reason::Extra)]
+        );
+        assert!(Reason::Extra.terminable() && Reason::UnknownResource.terminable());
+        assert!(!Reason::DeletedResource.terminable() && !Reason::Untagged.terminable());
+        assert_eq!(Reason::Extra.as_str(), "extra");
     }
 
     #[test]

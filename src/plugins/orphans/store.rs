@@ -2,7 +2,7 @@
 //! advisory lock that lets one engine sweep at a time, and what `setpoint work orphans` reads.
 //!
 //! - `orphan_machines`: one row per managed machine the last sweep of its region found
-//!   belonging to no live resource (and, for a week, the ones it terminated).
+//!   belonging to no live resource, or extra to one (and, for a week, the ones it terminated).
 //! - `orphan_sweeps`: one row per region: when it was last swept, what was found, what failed.
 //!
 //! Both stay small: a row per orphan, a row per region. Rows of machines a sweep no longer
@@ -70,7 +70,7 @@ pub struct OrphanRow {
     pub launch_token: Option<String>,
     /// When the provider says it was launched.
     pub launched_at: Option<DateTime<Utc>>,
-    /// Why it is an orphan: `unknown-resource`, `deleted-resource` or `untagged`.
+    /// Why it is an orphan: `unknown-resource`, `extra`, `deleted-resource` or `untagged`.
     pub reason: String,
     /// What the sweep did: `reported`, `waiting` (terminable once old enough), `held` (more
     /// than the limit would have been terminated), `terminated` or `failed`.
@@ -210,6 +210,73 @@ pub async fn orphans_record_failure(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// What the database records of a live resource, as the sweep needs it to tell an `extra`
+/// machine of the resource from its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveRecord {
+    /// The machines its record names: the `instance_id` of each output (KVX's `machine`) and
+    /// `ec2_instance_id` (the `ec2.ensure-instance` kind); empty ids left out.
+    pub machines: Vec<String>,
+    /// True when no unit holds the resource (`has_active_work` is false and no unit of it that
+    /// holds its resource is left, parked ones included): nothing is launching or replacing its
+    /// machine, so the record is what it has.
+    pub settled: bool,
+}
+
+impl LiveRecord {
+    /// Whether `machine`, carrying this resource's tag, is an extra one: the record is settled,
+    /// names at least one machine, and not `machine`.
+    pub fn is_extra(&self, machine: &str) -> bool {
+        self.settled && !self.machines.is_empty() && !self.machines.iter().any(|m| m == machine)
+    }
+}
+
+/// The records of the live (not deleted) resources among `ids`; deleted and unknown ids are
+/// left out.
+///
+/// # Errors
+/// Database errors.
+pub async fn orphans_live_records(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, LiveRecord)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT i.id,
+                ARRAY(SELECT o.value->>'instance_id'
+                        FROM jsonb_each(CASE WHEN jsonb_typeof(i.observed) = 'object'
+                                             THEN i.observed ELSE '{}'::jsonb END) o
+                       WHERE jsonb_typeof(o.value) = 'object'
+                         AND jsonb_typeof(o.value->'instance_id') = 'string'
+                         AND o.value->>'instance_id' <> ''
+                      UNION ALL
+                      SELECT i.observed->>'ec2_instance_id'
+                       WHERE jsonb_typeof(i.observed->'ec2_instance_id') = 'string'
+                         AND i.observed->>'ec2_instance_id' <> '') AS machines,
+                NOT i.has_active_work
+                  AND NOT EXISTS (SELECT 1 FROM work w
+                                   WHERE w.resource_id = i.id AND w.holds_resource) AS settled
+           FROM instances i
+          WHERE i.id = ANY($1) AND i.deleted_at IS NULL",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                LiveRecord {
+                    machines: r.try_get("machines")?,
+                    settled: r.try_get("settled")?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Live orphans (all but the terminated) per region, for the gauge.

@@ -214,3 +214,99 @@ fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
         }
     }
 }
+
+/// A proxy in front of the EC2 endpoint at `target` (`host:port`) that sends every request
+/// whose body contains `action` (e.g. `Action=RunInstances`) to the endpoint twice and answers
+/// with the second answer; every other request once. With `RunInstances` and moto (which does
+/// not honour `ClientToken`) it makes exactly the race of two attempts of one unit: another
+/// launch with the same token lands just before the caller's own, after the caller looked by
+/// tag and found nothing. Runs until the process exits; each connection serves one request.
+pub fn duplicating_proxy(target: &str, action: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let target = target.to_owned();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut client) = stream else { continue };
+            let target = target.clone();
+            thread::spawn(move || {
+                let Ok(Some((head, body))) = read_whole_request(&mut client) else {
+                    return;
+                };
+                let times = if body.windows(action.len()).any(|w| w == action.as_bytes()) {
+                    2
+                } else {
+                    1
+                };
+                let mut answer = Vec::new();
+                for _ in 0..times {
+                    answer = match forward(&target, &head, &body) {
+                        Ok(a) => a,
+                        Err(_) => return,
+                    };
+                }
+                let _ = client.write_all(&answer);
+                let _ = client.flush();
+            });
+        }
+    });
+    url
+}
+
+/// One request from `stream`: its head (request line and headers, without the blank line) and
+/// its body (by `Content-Length`); `None` when the peer closed first.
+fn read_whole_request(stream: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())
+                        .flatten()
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(Some((head, buf[end + 4..end + 4 + len].to_vec())));
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends one request to `target` on a connection of its own (`Connection: close`) and
+/// returns the whole answer.
+fn forward(target: &str, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut upstream = TcpStream::connect(target)?;
+    let mut request = String::new();
+    for line in head.lines() {
+        if line
+            .split_once(':')
+            .is_some_and(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        {
+            continue;
+        }
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    upstream.write_all(request.as_bytes())?;
+    upstream.write_all(body)?;
+    upstream.flush()?;
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer)?;
+    Ok(answer)
+}
