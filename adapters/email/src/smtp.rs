@@ -10,7 +10,8 @@
 //! # Replies that ask to wait
 //! 4xx replies are transient. When the reply's text asks the client to slow down (`slow down`,
 //! `rate limit`, `too many`, `throttl…`, as 421 and 451 replies of busy relays say), the error
-//! carries `retry_after` = [`SLOW_DOWN_RETRY`]; when it says the message was greylisted, it
+//! carries `retry_after` = [`SLOW_DOWN_RETRY`] and counts as throttling (with the engine's shared
+//! budgets, the lowered budget's wait replaces that delay); when it says the message was greylisted, it
 //! carries [`GREYLIST_RETRY`], the usual greylisting delay, so that the engine's early,
 //! short backoff does not spend the unit's attempts on retries the relay is bound to refuse.
 

@@ -146,6 +146,12 @@ pub trait Budgets: Send + Sync {
     /// The peer throttled a call of `key`: lowers the shared rate (at most once per second per
     /// key, whoever reports it) and returns how long the throttled caller should wait.
     fn throttled<'a>(&'a self, key: &'a BudgetKey, limit: Limit) -> BoxFuture<'a, Duration>;
+
+    /// True when the budget is shared and its wait after a throttle is the one to keep; false
+    /// for [`Unlimited`], whose fixed wait gives way to the peer's own hint (`retry_after`).
+    fn shared(&self) -> bool {
+        true
+    }
 }
 
 /// Grants every token and waits [`Unlimited::THROTTLE_WAIT`] after a throttle: for adapter
@@ -169,6 +175,10 @@ impl Budgets for Unlimited {
 
     fn throttled<'a>(&'a self, _key: &'a BudgetKey, _limit: Limit) -> BoxFuture<'a, Duration> {
         Box::pin(async { Self::THROTTLE_WAIT })
+    }
+
+    fn shared(&self) -> bool {
+        false
     }
 }
 
@@ -228,6 +238,13 @@ impl Budget {
     /// wait: the unit runs again after the returned delay, and the attempt does not count.
     pub async fn throttled(&self, err: AdapterError) -> AdapterError {
         let wait = self.budgets.throttled(&self.key, self.limit).await;
+        // Without a shared budget, the adapter's own hint for this answer (a relay's "slow
+        // down": 60 s) says best how long to wait.
+        let wait = if self.budgets.shared() {
+            wait
+        } else {
+            err.retry_after.unwrap_or(wait)
+        };
         let code = err
             .code
             .clone()
