@@ -164,8 +164,37 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError
     move |source| ClusterError::Io { context, source }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and that the kernel will not hand to
+/// anyone else meanwhile: it is picked below the ephemeral range.
+///
+/// The caller binds it later (a child process, a server started after a config is written).
+/// A port the kernel chose for `127.0.0.1:0` comes from its ephemeral range, from which every
+/// outgoing connection and every other `:0` listener also draws, so between the pick and the
+/// bind another socket could take it (seen: `setpoint dev` failing with "Address already in
+/// use" in the test suite). Ports below that range are handed out by nobody; each pick is
+/// random, checked by binding, and never repeated within the process.
 pub fn free_port() -> Result<u16, ClusterError> {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    for _ in 0..200 {
+        let n = (uuid::Uuid::new_v4().as_u128() % u128::from(to - from)) as u16;
+        let port = from + n;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
     Ok(l.local_addr().map_err(io("reading a bound port"))?.port())
 }
