@@ -608,7 +608,16 @@ async fn serve_without_adapters_keeps_the_noop_kinds_and_says_so() {
     std::fs::write(&config, format!("database_url = \"{}\"\n", db.url)).expect("config");
     let engine = serve(&config, &[], &[]);
     logged_addr(&engine, "gRPC API listening").await;
-    let out = engine.output();
+    // `serve` logs the notice once the engine has started, which can be after the API's
+    // listener is announced: wait for it rather than read the log at one instant.
+    let mut out = engine.output();
+    for _ in 0..200 {
+        if out.contains("KVX workflows off") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        out = engine.output();
+    }
     let off: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("KVX workflows off"))
