@@ -184,37 +184,59 @@ impl Ec2Compute {
         }
     }
 
+    /// Every page of a describe call, each drawn from the describe budget: `call` asks for the
+    /// page after a token, `next_token` reads the token of the page after.
+    async fn pages<P, Fut>(
+        &self,
+        mut call: impl FnMut(Option<String>) -> Fut,
+        next_token: impl Fn(&P) -> Option<&str>,
+    ) -> Result<Vec<P>, AdapterError>
+    where
+        Fut: Future<Output = Result<P, AdapterError>>,
+    {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self.budgets.describe.call(call(next.take())).await?;
+            next = next_token(&page)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            out.push(page);
+            if next.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Every instance matching `filters` (all pages).
     async fn describe(
         &self,
         filters: Vec<Filter>,
         ids: Vec<String>,
     ) -> Result<Vec<Instance>, AdapterError> {
-        let mut out = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let page = self
-                .budgets
-                .describe
-                .call(async {
-                    self.client
+        let pages = self
+            .pages(
+                |next| {
+                    let req = self
+                        .client
                         .describe_instances()
                         .set_filters(Some(filters.clone()).filter(|f| !f.is_empty()))
                         .set_instance_ids(Some(ids.clone()).filter(|i| !i.is_empty()))
-                        .set_next_token(next.take())
-                        .send()
-                        .await
-                        .map_err(|e| classify("DescribeInstances", &e))
-                })
-                .await?;
-            for reservation in page.reservations() {
-                out.extend(reservation.instances().iter().cloned());
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-                _ => return Ok(out),
-            }
-        }
+                        .set_next_token(next);
+                    async move {
+                        req.send()
+                            .await
+                            .map_err(|e| classify("DescribeInstances", &e))
+                    }
+                },
+                |p| p.next_token(),
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.reservations())
+            .flat_map(|r| r.instances().iter().cloned())
+            .collect())
     }
 
     /// Live (not terminated, not shutting down) managed instances carrying `tag=value`,
@@ -450,59 +472,54 @@ impl Ec2Compute {
     ) -> Result<HashMap<String, DataVolume>, AdapterError> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(VALUES_PER_FILTER) {
-            let mut next: Option<String> = None;
-            let mut sizes: Vec<(String, u32)> = Vec::new();
-            loop {
-                let page = self
-                    .budgets
-                    .describe
-                    .call(async {
-                        self.client
+            let volume_pages = self
+                .pages(
+                    |next| {
+                        let req = self
+                            .client
                             .describe_volumes()
                             .filters(filter_values("volume-id", chunk.to_vec()))
-                            .set_next_token(next.take())
-                            .send()
-                            .await
-                            .map_err(|e| classify("DescribeVolumes", &e))
-                    })
-                    .await?;
-                sizes.extend(
-                    page.volumes()
-                        .iter()
-                        .filter_map(|v| Some((v.volume_id()?.to_owned(), gib(v.size())))),
-                );
-                match page.next_token() {
-                    Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-                    _ => break,
-                }
-            }
-            let mut modifications: HashMap<String, Vec<Ec2Modification>> = HashMap::new();
-            let mut next: Option<String> = None;
-            loop {
-                let page = self
-                    .budgets
-                    .describe
-                    .call(async {
-                        self.client
+                            .set_next_token(next);
+                        async move {
+                            req.send()
+                                .await
+                                .map_err(|e| classify("DescribeVolumes", &e))
+                        }
+                    },
+                    |p| p.next_token(),
+                )
+                .await?;
+            let sizes = volume_pages
+                .iter()
+                .flat_map(|p| p.volumes())
+                .filter_map(|v| Some((v.volume_id()?.to_owned(), gib(v.size()))));
+            let modification_pages = self
+                .pages(
+                    |next| {
+                        let req = self
+                            .client
                             .describe_volumes_modifications()
                             .filters(filter_values("volume-id", chunk.to_vec()))
-                            .set_next_token(next.take())
-                            .send()
-                            .await
-                            .map_err(|e| classify("DescribeVolumesModifications", &e))
-                    })
-                    .await?;
-                for m in page.volumes_modifications() {
-                    if let Some(id) = m.volume_id() {
-                        modifications
-                            .entry(id.to_owned())
-                            .or_default()
-                            .push(m.clone());
-                    }
-                }
-                match page.next_token() {
-                    Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-                    _ => break,
+                            .set_next_token(next);
+                        async move {
+                            req.send()
+                                .await
+                                .map_err(|e| classify("DescribeVolumesModifications", &e))
+                        }
+                    },
+                    |p| p.next_token(),
+                )
+                .await?;
+            let mut modifications: HashMap<String, Vec<Ec2Modification>> = HashMap::new();
+            for m in modification_pages
+                .iter()
+                .flat_map(|p| p.volumes_modifications())
+            {
+                if let Some(id) = m.volume_id() {
+                    modifications
+                        .entry(id.to_owned())
+                        .or_default()
+                        .push(m.clone());
                 }
             }
             for (volume_id, size_gb) in sizes {
