@@ -134,7 +134,13 @@ fn bench_scale_reports_create_latency_drift_rate_and_table_sizes() {
         .collect();
     assert_eq!(
         tables,
-        ["instances", "work", "work_events", "api_requests"],
+        [
+            "instances",
+            "drift_schedule",
+            "work",
+            "work_events",
+            "api_requests"
+        ],
         "{out}"
     );
 }

@@ -480,6 +480,94 @@ async fn three_engines_check_each_instance_once_per_interval() {
     db.pool.close().await;
 }
 
+/// The drift schedule after a pause longer than the interval (no engine ran): the next round
+/// checks each live READY resource once, not once per missed interval, removes deleted
+/// resources from the schedule, and the round after it finds nothing due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_pause_each_resource_is_checked_once_and_deleted_ones_leave() {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    for (i, status, deleted) in [
+        (0, "READY", false),
+        (1, "READY", false),
+        (2, "READY", false),
+        (3, "CREATING", false),
+        (4, "DELETED", true),
+        (5, "READY", false),
+    ] {
+        sqlx::query(
+            "INSERT INTO instances (id, tenant, name, kind, spec, status, deleted_at)
+             VALUES ($1, 'acme', $2, 'kvx.instance', '{}', $3,
+                     CASE WHEN $4 THEN now() END)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(format!("p-{i}"))
+        .bind(status)
+        .bind(deleted)
+        .execute(&db.pool)
+        .await
+        .expect("instance");
+    }
+    let mut catalog = KindCatalog::new();
+    catalog.add(setpoint::plugins::kvx::kind()).expect("kind");
+    let chains = Arc::new(Chains::new(
+        Arc::new(catalog),
+        Arc::new(SecretBox::none()),
+        db.pool.clone(),
+    ));
+    let scheduler = DriftScheduler::new(
+        db.pool.clone(),
+        chains,
+        DriftConfig {
+            interval: Duration::from_secs(3600),
+            batch: 2,
+        },
+    );
+    // The first round places the live resources and starts the kind's cursor at now.
+    assert_eq!(scheduler.run_once().await.expect("round"), 0);
+    let placed: i64 = sqlx::query_scalar("SELECT count(*) FROM drift_schedule")
+        .fetch_one(&db.pool)
+        .await
+        .expect("placed");
+    assert_eq!(placed, 5, "every live resource joins, whatever its status");
+    // The pruned row of a resource (its tombstone gone) and a resource deleted since it joined.
+    sqlx::query(
+        "INSERT INTO drift_schedule (resource_id, kind, phase) VALUES ($1, 'kvx.instance', 0.5)",
+    )
+    .bind(Uuid::new_v4())
+    .execute(&db.pool)
+    .await
+    .expect("pruned row");
+    sqlx::query("UPDATE instances SET deleted_at = now(), status = 'DELETED' WHERE name = 'p-5'")
+        .execute(&db.pool)
+        .await
+        .expect("delete");
+    // No engine ran for three intervals.
+    sqlx::query("UPDATE drift_cursors SET through = through - interval '3 hours'")
+        .execute(&db.pool)
+        .await
+        .expect("pause");
+    // batch 2: the catch-up is several transactions, and still one check per resource.
+    assert_eq!(scheduler.run_once().await.expect("catch-up"), 3);
+    let checked: Vec<String> = sqlx::query_scalar(
+        "SELECT i.name FROM work w JOIN instances i ON i.id = w.resource_id
+         WHERE w.kind = 'kvx.observe' ORDER BY i.name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("checks");
+    assert_eq!(checked, ["p-0", "p-1", "p-2"]);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM drift_schedule")
+        .fetch_one(&db.pool)
+        .await
+        .expect("left");
+    assert_eq!(
+        left, 4,
+        "the deleted and the pruned resource left the schedule"
+    );
+    assert_eq!(scheduler.run_once().await.expect("next round"), 0);
+    db.pool.close().await;
+}
+
 /// Runs `action` (`stop_instances` or `start_instances`) on the machines of `uid` in moto.
 fn machine_action(endpoint: &str, uid: &str, action: &str) {
     let script = r#"

@@ -32,6 +32,7 @@ use crate::config::parse_duration;
 use crate::dev::postgres::{ClusterOptions, Durability, TempCluster};
 use crate::engine::EngineBuilder;
 use crate::plugin::{ConfigContext, Plugin, PluginError, Registrar, Services};
+use crate::store::drift::drift_schedule_fill;
 use crate::store::events::events_fill_history;
 use crate::store::instances::{Fill, instances_fill_ready, instances_ready_ids};
 use crate::store::{self, StoreError, TableSize};
@@ -290,14 +291,13 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
     store::migrate(&pool).await?;
 
     let n = i64::try_from(args.resources).unwrap_or(i64::MAX);
-    let interval_ms = i64::try_from(args.drift_interval.as_millis()).unwrap_or(i64::MAX);
     let started = Instant::now();
     let spec = json!({});
     let mut from = 0;
     while from < n {
         let batch = FILL_BATCH.min(n - from);
         let mut tx = pool.begin().await.map_err(StoreError::from)?;
-        instances_fill_ready(
+        let ids = instances_fill_ready(
             &mut tx,
             Fill {
                 kind: KIND,
@@ -307,16 +307,16 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
                 name_prefix: "item-",
                 from,
                 n: batch,
-                interval_ms,
             },
         )
         .await?;
+        drift_schedule_fill(&mut tx, KIND, &ids).await?;
         events_fill_history(&mut tx, from + 1, batch, "bench-fill").await?;
         tx.commit().await.map_err(StoreError::from)?;
         from += batch;
         say(&format!("filled {from} of {n} READY resources"));
     }
-    for table in ["instances", "work_events"] {
+    for table in ["instances", "drift_schedule", "work_events"] {
         sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
             .execute(&pool)
             .await
@@ -493,8 +493,17 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         .execute(&pool)
         .await
         .map_err(StoreError::from)?;
-    let sizes =
-        store::table_sizes(&pool, &["instances", "work", "work_events", "api_requests"]).await?;
+    let sizes = store::table_sizes(
+        &pool,
+        &[
+            "instances",
+            "drift_schedule",
+            "work",
+            "work_events",
+            "api_requests",
+        ],
+    )
+    .await?;
     Ok(ScaleReport {
         resources: args.resources,
         tenants: args.tenants,

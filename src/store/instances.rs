@@ -99,14 +99,12 @@ pub struct Fill<'a> {
     pub from: i64,
     /// How many.
     pub n: i64,
-    /// Next drift checks fall at random within this many milliseconds from now.
-    pub interval_ms: i64,
 }
 
-/// Writes READY resources as [`Fill`] says: the state a fleet is in once created, with its next
-/// drift check due at a random time within the interval (so checks spread as the scheduler
-/// spreads them), in one statement (for `setpoint bench scale`, on a throw-away database).
-/// Returns the ids written.
+/// Writes READY resources as [`Fill`] says: the state a fleet is in once created, marked as
+/// having joined the drift schedule (the caller places them there with
+/// [`crate::store::drift::drift_schedule_fill`]), in one statement (for `setpoint bench scale`,
+/// on a throw-away database). Returns the ids written.
 ///
 /// # Errors
 /// Database errors (a name already taken among them).
@@ -120,8 +118,8 @@ pub async fn instances_fill_ready(
         "INSERT INTO instances (id, tenant, kind, name, spec, generation, observed_generation,
                                 status, has_active_work, next_observe_at, created_at, updated_at)
          SELECT u.id, $2 || ((u.i - 1) % $3), $1, $4 || ($5 + u.i - 1), $6, 1, 1, 'READY', false,
-                now() + make_interval(secs => random() * $7::float8 / 1000), now(), now()
-         FROM unnest($8::uuid[]) WITH ORDINALITY AS u(id, i)",
+                now(), now(), now()
+         FROM unnest($7::uuid[]) WITH ORDINALITY AS u(id, i)",
     )
     .bind(fill.kind)
     .bind(fill.tenant_prefix)
@@ -129,7 +127,6 @@ pub async fn instances_fill_ready(
     .bind(fill.name_prefix)
     .bind(fill.from)
     .bind(fill.spec)
-    .bind(fill.interval_ms)
     .bind(&ids)
     .execute(conn)
     .await?;
@@ -541,100 +538,6 @@ pub async fn resource_record_step(
     .bind(secrets)
     .execute(conn)
     .await?;
-    Ok(())
-}
-
-/// A resource whose drift check is due, as [`drift_claim_due`] takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriftDue {
-    /// Its id.
-    pub id: Uuid,
-    /// Its tenant.
-    pub tenant: String,
-    /// Its kind.
-    pub kind: String,
-    /// Its spec generation.
-    pub generation: i64,
-    /// Its status.
-    pub status: String,
-    /// A unit holding it is queued or running.
-    pub has_active_work: bool,
-}
-
-/// Gives at most `limit` live resources of `kinds` that have no drift check scheduled yet a
-/// first one, at random within `interval_ms` from now (which spreads checks evenly).
-pub async fn drift_schedule_new(
-    conn: &mut PgConnection,
-    kinds: &[String],
-    limit: i64,
-    interval_ms: i64,
-) -> Result<u64, StoreError> {
-    let done = sqlx::query(
-        "UPDATE instances SET next_observe_at = now() + random() * make_interval(secs => $3::float8 / 1000)
-         WHERE id IN (SELECT id FROM instances
-                      WHERE deleted_at IS NULL AND next_observe_at IS NULL AND kind = ANY($1)
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(kinds)
-    .bind(limit)
-    .bind(interval_ms)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected())
-}
-
-/// Takes at most `limit` live resources of `kinds` whose drift check is due, skipping those
-/// another engine is taking, and moves their next check `interval_ms` on.
-pub async fn drift_claim_due(
-    conn: &mut PgConnection,
-    kinds: &[String],
-    limit: i64,
-    interval_ms: i64,
-) -> Result<Vec<DriftDue>, StoreError> {
-    let rows: Vec<(Uuid, String, String, i64, String, bool)> = sqlx::query_as(
-        "WITH due AS (
-             SELECT id FROM instances
-             WHERE deleted_at IS NULL AND next_observe_at <= now() AND kind = ANY($1)
-             ORDER BY next_observe_at LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         )
-         UPDATE instances i
-         SET next_observe_at = greatest(i.next_observe_at, now() - make_interval(secs => $3::float8 / 1000))
-                               + make_interval(secs => $3::float8 / 1000)
-         FROM due WHERE i.id = due.id
-         RETURNING i.id, i.tenant, i.kind, i.generation, i.status, i.has_active_work",
-    )
-    .bind(kinds)
-    .bind(limit)
-    .bind(interval_ms)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(id, tenant, kind, generation, status, has_active_work)| DriftDue {
-                id,
-                tenant,
-                kind,
-                generation,
-                status,
-                has_active_work,
-            },
-        )
-        .collect())
-}
-
-/// Sets when the drift check of resource `id` is next due (`None`: never).
-pub async fn resource_set_next_observe(
-    conn: &mut PgConnection,
-    id: Uuid,
-    at: Option<DateTime<Utc>>,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE instances SET next_observe_at = $2 WHERE id = $1")
-        .bind(id)
-        .bind(at)
-        .execute(conn)
-        .await?;
     Ok(())
 }
 

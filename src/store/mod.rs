@@ -5,6 +5,7 @@
 pub mod api_requests;
 pub mod budgets;
 pub mod create_batch;
+pub mod drift;
 pub mod engines;
 pub mod events;
 pub mod instances;
