@@ -754,6 +754,44 @@ async fn fifty_creates_survive_sigkills_and_drift_is_healed() {
         batches.len()
     );
     assert!(largest > 1, "drift checks were observed one call each");
+
+    // A check that finds an instance as recorded writes nothing to it (no row version, no
+    // Watch notification): its row is the same before and after two more checks.
+    let quiet = names
+        .iter()
+        .find(|n| !failed.contains(*n) && **n != victim)
+        .expect("another ready instance");
+    let quiet_uid: uuid::Uuid = uids[quiet].parse().expect("uid");
+    let row_version = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT xmin::text || '/' || updated_at::text FROM instances WHERE id = $1",
+        )
+        .bind(quiet_uid)
+        .fetch_one(&pool)
+        .await
+        .expect("row")
+    };
+    let checks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM work_events WHERE event = 'succeeded' AND work_id IN \
+             (SELECT work_id FROM work_events WHERE event = 'enqueued' AND kind = 'kvx.observe' \
+              AND resource_id = $1)",
+        )
+        .bind(quiet_uid)
+        .fetch_one(&pool)
+        .await
+        .expect("checks")
+    };
+    let (before, checked) = (row_version().await, checks().await);
+    common::wait_for("two more checks of an unchanged instance", || async {
+        (checks().await >= checked + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        row_version().await,
+        before,
+        "a check that found no change wrote"
+    );
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

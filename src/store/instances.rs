@@ -134,7 +134,7 @@ pub async fn instances_fill_ready(
 }
 
 /// The ids of `tenant`'s READY resources of `kind` (benchmarks poll it to time create ->
-/// READY: `updated_at` cannot tell, a later drift check moves it).
+/// READY).
 ///
 /// # Errors
 /// Database errors.
