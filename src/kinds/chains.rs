@@ -313,8 +313,10 @@ impl Chains {
             let mut conds = conditions::from_observed(&res.observed);
             conditions::apply(&mut conds, &result.conditions, generation);
             let conds = conditions::to_value(&conds);
+            // No conditions recorded and none reported is no change either.
+            let empty = Value::Array(Vec::new());
             let unchanged = result.secret.is_none()
-                && res.observed.get("conditions") == Some(&conds)
+                && res.observed.get("conditions").unwrap_or(&empty) == &conds
                 && outputs
                     .iter()
                     .all(|(name, value)| res.observed.get(name) == Some(value));
@@ -324,7 +326,15 @@ impl Chains {
         // no row version, no Watch notification (at 1M resources a drift sweep is 1,667
         // checks a second, nearly all unchanged). Read without a lock, a change racing with
         // the check wins, as it would had the check finished first.
-        if position.chain == "observe" && matches!(result.then, Then::End) {
+        let starts_nothing = match &result.then {
+            Then::End => true,
+            Then::Next => self
+                .catalog
+                .get(&position.kind)
+                .is_none_or(|k| k.chain(&position.chain).get(position.index + 1).is_none()),
+            Then::Chain(_) => false,
+        };
+        if position.chain == "observe" && starts_nothing {
             let Some(res) = resource_for_step(tx, u.resource_id, false).await? else {
                 return Ok(());
             };
@@ -477,7 +487,11 @@ impl UnitHooks for Chains {
             let mut touched: Vec<Uuid> = Vec::with_capacity(units.len());
             let mut next = Vec::new();
             for u in units {
-                touched.push(u.resource_id);
+                // A unit beside its resource never made it busy: a check or a notification
+                // ends no chain (a heal a check starts holds the resource with its own unit).
+                if u.holds_resource {
+                    touched.push(u.resource_id);
+                }
                 match &u.outcome.step {
                     Some(result) => self.step_completed(tx, u, result, &mut next).await?,
                     None => {

@@ -46,6 +46,8 @@ pub struct Finished {
     pub tenant: Option<String>,
     /// The lane it ran in; its follow-ups run in the same one.
     pub lane: Lane,
+    /// It holds its resource (false: it runs beside it, as a drift check does).
+    pub holds_resource: bool,
     /// What the handler returned.
     pub outcome: Outcome,
     /// Event detail: adapter calls, duration.
@@ -259,6 +261,7 @@ async fn commit(
                 tenant: f.tenant.as_deref(),
                 spec: &f.spec,
                 lane: f.lane,
+                holds_resource: f.holds_resource,
                 outcome: &f.outcome,
             });
         }
@@ -342,6 +345,7 @@ mod tests {
             resource_id: None,
             tenant: None,
             lane: Lane::Change,
+            holds_resource: true,
             outcome: Outcome::done(),
             detail: Value::Null,
             fence,

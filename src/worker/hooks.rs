@@ -31,6 +31,8 @@ pub struct CompletedUnit<'a> {
     pub spec: &'a Value,
     /// The lane it ran in (what follows it runs in the same one).
     pub lane: Lane,
+    /// It holds its resource (false: it runs beside it, as a drift check does).
+    pub holds_resource: bool,
     /// What its handler returned.
     pub outcome: &'a Outcome,
 }

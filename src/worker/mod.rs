@@ -613,6 +613,7 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
                     resource_id: unit.resource_id,
                     tenant: unit.tenant.clone(),
                     lane: unit.lane,
+                    holds_resource: unit.holds_resource,
                     outcome,
                     detail,
                     fence,
