@@ -35,6 +35,7 @@ use crate::plugin::{ConfigContext, Plugin, PluginError, Registrar, Services};
 use crate::store::drift::drift_schedule_fill;
 use crate::store::events::events_fill_history;
 use crate::store::instances::{Fill, instances_fill_ready, instances_ready_ids};
+use crate::store::work::{Lane, work_lane_backlog};
 use crate::store::{self, StoreError, TableSize};
 use crate::worker::WorkerConfig;
 
@@ -140,6 +141,9 @@ pub struct ScaleReport {
     pub create_to_ready: Spread,
     /// Drift checks run per second while Creates were submitted.
     pub drift_checks_per_sec: f64,
+    /// Drift checks not finished when Creates started, and when they ended: a backlog that
+    /// grows means drift does not keep its interval.
+    pub drift_backlog: (i64, i64),
     /// Drift checks per second the interval asks for (resources / interval).
     pub drift_checks_needed_per_sec: f64,
     /// Adapter calls per sweep: the resources, divided by the drift checks each observe call
@@ -266,6 +270,12 @@ impl Plugin for ScalePlugin {
     }
 }
 
+/// Drift checks not finished.
+async fn drift_backlog(pool: &sqlx::PgPool) -> Result<i64, BenchError> {
+    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+    Ok(work_lane_backlog(&mut conn, Lane::Drift).await?)
+}
+
 /// Runs the benchmark; progress goes to `say`.
 ///
 /// # Errors
@@ -362,6 +372,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
     let errors = Arc::new(AtomicU64::new(0));
     let total = (f64::from(args.create_rate) * args.duration.as_secs_f64()).round() as u64;
     let every = Duration::from_secs_f64(1.0 / f64::from(args.create_rate.max(1)));
+    let backlog_before = drift_backlog(&pool).await?;
     let observed_before = calls.observed.load(Ordering::Relaxed);
     let observe_calls_before = calls.observe_calls.load(Ordering::Relaxed);
     let window = Instant::now();
@@ -434,6 +445,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         s.await.map_err(|e| BenchError::Join(e.to_string()))?;
     }
     let window_secs = window.elapsed().as_secs_f64();
+    let backlog_after = drift_backlog(&pool).await?;
     let checks_in_window = calls.observed.load(Ordering::Relaxed) - observed_before;
     let drift_checks_per_sec = checks_in_window as f64 / window_secs;
     let observe_calls_in_window =
@@ -516,6 +528,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         commit_to_first_call: Spread::of(to_first_call),
         create_to_ready: Spread::of(ready),
         drift_checks_per_sec,
+        drift_backlog: (backlog_before, backlog_after),
         drift_checks_needed_per_sec: args.resources as f64 / args.drift_interval.as_secs_f64(),
         adapter_calls_per_sweep: (args.resources as f64 / checks_per_observe_call).ceil() as usize,
         checks_per_observe_call,
@@ -553,6 +566,10 @@ pub fn print(r: &ScaleReport) {
         r.drift_checks_needed_per_sec,
         r.adapter_calls_per_sweep,
         r.checks_per_observe_call
+    );
+    println!(
+        "  drift backlog              {} checks waiting when Creates started, {} when they ended",
+        r.drift_backlog.0, r.drift_backlog.1
     );
     println!("  table            rows (est.)     heap MB   indexes MB");
     for s in &r.sizes {

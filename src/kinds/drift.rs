@@ -72,12 +72,12 @@ impl DriftScheduler {
             .collect()
     }
 
-    /// Runs rounds until `shutdown`: often enough that a due check waits at most a
-    /// twentieth of the interval, between 1 s and 5 s (a round that finds nothing due costs
-    /// one row lock per kind).
+    /// Runs rounds until `shutdown`: every second, or every twentieth of a shorter interval
+    /// (at least every 250 ms). Frequent rounds keep the checks a steady stream rather than
+    /// bursts; a round that finds nothing due costs one row lock per kind.
     pub async fn run(self, shutdown: CancellationToken) {
         let tick =
-            (self.config.interval / 20).clamp(Duration::from_secs(1), Duration::from_secs(5));
+            (self.config.interval / 20).clamp(Duration::from_millis(250), Duration::from_secs(1));
         tracing::info!(interval = ?self.config.interval, "drift checks scheduled");
         loop {
             tokio::select! {

@@ -153,6 +153,20 @@ pub struct Enqueued {
     pub token: String,
 }
 
+/// Units of `lane` not finished (queued, pending or running; parked ones excluded): a lane's
+/// backlog (`setpoint bench scale` reads the drift lane's at the start and end of its window).
+///
+/// # Errors
+/// Database errors.
+pub async fn work_lane_backlog(conn: &mut PgConnection, lane: Lane) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM work WHERE lane = $1 AND state IN ('queued', 'pending', 'running')",
+    )
+    .bind(lane.db())
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Inserts `units` in one statement, with their `enqueued` events, and notifies idle workers
 /// when the caller's transaction commits. A unit whose token is already in the table is
 /// skipped, which is what makes a follow-up impossible to enqueue twice.
