@@ -285,11 +285,18 @@ impl Plugin for KubernetesPlugin {
         services: &'a mut Services,
     ) -> BoxFuture<'a, Result<(), PluginError>> {
         Box::pin(async move {
+            // Every engine on the database shares the API servers' budgets (docs/budgets.md).
+            let budgets = services.get::<dyn setpoint_adapter::Budgets>(crate::plugin::BUDGETS);
             let connect = |config: &KubernetesConfig| {
                 let config = config.clone();
+                let budgets = budgets.clone();
                 async move {
                     KubernetesCluster::connect(&config)
                         .await
+                        .map(|c| match budgets {
+                            Some(b) => c.with_budgets(b),
+                            None => c,
+                        })
                         .map(|c| Arc::new(c) as Arc<dyn Cluster>)
                         .map_err(|e| PluginError::Start {
                             plugin: "kubernetes".into(),

@@ -30,9 +30,12 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
 use setpoint_adapter::{
-    AdapterError, BoxFuture, CODE_SUPERSEDED, Cluster, ClusterInstanceSpec, ClusterObject,
-    ClusterObservation, DeleteOutcome, Fence, IdempotencyToken,
+    AdapterError, BoxFuture, Budget, BudgetKey, Budgets, CODE_SUPERSEDED, Cluster,
+    ClusterInstanceSpec, ClusterObject, ClusterObservation, DeleteOutcome, Fence, IdempotencyToken,
+    Unlimited,
 };
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -52,11 +55,19 @@ pub const APPLY_ROUNDS: usize = 4;
 pub const DELETE_ROUNDS: usize = 4;
 
 /// A Kubernetes cluster as a [`Cluster`]. Cheap to clone (the kube client is shared).
+///
+/// Every request takes a token of its class's budget first (`kubernetes/<scope>/global/read`
+/// for gets and lists, `…/write` for applies and deletes), and a 429 lowers that budget's
+/// shared rate and becomes a wait (docs/budgets.md). Without [`KubernetesCluster::with_budgets`]
+/// nothing is limited.
 #[derive(Clone)]
 pub struct KubernetesCluster {
     client: kube::Client,
     workload: Workload,
     force_conflicts: bool,
+    reads: Budget,
+    writes: Budget,
+    config: Arc<KubernetesConfig>,
 }
 
 impl Debug for KubernetesCluster {
@@ -136,12 +147,14 @@ impl KubernetesCluster {
     /// # Errors
     /// [`ConfigError`] when the configuration cannot produce a client.
     pub async fn connect(config: &KubernetesConfig) -> Result<Self, ConfigError> {
+        config.validate_budgets()?;
         let client = config.client().await?;
         Ok(Self::with_client(client, config))
     }
 
     /// Wraps an existing client, taking the workload settings from `config`.
     pub fn with_client(client: kube::Client, config: &KubernetesConfig) -> Self {
+        let unlimited: Arc<dyn Budgets> = Arc::new(Unlimited);
         Self {
             client,
             workload: Workload {
@@ -149,7 +162,18 @@ impl KubernetesCluster {
                 port: config.port,
             },
             force_conflicts: config.force_conflicts,
+            reads: budget(&unlimited, config, "read"),
+            writes: budget(&unlimited, config, "write"),
+            config: Arc::new(config.clone()),
         }
+    }
+
+    /// Draws its requests' tokens from `budgets` (the engine's, shared by every engine), at
+    /// the limits of its configuration's `budgets`.
+    pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        self.reads = budget(&budgets, &self.config, "read");
+        self.writes = budget(&budgets, &self.config, "write");
+        self
     }
 
     /// The kube client (for tests and tools that inspect the cluster).
@@ -168,10 +192,16 @@ impl KubernetesCluster {
 
     async fn read(&self, id: &InstanceIdentity) -> Result<Current, AdapterError> {
         Ok(Current {
-            namespace: get_opt(Api::<Namespace>::all(self.client.clone()), &id.namespace).await?,
-            secret: read_named(self.namespaced::<Secret>(id), &id.name).await?,
-            service: read_named(self.namespaced::<Service>(id), &id.name).await?,
-            deployment: read_named(self.namespaced::<Deployment>(id), &id.name).await?,
+            namespace: get_opt(
+                &self.reads,
+                Api::<Namespace>::all(self.client.clone()),
+                &id.namespace,
+            )
+            .await?,
+            secret: read_named(&self.reads, self.namespaced::<Secret>(id), &id.name).await?,
+            service: read_named(&self.reads, self.namespaced::<Service>(id), &id.name).await?,
+            deployment: read_named(&self.reads, self.namespaced::<Deployment>(id), &id.name)
+                .await?,
         })
     }
 
@@ -195,15 +225,19 @@ impl KubernetesCluster {
         K: Resource + Clone + Debug + Serialize + DeserializeOwned,
         <K as Resource>::DynamicType: Default,
     {
+        // The token first, the fence check last before the write.
+        self.writes.take().await?;
         fence.check()?;
-        api.patch(name, &self.apply_params(), &Patch::Apply(intent))
+        let result = api
+            .patch(name, &self.apply_params(), &Patch::Apply(intent))
             .await
             .map_err(|e| {
                 classify(
                     &format!("apply {} {}", K::kind(&Default::default()), name),
                     &e,
                 )
-            })
+            });
+        self.writes.report(result).await
     }
 
     /// Applies `intent` on the condition that the object is still as `read` saw it.
@@ -225,6 +259,7 @@ impl KubernetesCluster {
         intent.meta_mut().resource_version = read.precondition.clone();
         intent.meta_mut().uid = read.live.as_ref().and_then(ResourceExt::uid);
         let kind = K::kind(&Default::default()).to_string();
+        self.writes.take().await?;
         fence.check()?;
         match api
             .patch(name, &self.apply_params(), &Patch::Apply(&intent))
@@ -232,10 +267,16 @@ impl KubernetesCluster {
         {
             Ok(k) => Ok(k),
             Err(e) if is_stale_write(&e) => Err(WriteError::Stale(format!("{kind} {name}"))),
-            Err(e) => Err(WriteError::Failed(classify(
-                &format!("apply {kind} {name}"),
-                &e,
-            ))),
+            Err(e) => {
+                let e = classify(&format!("apply {kind} {name}"), &e);
+                // A 429 lowers the shared write budget and becomes a wait.
+                let e = if e.throttled {
+                    self.writes.throttled(e).await
+                } else {
+                    e
+                };
+                Err(WriteError::Failed(e))
+            }
         }
     }
 
@@ -329,10 +370,14 @@ impl KubernetesCluster {
     {
         let kind = K::kind(&Default::default()).to_string();
         for round in 1..=DELETE_ROUNDS {
-            let list = api
-                .list(&ListParams::default().labels(selector))
-                .await
-                .map_err(|e| classify(&format!("list {kind} with {selector}"), &e))?;
+            let list = self
+                .reads
+                .call(async {
+                    api.list(&ListParams::default().labels(selector))
+                        .await
+                        .map_err(|e| classify(&format!("list {kind} with {selector}"), &e))
+                })
+                .await?;
             let mut stale = Vec::new();
             for item in list.items {
                 let name = item.name_any();
@@ -343,6 +388,7 @@ impl KubernetesCluster {
                     }),
                     ..DeleteParams::background()
                 };
+                self.writes.take().await?;
                 fence.check()?;
                 match api.delete(&name, &params).await {
                     Ok(_) => deleted.push(ClusterObject {
@@ -352,7 +398,12 @@ impl KubernetesCluster {
                     }),
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) if is_stale_write(&e) => stale.push(name),
-                    Err(e) => return Err(classify(&format!("delete {kind} {name}"), &e)),
+                    Err(e) => {
+                        return self
+                            .writes
+                            .report(Err(classify(&format!("delete {kind} {name}"), &e)))
+                            .await;
+                    }
                 }
             }
             if stale.is_empty() {
@@ -395,38 +446,59 @@ fn generation_to_record(
     }
 }
 
-async fn get_opt<K>(api: Api<K>, name: &str) -> Result<Option<K>, AdapterError>
+/// The `kubernetes/<scope>/global/<class>` budget of `config`.
+fn budget(budgets: &Arc<dyn Budgets>, config: &KubernetesConfig, class: &'static str) -> Budget {
+    let limit = if class == "write" {
+        config.budgets.write
+    } else {
+        config.budgets.read
+    };
+    Budget::new(
+        budgets.clone(),
+        BudgetKey::new("kubernetes", config.budget_scope(), "global", class),
+        limit,
+    )
+}
+
+async fn get_opt<K>(reads: &Budget, api: Api<K>, name: &str) -> Result<Option<K>, AdapterError>
 where
     K: Resource + Clone + Debug + DeserializeOwned,
     <K as Resource>::DynamicType: Default,
 {
-    match api.get(name).await {
-        Ok(k) => Ok(Some(k)),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
-        Err(e) => Err(classify(
-            &format!("get {} {}", K::kind(&Default::default()), name),
-            &e,
-        )),
-    }
+    reads
+        .call(async {
+            match api.get(name).await {
+                Ok(k) => Ok(Some(k)),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+                Err(e) => Err(classify(
+                    &format!("get {} {}", K::kind(&Default::default()), name),
+                    &e,
+                )),
+            }
+        })
+        .await
 }
 
 /// Reads the object `name` by listing its kind with a field selector on the name: one round
 /// trip that gives the object and, when there is none, the version of the list that found
 /// none (a precondition a concurrent create cannot meet).
-async fn read_named<K>(api: Api<K>, name: &str) -> Result<Read<K>, AdapterError>
+async fn read_named<K>(reads: &Budget, api: Api<K>, name: &str) -> Result<Read<K>, AdapterError>
 where
     K: Resource + Clone + Debug + DeserializeOwned,
     <K as Resource>::DynamicType: Default,
 {
-    let list = api
-        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
-        .await
-        .map_err(|e| {
-            classify(
-                &format!("read {} {}", K::kind(&Default::default()), name),
-                &e,
-            )
-        })?;
+    let list = reads
+        .call(async {
+            api.list(&ListParams::default().fields(&format!("metadata.name={name}")))
+                .await
+                .map_err(|e| {
+                    classify(
+                        &format!("read {} {}", K::kind(&Default::default()), name),
+                        &e,
+                    )
+                })
+        })
+        .await?;
     let live = list
         .items
         .into_iter()

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde::Deserialize;
+use setpoint_adapter::Limit;
 
 /// How to reach the Kubernetes API.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -82,7 +83,7 @@ impl std::fmt::Display for BearerToken {
 /// access = { mode = "kubeconfig", path = "/etc/setpoint/kubeconfig", context = "prod" }
 /// image = "registry.example.com/kvx-proxy:1.4"
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// How to reach the API server.
@@ -102,6 +103,47 @@ pub struct KubernetesConfig {
     /// fields) so an operator decides, instead of silently undoing someone else's change.
     #[serde(default)]
     pub force_conflicts: bool,
+    /// The request budgets its calls share with every engine (`[kubernetes.budgets]`).
+    #[serde(default)]
+    pub budgets: KubernetesBudgetsConfig,
+}
+
+/// The API server's rate limits as setpoint's shared budgets (docs/budgets.md), keyed by
+/// `scope` (by default the server's URL, or the kubeconfig and context that name it).
+///
+/// ```toml
+/// [kubernetes.budgets]                 # the defaults
+/// # scope = "prod-eu"                  # engines that name the same scope share the buckets
+/// write = { rate = 20.0, burst = 40.0 }
+/// read = { rate = 50.0, burst = 100.0 }
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesBudgetsConfig {
+    /// The name engines share the buckets under (default: see above).
+    pub scope: Option<String>,
+    /// Applies and deletes.
+    pub write: Limit,
+    /// Gets and lists.
+    pub read: Limit,
+}
+
+/// The default `write` budget: 20 requests per second, burst 40. (client-go's default of 5 per
+/// second is one client's; an engine is many clients, and API priority and fairness throttles
+/// with 429, which lowers the shared rate.)
+pub const DEFAULT_WRITE_BUDGET: Limit = Limit::new(20.0, 40.0);
+
+/// The default `read` budget: 50 requests per second, burst 100.
+pub const DEFAULT_READ_BUDGET: Limit = Limit::new(50.0, 100.0);
+
+impl Default for KubernetesBudgetsConfig {
+    fn default() -> Self {
+        Self {
+            scope: None,
+            write: DEFAULT_WRITE_BUDGET,
+            read: DEFAULT_READ_BUDGET,
+        }
+    }
 }
 
 fn default_image() -> String {
@@ -125,6 +167,37 @@ impl KubernetesConfig {
             port: default_port(),
             request_timeout_secs: default_timeout_secs(),
             force_conflicts: false,
+            budgets: KubernetesBudgetsConfig::default(),
+        }
+    }
+
+    /// Checks the budgets' limits.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadBudget`] naming the class and the value.
+    pub fn validate_budgets(&self) -> Result<(), ConfigError> {
+        for (class, limit) in [("write", self.budgets.write), ("read", self.budgets.read)] {
+            limit
+                .validate()
+                .map_err(|message| ConfigError::BadBudget { class, message })?;
+        }
+        Ok(())
+    }
+
+    /// The scope of its budget keys: `budgets.scope`, else the server's URL, else the
+    /// kubeconfig and context (or `in-cluster`).
+    pub fn budget_scope(&self) -> String {
+        if let Some(scope) = &self.budgets.scope {
+            return scope.clone();
+        }
+        match &self.access {
+            ClusterAccess::Url { url } | ClusterAccess::Token { url, .. } => url.clone(),
+            ClusterAccess::Kubeconfig { path, context } => format!(
+                "{}#{}",
+                path.display(),
+                context.as_deref().unwrap_or("current-context")
+            ),
+            ClusterAccess::InCluster => "in-cluster".to_owned(),
         }
     }
 
@@ -294,6 +367,14 @@ pub enum ConfigError {
     /// The client could not be built from a readable configuration (e.g. bad TLS material).
     #[error("cannot build a Kubernetes client: {0}")]
     Client(String),
+    /// A budget's rate or burst is unusable.
+    #[error("kubernetes.budgets.{class}: {message}")]
+    BadBudget {
+        /// `write` or `read`.
+        class: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -319,6 +400,42 @@ mod tests {
         let c: KubernetesConfig =
             toml_like(r#"{"access": {"mode": "url", "url": "http://127.0.0.1:1"}}"#);
         assert_eq!(c, KubernetesConfig::for_url("http://127.0.0.1:1"));
+    }
+
+    #[test]
+    fn budgets_default_parse_and_are_checked() {
+        let c = KubernetesConfig::for_url("https://k8s.example:6443");
+        assert_eq!(c.budgets.write, DEFAULT_WRITE_BUDGET);
+        assert_eq!(c.budgets.read, DEFAULT_READ_BUDGET);
+        assert_eq!(c.budget_scope(), "https://k8s.example:6443");
+        let c = toml_like(
+            r#"{"access": {"mode": "in-cluster"},
+                "budgets": {"scope": "prod-eu", "write": {"rate": 2.0, "burst": 4.0}}}"#,
+        );
+        assert_eq!(c.budget_scope(), "prod-eu");
+        assert_eq!(c.budgets.write, Limit::new(2.0, 4.0));
+        assert_eq!(
+            c.budgets.read, DEFAULT_READ_BUDGET,
+            "an unnamed class keeps its default"
+        );
+        assert!(
+            serde_json::from_str::<KubernetesConfig>(
+                r#"{"access": {"mode": "in-cluster"}, "budgets": {"writes": {"rate": 1, "burst": 1}}}"#
+            )
+            .is_err(),
+            "an unknown class is refused by name"
+        );
+        let mut bad = c.clone();
+        bad.budgets.read = Limit::new(0.0, 5.0);
+        let e = bad.validate_budgets().unwrap_err();
+        assert!(
+            e.to_string().starts_with("kubernetes.budgets.read: rate"),
+            "{e}"
+        );
+        assert_eq!(
+            KubernetesConfig::new(ClusterAccess::InCluster).budget_scope(),
+            "in-cluster"
+        );
     }
 
     fn toml_like(json: &str) -> KubernetesConfig {

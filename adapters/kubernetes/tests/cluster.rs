@@ -880,3 +880,101 @@ async fn a_delete_lists_again_when_an_object_changed_after_it_was_listed() {
     );
     env.cleanup().await;
 }
+
+/// Counts the tokens taken per key and the throttles reported; grants every token.
+#[derive(Default)]
+struct RecordingBudgets {
+    takes: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    throttles: std::sync::Mutex<Vec<String>>,
+}
+
+impl setpoint_adapter::Budgets for RecordingBudgets {
+    fn take<'a>(
+        &'a self,
+        key: &'a setpoint_adapter::BudgetKey,
+        _limit: setpoint_adapter::Limit,
+    ) -> setpoint_adapter::BoxFuture<'a, Result<(), setpoint_adapter::AdapterError>> {
+        Box::pin(async move {
+            *self
+                .takes
+                .lock()
+                .unwrap()
+                .entry(key.to_string())
+                .or_default() += 1;
+            Ok(())
+        })
+    }
+
+    fn throttled<'a>(
+        &'a self,
+        key: &'a setpoint_adapter::BudgetKey,
+        _limit: setpoint_adapter::Limit,
+    ) -> setpoint_adapter::BoxFuture<'a, Duration> {
+        Box::pin(async move {
+            self.throttles.lock().unwrap().push(key.to_string());
+            Duration::from_millis(1500)
+        })
+    }
+}
+
+/// Every request takes a token of its class (reads: gets and lists; writes: applies and
+/// deletes) under the API server's key, and a 429 lowers the shared budget of its class and
+/// comes back as a wait for the budget's time, not the server's hint.
+#[tokio::test]
+async fn every_request_takes_a_token_of_its_class_and_a_429_lowers_that_budget() {
+    let env = Env::new().await;
+    let Some(server) = &env.server else {
+        eprintln!("skipped: fault injection needs the test server");
+        return;
+    };
+    let budgets = std::sync::Arc::new(RecordingBudgets::default());
+    let cluster = env.cluster.clone().with_budgets(budgets.clone());
+    let scope = env.config.budget_scope();
+    let (reads, writes) = (
+        format!("kubernetes/{scope}/global/read"),
+        format!("kubernetes/{scope}/global/write"),
+    );
+    let spec = env.spec();
+    let tok = token();
+    cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap();
+    // An apply reads the namespace and the three objects, then writes all four.
+    let takes = budgets.takes.lock().unwrap().clone();
+    assert_eq!(takes.get(&reads), Some(&4), "{takes:?}");
+    assert_eq!(takes.get(&writes), Some(&4), "{takes:?}");
+    cluster
+        .observe_instance(spec.resource_id, &spec.tenant)
+        .await
+        .unwrap();
+    assert_eq!(budgets.takes.lock().unwrap().get(&reads), Some(&8));
+
+    // The first request of the next apply (a read) is throttled.
+    server.inject(
+        Fault::Status {
+            code: 429,
+            retry_after: Some(7),
+        },
+        1,
+    );
+    let err = cluster
+        .apply_instance(&tok, &spec, &Fence::unbounded())
+        .await
+        .unwrap_err();
+    assert!(err.waiting && err.throttled, "{err:?}");
+    assert_eq!(
+        err.retry_after,
+        Some(Duration::from_millis(1500)),
+        "{err:?}"
+    );
+    assert_eq!(*budgets.throttles.lock().unwrap(), vec![reads.clone()]);
+    cluster
+        .delete_instance(&tok, spec.resource_id, &spec.tenant, &Fence::unbounded())
+        .await
+        .unwrap();
+    let takes = budgets.takes.lock().unwrap().clone();
+    assert!(takes[&writes] >= 4 + 3, "three deletes: {takes:?}");
+    assert_eq!(takes.len(), 2, "only the two keys: {takes:?}");
+    env.cleanup().await;
+}
