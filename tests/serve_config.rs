@@ -345,6 +345,11 @@ fn serve_command(env: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// Returns once the process printed a line containing `needle`.
+async fn wait_printed(engine: &EngineProcess, needle: &str) {
+    wait_for(needle, || async { engine.printed(needle).then_some(()) }).await
+}
+
 /// The `addr` field of the first JSON log line whose message is `message`.
 async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
     logged_field(engine, message, "addr").await
@@ -498,7 +503,8 @@ drift = "mark"
     let engine = serve(&config, &[], &["--metrics-listen", "127.0.0.1:0"]);
     let api_addr = logged_addr(&engine, "gRPC API listening").await;
     let metrics_addr = logged_addr(&engine, "metrics, /healthz and /readyz listening").await;
-    assert!(engine.printed("KVX workflows on"), "{}", engine.output());
+    // Logged once the engine has started, which can be after the listeners are announced.
+    wait_printed(&engine, "KVX workflows on").await;
     // The pods are not ready at first: the Kubernetes step waits for them (the owner is told
     // "ready" only after), then the rollout finishes and the chain goes on.
     k8s.hold_rollouts(true);
@@ -838,7 +844,8 @@ async fn serve_starts_with_exactly_the_terraform_module_environment() {
     let engine = EngineProcess::from_command(cmd);
     let api_addr = logged_addr(&engine, "gRPC API listening").await;
     assert_eq!(api_addr, listen);
-    assert!(engine.printed("KVX workflows on"), "{}", engine.output());
+    // Logged once the engine has started, which can be after the listeners are announced.
+    wait_printed(&engine, "KVX workflows on").await;
 
     // Ready, as a load balancer or ECS health check would ask.
     let ready = wait_for("/readyz to answer 200", || {
