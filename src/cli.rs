@@ -249,6 +249,16 @@ pub enum WorkCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The shared request budgets (docs/budgets.md): per key its rate against the configured
+    /// one, tokens, units waiting, waits and throttles, counted over every engine.
+    Budgets {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// Print JSON: a list of keys.
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue a unit by hand (for smoke tests: `--kind setpoint.noop`).
     Enqueue {
         /// Database.

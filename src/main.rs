@@ -379,6 +379,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         | WorkCommand::Retry { db, .. }
         | WorkCommand::Cancel { db, .. }
         | WorkCommand::Orphans { db, .. }
+        | WorkCommand::Budgets { db, .. }
         | WorkCommand::Enqueue { db, .. } => db.clone(),
     };
     let (file, url) = resolve_db(&db)?;
@@ -505,6 +506,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
             }
         }
         WorkCommand::Orphans { json, .. } => print_orphans(&mut conn, json).await?,
+        WorkCommand::Budgets { json, .. } => print_budgets(&mut conn, json).await?,
         WorkCommand::Enqueue {
             kind,
             spec,
@@ -545,6 +547,71 @@ async fn work(cmd: WorkCommand) -> Result<()> {
 }
 
 /// `setpoint work orphans`: what the last sweep of each region found.
+async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
+    use setpoint::store::budgets::{budget_list, budget_waiting};
+    let rows = budget_list(conn).await?;
+    let waiting: std::collections::BTreeMap<String, i64> =
+        budget_waiting(conn).await?.into_iter().collect();
+    let waiting_of = |key: &str| waiting.get(key).copied().unwrap_or(0);
+    if json {
+        let keys: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "key": r.key, "rate": r.rate, "max_rate": r.max_rate, "burst": r.burst,
+                    "tokens": r.tokens, "at": r.at, "throttled_at": r.throttled_at,
+                    "throttles": r.throttles, "waits": r.waits, "waiting": waiting_of(&r.key),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&keys)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!(
+            "no budget has been used on this database: a key appears with its adapter's first \
+             call (docs/budgets.md)"
+        );
+        return Ok(());
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.key.clone(),
+                format!("{:.2}/{:.2}", r.rate, r.max_rate),
+                format!("{:.0}", r.burst),
+                format!("{:.1}", r.tokens),
+                waiting_of(&r.key).to_string(),
+                r.waits.to_string(),
+                r.throttles.to_string(),
+                r.throttled_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "KEY",
+            "RATE/MAX",
+            "BURST",
+            "TOKENS",
+            "WAITING",
+            "WAITS",
+            "THROTTLES",
+            "LAST THROTTLE",
+        ],
+        &table,
+    );
+    println!(
+        "\nRATE is the shared rate every engine takes at (AIMD lowers it on a throttle, at most \
+         once a second, and raises it slowly back to MAX). TOKENS as of the key's last take; \
+         negative: promised to WAITING units. WAITS and THROTTLES count over every engine."
+    );
+    Ok(())
+}
+
 async fn print_orphans(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
     use setpoint::plugins::orphans::store;
     if !store::orphan_tables_exist(conn).await? {

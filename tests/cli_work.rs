@@ -127,3 +127,44 @@ async fn serve_without_a_database_runs_its_own_and_stops_on_sigterm() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `setpoint work budgets` shows each shared budget's key, rate, tokens and the units waiting
+/// for it, as a table and as JSON, and says when no budget was used yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_lists_each_key_with_its_waiting_units() {
+    let db = db().await;
+    let (ok, out, err) = setpoint(Some(&db.url), &["work", "budgets"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no budget has been used"), "{out}");
+
+    let key = "ec2/123456789012/eu-west-1/run_instances";
+    let mut conn = db.pool.acquire().await.unwrap();
+    setpoint::store::budgets::budget_ensure(&mut conn, key, 2.0, 5.0)
+        .await
+        .unwrap();
+    for work_id in [41, 42] {
+        setpoint::store::budgets::budget_reserve(&mut conn, key, work_id, 1.5)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let (ok, out, err) = setpoint(Some(&db.url), &["work", "budgets"]);
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("KEY") && header.contains("WAITING"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(key))
+        .expect("the key's row");
+    assert!(row.contains("2.00/2.00"), "{row}");
+    let (ok, out, err) = setpoint(Some(&db.url), &["work", "budgets", "--json"]);
+    assert!(ok, "{err}");
+    let keys: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(keys.len(), 1, "{out}");
+    assert_eq!(keys[0]["key"], key);
+    assert_eq!(keys[0]["waiting"], 2, "{out}");
+    assert_eq!(keys[0]["max_rate"], 2.0);
+}

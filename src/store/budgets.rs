@@ -310,3 +310,15 @@ pub async fn budget_list(conn: &mut PgConnection) -> Result<Vec<BudgetRow>, Stor
         })
         .collect()
 }
+
+/// Per key, how many units wait for a promised token (`setpoint work budgets`).
+///
+/// # Errors
+/// Database errors.
+pub async fn budget_waiting(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT key, count(*) FROM request_budget_reservations GROUP BY key ORDER BY key",
+    )
+    .fetch_all(conn)
+    .await?)
+}
