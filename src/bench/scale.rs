@@ -360,7 +360,7 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
         .api_addr
         .ok_or_else(|| BenchError::Engine("the engine serves no API".into()))?;
     let client = ResourceServiceClient::connect(format!("http://{addr}")).await?;
-    // The drift scheduler's first rounds take what fell due during the fill.
+    // The drift scheduler starts its kind's cursor and reaches a steady stream of checks.
     say("engine started; letting drift settle for 5s");
     tokio::time::sleep(Duration::from_secs(5)).await;
 
