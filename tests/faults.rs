@@ -379,6 +379,17 @@ async fn an_uncertain_notification_leaves_the_instance_ready_and_changeable() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The chain runner of the KVX kind alone, for drift schedulers without an engine.
+fn kvx_chains(pool: &sqlx::PgPool) -> Arc<Chains> {
+    let mut catalog = KindCatalog::new();
+    catalog.add(setpoint::plugins::kvx::kind()).expect("kind");
+    Arc::new(Chains::new(
+        Arc::new(catalog),
+        Arc::new(SecretBox::none()),
+        pool.clone(),
+    ))
+}
+
 /// Defect 8: three engines' drift schedulers over one database check each instance once per
 /// interval (not three times), and a queued check never marks its instance active (so it
 /// never makes a change wait).
@@ -398,13 +409,7 @@ async fn three_engines_check_each_instance_once_per_interval() {
         .await
         .expect("instance");
     }
-    let mut catalog = KindCatalog::new();
-    catalog.add(setpoint::plugins::kvx::kind()).expect("kind");
-    let chains = Arc::new(Chains::new(
-        Arc::new(catalog),
-        Arc::new(SecretBox::none()),
-        db.pool.clone(),
-    ));
+    let chains = kvx_chains(&db.pool);
     let now = || async {
         sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
             .fetch_one(&db.pool)
@@ -507,13 +512,7 @@ async fn after_a_long_pause_each_resource_is_checked_once_and_deleted_ones_leave
         .await
         .expect("instance");
     }
-    let mut catalog = KindCatalog::new();
-    catalog.add(setpoint::plugins::kvx::kind()).expect("kind");
-    let chains = Arc::new(Chains::new(
-        Arc::new(catalog),
-        Arc::new(SecretBox::none()),
-        db.pool.clone(),
-    ));
+    let chains = kvx_chains(&db.pool);
     let scheduler = DriftScheduler::new(
         db.pool.clone(),
         chains,
