@@ -8,9 +8,13 @@
 //! attempt back and leaves its worker slot and lease, see [`AdapterError::waiting`]) and
 //! promises the unit the next token not yet promised: the unit finds it when it comes back, on
 //! any engine, whoever took meanwhile (a unit is known by the task-local [`as_unit`] the
-//! worker sets). A throttle report lowers the shared rate
-//! (multiplicative decrease, at most once a second per key) and throws away this engine's
-//! reserve of the key; the rate recovers additively with the takes that follow.
+//! worker sets). A unit at the first call of its attempt is promised a token only while the
+//! line of promises is at most [`FRESH_LINE`] long; otherwise it asks again later, so that a
+//! unit in the middle of a step always finds a line it can wait out in place. A throttle
+//! report lowers the shared rate (multiplicative decrease, at most once a second per key, and
+//! only for a call sent after the last decrease), moves the promises still to come to the
+//! lowered rate, and throws away this engine's reserve of the key; the rate recovers
+//! additively with the takes that follow, faster the longer no throttle was heard.
 //!
 //! A unit waits *in place* (sleeps, keeping its worker slot and lease, then takes its
 //! promised token) in two cases only: when the wait is at most [`IN_PLACE_ALWAYS`], and when
@@ -48,6 +52,13 @@ pub const IN_PLACE_ALWAYS: Duration = Duration::from_millis(100);
 /// and lease: leaving would throw away the calls it made, and the next attempt would need as
 /// many tokens again before reaching this point, which under load it never gets.
 pub const IN_PLACE_AFTER_PROGRESS: Duration = Duration::from_secs(30);
+
+/// A unit at the first call of its attempt is promised a token only while the line of
+/// promises is at most this long. A longer line would make the units in the middle of a step
+/// wait longer than [`IN_PLACE_AFTER_PROGRESS`]: they would leave, and their next attempt would
+/// start the step again from its first call, at the back of the line, and never reach its
+/// end.
+pub const FRESH_LINE: Duration = Duration::from_secs(10);
 
 /// The shortest wait handed out (a slot due now is still a round trip away).
 const MIN_WAIT: Duration = Duration::from_millis(20);
@@ -113,7 +124,7 @@ impl PgBudgets {
         loop {
             match self.take_once(key, limit).await {
                 Ok(()) => {
-                    set_progressed();
+                    set_took();
                     return Ok(());
                 }
                 Err(e) => {
@@ -144,8 +155,13 @@ impl PgBudgets {
         }
         let give_back = std::mem::take(&mut local.reserve).max(0.0);
         let want = Self::batch(limit);
+        let within = if progressed() {
+            f64::INFINITY
+        } else {
+            FRESH_LINE.as_secs_f64()
+        };
         let taken = match self
-            .take_row(&name, limit, want, give_back, unit, &mut local)
+            .take_row(&name, limit, want, give_back, unit, within, &mut local)
             .await
         {
             Ok(t) => t,
@@ -158,12 +174,12 @@ impl PgBudgets {
                 .with_code(CODE_BUDGET_WAIT));
             }
         };
-        let wait_secs = match taken {
+        let (wait_secs, promised) = match taken {
             Take::Promised => {
                 crate::metrics::budget_take(&name, "promised");
                 return Ok(());
             }
-            Take::Early(secs) => secs,
+            Take::Early(secs) => (secs, true),
             Take::Row(t) => {
                 crate::metrics::budget_state(&name, t.rate, t.tokens, limit.rate);
                 if t.granted >= 1.0 {
@@ -172,23 +188,28 @@ impl PgBudgets {
                     crate::metrics::budget_take(&name, "granted");
                     return Ok(());
                 }
-                t.wait_secs
+                (t.wait_secs, t.promised || unit.is_none())
             }
         };
         crate::metrics::budget_wait(&name);
         let wait = Duration::from_secs_f64(wait_secs.max(0.0)).max(MIN_WAIT);
-        Err(AdapterError::waiting(
+        let message = if promised {
             format!(
                 "waiting for budget {name}: a token is promised in {} ms",
                 wait.as_millis()
-            ),
-            wait,
-        )
-        .with_code(CODE_BUDGET_WAIT))
+            )
+        } else {
+            format!(
+                "waiting for budget {name}: the line of units is long; asking again in {} ms",
+                wait.as_millis()
+            )
+        };
+        Err(AdapterError::waiting(message, wait).with_code(CODE_BUDGET_WAIT))
     }
 
     /// One transaction: the unit's promised token if it has one, else a take that, finding
-    /// none, promises the unit the next one.
+    /// none, promises the unit the next one if it is at most `within` seconds away.
+    #[allow(clippy::too_many_arguments)]
     async fn take_row(
         &self,
         name: &str,
@@ -196,6 +217,7 @@ impl PgBudgets {
         want: f64,
         give_back: f64,
         unit: Option<i64>,
+        within: f64,
         local: &mut Local,
     ) -> Result<Take, StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -224,7 +246,7 @@ impl PgBudgets {
                 limit.burst,
                 want,
                 give_back,
-                unit.is_some(),
+                unit.map(|_| within),
                 &self.aimd,
             )
             .await?;
@@ -235,7 +257,7 @@ impl PgBudgets {
             }
         };
         if let Some(work_id) = unit
-            && taken.granted < 1.0
+            && taken.promised
         {
             budget_reserve(&mut tx, name, work_id, taken.wait_secs).await?;
         }
@@ -246,6 +268,7 @@ impl PgBudgets {
     async fn throttled_inner(&self, key: &BudgetKey, limit: Limit) -> Duration {
         let name = key.to_string();
         let unit = current_unit();
+        let sent_ago = last_take().map(|at| at.elapsed().as_secs_f64());
         crate::metrics::budget_throttle(&name);
         let local = self.local(&name);
         let mut local = local.lock().await;
@@ -255,16 +278,25 @@ impl PgBudgets {
             let mut conn = self.pool.acquire().await?;
             budget_ensure(&mut conn, &name, limit.rate, limit.burst).await?;
             local.ensured = true;
-            let t = budget_throttle(&mut conn, &name, limit.rate, limit.burst, &self.aimd).await?;
+            let t = budget_throttle(
+                &mut conn,
+                &name,
+                limit.rate,
+                limit.burst,
+                sent_ago,
+                &self.aimd,
+            )
+            .await?;
             drop(conn);
             if let Some(t) = &t
                 && t.decreased
             {
-                tracing::info!(budget = %name, rate = t.rate, max_rate = limit.rate,
-                    "the peer throttled: the shared rate is lowered");
+                tracing::info!(budget = %name, work_id = ?unit, rate = t.rate, max_rate = limit.rate,
+                    "the peer throttled: the shared rate is lowered and the promises moved to it");
             }
-            // The throttled unit gets in line like any waiter (promised the next token).
-            self.take_row(&name, limit, 0.0, 0.0, unit, &mut local)
+            // The throttled unit gets in line like any waiter in the middle of a step (promised
+            // the next token, however long the line).
+            self.take_row(&name, limit, 0.0, 0.0, unit, f64::INFINITY, &mut local)
                 .await
         };
         match done.await {
@@ -295,8 +327,9 @@ enum Take {
 /// The unit whose handler runs in this task, as its budgets see it.
 struct UnitBudget {
     work_id: i64,
-    /// Whether this attempt was granted a token already (it made progress).
-    progressed: std::cell::Cell<bool>,
+    /// When this attempt was last granted a token (its latest call was sent then); `None`
+    /// before its first token.
+    last_take: std::cell::Cell<Option<Instant>>,
 }
 
 tokio::task_local! {
@@ -310,7 +343,7 @@ tokio::task_local! {
 pub async fn as_unit<F: std::future::Future>(work_id: i64, fut: F) -> F::Output {
     let unit = UnitBudget {
         work_id,
-        progressed: std::cell::Cell::new(false),
+        last_take: std::cell::Cell::new(None),
     };
     UNIT.scope(unit, fut).await
 }
@@ -319,12 +352,19 @@ fn current_unit() -> Option<i64> {
     UNIT.try_with(|u| u.work_id).ok()
 }
 
+/// Whether this attempt was granted a token already (it made progress).
 fn progressed() -> bool {
-    UNIT.try_with(|u| u.progressed.get()).unwrap_or(false)
+    last_take().is_some()
 }
 
-fn set_progressed() {
-    let _ = UNIT.try_with(|u| u.progressed.set(true));
+/// When this attempt was last granted a token: a throttle of its call says something about
+/// the rate only if the call was sent after the last decrease.
+fn last_take() -> Option<Instant> {
+    UNIT.try_with(|u| u.last_take.get()).ok().flatten()
+}
+
+fn set_took() {
+    let _ = UNIT.try_with(|u| u.last_take.set(Some(Instant::now())));
 }
 
 impl Budgets for PgBudgets {

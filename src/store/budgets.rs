@@ -3,8 +3,9 @@
 //! own duration only, so engines never hold a budget across a call to the peer.
 //!
 //! A row holds `tokens` at time `at` and the current `rate`; a statement first brings both to
-//! now — the rate recovers additively (`max_rate * recover` per second, capped at `max_rate`),
-//! the tokens refill at that rate (capped at `burst`) — then takes or throttles. A unit told
+//! now — the rate recovers additively (`max_rate * recover` per second, times a boost that
+//! doubles every `boost_every_secs` without a decrease, capped at `max_boost`; never above
+//! `max_rate`), the tokens refill at that rate (capped at `burst`) — then takes or throttles. A unit told
 //! to wait is promised the next token not yet promised (the balance goes below zero by one
 //! per waiter, `request_budget_reservations` names the unit), so waiters come back spread at
 //! the rate the key serves, and find their token whoever took meanwhile.
@@ -17,8 +18,13 @@ use super::StoreError;
 /// How the rate moves (AIMD): the engine's settings, the same for every key.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aimd {
-    /// Additive increase: the fraction of `max_rate` the rate regains per second.
+    /// Additive increase: the fraction of `max_rate` the rate regains per second right after
+    /// a decrease.
     pub recover: f64,
+    /// The increase doubles every this many seconds without a decrease...
+    pub boost_every_secs: f64,
+    /// ...up to this many times `recover` (1: a plain additive increase).
+    pub max_boost: f64,
     /// Multiplicative decrease: the rate is multiplied by this on a throttle.
     pub decrease: f64,
     /// The rate never drops below `max_rate * floor`.
@@ -31,6 +37,8 @@ impl Default for Aimd {
     fn default() -> Self {
         Self {
             recover: 0.01,
+            boost_every_secs: 5.0,
+            max_boost: 8.0,
             decrease: 0.5,
             floor: 0.05,
             decrease_every_secs: 1.0,
@@ -43,7 +51,11 @@ impl Default for Aimd {
 pub struct Taken {
     /// Tokens granted (0 to the number asked).
     pub granted: f64,
-    /// When nothing was granted: seconds until the caller's token is there.
+    /// Whether nothing was granted and the caller was promised the next token not yet
+    /// promised (it is paid for; record it with [`budget_reserve`]).
+    pub promised: bool,
+    /// When nothing was granted: seconds until the caller's token is there (promised), or
+    /// until the caller should ask again (not promised).
     pub wait_secs: f64,
     /// The key's rate after the statement.
     pub rate: f64,
@@ -106,13 +118,16 @@ pub async fn budget_ensure(
 }
 
 /// Takes up to `want` whole tokens of `key` (configured `max_rate`, `burst`), at least one or
-/// none, and gives back `give_back` tokens an engine did not use. With none granted, the caller
-/// gets the time its token will be there (`wait_secs`); with `reserve`, that token is paid for
-/// now (the balance goes below zero), so that the caller finds it at that time whoever takes
-/// meanwhile: the caller records it with [`budget_reserve`] in the same transaction. `want = 0`
-/// only reserves. `None` when the key has no row yet ([`budget_ensure`]). The configured limits
-/// are written with every take, so a changed configuration applies at the next take of any
-/// engine.
+/// none, and gives back `give_back` tokens an engine did not use. With none granted, and
+/// `promise_within` given, the caller is promised the next token not yet promised when that
+/// token is at most `promise_within` seconds away (the line of promises is that short): the
+/// token is paid for now (the balance goes below zero) so that the caller finds it at that
+/// time whoever takes meanwhile, and the caller records it with [`budget_reserve`] in the same
+/// transaction. While promises are still to come nothing is granted: a caller gets in line
+/// after the last of them. A caller not promised a token is told to ask again when the line is half that
+/// long (`wait_secs`). `want = 0` only promises. `None` when the key has no row yet
+/// ([`budget_ensure`]). The configured limits are written with every take, so a changed
+/// configuration applies at the next take of any engine.
 #[allow(clippy::too_many_arguments)]
 pub async fn budget_take(
     conn: &mut PgConnection,
@@ -121,7 +136,7 @@ pub async fn budget_take(
     burst: f64,
     want: f64,
     give_back: f64,
-    reserve: bool,
+    promise_within: Option<f64>,
     aimd: &Aimd,
 ) -> Result<Option<Taken>, StoreError> {
     let row = sqlx::query(
@@ -133,25 +148,43 @@ pub async fn budget_take(
          ), r AS (
              SELECT key, tokens, greatest(at, now()) AS t,
                     greatest(0, extract(epoch FROM now() - at)::float8) AS dt,
-                    least($2, rate + $2 * $6 * greatest(0, extract(epoch FROM now() - at)::float8)) AS rate
+                    least($2, rate + $2 * $6 * greatest(0, extract(epoch FROM now() - at)::float8)
+                                  * CASE WHEN throttled_at IS NULL THEN $9
+                                         ELSE least($9, power(2, least(16, greatest(0,
+                                              extract(epoch FROM now() - throttled_at)::float8) / $8)))
+                                    END) AS rate
              FROM cur
          ), a AS (
-             SELECT key, t, rate, least($3, tokens + rate * dt + $5) AS avail FROM r
+             SELECT key, t, rate, least($3, tokens + rate * dt + $5) AS avail,
+                    -- The last promise still to come, in seconds from now.
+                    (SELECT extract(epoch FROM max(slot) - now())::float8
+                     FROM request_budget_reservations
+                     WHERE key = $1 AND slot > now()) AS last
+             FROM r
          ), g AS (
+             -- Nothing is granted while promises are still to come: when the rate rose since
+             -- they were made, the balance is back above zero before their slots, and a grant
+             -- then would add its call to theirs.
              SELECT key, t, rate, avail,
-                    CASE WHEN avail >= 1 THEN least($4, floor(avail)) ELSE 0 END AS granted
+                    CASE WHEN avail >= 1 AND last IS NULL THEN least($4, floor(avail))
+                         ELSE 0 END AS granted,
+                    greatest((1 - avail) / rate, coalesce(last + 1 / rate, 0)) AS line
              FROM a
+         ), p AS (
+             SELECT *, (granted = 0 AND $7::float8 IS NOT NULL AND line <= $7) AS promised
+             FROM g
          )
          UPDATE request_budgets b
-         SET max_rate = $2, burst = $3, rate = g.rate, at = g.t,
-             tokens = CASE WHEN g.granted > 0 THEN g.avail - g.granted
-                           WHEN $7 THEN g.avail - 1 ELSE g.avail END,
-             waits = b.waits + CASE WHEN g.granted > 0 THEN 0 ELSE 1 END
-         FROM g
-         WHERE b.key = g.key
-         RETURNING g.granted::float8 AS granted,
-                   CASE WHEN g.granted > 0 THEN 0
-                        ELSE (1 - g.avail) / g.rate END AS wait_secs,
+         SET max_rate = $2, burst = $3, rate = p.rate, at = p.t,
+             tokens = CASE WHEN p.granted > 0 THEN p.avail - p.granted
+                           WHEN p.promised THEN p.avail - 1 ELSE p.avail END,
+             waits = b.waits + CASE WHEN p.granted > 0 THEN 0 ELSE 1 END
+         FROM p
+         WHERE b.key = p.key
+         RETURNING p.granted::float8 AS granted, p.promised,
+                   CASE WHEN p.granted > 0 THEN 0
+                        WHEN p.promised OR $7::float8 IS NULL THEN p.line
+                        ELSE greatest(0, p.line - $7::float8 / 2) END AS wait_secs,
                    b.rate, b.tokens",
     )
     .bind(key)
@@ -160,12 +193,15 @@ pub async fn budget_take(
     .bind(want)
     .bind(give_back)
     .bind(aimd.recover)
-    .bind(reserve)
+    .bind(promise_within)
+    .bind(aimd.boost_every_secs)
+    .bind(aimd.max_boost)
     .fetch_optional(conn)
     .await?;
     row.map(|r| {
         Ok(Taken {
             granted: r.try_get("granted")?,
+            promised: r.try_get("promised")?,
             wait_secs: r.try_get("wait_secs")?,
             rate: r.try_get("rate")?,
             tokens: r.try_get("tokens")?,
@@ -174,15 +210,21 @@ pub async fn budget_take(
     .transpose()
 }
 
-/// Reports that the peer throttled a call of `key`: the first report in
-/// `aimd.decrease_every_secs` multiplies the rate by `aimd.decrease` (never below
-/// `max_rate * aimd.floor`) and takes back the tokens left (a balance above zero becomes
-/// zero; promised tokens stay promised). `None` when the key has no row.
+/// Reports that the peer throttled a call of `key`, made `sent_secs_ago` seconds ago when the
+/// caller knows. The report lowers the rate when no decrease happened in the last
+/// `aimd.decrease_every_secs` and the call was sent after the last decrease (a call sent at
+/// the old rate says nothing about the new one; unknown counts as after): it multiplies the
+/// rate by `aimd.decrease` (never below `max_rate * aimd.floor`), takes back the tokens left
+/// (a balance above zero becomes zero; promised tokens stay promised) and moves every promise
+/// still to come to the new rate (its distance from now grows by `old rate / new rate`, so the
+/// waiters keep their order and come back spread at the new rate). `None` when the key has no
+/// row.
 pub async fn budget_throttle(
     conn: &mut PgConnection,
     key: &str,
     max_rate: f64,
     burst: f64,
+    sent_secs_ago: Option<f64>,
     aimd: &Aimd,
 ) -> Result<Option<Throttled>, StoreError> {
     let row = sqlx::query(
@@ -191,17 +233,29 @@ pub async fn budget_throttle(
          ), r AS (
              SELECT key, tokens, throttled_at, greatest(at, now()) AS t,
                     greatest(0, extract(epoch FROM now() - at)::float8) AS dt,
-                    least($2, rate + $2 * $4 * greatest(0, extract(epoch FROM now() - at)::float8)) AS rate
+                    least($2, rate + $2 * $4 * greatest(0, extract(epoch FROM now() - at)::float8)
+                                  * CASE WHEN throttled_at IS NULL THEN $10
+                                         ELSE least($10, power(2, least(16, greatest(0,
+                                              extract(epoch FROM now() - throttled_at)::float8) / $9)))
+                                    END) AS rate
              FROM cur
          ), d AS (
              SELECT key, t, rate, least($3, tokens + rate * dt) AS avail,
                     (throttled_at IS NULL
-                     OR throttled_at <= t - make_interval(secs => $7)) AS decrease
+                     OR (throttled_at <= t - make_interval(secs => $7)
+                         AND ($8::float8 IS NULL
+                              OR throttled_at <= now() - make_interval(secs => $8)))) AS decrease,
+                    greatest($2 * $6, rate * $5) AS lowered
              FROM r
+         ), moved AS (
+             UPDATE request_budget_reservations res
+             SET slot = d.t + (res.slot - d.t) * (d.rate / d.lowered)
+             FROM d
+             WHERE d.decrease AND res.key = d.key AND res.slot > d.t
          )
          UPDATE request_budgets b
          SET max_rate = $2, burst = $3, at = d.t,
-             rate = CASE WHEN d.decrease THEN greatest($2 * $6, d.rate * $5) ELSE d.rate END,
+             rate = CASE WHEN d.decrease THEN d.lowered ELSE d.rate END,
              tokens = CASE WHEN d.decrease THEN least(d.avail, 0) ELSE d.avail END,
              throttled_at = CASE WHEN d.decrease THEN d.t ELSE b.throttled_at END,
              throttles = b.throttles + 1
@@ -216,6 +270,9 @@ pub async fn budget_throttle(
     .bind(aimd.decrease)
     .bind(aimd.floor)
     .bind(aimd.decrease_every_secs)
+    .bind(sent_secs_ago)
+    .bind(aimd.boost_every_secs)
+    .bind(aimd.max_boost)
     .fetch_optional(conn)
     .await?;
     row.map(|r| {
@@ -229,7 +286,7 @@ pub async fn budget_throttle(
 }
 
 /// Records that unit `work_id` holds a token of `key` promised at `slot` (paid for by a
-/// reserving [`budget_take`]), and removes the promises of units that did not come back
+/// promising [`budget_take`]), and removes the promises of units that did not come back
 /// within five minutes of their slot.
 pub async fn budget_reserve(
     conn: &mut PgConnection,
@@ -256,9 +313,10 @@ pub async fn budget_reserve(
 
 /// The token of `key` promised to unit `work_id`, if any: `Some(0)` (and the promise is spent)
 /// when its slot has come, `Some(seconds)` until the slot (the promise is kept), `None`
-/// without a promise. A throttle keeps the promises made before it: voiding them sent every
-/// waiter to the back of the queue at each decrease, and with a queue longer than the time
-/// between two decreases (1,000 units) nobody got through.
+/// without a promise. A throttle keeps the promises made before it, moved to the new rate
+/// ([`budget_throttle`]): voiding them sent every waiter to the back of the queue at each
+/// decrease, and with a queue longer than the time between two decreases (1,000 units) nobody
+/// got through.
 pub async fn budget_claim_reservation(
     conn: &mut PgConnection,
     key: &str,

@@ -55,6 +55,7 @@ use uuid::Uuid;
 
 use crate::classify::{classify, volume_change_refused};
 use crate::config::{ConfigError, Ec2Config};
+use crate::retry::LeaveThrottlesToBudget;
 
 /// Tag holding the token of the unit that launched the instance.
 pub const TAG_TOKEN: &str = "setpoint:token";
@@ -156,8 +157,20 @@ impl Ec2Compute {
     }
 
     /// Draws the calls' tokens from `budgets` (the engine's, shared by every engine), at the
-    /// limits of `[ec2.budgets]`. Without it nothing is limited.
+    /// limits of `[ec2.budgets]`. Without it nothing is limited. With a shared budget
+    /// ([`Budgets::shared`]) the SDK no longer resends a throttled call itself
+    /// ([`LeaveThrottlesToBudget`]): the throttle goes to the budget at once; other failures
+    /// are still resent up to `max_attempts`.
     pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        if budgets.shared() {
+            self.client = Client::from_conf(
+                self.client
+                    .config()
+                    .to_builder()
+                    .retry_classifier(LeaveThrottlesToBudget)
+                    .build(),
+            );
+        }
         self.budgets = Ec2Budgets::new(budgets, &self.config);
         self
     }

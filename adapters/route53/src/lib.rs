@@ -62,6 +62,7 @@ mod name;
 pub mod observation;
 pub mod ownership;
 mod plan;
+pub mod retry;
 pub mod spec;
 mod txt;
 pub mod value;

@@ -25,6 +25,7 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::classify::{classify, is_no_such_zone};
+use crate::retry::LeaveThrottlesToBudget;
 
 /// Crash-test point right after `CreateHostedZone` returned (see [`setpoint_adapter::failpoint`]).
 pub const FAILPOINT_AFTER_CREATE_ZONE: &str = "route53.after-create-zone";
@@ -84,8 +85,20 @@ impl Route53Dns {
     }
 
     /// Draws the record changes' tokens from `budgets` (the engine's, shared by every engine),
-    /// at the limit of `budgets.change`. Without it nothing is limited.
+    /// at the limit of `budgets.change`. Without it nothing is limited. With a shared budget
+    /// ([`Budgets::shared`]) the SDK no longer resends a throttled call itself
+    /// ([`LeaveThrottlesToBudget`]): the throttle goes to the budget at once; other failures
+    /// are still resent up to `max_attempts`.
     pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
+        if budgets.shared() {
+            self.client = Client::from_conf(
+                self.client
+                    .config()
+                    .to_builder()
+                    .retry_classifier(LeaveThrottlesToBudget)
+                    .build(),
+            );
+        }
         self.change = change_budget(budgets, &self.config);
         self
     }
