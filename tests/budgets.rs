@@ -16,19 +16,16 @@
 
 mod common;
 
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::ec2proxy::Ec2Proxy;
 use common::peers::Peers;
 use common::stack::{Api, TmpDir, client_for};
 use common::{EngineProcess, setpoint, wait_for};
-use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use setpoint::budgets::PgBudgets;
@@ -446,157 +443,6 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
 // ---------------------------------------------------------------------------------------
 // The issue's test: a throttling proxy in front of moto.
 
-/// What the proxy saw: (when, action, throttled).
-type Calls = Arc<Mutex<Vec<(Instant, String, bool)>>>;
-
-/// An HTTP proxy in front of moto that answers EC2's `RequestLimitExceeded` (HTTP 503) to a
-/// call when `limit` calls of the same `Action` passed in the last second.
-struct ThrottlingProxy {
-    addr: SocketAddr,
-    calls: Calls,
-    stop: CancellationToken,
-}
-
-impl ThrottlingProxy {
-    async fn start(upstream: String, limit: usize) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let calls: Calls = Arc::default();
-        let windows: Arc<Mutex<HashMap<String, VecDeque<Instant>>>> = Arc::default();
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Full<Bytes>>();
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let seen = calls.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = stopped.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                };
-                let (client, upstream, windows, seen) = (
-                    client.clone(),
-                    upstream.clone(),
-                    windows.clone(),
-                    seen.clone(),
-                );
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (client, upstream, windows, seen) = (
-                            client.clone(),
-                            upstream.clone(),
-                            windows.clone(),
-                            seen.clone(),
-                        );
-                        async move {
-                            Ok::<_, Infallible>(
-                                proxy(req, &client, &upstream, limit, &windows, &seen).await,
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Self { addr, calls, stop }
-    }
-}
-
-impl Drop for ThrottlingProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
-async fn proxy(
-    req: hyper::Request<hyper::body::Incoming>,
-    client: &Client,
-    upstream: &str,
-    limit: usize,
-    windows: &Mutex<HashMap<String, VecDeque<Instant>>>,
-    seen: &Mutex<Vec<(Instant, String, bool)>>,
-) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let action = form_urlencoded::parse(&body)
-        .find(|(k, _)| k == "Action")
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| "unknown".into());
-    let now = Instant::now();
-    let throttle = {
-        let mut windows = windows.lock().expect("windows");
-        let window = windows.entry(action.clone()).or_default();
-        while window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            window.pop_front();
-        }
-        let throttle = window.len() >= limit;
-        if !throttle {
-            window.push_back(now);
-        }
-        throttle
-    };
-    seen.lock().expect("seen").push((now, action, throttle));
-    if throttle {
-        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
-                   <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
-                   </Error></Errors><RequestID>throttling-proxy</RequestID></Response>";
-        return hyper::Response::builder()
-            .status(503)
-            .header("content-type", "text/xml;charset=UTF-8")
-            .body(Full::new(Bytes::from(xml)))
-            .unwrap_or_default();
-    }
-    let uri = format!(
-        "{upstream}{}",
-        parts.uri.path_and_query().map_or("/", |p| p.as_str())
-    );
-    let mut forward = hyper::Request::builder().method(parts.method).uri(uri);
-    for (k, v) in &parts.headers {
-        forward = forward.header(k, v);
-    }
-    let Ok(forward) = forward.body(Full::new(body)) else {
-        return bad_gateway();
-    };
-    match client.request(forward).await {
-        Ok(answer) => {
-            let (parts, body) = answer.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            hyper::Response::from_parts(parts, Full::new(body))
-        }
-        Err(_) => bad_gateway(),
-    }
-}
-
-fn bad_gateway() -> hyper::Response<Full<Bytes>> {
-    let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"bad gateway")));
-    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-    r
-}
-
 const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 /// The engines' configuration: EC2 through the proxy, with budgets above the proxy's limit
@@ -717,10 +563,10 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     let dir = TmpDir::new("budgets");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
     let peers = Peers::start(&dir).await;
-    let proxy = ThrottlingProxy::start(peers.moto.clone(), r).await;
+    let proxy = Ec2Proxy::throttling(peers.moto.clone(), r).await;
     let (ok, _, err) = setpoint(Some(&db.url), &["migrate"]);
     assert!(ok, "{err}");
-    let config = write_config(&dir, &db.url, &format!("http://{}", proxy.addr), &peers, r);
+    let config = write_config(&dir, &db.url, &proxy.url(), &peers, r);
 
     let engines: Vec<EngineProcess> = (1..=3)
         .map(|i| serve(&config, &format!("engine-{i}")))
@@ -829,19 +675,19 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     .await
     .expect("budgets");
 
-    let calls = proxy.calls.lock().expect("calls").clone();
-    let first = calls.first().map_or(started, |c| c.0);
+    let calls = proxy.snapshot();
+    let first = calls.first().map_or(started, |c| c.at);
     let after: Vec<_> = calls
         .iter()
-        .filter(|c| c.0.duration_since(first) >= Duration::from_secs(10))
+        .filter(|c| c.at.duration_since(first) >= Duration::from_secs(10))
         .collect();
-    let throttled_after = after.iter().filter(|c| c.2).count();
-    let throttled_all = calls.iter().filter(|c| c.2).count();
+    let throttled_after = after.iter().filter(|c| c.throttled).count();
+    let throttled_all = calls.iter().filter(|c| c.throttled).count();
     let mut by_action: HashMap<&str, (usize, usize)> = HashMap::new();
     for c in &calls {
-        let e = by_action.entry(c.1.as_str()).or_default();
+        let e = by_action.entry(c.action.as_str()).or_default();
         e.0 += 1;
-        e.1 += usize::from(c.2);
+        e.1 += usize::from(c.throttled);
     }
     let share = throttled_after as f64 / after.len().max(1) as f64;
     println!(

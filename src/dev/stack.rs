@@ -117,6 +117,11 @@ pub struct DevArgs {
     /// The age a machine needs before the orphan sweep terminates it (`[orphans] min_age`).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub orphans_min_age: Duration,
+    /// How long one EC2 call may take (`[ec2.timeouts] attempt_ms`). moto answers a filtered
+    /// describe in time proportional to the machines of the region times every tag it holds,
+    /// so tests with thousands of machines give it longer.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub ec2_attempt_timeout: Duration,
 }
 
 impl DevArgs {
@@ -343,6 +348,10 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         ec2.default_image_id = Some("ami-12c6146b".into());
         ec2.timeouts.poll_initial_ms = 200;
         ec2.timeouts.poll_max_ms = 1_000;
+        ec2.timeouts.attempt_ms = u64::try_from(args.ec2_attempt_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        ec2.timeouts.operation_ms = ec2.timeouts.operation_ms.max(ec2.timeouts.attempt_ms);
         // One size per plan, so a plan change resizes the machine (update chain) here too.
         for (plan, instance_type) in DEV_PLAN_SIZES {
             ec2.plans.insert(

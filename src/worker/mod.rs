@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use serde_json::json;
 use setpoint_adapter::{
-    AdapterError, Budgets, CODE_LEASE_LOST, ErrorClass, Fence, IdempotencyToken, Unlimited,
+    AdapterError, Budgets, CODE_LEASE_LOST, ErrorClass, Fence, IdempotencyToken, Slot, Unlimited,
     WorkContext,
 };
 use sqlx::PgPool;
@@ -456,9 +456,12 @@ async fn fetch_loop(
             // Boxed: the unit's future is several KB (handler, failure path, completion), and
             // tokio moves a task's future by value into its cell and again when it finishes;
             // at tens of thousands of units per second those copies dominated the engine's CPU.
+            // The unit's slot, given back when its attempt ends, or earlier by a handler that
+            // only waits for work done on its behalf (the items of a batch share one slot).
+            let slot = Slot::holding(permit);
             tasks.spawn(Box::pin(async move {
-                execute(&shared, unit, fence).await;
-                drop(permit);
+                execute(&shared, unit, fence, slot.clone()).await;
+                slot.release();
             }));
         }
         drop(permits);
@@ -517,7 +520,7 @@ async fn claim(shared: &Shared, n: usize, from: ClaimFrom) -> Result<Vec<Claimed
 /// Runs one attempt of a claimed unit and hands its result on. The attempt stops as soon as its
 /// fence is lost (its lease was not renewed in time, or it was taken over): its handler is
 /// dropped at its next await point, and no result of it is recorded.
-async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
+async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence, slot: Slot) {
     let span = tracing::info_span!("work", work_id = unit.id, token = %unit.token, kind = %unit.kind, attempt = unit.attempt);
     async {
         let started = Instant::now();
@@ -555,7 +558,8 @@ async fn execute(shared: &Shared, unit: ClaimedWork, fence: Fence) {
             journal,
         )
         .with_fence(fence.clone())
-        .with_budgets(shared.budgets.clone());
+        .with_budgets(shared.budgets.clone())
+        .with_slot(slot);
         if let Some(resource) = unit.resource_id {
             ctx = ctx.with_resource(resource, unit.tenant.clone());
         }

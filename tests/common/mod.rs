@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod ec2proxy;
 #[cfg(all(
     feature = "ec2",
     feature = "kubernetes",

@@ -77,6 +77,10 @@ const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 /// EC2 takes at most 200 values per filter: a batched describe asks for this many at a time.
 const VALUES_PER_FILTER: usize = 200;
 
+/// The most reservations `DescribeInstances` answers per page when asked by filter (EC2's
+/// upper bound of `MaxResults`).
+const MAX_DESCRIBE_PAGE: i32 = 1000;
+
 /// Keeps this much of the deadline free when polling, for the last call to return.
 const POLL_MARGIN: Duration = Duration::from_millis(500);
 
@@ -235,6 +239,10 @@ impl Ec2Compute {
                         .describe_instances()
                         .set_filters(Some(filters.clone()).filter(|f| !f.is_empty()))
                         .set_instance_ids(Some(ids.clone()).filter(|i| !i.is_empty()))
+                        // The largest page EC2 allows, where it allows one (not beside
+                        // instance ids). Without it moto answers 100 reservations a page, and
+                        // a batch of 200 launch tokens took two calls.
+                        .set_max_results(ids.is_empty().then_some(MAX_DESCRIBE_PAGE))
                         .set_next_token(next);
                     async move {
                         req.send()

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use crate::budget::{Budget, BudgetKey, Budgets, Limit, Unlimited};
 use crate::fence::Fence;
 use crate::journal::Journal;
+use crate::slot::Slot;
 use crate::token::IdempotencyToken;
 
 /// The unit of work a handler is running: its identity, its attempt and its deadline.
@@ -41,6 +42,10 @@ pub struct WorkContext {
     /// PostgreSQL; [`Unlimited`] unless the engine sets it ([`WorkContext::with_budgets`]).
     /// A handler takes a token before each call to its peer ([`WorkContext::budget`]).
     pub budgets: Arc<dyn Budgets>,
+    /// The unit's slot among the units its engine runs at once: a handler that only waits for
+    /// work done on its behalf elsewhere may take it or give it back (see [`Slot`]). Empty
+    /// unless the engine sets it ([`WorkContext::with_slot`]).
+    pub slot: Slot,
     /// Adapter calls made by this attempt, recorded in the unit's history when it ends.
     calls: Arc<Mutex<Vec<String>>>,
 }
@@ -67,6 +72,7 @@ impl WorkContext {
             journal,
             fence: Fence::unbounded(),
             budgets: Arc::new(Unlimited),
+            slot: Slot::default(),
             calls: Arc::default(),
         }
     }
@@ -87,6 +93,12 @@ impl WorkContext {
     /// Sets where the unit's request budgets come from (the engine does).
     pub fn with_budgets(mut self, budgets: Arc<dyn Budgets>) -> Self {
         self.budgets = budgets;
+        self
+    }
+
+    /// Sets the unit's slot (the engine does, holding its concurrency permit).
+    pub fn with_slot(mut self, slot: Slot) -> Self {
+        self.slot = slot;
         self
     }
 

@@ -65,6 +65,7 @@ pub mod handler;
 pub mod journal;
 pub mod kind;
 pub mod mail;
+pub mod slot;
 pub mod step;
 pub mod token;
 
@@ -86,6 +87,7 @@ pub use handler::{BoxFuture, FollowUp, Handler, Outcome, Typed, TypedHandler, ty
 pub use journal::{Begun, Entry, Journal, MemoryJournal};
 pub use kind::{ResourceKind, StepDecl};
 pub use mail::{Delivery, MailRequest, Mailer, MailerFns, NopMailer, OUTCOME_UNKNOWN, Template};
+pub use slot::{Slot, SlotGuard};
 pub use step::{
     BatchStep, ConditionStatus, ConditionUpdate, ResourceRef, Secrets, Step, StepInput, StepResult,
     Then,
