@@ -13,9 +13,10 @@
 //!   and its row are the template; then it is deleted through the API;
 //! - N machines are launched directly in moto, 200 per region (see [`REGIONS`] for why), each with the template machine's image, type, data volume and tags, the tags
 //!   naming its own resource and launch token, as the adapter writes them;
-//! - N rows are written by the bench's bulk fill (`instances_fill_ready`: READY, first drift
-//!   check due at once), with the template's spec (in the machine's region) and the machine
-//!   recorded as the template's was.
+//! - N rows are written by the bench's bulk fill (`instances_fill_ready`: READY, placed on
+//!   the drift ring where the kind's cursor stands, so that every first check is due at once),
+//!   with the template's spec (in the machine's region) and the machine recorded as the
+//!   template's was.
 //!
 //! One machine is terminated directly in moto before the rows are committed. The engine
 //! (`setpoint dev`, EC2 through a counting proxy) then runs its drift round: the test counts
@@ -41,6 +42,7 @@ use serde_json::{Value, json};
 use setpoint::api::proto::{
     CreateInstanceRequest, DeleteInstanceRequest, Instance, InstanceSpec, InstanceStatus,
 };
+use setpoint::store::drift::drift_schedule_fill;
 use setpoint::store::instances::{Fill, instances_fill_ready};
 use setpoint_adapter::IdempotencyToken;
 use sqlx::PgPool;
@@ -298,11 +300,13 @@ async fn a_sweep_observes_200_machines_per_describe_and_finds_the_terminated_one
             name_prefix: "m-",
             from: 0,
             n: n as i64,
-            interval_ms: 0,
         },
     )
     .await
     .expect("fill");
+    drift_schedule_fill(&mut tx, "kvx.instance", &ids)
+        .await
+        .expect("schedule");
     let plan: Vec<(Uuid, &str, IdempotencyToken)> = ids
         .iter()
         .enumerate()
@@ -396,6 +400,29 @@ async fn a_sweep_observes_200_machines_per_describe_and_finds_the_terminated_one
         .fetch_one(&db.pool)
         .await
         .expect("last event");
+    // Every row's place on the drift ring is where the kind's cursor stands (locked until the
+    // commit, so no round moves it meanwhile): the first round after the commit passes them
+    // all, and the next pass comes an interval later, so the sweep is not mixed with a second.
+    let interval_us = setpoint::config::parse_duration(&interval)
+        .expect("interval")
+        .as_micros() as i64;
+    let placed = sqlx::query(
+        "WITH c AS (SELECT through FROM drift_cursors WHERE kind = 'kvx.instance' FOR UPDATE)
+         UPDATE drift_schedule s
+         SET phase = least(((extract(epoch FROM c.through) * 1000000)::bigint % $2)::float8
+                           / $2 + 1e-9, 0.999999999)
+         FROM c WHERE s.resource_id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(interval_us)
+    .execute(&mut *tx)
+    .await
+    .expect("places");
+    assert_eq!(
+        placed.rows_affected(),
+        n as u64,
+        "the engine's drift cursor exists"
+    );
     let mark = proxy.snapshot().len();
     tx.commit().await.expect("commit");
     let committed = Instant::now();
