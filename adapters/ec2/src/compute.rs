@@ -55,7 +55,7 @@ use uuid::Uuid;
 
 use crate::classify::{classify, volume_change_refused};
 use crate::config::{ConfigError, Ec2Config};
-use crate::retry::LeaveThrottlesToBudget;
+use setpoint_adapter::aws::LeaveThrottlesToBudget;
 
 /// Tag holding the token of the unit that launched the instance.
 pub const TAG_TOKEN: &str = "setpoint:token";

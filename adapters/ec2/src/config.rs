@@ -99,7 +99,7 @@ pub struct Ec2Config {
     /// Attempts per API call inside the AWS SDK (its standard retry mode: throttling, 5xx and
     /// transport errors, with the same `ClientToken`). The engine retries the unit on top.
     /// With the engine's shared budgets a throttle is not resent by the SDK but left to the
-    /// budget ([`crate::retry::LeaveThrottlesToBudget`]).
+    /// budget ([`setpoint_adapter::aws::LeaveThrottlesToBudget`]).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// The request budgets this region's calls share with every engine (`[ec2.budgets]`).

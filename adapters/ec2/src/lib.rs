@@ -53,7 +53,6 @@ pub mod compute;
 pub mod config;
 pub mod handlers;
 pub mod regions;
-pub mod retry;
 
 pub use classify::{
     CAPACITY_RETRY_AFTER, THROTTLE_RETRY_AFTER, VOLUME_BUSY_RETRY_AFTER, VOLUME_COOLDOWN,

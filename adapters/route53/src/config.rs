@@ -46,7 +46,7 @@ pub struct Route53Config {
     /// Attempts per API call inside the AWS SDK (its standard retry mode: throttling, 5xx and
     /// transport errors). The engine retries the unit on top. With the engine's shared
     /// budgets a throttle is not resent by the SDK but left to the budget
-    /// ([`crate::retry::LeaveThrottlesToBudget`]).
+    /// ([`setpoint_adapter::aws::LeaveThrottlesToBudget`]).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Zones per `ListHostedZones` page (1–100). Finding a zone by its token reads every page,

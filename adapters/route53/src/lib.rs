@@ -62,7 +62,6 @@ mod name;
 pub mod observation;
 pub mod ownership;
 mod plan;
-pub mod retry;
 pub mod spec;
 mod txt;
 pub mod value;

@@ -25,7 +25,7 @@ use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::classify::{classify, is_no_such_zone};
-use crate::retry::LeaveThrottlesToBudget;
+use setpoint_adapter::aws::LeaveThrottlesToBudget;
 
 /// Crash-test point right after `CreateHostedZone` returned (see [`setpoint_adapter::failpoint`]).
 pub const FAILPOINT_AFTER_CREATE_ZONE: &str = "route53.after-create-zone";

@@ -54,6 +54,8 @@
 //! The per-domain traits (compute, cluster, mail) are what the engine's KVX
 //! workflows call; an alternative cloud or mail provider implements them.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod budget;
 pub mod cluster;
 pub mod compute;
