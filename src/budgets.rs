@@ -9,8 +9,12 @@
 //! promises the unit the next token not yet promised: the unit finds it when it comes back, on
 //! any engine, whoever took meanwhile (a unit is known by the task-local [`as_unit`] the
 //! worker sets). A unit at the first call of its attempt is promised a token only while the
-//! line of promises is at most [`FRESH_LINE`] long; otherwise it asks again later, so that a
-//! unit in the middle of a step always finds a line it can wait out in place. A throttle
+//! line of promises is at most [`FRESH_LINE`] long and nobody is in the key's *line of units*;
+//! otherwise it joins that line and sleeps (no re-asking: it is due again only after
+//! [`LINE_RECHECK`]). Every engine runs admission rounds ([`PgBudgets::run_admissions`]) that
+//! let the head of each line in — a promise each, and their work made due at its slot — as
+//! the line of promises shortens. So a unit in the middle of a step always finds a line it can
+//! wait out in place, and a backlog waits in the database, not in claims. A throttle
 //! report lowers the shared rate (multiplicative decrease, at most once a second per key, and
 //! only for a call sent after the last decrease), moves the promises still to come to the
 //! lowered rate, and throws away this engine's reserve of the key; the rate recovers
@@ -32,10 +36,13 @@ use std::time::{Duration, Instant};
 
 use setpoint_adapter::{AdapterError, BoxFuture, BudgetKey, Budgets, CODE_BUDGET_WAIT, Limit};
 use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::StoreError;
 use crate::store::budgets::{
-    Aimd, budget_claim_reservation, budget_ensure, budget_reserve, budget_take, budget_throttle,
+    Aimd, budget_admit, budget_claim_reservation, budget_ensure, budget_line_join,
+    budget_lined_keys, budget_reserve, budget_take, budget_throttle,
 };
 
 /// How long a batch of tokens may sit in an engine's reserve before it is given back.
@@ -54,11 +61,24 @@ pub const IN_PLACE_ALWAYS: Duration = Duration::from_millis(100);
 pub const IN_PLACE_AFTER_PROGRESS: Duration = Duration::from_secs(30);
 
 /// A unit at the first call of its attempt is promised a token only while the line of
-/// promises is at most this long. A longer line would make the units in the middle of a step
-/// wait longer than [`IN_PLACE_AFTER_PROGRESS`]: they would leave, and their next attempt would
-/// start the step again from its first call, at the back of the line, and never reach its
-/// end.
-pub const FRESH_LINE: Duration = Duration::from_secs(10);
+/// promises is at most this long; otherwise it joins the key's line of units, and admission
+/// rounds let it in when the line of promises is this short again. A longer line would make
+/// the units in the middle of a step wait longer than [`IN_PLACE_AFTER_PROGRESS`]: they would
+/// leave, and their next attempt would start the step again from its first call, at the back
+/// of the line, and never reach its end. It is short because every unit let in holds a worker
+/// slot while it waits in place between its calls: the units in flight are about the rate
+/// times this line.
+pub const FRESH_LINE: Duration = Duration::from_secs(1);
+
+/// A unit in the line of units is due again after this long even if no admission round let it
+/// in (no engine ran one: they all stopped); it then finds its place kept.
+pub const LINE_RECHECK: Duration = Duration::from_secs(60);
+
+/// How often each engine runs an admission round over the keys that have a line.
+pub const ADMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// At most this many units let in per key and round.
+const ADMIT_MAX: i64 = 500;
 
 /// The shortest wait handed out (a slot due now is still a round trip away).
 const MIN_WAIT: Duration = Duration::from_millis(20);
@@ -179,6 +199,17 @@ impl PgBudgets {
                 crate::metrics::budget_take(&name, "promised");
                 return Ok(());
             }
+            Take::Lined(in_line) => {
+                crate::metrics::budget_wait(&name);
+                return Err(AdapterError::waiting(
+                    format!(
+                        "waiting for budget {name}: in the line of {in_line} units waiting to be \
+                         let in; a token is promised as the line moves"
+                    ),
+                    LINE_RECHECK,
+                )
+                .with_code(CODE_BUDGET_WAIT));
+            }
             Take::Early(secs) => (secs, true),
             Take::Row(t) => {
                 crate::metrics::budget_state(&name, t.rate, t.tokens, limit.rate);
@@ -247,6 +278,7 @@ impl PgBudgets {
                 want,
                 give_back,
                 unit.map(|_| within),
+                unit.is_some() && within.is_finite(),
                 &self.aimd,
             )
             .await?;
@@ -256,10 +288,15 @@ impl PgBudgets {
                 None => budget_ensure(&mut tx, name, limit.rate, limit.burst).await?,
             }
         };
-        if let Some(work_id) = unit
-            && taken.promised
-        {
-            budget_reserve(&mut tx, name, work_id, taken.wait_secs).await?;
+        if let Some(work_id) = unit {
+            if taken.promised {
+                budget_reserve(&mut tx, name, work_id, taken.wait_secs).await?;
+            } else if taken.granted < 1.0 && within.is_finite() {
+                // At its first call and the line is long: it gets in line and sleeps.
+                let in_line = budget_line_join(&mut tx, name, work_id).await?;
+                tx.commit().await?;
+                return Ok(Take::Lined(in_line));
+            }
         }
         tx.commit().await?;
         Ok(Take::Row(taken))
@@ -306,6 +343,8 @@ impl PgBudgets {
             }
             Ok(Take::Early(secs)) => Duration::from_secs_f64(secs).max(MIN_WAIT),
             Ok(Take::Promised) => MIN_WAIT,
+            // Not reached: a throttled unit is promised a token however long the line.
+            Ok(Take::Lined(_)) => LINE_RECHECK,
             Err(e) => {
                 tracing::warn!(budget = %name, error = %e, "a throttle could not be recorded in the request budget");
                 DB_RETRY
@@ -314,10 +353,83 @@ impl PgBudgets {
     }
 }
 
+impl PgBudgets {
+    /// Runs admission rounds every [`ADMIT_EVERY`] until `shutdown`: for each key with a line
+    /// of units, lets its head in while the line of promises is at most [`FRESH_LINE`] long,
+    /// and wakes `wake` (the worker's fetch loop) at each slot handed out, so the units are
+    /// claimed when their token is there. Every engine runs it; a key another engine is
+    /// working on is passed over in that round. A failing round is logged and retried.
+    pub async fn run_admissions(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(ADMIT_EVERY) => {}
+            }
+            match self.admit_round().await {
+                Ok(slots) => {
+                    failing = false;
+                    wake_at(&wake, slots);
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "a budget admission round failed; the next one retries");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// One admission round over every key with a line; returns the slots handed out.
+    async fn admit_round(&self) -> Result<Vec<Duration>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let keys = budget_lined_keys(&mut conn).await?;
+        let mut slots = Vec::new();
+        for key in keys {
+            let within = FRESH_LINE.as_secs_f64();
+            let Some(admitted) =
+                budget_admit(&mut conn, &key, within, ADMIT_MAX, &self.aimd).await?
+            else {
+                continue;
+            };
+            if !admitted.slots.is_empty() {
+                tracing::debug!(budget = %key, let_in = admitted.slots.len(), in_line = admitted.left,
+                    "units let in from the budget's line");
+            }
+            slots.extend(
+                admitted
+                    .slots
+                    .iter()
+                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+            );
+        }
+        Ok(slots)
+    }
+}
+
+/// Wakes `wake` at each of `slots` (those within 50 ms of each other once).
+fn wake_at(wake: &Arc<Notify>, mut slots: Vec<Duration>) {
+    if slots.is_empty() {
+        return;
+    }
+    slots.sort();
+    slots.dedup_by(|b, a| b.saturating_sub(*a) < Duration::from_millis(50));
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        for at in slots {
+            tokio::time::sleep_until(start + at).await;
+            wake.notify_one();
+        }
+    });
+}
+
 /// What [`PgBudgets::take_row`] found.
 enum Take {
     /// The unit's promised token, now spent.
     Promised,
+    /// The unit is in the key's line of units, this many long.
+    Lined(i64),
     /// The unit's promised token is due in this many seconds.
     Early(f64),
     /// The row's answer (granted tokens, or a wait with a promise).

@@ -546,13 +546,17 @@ async fn work(cmd: WorkCommand) -> Result<()> {
     Ok(())
 }
 
-/// `setpoint work orphans`: what the last sweep of each region found.
+/// `setpoint work budgets`: every key's shared rate and the units waiting for it.
 async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
     use setpoint::store::budgets::{budget_list, budget_waiting};
     let rows = budget_list(conn).await?;
-    let waiting: std::collections::BTreeMap<String, i64> =
-        budget_waiting(conn).await?.into_iter().collect();
-    let waiting_of = |key: &str| waiting.get(key).copied().unwrap_or(0);
+    let waiting: std::collections::BTreeMap<String, (i64, i64)> = budget_waiting(conn)
+        .await?
+        .into_iter()
+        .map(|(key, promised, lined)| (key, (promised, lined)))
+        .collect();
+    let waiting_of = |key: &str| waiting.get(key).map_or(0, |w| w.0);
+    let in_line_of = |key: &str| waiting.get(key).map_or(0, |w| w.1);
     if json {
         let keys: Vec<_> = rows
             .iter()
@@ -561,6 +565,7 @@ async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
                     "key": r.key, "rate": r.rate, "max_rate": r.max_rate, "burst": r.burst,
                     "tokens": r.tokens, "at": r.at, "throttled_at": r.throttled_at,
                     "throttles": r.throttles, "waits": r.waits, "waiting": waiting_of(&r.key),
+                    "in_line": in_line_of(&r.key),
                 })
             })
             .collect();
@@ -583,6 +588,7 @@ async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
                 format!("{:.0}", r.burst),
                 format!("{:.1}", r.tokens),
                 waiting_of(&r.key).to_string(),
+                in_line_of(&r.key).to_string(),
                 r.waits.to_string(),
                 r.throttles.to_string(),
                 r.throttled_at
@@ -598,6 +604,7 @@ async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
             "BURST",
             "TOKENS",
             "WAITING",
+            "IN LINE",
             "WAITS",
             "THROTTLES",
             "LAST THROTTLE",
@@ -607,7 +614,9 @@ async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
     println!(
         "\nRATE is the shared rate every engine takes at (AIMD lowers it on a throttle, at most \
          once a second, and raises it slowly back to MAX). TOKENS as of the key's last take; \
-         negative: promised to WAITING units. WAITS and THROTTLES count over every engine."
+         negative: promised to WAITING units. IN LINE: units at their first call, asleep until \
+         the line of promises is short enough to let them in. WAITS and THROTTLES count over \
+         every engine."
     );
     Ok(())
 }

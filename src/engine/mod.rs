@@ -226,8 +226,8 @@ impl EngineBuilder {
         // The engine's own pool, for plugins that keep tables of their own (their migrations
         // have run by the time handlers run).
         services.provide::<PgPool>(crate::plugin::POOL, Arc::new(self.pool.clone()));
-        let budgets: Arc<dyn setpoint_adapter::Budgets> =
-            Arc::new(crate::budgets::PgBudgets::new(self.pool.clone()));
+        let pg_budgets = crate::budgets::PgBudgets::new(self.pool.clone());
+        let budgets: Arc<dyn setpoint_adapter::Budgets> = Arc::new(pg_budgets.clone());
         services.provide::<dyn setpoint_adapter::Budgets>(crate::plugin::BUDGETS, budgets.clone());
         for plugin in &mut self.plugins {
             plugin.provide(&mut services).await?;
@@ -317,9 +317,12 @@ impl EngineBuilder {
             worker_id: Some(worker_id.clone()),
             ..self.worker.clone()
         };
+        // The budgets' admission rounds make units due; they wake this engine's fetch loop.
+        let wake = Arc::new(tokio::sync::Notify::new());
         let runtime = Runtime::new(self.pool.clone(), registry, worker)?
             .with_hooks(chains.clone())
-            .with_budgets(budgets);
+            .with_budgets(budgets)
+            .with_wake(wake.clone());
         let record = store::engines::EngineRecord {
             id: worker_id.clone(),
             version: VERSION.to_owned(),
@@ -332,6 +335,9 @@ impl EngineBuilder {
 
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();
         tasks.push(presence::start(self.pool.clone(), record, shutdown.clone()).await?);
+        tasks.push(tokio::spawn(
+            pg_budgets.run_admissions(wake, shutdown.clone()),
+        ));
         let metrics_addr = match self.metrics {
             Some(addr) => Some(
                 metrics::serve(

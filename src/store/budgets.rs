@@ -15,6 +15,41 @@ use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 
+/// The SQL expression of a key's rate brought up to now (additive increase) from a row
+/// `rate`, `at`, `throttled_at` and `peak`, given the SQL of the configured rate and of
+/// [`Aimd`]'s `recover`, `boost_every_secs` and `max_boost`: `max_rate · recover` per second,
+/// times a boost that doubles every `boost_every_secs` since the last decrease (at most
+/// `max_boost`), never above `max_rate`. Within 30 s of a decrease the boost is off once the
+/// rate is back at 85% of the rate the peer refused (`peak`): the rate climbs back fast to just
+/// under where it was throttled, then probes slowly, as TCP CUBIC does, so the calls spend
+/// their time just under the peer's limit rather than crossing it again and again; a peer
+/// quiet for 30 s has room again, and the boost resumes.
+macro_rules! recovered_rate {
+    ($max:literal, $recover:literal, $every:literal, $boost:literal) => {
+        concat!(
+            "least(",
+            $max,
+            ", rate + ",
+            $max,
+            " * ",
+            $recover,
+            " * greatest(0, extract(epoch FROM now() - at)::float8)
+               * CASE WHEN throttled_at IS NULL THEN ",
+            $boost,
+            "
+                      WHEN peak IS NOT NULL AND rate >= 0.85 * peak
+                           AND now() - throttled_at < interval '30 seconds' THEN 1
+                      ELSE least(",
+            $boost,
+            ", power(2, least(16, greatest(0,
+                           extract(epoch FROM now() - throttled_at)::float8) / ",
+            $every,
+            ")))
+                 END)"
+        )
+    };
+}
+
 /// How the rate moves (AIMD): the engine's settings, the same for every key.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Aimd {
@@ -124,10 +159,12 @@ pub async fn budget_ensure(
 /// token is paid for now (the balance goes below zero) so that the caller finds it at that
 /// time whoever takes meanwhile, and the caller records it with [`budget_reserve`] in the same
 /// transaction. While promises are still to come nothing is granted: a caller gets in line
-/// after the last of them. A caller not promised a token is told to ask again when the line is half that
-/// long (`wait_secs`). `want = 0` only promises. `None` when the key has no row yet
-/// ([`budget_ensure`]). The configured limits are written with every take, so a changed
-/// configuration applies at the next take of any engine.
+/// after the last of them. With `behind_line`, nothing is granted or promised while units wait
+/// in the key's line ([`budget_line_join`]): the caller gets in line behind them. A caller not
+/// promised a token is told to ask again when the line is half that long (`wait_secs`).
+/// `want = 0` only promises. `None` when the key has no row yet ([`budget_ensure`]). The
+/// configured limits are written with every take, so a changed configuration applies at the
+/// next take of any engine.
 #[allow(clippy::too_many_arguments)]
 pub async fn budget_take(
     conn: &mut PgConnection,
@@ -137,9 +174,10 @@ pub async fn budget_take(
     want: f64,
     give_back: f64,
     promise_within: Option<f64>,
+    behind_line: bool,
     aimd: &Aimd,
 ) -> Result<Option<Taken>, StoreError> {
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         // The locking CTE reads the newest version of the row once it holds the lock; every
         // computation uses those values. `t` never goes back: a statement that waited for the
         // lock may have started before the one it waited for.
@@ -148,30 +186,30 @@ pub async fn budget_take(
          ), r AS (
              SELECT key, tokens, greatest(at, now()) AS t,
                     greatest(0, extract(epoch FROM now() - at)::float8) AS dt,
-                    least($2, rate + $2 * $6 * greatest(0, extract(epoch FROM now() - at)::float8)
-                                  * CASE WHEN throttled_at IS NULL THEN $9
-                                         ELSE least($9, power(2, least(16, greatest(0,
-                                              extract(epoch FROM now() - throttled_at)::float8) / $8)))
-                                    END) AS rate
+                    ",
+        recovered_rate!("$2", "$6", "$8", "$9"),
+        " AS rate
              FROM cur
          ), a AS (
              SELECT key, t, rate, least($3, tokens + rate * dt + $5) AS avail,
                     -- The last promise still to come, in seconds from now.
                     (SELECT extract(epoch FROM max(slot) - now())::float8
                      FROM request_budget_reservations
-                     WHERE key = $1 AND slot > now()) AS last
+                     WHERE key = $1 AND slot > now()) AS last,
+                    ($10 AND EXISTS (SELECT 1 FROM request_budget_line WHERE key = $1)) AS lined
              FROM r
          ), g AS (
              -- Nothing is granted while promises are still to come: when the rate rose since
              -- they were made, the balance is back above zero before their slots, and a grant
              -- then would add its call to theirs.
-             SELECT key, t, rate, avail,
-                    CASE WHEN avail >= 1 AND last IS NULL THEN least($4, floor(avail))
-                         ELSE 0 END AS granted,
+             SELECT key, t, rate, avail, lined,
+                    CASE WHEN avail >= 1 AND last IS NULL AND NOT lined
+                         THEN least($4, floor(avail)) ELSE 0 END AS granted,
                     greatest((1 - avail) / rate, coalesce(last + 1 / rate, 0)) AS line
              FROM a
          ), p AS (
-             SELECT *, (granted = 0 AND $7::float8 IS NOT NULL AND line <= $7) AS promised
+             SELECT *, (granted = 0 AND $7::float8 IS NOT NULL AND line <= $7 AND NOT lined)
+                       AS promised
              FROM g
          )
          UPDATE request_budgets b
@@ -186,7 +224,7 @@ pub async fn budget_take(
                         WHEN p.promised OR $7::float8 IS NULL THEN p.line
                         ELSE greatest(0, p.line - $7::float8 / 2) END AS wait_secs,
                    b.rate, b.tokens",
-    )
+    ))
     .bind(key)
     .bind(max_rate)
     .bind(burst)
@@ -196,6 +234,7 @@ pub async fn budget_take(
     .bind(promise_within)
     .bind(aimd.boost_every_secs)
     .bind(aimd.max_boost)
+    .bind(behind_line)
     .fetch_optional(conn)
     .await?;
     row.map(|r| {
@@ -227,17 +266,15 @@ pub async fn budget_throttle(
     sent_secs_ago: Option<f64>,
     aimd: &Aimd,
 ) -> Result<Option<Throttled>, StoreError> {
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         "WITH cur AS (
              SELECT * FROM request_budgets WHERE key = $1 FOR UPDATE
          ), r AS (
              SELECT key, tokens, throttled_at, greatest(at, now()) AS t,
                     greatest(0, extract(epoch FROM now() - at)::float8) AS dt,
-                    least($2, rate + $2 * $4 * greatest(0, extract(epoch FROM now() - at)::float8)
-                                  * CASE WHEN throttled_at IS NULL THEN $10
-                                         ELSE least($10, power(2, least(16, greatest(0,
-                                              extract(epoch FROM now() - throttled_at)::float8) / $9)))
-                                    END) AS rate
+                    ",
+        recovered_rate!("$2", "$4", "$9", "$10"),
+        " AS rate
              FROM cur
          ), d AS (
              SELECT key, t, rate, least($3, tokens + rate * dt) AS avail,
@@ -258,11 +295,12 @@ pub async fn budget_throttle(
              rate = CASE WHEN d.decrease THEN d.lowered ELSE d.rate END,
              tokens = CASE WHEN d.decrease THEN least(d.avail, 0) ELSE d.avail END,
              throttled_at = CASE WHEN d.decrease THEN d.t ELSE b.throttled_at END,
+             peak = CASE WHEN d.decrease THEN d.rate ELSE b.peak END,
              throttles = b.throttles + 1
          FROM d
          WHERE b.key = d.key
          RETURNING d.decrease, b.rate, b.tokens",
-    )
+    ))
     .bind(key)
     .bind(max_rate)
     .bind(burst)
@@ -309,6 +347,152 @@ pub async fn budget_reserve(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Puts unit `work_id` in the line of units waiting to be let in to `key` (a unit already in
+/// it keeps its place) and returns how many units are in the line, itself included.
+pub async fn budget_line_join(
+    conn: &mut PgConnection,
+    key: &str,
+    work_id: i64,
+) -> Result<i64, StoreError> {
+    sqlx::query(
+        "INSERT INTO request_budget_line (key, work_id) VALUES ($1, $2)
+         ON CONFLICT (key, work_id) DO NOTHING",
+    )
+    .bind(key)
+    .bind(work_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM request_budget_line WHERE key = $1")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+/// The keys that have units in line, for the admission rounds.
+pub async fn budget_lined_keys(conn: &mut PgConnection) -> Result<Vec<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT DISTINCT key FROM request_budget_line ORDER BY key")
+            .fetch_all(conn)
+            .await?,
+    )
+}
+
+/// What an admission round did for one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admitted {
+    /// Seconds from now to the slot of each unit let in, in the line's order.
+    pub slots: Vec<f64>,
+    /// Units still in line.
+    pub left: i64,
+}
+
+/// Lets units of the line of `key` in while the line of promises is at most `within` seconds
+/// long (at most `max` units): each gets the next token not yet promised (paid for now, as a
+/// promising [`budget_take`] does), a row in `request_budget_reservations`, and its work row
+/// becomes due at its slot. The line's order: lane first, then one unit of each tenant in
+/// turn (a tenant with a thousand units in line and one with one take turns), then who came
+/// first. A unit that is running (its attempt is deciding to wait at this moment) is passed
+/// over and let in by a later round; units whose work is gone or parked leave the line.
+/// `None` when another engine is running a round or a take on this key right now (the row is
+/// locked; nothing waits for it).
+pub async fn budget_admit(
+    conn: &mut PgConnection,
+    key: &str,
+    within: f64,
+    max: i64,
+    aimd: &Aimd,
+) -> Result<Option<Admitted>, StoreError> {
+    let row = sqlx::query(concat!(
+        // The rate and the tokens are brought to now exactly as in `budget_take`; the row's
+        // own limits are used (a round has no configuration of the key).
+        "WITH cur AS (
+             SELECT * FROM request_budgets WHERE key = $1 FOR UPDATE SKIP LOCKED
+         ), r AS (
+             SELECT key, tokens, burst, greatest(at, now()) AS t,
+                    greatest(0, extract(epoch FROM now() - at)::float8) AS dt,
+                    ", recovered_rate!("max_rate", "$4", "$5", "$6"), " AS rate
+             FROM cur
+         ), a AS (
+             SELECT key, t, rate, least(burst, tokens + rate * dt) AS avail,
+                    (SELECT extract(epoch FROM max(slot) - now())::float8
+                     FROM request_budget_reservations
+                     WHERE key = $1 AND slot > now()) AS last
+             FROM r
+         ), b AS (
+             -- The first free slot, as a promise of `budget_take` would get it.
+             SELECT *, greatest((1 - avail) / rate, coalesce(last + 1 / rate, 0)) AS base
+             FROM a
+         ), room AS (
+             SELECT CASE WHEN base <= $2 THEN least($3, floor(($2 - base) * rate) + 1) ELSE 0 END AS n
+             FROM b
+         ), waiting AS (
+             SELECT l.work_id, l.joined_at, w.lane, w.tenant
+             FROM request_budget_line l JOIN work w ON w.id = l.work_id
+             WHERE l.key = $1 AND w.state IN ('pending', 'queued') AND w.lease_owner IS NULL
+         ), ranked AS (
+             SELECT work_id,
+                    row_number() OVER (ORDER BY lane, turn, joined_at, work_id) AS pos
+             FROM (SELECT *, row_number() OVER (PARTITION BY lane, tenant
+                                                ORDER BY joined_at, work_id) AS turn
+                   FROM waiting) x
+         ), locked AS (
+             -- Locked here, and checked again once locked: a unit claimed meanwhile is passed
+             -- over rather than made due while it runs.
+             SELECT w.id, k.pos
+             FROM work w JOIN ranked k ON k.work_id = w.id
+             WHERE k.pos <= (SELECT n FROM room)
+               AND w.state IN ('pending', 'queued') AND w.lease_owner IS NULL
+             FOR UPDATE OF w SKIP LOCKED
+         ), slots AS (
+             SELECT l.id, b.t + make_interval(secs => b.base
+                        + (row_number() OVER (ORDER BY l.pos) - 1) / b.rate) AS slot
+             FROM locked l CROSS JOIN b
+         ), due AS (
+             UPDATE work w SET run_at = s.slot, fair_at = s.slot
+             FROM slots s WHERE w.id = s.id
+         ), promised AS (
+             INSERT INTO request_budget_reservations (key, work_id, slot)
+             SELECT $1, id, slot FROM slots
+             ON CONFLICT (key, work_id) DO UPDATE SET slot = excluded.slot, made_at = now()
+         ), let_in AS (
+             DELETE FROM request_budget_line
+             WHERE key = $1 AND work_id IN (SELECT id FROM slots)
+         ), gone AS (
+             DELETE FROM request_budget_line l
+             WHERE l.key = $1 AND EXISTS (SELECT 1 FROM cur)
+               AND NOT EXISTS (SELECT 1 FROM work w WHERE w.id = l.work_id AND w.state <> 'parked')
+             RETURNING 1
+         ), upd AS (
+             UPDATE request_budgets bu
+             SET rate = b.rate, at = b.t, tokens = b.avail - (SELECT count(*) FROM slots)
+             FROM b WHERE bu.key = b.key
+             RETURNING 1
+         )
+         SELECT coalesce((SELECT array_agg(extract(epoch FROM slot - now())::float8 ORDER BY slot)
+                          FROM slots), '{}') AS slots,
+                (SELECT count(*) FROM request_budget_line WHERE key = $1)
+                  - (SELECT count(*) FROM slots) - (SELECT count(*) FROM gone) AS left,
+                EXISTS (SELECT 1 FROM upd) AS locked",
+    ))
+    .bind(key)
+    .bind(within)
+    .bind(max)
+    .bind(aimd.recover)
+    .bind(aimd.boost_every_secs)
+    .bind(aimd.max_boost)
+    .fetch_one(conn)
+    .await?;
+    if !row.try_get::<bool, _>("locked")? {
+        return Ok(None);
+    }
+    Ok(Some(Admitted {
+        slots: row.try_get("slots")?,
+        left: row.try_get("left")?,
+    }))
 }
 
 /// The token of `key` promised to unit `work_id`, if any: `Some(0)` (and the promise is spent)
@@ -369,13 +553,20 @@ pub async fn budget_list(conn: &mut PgConnection) -> Result<Vec<BudgetRow>, Stor
         .collect()
 }
 
-/// Per key, how many units wait for a promised token (`setpoint work budgets`).
+/// Per key, how many units wait for a promised token and how many wait in line to be let in
+/// (`setpoint work budgets`).
 ///
 /// # Errors
 /// Database errors.
-pub async fn budget_waiting(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, StoreError> {
+pub async fn budget_waiting(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT key, count(*) FROM request_budget_reservations GROUP BY key ORDER BY key",
+        "SELECT key, sum(promised)::int8, sum(lined)::int8
+         FROM (SELECT key, 1 AS promised, 0 AS lined FROM request_budget_reservations
+               UNION ALL
+               SELECT key, 0, 1 FROM request_budget_line) w
+         GROUP BY key ORDER BY key",
     )
     .fetch_all(conn)
     .await?)

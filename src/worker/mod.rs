@@ -203,6 +203,7 @@ pub struct Runtime {
     config: WorkerConfig,
     worker_id: String,
     served: Vec<String>,
+    wake: Arc<Notify>,
 }
 
 /// Everything an executing unit needs, shared by all units of the runtime.
@@ -259,12 +260,20 @@ impl Runtime {
             config,
             worker_id,
             served,
+            wake: Arc::new(Notify::new()),
         })
     }
 
     /// Sets what the units' life cycle does to their resources (default: nothing).
     pub fn with_hooks(mut self, hooks: Hooks) -> Self {
         self.hooks = hooks;
+        self
+    }
+
+    /// Wakes the fetch loop (it claims what is due at once) whenever `wake` is notified: for
+    /// whatever makes units due outside this runtime, such as the budgets' admission rounds.
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = wake;
         self
     }
 
@@ -291,7 +300,7 @@ impl Runtime {
     /// released), so any engine takes them over at once.
     pub async fn run(self, shutdown: CancellationToken) {
         let cfg = self.config.clone();
-        let wake = Arc::new(Notify::new());
+        let wake = self.wake.clone();
         let inflight = InFlight::default();
         let background = CancellationToken::new();
         let (tx, rx) = mpsc::channel(cfg.completion_batch.max(cfg.concurrency) * 2);
