@@ -1,6 +1,7 @@
 //! An HTTP proxy in front of moto that records every EC2 call (its `Action`, region and
 //! filters) and, when given a limit, answers EC2's `RequestLimitExceeded` (HTTP 503) to a call
-//! once `limit` calls of the same `Action` passed in the last second.
+//! once `limit` calls of the same `Action` in the same region passed in the last second (EC2
+//! limits requests per account and region).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -57,7 +58,8 @@ impl Ec2Proxy {
         Self::start(upstream, None).await
     }
 
-    /// A proxy to `upstream` that throttles each `Action` above `limit` calls per second.
+    /// A proxy to `upstream` that throttles each `Action` above `limit` calls per second in
+    /// each region.
     pub async fn throttling(upstream: String, limit: usize) -> Self {
         Self::start(upstream, Some(limit)).await
     }
@@ -202,9 +204,10 @@ async fn proxy(
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| "unknown".into());
     let now = Instant::now();
+    let region = region_of(&parts.headers);
     let throttle = limit.is_some_and(|limit| {
         let mut windows = windows.lock().expect("windows");
-        let window = windows.entry(action.clone()).or_default();
+        let window = windows.entry(format!("{region}/{action}")).or_default();
         while window
             .front()
             .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
@@ -220,7 +223,7 @@ async fn proxy(
     seen.lock().expect("seen").push(Call {
         at: now,
         action,
-        region: region_of(&parts.headers),
+        region,
         filters: filters_of(&params),
         next_page: params.iter().any(|(k, _)| k == "NextToken"),
         throttled: throttle,
