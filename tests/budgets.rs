@@ -18,14 +18,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ec2proxy::Ec2Proxy;
+use common::awsproxy::AwsProxy;
 use common::peers::Peers;
 use common::stack::{Api, TmpDir, client_for};
-use common::{EngineProcess, setpoint, wait_for};
+use common::{EngineProcess, api_addr_of, serve, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use setpoint::budgets::PgBudgets;
@@ -443,8 +442,6 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
 // ---------------------------------------------------------------------------------------
 // The test: a throttling proxy in front of moto.
 
-const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
 /// The engines' configuration: EC2 through the proxy, with budgets above the proxy's limit
 /// for RunInstances and describes, so that only AIMD keeps them under it.
 fn write_config(dir: &Path, db_url: &str, ec2: &str, peers: &Peers, r: usize) -> PathBuf {
@@ -498,35 +495,6 @@ from = "setpoint <noreply@setpoint.test>"
     config
 }
 
-fn serve(config: &Path, id: &str) -> EngineProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--worker-id", id])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .env("SETPOINT_LOG_FORMAT", "json")
-        .env(
-            "RUST_LOG",
-            "info,sqlx=warn,aws_smithy_runtime=warn,setpoint::worker=warn",
-        )
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut engine = EngineProcess::from_command(cmd);
-    engine.worker_id = id.to_owned();
-    engine
-}
-
 async fn create_instance(api: Api, name: String) {
     let request = CreateInstanceRequest {
         parent: "tenants/demo".into(),
@@ -563,7 +531,7 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     let dir = TmpDir::new("budgets");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
     let peers = Peers::start(&dir).await;
-    let proxy = Ec2Proxy::throttling(peers.moto.clone(), r).await;
+    let proxy = AwsProxy::throttling(peers.moto.clone(), r).await;
     let (ok, _, err) = setpoint(Some(&db.url), &["migrate"]);
     assert!(ok, "{err}");
     let config = write_config(&dir, &db.url, &proxy.url(), &peers, r);
@@ -573,18 +541,7 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
         .collect();
     let mut api_addr = String::new();
     for e in &engines {
-        api_addr = wait_for("an engine's API", || {
-            let out = e.output();
-            async move {
-                out.lines().find_map(|l| {
-                    let v: Value = serde_json::from_str(l).ok()?;
-                    (v["fields"]["message"] == "gRPC API listening")
-                        .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
-                        .flatten()
-                })
-            }
-        })
-        .await;
+        api_addr = api_addr_of(e).await;
     }
     let token = setpoint::api::auth::create_token(&db.pool, "demo", false, None)
         .await
