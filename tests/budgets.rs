@@ -20,14 +20,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ec2proxy::Ec2Proxy;
+use common::awsproxy::AwsProxy;
 use common::peers::Peers;
 use common::stack::{Api, TmpDir, client_for};
-use common::{EngineProcess, setpoint, wait_for};
+use common::{EngineProcess, api_addr_of, serve, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use setpoint::budgets::PgBudgets;
@@ -606,8 +605,6 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
 // ---------------------------------------------------------------------------------------
 // The test: a throttling proxy in front of moto.
 
-const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
 /// The regions the creates are spread over, [`PER_REGION`] per region: those an instance may
 /// live in, us-east-1 first.
 const REGIONS: [&str; 5] = [
@@ -693,35 +690,6 @@ from = "setpoint <noreply@setpoint.test>"
     config
 }
 
-fn serve(config: &Path, id: &str) -> EngineProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--worker-id", id])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .env("SETPOINT_LOG_FORMAT", "json")
-        .env(
-            "RUST_LOG",
-            "info,sqlx=warn,aws_smithy_runtime=warn,setpoint::worker=warn",
-        )
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut engine = EngineProcess::from_command(cmd);
-    engine.worker_id = id.to_owned();
-    engine
-}
-
 async fn create_instance(api: Api, name: String, region: &'static str) {
     let request = CreateInstanceRequest {
         parent: "tenants/demo".into(),
@@ -759,7 +727,7 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     let dir = TmpDir::new("budgets");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
     let peers = Peers::start(&dir).await;
-    let proxy = Ec2Proxy::throttling(peers.moto.clone(), r).await;
+    let proxy = AwsProxy::throttling(peers.moto.clone(), r).await;
     let (ok, _, err) = setpoint(Some(&db.url), &["migrate"]);
     assert!(ok, "{err}");
     let config = write_config(&dir, &db.url, &proxy.url(), &peers, r, regions);
@@ -769,18 +737,7 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
         .collect();
     let mut api_addr = String::new();
     for e in &engines {
-        api_addr = wait_for("an engine's API", || {
-            let out = e.output();
-            async move {
-                out.lines().find_map(|l| {
-                    let v: Value = serde_json::from_str(l).ok()?;
-                    (v["fields"]["message"] == "gRPC API listening")
-                        .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
-                        .flatten()
-                })
-            }
-        })
-        .await;
+        api_addr = api_addr_of(e).await;
     }
     let token = setpoint::api::auth::create_token(&db.pool, "demo", false, None)
         .await

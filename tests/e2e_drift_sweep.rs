@@ -34,7 +34,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::ec2proxy::{Call, Ec2Proxy};
+use common::awsproxy::{AwsProxy, Call};
 use common::peers::{Peers, python_json};
 use common::stack::{Api, TmpDir, client_as, client_for, ec2_region, get, start_dev, wait_status};
 use common::wait_for;
@@ -222,7 +222,7 @@ async fn a_sweep_observes_200_machines_per_describe_and_finds_the_terminated_one
     let dir = TmpDir::new("sweep");
     let db = setpoint::dev::testdb::test_db().await.expect("db");
     let peers = Peers::start(&dir).await;
-    let proxy = Ec2Proxy::counting(peers.moto.clone()).await;
+    let proxy = AwsProxy::counting(peers.moto.clone()).await;
     // A drift interval longer than the sweep: the rows are due at once, and each is due again
     // only an interval after its check, so the sweep is not mixed with a second one.
     let interval = std::env::var("SETPOINT_SWEEP_TEST_INTERVAL").unwrap_or_else(|_| "300s".into());

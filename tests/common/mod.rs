@@ -4,8 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod awsproxy;
 pub mod certs;
-pub mod ec2proxy;
 #[cfg(all(
     feature = "ec2",
     feature = "kubernetes",
@@ -238,6 +238,56 @@ impl Drop for EngineProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The secrets key the engines under test encrypt with (`SETPOINT_SECRETS_KEY`).
+pub const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// `setpoint serve --config CONFIG` as worker `id`, with JSON logs, ports of its own and
+/// dummy AWS credentials; none of the caller's `SETPOINT_*` or `AWS_*` variables leak in.
+pub fn serve(config: &std::path::Path, id: &str) -> EngineProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--worker-id", id])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("SETPOINT_LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            "info,sqlx=warn,aws_smithy_runtime=warn,setpoint::worker=warn",
+        )
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut engine = EngineProcess::from_command(cmd);
+    engine.worker_id = id.to_owned();
+    engine
+}
+
+/// The gRPC API address an engine started by [`serve`] printed (`host:port`), once it did.
+pub async fn api_addr_of(engine: &EngineProcess) -> String {
+    wait_for("an engine's API", || {
+        let out = engine.output();
+        async move {
+            out.lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == "gRPC API listening")
+                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        }
+    })
+    .await
 }
 
 /// Events of `event` kind per unit: (work_id, count).

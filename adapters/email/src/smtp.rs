@@ -458,6 +458,13 @@ impl Mailer for SmtpMailer {
                 Err(Failure::NotSent(error)) => {
                     // Certainly not sent: close the slot so a retry may send.
                     self.close_not_sent(journal, token, &key, &error).await;
+                    // A relay may also refuse the data with a rate reply (some count
+                    // messages only once they see them): that lowers the shared rate too.
+                    let error = if error.throttled {
+                        self.send_budget.throttled(error).await
+                    } else {
+                        error
+                    };
                     warn!(%token, template, class = %error.class, code = ?error.code,
                         error = %error.message, "e-mail not sent");
                     Err(error)
@@ -670,6 +677,7 @@ mod tests {
             "4.7.1 Rate limit exceeded for sender",
             "4.3.2 Message throttled; try again later",
             "4.7.28 Our system has detected an unusual rate of unsolicited mail: too many messages",
+            "4.7.0 rate limit exceeded, try again later",
         ] {
             assert_eq!(wait_hint(reply), Some(SLOW_DOWN_RETRY), "{reply}");
         }

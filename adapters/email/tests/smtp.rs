@@ -765,3 +765,68 @@ async fn a_slot_taken_by_a_concurrent_attempt_is_answered_from_the_journal() {
     );
     assert_eq!(server.messages().len(), 1, "only the last case sent");
 }
+
+/// Counts the throttles reported to it; grants every token.
+#[derive(Default)]
+struct CountingBudgets {
+    throttles: std::sync::Mutex<Vec<String>>,
+}
+
+impl setpoint_adapter::Budgets for CountingBudgets {
+    fn take<'a>(
+        &'a self,
+        _key: &'a setpoint_adapter::BudgetKey,
+        _limit: setpoint_adapter::Limit,
+    ) -> setpoint_adapter::BoxFuture<'a, Result<(), setpoint_adapter::AdapterError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn throttled<'a>(
+        &'a self,
+        key: &'a setpoint_adapter::BudgetKey,
+        _limit: setpoint_adapter::Limit,
+    ) -> setpoint_adapter::BoxFuture<'a, Duration> {
+        self.throttles.lock().unwrap().push(key.to_string());
+        Box::pin(async { Duration::from_millis(700) })
+    }
+}
+
+#[tokio::test]
+async fn a_rate_reply_to_the_message_data_lowers_the_budget_and_the_retry_sends_once() {
+    let server = SmtpServer::start(ServerOptions::default());
+    let budgets = Arc::new(CountingBudgets::default());
+    let mailer = SmtpMailer::new(server.config())
+        .unwrap()
+        .with_budgets(budgets.clone());
+    let journal = MemoryJournal::default();
+    let token = token();
+    let to = "rate451-ada@example.com";
+
+    // "451 4.7.0 rate limit exceeded" to the end of the data: certainly not sent, a throttle
+    // reported to the relay's budget, and a wait of the budget's length.
+    let err = mailer
+        .send(&token, &ready(to), &journal, &Fence::unbounded())
+        .await
+        .unwrap_err();
+    assert!(err.throttled, "{err:?}");
+    assert_eq!(err.code.as_deref(), Some("smtp-451"), "{err}");
+    assert_eq!(err.retry_after, Some(Duration::from_millis(700)), "{err}");
+    let throttles = budgets.throttles.lock().unwrap().clone();
+    assert_eq!(throttles.len(), 1, "{throttles:?}");
+    assert!(throttles[0].starts_with("smtp/"), "{throttles:?}");
+    assert_eq!(
+        sent(&journal_value(&journal, &slot_key(&token, 1)).await),
+        Some(false),
+        "the slot is closed as not sent"
+    );
+    assert!(server.messages().is_empty());
+
+    // The retry sends, once.
+    let delivery = mailer
+        .send(&token, &ready(to), &journal, &Fence::unbounded())
+        .await
+        .unwrap();
+    assert!(!delivery.replayed);
+    assert_eq!(server.with_message_id(&delivery.message_id).len(), 1);
+    assert_eq!(budgets.throttles.lock().unwrap().len(), 1);
+}

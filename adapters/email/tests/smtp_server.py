@@ -10,6 +10,8 @@ Stores every accepted message in a Maildir and behaves by the recipient's local 
   hangup-*      the connection is dropped without a reply to RCPT TO, the first time per
                 address, then accepted
   data554-*     the message data is refused with 554 after it was sent
+  rate451-*     the message data is refused with "451 4.7.0 rate limit exceeded" the first time
+                per address, then accepted
   vanish-*      the message is stored, then the connection is dropped before the reply
 
 Options: --port (0 picks a free one), --auth USER:PASSWORD (AUTH required, PLAIN and LOGIN
@@ -57,6 +59,10 @@ class Handler(Mailbox):
         locals_ = [a.split("@", 1)[0] for a in envelope.rcpt_tos]
         if any(l.startswith("data554") for l in locals_):
             return "554 5.6.0 message content rejected"
+        limited = [a for a in envelope.rcpt_tos if a.startswith("rate451")]
+        if limited and limited[0] not in self.deferred:
+            self.deferred.add(limited[0])
+            return "451 4.7.0 rate limit exceeded, try again later"
         reply = await super().handle_DATA(server, session, envelope)
         if any(l.startswith("vanish") for l in locals_):
             server.transport.abort()

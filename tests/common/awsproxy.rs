@@ -1,7 +1,14 @@
-//! An HTTP proxy in front of moto that records every EC2 call (its `Action`, region and
-//! filters) and, when given a limit, answers EC2's `RequestLimitExceeded` (HTTP 503) to a call
-//! once `limit` calls of the same `Action` in the same region passed in the last second (EC2
-//! limits requests per account and region).
+//! An HTTP proxy in front of moto that records every AWS call (its action, region and, for
+//! EC2, its filters) and, when given a limit, answers the service's throttling error to a call
+//! once `limit` calls of the same action in the same region passed in the last second (AWS
+//! limits an account's requests per region).
+//!
+//! Two protocols ([`Protocol`]): EC2's query API, where the action is the body's `Action` and
+//! the throttle is `RequestLimitExceeded` (HTTP 503); and Route 53's REST API, where the
+//! action is the operation the method and path pattern name (`POST
+//! /2013-04-01/hostedzone/{Id}/rrset/` is `ChangeResourceRecordSets`) and the throttle is
+//! `Throttling` (HTTP 400, Route 53's `ErrorResponse`, as Route 53 answers above its five
+//! change requests per second).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -18,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Call {
     /// When it arrived.
     pub at: Instant,
-    /// Its `Action` (`DescribeInstances`, …; `unknown` when the body names none).
+    /// Its action: EC2's `Action` (`DescribeInstances`, …; `unknown` when the body names
+    /// none), or the Route 53 operation of its method and path ([`route53_action`]).
     pub action: String,
     /// The region of its signature's credential scope (`unknown` without one).
     pub region: String,
@@ -26,7 +34,7 @@ pub struct Call {
     pub filters: Vec<(String, Vec<String>)>,
     /// Whether it asks for a page after the first (it carries a `NextToken`).
     pub next_page: bool,
-    /// Whether the proxy answered `RequestLimitExceeded` instead of forwarding it.
+    /// Whether the proxy answered the throttling error instead of forwarding it.
     pub throttled: bool,
 }
 
@@ -43,8 +51,17 @@ impl Call {
 /// What the proxy saw, in arrival order.
 pub type Calls = Arc<Mutex<Vec<Call>>>;
 
+/// The API the proxy stands in front of: how it names a call's action and how it throttles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// EC2's query API: the body's `Action`; `RequestLimitExceeded`, HTTP 503.
+    Ec2,
+    /// Route 53's REST API: the operation of method and path; `Throttling`, HTTP 400.
+    Route53,
+}
+
 /// The proxy; it stops when dropped.
-pub struct Ec2Proxy {
+pub struct AwsProxy {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Every call so far.
@@ -52,16 +69,24 @@ pub struct Ec2Proxy {
     stop: CancellationToken,
 }
 
-impl Ec2Proxy {
-    /// A proxy to `upstream` (`http://host:port`) that only counts.
+impl AwsProxy {
+    /// A proxy to EC2 at `upstream` (`http://host:port`) that only counts.
     pub async fn counting(upstream: String) -> Self {
-        Self::start(upstream, None).await
+        Self::start(upstream, Protocol::Ec2, None, None).await
     }
 
-    /// A proxy to `upstream` that throttles each `Action` above `limit` calls per second in
-    /// each region.
+    /// A proxy to EC2 at `upstream` that throttles each `Action` above `limit` calls per
+    /// second in each region.
     pub async fn throttling(upstream: String, limit: usize) -> Self {
-        Self::start(upstream, Some(limit)).await
+        Self::start(upstream, Protocol::Ec2, Some(limit), None).await
+    }
+
+    /// A proxy to Route 53 at `upstream` that throttles the actions named in `only` above
+    /// `limit` calls per second each (Route 53 limits `ChangeResourceRecordSets` to five per
+    /// second per account, and its other operations separately) and forwards the rest.
+    pub async fn route53_throttling(upstream: String, limit: usize, only: &[&str]) -> Self {
+        let only = only.iter().map(|a| (*a).to_owned()).collect();
+        Self::start(upstream, Protocol::Route53, Some(limit), Some(only)).await
     }
 
     /// Its endpoint URL.
@@ -74,7 +99,17 @@ impl Ec2Proxy {
         self.calls.lock().expect("calls").clone()
     }
 
-    async fn start(upstream: String, limit: Option<usize>) -> Self {
+    async fn start(
+        upstream: String,
+        protocol: Protocol,
+        limit: Option<usize>,
+        only: Option<Vec<String>>,
+    ) -> Self {
+        let policy = Arc::new(Policy {
+            protocol,
+            limit,
+            only,
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -96,23 +131,25 @@ impl Ec2Proxy {
                         Err(_) => continue,
                     },
                 };
-                let (client, upstream, windows, seen) = (
+                let (client, upstream, windows, seen, policy) = (
                     client.clone(),
                     upstream.clone(),
                     windows.clone(),
                     seen.clone(),
+                    policy.clone(),
                 );
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (client, upstream, windows, seen) = (
+                        let (client, upstream, windows, seen, policy) = (
                             client.clone(),
                             upstream.clone(),
                             windows.clone(),
                             seen.clone(),
+                            policy.clone(),
                         );
                         async move {
                             Ok::<_, Infallible>(
-                                proxy(req, &client, &upstream, limit, &windows, &seen).await,
+                                proxy(req, &client, &upstream, &policy, &windows, &seen).await,
                             )
                         }
                     });
@@ -126,10 +163,19 @@ impl Ec2Proxy {
     }
 }
 
-impl Drop for Ec2Proxy {
+impl Drop for AwsProxy {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// What the proxy throttles, and how it answers.
+struct Policy {
+    protocol: Protocol,
+    /// Calls of one action per second; `None`: only count.
+    limit: Option<usize>,
+    /// The actions throttled; `None`: every action.
+    only: Option<Vec<String>>,
 }
 
 type Windows = Arc<Mutex<HashMap<String, VecDeque<Instant>>>>;
@@ -181,11 +227,67 @@ fn filters_of(params: &[(String, String)]) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// The Route 53 operation of a REST call (API version 2013-04-01): its method and path
+/// pattern, the ids taken out; `METHOD /pattern` for one not listed here.
+pub fn route53_action(method: &hyper::Method, path: &str) -> String {
+    let parts: Vec<&str> = path
+        .trim_start_matches("/2013-04-01")
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let m = method.as_str();
+    let named = match (m, parts.as_slice()) {
+        ("POST", ["hostedzone"]) => "CreateHostedZone",
+        ("GET", ["hostedzone"]) => "ListHostedZones",
+        ("GET", ["hostedzonesbyname"]) => "ListHostedZonesByName",
+        ("GET", ["hostedzone", _]) => "GetHostedZone",
+        ("POST", ["hostedzone", _]) => "UpdateHostedZoneComment",
+        ("DELETE", ["hostedzone", _]) => "DeleteHostedZone",
+        ("POST", ["hostedzone", _, "rrset"]) => "ChangeResourceRecordSets",
+        ("GET", ["hostedzone", _, "rrset"]) => "ListResourceRecordSets",
+        ("GET", ["change", _]) => "GetChange",
+        ("POST", ["tags", "hostedzone", _]) => "ChangeTagsForResource",
+        ("GET", ["tags", "hostedzone", _]) => "ListTagsForResource",
+        _ => "",
+    };
+    if named.is_empty() {
+        format!("{m} /{}", parts.join("/"))
+    } else {
+        named.to_owned()
+    }
+}
+
+/// The throttling answer of `protocol`, as the service sends it.
+fn throttle_answer(protocol: Protocol) -> hyper::Response<Full<Bytes>> {
+    let (status, xml) = match protocol {
+        Protocol::Ec2 => (
+            503,
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+             <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
+             </Error></Errors><RequestID>throttling-proxy</RequestID></Response>",
+        ),
+        // Route 53 throttles with HTTP 400 and its REST `ErrorResponse`; the SDK reads the
+        // code, and `Throttling` is among its (and the adapter's) throttling codes.
+        Protocol::Route53 => (
+            400,
+            "<?xml version=\"1.0\"?>\n<ErrorResponse \
+             xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><Error><Type>Sender</Type>\
+             <Code>Throttling</Code><Message>Rate exceeded</Message></Error>\
+             <RequestId>throttling-proxy</RequestId></ErrorResponse>",
+        ),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(xml)))
+        .unwrap_or_default()
+}
+
 async fn proxy(
     req: hyper::Request<hyper::body::Incoming>,
     client: &Client,
     upstream: &str,
-    limit: Option<usize>,
+    policy: &Policy,
     windows: &Mutex<HashMap<String, VecDeque<Instant>>>,
     seen: &Mutex<Vec<Call>>,
 ) -> hyper::Response<Full<Bytes>> {
@@ -198,28 +300,36 @@ async fn proxy(
     let params: Vec<(String, String)> = form_urlencoded::parse(&body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    let action = params
-        .iter()
-        .find(|(k, _)| k == "Action")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| "unknown".into());
+    let action = match policy.protocol {
+        Protocol::Ec2 => params
+            .iter()
+            .find(|(k, _)| k == "Action")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "unknown".into()),
+        Protocol::Route53 => route53_action(&parts.method, parts.uri.path()),
+    };
     let now = Instant::now();
     let region = region_of(&parts.headers);
-    let throttle = limit.is_some_and(|limit| {
-        let mut windows = windows.lock().expect("windows");
-        let window = windows.entry(format!("{region}/{action}")).or_default();
-        while window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            window.pop_front();
-        }
-        let throttle = window.len() >= limit;
-        if !throttle {
-            window.push_back(now);
-        }
-        throttle
-    });
+    let limited = policy
+        .only
+        .as_ref()
+        .is_none_or(|only| only.contains(&action));
+    let throttle = limited
+        && policy.limit.is_some_and(|limit| {
+            let mut windows = windows.lock().expect("windows");
+            let window = windows.entry(format!("{region}/{action}")).or_default();
+            while window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                window.pop_front();
+            }
+            let throttle = window.len() >= limit;
+            if !throttle {
+                window.push_back(now);
+            }
+            throttle
+        });
     seen.lock().expect("seen").push(Call {
         at: now,
         action,
@@ -229,14 +339,7 @@ async fn proxy(
         throttled: throttle,
     });
     if throttle {
-        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
-                   <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
-                   </Error></Errors><RequestID>throttling-proxy</RequestID></Response>";
-        return hyper::Response::builder()
-            .status(503)
-            .header("content-type", "text/xml;charset=UTF-8")
-            .body(Full::new(Bytes::from(xml)))
-            .unwrap_or_default();
+        return throttle_answer(policy.protocol);
     }
     let uri = format!(
         "{upstream}{}",
