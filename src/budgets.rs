@@ -4,7 +4,7 @@
 //! Each engine takes tokens in small batches into a local reserve per key (at most a tenth of
 //! the burst, at least one), so a busy key costs a few row updates per second per engine, not
 //! one per call; a reserve not spent within [`RESERVE_TTL`] is given back with the key's next
-//! statement. A take that finds no token returns a *waiting* error (the unit gives its
+//! statement, or by the next admission round if the engine stops calling the key. A take that finds no token returns a *waiting* error (the unit gives its
 //! attempt back and leaves its worker slot and lease, see [`AdapterError::waiting`]) and
 //! promises the unit the next token not yet promised: the unit finds it when it comes back, on
 //! any engine, whoever took meanwhile (a unit is known by the task-local [`as_unit`] the
@@ -41,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::StoreError;
 use crate::store::budgets::{
-    Aimd, budget_admit, budget_claim_reservation, budget_ensure, budget_line_join,
-    budget_lined_keys, budget_reserve, budget_take, budget_throttle,
+    Aimd, budget_admit, budget_claim_reservation, budget_ensure, budget_give_back,
+    budget_line_join, budget_lined_keys, budget_reserve, budget_take, budget_throttle,
 };
 
 /// How long a batch of tokens may sit in an engine's reserve before it is given back.
@@ -100,6 +100,8 @@ pub struct PgBudgets {
     pool: PgPool,
     aimd: Aimd,
     keys: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Local>>>>>,
+    /// The keys that had a line at the last admission round (their gauge goes to 0 after).
+    lined: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for PgBudgets {
@@ -122,6 +124,7 @@ impl PgBudgets {
             pool,
             aimd,
             keys: Arc::default(),
+            lined: Arc::default(),
         }
     }
 
@@ -358,13 +361,17 @@ impl PgBudgets {
     /// of units, lets its head in while the line of promises is at most [`FRESH_LINE`] long,
     /// and wakes `wake` (the worker's fetch loop) at each slot handed out, so the units are
     /// claimed when their token is there. Every engine runs it; a key another engine is
-    /// working on is passed over in that round. A failing round is logged and retried.
+    /// working on is passed over in that round. Each round also gives back this engine's
+    /// reserves left idle longer than [`RESERVE_TTL`]. A failing round is logged and retried.
     pub async fn run_admissions(self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let mut failing = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(ADMIT_EVERY) => {}
+            }
+            if let Err(e) = self.give_back_idle().await {
+                tracing::debug!(error = %e, "an idle budget reserve could not be given back; the next round retries");
             }
             match self.admit_round().await {
                 Ok(slots) => {
@@ -380,12 +387,63 @@ impl PgBudgets {
         }
     }
 
+    /// Gives back every reserve of this engine not spent within [`RESERVE_TTL`] (a key busy
+    /// in a take at this moment is left for its take to give back); returns how many keys
+    /// got tokens back. So an engine that stops calling a key keeps none of its tokens.
+    pub async fn give_back_idle(&self) -> Result<usize, StoreError> {
+        let locals: Vec<(String, Arc<tokio::sync::Mutex<Local>>)> = {
+            let keys = match self.keys.lock() {
+                Ok(k) => k,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            keys.iter().map(|(k, l)| (k.clone(), l.clone())).collect()
+        };
+        let mut given = 0;
+        for (key, local) in locals {
+            let Ok(mut local) = local.try_lock() else {
+                continue;
+            };
+            let idle = local.taken_at.is_none_or(|t| t.elapsed() >= RESERVE_TTL);
+            if local.reserve <= 0.0 || !idle {
+                continue;
+            }
+            let left = std::mem::take(&mut local.reserve);
+            let mut conn = match self.pool.acquire().await {
+                Ok(c) => c,
+                Err(e) => {
+                    local.reserve = left;
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = budget_give_back(&mut conn, &key, left).await {
+                local.reserve = left;
+                return Err(e);
+            }
+            given += 1;
+        }
+        Ok(given)
+    }
+
     /// One admission round over every key with a line; returns the slots handed out.
     async fn admit_round(&self) -> Result<Vec<Duration>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let keys = budget_lined_keys(&mut conn).await?;
+        {
+            let mut lined = match self.lined.lock() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for gone in lined
+                .iter()
+                .filter(|k| !keys.iter().any(|(key, _)| key == *k))
+            {
+                crate::metrics::budget_in_line(gone, 0);
+            }
+            *lined = keys.iter().map(|(key, _)| key.clone()).collect();
+        }
         let mut slots = Vec::new();
-        for key in keys {
+        for (key, in_line) in keys {
+            crate::metrics::budget_in_line(&key, in_line);
             let within = FRESH_LINE.as_secs_f64();
             let Some(admitted) =
                 budget_admit(&mut conn, &key, within, ADMIT_MAX, &self.aimd).await?

@@ -235,6 +235,12 @@ pub fn budget_state(key: &str, rate: f64, tokens: f64, max_rate: f64) {
     metrics::gauge!("setpoint_budget_max_rate", "key" => key.to_owned()).set(max_rate);
 }
 
+/// Units waiting in the line of budget `key` to be let in (all engines), as this engine's
+/// last admission round counted them.
+pub fn budget_in_line(key: &str, units: i64) {
+    metrics::gauge!("setpoint_budget_in_line", "key" => key.to_owned()).set(units as f64);
+}
+
 /// Runs an adapter call, recording its latency and result class.
 pub async fn adapter_call<T>(
     adapter: &'static str,

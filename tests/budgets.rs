@@ -547,14 +547,24 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
     .await
     .expect("lease");
 
-    let let_in = |within: f64| {
+    // With `empty`, the bucket is emptied in the round's transaction first: the next token is
+    // then exactly 0.1 s away (one `now()` for both statements, however slow the machine).
+    let let_in = |within: f64, empty: bool| {
         let pool = db.pool.clone();
         async move {
-            let mut conn = pool.acquire().await.expect("conn");
-            let admitted = budget_admit(&mut conn, key, within, 100, &Aimd::default())
+            let mut tx = pool.begin().await.expect("tx");
+            if empty {
+                sqlx::query("UPDATE request_budgets SET tokens = 0, at = now() WHERE key = $1")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("empty");
+            }
+            let admitted = budget_admit(&mut tx, key, within, 100, &Aimd::default())
                 .await
                 .expect("admit")
                 .expect("row not locked");
+            tx.commit().await.expect("commit");
             let order: Vec<i64> = sqlx::query_scalar(
                 "SELECT r.work_id FROM request_budget_reservations r
                  JOIN work w ON w.id = r.work_id AND w.run_at = r.slot AND w.fair_at = r.slot
@@ -569,12 +579,7 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
     };
     // An empty bucket: the next token is 0.1 s away, so 0.22 s of promises fit two units: a's
     // first, then b's (turns), not a's second.
-    sqlx::query("UPDATE request_budgets SET tokens = 0, at = now() WHERE key = $1")
-        .bind(key)
-        .execute(&db.pool)
-        .await
-        .expect("empty");
-    let (admitted, order) = let_in(0.22).await;
+    let (admitted, order) = let_in(0.22, true).await;
     assert_eq!(order, [a[0], b], "{admitted:?}");
     assert_eq!(admitted.slots.len(), 2, "{admitted:?}");
     assert!(
@@ -585,7 +590,7 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
     assert_eq!(admitted.left, 3, "{admitted:?}");
 
     // A long window: everyone not running is let in, a[1] is passed over.
-    let (admitted, order) = let_in(60.0).await;
+    let (admitted, order) = let_in(60.0, false).await;
     assert_eq!(order, [a[0], b, a[2], a[3]], "{admitted:?}");
     assert_eq!(admitted.left, 1, "{admitted:?}");
     let waiting = budget_waiting(&mut conn).await.expect("waiting");
@@ -597,9 +602,42 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
         .execute(&db.pool)
         .await
         .expect("release");
-    let (admitted, order) = let_in(60.0).await;
+    let (admitted, order) = let_in(60.0, false).await;
     assert_eq!(order, [a[0], b, a[2], a[3], a[1]], "{admitted:?}");
     assert_eq!(admitted.left, 0, "{admitted:?}");
+}
+
+/// An engine takes tokens in batches; what it does not spend within a second goes back to the
+/// shared row even when the engine never calls the key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_reserve_goes_back_to_the_shared_budget() {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let budgets = PgBudgets::new(db.pool.clone());
+    let key = BudgetKey::new("test", "acct", "global", "reserve");
+    // Burst 20: a batch of 2 tokens, one spent, one left in the engine's reserve.
+    let limit = Limit::new(0.001, 20.0);
+    setpoint_adapter::Budgets::take(&budgets, &key, limit)
+        .await
+        .expect("take");
+    // Within its second the reserve stays with the engine.
+    assert_eq!(budgets.give_back_idle().await.expect("give back"), 0);
+    let name = key.to_string();
+    let tokens = || {
+        let pool = db.pool.clone();
+        let name = name.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>("SELECT tokens FROM request_budgets WHERE key = $1")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .expect("tokens")
+        }
+    };
+    assert_eq!(tokens().await, 18.0);
+    tokio::time::sleep(setpoint::budgets::RESERVE_TTL).await;
+    assert_eq!(budgets.give_back_idle().await.expect("give back"), 1);
+    assert_eq!(tokens().await, 19.0);
+    assert_eq!(budgets.give_back_idle().await.expect("give back"), 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -851,10 +889,12 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     let ideal = n as f64 / (r * regions.len()) as f64;
     println!(
         "N = {n} over {} region(s), R = {r}/s per action and region, 3 engines: all READY in \
-         {:.1} s (submitted in {:.1} s); N / (R × regions) = {ideal:.1} s, ratio {:.2}",
+         {:.1} s (submitted in {:.1} s); N / R = {:.1} s, N / (R × regions) = {ideal:.1} s, \
+         ratio {:.2}",
         regions.len(),
         total.as_secs_f64(),
         submitted.as_secs_f64(),
+        n as f64 / r as f64,
         total.as_secs_f64() / ideal
     );
     println!(

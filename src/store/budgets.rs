@@ -349,6 +349,20 @@ pub async fn budget_reserve(
     Ok(())
 }
 
+/// Gives back `tokens` an engine took for `key` and did not spend (never above the burst).
+pub async fn budget_give_back(
+    conn: &mut PgConnection,
+    key: &str,
+    tokens: f64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE request_budgets SET tokens = least(burst, tokens + $2) WHERE key = $1")
+        .bind(key)
+        .bind(tokens)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Puts unit `work_id` in the line of units waiting to be let in to `key` (a unit already in
 /// it keeps its place) and returns how many units are in the line, itself included.
 pub async fn budget_line_join(
@@ -372,10 +386,10 @@ pub async fn budget_line_join(
     )
 }
 
-/// The keys that have units in line, for the admission rounds.
-pub async fn budget_lined_keys(conn: &mut PgConnection) -> Result<Vec<String>, StoreError> {
+/// The keys that have units in line, with how many, for the admission rounds.
+pub async fn budget_lined_keys(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, StoreError> {
     Ok(
-        sqlx::query_scalar("SELECT DISTINCT key FROM request_budget_line ORDER BY key")
+        sqlx::query_as("SELECT key, count(*) FROM request_budget_line GROUP BY key ORDER BY key")
             .fetch_all(conn)
             .await?,
     )
