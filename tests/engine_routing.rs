@@ -17,12 +17,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::peers::{Bearer, Peers, subjects};
 use common::stack::{Api, TmpDir, client_for, full, wait_status};
-use common::{EngineProcess, setpoint, wait_for};
+use common::{EngineProcess, logged_addr, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::api::proto::resource_service_client::ResourceServiceClient;
 use setpoint::api::proto::{
@@ -34,7 +34,6 @@ use tonic::service::interceptor::InterceptedService;
 
 type Resources = ResourceServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
 
-const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const KVX_ENGINE: &str = "engine-kvx";
 const DNS_ENGINE: &str = "engine-dns";
 
@@ -84,48 +83,9 @@ endpoint_url = "{moto}"
     config
 }
 
-/// `setpoint serve --config CONFIG --kinds KINDS` as engine `id`, with JSON logs, test AWS
-/// credentials and none of the caller's SETPOINT_* settings; API and metrics on free ports.
+/// `setpoint serve --config CONFIG --kinds KINDS` as engine `id` (see [`common::serve`]).
 fn serve(config: &Path, id: &str, kinds: &str) -> EngineProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--kinds", kinds, "--worker-id", id])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .env("SETPOINT_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info,sqlx=warn")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("SETPOINT_SECRETS_KEY", TEST_SECRETS_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut engine = EngineProcess::from_command(cmd);
-    engine.worker_id = id.to_owned();
-    engine
-}
-
-/// The `addr` field of the engine's first JSON log line with message `message`.
-async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
-    wait_for(message, || {
-        let out = engine.output();
-        async move {
-            out.lines().find_map(|l| {
-                let v: Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == message)
-                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        }
-    })
-    .await
+    common::serve_with(config, id, &["--kinds", kinds])
 }
 
 /// GET `path` over plain HTTP/1.0: the response.

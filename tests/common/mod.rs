@@ -246,6 +246,11 @@ pub const TEST_SECRETS_KEY: &str = "test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
 /// `setpoint serve --config CONFIG` as worker `id`, with JSON logs, ports of its own and
 /// dummy AWS credentials; none of the caller's `SETPOINT_*` or `AWS_*` variables leak in.
 pub fn serve(config: &std::path::Path, id: &str) -> EngineProcess {
+    serve_with(config, id, &[])
+}
+
+/// [`serve`] with more arguments (`--kinds dns.*`).
+pub fn serve_with(config: &std::path::Path, id: &str, args: &[&str]) -> EngineProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
     for (k, _) in std::env::vars() {
         if k.starts_with("SETPOINT_") || k.starts_with("AWS_") {
@@ -256,6 +261,7 @@ pub fn serve(config: &std::path::Path, id: &str) -> EngineProcess {
         .arg("--config")
         .arg(config)
         .args(["--worker-id", id])
+        .args(args)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .env("SETPOINT_LOG_FORMAT", "json")
         .env(
@@ -276,12 +282,17 @@ pub fn serve(config: &std::path::Path, id: &str) -> EngineProcess {
 
 /// The gRPC API address an engine started by [`serve`] printed (`host:port`), once it did.
 pub async fn api_addr_of(engine: &EngineProcess) -> String {
-    wait_for("an engine's API", || {
+    logged_addr(engine, "gRPC API listening").await
+}
+
+/// The `addr` field of the engine's first JSON log line with message `message`, once there.
+pub async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
+    wait_for(message, || {
         let out = engine.output();
         async move {
             out.lines().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == "gRPC API listening")
+                (v["fields"]["message"] == message)
                     .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
                     .flatten()
             })
