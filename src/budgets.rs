@@ -197,7 +197,7 @@ impl PgBudgets {
                 .with_code(CODE_BUDGET_WAIT));
             }
         };
-        let (wait_secs, promised) = match taken {
+        let wait_secs = match taken {
             Take::Promised => {
                 crate::metrics::budget_take(&name, "promised");
                 return Ok(());
@@ -213,7 +213,7 @@ impl PgBudgets {
                 )
                 .with_code(CODE_BUDGET_WAIT));
             }
-            Take::Early(secs) => (secs, true),
+            Take::Early(secs) => secs,
             Take::Row(t) => {
                 crate::metrics::budget_state(&name, t.rate, t.tokens, limit.rate);
                 if t.granted >= 1.0 {
@@ -222,23 +222,22 @@ impl PgBudgets {
                     crate::metrics::budget_take(&name, "granted");
                     return Ok(());
                 }
-                (t.wait_secs, t.promised || unit.is_none())
+                // Not granted: promised (a unit in the middle of a step, or one at its first
+                // call with a short line; the others joined the line above), or a take outside
+                // a unit, which waits the same time without a promise.
+                t.wait_secs
             }
         };
         crate::metrics::budget_wait(&name);
         let wait = Duration::from_secs_f64(wait_secs.max(0.0)).max(MIN_WAIT);
-        let message = if promised {
+        Err(AdapterError::waiting(
             format!(
                 "waiting for budget {name}: a token is promised in {} ms",
                 wait.as_millis()
-            )
-        } else {
-            format!(
-                "waiting for budget {name}: the line of units is long; asking again in {} ms",
-                wait.as_millis()
-            )
-        };
-        Err(AdapterError::waiting(message, wait).with_code(CODE_BUDGET_WAIT))
+            ),
+            wait,
+        )
+        .with_code(CODE_BUDGET_WAIT))
     }
 
     /// One transaction: the unit's promised token if it has one, else a take that, finding
@@ -281,7 +280,6 @@ impl PgBudgets {
                 want,
                 give_back,
                 unit.map(|_| within),
-                unit.is_some() && within.is_finite(),
                 &self.aimd,
             )
             .await?;
@@ -316,8 +314,10 @@ impl PgBudgets {
         local.reserve = 0.0;
         let done = async {
             let mut conn = self.pool.acquire().await?;
-            budget_ensure(&mut conn, &name, limit.rate, limit.burst).await?;
-            local.ensured = true;
+            if !local.ensured {
+                budget_ensure(&mut conn, &name, limit.rate, limit.burst).await?;
+                local.ensured = true;
+            }
             let t = budget_throttle(
                 &mut conn,
                 &name,

@@ -25,14 +25,13 @@ use std::time::{Duration, Instant};
 
 use common::awsproxy::AwsProxy;
 use common::peers::Peers;
-use common::stack::{Api, TmpDir, client_for};
+use common::stack::{TmpDir, client_for, create_small};
 use common::{EngineProcess, api_addr_of, serve, setpoint, wait_for};
 use serde_json::{Value, json};
-use setpoint::api::proto::{CreateInstanceRequest, Instance, InstanceSpec};
 use setpoint::budgets::PgBudgets;
 use setpoint::queue::{self, NewWork};
 use setpoint::store::budgets::{
-    Aimd, budget_admit, budget_ensure, budget_line_join, budget_reserve, budget_take,
+    Aimd, Taken, budget_admit, budget_ensure, budget_line_join, budget_reserve, budget_take,
     budget_throttle, budget_waiting,
 };
 use setpoint::worker::{Registry, Runtime};
@@ -73,7 +72,7 @@ async fn takes_from_two_pools_never_exceed_the_bucket() {
             let mut waits = 0u32;
             while started.elapsed() < run_for {
                 let mut conn = pool.acquire().await.expect("conn");
-                let t = budget_take(&mut conn, key, rate, burst, 2.0, 0.0, None, false, &aimd)
+                let t = budget_take(&mut conn, key, rate, burst, 2.0, 0.0, None, &aimd)
                     .await
                     .expect("take")
                     .expect("row");
@@ -184,7 +183,7 @@ async fn aimd_decreases_once_a_second_and_recovers_slowly() {
     }
     let mut conn = db.pool.acquire().await.expect("conn");
     let floor = rate * aimd.floor;
-    let t = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, false, &aimd)
+    let t = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, &aimd)
         .await
         .expect("take")
         .expect("row");
@@ -195,7 +194,7 @@ async fn aimd_decreases_once_a_second_and_recovers_slowly() {
 
     // Additive increase: a hundredth of the configured rate per second.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, false, &aimd)
+    let later = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, &aimd)
         .await
         .expect("take")
         .expect("row");
@@ -318,6 +317,19 @@ async fn a_unit_waiting_for_budget_counts_no_attempt_and_holds_no_lease() {
     // With one attempt allowed, a wait that counted would have parked the unit.
 }
 
+/// One token of `key` at `limit` (rate, burst), promised if at most `within` seconds away.
+async fn take_one(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+    (rate, burst): (f64, f64),
+    within: Option<f64>,
+) -> Taken {
+    budget_take(conn, key, rate, burst, 1.0, 0.0, within, &Aimd::default())
+        .await
+        .expect("take")
+        .expect("row")
+}
+
 /// A decrease moves the promises still to come to the new rate, in their order; a throttle of
 /// a call sent before the last decrease lowers nothing; the longer no throttle was heard, the
 /// faster the rate recovers. Times are set in the rows, so nothing here depends on speed.
@@ -332,36 +344,10 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
         .await
         .expect("ensure");
     // The one token, then four units promised the next ones.
-    let t = budget_take(
-        &mut conn,
-        key,
-        rate,
-        burst,
-        1.0,
-        0.0,
-        Some(f64::INFINITY),
-        false,
-        &aimd,
-    )
-    .await
-    .expect("take")
-    .expect("row");
+    let t = take_one(&mut conn, key, (rate, burst), Some(f64::INFINITY)).await;
     assert_eq!(t.granted, 1.0, "{t:?}");
     for unit in 1..=4 {
-        let t = budget_take(
-            &mut conn,
-            key,
-            rate,
-            burst,
-            1.0,
-            0.0,
-            Some(f64::INFINITY),
-            false,
-            &aimd,
-        )
-        .await
-        .expect("take")
-        .expect("row");
+        let t = take_one(&mut conn, key, (rate, burst), Some(f64::INFINITY)).await;
         assert_eq!(t.granted, 0.0, "{t:?}");
         budget_reserve(&mut conn, key, unit, t.wait_secs)
             .await
@@ -377,22 +363,9 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
         .await
         .expect("slots")
     };
-    // A unit at its first call is not promised a token beyond a short line: it asks again
-    // when the line is half as long, and the balance stays as it was.
-    let t = budget_take(
-        &mut conn,
-        key,
-        rate,
-        burst,
-        1.0,
-        0.0,
-        Some(0.2),
-        false,
-        &aimd,
-    )
-    .await
-    .expect("take")
-    .expect("row");
+    // A unit at its first call is not promised a token beyond a short line (it joins the line
+    // of units instead), and the balance stays as it was.
+    let t = take_one(&mut conn, key, (rate, burst), Some(0.2)).await;
     assert!(!t.promised && t.granted == 0.0, "{t:?}");
     assert!(t.wait_secs > 0.2, "the line is about 0.5 s: {t:?}");
     let before = slots(db.pool.clone()).await;
@@ -463,7 +436,7 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
             .await
             .expect("set");
             let mut conn = pool.acquire().await.expect("conn");
-            let t = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, false, &aimd)
+            let t = budget_take(&mut conn, key, rate, burst, 1.0, 0.0, None, &aimd)
                 .await
                 .expect("take")
                 .expect("row");
@@ -728,28 +701,6 @@ from = "setpoint <noreply@setpoint.test>"
     config
 }
 
-async fn create_instance(api: Api, name: String, region: &'static str) {
-    let request = CreateInstanceRequest {
-        parent: "tenants/demo".into(),
-        instance_id: name.clone(),
-        instance: Some(Instance {
-            spec: Some(InstanceSpec {
-                plan: "kvx.small".into(),
-                region: region.into(),
-                size_gb: 10,
-                owner_email: "owner@example.com".into(),
-            }),
-            ..Instance::default()
-        }),
-        request_id: format!("create-{name}"),
-        bulk: false,
-    };
-    let mut api = api;
-    api.create_instance(request)
-        .await
-        .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
-}
-
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -790,7 +741,10 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
             .enumerate()
             .map(|(i, name)| {
                 let region = regions[(c * 32 + i) % regions.len()];
-                tokio::spawn(create_instance(api.clone(), name.clone(), region))
+                {
+                    let (api, name) = (api.clone(), name.clone());
+                    tokio::spawn(async move { create_small(&api, &name, region).await })
+                }
             })
             .collect();
         for t in all {

@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use common::awsproxy::{AwsProxy, Call};
 use common::peers::{Peers, python_json};
-use common::stack::{Api, TmpDir, client_as, client_for, ec2_region, get, start_dev, wait_status};
+use common::stack::{
+    TmpDir, client_as, client_for, create_small, ec2_region, get, start_dev, wait_status,
+};
 use common::wait_for;
 use serde_json::{Value, json};
-use setpoint::api::proto::{
-    CreateInstanceRequest, DeleteInstanceRequest, Instance, InstanceSpec, InstanceStatus,
-};
+use setpoint::api::proto::{DeleteInstanceRequest, InstanceStatus};
 use setpoint::store::drift::drift_schedule_fill;
 use setpoint::store::instances::{Fill, instances_fill_ready};
 use setpoint_adapter::IdempotencyToken;
@@ -160,27 +160,6 @@ ec2.terminate_instances(InstanceIds=ids)
 print(json.dumps(ids))
 "#;
 
-async fn create(api: &Api, name: &str, region: &str) {
-    api.clone()
-        .create_instance(CreateInstanceRequest {
-            parent: "tenants/demo".into(),
-            instance_id: name.into(),
-            instance: Some(Instance {
-                spec: Some(InstanceSpec {
-                    plan: "kvx.small".into(),
-                    region: region.into(),
-                    size_gb: 10,
-                    owner_email: "owner@example.com".into(),
-                }),
-                ..Instance::default()
-            }),
-            request_id: format!("create-{name}"),
-            bulk: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
-}
-
 /// The resources among `ids` whose drift check (`kvx.observe`) succeeded since event `after`,
 /// and how many of those checks failed.
 async fn observed(pool: &PgPool, ids: &[Uuid], after: i64) -> (BTreeSet<Uuid>, i64) {
@@ -255,7 +234,7 @@ async fn a_sweep_observes_200_machines_per_describe_and_finds_the_terminated_one
     let api = client_as(&info, "tenant_token").await;
 
     // The template: one instance created and deleted through the engine.
-    create(&api, "template", REGIONS[0]).await;
+    create_small(&api, "template", REGIONS[0]).await;
     let template = wait_status(&api, "template", InstanceStatus::Ready, 1).await;
     let template_id: Uuid = template.uid.parse().expect("uid");
     let (spec, spec_version, template_observed): (Value, i32, Value) =

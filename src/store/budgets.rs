@@ -90,7 +90,7 @@ pub struct Taken {
     /// promised (it is paid for; record it with [`budget_reserve`]).
     pub promised: bool,
     /// When nothing was granted: seconds until the caller's token is there (promised), or
-    /// until the caller should ask again (not promised).
+    /// until the next token not yet promised (not promised).
     pub wait_secs: f64,
     /// The key's rate after the statement.
     pub rate: f64,
@@ -159,9 +159,9 @@ pub async fn budget_ensure(
 /// token is paid for now (the balance goes below zero) so that the caller finds it at that
 /// time whoever takes meanwhile, and the caller records it with [`budget_reserve`] in the same
 /// transaction. While promises are still to come nothing is granted: a caller gets in line
-/// after the last of them. With `behind_line`, nothing is granted or promised while units wait
-/// in the key's line ([`budget_line_join`]): the caller gets in line behind them. A caller not
-/// promised a token is told to ask again when the line is half that long (`wait_secs`).
+/// after the last of them. A caller with a finite `promise_within` (a unit at its first call)
+/// is granted or promised nothing while units wait in the key's line ([`budget_line_join`]):
+/// it gets in line behind them. `wait_secs` is the time to the next token not yet promised.
 /// `want = 0` only promises. `None` when the key has no row yet ([`budget_ensure`]). The
 /// configured limits are written with every take, so a changed configuration applies at the
 /// next take of any engine.
@@ -174,7 +174,6 @@ pub async fn budget_take(
     want: f64,
     give_back: f64,
     promise_within: Option<f64>,
-    behind_line: bool,
     aimd: &Aimd,
 ) -> Result<Option<Taken>, StoreError> {
     let row = sqlx::query(concat!(
@@ -196,7 +195,8 @@ pub async fn budget_take(
                     (SELECT extract(epoch FROM max(slot) - now())::float8
                      FROM request_budget_reservations
                      WHERE key = $1 AND slot > now()) AS last,
-                    ($10 AND EXISTS (SELECT 1 FROM request_budget_line WHERE key = $1)) AS lined
+                    (coalesce($7::float8 < 'Infinity'::float8, false)
+                     AND EXISTS (SELECT 1 FROM request_budget_line WHERE key = $1)) AS lined
              FROM r
          ), g AS (
              -- Nothing is granted while promises are still to come: when the rate rose since
@@ -220,9 +220,7 @@ pub async fn budget_take(
          FROM p
          WHERE b.key = p.key
          RETURNING p.granted::float8 AS granted, p.promised,
-                   CASE WHEN p.granted > 0 THEN 0
-                        WHEN p.promised OR $7::float8 IS NULL THEN p.line
-                        ELSE greatest(0, p.line - $7::float8 / 2) END AS wait_secs,
+                   CASE WHEN p.granted > 0 THEN 0 ELSE p.line END AS wait_secs,
                    b.rate, b.tokens",
     ))
     .bind(key)
@@ -234,7 +232,6 @@ pub async fn budget_take(
     .bind(promise_within)
     .bind(aimd.boost_every_secs)
     .bind(aimd.max_boost)
-    .bind(behind_line)
     .fetch_optional(conn)
     .await?;
     row.map(|r| {

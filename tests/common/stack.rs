@@ -7,7 +7,9 @@ use std::process::Command;
 
 use serde_json::Value;
 use setpoint::api::proto::instance_service_client::InstanceServiceClient;
-use setpoint::api::proto::{GetInstanceRequest, Instance, InstanceStatus};
+use setpoint::api::proto::{
+    CreateInstanceRequest, GetInstanceRequest, Instance, InstanceSpec, InstanceStatus,
+};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -15,6 +17,29 @@ use super::peers::{Bearer, Proc};
 
 /// A client of the instance API with a bearer token.
 pub type Api = InstanceServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Creates `kvx.small` instance `name` (10 GiB) of tenant `demo` in `region`; panics when the
+/// API refuses it.
+pub async fn create_small(api: &Api, name: &str, region: &str) {
+    api.clone()
+        .create_instance(CreateInstanceRequest {
+            parent: "tenants/demo".into(),
+            instance_id: name.into(),
+            instance: Some(Instance {
+                spec: Some(InstanceSpec {
+                    plan: "kvx.small".into(),
+                    region: region.into(),
+                    size_gb: 10,
+                    owner_email: "owner@example.com".into(),
+                }),
+                ..Instance::default()
+            }),
+            request_id: format!("create-{name}"),
+            bulk: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
+}
 
 /// `setpoint dev --dir DIR/stack` with `extra` flags and environment `env`, logging (appended)
 /// into `DIR/dev.log`; returns the process (its group is killed on drop) and its info file.

@@ -267,16 +267,12 @@ impl KubernetesCluster {
         {
             Ok(k) => Ok(k),
             Err(e) if is_stale_write(&e) => Err(WriteError::Stale(format!("{kind} {name}"))),
-            Err(e) => {
-                let e = classify(&format!("apply {kind} {name}"), &e);
-                // A 429 lowers the shared write budget and becomes a wait.
-                let e = if e.throttled {
-                    self.writes.throttled(e).await
-                } else {
-                    e
-                };
-                Err(WriteError::Failed(e))
-            }
+            // A 429 lowers the shared write budget and becomes a wait.
+            Err(e) => Err(WriteError::Failed(
+                self.writes
+                    .report_error(classify(&format!("apply {kind} {name}"), &e))
+                    .await,
+            )),
         }
     }
 
@@ -399,10 +395,10 @@ impl KubernetesCluster {
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) if is_stale_write(&e) => stale.push(name),
                     Err(e) => {
-                        return self
+                        return Err(self
                             .writes
-                            .report(Err(classify(&format!("delete {kind} {name}"), &e)))
-                            .await;
+                            .report_error(classify(&format!("delete {kind} {name}"), &e))
+                            .await);
                     }
                 }
             }

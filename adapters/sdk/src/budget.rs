@@ -271,8 +271,18 @@ impl Budget {
     /// `result`'s error, a throttle as a wait.
     pub async fn report<T>(&self, result: Result<T, AdapterError>) -> Result<T, AdapterError> {
         match result {
-            Err(e) if e.throttled => Err(self.throttled(e).await),
-            other => other,
+            Err(e) => Err(self.report_error(e).await),
+            ok => ok,
+        }
+    }
+
+    /// [`Budget::report`] for an error already taken out of its result: a throttle becomes a
+    /// wait after it is reported, any other error is returned as it is.
+    pub async fn report_error(&self, err: AdapterError) -> AdapterError {
+        if err.throttled {
+            self.throttled(err).await
+        } else {
+            err
         }
     }
 
