@@ -473,8 +473,10 @@ pub async fn budget_admit(
              DELETE FROM request_budget_line
              WHERE key = $1 AND work_id IN (SELECT id FROM slots)
          ), gone AS (
+             -- Whether or not this round holds the key's row (another engine's round, or an
+             -- operator removed the row): the line never keeps a unit that is gone.
              DELETE FROM request_budget_line l
-             WHERE l.key = $1 AND EXISTS (SELECT 1 FROM cur)
+             WHERE l.key = $1
                AND NOT EXISTS (SELECT 1 FROM work w WHERE w.id = l.work_id AND w.state <> 'parked')
              RETURNING 1
          ), upd AS (
