@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::awsproxy::AwsProxy;
 use common::peers::Peers;
 use common::stack::{TmpDir, client_for, create_small};
-use common::{EngineProcess, api_addr_of, serve, setpoint, wait_for};
+use common::{EngineProcess, api_addr_of, parked, serve, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::budgets::PgBudgets;
 use setpoint::queue::{self, NewWork};
@@ -797,13 +797,7 @@ async fn three_engines_stay_under_a_throttling_ec2_together() {
     }
     let total = started.elapsed();
 
-    let parked: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM work WHERE state = 'parked')
-              + (SELECT count(*) FROM work_events WHERE event = 'parked')",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("parked");
+    let parked = parked(&db.pool).await;
     let (waits, throttle_waits, failed): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE event = 'waiting'),
                 count(*) FILTER (WHERE event = 'waiting' AND detail->>'code' = 'RequestLimitExceeded'),

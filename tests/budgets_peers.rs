@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::awsproxy::AwsProxy;
-use common::peers::{Bearer, free_port, python_json, spawn, wait_port};
+use common::peers::{Bearer, free_port, header_values, python_json, spawn, wait_port};
 use common::stack::TmpDir;
-use common::{EngineProcess, api_addr_of, serve, setpoint};
+use common::{EngineProcess, api_addr_of, parked, serve, setpoint};
 use serde_json::{Value, json};
 use setpoint::api::convert::json_to_struct;
 use setpoint::api::proto::resource_service_client::ResourceServiceClient;
@@ -67,17 +67,6 @@ async fn two_engines(config: &Path) -> Vec<EngineProcess> {
         api_addr_of(e).await;
     }
     engines
-}
-
-/// Units parked, and `parked` events: both must stay 0.
-async fn parked(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM work WHERE state = 'parked')
-              + (SELECT count(*) FROM work_events WHERE event = 'parked')",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("parked")
 }
 
 /// The row of the one budget key matching `pattern`: (key, rate, max_rate, throttles, waits).
@@ -172,26 +161,6 @@ async def main():
 
 asyncio.run(main())
 "#;
-
-/// The `Message-ID`s of the messages in `maildir`, one entry per stored message.
-fn message_ids(maildir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for dir in ["new", "cur"] {
-        let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            let id = text.lines().find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("message-id")
-                    .then(|| value.trim().to_owned())
-            });
-            out.push(id.unwrap_or_default());
-        }
-    }
-    out
-}
 
 /// The relay's log: (seconds since its first event, rate reply?) per `MAIL FROM`.
 fn relay_log(path: &Path) -> Vec<(f64, bool)> {
@@ -298,7 +267,10 @@ async fn two_engines_stay_under_a_rate_limiting_smtp_relay() {
     .await;
     let total = started.elapsed();
 
-    let ids = message_ids(&maildir);
+    let ids: Vec<String> = header_values(&maildir, "Message-ID")
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect();
     let distinct: BTreeSet<&String> = ids.iter().collect();
     let events = relay_log(&log);
     let rate_replies = events.iter().filter(|e| e.1).count();

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::peers::{Bearer, Peers, subjects};
 use common::stack::{Api, TmpDir, client_for, full, wait_status};
-use common::{EngineProcess, logged_addr, setpoint, wait_for};
+use common::{EngineProcess, logged_addr, parked, setpoint, wait_for};
 use serde_json::{Value, json};
 use setpoint::api::proto::resource_service_client::ResourceServiceClient;
 use setpoint::api::proto::{
@@ -207,16 +207,6 @@ print(json.dumps([z['Name'] for z in r53.list_hosted_zones()['HostedZones']]))
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json")
-}
-
-async fn parked(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM work WHERE state = 'parked')
-              + (SELECT count(*) FROM work_events WHERE event = 'parked')",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("parked")
 }
 
 fn kvx_spec(size_gb: i32) -> InstanceSpec {

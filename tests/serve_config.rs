@@ -30,7 +30,7 @@ use setpoint_kubernetes::ClusterAccess;
 use setpoint_kubernetes::KubernetesConfig;
 
 use common::peers::{Bearer, Peers, subjects};
-use common::{EngineProcess, wait_for};
+use common::{EngineProcess, logged_addr, logged_field, wait_for};
 
 // ---------------------------------------------------------------------------------------------
 // Configuration parsing.
@@ -348,27 +348,6 @@ fn serve_command(env: &[(&str, &str)]) -> Command {
 /// Returns once the process printed a line containing `needle`.
 async fn wait_printed(engine: &EngineProcess, needle: &str) {
     wait_for(needle, || async { engine.printed(needle).then_some(()) }).await
-}
-
-/// The `addr` field of the first JSON log line whose message is `message`.
-async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
-    logged_field(engine, message, "addr").await
-}
-
-/// String field `field` of the first JSON log line whose message is `message`, once there is one.
-async fn logged_field(engine: &EngineProcess, message: &str, field: &str) -> String {
-    wait_for(message, || {
-        let out = engine.output();
-        async move {
-            out.lines().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == message)
-                    .then(|| v["fields"][field].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        }
-    })
-    .await
 }
 
 /// GET `path` over plain HTTP/1.0; the status line and body.

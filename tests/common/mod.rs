@@ -287,18 +287,35 @@ pub async fn api_addr_of(engine: &EngineProcess) -> String {
 
 /// The `addr` field of the engine's first JSON log line with message `message`, once there.
 pub async fn logged_addr(engine: &EngineProcess, message: &str) -> String {
+    logged_field(engine, message, "addr").await
+}
+
+/// String field `field` of the engine's first JSON log line with message `message`, once
+/// there is one.
+pub async fn logged_field(engine: &EngineProcess, message: &str, field: &str) -> String {
     wait_for(message, || {
         let out = engine.output();
         async move {
             out.lines().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
                 (v["fields"]["message"] == message)
-                    .then(|| v["fields"]["addr"].as_str().map(str::to_owned))
+                    .then(|| v["fields"][field].as_str().map(str::to_owned))
                     .flatten()
             })
         }
     })
     .await
+}
+
+/// Units parked plus `parked` events: what tests that promise "no unit parks" keep at 0.
+pub async fn parked(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM work WHERE state = 'parked')
+              + (SELECT count(*) FROM work_events WHERE event = 'parked')",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("parked")
 }
 
 /// Events of `event` kind per unit: (work_id, count).

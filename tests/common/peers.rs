@@ -114,6 +114,15 @@ impl tonic::service::Interceptor for Bearer {
 
 /// Subjects of the mails in the Maildir.
 pub fn subjects(maildir: &Path) -> Vec<String> {
+    header_values(maildir, "Subject")
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The first value of header `name` (any case) in each mail of the Maildir, one entry per
+/// stored mail (`None` for a mail without it).
+pub fn header_values(maildir: &Path, name: &str) -> Vec<Option<String>> {
     let mut out = Vec::new();
     for dir in ["new", "cur"] {
         let Ok(entries) = std::fs::read_dir(maildir.join(dir)) else {
@@ -121,9 +130,12 @@ pub fn subjects(maildir: &Path) -> Vec<String> {
         };
         for e in entries.flatten() {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
-                out.push(s.trim().to_owned());
-            }
+            out.push(text.lines().find_map(|l| {
+                let (header, value) = l.split_once(':')?;
+                header
+                    .eq_ignore_ascii_case(name)
+                    .then(|| value.trim().to_owned())
+            }));
         }
     }
     out
