@@ -817,7 +817,8 @@ except urllib.error.HTTPError as e:
 }
 
 /// What `setpoint dev` prints under "Try" runs as written, in a shell that has only the
-/// system's PATH: the commands create an instance and a zone and both end READY.
+/// system's PATH: the commands create an instance and a zone, both end READY, and the
+/// operators' commands read the queue and the budgets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_printed_try_lines_work_as_written() {
     let dir = test_dir("e2e-dev-try");
@@ -838,6 +839,7 @@ async fn the_printed_try_lines_work_as_written() {
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env_remove("SETPOINT_SERVER")
             .env_remove("SETPOINT_TOKEN")
+            .env_remove("SETPOINT_DATABASE_URL")
             .output()
             .expect("bash")
     })
@@ -854,6 +856,18 @@ async fn the_printed_try_lines_work_as_written() {
         "{stdout}"
     );
     assert!(stdout.contains("tenants/demo/zones/shop"), "{stdout}");
+    // The operators' line reads PostgreSQL: the queue (empty by now) and the budgets the
+    // creates drew from.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ID ") && l.contains("KIND") && l.contains("TOKEN")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ec2/") && stdout.contains("/us-east-1/describe"),
+        "{stdout}"
+    );
     drop(engine);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -467,6 +467,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     if let Some(path) = &args.info_file {
         std::fs::write(path, serde_json::to_vec_pretty(&info).map_err(other)?).map_err(other)?;
     }
+    let database = database_export(&url);
     println!(
         "\nsetpoint dev is running (Ctrl-C stops everything it started)\n\
          \n  gRPC API      {server}  (plaintext; grpcurl works via reflection)\
@@ -479,13 +480,13 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
          \n  Kubernetes    {k8s_url}\
          \n  mail          SMTP {smtp}; messages land in the Maildir {}\
          \n\nTry (in another terminal):\
-         \n  export {path}SETPOINT_SERVER={server} SETPOINT_TOKEN={}\
+         \n  export {path}SETPOINT_SERVER={server} SETPOINT_TOKEN={}{database}\
          \n  setpoint instances create db-1 --plan kvx.small --region us-east-1 --size-gb 10 \\\
          \n      --owner-email you@example.com --wait\
          \n  setpoint instances get db-1\
          \n  setpoint resources create --kind dns.zone shop --set name=shop.example.com \\\
          \n      --set 'records=[{{\"name\":\"www\",\"type\":\"A\",\"values\":[\"192.0.2.10\"]}}]' --wait\
-         \n  setpoint resources list --kind dns.zone\n",
+         \n  setpoint resources list --kind dns.zone{operator}\n",
         admin.token,
         args.tenant,
         tenant.token,
@@ -494,6 +495,12 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         maildir.join("new").display(),
         tenant.token,
         path = path_export(),
+        operator = if database.is_empty() {
+            ""
+        } else {
+            "\n  setpoint work list && setpoint work budgets   # operators: the queue and the \
+             budgets, from PostgreSQL"
+        },
     );
 
     wait_for_signal().await;
@@ -503,6 +510,20 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     pool.close().await;
     drop(peers);
     Ok(())
+}
+
+/// ` SETPOINT_DATABASE_URL=<url>` for the operators' `setpoint work` commands, which read the
+/// database rather than the API; nothing when the URL holds a password, which is never
+/// printed (the operator who gave it knows it).
+fn database_export(url: &str) -> String {
+    if crate::config::redact_url(url) != url {
+        return String::new();
+    }
+    // Quoted for the shell where needed: a socket URL holds `?` and `&`.
+    match shlex::try_quote(url) {
+        Ok(quoted) => format!(" SETPOINT_DATABASE_URL={quoted}"),
+        Err(_) => String::new(),
+    }
 }
 
 /// `PATH="<this binary's folder>:$PATH" ` when `setpoint` is not on the PATH (a binary run
@@ -535,5 +556,26 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_export;
+
+    #[test]
+    fn the_database_export_quotes_for_the_shell_and_never_prints_a_password() {
+        assert_eq!(
+            database_export("postgres://postgres@127.0.0.1:5432/postgres"),
+            " SETPOINT_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres"
+        );
+        assert_eq!(
+            database_export("postgres:///setpoint?host=/run/postgresql&port=5433"),
+            " SETPOINT_DATABASE_URL='postgres:///setpoint?host=/run/postgresql&port=5433'"
+        );
+        assert_eq!(
+            database_export("postgres://app:s3cret@db:5432/setpoint"),
+            ""
+        );
     }
 }
