@@ -25,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    end_quietly_when_the_reader_goes(&cli.command);
     init_tracing(&cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -43,6 +44,33 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The commands that print for people and pipes end quietly when their reader goes away
+/// (`setpoint work list | head`), as Unix tools do. Rust starts programs with SIGPIPE ignored,
+/// so a print to a closed pipe would panic instead. The engine, `dev` and the benchmarks keep
+/// it ignored: they write to sockets and to their children's pipes, where a peer that went
+/// away is an error to handle, not a reason to stop.
+fn end_quietly_when_the_reader_goes(command: &Command) {
+    let prints = matches!(
+        command,
+        Command::Work(_)
+            | Command::Instances(_)
+            | Command::Resources(_)
+            | Command::Tokens(_)
+            | Command::SecretsKey(_)
+            | Command::Migrate(_)
+    );
+    #[cfg(unix)]
+    if prints {
+        // SAFETY: called at start-up before any other thread exists; SIG_DFL is a valid
+        // disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = prints;
 }
 
 fn init_tracing(format: &str) {

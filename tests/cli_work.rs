@@ -168,3 +168,29 @@ async fn budgets_lists_each_key_with_its_waiting_units() {
     assert_eq!(keys[0]["waiting"], 2, "{out}");
     assert_eq!(keys[0]["max_rate"], 2.0);
 }
+
+/// A printing command whose reader went away (`setpoint work list | head`) ends the way Unix
+/// tools do, by SIGPIPE, without a panic or a backtrace on the terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_reader_went_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let db = db().await;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    // Closed before the command starts: its first print finds no reader.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_setpoint"))
+        .args(["work", "budgets"])
+        .env("SETPOINT_DATABASE_URL", &db.url)
+        .stdout(writer)
+        .output()
+        .expect("run setpoint");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
+}
