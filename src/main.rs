@@ -126,31 +126,17 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Work(cmd) => work(cmd).await,
-        Command::Bench(BenchCommand::Queue(args)) => bench_queue(args).await,
-        Command::Bench(BenchCommand::Api(args)) => setpoint::bench::api::run(args)
-            .await
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Bench(BenchCommand::Scale(args)) => {
-            let json_out = args.json;
-            let report = setpoint::bench::scale::run(args, |m| eprintln!("bench: {m}")).await?;
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                setpoint::bench::scale::print(&report);
+        Command::Bench(cmd) => {
+            // A benchmark's throw-away PostgreSQL, peers and engines stop and their folders go
+            // when its future is dropped; without this, Ctrl-C or SIGTERM would leave a
+            // running cluster and gigabytes of data in /tmp.
+            tokio::select! {
+                r = bench(cmd) => r,
+                () = wait_for_signal() => {
+                    bail!("interrupted: the benchmark's throw-away databases and peers were stopped and removed")
+                }
             }
-            Ok(())
         }
-        #[cfg(all(
-            feature = "ec2",
-            feature = "kubernetes",
-            feature = "email",
-            feature = "dns"
-        ))]
-        Command::Bench(BenchCommand::Chaos(args)) => setpoint::bench::chaos::bench(args)
-            .await
-            .map(|_| ())
-            .map_err(Into::into),
         Command::Instances(cmd) => Ok(setpoint::client::run_instances(cmd).await?),
         Command::Resources(cmd) => Ok(setpoint::client::resources::run(cmd).await?),
         Command::Tokens(cmd) => {
@@ -365,6 +351,37 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     engine.wait().await?;
     Ok(())
+}
+
+/// Runs one benchmark and prints its figures.
+async fn bench(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Queue(args) => bench_queue(args).await,
+        BenchCommand::Api(args) => setpoint::bench::api::run(args)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+        BenchCommand::Scale(args) => {
+            let json_out = args.json;
+            let report = setpoint::bench::scale::run(args, |m| eprintln!("bench: {m}")).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                setpoint::bench::scale::print(&report);
+            }
+            Ok(())
+        }
+        #[cfg(all(
+            feature = "ec2",
+            feature = "kubernetes",
+            feature = "email",
+            feature = "dns"
+        ))]
+        BenchCommand::Chaos(args) => setpoint::bench::chaos::bench(args)
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
+    }
 }
 
 async fn wait_for_signal() {
@@ -824,6 +841,10 @@ async fn bench_queue(args: setpoint::cli::BenchQueueArgs) -> Result<()> {
                 })
             })
             .await??;
+            eprintln!(
+                "bench: PostgreSQL runs in {} (removed at the end, or on Ctrl-C)",
+                c.dir().display()
+            );
             let u = c.url("postgres");
             _cluster = Some(c);
             u

@@ -144,3 +144,86 @@ fn bench_scale_reports_create_latency_drift_rate_and_table_sizes() {
         "{out}"
     );
 }
+
+/// A benchmark stopped by SIGTERM or Ctrl-C (SIGINT) stops and removes its throw-away
+/// PostgreSQL: no server keeps running and no data folder is left behind.
+#[test]
+fn an_interrupted_bench_leaves_no_cluster_behind() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut bench = Terminated(
+            Command::new(env!("CARGO_BIN_EXE_setpoint"))
+                .args(["bench", "queue", "--jobs", "5000000", "--latency-rate", "0"])
+                .args(["--baseline-cycles", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn"),
+        );
+        let mut stderr = BufReader::new(bench.0.stderr.take().expect("stderr"));
+        let mut seen = String::new();
+        // Once it enqueues, its cluster runs (the warm-up drained through it).
+        while !seen.contains("enqueueing 5000000") {
+            let mut line = String::new();
+            let n = stderr.read_line(&mut line).expect("read");
+            assert!(n > 0, "the bench ended before enqueueing:\n{seen}");
+            seen.push_str(&line);
+        }
+        let dir = seen
+            .lines()
+            .find_map(|l| l.strip_prefix("bench: PostgreSQL runs in "))
+            .and_then(|l| l.split(" (").next())
+            .unwrap_or_else(|| panic!("no cluster folder in:\n{seen}"))
+            .to_owned();
+        let pid_file = std::fs::read_to_string(format!("{dir}/data/postmaster.pid"))
+            .unwrap_or_else(|e| panic!("{dir}/data/postmaster.pid: {e}"));
+        let server: i32 = pid_file.lines().next().expect("pid").parse().expect("pid");
+
+        // SAFETY: kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(bench.0.id() as i32, signal) }, 0);
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).expect("read");
+        let status = bench.0.wait().expect("wait");
+        assert!(!status.success(), "signal {signal}: {status:?}");
+        assert!(rest.contains("interrupted"), "signal {signal}:\n{rest}");
+        assert!(
+            !std::path::Path::new(&dir).exists(),
+            "signal {signal}: {dir} is left"
+        );
+        // The postmaster removes its pid file, then exits: it may take a moment to be gone.
+        let started = std::time::Instant::now();
+        while !exited(server) {
+            assert!(
+                started.elapsed() < common::HUNG,
+                "signal {signal}: PostgreSQL {server} still runs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// A child process sent SIGTERM (what the bench cleans up on) when the test ends early.
+struct Terminated(std::process::Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z"),
+    }
+}

@@ -293,6 +293,10 @@ pub async fn run(args: BenchScaleArgs, say: impl Fn(&str)) -> Result<ScaleReport
             })
             .await
             .map_err(|e| BenchError::Join(e.to_string()))??;
+            say(&format!(
+                "PostgreSQL runs in {} (removed at the end, or on Ctrl-C)",
+                cluster.dir().display()
+            ));
             let url = cluster.url("postgres");
             (Some(cluster), url)
         }
