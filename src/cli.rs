@@ -259,6 +259,23 @@ pub enum WorkCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Tenants' weights in the fair claim (docs/operations.md "Lanes and fairness"): a tenant
+    /// of weight 4 gets four turns for each turn of a tenant of weight 1. Lists them; with
+    /// `--set` or `--reset`, changes them first (for units enqueued from then on).
+    Weights {
+        /// Database.
+        #[command(flatten)]
+        db: DbArgs,
+        /// `TENANT=WEIGHT`, from 0.01 to 1000 (repeatable).
+        #[arg(long, value_name = "TENANT=WEIGHT")]
+        set: Vec<String>,
+        /// Give TENANT the default weight, 1, again (repeatable).
+        #[arg(long, value_name = "TENANT")]
+        reset: Vec<String>,
+        /// Print JSON: a list of `{"tenant", "weight"}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue a unit by hand (for smoke tests: `--kind setpoint.noop`).
     Enqueue {
         /// Database.

@@ -425,6 +425,7 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         | WorkCommand::Cancel { db, .. }
         | WorkCommand::Orphans { db, .. }
         | WorkCommand::Budgets { db, .. }
+        | WorkCommand::Weights { db, .. }
         | WorkCommand::Enqueue { db, .. } => db.clone(),
     };
     let (file, url) = resolve_db(&db)?;
@@ -552,6 +553,9 @@ async fn work(cmd: WorkCommand) -> Result<()> {
         }
         WorkCommand::Orphans { json, .. } => print_orphans(&mut conn, json).await?,
         WorkCommand::Budgets { json, .. } => print_budgets(&mut conn, json).await?,
+        WorkCommand::Weights {
+            set, reset, json, ..
+        } => weights(&mut conn, &set, &reset, json).await?,
         WorkCommand::Enqueue {
             kind,
             spec,
@@ -592,6 +596,76 @@ async fn work(cmd: WorkCommand) -> Result<()> {
 }
 
 /// `setpoint work budgets`: every key's shared rate and the units waiting for it.
+/// `setpoint work weights`: checks every `--set` and `--reset` before changing anything, applies
+/// them in one transaction, then lists the weights.
+async fn weights(
+    conn: &mut sqlx::PgConnection,
+    set: &[String],
+    reset: &[String],
+    json: bool,
+) -> Result<()> {
+    use setpoint::store::tenant_weights::{
+        MAX_WEIGHT, MIN_WEIGHT, tenant_weight_list, tenant_weight_reset, tenant_weight_set,
+        valid_weight,
+    };
+    let mut changes = Vec::new();
+    for s in set {
+        let Some((tenant, weight)) = s.split_once('=') else {
+            bail!("--set wants TENANT=WEIGHT, e.g. --set acme=4; got {s:?}");
+        };
+        let tenant = tenant.trim();
+        if tenant.is_empty() {
+            bail!("--set {s:?}: the tenant is empty");
+        }
+        let weight: f64 = match weight.trim().parse() {
+            Ok(w) if valid_weight(w) => w,
+            _ => bail!(
+                "--set {s:?}: the weight must be a number from {MIN_WEIGHT} to {MAX_WEIGHT} \
+                 (1 is the default)"
+            ),
+        };
+        changes.push((tenant.to_owned(), Some(weight)));
+    }
+    for tenant in reset {
+        if tenant.trim().is_empty() {
+            bail!("--reset: the tenant is empty");
+        }
+        changes.push((tenant.trim().to_owned(), None));
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    for (tenant, weight) in &changes {
+        match weight {
+            Some(w) => tenant_weight_set(&mut tx, tenant, *w).await?,
+            None => {
+                if !tenant_weight_reset(&mut tx, tenant).await? {
+                    eprintln!("{tenant} had no weight of its own: it weighs 1");
+                }
+            }
+        }
+    }
+    tx.commit().await?;
+    let rows = tenant_weight_list(conn).await?;
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(tenant, weight)| json!({ "tenant": tenant, "weight": weight }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("every tenant weighs 1 (the default): set one with --set TENANT=WEIGHT");
+        return Ok(());
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(tenant, weight)| vec![tenant.clone(), format!("{weight}")])
+        .collect();
+    print_table(&["TENANT", "WEIGHT"], &table);
+    println!("\nEvery other tenant weighs 1. A weight applies to units enqueued after it was set.");
+    Ok(())
+}
+
 async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
     use setpoint::store::budgets::{budget_list, budget_waiting};
     let rows = budget_list(conn).await?;

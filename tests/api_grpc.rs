@@ -1695,6 +1695,47 @@ fn batch_create<'a>(
     }
 }
 
+/// The API's create batches place a tenant's units by its weight (`setpoint work weights`), as
+/// `work_enqueue` does: weight 4, a quarter of a second apart.
+#[tokio::test]
+async fn a_create_batch_places_a_tenants_units_by_its_weight() {
+    let env = Env::start(ApiConfig::default()).await;
+    let mut conn = env.db.pool.acquire().await.unwrap();
+    setpoint::store::tenant_weights::tenant_weight_set(&mut conn, "acme", 4.0)
+        .await
+        .unwrap();
+    let ids = setpoint::store::work::work_reserve_ids(&mut conn, 3)
+        .await
+        .unwrap();
+    let spec = serde_json::json!({"plan": "kvx.small"});
+    let creates = [
+        batch_create("w-1", "w-a", ids[0], "weight-token-1", &spec),
+        batch_create("w-2", "w-b", ids[1], "weight-token-2", &spec),
+        batch_create("w-3", "w-c", ids[2], "weight-token-3", &spec),
+    ];
+    let written = setpoint::store::create_batch::instances_create_batch(
+        &mut conn,
+        "CreateInstance",
+        "kvx.instance",
+        "test.none",
+        chrono::Utc::now(),
+        &creates,
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, vec![true, true, true]);
+    let gaps: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM fair_at - lag(fair_at) OVER (ORDER BY fair_at))::float8
+         FROM work ORDER BY fair_at OFFSET 1",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(gaps, vec![0.25, 0.25]);
+    drop(conn);
+    env.stop().await;
+}
+
 /// One batch statement of the race test: creates `race-a` (request id `race-1`) and `race-b`
 /// (`race-2`) of tenant acme, their units on two newly reserved ids with `tokens`; the ids and
 /// what the statement answered.

@@ -194,3 +194,42 @@ async fn a_command_whose_reader_went_away_ends_quietly() {
         out.status
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_are_set_listed_and_reset_and_bad_ones_change_nothing() {
+    let db = db().await;
+    let url = db.url.as_str();
+    let (ok, out, err) = setpoint(Some(url), &["work", "weights"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("every tenant weighs 1"), "{out}");
+
+    let (ok, out, err) = setpoint(
+        Some(url),
+        &["work", "weights", "--set", "acme=4", "--set", "beta=0.5"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("acme") && out.contains('4'), "{out}");
+    assert!(out.contains("beta") && out.contains("0.5"), "{out}");
+
+    // One bad change refuses them all, with a message that says what is wanted.
+    for (bad, says) in [
+        ("acme", "TENANT=WEIGHT"),
+        ("gamma=0", "from 0.01 to 1000"),
+        ("gamma=lots", "from 0.01 to 1000"),
+        ("=2", "the tenant is empty"),
+    ] {
+        let (ok, _, err) = setpoint(
+            Some(url),
+            &["work", "weights", "--set", "delta=2", "--set", bad],
+        );
+        assert!(!ok, "{bad} was taken");
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let (ok, out, err) = setpoint(Some(url), &["work", "weights", "--reset", "beta", "--json"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        list,
+        serde_json::json!([{ "tenant": "acme", "weight": 4.0 }])
+    );
+}

@@ -841,6 +841,40 @@ async fn one_tenants_burst_does_not_hold_back_another_tenants_single_change() {
 }
 
 #[tokio::test]
+async fn a_tenant_of_weight_three_gets_three_turns_for_each_of_a_tenant_of_weight_one() {
+    use setpoint::store::tenant_weights::{tenant_weight_reset, tenant_weight_set};
+
+    let db = db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    tenant_weight_set(&mut conn, "heavy", 3.0).await.unwrap();
+    tenant_weight_set(&mut conn, "light", 2.0).await.unwrap();
+    assert!(tenant_weight_reset(&mut conn, "light").await.unwrap());
+    assert!(!tenant_weight_reset(&mut conn, "light").await.unwrap());
+    // The table refuses what the CLI refuses: nothing is written.
+    assert!(tenant_weight_set(&mut conn, "x", 0.0).await.is_err());
+    assert!(tenant_weight_set(&mut conn, "x", 1001.0).await.is_err());
+
+    // Both queue 400 units at the same moment: "light" (weight 1 again) first.
+    enqueue_for(&db.pool, "light", "setpoint.noop", Lane::Change, 400).await;
+    enqueue_for(&db.pool, "heavy", "setpoint.noop", Lane::Change, 400).await;
+    let claimed = work_claim(&mut conn, "w", &noop(), 200, 60_000, ClaimFrom::Start)
+        .await
+        .unwrap()
+        .units;
+    assert_eq!(claimed.len(), 200);
+    let heavy = claimed
+        .iter()
+        .filter(|u| u.tenant.as_deref() == Some("heavy"))
+        .count();
+    // Places 1/3 s apart against 1 s apart: 150 of the first 200 (one place either way for the
+    // moment between the two enqueues).
+    assert!(
+        (147..=153).contains(&heavy),
+        "{heavy} of the first 200 claims were the weight-3 tenant's"
+    );
+}
+
+#[tokio::test]
 async fn a_users_change_is_claimed_in_the_first_round_after_its_commit_despite_100k_drift_checks() {
     let db = db().await;
     // 100,000 drift checks of 100 tenants are due (an earlier sweep).

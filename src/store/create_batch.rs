@@ -62,14 +62,17 @@ const CREATE_BATCH: &str = "WITH input AS (
                 (SELECT w.fair_at FROM work w
                  WHERE coalesce(w.tenant, '') = t.tenant AND w.kind = $14
                    AND w.lane = 0 AND w.state IN ('pending', 'queued')
-                 ORDER BY w.fair_at DESC LIMIT 1) AS fair_at
+                 ORDER BY w.fair_at DESC LIMIT 1) AS fair_at,
+                $16::float8 / 1000 / coalesce(
+                    (SELECT tw.weight FROM tenant_weights tw WHERE tw.tenant = t.tenant), 1)
+                    AS spacing
          FROM (SELECT DISTINCT tenant FROM input) t
      ), checked AS (
          SELECT i.*, seen.taken IS NULL AND live.taken IS NULL AS ok,
                 -- The unit's place in the change lane: after its tenant's last unit waiting
-                -- there (see `work_enqueue`), or now.
-                greatest(now() - make_interval(secs => $16::float8 / 1000), last.fair_at)
-                    + make_interval(secs => $16::float8 / 1000
+                -- there, spaced by its weight (see `work_enqueue`), or now.
+                greatest(now() - make_interval(secs => last.spacing), last.fair_at)
+                    + make_interval(secs => last.spacing
                         * row_number() OVER (PARTITION BY i.tenant ORDER BY i.ord)) AS fair_at
          FROM input i
          LEFT JOIN LATERAL (SELECT true AS taken FROM api_requests a

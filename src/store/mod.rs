@@ -11,6 +11,7 @@ pub mod events;
 pub mod instances;
 pub mod journal;
 pub mod retention;
+pub mod tenant_weights;
 pub mod tokens;
 pub mod work;
 

@@ -48,9 +48,9 @@ impl Lane {
     }
 }
 
-/// How far apart an enqueue places consecutive units of one tenant in their lane
-/// (`work.fair_at`): a tenant with no units waiting gets `now()`, one with a backlog the place
-/// after its last unit plus this. A tenant's burst of N units thus lies N seconds into the
+/// How far apart an enqueue places consecutive units of one tenant of weight 1 in their lane
+/// (`work.fair_at`; a tenant of weight w: this divided by w): a tenant with no units waiting
+/// gets `now()`, one with a backlog the place after its last unit plus this. A tenant's burst of N units thus lies N seconds into the
 /// future, and another tenant's single unit enqueued a moment later sorts before all but the
 /// first few of them, while the claim stays one index scan.
 pub const FAIR_SPACING_MS: i64 = 1000;
@@ -254,8 +254,9 @@ pub async fn work_enqueue_quiet(
 ///
 /// Each unit's `fair_at` is its tenant's place in its kind and lane: after the tenant's last
 /// unit still waiting there (one backward probe of `work_tenant_fair_idx` per tenant, kind
-/// and lane of the call), or `now()` for a tenant with none, plus [`FAIR_SPACING_MS`] per unit
-/// of the same tenant before it in this call; never before its `run_at`, so that the units
+/// and lane of the call), or `now()` for a tenant with none, plus [`FAIR_SPACING_MS`] divided
+/// by the tenant's weight (`tenant_weights`, 1 without a row) per unit of the same tenant
+/// before it in this call; never before its `run_at`, so that the units
 /// the claim's scan passes before reaching those it takes are due ones.
 macro_rules! enqueue_sql {
     ($conflict:literal) => {
@@ -273,18 +274,24 @@ macro_rules! enqueue_sql {
                  -- Materialized: inlined into the insert's join, the probe would run once per
                  -- unit instead of once per group, and each probe may have to pass the index
                  -- entries of concurrent enqueues of the same tenant (not visible to it).
-                 SELECT g.tn, g.k, g.l,
-                        greatest(now() - make_interval(secs => $11::float8 / 1000),
+                 SELECT g.tn, g.k, g.l, wt.spacing,
+                        greatest(now() - make_interval(secs => wt.spacing),
                                  (SELECT w.fair_at FROM work w
                                   WHERE coalesce(w.tenant, '') = g.tn AND w.kind = g.k
                                     AND w.lane = g.l AND w.state IN ('pending', 'queued')
                                   ORDER BY w.fair_at DESC LIMIT 1)) AS base
                  FROM g
+                 -- The tenant's weight (tenant_weights, 1 without a row) divides its spacing.
+                 CROSS JOIN LATERAL (
+                     SELECT $11::float8 / 1000 / coalesce(
+                                (SELECT tw.weight FROM tenant_weights tw WHERE tw.tenant = g.tn),
+                                1) AS spacing
+                 ) wt
              ), ins AS (
                  INSERT INTO work (kind, spec, token, resource_id, tenant, parent_id, run_at,
                                    max_attempts, holds_resource, state, lane, fair_at)
                  SELECT u.k, u.s, u.t, u.r, u.tn, u.p, u.ra, u.m, u.h, 'queued', u.l,
-                        greatest(u.ra, last.base + make_interval(secs => u.nth * $11::float8 / 1000))
+                        greatest(u.ra, last.base + make_interval(secs => u.nth * last.spacing))
                  FROM u JOIN last ON last.tn = coalesce(u.tn, '') AND last.k = u.k AND last.l = u.l ",
             $conflict,
             "
