@@ -584,6 +584,51 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
     assert_eq!(admitted.left, 0, "{admitted:?}");
 }
 
+/// The line's turns follow the tenants' weights, as the claim does: a tenant of weight 2 is let
+/// in twice for each time a tenant of weight 1 is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_line_gives_a_tenant_of_weight_two_two_turns_for_each_of_weight_one() {
+    let db = setpoint::dev::testdb::test_db().await.expect("db");
+    let key = "test/acct/region/weighted";
+    let mut conn = db.pool.acquire().await.expect("conn");
+    budget_ensure(&mut conn, key, 10.0, 1.0)
+        .await
+        .expect("ensure");
+    setpoint::store::tenant_weights::tenant_weight_set(&mut conn, "heavy", 2.0)
+        .await
+        .expect("weight");
+    let join = async |tenant: &str| {
+        let mut work = NewWork::new("test.line", json!({}));
+        work.tenant = Some(tenant.to_owned());
+        let mut tx = db.pool.begin().await.expect("tx");
+        let id = queue::enqueue(&mut tx, work).await.expect("enqueue").id;
+        budget_line_join(&mut tx, key, id).await.expect("join");
+        tx.commit().await.expect("commit");
+        id
+    };
+    // "heavy" joined first with four units, then "light" with two.
+    let mut h = Vec::new();
+    for _ in 0..4 {
+        h.push(join("heavy").await);
+    }
+    let l = [join("light").await, join("light").await];
+    let mut tx = db.pool.begin().await.expect("tx");
+    budget_admit(&mut tx, key, 60.0, 100, &Aimd::default())
+        .await
+        .expect("admit")
+        .expect("row not locked");
+    tx.commit().await.expect("commit");
+    let order: Vec<i64> = sqlx::query_scalar(
+        "SELECT work_id FROM request_budget_reservations WHERE key = $1 ORDER BY slot",
+    )
+    .bind(key)
+    .fetch_all(&db.pool)
+    .await
+    .expect("reservations");
+    // Turns: heavy 0.5, 1, 1.5, 2; light 1, 2 (ties go to who joined first).
+    assert_eq!(order, [h[0], h[1], l[0], h[2], h[3], l[1]]);
+}
+
 /// An engine takes tokens in batches; what it does not spend within a second goes back to the
 /// shared row even when the engine never calls the key again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -445,11 +445,16 @@ pub async fn budget_admit(
              FROM request_budget_line l JOIN work w ON w.id = l.work_id
              WHERE l.key = $1 AND w.state IN ('pending', 'queued') AND w.lease_owner IS NULL
          ), ranked AS (
+             -- Tenants take turns by their weights (tenant_weights, 1 without a row), as in
+             -- the claim: a tenant of weight 2 has two turns for each of a tenant of weight 1.
              SELECT work_id,
-                    row_number() OVER (ORDER BY lane, turn, joined_at, work_id) AS pos
-             FROM (SELECT *, row_number() OVER (PARTITION BY lane, tenant
-                                                ORDER BY joined_at, work_id) AS turn
-                   FROM waiting) x
+                    row_number() OVER (ORDER BY lane, turn / weight, joined_at, work_id) AS pos
+             FROM (SELECT q.work_id, q.joined_at, q.lane,
+                          row_number() OVER (PARTITION BY q.lane, q.tenant
+                                             ORDER BY q.joined_at, q.work_id)::float8 AS turn,
+                          coalesce(tw.weight, 1) AS weight
+                   FROM waiting q
+                   LEFT JOIN tenant_weights tw ON tw.tenant = coalesce(q.tenant, '')) x
          ), locked AS (
              -- Locked here, and checked again once locked: a unit claimed meanwhile is passed
              -- over rather than made due while it runs.
