@@ -477,6 +477,18 @@ async fn a_decrease_moves_the_promises_and_a_quiet_key_recovers_faster() {
     );
 }
 
+/// A unit of `tenant` enqueued and put in `key`'s line of units, as a unit at its first call
+/// that found a long line is.
+async fn line_unit(pool: &PgPool, key: &str, tenant: &str) -> i64 {
+    let mut work = NewWork::new("test.line", json!({}));
+    work.tenant = Some(tenant.to_owned());
+    let mut tx = pool.begin().await.expect("tx");
+    let id = queue::enqueue(&mut tx, work).await.expect("enqueue").id;
+    budget_line_join(&mut tx, key, id).await.expect("join");
+    tx.commit().await.expect("commit");
+    id
+}
+
 /// The line of units: an admission round lets units in while the line of promises is short,
 /// by lane, then one unit of each tenant in turn, then who came first; a unit running at that
 /// moment is passed over and let in by a later round; a unit whose work is gone leaves the
@@ -491,24 +503,12 @@ async fn the_line_lets_units_in_by_tenant_turns_and_passes_over_running_ones() {
         .await
         .expect("ensure");
     // Tenant a's four units joined first, then tenant b's one, then a unit whose work is gone.
-    let unit = |tenant: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            let mut work = NewWork::new("test.line", json!({}));
-            work.tenant = Some(tenant.to_owned());
-            let mut tx = pool.begin().await.expect("tx");
-            let id = queue::enqueue(&mut tx, work).await.expect("enqueue").id;
-            budget_line_join(&mut tx, key, id).await.expect("join");
-            tx.commit().await.expect("commit");
-            id
-        }
-    };
     let mut a = Vec::new();
     for _ in 0..4 {
-        a.push(unit("a").await);
+        a.push(line_unit(&db.pool, key, "a").await);
     }
-    let b = unit("b").await;
-    let gone = unit("c").await;
+    let b = line_unit(&db.pool, key, "b").await;
+    let gone = line_unit(&db.pool, key, "c").await;
     sqlx::query("DELETE FROM work WHERE id = $1")
         .bind(gone)
         .execute(&db.pool)
@@ -597,21 +597,15 @@ async fn the_line_gives_a_tenant_of_weight_two_two_turns_for_each_of_weight_one(
     setpoint::store::tenant_weights::tenant_weight_set(&mut conn, "heavy", 2.0)
         .await
         .expect("weight");
-    let join = async |tenant: &str| {
-        let mut work = NewWork::new("test.line", json!({}));
-        work.tenant = Some(tenant.to_owned());
-        let mut tx = db.pool.begin().await.expect("tx");
-        let id = queue::enqueue(&mut tx, work).await.expect("enqueue").id;
-        budget_line_join(&mut tx, key, id).await.expect("join");
-        tx.commit().await.expect("commit");
-        id
-    };
     // "heavy" joined first with four units, then "light" with two.
     let mut h = Vec::new();
     for _ in 0..4 {
-        h.push(join("heavy").await);
+        h.push(line_unit(&db.pool, key, "heavy").await);
     }
-    let l = [join("light").await, join("light").await];
+    let l = [
+        line_unit(&db.pool, key, "light").await,
+        line_unit(&db.pool, key, "light").await,
+    ];
     let mut tx = db.pool.begin().await.expect("tx");
     budget_admit(&mut tx, key, 60.0, 100, &Aimd::default())
         .await
