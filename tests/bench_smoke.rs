@@ -162,6 +162,21 @@ fn an_interrupted_bench_leaves_no_cluster_behind() {
                 .spawn()
                 .expect("spawn"),
         );
+        // Reads below block: a bench that hangs is killed after HUNG, failing the test
+        // instead of hanging the suite.
+        let (done, watched) = std::sync::mpsc::channel::<()>();
+        let pid = bench.0.id() as i32;
+        let watchdog = std::thread::spawn(move || {
+            // Only a timeout: a sender dropped by a failing test leaves the child to
+            // `Terminated`, which lets the bench clean up.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                watched.recv_timeout(common::HUNG)
+            {
+                // SAFETY: kill(2) of the child, not yet reaped: the test is still reading its
+                // output, and waits for this thread before it waits for the child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
         let mut stderr = BufReader::new(bench.0.stderr.take().expect("stderr"));
         let mut seen = String::new();
         // Once it enqueues, its cluster runs (the warm-up drained through it).
@@ -185,6 +200,8 @@ fn an_interrupted_bench_leaves_no_cluster_behind() {
         assert_eq!(unsafe { libc::kill(bench.0.id() as i32, signal) }, 0);
         let mut rest = String::new();
         stderr.read_to_string(&mut rest).expect("read");
+        let _ = done.send(());
+        watchdog.join().expect("watchdog");
         let status = bench.0.wait().expect("wait");
         assert!(!status.success(), "signal {signal}: {status:?}");
         assert!(rest.contains("interrupted"), "signal {signal}:\n{rest}");

@@ -339,13 +339,16 @@ impl TempCluster {
             .args(["-w", "-t", "60", "-o"])
             .arg(self.server_options())
             .arg("start");
+        // Counted as running before pg_ctl returns: a start that fails or is interrupted (a
+        // Ctrl-C reaches pg_ctl too) may have left a server that pg_ctl already detached, and
+        // only a cluster marked running is stopped when dropped. Stopping no server is harmless.
+        self.running = true;
         run(pg_ctl, root).map_err(|e| match e {
             ClusterError::Command { .. } => {
                 ClusterError::StartTimeout(Duration::from_secs(60), self.dir.join("log"))
             }
             other => other,
         })?;
-        self.running = true;
         // pg_ctl -w returns once the server accepts connections; double-check the TCP port.
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
