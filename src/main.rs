@@ -46,11 +46,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Exit status of a command whose reader went away: what a shell reports for a process ended
+/// by SIGPIPE (128 + 13).
+const READER_GONE: i32 = 141;
+
 /// The commands that print for people and pipes end quietly when their reader goes away
-/// (`setpoint work list | head`), as Unix tools do. Rust starts programs with SIGPIPE ignored,
-/// so a print to a closed pipe would panic instead. The engine, `dev` and the benchmarks keep
-/// it ignored: they write to sockets and to their children's pipes, where a peer that went
-/// away is an error to handle, not a reason to stop.
+/// (`setpoint work list | head`), with the status Unix tools end with. SIGPIPE stays ignored
+/// (as Rust starts programs): a gRPC or PostgreSQL connection the peer reset must be an error
+/// the command reports, not a signal that ends it. So the one thing caught is the panic of a
+/// print to a closed stdout. The engine, `dev` and the benchmarks keep the default: they must
+/// clean up what they started.
 fn end_quietly_when_the_reader_goes(command: &Command) {
     let prints = matches!(
         command,
@@ -61,16 +66,26 @@ fn end_quietly_when_the_reader_goes(command: &Command) {
             | Command::SecretsKey(_)
             | Command::Migrate(_)
     );
-    #[cfg(unix)]
-    if prints {
-        // SAFETY: called at start-up before any other thread exists; SIG_DFL is a valid
-        // disposition for SIGPIPE.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+    if !prints {
+        return;
     }
-    #[cfg(not(unix))]
-    let _ = prints;
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // std's text when `println!` finds stdout closed: "failed printing to stdout: Broken
+        // pipe (os error 32)".
+        if message.starts_with("failed printing to stdout")
+            && message.to_ascii_lowercase().contains("broken pipe")
+        {
+            std::process::exit(READER_GONE);
+        }
+        default(info);
+    }));
 }
 
 fn init_tracing(format: &str) {
@@ -133,7 +148,7 @@ async fn run(cli: Cli) -> Result<()> {
             tokio::select! {
                 r = bench(cmd) => r,
                 () = wait_for_signal() => {
-                    bail!("interrupted: the benchmark's throw-away databases and peers were stopped and removed")
+                    bail!("interrupted: the benchmark stopped; what it started (a throw-away PostgreSQL, peers, engines) is stopped and removed")
                 }
             }
         }
@@ -595,7 +610,6 @@ async fn work(cmd: WorkCommand) -> Result<()> {
     Ok(())
 }
 
-/// `setpoint work budgets`: every key's shared rate and the units waiting for it.
 /// `setpoint work weights`: checks every `--set` and `--reset` before changing anything, applies
 /// them in one transaction, then lists the weights.
 async fn weights(
@@ -608,9 +622,10 @@ async fn weights(
         MAX_WEIGHT, MIN_WEIGHT, tenant_weight_list, tenant_weight_reset, tenant_weight_set,
         valid_weight,
     };
-    let mut changes = Vec::new();
+    let mut changes: Vec<(String, Option<f64>)> = Vec::new();
     for s in set {
-        let Some((tenant, weight)) = s.split_once('=') else {
+        // The weight follows the last `=`: a tenant's name may hold one.
+        let Some((tenant, weight)) = s.rsplit_once('=') else {
             bail!("--set wants TENANT=WEIGHT, e.g. --set acme=4; got {s:?}");
         };
         let tenant = tenant.trim();
@@ -631,6 +646,14 @@ async fn weights(
             bail!("--reset: the tenant is empty");
         }
         changes.push((tenant.trim().to_owned(), None));
+    }
+    // Set and reset apply in one transaction, in no order the user could see: a tenant named
+    // twice is refused rather than guessed at.
+    let mut named = std::collections::BTreeSet::new();
+    for (tenant, _) in &changes {
+        if !named.insert(tenant.as_str()) {
+            bail!("{tenant} is named twice in --set/--reset: name each tenant once");
+        }
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     for (tenant, weight) in &changes {
@@ -666,6 +689,7 @@ async fn weights(
     Ok(())
 }
 
+/// `setpoint work budgets`: every key's shared rate and the units waiting for it.
 async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
     use setpoint::store::budgets::{budget_list, budget_waiting};
     let rows = budget_list(conn).await?;

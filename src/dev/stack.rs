@@ -516,7 +516,8 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
 /// database rather than the API; nothing when the URL holds a password, which is never
 /// printed (the operator who gave it knows it).
 fn database_export(url: &str) -> String {
-    if crate::config::redact_url(url) != url {
+    // A password in the user part or as a `password=` parameter (sqlx takes both).
+    if crate::config::redact_url(url) != url || url.to_ascii_lowercase().contains("password=") {
         return String::new();
     }
     // Quoted for the shell where needed: a socket URL holds `?` and `&`.
