@@ -115,13 +115,18 @@ impl AwsProxy {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let calls: Calls = Arc::default();
-        let windows: Windows = Arc::default();
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Full<Bytes>>();
+        let forwarder = Forwarder {
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http::<Full<Bytes>>(),
+            upstream: Arc::new(upstream),
+            policy,
+            windows: Arc::default(),
+            seen: calls.clone(),
+        };
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        let seen = calls.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -131,27 +136,11 @@ impl AwsProxy {
                         Err(_) => continue,
                     },
                 };
-                let (client, upstream, windows, seen, policy) = (
-                    client.clone(),
-                    upstream.clone(),
-                    windows.clone(),
-                    seen.clone(),
-                    policy.clone(),
-                );
+                let forwarder = forwarder.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (client, upstream, windows, seen, policy) = (
-                            client.clone(),
-                            upstream.clone(),
-                            windows.clone(),
-                            seen.clone(),
-                            policy.clone(),
-                        );
-                        async move {
-                            Ok::<_, Infallible>(
-                                proxy(req, &client, &upstream, &policy, &windows, &seen).await,
-                            )
-                        }
+                        let forwarder = forwarder.clone();
+                        async move { Ok::<_, Infallible>(forwarder.forward(req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -178,7 +167,17 @@ struct Policy {
     only: Option<Vec<String>>,
 }
 
-type Windows = Arc<Mutex<HashMap<String, VecDeque<Instant>>>>;
+/// What each connection of the proxy shares: where it forwards, what it throttles, and what it
+/// has seen.
+#[derive(Clone)]
+struct Forwarder {
+    client: Client,
+    upstream: Arc<String>,
+    policy: Arc<Policy>,
+    /// Per `region/action`, the calls of the last second.
+    windows: Arc<Mutex<HashMap<String, VecDeque<Instant>>>>,
+    seen: Calls,
+}
 
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -283,86 +282,88 @@ fn throttle_answer(protocol: Protocol) -> hyper::Response<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-async fn proxy(
-    req: hyper::Request<hyper::body::Incoming>,
-    client: &Client,
-    upstream: &str,
-    policy: &Policy,
-    windows: &Mutex<HashMap<String, VecDeque<Instant>>>,
-    seen: &Mutex<Vec<Call>>,
-) -> hyper::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let params: Vec<(String, String)> = form_urlencoded::parse(&body)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    let action = match policy.protocol {
-        Protocol::Ec2 => params
-            .iter()
-            .find(|(k, _)| k == "Action")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| "unknown".into()),
-        Protocol::Route53 => route53_action(&parts.method, parts.uri.path()),
-    };
-    let now = Instant::now();
-    let region = region_of(&parts.headers);
-    let limited = policy
-        .only
-        .as_ref()
-        .is_none_or(|only| only.contains(&action));
-    let throttle = limited
-        && policy.limit.is_some_and(|limit| {
-            let mut windows = windows.lock().expect("windows");
-            let window = windows.entry(format!("{region}/{action}")).or_default();
-            while window
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
-            {
-                window.pop_front();
-            }
-            let throttle = window.len() >= limit;
-            if !throttle {
-                window.push_back(now);
-            }
-            throttle
+impl Forwarder {
+    /// Records the call, answers a throttle when its action is over the limit in its region,
+    /// else forwards it upstream and returns the answer.
+    async fn forward(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let params: Vec<(String, String)> = form_urlencoded::parse(&body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let action = match self.policy.protocol {
+            Protocol::Ec2 => params
+                .iter()
+                .find(|(k, _)| k == "Action")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            Protocol::Route53 => route53_action(&parts.method, parts.uri.path()),
+        };
+        let now = Instant::now();
+        let region = region_of(&parts.headers);
+        let limited = self
+            .policy
+            .only
+            .as_ref()
+            .is_none_or(|only| only.contains(&action));
+        let throttle = limited
+            && self.policy.limit.is_some_and(|limit| {
+                let mut windows = self.windows.lock().expect("windows");
+                let window = windows.entry(format!("{region}/{action}")).or_default();
+                while window
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    window.pop_front();
+                }
+                let throttle = window.len() >= limit;
+                if !throttle {
+                    window.push_back(now);
+                }
+                throttle
+            });
+        self.seen.lock().expect("seen").push(Call {
+            at: now,
+            action,
+            region,
+            filters: filters_of(&params),
+            next_page: params.iter().any(|(k, _)| k == "NextToken"),
+            throttled: throttle,
         });
-    seen.lock().expect("seen").push(Call {
-        at: now,
-        action,
-        region,
-        filters: filters_of(&params),
-        next_page: params.iter().any(|(k, _)| k == "NextToken"),
-        throttled: throttle,
-    });
-    if throttle {
-        return throttle_answer(policy.protocol);
-    }
-    let uri = format!(
-        "{upstream}{}",
-        parts.uri.path_and_query().map_or("/", |p| p.as_str())
-    );
-    let mut forward = hyper::Request::builder().method(parts.method).uri(uri);
-    for (k, v) in &parts.headers {
-        forward = forward.header(k, v);
-    }
-    let Ok(forward) = forward.body(Full::new(body)) else {
-        return bad_gateway();
-    };
-    match client.request(forward).await {
-        Ok(answer) => {
-            let (parts, body) = answer.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            hyper::Response::from_parts(parts, Full::new(body))
+        if throttle {
+            return throttle_answer(self.policy.protocol);
         }
-        Err(_) => bad_gateway(),
+        let uri = format!(
+            "{}{}",
+            self.upstream,
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        let mut forward = hyper::Request::builder().method(parts.method).uri(uri);
+        for (k, v) in &parts.headers {
+            forward = forward.header(k, v);
+        }
+        let Ok(forward) = forward.body(Full::new(body)) else {
+            return bad_gateway();
+        };
+        match self.client.request(forward).await {
+            Ok(answer) => {
+                let (parts, body) = answer.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                hyper::Response::from_parts(parts, Full::new(body))
+            }
+            Err(_) => bad_gateway(),
+        }
     }
 }
 
