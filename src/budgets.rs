@@ -4,8 +4,9 @@
 //! Each engine takes tokens in small batches into a local reserve per key (at most a tenth of
 //! the burst, at least one), so a busy key costs a few row updates per second per engine, not
 //! one per call; a reserve not spent within [`RESERVE_TTL`] is given back with the key's next
-//! statement, or by the next admission round if the engine stops calling the key. A take that finds no token returns a *waiting* error (the unit gives its
-//! attempt back and leaves its worker slot and lease, see [`AdapterError::waiting`]) and
+//! statement, or by the next admission round if the engine stops calling the key. A take that
+//! finds no token returns a *waiting* error (the unit gives its attempt back and leaves its
+//! worker slot and lease, see [`AdapterError::waiting`]) and
 //! promises the unit the next token not yet promised: the unit finds it when it comes back, on
 //! any engine, whoever took meanwhile (a unit is known by the task-local [`as_unit`] the
 //! worker sets). A unit at the first call of its attempt is promised a token only while the
@@ -399,6 +400,8 @@ impl PgBudgets {
             keys.iter().map(|(k, l)| (k.clone(), l.clone())).collect()
         };
         let mut given = 0;
+        // One connection for the round, taken only once a reserve is to go back.
+        let mut conn = None;
         for (key, local) in locals {
             let Ok(mut local) = local.try_lock() else {
                 continue;
@@ -407,15 +410,12 @@ impl PgBudgets {
             if local.reserve <= 0.0 || !idle {
                 continue;
             }
-            let left = std::mem::take(&mut local.reserve);
-            let mut conn = match self.pool.acquire().await {
-                Ok(c) => c,
-                Err(e) => {
-                    local.reserve = left;
-                    return Err(e.into());
-                }
+            let conn = match &mut conn {
+                Some(c) => c,
+                slot @ None => slot.insert(self.pool.acquire().await?),
             };
-            if let Err(e) = budget_give_back(&mut conn, &key, left).await {
+            let left = std::mem::take(&mut local.reserve);
+            if let Err(e) = budget_give_back(conn, &key, left).await {
                 local.reserve = left;
                 return Err(e);
             }

@@ -764,6 +764,7 @@ async fn print_budgets(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> 
     Ok(())
 }
 
+/// `setpoint work orphans`: what the last sweep of each region found.
 async fn print_orphans(conn: &mut sqlx::PgConnection, json: bool) -> Result<()> {
     use setpoint::plugins::orphans::store;
     if !store::orphan_tables_exist(conn).await? {
